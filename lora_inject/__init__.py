@@ -1,0 +1,30 @@
+"""Add LoRA to any PyTorch model in place, and take it out again."""
+
+from .lora import LoRA
+from .rule import Rule, default_rules, register_rule
+from .state import (
+    activate,
+    disabled,
+    lora_parameters,
+    lora_state_dict,
+    mark_only_lora_as_trainable,
+    named_loras,
+)
+from .surgery import inject, remove
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "LoRA",
+    "Rule",
+    "activate",
+    "default_rules",
+    "disabled",
+    "inject",
+    "lora_parameters",
+    "lora_state_dict",
+    "mark_only_lora_as_trainable",
+    "named_loras",
+    "register_rule",
+    "remove",
+]

@@ -1,0 +1,148 @@
+"""Adapter state: which adapters are active, which parameters train, and their state dict."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from typing import TypeVar
+
+import torch
+from torch import nn
+
+from .lora import LoRA
+from .surgery import _adapter_names, _loras, find_lora, named_modules
+
+__all__ = [
+    "activate",
+    "disabled",
+    "lora_parameters",
+    "lora_state_dict",
+    "mark_only_lora_as_trainable",
+    "named_loras",
+]
+
+M = TypeVar("M", bound=nn.Module)
+BIAS_MODES = ("none", "all", "lora_only")
+
+
+def named_loras(model: nn.Module) -> Iterator[tuple[str, LoRA]]:
+    """Yield each adapted tensor's qualified name (``"layer.weight"``) and its :class:`LoRA`.
+
+    Example::
+
+        >>> for name, lora in named_loras(model):
+        ...     print(name, lora.adapters, lora.active)
+    """
+    for qualname, _, tensor_name, lora in _loras(model):
+        yield (f"{qualname}.{tensor_name}" if qualname else tensor_name), lora
+
+
+def lora_parameters(model: nn.Module, adapter: str | Sequence[str] | None = None) -> Iterator[nn.Parameter]:
+    """Yield the LoRA factors of ``model``: all of them, or those of the named adapter(s).
+
+    Raises:
+        TypeError: if ``adapter`` is not a str, a sequence of str or None.
+        ValueError: if an adapter name is not in the model.
+    """
+    entries = list(_loras(model))
+    names = _adapter_names("lora_parameters", entries, adapter)
+    for *_, lora in entries:
+        for name in lora.adapters:
+            if names is None or name in names:
+                yield lora.lora_A[name]
+                yield lora.lora_B[name]
+
+
+def lora_state_dict(model: nn.Module, adapter: str | Sequence[str] | None = None) -> dict[str, torch.Tensor]:
+    """Return the LoRA tensors of ``model.state_dict()``, under the same keys.
+
+    ``model.load_state_dict(lora_state_dict(model), strict=False)`` restores them.
+
+    Raises:
+        TypeError: if ``adapter`` is not a str, a sequence of str or None.
+        ValueError: if an adapter name is not in the model.
+    """
+    names = _adapter_names("lora_state_dict", list(_loras(model)), adapter)
+    keys = set()
+    for prefix, module in model.named_modules():
+        if isinstance(module, LoRA):
+            for name in module.adapters:
+                if names is None or name in names:
+                    keys |= {f"{prefix}.lora_A.{name}", f"{prefix}.lora_B.{name}"}
+    return {k: v for k, v in model.state_dict().items() if k in keys}
+
+
+def mark_only_lora_as_trainable(model: M, bias: str = "none") -> M:
+    """Set ``requires_grad`` on the LoRA factors only, and on biases as ``bias`` says.
+
+    Args:
+        model (nn.Module): the model to change in place.
+        bias (str): ``"none"``: no bias trains; ``"all"``: every parameter named ``bias``
+            trains; ``"lora_only"``: the biases of modules that carry LoRA train.
+
+    Returns:
+        ``model``.
+
+    Raises:
+        ValueError: if ``bias`` is not one of ``"none"``, ``"all"``, ``"lora_only"``.
+    """
+    if bias not in BIAS_MODES:
+        raise ValueError(
+            f"mark_only_lora_as_trainable(): `bias` must be one of {BIAS_MODES}, got {bias!r}."
+        )
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for p in lora_parameters(model):
+        p.requires_grad_(True)
+    if bias != "none":
+        for _, module in named_modules(model):
+            if isinstance(module, LoRA):
+                continue
+            adapted = any(find_lora(module, t) for t in getattr(module, "parametrizations", {}) or {})
+            b = module._parameters.get("bias")
+            if b is not None and (bias == "all" or adapted):
+                b.requires_grad_(True)
+    return model
+
+
+def activate(model: M, adapters: str | Sequence[str]) -> M:
+    """Make exactly ``adapters`` active on every tensor that carries them; others go inactive.
+
+    Args:
+        model (nn.Module): the model to change in place.
+        adapters (str or sequence of str): the adapter name(s); ``[]`` turns all off.
+
+    Returns:
+        ``model``.
+
+    Raises:
+        TypeError: if ``adapters`` is not a str or a sequence of str.
+        ValueError: if a name is not in the model.
+    """
+    entries = list(_loras(model))
+    names = [adapters] if isinstance(adapters, str) else adapters
+    _adapter_names("activate", entries, names)
+    for *_, lora in entries:
+        lora.active = [n for n in dict.fromkeys(names) if n in lora.adapters]
+    return model
+
+
+@contextmanager
+def disabled(model: nn.Module) -> Iterator[nn.Module]:
+    """Turn every adapter off inside the ``with`` block; restore each one's state on exit.
+
+    It is safe under exceptions and nests.
+
+    Example::
+
+        >>> with disabled(model):
+        ...     base_out = model(x)
+    """
+    saved = [(lora, list(lora.active)) for *_, lora in _loras(model)]
+    for lora, _ in saved:
+        lora.active = []
+    try:
+        yield model
+    finally:
+        for lora, active in saved:
+            lora.active = active

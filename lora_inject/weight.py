@@ -1,0 +1,181 @@
+"""The fast path: a weight that stays factored, ``W0 + s * (B @ A)``, for ops that allow it.
+
+``LoRA.forward`` returns a :class:`LoraWeight` for layers whose rule is factored. The layer's
+own forward runs unchanged; when it calls one of the ops below with that weight, the op is
+computed as ``op(x, W0) + s * op'(op''(x, A), B)``, so no weight-sized update is built, saved
+for backward or differentiated. Any other op, and any other code that reads the weight, gets
+the materialised tensor ``W0 + s * B @ A`` (summed in float32 for half-precision weights).
+"""
+
+from __future__ import annotations
+
+import inspect
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.utils._pytree import tree_map
+
+__all__ = ["LoraWeight"]
+
+
+class LoraWeight(Tensor):
+    """``W0 + sum_i s_i * view(B_i @ A_i)``, kept factored.
+
+    It holds ``W0`` (the tensor before LoRA), the :class:`~lora_inject.LoRA` module and the
+    names of the adapters active when the weight was read. Its data is ``W0``'s; its value,
+    for every op, is the adapted weight.
+    """
+
+    _w0: Tensor
+    _lora: object
+    _names: tuple[str, ...]
+
+    @staticmethod
+    def wrap(w0: Tensor, lora) -> LoraWeight:
+        with torch._C.DisableTorchFunctionSubclass():
+            out = w0.detach().as_subclass(LoraWeight)
+        out._w0, out._lora, out._names = w0, lora, tuple(lora.active)
+        return out
+
+    def materialize(self) -> Tensor:
+        return self._lora.merged(self._w0, list(self._names))
+
+    def factors(self, dtype: torch.dtype):
+        """Yield ``(L, R, s, p)`` per adapter: the stored update is ``s * L @ R``.
+
+        For a rows layout that is ``B @ A``; for a transposed one ``A.T @ B.T``.
+        """
+        lora = self._lora
+        for name in self._names:
+            A, B = lora.lora_A[name], lora.lora_B[name]
+            L, R = (A.t(), B.t()) if lora.transpose else (B, A)
+            p = lora.config[name]["dropout"] if lora.training else 0.0
+            yield L, R, lora.scaling[name], p
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in _METADATA:
+            args = tree_map(_plain_w0, args)
+            return func(*args, **kwargs)
+        impl = _FACTORED.get(func)
+        if impl is not None:
+            bound = _SIGNATURES[func].bind(*args, **kwargs)
+            bound.apply_defaults()
+            out = impl(**bound.arguments)
+            if out is not NotImplemented:
+                return out
+        args, kwargs = tree_map(_materialize, (args, kwargs))
+        return func(*args, **kwargs)
+
+
+def _materialize(x):
+    return x.materialize() if isinstance(x, LoraWeight) else x
+
+
+def _plain_w0(x):
+    return x._w0 if isinstance(x, LoraWeight) else x
+
+
+def _usable(weight, x) -> bool:
+    return (isinstance(weight, LoraWeight) and not isinstance(x, LoraWeight)
+            and not weight._lora.experts and weight.dim() == 2)
+
+
+def _add(out: Tensor, extra: Tensor) -> Tensor:
+    return out + extra.to(out.dtype)
+
+
+def _branch_right(x: Tensor, weight: LoraWeight, out: Tensor, transpose_w: bool) -> Tensor:
+    """``out + x @ ΔW.T`` (``transpose_w``, as in F.linear) or ``out + x @ ΔW``, factored."""
+    for L, R, s, p in weight.factors(x.dtype):
+        first, second = (R.t(), L.t()) if transpose_w else (L, R)  # x @ (s L R).T = s (x R.T) L.T
+        h = F.dropout(x.to(first.dtype), p) if p else x.to(first.dtype)
+        h = h @ first  # (.., in) @ (in, r) -> (.., r)
+        if h.dtype == out.dtype:
+            out2 = out.reshape(-1, out.shape[-1])
+            out = torch.addmm(out2, h.reshape(-1, h.shape[-1]), second, alpha=s).view(out.shape)
+        else:
+            out = _add(out, (h @ second) * s)
+    return out
+
+
+def _linear(input, weight, bias=None):
+    if not _usable(weight, input):
+        return NotImplemented
+    return _branch_right(input, weight, F.linear(input, weight._w0, bias), transpose_w=True)
+
+
+def _addmm(input, mat1, mat2, *, beta=1, alpha=1, out=None):
+    if out is not None or beta != 1 or alpha != 1 or not _usable(mat2, mat1) or isinstance(input, LoraWeight):
+        return NotImplemented
+    return _branch_right(mat1, mat2, torch.addmm(input, mat1, mat2._w0), transpose_w=False)
+
+
+def _matmul(input, other, *, out=None):
+    if out is not None or not _usable(other, input) or input.dim() == 0:
+        return NotImplemented
+    return _branch_right(input, other, torch.matmul(input, other._w0), transpose_w=False)
+
+
+def _embedding(input, weight, padding_idx=None, max_norm=None, norm_type=2.0,
+               scale_grad_by_freq=False, sparse=False):
+    if max_norm is not None or not _usable(weight, input):
+        return NotImplemented
+    out = F.embedding(input, weight._w0, padding_idx, None, norm_type, scale_grad_by_freq, sparse)
+    for L, R, s, p in weight.factors(out.dtype):
+        h = F.embedding(input, L, padding_idx, None, norm_type, scale_grad_by_freq)  # (.., r)
+        out = _add(out, (F.dropout(h, p) if p else h) @ R * s)
+    return out
+
+
+def _embedding_bag(input, weight, offsets=None, max_norm=None, norm_type=2, scale_grad_by_freq=False,
+                   mode="mean", sparse=False, per_sample_weights=None, include_last_offset=False,
+                   padding_idx=None):
+    if max_norm is not None or mode == "max" or not _usable(weight, input):
+        return NotImplemented
+    rest = dict(offsets=offsets, scale_grad_by_freq=scale_grad_by_freq, mode=mode,
+                per_sample_weights=per_sample_weights, include_last_offset=include_last_offset,
+                padding_idx=padding_idx)
+    out = F.embedding_bag(input, weight._w0, sparse=sparse, **rest)
+    for L, R, s, p in weight.factors(out.dtype):
+        h = F.embedding_bag(input, L, **rest)  # (bags, r)
+        out = _add(out, (F.dropout(h, p) if p else h) @ R * s)
+    return out
+
+
+def _conv(op):
+    def conv(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
+        if (groups != 1 or not isinstance(weight, LoraWeight) or isinstance(input, LoraWeight)
+                or weight._lora.transpose or weight._lora.experts):
+            return NotImplemented
+        out = op(input, weight._w0, bias, stride, padding, dilation, groups)
+        kernel, ones = weight.shape[2:], (1,) * (weight.dim() - 2)
+        for L, R, s, p in weight.factors(input.dtype):
+            x = input.to(R.dtype)
+            h = op(F.dropout(x, p) if p else x, R.view(-1, weight.shape[1], *kernel), None,
+                   stride, padding, dilation)  # r output channels
+            out = _add(out, op(h, L.reshape(*L.shape, *ones)) * s)  # 1x1 conv: r -> out
+        return out
+
+    return conv
+
+
+_FACTORED = {
+    F.linear: _linear,
+    torch.addmm: _addmm,
+    torch.matmul: _matmul,
+    Tensor.__matmul__: _matmul,
+    F.embedding: _embedding,
+    F.embedding_bag: _embedding_bag,
+    F.conv1d: _conv(F.conv1d),
+    F.conv2d: _conv(F.conv2d),
+    F.conv3d: _conv(F.conv3d),
+}
+_SIGNATURES = {f: inspect.signature(impl) for f, impl in _FACTORED.items()}
+_METADATA = {
+    Tensor.shape.__get__, Tensor.dtype.__get__, Tensor.device.__get__, Tensor.ndim.__get__,
+    Tensor.size, Tensor.dim, Tensor.numel, Tensor.is_floating_point, Tensor.layout.__get__,
+    Tensor.is_cuda.__get__, Tensor.is_meta.__get__,
+}
