@@ -42,7 +42,7 @@ class LoRA(nn.Module):
         self.factored = factored
         self.lora_A = nn.ParameterDict()
         self.lora_B = nn.ParameterDict()
-        self.config: dict[str, dict] = {}  # adapter -> {"r", "alpha", "dropout", "init"}
+        self.config: dict[str, dict] = {}  # adapter -> {"r", "alpha", "dropout", "init", "targets"}
         self.scaling: dict[str, float] = {}
         self.active: list[str] = []
         self.memo: tuple[Tensor, Tensor] | None = None  # (input, output) within one forward
@@ -66,7 +66,7 @@ class LoRA(nn.Module):
     # -- adapters ---------------------------------------------------------------------------
     def add(
         self, name: str, *, r: int, alpha: float, dropout: float = 0.0, init: str = "default",
-        dtype: torch.dtype, device: torch.device,
+        dtype: torch.dtype, device: torch.device, targets: str | None = None,
     ) -> None:
         """Create adapter ``name`` with fresh factors, and make it active."""
         lead = (self.shape[0],) if self.experts else ()
@@ -75,7 +75,7 @@ class LoRA(nn.Module):
         init_factors(A, B, init)
         self.lora_A[name] = nn.Parameter(A)
         self.lora_B[name] = nn.Parameter(B)
-        self.config[name] = {"r": r, "alpha": alpha, "dropout": dropout, "init": init}
+        self.config[name] = {"r": r, "alpha": alpha, "dropout": dropout, "init": init, "targets": targets}
         self.scaling[name] = alpha / r
         self.active.append(name)
 

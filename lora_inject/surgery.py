@@ -105,6 +105,7 @@ def inject(
     leave = matcher("inject", "exclude", exclude) if exclude is not None else None
 
     plan = _plan(model, select, leave, rules, adapter, dropout)
+    spec = targets if isinstance(targets, str) else getattr(targets, "pattern", None)
     small = [f"{q}.{t}" for q, m, rule, t, shape in plan if r > min(_dims(shape, rule))]
     if small:
         warnings.warn(
@@ -124,7 +125,7 @@ def inject(
                             factored=rule.is_factored(module))
             original = _source(module, tensor_name)
             lora.add(adapter, r=r, alpha=alpha, dropout=dropout, init=init,
-                     dtype=dtype or original.dtype, device=original.device)
+                     dtype=dtype or original.dtype, device=original.device, targets=spec)
             done.append((module, tensor_name, lora, fresh))
             if fresh:
                 lora.param_order = list(module._parameters)
