@@ -5,13 +5,12 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Union
 
 from torch import nn
 
 __all__ = ["Rule", "default_rules", "register_rule"]
 
-RuleKey = Union[type, str]
+RuleKey = type | str
 
 
 @dataclass(frozen=True)

@@ -265,7 +265,8 @@ def _plan(model, select, leave, rules, adapter, dropout):
                     f"{type_name(module)} `{qualname}` has none (its weight is merged before its "
                     "forward). Use dropout=0.0, or leave it out with `exclude=`."
                 )
-            shape = getattr(module, tensor_name).shape if tensor_name in _parametrized(module) else source.shape
+            parametrized = tensor_name in _parametrized(module)
+            shape = getattr(module, tensor_name).shape if parametrized else source.shape
             plan.append((qualname, module, rule, tensor_name, shape))
     if not plan:
         raise _nothing_matched(no_rule)
