@@ -309,7 +309,7 @@ def _tensor_owners(model: nn.Module) -> dict[int, list[str]]:
 # -- the parametrizations on one module ------------------------------------------------------
 def _parametrized(module: nn.Module) -> dict:
     plists = getattr(module, "parametrizations", None)
-    return plists if parametrize.is_parametrized(module) else {}
+    return dict(plists.items()) if parametrize.is_parametrized(module) else {}
 
 
 def find_lora(module: nn.Module, tensor_name: str) -> LoRA | None:
