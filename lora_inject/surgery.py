@@ -129,7 +129,10 @@ def inject(
             done.append((module, tensor_name, lora, fresh))
             if fresh:
                 lora.param_order = list(module._parameters)
+                new_class = not parametrize.is_parametrized(module)
                 parametrize.register_parametrization(module, tensor_name, lora)
+                if new_class:
+                    _own_class_on_copy(module)
                 _hook(module)
     except BaseException:
         for module, tensor_name, lora, fresh in reversed(done):
@@ -410,6 +413,27 @@ def _detach(module: nn.Module, tensor_name: str, lora: LoRA) -> None:
         params.update(kept)
     if not any(find_lora(module, t) for t in _parametrized(module)):
         _unhook(module)
+
+
+def _own_class_on_copy(module: nn.Module) -> None:
+    """Make ``copy.deepcopy(module)`` give the copy a class of its own.
+
+    parametrize keeps a parametrized module's properties on a class made for that one module
+    and edits it in place, but its deepcopy shares that class with the copy: removing LoRA
+    from the copy would then take the property off the original too.
+    """
+    cls = type(module)
+    base = cls.__deepcopy__
+
+    def __deepcopy__(self, memo):
+        replica = base(self, memo)
+        if type(replica) is type(self):
+            own = type(self)
+            body = {k: v for k, v in vars(own).items() if k not in ("__dict__", "__weakref__")}
+            replica.__class__ = type(own.__name__, own.__bases__, body)
+        return replica
+
+    cls.__deepcopy__ = __deepcopy__
 
 
 # -- hooks on the adapted module -------------------------------------------------------------
