@@ -56,9 +56,8 @@ class LoraWeight(Tensor):
     @classmethod
     def __torch_function__(cls, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if func in _METADATA:
-            args = tree_map(_plain_w0, args)
-            return func(*args, **kwargs)
+        if func in _METADATA and isinstance(args[0], LoraWeight):
+            return func(args[0]._w0, *args[1:], **kwargs)  # shape, dtype, ...: those of W0
         impl = _FACTORED.get(func)
         if impl is not None:
             bound = _SIGNATURES[func].bind(*args, **kwargs)
@@ -72,10 +71,6 @@ class LoraWeight(Tensor):
 
 def _materialize(x):
     return x.materialize() if isinstance(x, LoraWeight) else x
-
-
-def _plain_w0(x):
-    return x._w0 if isinstance(x, LoraWeight) else x
 
 
 def _usable(weight, x) -> bool:
