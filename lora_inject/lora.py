@@ -69,7 +69,7 @@ class LoRA(nn.Module):
     # -- adapters ---------------------------------------------------------------------------
     def add(
         self, name: str, *, r: int, alpha: float, dropout: float = 0.0, init: str = "default",
-        dtype: torch.dtype, device: torch.device, targets: str | None = None,
+        dtype: torch.dtype, device: torch.device, targets: str | None = None, rslora: bool = False,
     ) -> None:
         """Create adapter ``name`` with fresh factors, and make it active."""
         lead = (self.shape[0],) if self.experts else ()
@@ -78,8 +78,9 @@ class LoRA(nn.Module):
         init_factors(A, B, init)
         self.lora_A[name] = nn.Parameter(A)
         self.lora_B[name] = nn.Parameter(B)
-        self.config[name] = {"r": r, "alpha": alpha, "dropout": dropout, "init": init, "targets": targets}
-        self.scaling[name] = alpha / r
+        self.config[name] = {"r": r, "alpha": alpha, "dropout": dropout, "init": init, "targets": targets,
+                             "rslora": rslora}
+        self.scaling[name] = lora_scaling(r, alpha, rslora)
         self.active.append(name)
 
     def drop(self, name: str) -> None:
@@ -139,6 +140,11 @@ class LoRA(nn.Module):
             for n, c in self.config.items()
         )
         return f"shape={self.shape}, {items}"
+
+
+def lora_scaling(r: int, alpha: float, rslora: bool = False) -> float:
+    """The scaling ``s`` of an update ``s * B @ A``: ``alpha / r``, or ``alpha / sqrt(r)`` for rsLoRA."""
+    return alpha / math.sqrt(r) if rslora else alpha / r
 
 
 def init_factors(A: Tensor, B: Tensor, init: str) -> None:

@@ -33,6 +33,7 @@ def inject(
     init: str = "default",
     rules: Mapping[RuleKey, Rule] | None = None,
     dtype: torch.dtype | None = None,
+    rslora: bool = False,
 ) -> M:
     r"""Add a LoRA adapter, in place, to every module of ``model`` that ``targets`` selects.
 
@@ -64,14 +65,16 @@ def inject(
             (see :func:`~lora_inject.default_rules`).
         dtype (torch.dtype, optional): the factors' dtype, such as ``torch.float32`` on a
             half-precision model. Default: the weight's dtype.
+        rslora (bool): scale the update by ``alpha / sqrt(r)`` (rank-stabilised LoRA, peft's
+            ``use_rslora``) instead of ``alpha / r``. Default: ``False``.
 
     Returns:
         ``model``, changed in place.
 
     Raises:
         TypeError: if ``targets``/``exclude`` is of the wrong kind, ``r`` is not an int,
-            ``adapter`` is not a str, ``dtype`` is not a floating dtype, or a selected tensor
-            is not floating point.
+            ``adapter`` is not a str, ``dtype`` is not a floating dtype, ``rslora`` is not a
+            bool, or a selected tensor is not floating point.
         ValueError: if ``r`` is not positive, ``alpha`` is not finite, a regex is invalid,
             ``init`` or ``adapter`` is not valid, ``dropout`` is outside [0, 1) or set on a
             layer without a factored form, the adapter already exists on a selected tensor,
@@ -99,6 +102,8 @@ def inject(
         raise ValueError(f"inject(): `dropout` must be a number in [0, 1), got {dropout!r}.")
     if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
         raise TypeError(f"inject(): `dtype` must be a floating torch.dtype or None, got {dtype!r}.")
+    if not isinstance(rslora, bool):
+        raise TypeError(f"inject(): `rslora` must be a bool, got {type(rslora).__name__}.")
     if not isinstance(model, nn.Module):
         raise TypeError(f"inject(): `model` must be an nn.Module, got {type(model).__name__}.")
     select = matcher("inject", "targets", targets)
@@ -125,7 +130,7 @@ def inject(
                             factored=rule.is_factored(module))
             original = _source(module, tensor_name)
             lora.add(adapter, r=r, alpha=alpha, dropout=dropout, init=init,
-                     dtype=dtype or original.dtype, device=original.device, targets=spec)
+                     dtype=dtype or original.dtype, device=original.device, targets=spec, rslora=rslora)
             done.append((module, tensor_name, lora, fresh))
             if fresh:
                 lora.param_order = list(module._parameters)
