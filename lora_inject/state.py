@@ -121,6 +121,11 @@ def activate(model: M, adapters: str | Sequence[str]) -> M:
     """
     entries = list(_loras(model))
     names = [adapters] if isinstance(adapters, str) else adapters
+    if not isinstance(names, Sequence) or not all(isinstance(n, str) for n in names):
+        raise TypeError(
+            f"activate(): `adapters` must be a str or a sequence of str, got {adapters!r}. "
+            "Pass [] to turn every adapter off."
+        )
     _adapter_names("activate", entries, names)
     for *_, lora in entries:
         lora.active = [n for n in dict.fromkeys(names) if n in lora.adapters]
