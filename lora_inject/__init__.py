@@ -1,5 +1,6 @@
 """Add LoRA to any PyTorch model in place, and take it out again."""
 
+from .adapter import load_adapter, save_adapter
 from .lora import LoRA
 from .rule import Rule, default_rules, register_rule
 from .state import (
@@ -21,10 +22,12 @@ __all__ = [
     "default_rules",
     "disabled",
     "inject",
+    "load_adapter",
     "lora_parameters",
     "lora_state_dict",
     "mark_only_lora_as_trainable",
     "named_loras",
     "register_rule",
     "remove",
+    "save_adapter",
 ]

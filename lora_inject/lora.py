@@ -114,6 +114,39 @@ class LoRA(nn.Module):
         ct = torch.promote_types(compute_dtype(W.dtype), self._factor_dtype())
         return (W.to(ct) + self.delta(names, ct)).to(W.dtype)
 
+    def merge_(self, W: Tensor, names: list[str]) -> None:
+        """Add ``delta(names)`` into ``W`` in place: with ``addmm_`` where ``W`` is already in the
+        compute dtype, else through ``merged`` (float32 sum, cast back)."""
+        ct = torch.promote_types(compute_dtype(W.dtype), self._factor_dtype())
+        if W.dtype != ct or not W.is_contiguous():
+            W.copy_(self.merged(W, names))
+            return
+        lead = (self.shape[0],) if self.experts else ()
+        rows, cols = (self.in_features, self.out_features) if self.transpose else (
+            self.out_features, self.in_features)
+        M = W.view(*lead, rows, cols)
+        for name in names:
+            A, B = self.lora_A[name].to(ct), self.lora_B[name].to(ct)
+            L, R = (A.mT, B.mT) if self.transpose else (B, A)  # stored update = s * L @ R
+            (M.baddbmm_ if self.experts else M.addmm_)(L, R, alpha=self.scaling[name])
+
+    def merge_is_finite(self, W: Tensor, names: list[str]) -> bool:
+        """Whether ``merged(W, names)`` is finite, from a cheap bound where it suffices."""
+        if W.is_meta:
+            return True
+        factors = [t for n in names for t in (self.lora_A[n], self.lora_B[n])]
+        if not all(bool(torch.isfinite(t).all()) for t in factors):
+            return False
+        if W.numel():
+            lo, hi = W.aminmax()
+            bound = max(abs(float(lo)), abs(float(hi)))
+            for n in names:
+                a, b = (float(t.abs().max()) if t.numel() else 0.0 for t in (self.lora_A[n], self.lora_B[n]))
+                bound += abs(self.scaling[n]) * self.config[n]["r"] * a * b
+            if bound < torch.finfo(W.dtype).max / 2:  # NaN compares False, and falls through
+                return True
+        return bool(torch.isfinite(self.merged(W, names)).all())
+
     def _factor_dtype(self) -> torch.dtype:
         return next(iter(self.lora_A.values())).dtype if len(self.lora_A) else torch.float32
 

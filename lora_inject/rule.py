@@ -70,10 +70,13 @@ class Rule:
             )
         if not self.tensors:
             raise ValueError("Rule(): `tensors` must name at least one tensor, got ().")
-        try:
-            patterns = tuple(re.compile(t) for t in self.tensors)
-        except re.error as e:
-            raise ValueError(f"Rule(): `tensors` holds an invalid regex: {e}.") from None
+        patterns = []
+        for t in self.tensors:
+            try:
+                patterns.append(re.compile(t))
+            except re.error as e:
+                raise ValueError(f"Rule(): `tensors` holds an invalid regex, {t!r}: {e}.") from None
+        patterns = tuple(patterns)
         object.__setattr__(self, "tensors", tuple(self.tensors))
         object.__setattr__(self, "_patterns", patterns)
 

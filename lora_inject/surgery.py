@@ -366,37 +366,41 @@ def _merge_into_originals(qualname, module, tensor_name, lora, names, *, write: 
     where = f"{qualname}.{tensor_name}" if qualname else tensor_name
     plist = module.parametrizations[tensor_name]
     index = list(plist).index(lora)
+    non_finite = ValueError(
+        f"remove(): merging adapter(s) {names} into `{where}` gives non-finite values "
+        "(NaN or inf in lora_A/lora_B or in the weight, or overflow in the weight's dtype). "
+        "The model is unchanged; fix the factors, or remove with merge=False."
+    )
     with torch.no_grad():
+        if index == 0:  # ours comes first: the originals are W0 itself
+            if write:
+                lora.merge_(plist.original, names)
+            elif not lora.merge_is_finite(plist.original, names):
+                raise non_finite
+            return
         originals = [plist.original] if plist.is_tensor else [
             getattr(plist, f"original{i}") for i in range(plist.ntensors)]
-        before = originals[0]
-        if index:
-            before = plist[0](*originals)
-            for p in list(plist)[1:index]:
-                before = p(before)
+        before = plist[0](*originals)
+        for p in list(plist)[1:index]:
+            before = p(before)
         target = lora.merged(before, names)
         if target.device.type != "meta" and not torch.isfinite(target).all():
-            raise ValueError(
-                f"remove(): merging adapter(s) {names} into `{where}` gives non-finite values "
-                "(NaN or inf in lora_A/lora_B, or overflow in the weight's dtype). The model is "
-                "unchanged; fix the factors, or remove with merge=False."
-            )
+            raise non_finite
         new = target
         for p in reversed(list(plist)[:index]):
             new = p.right_inverse(new) if hasattr(p, "right_inverse") else new
         new = [new] if isinstance(new, Tensor) else list(new)
-        if index:
-            check = plist[0](*new)
-            for p in list(plist)[1:index]:
-                check = p(check)
-            tol = 1e-3 if compute_dtype(target.dtype) != target.dtype else 1e-5
-            if check.shape != target.shape or not torch.allclose(check, target, rtol=tol, atol=tol):
-                raise RuntimeError(
-                    f"remove(): cannot merge into `{where}`: the parametrization "
-                    f"{type(plist[index - 1]).__name__} registered before LoRA cannot represent "
-                    "W + ΔW, so merging is ill-defined. The model is unchanged; use merge=False, "
-                    "or remove that parametrization first."
-                )
+        check = plist[0](*new)
+        for p in list(plist)[1:index]:
+            check = p(check)
+        tol = 1e-3 if compute_dtype(target.dtype) != target.dtype else 1e-5
+        if check.shape != target.shape or not torch.allclose(check, target, rtol=tol, atol=tol):
+            raise RuntimeError(
+                f"remove(): cannot merge into `{where}`: the parametrization "
+                f"{type(plist[index - 1]).__name__} registered before LoRA cannot represent "
+                "W + ΔW, so merging is ill-defined. The model is unchanged; use merge=False, "
+                "or remove that parametrization first."
+            )
         if write:
             for o, n in zip(originals, new):
                 o.copy_(n)
