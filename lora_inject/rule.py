@@ -70,13 +70,13 @@ class Rule:
             )
         if not self.tensors:
             raise ValueError("Rule(): `tensors` must name at least one tensor, got ().")
-        patterns = []
+        compiled = []
         for t in self.tensors:
             try:
-                patterns.append(re.compile(t))
+                compiled.append(re.compile(t))
             except re.error as e:
                 raise ValueError(f"Rule(): `tensors` holds an invalid regex, {t!r}: {e}.") from None
-        patterns = tuple(patterns)
+        patterns = tuple(compiled)
         object.__setattr__(self, "tensors", tuple(self.tensors))
         object.__setattr__(self, "_patterns", patterns)
 
