@@ -386,13 +386,24 @@ def _merge_into_originals(qualname, module, tensor_name, lora, names, *, write: 
         target = lora.merged(before, names)
         if target.device.type != "meta" and not torch.isfinite(target).all():
             raise non_finite
-        new = target
-        for p in reversed(list(plist)[:index]):
-            new = p.right_inverse(new) if hasattr(p, "right_inverse") else new
-        new = [new] if isinstance(new, Tensor) else list(new)
-        check = plist[0](*new)
-        for p in list(plist)[1:index]:
-            check = p(check)
+        # A right_inverse may set its own tensors (orthogonal's `base`): a check must not keep them.
+        saved = [] if write else [
+            (d, dict(d), {k: v.clone() for k, v in d.items() if v is not None})
+            for p in list(plist)[:index] for q in p.modules() for d in (q._parameters, q._buffers)]
+        try:
+            new = target
+            for p in reversed(list(plist)[:index]):
+                new = p.right_inverse(new) if hasattr(p, "right_inverse") else new
+            new = [new] if isinstance(new, Tensor) else list(new)
+            check = plist[0](*new)
+            for p in list(plist)[1:index]:
+                check = p(check)
+        finally:
+            for d, tensors, values in saved:
+                d.clear()
+                d.update(tensors)
+                for k, v in values.items():
+                    tensors[k].copy_(v)
         tol = 1e-3 if compute_dtype(target.dtype) != target.dtype else 1e-5
         if check.shape != target.shape or not torch.allclose(check, target, rtol=tol, atol=tol):
             raise RuntimeError(
