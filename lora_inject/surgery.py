@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 import re
 import warnings
@@ -109,7 +110,7 @@ def inject(
     select = matcher("inject", "targets", targets)
     leave = matcher("inject", "exclude", exclude) if exclude is not None else None
 
-    plan = _plan(model, select, leave, rules, adapter, dropout)
+    plan = _plan(model, select, leave, rules, adapter, dropout, targets)
     spec = targets if isinstance(targets, str) else getattr(targets, "pattern", None)
     small = [f"{q}.{t}" for q, m, rule, t, shape in plan if r > min(_dims(shape, rule))]
     if small:
@@ -233,7 +234,7 @@ def named_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
         stack.extend(reversed(children))
 
 
-def _plan(model, select, leave, rules, adapter, dropout):
+def _plan(model, select, leave, rules, adapter, dropout, targets=None):
     plan, no_rule, names_seen = [], [], []
     owners = _tensor_owners(model)
     for qualname, module in named_modules(model):
@@ -277,23 +278,26 @@ def _plan(model, select, leave, rules, adapter, dropout):
             shape = getattr(module, tensor_name).shape if parametrized else source.shape
             plan.append((qualname, module, rule, tensor_name, shape))
     if not plan:
-        raise _nothing_matched(no_rule)
+        raise _nothing_matched(no_rule, targets, model)
     return plan
 
 
-def _nothing_matched(no_rule: list[tuple[str, str]]) -> ValueError:
+def _nothing_matched(no_rule: list[tuple[str, str]], targets, model: nn.Module) -> ValueError:
     how = ("Register a rule with lora_inject.register_rule(MyType, lora_inject.Rule(('weight',))), "
            "or pass `rules=`.")
     if not no_rule:
+        names = itertools.islice(((q, type_name(m)) for q, m in named_modules(model) if q), 5)
+        some = ", ".join(f"{q} ({t})" for q, t in names)
         return ValueError(
-            "inject(): `targets` matched no module name (after `exclude`). Names are searched "
-            "with re.search in model.named_modules(); check them with "
+            f"inject(): `targets`={targets!r} matched no module name (after `exclude`). Names are "
+            f"searched with re.search in model.named_modules(), such as {some}; check them with "
             "[n for n, _ in model.named_modules()]."
         )
     shown = ", ".join(f"{q or '<root>'} ({t})" for q, t in no_rule[:5])
     more = f" and {len(no_rule) - 5} more" if len(no_rule) > 5 else ""
     return ValueError(
-        f"inject(): `targets` matched only modules whose types have no rule: {shown}{more}. {how}"
+        f"inject(): `targets`={targets!r} matched only modules whose types have no rule: "
+        f"{shown}{more}. {how}"
     )
 
 
