@@ -41,7 +41,7 @@ class LoraWeight(Tensor):
     def materialize(self) -> Tensor:
         return self._lora.merged(self._w0, list(self._names))
 
-    def factors(self, dtype: torch.dtype):
+    def factors(self):
         """Yield ``(L, R, s, p)`` per adapter: the stored update is ``s * L @ R``.
 
         For a rows layout that is ``B @ A``; for a transposed one ``A.T @ B.T``.
@@ -84,7 +84,7 @@ def _add(out: Tensor, extra: Tensor) -> Tensor:
 
 def _branch_right(x: Tensor, weight: LoraWeight, out: Tensor, transpose_w: bool) -> Tensor:
     """``out + x @ ΔW.T`` (``transpose_w``, as in F.linear) or ``out + x @ ΔW``, factored."""
-    for L, R, s, p in weight.factors(x.dtype):
+    for L, R, s, p in weight.factors():
         first, second = (R.t(), L.t()) if transpose_w else (L, R)  # x @ (s L R).T = s (x R.T) L.T
         h = F.dropout(x.to(first.dtype), p) if p else x.to(first.dtype)
         h = h @ first  # (.., in) @ (in, r) -> (.., r)
@@ -119,9 +119,13 @@ def _embedding(input, weight, padding_idx=None, max_norm=None, norm_type=2.0,
     if max_norm is not None or not _usable(weight, input):
         return NotImplemented
     out = F.embedding(input, weight._w0, padding_idx, None, norm_type, scale_grad_by_freq, sparse)
-    for L, R, s, p in weight.factors(out.dtype):
+    for L, R, s, p in weight.factors():
         h = F.embedding(input, L, padding_idx, None, norm_type, scale_grad_by_freq)  # (.., r)
-        out = _add(out, (F.dropout(h, p) if p else h) @ R * s)
+        extra = (F.dropout(h, p) if p else h) @ R * s  # (.., r) @ (r, dim) -> (.., dim)
+        if padding_idx is not None:  # the padding row gets no gradient, as in the merged weight
+            pad = (input == padding_idx % weight.shape[0]).unsqueeze(-1)
+            extra = torch.where(pad, extra.detach(), extra)
+        out = _add(out, extra)
     return out
 
 
@@ -134,7 +138,7 @@ def _embedding_bag(input, weight, offsets=None, max_norm=None, norm_type=2, scal
                 per_sample_weights=per_sample_weights, include_last_offset=include_last_offset,
                 padding_idx=padding_idx)
     out = F.embedding_bag(input, weight._w0, sparse=sparse, **rest)
-    for L, R, s, p in weight.factors(out.dtype):
+    for L, R, s, p in weight.factors():
         h = F.embedding_bag(input, L, **rest)  # (bags, r)
         out = _add(out, (F.dropout(h, p) if p else h) @ R * s)
     return out
@@ -147,7 +151,7 @@ def _conv(op):
             return NotImplemented
         out = op(input, weight._w0, bias, stride, padding, dilation, groups)
         kernel, ones = weight.shape[2:], (1,) * (weight.dim() - 2)
-        for L, R, s, p in weight.factors(input.dtype):
+        for L, R, s, p in weight.factors():
             x = input.to(R.dtype)
             h = op(F.dropout(x, p) if p else x, R.view(-1, weight.shape[1], *kernel), None,
                    stride, padding, dilation)  # r output channels
