@@ -45,12 +45,11 @@ def lora_parameters(model: nn.Module, adapter: str | Sequence[str] | None = None
         ValueError: if an adapter name is not in the model.
     """
     entries = list(_loras(model))
-    names = _adapter_names("lora_parameters", entries, adapter)
-    for *_, lora in entries:
-        for name in lora.adapters:
-            if names is None or name in names:
-                yield lora.lora_A[name]
-                yield lora.lora_B[name]
+    names = _adapter_names("lora_parameters", entries, adapter)  # raises now, not on first next()
+    return iter([
+        p for *_, lora in entries for name in lora.adapters if names is None or name in names
+        for p in (lora.lora_A[name], lora.lora_B[name])
+    ])
 
 
 def lora_state_dict(model: nn.Module, adapter: str | Sequence[str] | None = None) -> dict[str, torch.Tensor]:
