@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import TypeVar
@@ -57,18 +58,52 @@ def lora_state_dict(model: nn.Module, adapter: str | Sequence[str] | None = None
 
     ``model.load_state_dict(lora_state_dict(model), strict=False)`` restores them.
 
+    Under FSDP2 (``torch.distributed.fsdp.fully_shard``) the factors are sharded DTensors; they
+    are gathered into full tensors, which is a collective: call this on every rank.
+
     Raises:
         TypeError: if ``adapter`` is not a str, a sequence of str or None.
         ValueError: if an adapter name is not in the model.
+        RuntimeError: if the model is sharded with FSDP1 (``FullyShardedDataParallel``), whose
+            flat parameters do not keep the factors' shapes; shard with FSDP2's ``fully_shard``.
     """
-    names = _adapter_names("lora_state_dict", list(_loras(model)), adapter)
+    entries = list(_loras(model))
+    names = _adapter_names("lora_state_dict", entries, adapter)
+    refuse_flat_params("lora_state_dict", model, entries)
     keys = set()
     for prefix, module in model.named_modules():
         if isinstance(module, LoRA):
             for name in module.adapters:
                 if names is None or name in names:
                     keys |= {f"{prefix}.lora_A.{name}", f"{prefix}.lora_B.{name}"}
-    return {k: v for k, v in model.state_dict().items() if k in keys}
+    return {k: full_tensor(v) for k, v in model.state_dict().items() if k in keys}
+
+
+def full_tensor(t: torch.Tensor) -> torch.Tensor:
+    """``t`` itself, or the whole tensor gathered from its shards if it is a DTensor (a collective)."""
+    gather = getattr(t, "full_tensor", None)
+    return gather() if callable(gather) else t
+
+
+def refuse_flat_params(fn: str, model: nn.Module, entries) -> None:
+    """Raise if FSDP1 has flattened the LoRA factors of ``model`` (``entries`` from ``_loras``)."""
+    fsdp = sys.modules.get("torch.distributed.fsdp")  # not imported: no FSDP1 module can exist
+    fsdp1 = getattr(fsdp, "FullyShardedDataParallel", None)
+    flat = fsdp1 is not None and any(isinstance(m, fsdp1) for m in model.modules())
+    for *_, lora in entries:
+        lead = (lora.shape[0],) if lora.experts else ()
+        for name in lora.adapters:
+            r = lora.config[name]["r"]
+            flat = flat or name not in lora.lora_A._parameters or (
+                tuple(lora.lora_A[name].shape) != (*lead, r, lora.in_features)
+                or tuple(lora.lora_B[name].shape) != (*lead, lora.out_features, r))
+    if flat:
+        raise RuntimeError(
+            f"{fn}(): the model's LoRA factors are flattened, as FSDP1 (FullyShardedDataParallel) "
+            "does, so they cannot be read back in their shapes. Shard with FSDP2 instead "
+            "(torch.distributed.fsdp.fully_shard on each block and on the root); see the README's "
+            "\"Distributed training\"."
+        )
 
 
 def mark_only_lora_as_trainable(model: M, bias: str = "none") -> M:
