@@ -1,0 +1,465 @@
+"""Adapters on disk: ``save_adapter`` writes one adapter of a model, ``load_adapter`` puts it back.
+
+Our format is a directory that holds two files:
+
+* ``adapter.safetensors``: for each adapted tensor ``p.weight``, the factors ``p.weight.lora_A``
+  ``(r, in)`` and ``p.weight.lora_B`` ``(out, r)`` (with a leading experts dimension for expert
+  weights), in their own dtype;
+* ``adapter.json``: the format and library versions, the adapter's name, dtype and targets, the
+  sha256 of the weights file, and for each adapted tensor its module path and type, its shape, r,
+  alpha, rslora, dropout, init and rule (``transpose``, ``experts``, ``factored``).
+
+peft's format (``adapter_model.safetensors`` and ``adapter_config.json``) is translated by
+:mod:`lora_inject.peft_format`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import math
+import os
+import re
+import tempfile
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TypeVar
+
+import torch
+from torch import Tensor, nn
+
+from .lora import LoRA, check_adapter_name, lora_scaling
+from .rule import Rule, _own_tensor_names, type_name
+from .surgery import _loras, _parametrized, _source, find_lora, inject, named_modules, remove
+
+__all__ = ["load_adapter", "save_adapter"]
+
+M = TypeVar("M", bound=nn.Module)
+CONFIG = "adapter.json"
+WEIGHTS = "adapter.safetensors"
+FORMAT_VERSION = 1
+FORMATS = ("lora_inject", "peft")
+
+
+def save_adapter(model: nn.Module, path: str | os.PathLike, *, adapter: str = "default",
+                 format: str = "lora_inject") -> None:
+    r"""Write adapter ``adapter`` of ``model`` to the directory ``path``.
+
+    With ``format="lora_inject"`` the directory gets ``adapter.safetensors`` (the factors) and
+    ``adapter.json`` (everything needed to inject them again: per tensor r, alpha, rslora, the
+    rule and shape; the targets, dtype and library version). With ``format="peft"`` it gets
+    ``adapter_model.safetensors`` and ``adapter_config.json``, which
+    ``peft.PeftModel.from_pretrained(base_model, path)`` loads; that covers ``Linear``,
+    transformers' ``Conv1D``, ``Embedding`` and ``Conv1d/2d/3d`` with ``groups=1``, and per-tensor
+    r and alpha go to ``rank_pattern``/``alpha_pattern``.
+
+    Each file is written to a temporary file in ``path`` and renamed into place, so an
+    interrupted save never leaves a half-written file under the final name (and the weights'
+    sha256 in ``adapter.json`` catches a weights file from another save).
+
+    Args:
+        model (nn.Module): a model that carries ``adapter``.
+        path (str or os.PathLike): the directory to write; it is created if needed.
+        adapter (str): the adapter to save. Default: ``"default"``.
+        format (str): ``"lora_inject"`` or ``"peft"``. Default: ``"lora_inject"``.
+
+    Raises:
+        TypeError: if ``model`` is not an ``nn.Module`` or ``adapter`` is not a str.
+        ValueError: if ``format`` is unknown, the model has no adapter ``adapter``, or (for
+            ``format="peft"``) a tensor has no equivalent in peft's format.
+
+    Example::
+
+        >>> inject(model, "attn", r=8)
+        >>> save_adapter(model, "my_adapter")
+        >>> load_adapter(fresh_model, "my_adapter")
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"save_adapter(): `model` must be an nn.Module, got {type(model).__name__}.")
+    if format not in FORMATS:
+        raise ValueError(f"save_adapter(): `format` must be one of {FORMATS}, got {format!r}.")
+    from . import peft_format
+
+    entries = collect("save_adapter", model, adapter)
+    path = os.fspath(path)
+    if format == "peft":
+        config, tensors = peft_format.to_peft("save_adapter", model, entries)
+    else:
+        config, tensors = _to_ours(entries, adapter)
+    os.makedirs(path, exist_ok=True)
+    weights, config_name = (
+        (peft_format.WEIGHTS, peft_format.CONFIG) if format == "peft" else (WEIGHTS, CONFIG))
+    blob = write_safetensors(tensors, {"format": "pt"})
+    if format != "peft":
+        config["sha256"] = hashlib.sha256(blob).hexdigest()
+    write_atomic(os.path.join(path, weights), blob)
+    write_atomic(os.path.join(path, config_name), (json.dumps(config, indent=2) + "\n").encode())
+
+
+def load_adapter(model: M, path: str | os.PathLike, *, adapter: str | None = None) -> M:
+    r"""Load the adapter saved in the directory ``path`` into ``model``, in place.
+
+    The format is detected: ``adapter.json`` is ours, ``adapter_config.json`` is peft's. If the
+    model does not carry the adapter yet, it is injected with the saved r, alpha, scaling and
+    rule of every tensor, and the outputs equal those of the saved model exactly. If the model
+    already carries it, on exactly those tensors, the factors are updated in place (same
+    Parameter objects, so an optimizer holding them stays valid), and so are alpha and the
+    scaling. Everything is checked before anything changes: if the call raises, the model is
+    exactly as it was.
+
+    From peft's format this reads ``r``, ``lora_alpha``, ``target_modules`` (a list, or a regex
+    that must fully match), ``exclude_modules``, ``rank_pattern``, ``alpha_pattern``,
+    ``use_rslora`` and ``lora_dropout``; ``fan_in_fan_out`` follows the layer type, as in peft.
+    What it cannot reproduce (DoRA, other peft types, ``modules_to_save``, bias tensors,
+    inits that change the base weights, ...) is refused.
+
+    Args:
+        model (nn.Module): the base model, or a model that already carries the adapter.
+        path (str or os.PathLike): a directory written by :func:`save_adapter` or by peft's
+            ``save_pretrained``.
+        adapter (str, optional): the name to load it under. Default: the saved name for our
+            format, ``"default"`` for peft's.
+
+    Returns:
+        ``model``, changed in place.
+
+    Raises:
+        TypeError: if ``model`` is not an ``nn.Module``, ``adapter`` is not a str, or a saved
+            tensor has a dtype that LoRA factors cannot have.
+        ValueError: if ``path`` holds no adapter, a file is missing, truncated or corrupt, the
+            adapter was saved from another model (unknown module paths, other types or
+            shapes), it does not match the adapter the model already carries, or peft's
+            config uses a feature that cannot be translated.
+    """
+    fn = "load_adapter"
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"{fn}(): `model` must be an nn.Module, got {type(model).__name__}.")
+    if adapter is not None:
+        check_adapter_name(fn, adapter)
+    path = os.fspath(path)
+    if not os.path.isdir(path):
+        raise ValueError(f"{fn}(): `path` must be a directory written by save_adapter() or by "
+                         f"peft's save_pretrained(), got {path!r}, which is not a directory.")
+    from . import peft_format
+
+    if os.path.exists(os.path.join(path, CONFIG)):
+        saved_name, entries = _from_ours(fn, path)
+    elif os.path.exists(os.path.join(path, peft_format.CONFIG)):
+        saved_name, entries = "default", peft_format.from_peft(fn, model, path)
+    else:
+        lone = [f for f in (WEIGHTS, peft_format.WEIGHTS) if os.path.exists(os.path.join(path, f))]
+        what = f"it has {lone[0]} but its config is missing" if lone else "it holds no adapter files"
+        raise ValueError(
+            f"{fn}(): {path!r} is not an adapter directory: {what}. Expected {CONFIG} + {WEIGHTS} "
+            f"(save_adapter) or {peft_format.CONFIG} + {peft_format.WEIGHTS} (peft); save it again."
+        )
+    apply(fn, model, entries, adapter or saved_name)
+    return model
+
+
+# -- our format ------------------------------------------------------------------------------
+def collect(fn: str, model: nn.Module, adapter: str) -> list[Entry]:
+    """Read adapter ``adapter`` of ``model`` into entries, one per adapted tensor."""
+    check_adapter_name(fn, adapter)
+    entries, present = [], set()
+    for qualname, module, tensor_name, lora in _loras(model):
+        present.update(lora.adapters)
+        if adapter not in lora.adapters:
+            continue
+        c = lora.config[adapter]
+        entries.append(Entry(
+            module=qualname, tensor=tensor_name, type=type_name(module), shape=tuple(lora.shape),
+            A=lora.lora_A[adapter].detach(), B=lora.lora_B[adapter].detach(), r=c["r"],
+            alpha=float(c["alpha"]), rslora=bool(c.get("rslora", False)), dropout=float(c["dropout"]),
+            init=c["init"], targets=c["targets"], transpose=lora.transpose, experts=lora.experts,
+            factored=bool(lora.factored),
+        ))
+    if not entries:
+        raise ValueError(f"{fn}(): no adapter named {adapter!r} in the model; it has {sorted(present)}. "
+                         "Pass `adapter=` with one of those names.")
+    return entries
+
+
+def _to_ours(entries: list[Entry], adapter: str) -> tuple[dict, dict]:
+    from . import __version__
+
+    dtypes = {dtype_name(e.A.dtype) for e in entries}
+    config = {
+        "format": "lora_inject", "format_version": FORMAT_VERSION, "version": __version__,
+        "adapter": adapter, "dtype": dtypes.pop() if len(dtypes) == 1 else "mixed",
+        "targets": list(dict.fromkeys(e.targets for e in entries)), "weights": WEIGHTS,
+        "tensors": {e.key: {
+            "module": e.module, "tensor": e.tensor, "type": e.type, "shape": list(e.shape), "r": e.r,
+            "alpha": e.alpha, "rslora": e.rslora, "dropout": e.dropout, "init": e.init,
+            "targets": e.targets, "dtype": dtype_name(e.A.dtype),
+            "rule": {"transpose": e.transpose, "experts": e.experts, "factored": e.factored},
+        } for e in entries},
+    }
+    tensors = {}
+    for e in entries:
+        tensors[f"{e.key}.lora_A"], tensors[f"{e.key}.lora_B"] = e.A, e.B
+    return config, tensors
+
+
+def _from_ours(fn: str, path: str) -> tuple[str, list[Entry]]:
+    file = os.path.join(path, CONFIG)
+    config = read_json(fn, file)
+    if config.get("format") != "lora_inject" or not isinstance(config.get("tensors"), dict):
+        raise ValueError(f"{fn}(): {file} is not a lora_inject adapter config (no \"format\": "
+                         "\"lora_inject\" or no \"tensors\"). Save the adapter again with save_adapter().")
+    if config.get("format_version") != FORMAT_VERSION:
+        raise ValueError(f"{fn}(): {file} has format_version {config.get('format_version')!r}, written "
+                         f"by lora_inject {config.get('version')}; this version reads {FORMAT_VERSION}. "
+                         "Upgrade lora_inject, or save the adapter again.")
+    if config.get("dtype") not in (*DTYPES, "mixed"):
+        raise TypeError(f"{fn}(): {file} says the factors' dtype is {config.get('dtype')!r}, which "
+                        f"cannot be loaded; LoRA factors are one of {sorted(DTYPES)}.")
+    weights = os.path.join(path, WEIGHTS)
+    tensors, blob = read_safetensors(fn, weights)
+    if hashlib.sha256(blob).hexdigest() != config.get("sha256"):
+        raise ValueError(f"{fn}(): {weights} does not match {file} (sha256 differs): the files come "
+                         "from different saves, or one was changed. Save the adapter again.")
+    entries = []
+    for key, t in config["tensors"].items():
+        try:
+            A, B = tensors.pop(f"{key}.lora_A"), tensors.pop(f"{key}.lora_B")
+            entry = Entry(
+                module=t["module"], tensor=t["tensor"], type=t["type"], shape=tuple(t["shape"]), A=A, B=B,
+                r=t["r"], alpha=float(t["alpha"]), rslora=bool(t["rslora"]), dropout=float(t["dropout"]),
+                init=t["init"], targets=t["targets"], transpose=bool(t["rule"]["transpose"]),
+                experts=bool(t["rule"]["experts"]), factored=bool(t["rule"]["factored"]))
+        except (KeyError, TypeError, ValueError) as e:
+            raise ValueError(f"{fn}(): the entry for `{key}` in {file} is incomplete or malformed "
+                             f"({type(e).__name__}: {e}); save the adapter again.") from None
+        if t.get("dtype") != dtype_name(A.dtype) or B.dtype != A.dtype:
+            raise TypeError(f"{fn}(): `{key}` is saved as {dtype_name(A.dtype)}/{dtype_name(B.dtype)} "
+                            f"but {file} says {t.get('dtype')!r}; save the adapter again.")
+        entries.append(entry)
+    if tensors:
+        extra = next(iter(tensors))
+        raise ValueError(f"{fn}(): {weights} holds `{extra}` {tuple(tensors[extra].shape)}, which "
+                         f"{file} does not describe; save the adapter again.")
+    return config.get("adapter", "default"), entries
+
+
+# -- into the model --------------------------------------------------------------------------
+def apply(fn: str, model: nn.Module, entries: Sequence[Entry], name: str) -> None:
+    """Check ``entries`` against ``model``, then inject them as adapter ``name``, or update it.
+
+    Nothing changes unless every check passes; a failure while injecting is rolled back.
+    """
+    if not entries:
+        raise ValueError(f"{fn}(): the saved adapter holds no tensors; save it again.")
+    check_entries(fn, model, entries)
+    keys = {e.key for e in entries}
+    existing = {f"{q}.{t}" if q else t: lora for q, _, t, lora in _loras(model) if name in lora.adapters}
+    if existing:
+        _update(fn, entries, name, existing, keys)
+        return
+    modules = dict(named_modules(model))
+    groups: dict[tuple, list[Entry]] = {}
+    for e in entries:
+        groups.setdefault((e.module, e.r, e.alpha, e.rslora, e.dropout, e.init, e.A.dtype, e.transpose,
+                           e.experts, e.factored), []).append(e)
+    calls: dict[tuple, set[str]] = {}  # (settings, tensors) -> modules, one inject call each
+    for (module, *settings), group in groups.items():
+        calls.setdefault((*settings, tuple(e.tensor for e in group)), set()).add(module)
+    try:
+        for (r, alpha, rslora, dropout, init, dtype, transpose, experts, factored, tensors), paths \
+                in calls.items():
+            rule = Rule(tuple(re.escape(t) for t in tensors), transpose=transpose, experts=experts,
+                        factored=factored)
+            inject(model, lambda q, m, paths=paths: q in paths, r=r, alpha=alpha, adapter=name,
+                   dropout=dropout, init=init, rules={nn.Module: rule},
+                   dtype=dtype, rslora=rslora)
+        with torch.no_grad():
+            for e in entries:
+                lora = find_lora(modules[e.module], e.tensor)
+                lora.lora_A[name].copy_(e.A)
+                lora.lora_B[name].copy_(e.B)
+                lora.config[name]["targets"] = e.targets
+    except BaseException:
+        if any(name in lora.adapters for *_, lora in _loras(model)):
+            remove(model, adapter=name, merge=False)
+        raise
+
+
+def _update(fn: str, entries: Sequence[Entry], name: str, existing: dict[str, LoRA], keys: set[str]):
+    extra = next((k for k in existing if k not in keys), None)
+    if extra is not None:
+        raise ValueError(f"{fn}(): the model's adapter {name!r} also covers `{extra}`, which the saved "
+                         f"adapter lacks. Load it under another name with `adapter=`, or remove "
+                         f"{name!r} first.")
+    for e in entries:
+        lora = existing.get(e.key)
+        if lora is None:
+            raise ValueError(f"{fn}(): the saved adapter covers `{e.key}`, where the model's adapter "
+                             f"{name!r} is absent. Load it under another name with `adapter=`, or "
+                             f"remove {name!r} first.")
+        for f, saved in (("lora_A", e.A), ("lora_B", e.B)):
+            have = getattr(lora, f)[name]
+            if have.shape != saved.shape:
+                raise ValueError(f"{fn}(): `{e.key}.{f}` has shape {tuple(saved.shape)} in the saved "
+                                 f"adapter but {tuple(have.shape)} in the model's adapter {name!r} "
+                                 f"(r={e.r} vs r={lora.config[name]['r']}). Load it under another name.")
+    with torch.no_grad():
+        for e in entries:
+            lora = existing[e.key]
+            lora.lora_A[name].copy_(e.A)
+            lora.lora_B[name].copy_(e.B)
+            lora.config[name].update(alpha=e.alpha, rslora=e.rslora, dropout=e.dropout, targets=e.targets)
+            lora.scaling[name] = lora_scaling(e.r, e.alpha, e.rslora)
+
+
+# -- shared with peft_format -----------------------------------------------------------------
+@dataclass
+class Entry:
+    """One adapted tensor of a saved adapter: where it is, its factors and how to re-inject it."""
+
+    module: str  # qualified module path
+    tensor: str  # tensor name on that module
+    type: str  # the module's type name
+    shape: tuple[int, ...]  # the tensor's shape
+    A: Tensor  # (r, in), or (E, r, in)
+    B: Tensor  # (out, r), or (E, out, r)
+    r: int
+    alpha: float
+    rslora: bool = False
+    dropout: float = 0.0
+    init: str = "default"
+    targets: str | None = None
+    transpose: bool = False
+    experts: bool = False
+    factored: bool = False
+
+    @property
+    def key(self) -> str:
+        return f"{self.module}.{self.tensor}" if self.module else self.tensor
+
+
+def tensor_shape(module: nn.Module, tensor_name: str) -> tuple[int, ...]:
+    """The shape ``module.<tensor_name>`` reads as, without computing a parametrization if avoidable."""
+    lora = find_lora(module, tensor_name)
+    if lora is not None:
+        return tuple(lora.shape)
+    if tensor_name in _parametrized(module):
+        return tuple(getattr(module, tensor_name).shape)
+    return tuple(_source(module, tensor_name).shape)
+
+
+def check_entries(fn: str, model: nn.Module, entries: Sequence[Entry]) -> None:
+    """Raise unless every entry fits ``model``: module path, type, tensor, shapes, layout."""
+    modules = dict(named_modules(model))
+    for e in entries:
+        module = modules.get(e.module)
+        if module is None or isinstance(module, LoRA):
+            near = [n for n in modules if n and n.rsplit(".", 1)[-1] == e.module.rsplit(".", 1)[-1]][:3]
+            raise ValueError(f"{fn}(): the adapter has `{e.key}`, but the model has no module "
+                             f"`{e.module}` (modules with that last name: {near}). It was saved from "
+                             "another model.")
+        if type_name(module) != e.type:
+            raise ValueError(f"{fn}(): `{e.key}` was saved from a {e.type}, but `{e.module}` is a "
+                             f"{type_name(module)}. It was saved from another model.")
+        if e.tensor not in _own_tensor_names(module):
+            raise ValueError(f"{fn}(): the adapter has `{e.key}`, but {e.type} `{e.module}` has no "
+                             f"tensor {e.tensor!r}. It was saved from another model.")
+        shape = tensor_shape(module, e.tensor)
+        if shape != tuple(e.shape):
+            raise ValueError(f"{fn}(): `{e.key}` has shape {shape} in the model but {tuple(e.shape)} "
+                             "in the adapter. It was saved from another model (or another size of it).")
+        lead, core = (shape[:1], shape[1:]) if e.experts else ((), shape)
+        out, inn = (core[-1], core[0]) if e.transpose else (core[0], math.prod(core[1:]))
+        for f, t, want in (("lora_A", e.A, (*lead, e.r, inn)), ("lora_B", e.B, (*lead, out, e.r))):
+            if tuple(t.shape) != want:
+                raise ValueError(f"{fn}(): `{e.key}.{f}` has shape {tuple(t.shape)}, but r={e.r} on "
+                                 f"`{e.key}` of shape {shape} needs {want}. The file is corrupt.")
+        lora = find_lora(module, e.tensor)
+        if lora is not None and (lora.transpose, lora.experts) != (e.transpose, e.experts):
+            raise ValueError(f"{fn}(): `{e.key}` carries LoRA with transpose={lora.transpose}, "
+                             f"experts={lora.experts}, but the adapter was saved with "
+                             f"transpose={e.transpose}, experts={e.experts}.")
+
+
+DTYPES = {"float64": torch.float64, "float32": torch.float32, "float16": torch.float16,
+          "bfloat16": torch.bfloat16}
+_ST_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16"}
+_ST_SIZES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "U64": 8, "I32": 4, "U32": 4, "I16": 2,
+             "U16": 2, "I8": 1, "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1, "C64": 8}
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def read_json(fn: str, file: str) -> dict:
+    try:
+        with open(file, encoding="utf-8") as f:
+            config = json.load(f)
+    except FileNotFoundError:
+        raise ValueError(f"{fn}(): the adapter's config {file} is missing; save the adapter again.") from None
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ValueError(f"{fn}(): {file} is not valid JSON ({e}); the file is corrupt.") from None
+    if not isinstance(config, dict):
+        raise ValueError(f"{fn}(): {file} must hold a JSON object, got {type(config).__name__}.")
+    return config
+
+
+def read_safetensors(fn: str, file: str) -> tuple[dict[str, Tensor], bytes]:
+    """Read a safetensors file, checking its header first so that errors name the tensor."""
+    try:
+        with open(file, "rb") as f:
+            blob = f.read()
+    except FileNotFoundError:
+        raise ValueError(f"{fn}(): the adapter's weights {file} are missing; save it again.") from None
+    bad = f"{fn}(): {file} is truncated or corrupt"
+    n = int.from_bytes(blob[:8], "little") if len(blob) >= 8 else None
+    if n is None or 8 + n > len(blob):
+        raise ValueError(f"{bad}: its header says {n} bytes, but {len(blob)} bytes are there. "
+                         "Save the adapter again.")
+    try:
+        header = json.loads(blob[8:8 + n])
+        items = sorted(((k, v) for k, v in header.items() if k != "__metadata__"),
+                       key=lambda kv: kv[1]["data_offsets"][0])
+    except (ValueError, UnicodeDecodeError, AttributeError, TypeError, KeyError, IndexError) as e:
+        raise ValueError(f"{bad}: its header is not valid ({type(e).__name__}: {e}). "
+                         "Save the adapter again.") from None
+    body = len(blob) - 8 - n
+    for key, info in items:
+        dtype, shape, (start, end) = info.get("dtype"), info.get("shape"), info["data_offsets"]
+        if dtype not in _ST_DTYPES:
+            raise TypeError(f"{fn}(): `{key}` in {file} has dtype {dtype} and shape {shape}; LoRA factors "
+                            f"must be floating point ({', '.join(_ST_DTYPES)}). Cast them and save again.")
+        need = math.prod(shape) * _ST_SIZES[dtype]
+        if end - start != need or end > body:
+            raise ValueError(f"{bad}: `{key}` ({dtype}, shape {shape}) needs bytes {start}..{start + need} "
+                             f"of the data, but the file holds {body}. Save the adapter again.")
+    from safetensors.torch import load
+
+    try:
+        return load(blob), blob
+    except Exception as e:  # noqa: BLE001 - any parse failure means a corrupt file
+        raise ValueError(f"{bad} ({type(e).__name__}: {e}). Save the adapter again.") from None
+
+
+def write_safetensors(tensors: dict[str, Tensor], metadata: dict[str, str]) -> bytes:
+    from safetensors.torch import save
+
+    return save({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, metadata=metadata)
+
+
+def write_atomic(file: str, data: bytes) -> None:
+    """Write ``data`` to a temporary file next to ``file``, then rename it into place."""
+    directory, base = os.path.split(file)
+    fd, tmp = tempfile.mkstemp(dir=directory or ".", prefix=f".{base}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            os.chmod(tmp, 0o644)
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, file)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
