@@ -1,0 +1,298 @@
+"""Benchmarks: lora_inject against peft, loralib, a plain merged parametrization and the frozen floor.
+
+Run: ``python benchmarks/bench.py`` (``--quick`` for a smoke run, ``--device cuda`` on a GPU).
+Every figure is measured in one run, alternating the contenders, and reported as medians. Peak
+memory on CPU is measured in a fresh subprocess per contender, with glibc told to return every
+large block at once, so that the peak resident set tracks live tensors; on CUDA it is
+``torch.cuda.max_memory_allocated``. It prints a Markdown table and writes JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import gc
+import json
+import math
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+from torch import nn
+from torch.nn.utils import parametrize
+
+import lora_inject as li
+
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+REGEX = r"(q|k|v|o|gate|up|down)_proj$"
+R, ALPHA = 16, 32
+
+
+def llama(hidden=1024, inter=2816, layers=4, heads=16, vocab=2000, device="cpu"):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
+                      num_attention_heads=heads, num_key_value_heads=heads, vocab_size=vocab,
+                      max_position_embeddings=4096)
+    torch.manual_seed(0)
+    with torch.device(device):
+        return LlamaForCausalLM(cfg)
+
+
+# -- contenders: each returns (model, trainable parameters) ----------------------------------
+def c_lora_inject(base):
+    m = copy.deepcopy(base)
+    li.inject(m, REGEX, r=R, alpha=ALPHA)
+    li.mark_only_lora_as_trainable(m)
+    return m
+
+
+def c_peft(base):
+    from peft import LoraConfig, get_peft_model
+
+    return get_peft_model(copy.deepcopy(base), LoraConfig(r=R, lora_alpha=ALPHA, target_modules=TARGETS))
+
+
+def c_loralib(base):
+    import loralib
+
+    m = copy.deepcopy(base)
+    for name, mod in list(m.named_modules()):
+        if name.rsplit(".", 1)[-1] in TARGETS:
+            new = loralib.Linear(mod.in_features, mod.out_features, r=R, lora_alpha=ALPHA,
+                                 bias=mod.bias is not None, merge_weights=False).to(mod.weight.device)
+            new.weight = mod.weight
+            parent = m.get_submodule(name.rsplit(".", 1)[0])
+            setattr(parent, name.rsplit(".", 1)[-1], new)
+    loralib.mark_only_lora_as_trainable(m)
+    return m
+
+
+class PlainLoRA(nn.Module):
+    """The plain merged parametrization: ``W0 + s * B @ A`` rebuilt on every read."""
+
+    def __init__(self, w):
+        super().__init__()
+        self.A = nn.Parameter(torch.empty(R, w.shape[1], device=w.device, dtype=w.dtype))
+        self.B = nn.Parameter(torch.zeros(w.shape[0], R, device=w.device, dtype=w.dtype))
+        nn.init.kaiming_uniform_(self.A, a=math.sqrt(5))
+
+    def forward(self, w):
+        return w + (ALPHA / R) * self.B @ self.A
+
+
+def c_plain(base):
+    m = copy.deepcopy(base)
+    for name, mod in m.named_modules():
+        if name.rsplit(".", 1)[-1] in TARGETS:
+            parametrize.register_parametrization(mod, "weight", PlainLoRA(mod.weight))
+    for n, p in m.named_parameters():
+        p.requires_grad_(n.endswith((".A", ".B")))
+    return m
+
+
+def c_floor(base):
+    m = copy.deepcopy(base)
+    for n, p in m.named_parameters():
+        p.requires_grad_("embed_tokens" in n)
+    return m
+
+
+CONTENDERS = {"lora_inject": c_lora_inject, "peft": c_peft, "loralib": c_loralib,
+              "plain merged": c_plain, "frozen floor": c_floor}
+
+
+def make_step(model, ids):
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+
+    def step():
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    return step
+
+
+def sync(device):
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def timed(fn, device):
+    sync(device)
+    t = time.perf_counter()
+    fn()
+    sync(device)
+    return time.perf_counter() - t
+
+
+# -- figures ---------------------------------------------------------------------------------
+def train_times(args):
+    base = llama(*args.shape, device=args.device)
+    ids = torch.randint(0, args.shape[4], (1, args.seq), device=args.device)
+    steps = {}
+    for name, make in CONTENDERS.items():
+        model = make(base).train()
+        steps[name] = make_step(model, ids)
+        steps[name]()  # warm-up: allocates the optimizer's state
+    times = {n: [] for n in steps}
+    for _ in range(args.reps):
+        for n, step in steps.items():  # alternate the contenders
+            times[n].append(timed(step, args.device))
+    return {n: statistics.median(t) for n, t in times.items()}
+
+
+def eval_times(args):
+    base = llama(*args.shape, device=args.device).eval()
+    ids = torch.randint(0, args.shape[4], (1, args.seq), device=args.device)
+    models = {"base": base, "lora_inject": c_lora_inject(base).eval(), "peft": c_peft(base).eval()}
+    for m in models.values():  # give the adapters a non-zero update
+        for n, p in m.named_parameters():
+            if "lora_B" in n:
+                nn.init.normal_(p.data, std=0.01)
+    times = {n: [] for n in models}
+    with torch.no_grad():
+        for m in models.values():
+            m(input_ids=ids)
+        for _ in range(args.reps * 2):
+            for n, m in models.items():
+                times[n].append(timed(lambda m=m: m(input_ids=ids), args.device))
+    return {n: statistics.median(t) for n, t in times.items()}
+
+
+def peak_memory(args):
+    out = {}
+    for name in CONTENDERS:
+        env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="0")
+        cmd = [sys.executable, __file__, "--_memory", name, "--device", args.device, "--seq", str(args.seq),
+               "--shape", *map(str, args.shape)]
+        res = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True)
+        out[name] = json.loads(res.stdout.strip().splitlines()[-1])
+    return out
+
+
+def _memory_child(args):
+    torch.set_num_threads(args.threads)
+    model = CONTENDERS[args._memory](llama(*args.shape, device=args.device)).train()
+    ids = torch.randint(0, args.shape[4], (1, args.seq), device=args.device)
+    step = make_step(model, ids)
+    step()
+    gc.collect()
+    if args.device == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        step()
+        peak = torch.cuda.max_memory_allocated() - before
+    else:
+        before = _rss("VmRSS")
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # reset the peak resident set
+        step()
+        peak = _rss("VmHWM") - before
+    print(json.dumps(peak / 2**20))
+
+
+def _rss(field):
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError(f"no {field} in /proc/self/status")
+
+
+def inject_times(args):
+    from peft import LoraConfig, get_peft_model
+
+    cfg = dict(hidden=4096, inter=11008, layers=32, heads=32, vocab=32000, device="meta")
+    times = {"lora_inject": [], "peft": []}
+    for _ in range(args.inject_reps):
+        m = llama(**cfg)
+        times["lora_inject"].append(timed(lambda: li.inject(m, REGEX, r=R, alpha=ALPHA), "cpu"))
+        m = llama(**cfg)
+        conf = LoraConfig(r=R, lora_alpha=ALPHA, target_modules=TARGETS)
+        times["peft"].append(timed(lambda: get_peft_model(m, conf), "cpu"))
+    return {n: statistics.median(t) for n, t in times.items()}
+
+
+def merge_times(args):
+    from peft import LoraConfig, get_peft_model
+
+    base = llama(hidden=4096, inter=11008, layers=1, heads=32, vocab=256, device=args.device)
+    times = {"lora_inject": [], "peft": []}
+    for _ in range(args.inject_reps):
+        m = c_lora_inject(base)
+        times["lora_inject"].append(timed(lambda: li.remove(m, merge=True), args.device))
+        del m
+        m = get_peft_model(copy.deepcopy(base), LoraConfig(r=R, lora_alpha=ALPHA, target_modules=TARGETS))
+        times["peft"].append(timed(lambda: m.merge_and_unload(), args.device))
+        del m
+        gc.collect()
+    return {n: statistics.median(t) for n, t in times.items()}
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--seq", type=int, default=512)
+    p.add_argument("--reps", type=int, default=5)
+    p.add_argument("--inject-reps", type=int, default=3)
+    p.add_argument("--shape", type=int, nargs=5, default=[1024, 2816, 4, 16, 2000],
+                   metavar=("HIDDEN", "INTER", "LAYERS", "HEADS", "VOCAB"))
+    p.add_argument("--quick", action="store_true", help="a small model and few repetitions")
+    p.add_argument("--json", default="benchmarks/results.json")
+    p.add_argument("--only", nargs="*", default=["train", "memory", "eval", "inject", "merge"])
+    p.add_argument("--_memory", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args._memory:
+        return _memory_child(args)
+    if args.quick:
+        args.shape, args.seq, args.reps, args.inject_reps = [256, 704, 2, 4, 500], 128, 3, 1
+    torch.set_num_threads(args.threads)
+    res = {"config": {k: v for k, v in vars(args).items() if not k.startswith("_")},
+           "torch": torch.__version__}
+    for fig in args.only:
+        t = time.perf_counter()
+        res[fig] = {"train": train_times, "memory": peak_memory, "eval": eval_times,
+                    "inject": inject_times, "merge": merge_times}[fig](args)
+        print(f"# {fig}: {json.dumps(res[fig])} ({time.perf_counter() - t:.0f} s)", file=sys.stderr)
+    print(table(res))
+    with open(args.json, "w") as f:
+        json.dump(res, f, indent=2)
+
+
+def table(res):
+    rows = ["| figure | contender | median | ratio | goal |", "|---|---|---|---|---|"]
+    if "train" in res:
+        t = res["train"]
+        for n, v in t.items():
+            ratio = f"{v / t['peft']:.3f}× peft, {v / t['frozen floor']:.3f}× floor"
+            goal = "≤ 0.95× peft, ≤ 1.05× floor" if n == "lora_inject" else ""
+            rows.append(f"| training step | {n} | {v * 1e3:.0f} ms | {ratio} | {goal} |")
+    if "memory" in res:
+        m = res["memory"]
+        for n, v in m.items():
+            goal = "≤ 1.0× peft" if n == "lora_inject" else ""
+            rows.append(f"| training step peak memory | {n} | {v:.0f} MiB | {v / m['peft']:.3f}× peft | {goal} |")
+    if "eval" in res:
+        e = res["eval"]
+        for n, v in e.items():
+            goal = "≤ 1.03× base" if n == "lora_inject" else ""
+            rows.append(f"| eval forward, unmerged | {n} | {v * 1e3:.0f} ms | {v / e['base']:.3f}× base | {goal} |")
+    for fig, label, goal in (("inject", "inject, Llama-2-7B on meta", "≤ 0.1× peft"),
+                             ("merge", "remove(merge=True), 7B-wide layer", "")):
+        if fig in res:
+            d = res[fig]
+            for n, v in d.items():
+                g = goal if n == "lora_inject" else ""
+                rows.append(f"| {label} | {n} | {v * 1e3:.1f} ms | {v / d['peft']:.3f}× peft | {g} |")
+    return "\n".join(rows)
+
+
+if __name__ == "__main__":
+    main()
