@@ -1,6 +1,7 @@
 """Add LoRA to any PyTorch model in place, and take it out again."""
 
 from .adapter import load_adapter, save_adapter
+from .init import init_lora
 from .lora import LoRA
 from .rule import Rule, default_rules, register_rule
 from .state import (
@@ -21,6 +22,7 @@ __all__ = [
     "activate",
     "default_rules",
     "disabled",
+    "init_lora",
     "inject",
     "load_adapter",
     "lora_parameters",

@@ -1,0 +1,150 @@
+"""Models built on the meta device: inject allocates nothing; to_empty, base weights, init_lora."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import Tensor, nn
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
+from transformers import LlamaConfig, LlamaForCausalLM
+
+import lora_inject as li
+
+TARGETS = r"(q|k|v|o|gate|up|down)_proj"
+
+
+class Allocations(TorchDispatchMode):
+    """Count the bytes of every tensor an op returns on a device other than meta."""
+
+    def __init__(self):
+        super().__init__()
+        self.bytes = 0
+        self.ops = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in tree_leaves(out):
+            if isinstance(t, Tensor) and not t.is_meta:
+                self.bytes += t.untyped_storage().nbytes()
+                self.ops.add(str(func))
+        return out
+
+
+def llama(**sizes) -> LlamaForCausalLM:
+    config = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, vocab_size=64, max_position_embeddings=32)
+    return LlamaForCausalLM(LlamaConfig(**{**config, **sizes}))
+
+
+def test_allocation_counter_sees_real_tensors():
+    with Allocations() as seen:
+        nn.Linear(8, 8)
+    assert seen.bytes >= 8 * 8 * 4
+
+
+def test_inject_into_a_llama_2_7b_shape_on_meta_allocates_nothing():
+    layers, hidden, inter, r = 32, 4096, 11008, 16
+    with torch.device("meta"):
+        model = llama(hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
+                      num_attention_heads=32, num_key_value_heads=32, vocab_size=32000,
+                      max_position_embeddings=4096)
+    with Allocations() as seen:
+        li.inject(model, TARGETS, r=r, alpha=2 * r)
+    assert seen.bytes == 0, seen.ops
+    assert {t.device.type for t in (*model.parameters(), *model.buffers())} == {"meta"}
+    # q, k, v, o: (4096 -> 4096); gate, up: (4096 -> 11008); down: (11008 -> 4096)
+    assert sum(p.numel() for p in li.lora_parameters(model)) == layers * r * (4 * 2 * hidden + 3 * (hidden + inter))
+    assert len(list(li.named_loras(model))) == 7 * layers
+
+
+def test_to_empty_base_weights_and_init_lora_give_the_base_model_then_train():
+    base = llama().double()
+    with torch.device("meta"):
+        model = llama().double()
+    li.inject(model, TARGETS, r=4, alpha=8)
+    model.to_empty(device="cpu")
+    result = model.load_state_dict(base.state_dict(), strict=False)  # keys saved before injection
+    lora_keys = set(li.lora_state_dict(model))
+    assert set(result.missing_keys) == lora_keys and len(lora_keys) == 2 * 7 * 2
+    assert result.unexpected_keys == []
+    for name, buffer in base.named_buffers():  # not in a state dict (rotary inv_freq): set by hand
+        model.get_buffer(name).copy_(buffer)
+    assert li.init_lora(model) is model
+
+    for name, lora in li.named_loras(model):
+        A, B = lora.lora_A["default"], lora.lora_B["default"]
+        assert torch.equal(B, torch.zeros_like(B))
+        assert A.abs().max() <= 1 / math.sqrt(A.shape[1]) and A.abs().min() > 0  # Kaiming-uniform
+    ids = torch.randint(0, 64, (2, 8))
+    torch.testing.assert_close(model(ids).logits, base(ids).logits, rtol=0, atol=0)
+
+    originals = [n.removesuffix(".weight") + ".parametrizations.weight.original" for n, _ in li.named_loras(model)]
+    w0 = {n: model.get_parameter(n).clone() for n in originals}
+    li.mark_only_lora_as_trainable(model)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    losses = []
+    for _ in range(5):
+        loss = model(ids, labels=ids).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0]
+    assert all(torch.equal(model.get_parameter(n), w) for n, w in w0.items())
+    assert all(lora.lora_B["default"].abs().max() > 0 for _, lora in li.named_loras(model))
+
+
+@pytest.mark.parametrize("init", ["default", "gaussian"])
+def test_init_lora_uses_each_adapters_init_or_the_one_given(init):
+    model = nn.Sequential(nn.Linear(256, 8), nn.Linear(256, 8))
+    li.inject(model, "0", r=4, init="gaussian", adapter="g")
+    li.inject(model, "1", r=4, adapter="d")
+    for p in li.lora_parameters(model):
+        nn.init.constant_(p, 7.0)
+    li.init_lora(model, adapter="g", init=init if init == "default" else None)
+    (g,), (d,) = (lora for _, lora in li.named_loras(model[0])), (lora for _, lora in li.named_loras(model[1]))
+    A = g.lora_A["g"]
+    assert torch.equal(g.lora_B["g"], torch.zeros(8, 4))
+    if init == "gaussian":  # N(0, 1/r): std 0.25 over 1024 samples
+        assert A.abs().max() > 1 / 16 and abs(A.std().item() - 0.25) < 0.03
+    else:  # Kaiming-uniform: within 1/sqrt(in) = 1/16
+        assert A.abs().max() <= 1 / 16
+    assert torch.equal(d.lora_A["d"], torch.full((4, 256), 7.0))  # not selected: untouched
+    li.init_lora(model)
+    assert torch.equal(d.lora_B["d"], torch.zeros(8, 4)) and d.lora_A["d"].abs().max() <= 1 / 16
+
+
+def test_init_lora_refuses_meta_factors_and_bad_arguments_and_changes_nothing():
+    with torch.device("meta"):
+        model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4))
+    li.inject(model, "", r=2)
+    with pytest.raises(RuntimeError, match=r"init_lora\(\): .* meta device.*to_empty"):
+        li.init_lora(model)
+    model.to_empty(device="cpu")
+    for p in li.lora_parameters(model):
+        nn.init.constant_(p, 3.0)
+    before = {k: v.clone() for k, v in li.lora_state_dict(model).items()}
+    with pytest.raises(ValueError, match=r"init_lora\(\): `init` must be one of .* got 'pissa'"):
+        li.init_lora(model, init="pissa")
+    with pytest.raises(ValueError, match=r"init_lora\(\): no adapter named 'nope'"):
+        li.init_lora(model, adapter="nope")
+    with pytest.raises(TypeError, match=r"init_lora\(\): `adapter` must be"):
+        li.init_lora(model, adapter=3)
+    model[1].parametrizations.weight[0].config["default"]["init"] = "pissa"  # as loaded from peft
+    with pytest.raises(ValueError, match=r"init_lora\(\): adapter 'default' on `1.weight` was made with "
+                                         r"init='pissa'.*Pass `init=`"):
+        li.init_lora(model)
+    model[1].parametrizations.weight[0].config["default"]["init"] = "default"
+    model[0].parametrizations.weight[0].add_module(  # as a variant's extra tensors would be
+        "lora_magnitude", nn.ParameterDict({"default": nn.Parameter(torch.ones(4))}))
+    with pytest.raises(ValueError, match=r"init_lora\(\): adapter 'default' on `0.weight` also holds "
+                                         r"\['lora_magnitude'\], which init_lora does not fill"):
+        li.init_lora(model)
+    del model[0].parametrizations.weight[0].lora_magnitude
+    after = li.lora_state_dict(model)
+    assert all(torch.equal(after[k], v) for k, v in before.items())
+    li.init_lora(model, init="default")
+    assert all(torch.equal(lora.lora_B["default"], torch.zeros(4, 2)) for _, lora in li.named_loras(model))
