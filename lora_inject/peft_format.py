@@ -88,6 +88,8 @@ def to_peft(fn: str, model: nn.Module, entries: list[Entry]) -> tuple[dict, dict
     kinds = {}
     for e in entries:
         kind, why = peft_kind(modules[e.module], parents[e.module])
+        if not e.module:
+            kind, why = None, "the model itself (peft adapts submodules only)"
         if kind is None or e.tensor != "weight" or e.experts or e.transpose != (kind in ("embedding", "conv1d")):
             why = why or f"a custom rule on {e.type} (tensor {e.tensor!r}, transpose={e.transpose})"
             raise ValueError(f"{fn}(): `{e.key}` has no equivalent in peft's format: it is {why}. Save "

@@ -347,6 +347,11 @@ def test_export_refuses_what_peft_cannot_reproduce(inject_kwargs, match, tmp_pat
     assert not (tmp_path / "out").exists()
 
 
+def test_export_refuses_the_root_module(tmp_path):
+    with pytest.raises(ValueError, match=r"`weight` has no equivalent .* it is the model itself"):
+        save_adapter(inject(nn.Linear(4, 4), "", r=2), tmp_path, format="peft")
+
+
 def test_export_refuses_mixed_dropout(tmp_path):
     model = inject(inject(Mixed(), "^lin$", r=2, dropout=0.1), "^lin2$", r=2)
     with pytest.raises(ValueError, match=r"one `lora_dropout` per adapter, but this adapter uses \[0\.0, 0\.1\]"):
