@@ -15,13 +15,11 @@ peft's format (``adapter_model.safetensors`` and ``adapter_config.json``) is tra
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import math
 import os
 import re
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TypeVar
@@ -29,6 +27,7 @@ from typing import TypeVar
 import torch
 from torch import Tensor, nn
 
+from .files import DTYPES, dtype_name, read_json, read_safetensors, write_atomic, write_safetensors
 from .lora import LoRA, check_adapter_name, lora_scaling
 from .rule import Rule, _own_tensor_names, type_name
 from .surgery import _loras, _parametrized, _source, find_lora, inject, named_modules, remove
@@ -381,85 +380,3 @@ def check_entries(fn: str, model: nn.Module, entries: Sequence[Entry]) -> None:
                              f"transpose={e.transpose}, experts={e.experts}.")
 
 
-DTYPES = {"float64": torch.float64, "float32": torch.float32, "float16": torch.float16,
-          "bfloat16": torch.bfloat16}
-_ST_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16"}
-_ST_SIZES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "U64": 8, "I32": 4, "U32": 4, "I16": 2,
-             "U16": 2, "I8": 1, "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1, "C64": 8}
-
-
-def dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
-
-
-def read_json(fn: str, file: str) -> dict:
-    try:
-        with open(file, encoding="utf-8") as f:
-            config = json.load(f)
-    except FileNotFoundError:
-        raise ValueError(f"{fn}(): the adapter's config {file} is missing; save the adapter again.") from None
-    except (ValueError, UnicodeDecodeError) as e:
-        raise ValueError(f"{fn}(): {file} is not valid JSON ({e}); the file is corrupt.") from None
-    if not isinstance(config, dict):
-        raise ValueError(f"{fn}(): {file} must hold a JSON object, got {type(config).__name__}.")
-    return config
-
-
-def read_safetensors(fn: str, file: str) -> tuple[dict[str, Tensor], bytes]:
-    """Read a safetensors file, checking its header first so that errors name the tensor."""
-    try:
-        with open(file, "rb") as f:
-            blob = f.read()
-    except FileNotFoundError:
-        raise ValueError(f"{fn}(): the adapter's weights {file} are missing; save it again.") from None
-    bad = f"{fn}(): {file} is truncated or corrupt"
-    n = int.from_bytes(blob[:8], "little") if len(blob) >= 8 else None
-    if n is None or 8 + n > len(blob):
-        raise ValueError(f"{bad}: its header says {n} bytes, but {len(blob)} bytes are there. "
-                         "Save the adapter again.")
-    try:
-        header = json.loads(blob[8:8 + n])
-        items = sorted(((k, v) for k, v in header.items() if k != "__metadata__"),
-                       key=lambda kv: kv[1]["data_offsets"][0])
-    except (ValueError, UnicodeDecodeError, AttributeError, TypeError, KeyError, IndexError) as e:
-        raise ValueError(f"{bad}: its header is not valid ({type(e).__name__}: {e}). "
-                         "Save the adapter again.") from None
-    body = len(blob) - 8 - n
-    for key, info in items:
-        dtype, shape, (start, end) = info.get("dtype"), info.get("shape"), info["data_offsets"]
-        if dtype not in _ST_DTYPES:
-            raise TypeError(f"{fn}(): `{key}` in {file} has dtype {dtype} and shape {shape}; LoRA factors "
-                            f"must be floating point ({', '.join(_ST_DTYPES)}). Cast them and save again.")
-        need = math.prod(shape) * _ST_SIZES[dtype]
-        if end - start != need or end > body:
-            raise ValueError(f"{bad}: `{key}` ({dtype}, shape {shape}) needs bytes {start}..{start + need} "
-                             f"of the data, but the file holds {body}. Save the adapter again.")
-    from safetensors.torch import load
-
-    try:
-        return load(blob), blob
-    except Exception as e:  # noqa: BLE001 - any parse failure means a corrupt file
-        raise ValueError(f"{bad} ({type(e).__name__}: {e}). Save the adapter again.") from None
-
-
-def write_safetensors(tensors: dict[str, Tensor], metadata: dict[str, str]) -> bytes:
-    from safetensors.torch import save
-
-    return save({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, metadata=metadata)
-
-
-def write_atomic(file: str, data: bytes) -> None:
-    """Write ``data`` to a temporary file next to ``file``, then rename it into place."""
-    directory, base = os.path.split(file)
-    fd, tmp = tempfile.mkstemp(dir=directory or ".", prefix=f".{base}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            os.chmod(tmp, 0o644)
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, file)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise

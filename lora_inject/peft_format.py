@@ -27,7 +27,8 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils.parametrize import type_before_parametrizations
 
-from .adapter import Entry, read_json, read_safetensors, tensor_shape
+from .adapter import Entry, tensor_shape
+from .files import read_json, read_safetensors
 from .lora import LoRA
 from .rule import find_rule, type_name
 from .surgery import _source, named_modules
