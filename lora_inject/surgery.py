@@ -134,7 +134,10 @@ def inject(
                      dtype=dtype or original.dtype, device=original.device, targets=spec, rslora=rslora)
             done.append((module, tensor_name, lora, fresh))
             if fresh:
-                lora.param_order = list(module._parameters)
+                # The module's order before any of our parametrizations, so that removing its
+                # tensors in any order restores it (a later LoRA sees the earlier tensors gone).
+                ours = [p for p in _module_loras(module) if hasattr(p, "param_order")]
+                lora.param_order = ours[0].param_order if ours else list(module._parameters)
                 new_class = not parametrize.is_parametrized(module)
                 parametrize.register_parametrization(module, tensor_name, lora)
                 if new_class:

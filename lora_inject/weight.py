@@ -116,7 +116,8 @@ def _matmul(input, other, *, out=None):
 
 def _embedding(input, weight, padding_idx=None, max_norm=None, norm_type=2.0,
                scale_grad_by_freq=False, sparse=False):
-    if max_norm is not None or not _usable(weight, input):
+    # scale_grad_by_freq scales the gradient of W's rows, so of B too: only the merged weight has it.
+    if max_norm is not None or scale_grad_by_freq or not _usable(weight, input):
         return NotImplemented
     out = F.embedding(input, weight._w0, padding_idx, None, norm_type, scale_grad_by_freq, sparse)
     for L, R, s, p in weight.factors():
@@ -132,7 +133,7 @@ def _embedding(input, weight, padding_idx=None, max_norm=None, norm_type=2.0,
 def _embedding_bag(input, weight, offsets=None, max_norm=None, norm_type=2, scale_grad_by_freq=False,
                    mode="mean", sparse=False, per_sample_weights=None, include_last_offset=False,
                    padding_idx=None):
-    if max_norm is not None or mode == "max" or not _usable(weight, input):
+    if max_norm is not None or mode == "max" or scale_grad_by_freq or not _usable(weight, input):
         return NotImplemented
     rest = dict(offsets=offsets, scale_grad_by_freq=scale_grad_by_freq, mode=mode,
                 per_sample_weights=per_sample_weights, include_last_offset=include_last_offset,
