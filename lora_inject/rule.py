@@ -127,7 +127,14 @@ def _groups_of_one(module: nn.Module) -> bool:
 _LINEAR = Rule(("weight",), factored=True)
 _CONV = Rule(("weight",), factored=_groups_of_one)
 _CONV_T = Rule(("weight",))
-_EMBEDDING = Rule(("weight",), transpose=True, factored=True)
+def _plain_lookup(module: nn.Module) -> bool:
+    # max_norm renormalises rows in place, scale_grad_by_freq rescales the weight's gradient,
+    # mode="max" is not linear in the weight: these lookups run on the merged weight.
+    return (module.max_norm is None and not module.scale_grad_by_freq
+            and getattr(module, "mode", "sum") != "max")
+
+
+_EMBEDDING = Rule(("weight",), transpose=True, factored=_plain_lookup)
 _RNN = Rule((r"weight_(ih|hh)_l\d+(_reverse)?",))
 
 _DEFAULT_RULES: dict[RuleKey, Rule] = {
@@ -140,7 +147,7 @@ _DEFAULT_RULES: dict[RuleKey, Rule] = {
     nn.ConvTranspose2d: _CONV_T,
     nn.ConvTranspose3d: _CONV_T,
     nn.Embedding: _EMBEDDING,
-    nn.EmbeddingBag: Rule(("weight",), transpose=True, factored=lambda m: m.mode != "max"),
+    nn.EmbeddingBag: _EMBEDDING,
     nn.MultiheadAttention: Rule(("in_proj_weight|q_proj_weight|k_proj_weight|v_proj_weight",)),
     nn.RNNBase: _RNN,
     # transformers' GPT-2 style Conv1D: weight stored as (in, out), forward is torch.addmm.

@@ -161,7 +161,7 @@ def embedding(draw):
         draw, "embedding", draw(seeds),
         lambda: (nn.Embedding(num, dim, padding_idx=padding_idx, scale_grad_by_freq=scale_grad),
                  [torch.randint(0, num, lead)]),
-        "", [Adapted("", "weight", transpose=True, fast=True)],
+        "", [Adapted("", "weight", transpose=True, fast=not scale_grad)],
     )
 
 
@@ -193,7 +193,7 @@ def embedding_bag(draw):
         return model, args
 
     return _finish(draw, f"embedding_bag_{mode}", draw(seeds), build, "",
-                   [Adapted("", "weight", transpose=True, fast=mode != "max")])
+                   [Adapted("", "weight", transpose=True, fast=mode != "max" and not scale_grad)])
 
 
 @st.composite

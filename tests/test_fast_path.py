@@ -145,3 +145,17 @@ def test_bf16_fast_path_keeps_updates_that_a_merged_bf16_weight_rounds_away():
 
     assert rel_error(fast) < 0.2
     assert rel_error(merged) > 0.5
+
+
+@pytest.mark.parametrize("make", [
+    pytest.param(lambda: nn.Embedding(9, 4, max_norm=1.0), id="embedding-max-norm"),
+    pytest.param(lambda: nn.Embedding(9, 4, scale_grad_by_freq=True), id="embedding-scale-grad"),
+    pytest.param(lambda: nn.EmbeddingBag(9, 4, mode="max"), id="embedding-bag-max"),
+    pytest.param(lambda: nn.Conv2d(4, 4, 3, groups=2), id="conv-groups"),
+])
+def test_lookups_without_a_factored_form_take_the_merged_path_and_refuse_dropout(make):
+    layer = make()
+    with pytest.raises(ValueError, match=r"`dropout`=0.1 needs a layer with a factored form"):
+        li.inject(layer, "", r=2, dropout=0.1)
+    li.inject(layer, "", r=2)
+    assert not layer.parametrizations.weight[0].factored
