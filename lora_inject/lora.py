@@ -8,9 +8,13 @@ import re
 import torch
 from torch import Tensor, nn
 
+from .dora import magnitude_shape
+from .dora import merged as dora_merged
+from .inits import WEIGHT_INITS, BufferDict
+
 __all__ = ["LoRA"]
 
-INITS = ("default", "gaussian")
+INITS = ("default", "gaussian", "pissa", "olora")  # the last two read W0: see inits.py
 _ADAPTER_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
 
@@ -27,6 +31,11 @@ class LoRA(nn.Module):
     ``lora_A[name]`` of shape ``(r, in)`` and ``lora_B[name]`` of shape ``(out, r)`` (with a
     leading experts dimension for expert weights). ``W`` is never written: the update is
     computed on the fly, so ``W0`` stays bit-identical while LoRA is attached.
+
+    Variants change this parametrization only, so they work for every rule: a DoRA adapter
+    (``dora=True``) also holds ``lora_magnitude[name]`` of shape ``(out,)`` (see
+    :mod:`lora_inject.dora`); the ``"pissa"``/``"olora"`` inits keep their initial factors
+    as buffers ``lora_A0[name]``/``lora_B0[name]`` (see :mod:`lora_inject.inits`).
 
     ``right_inverse`` is the identity: assigning ``module.weight = X`` sets ``W0`` to ``X``.
     """
@@ -70,8 +79,12 @@ class LoRA(nn.Module):
     def add(
         self, name: str, *, r: int, alpha: float, dropout: float = 0.0, init: str = "default",
         dtype: torch.dtype, device: torch.device, targets: str | None = None, rslora: bool = False,
+        dora: bool = False,
     ) -> None:
-        """Create adapter ``name`` with fresh factors, and make it active."""
+        """Create adapter ``name`` with fresh factors, and make it active.
+
+        The ``"pissa"``/``"olora"`` factors and DoRA's magnitude depend on ``W0``: they are
+        set by :func:`lora_inject.inits.init_from_weight` (``inject`` calls it)."""
         lead = (self.shape[0],) if self.experts else ()
         A = torch.empty(*lead, r, self.in_features, dtype=dtype, device=device)
         B = torch.empty(*lead, self.out_features, r, dtype=dtype, device=device)
@@ -79,15 +92,51 @@ class LoRA(nn.Module):
         self.lora_A[name] = nn.Parameter(A)
         self.lora_B[name] = nn.Parameter(B)
         self.config[name] = {"r": r, "alpha": alpha, "dropout": dropout, "init": init, "targets": targets,
-                             "rslora": rslora}
+                             "rslora": rslora, "dora": dora}
         self.scaling[name] = lora_scaling(r, alpha, rslora)
+        if init in WEIGHT_INITS:
+            self._dict("lora_A0", BufferDict)[name] = torch.zeros_like(A)
+            self._dict("lora_B0", BufferDict)[name] = torch.zeros_like(B)
+        if dora:
+            m = torch.ones(*magnitude_shape(self), dtype=dtype, device=device)
+            self._dict("lora_magnitude", nn.ParameterDict)[name] = nn.Parameter(m)
         self.active.append(name)
 
     def drop(self, name: str) -> None:
         """Delete adapter ``name``."""
         del self.lora_A[name], self.lora_B[name], self.config[name], self.scaling[name]
+        for extra in _EXTRAS:
+            if name in self._modules.get(extra, ()):
+                del self._modules[extra][name]
         if name in self.active:
             self.active.remove(name)
+
+    def _dict(self, attr: str, kind: type[nn.Module]) -> nn.Module:
+        if attr not in self._modules:
+            self.add_module(attr, kind())
+        return self._modules[attr]
+
+    def tensors(self, name: str) -> dict[str, Tensor]:
+        """Adapter ``name``'s tensors by attribute: ``lora_A``, ``lora_B``, and ``lora_magnitude``
+        (DoRA), ``lora_A0``/``lora_B0`` (frozen, PiSSA/OLoRA) where present. The state-dict key
+        of each is ``<this module's prefix>.<attribute>.<name>``."""
+        out = {"lora_A": self.lora_A[name], "lora_B": self.lora_B[name]}
+        out.update({e: self._modules[e][name] for e in _EXTRAS if name in self._modules.get(e, ())})
+        return out
+
+    def factor_pair(self, name: str) -> tuple[Tensor, Tensor]:
+        """``(A, B)`` such that adapter ``name``'s update is ``s * B @ A`` in the matrix view:
+        ``lora_A``/``lora_B``, with the frozen ``A0``/``-B0`` appended along ``r`` when present."""
+        A, B = self.lora_A[name], self.lora_B[name]
+        if name in self._modules.get("lora_A0", ()):
+            A = torch.cat([A, self.lora_A0[name]], dim=-2)  # (.., 2r, in)
+            B = torch.cat([B, -self.lora_B0[name]], dim=-1)  # (.., out, 2r)
+        return A, B
+
+    def update(self, name: str, dtype: torch.dtype) -> Tensor:
+        """Adapter ``name``'s update ``s * B @ A`` in the matrix view ``(.., out, in)``, in ``dtype``."""
+        A, B = self.factor_pair(name)
+        return torch.matmul(B.to(dtype), A.to(dtype)) * self.scaling[name]  # (.., out, r) @ (.., r, in)
 
     # -- the update -------------------------------------------------------------------------
     def delta(self, names: list[str] | None = None, dtype: torch.dtype | None = None) -> Tensor:
@@ -98,9 +147,7 @@ class LoRA(nn.Module):
         dtype = dtype or compute_dtype(first.dtype if first is not None else torch.float32)
         total = None
         for name in names:
-            A = self.lora_A[name].to(dtype)
-            B = self.lora_B[name].to(dtype)
-            d = torch.matmul(B, A) * self.scaling[name]  # (.., out, r) @ (.., r, in) -> (.., out, in)
+            d = self.update(name, dtype)  # (.., out, in)
             total = d if total is None else total + d
         if total is None:
             lead = (self.shape[0],) if self.experts else ()
@@ -110,7 +157,11 @@ class LoRA(nn.Module):
         return total.reshape(self.shape)
 
     def merged(self, W: Tensor, names: list[str] | None = None) -> Tensor:
-        """Return ``W + delta(names)``, summed in float32 (or wider) and cast to ``W.dtype``."""
+        """Return ``W + delta(names)``, summed in float32 (or wider) and cast to ``W.dtype``
+        (for DoRA adapters, the weight of :mod:`lora_inject.dora`)."""
+        names = self.active if names is None else names
+        if any(self.config[n].get("dora") for n in names):
+            return dora_merged(self, W, names)
         ct = torch.promote_types(compute_dtype(W.dtype), self._factor_dtype())
         return (W.to(ct) + self.delta(names, ct)).to(W.dtype)
 
@@ -118,7 +169,7 @@ class LoRA(nn.Module):
         """Add ``delta(names)`` into ``W`` in place: with ``addmm_`` where ``W`` is already in the
         compute dtype, else through ``merged`` (float32 sum, cast back)."""
         ct = torch.promote_types(compute_dtype(W.dtype), self._factor_dtype())
-        if W.dtype != ct or not W.is_contiguous():
+        if W.dtype != ct or not W.is_contiguous() or self._variant(names):
             W.copy_(self.merged(W, names))
             return
         lead = (self.shape[0],) if self.experts else ()
@@ -134,6 +185,8 @@ class LoRA(nn.Module):
         """Whether ``merged(W, names)`` is finite, from a cheap bound where it suffices."""
         if W.is_meta:
             return True
+        if self._variant(names):
+            return bool(torch.isfinite(self.merged(W, names)).all())
         factors = [t for n in names for t in (self.lora_A[n], self.lora_B[n])]
         if not all(bool(torch.isfinite(t).all()) for t in factors):
             return False
@@ -146,6 +199,10 @@ class LoRA(nn.Module):
             if bound < torch.finfo(W.dtype).max / 2:  # NaN compares False, and falls through
                 return True
         return bool(torch.isfinite(self.merged(W, names)).all())
+
+    def _variant(self, names: list[str]) -> bool:
+        """Whether an adapter among ``names`` is DoRA or has frozen initial factors."""
+        return any(n in self._modules.get(e, ()) for n in names for e in _EXTRAS)
 
     def _factor_dtype(self) -> torch.dtype:
         return next(iter(self.lora_A.values())).dtype if len(self.lora_A) else torch.float32
@@ -175,6 +232,9 @@ class LoRA(nn.Module):
         return f"shape={self.shape}, {items}"
 
 
+_EXTRAS = ("lora_magnitude", "lora_A0", "lora_B0")
+
+
 def lora_scaling(r: int, alpha: float, rslora: bool = False) -> float:
     """The scaling ``s`` of an update ``s * B @ A``: ``alpha / r``, or ``alpha / sqrt(r)`` for rsLoRA."""
     return alpha / math.sqrt(r) if rslora else alpha / r
@@ -193,6 +253,8 @@ def init_factors(A: Tensor, B: Tensor, init: str) -> None:
             nn.init.kaiming_uniform_(rows, a=math.sqrt(5))
         elif init == "gaussian":
             nn.init.normal_(rows, std=1 / A.shape[-2])
+        elif init in WEIGHT_INITS:
+            A.zero_()  # set from W0 by inits.init_from_weight
         else:  # validated by inject
             raise ValueError(f"inject(): unknown `init` {init!r}; use one of {INITS}.")
         B.zero_()
