@@ -16,6 +16,8 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils._pytree import tree_map
 
+from .dora import scales
+
 __all__ = ["LoraWeight"]
 
 
@@ -30,25 +32,58 @@ class LoraWeight(Tensor):
     _w0: Tensor
     _lora: object
     _names: tuple[str, ...]
+    _scales: tuple | None  # DoRA's (c, k), computed on first use
 
     @staticmethod
     def wrap(w0: Tensor, lora) -> LoraWeight:
         with torch._C.DisableTorchFunctionSubclass():
             out = w0.detach().as_subclass(LoraWeight)
-        out._w0, out._lora, out._names = w0, lora, tuple(lora.active)
+        out._w0, out._lora, out._names, out._scales = w0, lora, tuple(lora.active), None
         return out
 
     def materialize(self) -> Tensor:
         return self._lora.merged(self._w0, list(self._names))
 
+    def scales(self) -> tuple[Tensor | None, dict[str, Tensor]]:
+        """DoRA's ``(c, k)``: the weight is ``c * W0 + sum_i k_i * s_i * B_i @ A_i``, each scaling
+        output units (see :mod:`lora_inject.dora`); ``(None, {})`` without DoRA."""
+        if self._scales is None:
+            lora = self._lora
+            ct = torch.promote_types(torch.promote_types(self._w0.dtype, torch.float32), lora._factor_dtype())
+            self._scales = scales(lora, self._w0, self._names, ct)
+        return self._scales
+
+    def rescale(self, out: Tensor, bias: Tensor | None = None, dim: int = -1, frozen: Tensor | None = None):
+        """DoRA: scale the base output ``out = op(x, W0) + bias`` by ``c`` along its output units
+        (``dim``), as ``out + (c - 1) * (out - bias)``, which is ``out`` exactly where ``c`` is 1
+        (at init); ``out`` itself without DoRA. Where ``frozen`` (a bool mask) is set, ``c``
+        carries no gradient."""
+        c = self.scales()[0]
+        if c is None:
+            return out
+        shape = [1] * out.dim()
+        shape[dim] = -1
+        c1 = (c - 1).view(shape)
+        if bias is not None and bias.dim() == 1:
+            bias = bias.view(shape)
+        base = (out if bias is None else out - bias).to(c1.dtype)
+        extra = base * c1
+        if frozen is not None:
+            extra = torch.where(frozen, base * c1.detach(), extra)
+        return out + extra.to(out.dtype)
+
     def factors(self):
         """Yield ``(L, R, s, p)`` per adapter: the stored update is ``s * L @ R``.
 
-        For a rows layout that is ``B @ A``; for a transposed one ``A.T @ B.T``.
+        For a rows layout that is ``B @ A``; for a transposed one ``A.T @ B.T``. With DoRA,
+        ``B`` is scaled per output unit by ``k`` (see :meth:`scales`).
         """
         lora = self._lora
+        k = self.scales()[1]
         for name in self._names:
-            A, B = lora.lora_A[name], lora.lora_B[name]
+            A, B = lora.factor_pair(name)
+            if name in k:
+                B = B * k[name].unsqueeze(-1).to(B.dtype)  # (out, r) scaled per output unit
             L, R = (A.t(), B.t()) if lora.transpose else (B, A)
             p = lora.config[name]["dropout"] if lora.training else 0.0
             yield L, R, lora.scaling[name], p
@@ -99,19 +134,21 @@ def _branch_right(x: Tensor, weight: LoraWeight, out: Tensor, transpose_w: bool)
 def _linear(input, weight, bias=None):
     if not _usable(weight, input):
         return NotImplemented
-    return _branch_right(input, weight, F.linear(input, weight._w0, bias), transpose_w=True)
+    out = weight.rescale(F.linear(input, weight._w0, bias), bias)
+    return _branch_right(input, weight, out, transpose_w=True)
 
 
 def _addmm(input, mat1, mat2, *, beta=1, alpha=1, out=None):
     if out is not None or beta != 1 or alpha != 1 or not _usable(mat2, mat1) or isinstance(input, LoraWeight):
         return NotImplemented
-    return _branch_right(mat1, mat2, torch.addmm(input, mat1, mat2._w0), transpose_w=False)
+    out = mat2.rescale(torch.addmm(input, mat1, mat2._w0), input)
+    return _branch_right(mat1, mat2, out, transpose_w=False)
 
 
 def _matmul(input, other, *, out=None):
     if out is not None or not _usable(other, input) or input.dim() == 0:
         return NotImplemented
-    return _branch_right(input, other, torch.matmul(input, other._w0), transpose_w=False)
+    return _branch_right(input, other, other.rescale(torch.matmul(input, other._w0)), transpose_w=False)
 
 
 def _embedding(input, weight, padding_idx=None, max_norm=None, norm_type=2.0,
@@ -120,11 +157,12 @@ def _embedding(input, weight, padding_idx=None, max_norm=None, norm_type=2.0,
     if max_norm is not None or scale_grad_by_freq or not _usable(weight, input):
         return NotImplemented
     out = F.embedding(input, weight._w0, padding_idx, None, norm_type, scale_grad_by_freq, sparse)
+    pad = None if padding_idx is None else (input == padding_idx % weight.shape[0]).unsqueeze(-1)
+    out = weight.rescale(out, frozen=pad)  # as for the merged weight, the padding row gets no gradient
     for L, R, s, p in weight.factors():
         h = F.embedding(input, L, padding_idx, None, norm_type, scale_grad_by_freq)  # (.., r)
         extra = (F.dropout(h, p) if p else h) @ R * s  # (.., r) @ (r, dim) -> (.., dim)
         if padding_idx is not None:  # the padding row gets no gradient, as in the merged weight
-            pad = (input == padding_idx % weight.shape[0]).unsqueeze(-1)
             extra = torch.where(pad, extra.detach(), extra)
         out = _add(out, extra)
     return out
@@ -138,7 +176,7 @@ def _embedding_bag(input, weight, offsets=None, max_norm=None, norm_type=2, scal
     rest = dict(offsets=offsets, scale_grad_by_freq=scale_grad_by_freq, mode=mode,
                 per_sample_weights=per_sample_weights, include_last_offset=include_last_offset,
                 padding_idx=padding_idx)
-    out = F.embedding_bag(input, weight._w0, sparse=sparse, **rest)
+    out = weight.rescale(F.embedding_bag(input, weight._w0, sparse=sparse, **rest))
     for L, R, s, p in weight.factors():
         h = F.embedding_bag(input, L, **rest)  # (bags, r)
         out = _add(out, (F.dropout(h, p) if p else h) @ R * s)
@@ -150,8 +188,9 @@ def _conv(op):
         if (groups != 1 or not isinstance(weight, LoraWeight) or isinstance(input, LoraWeight)
                 or weight._lora.transpose or weight._lora.experts):
             return NotImplemented
-        out = op(input, weight._w0, bias, stride, padding, dilation, groups)
         kernel, ones = weight.shape[2:], (1,) * (weight.dim() - 2)
+        out = op(input, weight._w0, bias, stride, padding, dilation, groups)
+        out = weight.rescale(out, bias, dim=-len(kernel) - 1)  # the channel dim
         for L, R, s, p in weight.factors():
             x = input.to(R.dtype)
             h = op(F.dropout(x, p) if p else x, R.view(-1, weight.shape[1], *kernel), None,
