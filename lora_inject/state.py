@@ -39,7 +39,8 @@ def named_loras(model: nn.Module) -> Iterator[tuple[str, LoRA]]:
 
 
 def lora_parameters(model: nn.Module, adapter: str | Sequence[str] | None = None) -> Iterator[nn.Parameter]:
-    """Yield the LoRA factors of ``model``: all of them, or those of the named adapter(s).
+    """Yield the trainable LoRA tensors of ``model`` (the factors, and DoRA's magnitudes): all of
+    them, or those of the named adapter(s).
 
     Raises:
         TypeError: if ``adapter`` is not a str, a sequence of str or None.
@@ -49,7 +50,7 @@ def lora_parameters(model: nn.Module, adapter: str | Sequence[str] | None = None
     names = _adapter_names("lora_parameters", entries, adapter)  # raises now, not on first next()
     return iter([
         p for *_, lora in entries for name in lora.adapters if names is None or name in names
-        for p in (lora.lora_A[name], lora.lora_B[name])
+        for p in lora.tensors(name).values() if isinstance(p, nn.Parameter)
     ])
 
 
@@ -75,7 +76,7 @@ def lora_state_dict(model: nn.Module, adapter: str | Sequence[str] | None = None
         if isinstance(module, LoRA):
             for name in module.adapters:
                 if names is None or name in names:
-                    keys |= {f"{prefix}.lora_A.{name}", f"{prefix}.lora_B.{name}"}
+                    keys |= {f"{prefix}.{attr}.{name}" for attr in module.tensors(name)}
     return {k: full_tensor(v) for k, v in model.state_dict().items() if k in keys}
 
 

@@ -13,6 +13,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
+from .inits import WEIGHT_INITS, init_from_weight
 from .lora import INITS, LoRA, check_adapter_name, compute_dtype
 from .rule import Rule, RuleKey, find_rule, type_name
 
@@ -35,6 +36,7 @@ def inject(
     rules: Mapping[RuleKey, Rule] | None = None,
     dtype: torch.dtype | None = None,
     rslora: bool = False,
+    dora: bool = False,
 ) -> M:
     r"""Add a LoRA adapter, in place, to every module of ``model`` that ``targets`` selects.
 
@@ -61,26 +63,32 @@ def inject(
         exclude (same kinds as ``targets``, optional): modules to leave out; wins over ``targets``.
         dropout (float): dropout on the input of the LoRA branch, for factored layers
             (Linear, Conv1D, Embedding, Conv with groups=1). Default: 0.0.
-        init (str): ``"default"`` or ``"gaussian"`` (``A ~ N(0, 1/r)``). ``B`` is zero in both.
+        init (str): ``"default"`` or ``"gaussian"`` (``A ~ N(0, 1/r)``), with ``B`` zero in both;
+            or ``"pissa"``/``"olora"``: ``A`` and ``B`` from the SVD/QR of ``W0``, as in peft,
+            with the initial factors kept frozen so that the weight is unchanged at init and
+            ``W0`` is never written (see :mod:`lora_inject.inits`).
         rules (mapping, optional): a registry to use instead of the default one
             (see :func:`~lora_inject.default_rules`).
         dtype (torch.dtype, optional): the factors' dtype, such as ``torch.float32`` on a
             half-precision model. Default: the weight's dtype.
         rslora (bool): scale the update by ``alpha / sqrt(r)`` (rank-stabilised LoRA, peft's
             ``use_rslora``) instead of ``alpha / r``. Default: ``False``.
+        dora (bool): DoRA: the weight becomes ``m * (W0 + s * B @ A) / ||W0 + s * B @ A||`` with a
+            trainable magnitude ``m`` per output unit, initialised so that the model is unchanged
+            (see :mod:`lora_inject.dora`). Default: ``False``.
 
     Returns:
         ``model``, changed in place.
 
     Raises:
         TypeError: if ``targets``/``exclude`` is of the wrong kind, ``r`` is not an int,
-            ``adapter`` is not a str, ``dtype`` is not a floating dtype, ``rslora`` is not a
-            bool, or a selected tensor is not floating point.
+            ``adapter`` is not a str, ``dtype`` is not a floating dtype, ``rslora`` or ``dora``
+            is not a bool, or a selected tensor is not floating point.
         ValueError: if ``r`` is not positive, ``alpha`` is not finite, a regex is invalid,
-            ``init`` or ``adapter`` is not valid, ``dropout`` is outside [0, 1) or set on a
-            layer without a factored form, the adapter already exists on a selected tensor,
-            a selected tensor is shared with another module, a rule names a tensor the
-            module lacks, or nothing at all is selected.
+            ``init`` or ``adapter`` is not valid, ``init="pissa"`` has ``alpha <= 0``,
+            ``dropout`` is outside [0, 1) or set on a layer without a factored form, the
+            adapter already exists on a selected tensor, a selected tensor is shared with
+            another module, a rule names a tensor the module lacks, or nothing at all is selected.
 
     Example::
 
@@ -105,6 +113,11 @@ def inject(
         raise TypeError(f"inject(): `dtype` must be a floating torch.dtype or None, got {dtype!r}.")
     if not isinstance(rslora, bool):
         raise TypeError(f"inject(): `rslora` must be a bool, got {type(rslora).__name__}.")
+    if not isinstance(dora, bool):
+        raise TypeError(f"inject(): `dora` must be a bool, got {type(dora).__name__}.")
+    if init == "pissa" and alpha <= 0:
+        raise ValueError(f"inject(): init='pissa' splits W0's singular values by the scaling, so `alpha` "
+                         f"must be positive, got {alpha}.")
     if not isinstance(model, nn.Module):
         raise TypeError(f"inject(): `model` must be an nn.Module, got {type(model).__name__}.")
     select = matcher("inject", "targets", targets)
@@ -131,7 +144,8 @@ def inject(
                             factored=rule.is_factored(module))
             original = _source(module, tensor_name)
             lora.add(adapter, r=r, alpha=alpha, dropout=dropout, init=init,
-                     dtype=dtype or original.dtype, device=original.device, targets=spec, rslora=rslora)
+                     dtype=dtype or original.dtype, device=original.device, targets=spec, rslora=rslora,
+                     dora=dora)
             done.append((module, tensor_name, lora, fresh))
             if fresh:
                 # The module's order before any of our parametrizations, so that removing its
@@ -143,6 +157,9 @@ def inject(
                 if new_class:
                     _own_class_on_copy(module)
                 _hook(module)
+        if dora or init in WEIGHT_INITS:  # these read the weight that LoRA receives
+            for module, tensor_name, lora, _ in done:
+                init_from_weight(lora, adapter, _lora_input(module, tensor_name, lora))
     except BaseException:
         for module, tensor_name, lora, fresh in reversed(done):
             lora.drop(adapter)
@@ -339,6 +356,21 @@ def _source(module: nn.Module, tensor_name: str) -> Tensor:
     if plist is None:
         return getattr(module, tensor_name)
     return plist.original if plist.is_tensor else plist.original0
+
+
+def _lora_input(module: nn.Module, tensor_name: str, lora: LoRA) -> Tensor:
+    """The tensor that ``lora`` receives: the original, through the parametrizations before it."""
+    plist = module.parametrizations[tensor_name]
+    index = list(plist).index(lora)
+    if index == 0:
+        return plist.original if plist.is_tensor else plist.original0
+    originals = [plist.original] if plist.is_tensor else [
+        getattr(plist, f"original{i}") for i in range(plist.ntensors)]
+    with torch.no_grad():
+        out = plist[0](*originals)
+        for p in list(plist)[1:index]:
+            out = p(out)
+    return out
 
 
 def _loras(model: nn.Module) -> Iterator[tuple[str, nn.Module, str, LoRA]]:

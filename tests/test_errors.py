@@ -90,7 +90,7 @@ INJECT = [
                  r"`exclude` must be a regex str, .*got list\.", id="exclude-list"),
     # init, adapter, dtype, dropout, rslora
     pytest.param(mlp_a, dict(targets="fc", init="xavier"), ValueError,
-                 r"`init` must be one of \('default', 'gaussian'\), got 'xavier'\.", id="init"),
+                 r"`init` must be one of \('default', 'gaussian', 'pissa', 'olora'\), got 'xavier'\.", id="init"),
     pytest.param(mlp_a, dict(targets="fc", adapter="a.b"), ValueError,
                  r"`adapter` must be a Python identifier .*got 'a\.b'\.", id="adapter='a.b'"),
     pytest.param(mlp_a, dict(targets="fc", adapter=""), ValueError,
