@@ -1,0 +1,135 @@
+"""Half precision: fp32 factors on bf16/fp16 models train, merge in float32, and never touch W0."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+from transformers import GPT2Config, GPT2LMHeadModel
+
+import lora_inject as li
+
+HALF = [pytest.param(torch.bfloat16, id="bf16"), pytest.param(torch.float16, id="fp16")]
+
+
+def gpt2(dtype: torch.dtype) -> GPT2LMHeadModel:
+    model = GPT2LMHeadModel(GPT2Config(
+        n_embd=32, n_layer=2, n_head=2, vocab_size=64, n_positions=32, bos_token_id=None,
+        eos_token_id=None, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+    )).to(dtype)
+    return li.inject(model, "c_attn|c_proj|c_fc", r=4, alpha=8, dtype=torch.float32)
+
+
+@pytest.mark.parametrize("dtype", HALF)
+def test_trained_fp32_adapters_merge_into_a_half_model_within_its_precision(dtype):
+    model = gpt2(dtype)
+    li.mark_only_lora_as_trainable(model)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    ids = torch.randint(0, 64, (4, 8))
+    for _ in range(3):
+        model(ids, labels=ids).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    assert {p.dtype for p in li.lora_parameters(model)} == {torch.float32}
+    model.eval()
+    with torch.no_grad():
+        unmerged = model(ids).logits
+        with li.disabled(model):
+            base = model(ids).logits
+        exact = copy.deepcopy(model).double()(ids).logits  # the same weights, in float64
+        updates = {name: (lora.delta(dtype=torch.float64), lora_w0(model, name).double())
+                   for name, lora in li.named_loras(model)}
+        merged_model = li.remove(copy.deepcopy(model), merge=True)
+        merged = merged_model(ids).logits
+
+    assert unmerged.dtype == merged.dtype == dtype
+    tol = 2 * torch.finfo(dtype).eps * float(exact.abs().max())  # two units of the dtype at the outputs' scale
+    assert float((unmerged.double() - base.double()).abs().max()) > 20 * tol  # the adapters matter
+    torch.testing.assert_close(merged, unmerged, rtol=0, atol=tol)
+    torch.testing.assert_close(merged.double(), exact, rtol=0, atol=tol)
+
+    # Each merged weight is W0 + ΔW summed in float32 and rounded once: within half a unit of
+    # the exact sum (plus float32's own rounding), as no sum in the half dtype would be.
+    for name, (delta, w0) in updates.items():
+        w = merged_model.get_parameter(name)
+        assert w.dtype == dtype
+        want = w0 + delta
+        half_unit = want.abs() * torch.finfo(dtype).eps / 2 + torch.finfo(dtype).smallest_normal
+        assert bool(((w.double() - want).abs() <= half_unit * 1.001).all()), name
+
+
+def lora_w0(model: nn.Module, name: str) -> torch.Tensor:
+    module, tensor = name.rsplit(".", 1)
+    return model.get_submodule(module).parametrizations[tensor].original
+
+
+@pytest.mark.parametrize("dtype", HALF)
+@pytest.mark.parametrize("make, inputs", [
+    pytest.param(lambda: nn.Linear(8, 8), (4, 8), id="Linear-factored"),
+    pytest.param(lambda: nn.Conv1d(4, 4, 3, groups=2), (2, 4, 6), id="Conv1d-groups-merged"),
+])
+def test_w0_stays_bit_identical_over_1000_forwards_and_backwards(dtype, make, inputs):
+    layer = make().to(dtype)
+    li.mark_only_lora_as_trainable(li.inject(layer, "", r=2, dtype=torch.float32))
+    lora = layer.parametrizations.weight[0]
+    assert lora.factored == isinstance(layer, nn.Linear)
+    w0 = layer.parametrizations.weight.original
+    before = w0.detach().clone()
+    opt = torch.optim.SGD(li.lora_parameters(layer), lr=1e-2)
+    x = torch.randn(*inputs).to(dtype)
+    for step in range(1000):
+        layer(x).float().pow(2).mean().backward()
+        opt.step()
+        opt.zero_grad()
+        if step % 100 == 0:
+            _ = layer.weight.sum()  # reads the materialised weight too
+            with torch.no_grad(), li.disabled(layer):
+                layer(x)
+    assert torch.equal(w0, before)
+    assert w0.dtype == dtype and w0.grad is None
+    delta = lora.delta().detach()
+    assert delta.abs().max() > 1e-3  # the adapter did train
+
+    # What the test would catch: adding the update to W0 and subtracting it again in the half
+    # dtype, once per forward, drifts W0.
+    drifted = before.clone()
+    for _ in range(100):
+        drifted = (drifted + delta.to(dtype)) - delta.to(dtype)
+    assert not torch.equal(drifted, before)
+
+
+@pytest.mark.parametrize("dtype", HALF)
+def test_unmerged_fast_path_keeps_small_updates_that_merging_into_half_rounds_away(dtype):
+    layer = nn.Linear(64, 32, bias=False)
+    with torch.no_grad():  # |W0| in [0.25, 0.5): the half dtype's spacing there is 2^-9 (bf16) or 2^-12 (fp16)
+        layer.weight.copy_(torch.empty_like(layer.weight).uniform_(0.25, 0.5) * torch.randn(32, 64).sign())
+    layer.to(dtype)
+    li.inject(layer, "", r=4, alpha=4, dtype=torch.float32)
+    lora = layer.parametrizations.weight[0]
+    spacing = 2.0 ** (-9 if dtype == torch.bfloat16 else -12)
+    with torch.no_grad():
+        lora.lora_A["default"].normal_(std=1.0)
+        lora.lora_B["default"].normal_(std=spacing / 5)  # ΔW ~ N(0, (0.4 spacing)^2): mostly under half
+    w0 = layer.parametrizations.weight.original.detach().double()
+    delta = lora.delta(dtype=torch.float64).detach()
+    assert float(((w0 + delta).to(dtype).double() == w0).double().mean()) > 0.5  # lost when rounded
+
+    x = torch.randn(16384, 64).to(dtype)
+    with torch.no_grad():
+        with li.disabled(layer):
+            base = layer(x).double()
+        unmerged = layer(x).double()
+        li.remove(layer, merge=True)
+        merged = layer(x).double()
+    assert layer.weight.dtype == dtype
+
+    def update_error(out):  # the ΔW that the outputs reveal (least squares), against the float64 ΔW
+        seen = torch.linalg.lstsq(x.double(), out - base).solution.t()
+        return float((seen - delta).norm() / delta.norm())
+
+    # The outputs are half precision too, so even the factored branch loses part of the update
+    # where |x @ W0.T| is large; but most of it survives, and most of the merged one does not.
+    assert update_error(unmerged) < 0.3
+    assert update_error(merged) > 0.5
