@@ -4,10 +4,12 @@ Our format is a directory that holds two files:
 
 * ``adapter.safetensors``: for each adapted tensor ``p.weight``, the factors ``p.weight.lora_A``
   ``(r, in)`` and ``p.weight.lora_B`` ``(out, r)`` (with a leading experts dimension for expert
-  weights), in their own dtype;
+  weights), in their own dtype, and where the adapter has them DoRA's magnitude
+  ``p.weight.lora_magnitude`` and the frozen initial factors ``p.weight.lora_A0``/``lora_B0`` of
+  the ``"pissa"``/``"olora"`` inits;
 * ``adapter.json``: the format and library versions, the adapter's name, dtype and targets, the
   sha256 of the weights file, and for each adapted tensor its module path and type, its shape, r,
-  alpha, rslora, dropout, init and rule (``transpose``, ``experts``, ``factored``).
+  alpha, rslora, dora, dropout, init and rule (``transpose``, ``experts``, ``factored``).
 
 peft's format (``adapter_model.safetensors`` and ``adapter_config.json``) is translated by
 :mod:`lora_inject.peft_format`.
@@ -21,13 +23,14 @@ import math
 import os
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TypeVar
 
 import torch
 from torch import Tensor, nn
 
 from .files import DTYPES, dtype_name, read_json, read_safetensors, write_atomic, write_safetensors
+from .inits import WEIGHT_INITS
 from .lora import LoRA, check_adapter_name, lora_scaling
 from .rule import Rule, _own_tensor_names, type_name
 from .surgery import _loras, _parametrized, _source, find_lora, inject, named_modules, remove
@@ -35,6 +38,8 @@ from .surgery import _loras, _parametrized, _source, find_lora, inject, named_mo
 __all__ = ["load_adapter", "save_adapter"]
 
 M = TypeVar("M", bound=nn.Module)
+FACTORS = ("lora_A", "lora_B")
+EXTRAS = ("lora_magnitude", "lora_A0", "lora_B0")  # what an adapter may hold besides its factors
 CONFIG = "adapter.json"
 WEIGHTS = "adapter.safetensors"
 FORMAT_VERSION = 1
@@ -172,7 +177,8 @@ def collect(fn: str, model: nn.Module, adapter: str) -> list[Entry]:
             A=lora.lora_A[adapter].detach(), B=lora.lora_B[adapter].detach(), r=c["r"],
             alpha=float(c["alpha"]), rslora=bool(c.get("rslora", False)), dropout=float(c["dropout"]),
             init=c["init"], targets=c["targets"], transpose=lora.transpose, experts=lora.experts,
-            factored=bool(lora.factored),
+            factored=bool(lora.factored), dora=bool(c.get("dora", False)),
+            extra={k: t.detach() for k, t in lora.tensors(adapter).items() if k not in FACTORS},
         ))
     if not entries:
         raise ValueError(f"{fn}(): no adapter named {adapter!r} in the model; it has {sorted(present)}. "
@@ -190,7 +196,7 @@ def _to_ours(entries: list[Entry], adapter: str) -> tuple[dict, dict]:
         "targets": list(dict.fromkeys(e.targets for e in entries)), "weights": WEIGHTS,
         "tensors": {e.key: {
             "module": e.module, "tensor": e.tensor, "type": e.type, "shape": list(e.shape), "r": e.r,
-            "alpha": e.alpha, "rslora": e.rslora, "dropout": e.dropout, "init": e.init,
+            "alpha": e.alpha, "rslora": e.rslora, "dora": e.dora, "dropout": e.dropout, "init": e.init,
             "targets": e.targets, "dtype": dtype_name(e.A.dtype),
             "rule": {"transpose": e.transpose, "experts": e.experts, "factored": e.factored},
         } for e in entries},
@@ -198,6 +204,7 @@ def _to_ours(entries: list[Entry], adapter: str) -> tuple[dict, dict]:
     tensors = {}
     for e in entries:
         tensors[f"{e.key}.lora_A"], tensors[f"{e.key}.lora_B"] = e.A, e.B
+        tensors.update({f"{e.key}.{k}": t for k, t in e.extra.items()})
     return config, tensors
 
 
@@ -227,7 +234,9 @@ def _from_ours(fn: str, path: str) -> tuple[str, list[Entry]]:
                 module=t["module"], tensor=t["tensor"], type=t["type"], shape=tuple(t["shape"]), A=A, B=B,
                 r=t["r"], alpha=float(t["alpha"]), rslora=bool(t["rslora"]), dropout=float(t["dropout"]),
                 init=t["init"], targets=t["targets"], transpose=bool(t["rule"]["transpose"]),
-                experts=bool(t["rule"]["experts"]), factored=bool(t["rule"]["factored"]))
+                experts=bool(t["rule"]["experts"]), factored=bool(t["rule"]["factored"]),
+                dora=bool(t.get("dora", False)),
+                extra={k: tensors.pop(f"{key}.{k}") for k in EXTRAS if f"{key}.{k}" in tensors})
         except (KeyError, TypeError, ValueError) as e:
             raise ValueError(f"{fn}(): the entry for `{key}` in {file} is incomplete or malformed "
                              f"({type(e).__name__}: {e}); save the adapter again.") from None
@@ -259,24 +268,26 @@ def apply(fn: str, model: nn.Module, entries: Sequence[Entry], name: str) -> Non
     modules = dict(named_modules(model))
     groups: dict[tuple, list[Entry]] = {}
     for e in entries:
-        groups.setdefault((e.module, e.r, e.alpha, e.rslora, e.dropout, e.init, e.A.dtype, e.transpose,
+        groups.setdefault((e.module, e.r, e.alpha, e.rslora, e.dora, e.dropout, e.init, e.A.dtype, e.transpose,
                            e.experts, e.factored), []).append(e)
     calls: dict[tuple, set[str]] = {}  # (settings, tensors) -> modules, one inject call each
     for (module, *settings), group in groups.items():
         calls.setdefault((*settings, tuple(e.tensor for e in group)), set()).add(module)
     try:
-        for (r, alpha, rslora, dropout, init, dtype, transpose, experts, factored, tensors), paths \
+        for (r, alpha, rslora, dora, dropout, init, dtype, transpose, experts, factored, tensors), paths \
                 in calls.items():
             rule = Rule(tuple(re.escape(t) for t in tensors), transpose=transpose, experts=experts,
                         factored=factored)
             inject(model, lambda q, m, paths=paths: q in paths, r=r, alpha=alpha, adapter=name,
                    dropout=dropout, init=init, rules={nn.Module: rule},
-                   dtype=dtype, rslora=rslora)
+                   dtype=dtype, rslora=rslora, dora=dora)
         with torch.no_grad():
             for e in entries:
                 lora = find_lora(modules[e.module], e.tensor)
                 lora.lora_A[name].copy_(e.A)
                 lora.lora_B[name].copy_(e.B)
+                for k, t in e.extra.items():
+                    lora.tensors(name)[k].copy_(t)
                 lora.config[name]["targets"] = e.targets
     except BaseException:
         if any(name in lora.adapters for *_, lora in _loras(model)):
@@ -296,8 +307,13 @@ def _update(fn: str, entries: Sequence[Entry], name: str, existing: dict[str, Lo
             raise ValueError(f"{fn}(): the saved adapter covers `{e.key}`, where the model's adapter "
                              f"{name!r} is absent. Load it under another name with `adapter=`, or "
                              f"remove {name!r} first.")
-        for f, saved in (("lora_A", e.A), ("lora_B", e.B)):
-            have = getattr(lora, f)[name]
+        mine = lora.tensors(name)
+        if set(mine) != {*FACTORS, *e.extra}:
+            raise ValueError(f"{fn}(): `{e.key}` holds {sorted({*FACTORS, *e.extra})} in the saved adapter (dora="
+                             f"{e.dora}, init={e.init!r}) but {sorted(mine)} in the model's adapter {name!r}. "
+                             "Load it under another name with `adapter=`.")
+        for f, saved in (("lora_A", e.A), ("lora_B", e.B), *e.extra.items()):
+            have = mine[f]
             if have.shape != saved.shape:
                 raise ValueError(f"{fn}(): `{e.key}.{f}` has shape {tuple(saved.shape)} in the saved "
                                  f"adapter but {tuple(have.shape)} in the model's adapter {name!r} "
@@ -307,6 +323,8 @@ def _update(fn: str, entries: Sequence[Entry], name: str, existing: dict[str, Lo
             lora = existing[e.key]
             lora.lora_A[name].copy_(e.A)
             lora.lora_B[name].copy_(e.B)
+            for k, t in e.extra.items():
+                lora.tensors(name)[k].copy_(t)
             lora.config[name].update(alpha=e.alpha, rslora=e.rslora, dropout=e.dropout, targets=e.targets)
             lora.scaling[name] = lora_scaling(e.r, e.alpha, e.rslora)
 
@@ -331,6 +349,8 @@ class Entry:
     transpose: bool = False
     experts: bool = False
     factored: bool = False
+    dora: bool = False
+    extra: dict[str, Tensor] = field(default_factory=dict)  # lora_magnitude (DoRA), lora_A0/lora_B0 (pissa/olora)
 
     @property
     def key(self) -> str:
@@ -369,10 +389,18 @@ def check_entries(fn: str, model: nn.Module, entries: Sequence[Entry]) -> None:
                              "in the adapter. It was saved from another model (or another size of it).")
         lead, core = (shape[:1], shape[1:]) if e.experts else ((), shape)
         out, inn = (core[-1], core[0]) if e.transpose else (core[0], math.prod(core[1:]))
-        for f, t, want in (("lora_A", e.A, (*lead, e.r, inn)), ("lora_B", e.B, (*lead, out, e.r))):
-            if tuple(t.shape) != want:
+        needs = {"lora_A": (*lead, e.r, inn), "lora_B": (*lead, out, e.r)}
+        if e.dora:
+            needs["lora_magnitude"] = (*lead, out)
+        if e.init in WEIGHT_INITS:
+            needs.update(lora_A0=needs["lora_A"], lora_B0=needs["lora_B"])
+        if set(e.extra) != set(needs) - set(FACTORS):
+            raise ValueError(f"{fn}(): `{e.key}` comes with {sorted(e.extra)}, but dora={e.dora} and "
+                             f"init={e.init!r} need {sorted(set(needs) - set(FACTORS))}. The file is corrupt.")
+        for f, t in (("lora_A", e.A), ("lora_B", e.B), *e.extra.items()):
+            if tuple(t.shape) != needs[f]:
                 raise ValueError(f"{fn}(): `{e.key}.{f}` has shape {tuple(t.shape)}, but r={e.r} on "
-                                 f"`{e.key}` of shape {shape} needs {want}. The file is corrupt.")
+                                 f"`{e.key}` of shape {shape} needs {needs[f]}. The file is corrupt.")
         lora = find_lora(module, e.tensor)
         if lora is not None and (lora.transpose, lora.experts) != (e.transpose, e.experts):
             raise ValueError(f"{fn}(): `{e.key}` carries LoRA with transpose={lora.transpose}, "

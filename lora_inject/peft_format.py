@@ -9,15 +9,20 @@ layer                       keys                                    shapes
 Linear, transformers Conv1D ``p.lora_A.weight``, ``p.lora_B.weight``  ``(r, in)``, ``(out, r)``
 Conv1d/2d/3d, groups=1      ``p.lora_A.weight``, ``p.lora_B.weight``  ``(r, in, *k)``, ``(out, r, 1..)``
 Embedding(n, d)             ``p.lora_embedding_A``, ``..._B``        ``(r, n)``, ``(d, r)``
+DoRA (``use_dora``)         also ``p.lora_magnitude_vector``         ``(out,)``; Conv ``(1, out, 1..)``
 ==========================  ======================================  ==========================
 
 peft scales by ``lora_alpha / r`` (or ``/ sqrt(r)`` with ``use_rslora``), with per-module
 overrides in ``rank_pattern``/``alpha_pattern`` (regexes, matched as ``(.*\\.)?(key)$``).
 ``fan_in_fan_out`` follows the layer type in peft (True for Conv1D, False for Linear), as our rules do.
+An adapter made with ``init="pissa"``/``"olora"`` is written as the plain LoRA of rank ``2r`` that
+gives the same weight from the original ``W0`` (``A' = [A; A0]``, ``B' = [B, -B0]``, the same
+scaling), as peft's own conversion of such adapters does.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import re
@@ -29,17 +34,18 @@ from torch.nn.utils.parametrize import type_before_parametrizations
 
 from .adapter import Entry, tensor_shape
 from .files import read_json, read_safetensors
-from .lora import LoRA
+from .lora import LoRA, lora_scaling
 from .rule import find_rule, type_name
 from .surgery import _source, named_modules
 
 CONFIG = "adapter_config.json"
 WEIGHTS = "adapter_model.safetensors"
 PREFIX = "base_model.model."
-_SUFFIXES = {".lora_A.weight": "A", ".lora_B.weight": "B", ".lora_embedding_A": "A", ".lora_embedding_B": "B"}
+_SUFFIXES = {".lora_A.weight": "A", ".lora_B.weight": "B", ".lora_embedding_A": "A", ".lora_embedding_B": "B",
+             ".lora_magnitude_vector": "m"}
 _INITS = (True, False, "gaussian", "eva", "orthogonal")  # inits that leave the base weights alone
 _UNSUPPORTED = {
-    "use_dora": "DoRA (`use_dora`)", "modules_to_save": "`modules_to_save` (full copies of modules)",
+    "modules_to_save": "`modules_to_save` (full copies of modules)",
     "lora_bias": "`lora_bias`", "target_parameters": "`target_parameters`",
     "layers_to_transform": "`layers_to_transform`", "trainable_token_indices": "`trainable_token_indices`",
     "layer_replication": "`layer_replication`", "megatron_config": "Megatron layers",
@@ -51,7 +57,7 @@ _KNOWN = {
     "peft_version", "r", "lora_alpha", "lora_dropout", "target_modules", "exclude_modules", "rank_pattern",
     "alpha_pattern", "use_rslora", "fan_in_fan_out", "bias", "init_lora_weights", "layers_pattern",
     "megatron_core", "loftq_config", "eva_config", "corda_config", "lora_ga_config", "qalora_group_size",
-    "runtime_config", "ensure_weight_tying", "target_modules_to_tie", *_UNSUPPORTED,
+    "runtime_config", "ensure_weight_tying", "target_modules_to_tie", "use_dora", *_UNSUPPORTED,
 }
 
 
@@ -84,6 +90,7 @@ def _parents(modules: dict[str, nn.Module]) -> dict[str, nn.Module | None]:
 # -- ours -> peft ----------------------------------------------------------------------------
 def to_peft(fn: str, model: nn.Module, entries: list[Entry]) -> tuple[dict, dict[str, Tensor]]:
     """Translate our entries to peft's config and tensors, or raise if one has no equivalent."""
+    entries = [_from_w0(e) for e in entries]
     modules = dict(named_modules(model))
     parents = _parents(modules)
     kinds = {}
@@ -100,6 +107,10 @@ def to_peft(fn: str, model: nn.Module, entries: list[Entry]) -> tuple[dict, dict
     if len(dropouts) > 1:
         raise ValueError(f"{fn}(): peft has one `lora_dropout` per adapter, but this adapter uses {dropouts}. "
                          "Save with format='lora_inject', or set one dropout in each LoRA's config.")
+    doras = sorted({e.dora for e in entries})
+    if len(doras) > 1:
+        raise ValueError(f"{fn}(): peft has one `use_dora` per adapter, but this adapter is DoRA on some tensors "
+                         "only. Save with format='lora_inject'.")
     rslora = all(e.rslora for e in entries)
     # peft has one use_rslora: fold any other scaling into alpha, as alpha' / r == alpha / sqrt(r).
     alphas = {e.module: e.alpha * math.sqrt(e.r) if e.rslora and not rslora else e.alpha for e in entries}
@@ -118,13 +129,16 @@ def to_peft(fn: str, model: nn.Module, entries: list[Entry]) -> tuple[dict, dict
         "rank_pattern": {exact[e.module]: e.r for e in entries if e.r != r0},
         "alpha_pattern": {exact[p]: a for p, a in alphas.items() if a != a0},
         "use_rslora": rslora, "fan_in_fan_out": "conv1d" in kinds.values() and "linear" not in kinds.values(),
-        "lora_dropout": dropouts[0], "bias": "none", "lora_bias": False, "use_dora": False,
+        "lora_dropout": dropouts[0], "bias": "none", "lora_bias": False, "use_dora": doras[0],
         "modules_to_save": None, "init_lora_weights": True, "layers_to_transform": None,
         "layers_pattern": None, "exclude_modules": None,
     }
     tensors = {}
     for e in entries:
         p, kind = PREFIX + e.module, kinds[e.module]
+        if e.dora:  # (out,); for Conv (1, out, 1, ..)
+            m = e.extra["lora_magnitude"]
+            tensors[p + ".lora_magnitude_vector"] = m.reshape(1, -1, *[1] * (len(e.shape) - 2)) if kind == "conv" else m
         if kind == "embedding":
             tensors[p + ".lora_embedding_A"], tensors[p + ".lora_embedding_B"] = e.A, e.B
             continue
@@ -133,6 +147,18 @@ def to_peft(fn: str, model: nn.Module, entries: list[Entry]) -> tuple[dict, dict
             A, B = A.reshape(e.r, *e.shape[1:]), B.reshape(*B.shape, *[1] * (len(e.shape) - 2))
         tensors[p + ".lora_A.weight"], tensors[p + ".lora_B.weight"] = A, B
     return config, tensors
+
+
+def _from_w0(e: Entry) -> Entry:
+    """A pissa/olora entry as the plain LoRA of rank 2r with the same update from ``W0``."""
+    if "lora_A0" not in e.extra:
+        return e
+    r = 2 * e.r
+    A = torch.cat([e.A, e.extra["lora_A0"]], dim=-2)  # (2r, in)
+    B = torch.cat([e.B, -e.extra["lora_B0"]], dim=-1)  # (out, 2r)
+    alpha = lora_scaling(e.r, e.alpha, e.rslora) * (math.sqrt(r) if e.rslora else r)
+    extra = {k: t for k, t in e.extra.items() if k == "lora_magnitude"}
+    return dataclasses.replace(e, A=A, B=B, r=r, alpha=alpha, init="default", extra=extra)
 
 
 # -- peft -> ours ----------------------------------------------------------------------------
@@ -153,9 +179,8 @@ def from_peft(fn: str, model: nn.Module, path: str) -> list[Entry]:
         suffix = next((s for s in _SUFFIXES if rest.endswith(s)), None)
         module = rest[: -len(suffix)] if suffix else rest.removesuffix(".base_layer.weight")
         if rest == key or (suffix is None and module == rest):
-            what = "DoRA's magnitude" if "lora_magnitude_vector" in key else "not a LoRA factor"
-            raise ValueError(f"{fn}(): {weights} holds `{key}` {tuple(t.shape)}, {what} (from "
-                             "modules_to_save, bias, DoRA or another model); nothing was loaded. Merge it "
+            raise ValueError(f"{fn}(): {weights} holds `{key}` {tuple(t.shape)}, not a LoRA factor (from "
+                             "modules_to_save, bias or another model); nothing was loaded. Merge it "
                              "with peft (merge_and_unload()) instead.")
         if module not in modules or isinstance(modules[module], LoRA):
             raise ValueError(f"{fn}(): {weights} holds `{key}` {tuple(t.shape)}, but the model has no module "
@@ -194,6 +219,19 @@ def from_peft(fn: str, model: nn.Module, path: str) -> list[Entry]:
                 raise ValueError(f"{fn}(): `{key}` has shape {tuple(t.shape)}, but r={r} on `{name}.weight` "
                                  f"of shape {shape} needs {want[x]}. It was saved from another model.")
         A, B = got["A"][1].reshape(r, -1), got["B"][1].reshape(out, r)
+        dora, extra = bool(config.get("use_dora")), {}
+        if dora or "m" in got:
+            key = f"{PREFIX}{name}.lora_magnitude_vector"
+            if "m" not in got or not dora:
+                raise ValueError(f"{fn}(): {file} has use_dora={dora}, but {weights} "
+                                 f"{'holds' if 'm' in got else 'lacks'} DoRA's magnitude `{key}`. It was saved "
+                                 "from another adapter.")
+            t = got["m"][1]
+            want_m = (1, out, *[1] * (len(shape) - 2)) if kind == "conv" else (out,)
+            if tuple(t.shape) != want_m:
+                raise ValueError(f"{fn}(): `{key}` has shape {tuple(t.shape)}, but `{name}.weight` of shape "
+                                 f"{shape} needs {want_m}. It was saved from another model.")
+            extra["lora_magnitude"] = t.reshape(out)
         rule = find_rule(module)
         entries.append(Entry(
             module=name, tensor="weight", type=type_name(module), shape=shape, A=A, B=B, r=r,
@@ -201,7 +239,8 @@ def from_peft(fn: str, model: nn.Module, path: str) -> list[Entry]:
             dropout=float(config.get("lora_dropout", 0.0)),
             init="gaussian" if config.get("init_lora_weights") == "gaussian" else "default",
             targets=config["target_modules"] if isinstance(config["target_modules"], str) else None,
-            transpose=kind in ("embedding", "conv1d"), factored=rule.is_factored(module) if rule else True))
+            transpose=kind in ("embedding", "conv1d"), factored=rule.is_factored(module) if rule else True,
+            dora=dora, extra=extra))
     for name, (key, t) in copies.items():
         base = _source(modules[name], "weight")
         if name not in factors or t.shape != base.shape or not torch.equal(t.to(base.device, base.dtype), base):
