@@ -315,3 +315,57 @@ def test_bfloat16_is_unchanged_at_init():
 def test_dora_must_be_a_bool():
     with pytest.raises(TypeError, match=r"inject\(\): `dora` must be a bool, got int\."):
         li.inject(nn.Linear(3, 3), "", dora=1)
+
+
+# -- on disk ---------------------------------------------------------------------------------------
+def test_round_trips_through_peft_format(net, tmp_path):
+    with pytest.warns(UserWarning, match="fan_in_fan_out"):
+        theirs = peft_dora(net, r=3, lora_alpha=5)
+    with torch.no_grad():
+        for name, p in theirs.named_parameters():
+            if "lora_" in name:
+                p.mul_(1 + 0.3 * torch.randn_like(p)) if "magnitude" in name else p.normal_(0, 0.3)
+    theirs.eval().save_pretrained(tmp_path / "peft")
+    ids = torch.randint(0, 12, (3, 4, 5))
+    ours = li.load_adapter(copy.deepcopy(net), tmp_path / "peft")
+    assert all(lora.config["default"]["dora"] for _, lora in li.named_loras(ours))
+    torch.testing.assert_close(ours(ids), theirs(ids))
+    li.save_adapter(ours, tmp_path / "back", format="peft")
+    from safetensors.torch import load_file
+
+    saved = load_file(tmp_path / "back" / "adapter_model.safetensors")
+    assert {k.split(".")[2]: tuple(v.shape) for k, v in saved.items() if k.endswith("lora_magnitude_vector")} == {
+        "emb": (6,), "conv": (1, 5, 1, 1), "proj": (7,), "head": (4,)}
+    with pytest.warns(UserWarning, match="fan_in_fan_out"):
+        again = peft.PeftModel.from_pretrained(copy.deepcopy(net), str(tmp_path / "back")).eval()
+    torch.testing.assert_close(again(ids), ours(ids))
+
+
+def test_round_trips_through_our_format(tmp_path):
+    base = nn.Sequential(nn.Conv1d(3, 4, 3), nn.Flatten(), nn.Linear(8, 2))
+    model = li.inject(copy.deepcopy(base), r"^0$|^2$", r=2, dora=True)
+    randomize(model, 0)
+    li.save_adapter(model, tmp_path)
+    x = torch.randn(5, 3, 4)
+    loaded = li.load_adapter(copy.deepcopy(base), tmp_path)
+    assert torch.equal(loaded(x), model(x))
+    for (_, a), (_, b) in zip(li.named_loras(model), li.named_loras(loaded), strict=True):
+        assert torch.equal(a.lora_magnitude["default"], b.lora_magnitude["default"])
+    # Loading into a model that carries the adapter updates it in place.
+    m = loaded[0].parametrizations.weight[0].lora_magnitude["default"]
+    with torch.no_grad():
+        m.zero_()
+    assert li.load_adapter(loaded, tmp_path) is loaded
+    assert loaded[0].parametrizations.weight[0].lora_magnitude["default"] is m and torch.equal(loaded(x), model(x))
+    # A plain adapter of the same name cannot take a DoRA one.
+    plain = li.inject(copy.deepcopy(base), r"^0$|^2$", r=2)
+    with pytest.raises(ValueError, match=r"holds \['lora_A', 'lora_B', 'lora_magnitude'\] in the saved adapter "
+                                         r"\(dora=True, init='default'\) but \['lora_A', 'lora_B'\]"):
+        li.load_adapter(plain, tmp_path)
+
+
+def test_peft_format_needs_one_use_dora(tmp_path):
+    model = li.inject(nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4)), r"^0$", r=2, dora=True)
+    li.inject(model, r"^1$", r=2)
+    with pytest.raises(ValueError, match=r"peft has one `use_dora` per adapter"):
+        li.save_adapter(model, tmp_path, format="peft")
