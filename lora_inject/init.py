@@ -7,43 +7,47 @@ from typing import TypeVar
 
 from torch import nn
 
-from .lora import init_factors
-from .surgery import _adapter_names, _loras
+from .inits import WEIGHT_INITS, init_from_weight
+from .lora import _EXTRAS, INITS, init_factors
+from .surgery import _adapter_names, _lora_input, _loras
 
 __all__ = ["init_lora"]
 
 M = TypeVar("M", bound=nn.Module)
-RANDOM_INITS = ("default", "gaussian")  # the inits that do not read W0
-FACTORS = ("lora_A", "lora_B")
+RANDOM_INITS = tuple(i for i in INITS if i not in WEIGHT_INITS)  # the inits that do not read W0
+KNOWN = ("lora_A", "lora_B", *_EXTRAS)
 
 
 def init_lora(model: M, adapter: str | Sequence[str] | None = None, *, init: str | None = None) -> M:
-    r"""Initialise the LoRA factors of ``model`` in place, so that every update ``B @ A`` is zero.
+    r"""Initialise the LoRA tensors of ``model`` in place, as :func:`~lora_inject.inject` does.
 
     :func:`~lora_inject.inject` on a model built under ``torch.device("meta")`` allocates
     nothing: its factors are meta tensors too, without values. After
-    ``model.to_empty(device=...)`` they hold uninitialised memory; this fills them as ``inject``
-    does: ``A`` from the adapter's ``init`` (``"default"``: Kaiming-uniform, ``"gaussian"``:
-    ``N(0, 1/r)``) and ``B`` with zeros, so the model's outputs are the base model's. ``W0`` is
-    not touched: load the base weights with ``model.load_state_dict(base, strict=False)``
-    (the keys saved before injection, such as ``p.weight``, load into ``W0``).
+    ``model.to_empty(device=...)`` they hold uninitialised memory; this fills them from each
+    adapter's ``init``: ``"default"`` (``A`` Kaiming-uniform, ``B`` zero) or ``"gaussian"``
+    (``A ~ N(0, 1/r)``, ``B`` zero), so that the outputs are the base model's; ``"pissa"`` and
+    ``"olora"`` (from ``W0``, with their frozen copies); and DoRA's magnitudes (from ``W0``).
+    ``W0`` itself is not touched. Load the base weights first, with
+    ``model.load_state_dict(base, strict=False)`` (keys saved before injection, such as
+    ``p.weight``, load into ``W0``): the inits that read ``W0`` read them.
 
     Args:
         model (nn.Module): the model to change in place.
         adapter (str or sequence of str, optional): the adapters to initialise. Default: all.
-        init (str, optional): ``"default"`` or ``"gaussian"`` for every adapter. Default: ``None``,
-            each adapter's own ``init``.
+        init (str, optional): ``"default"`` or ``"gaussian"`` for every selected adapter,
+            instead of its own. Default: ``None``, each adapter's own ``init``.
 
     Returns:
         ``model``, changed in place.
 
     Raises:
         TypeError: if ``adapter`` is not a str, a sequence of str or None.
-        ValueError: if an adapter name is not in the model, ``init`` is not valid,
-            ``init=None`` and an adapter's own init reads the weight (or is unknown), or an
-            adapter holds tensors other than its two factors, which this does not fill.
-        RuntimeError: if a factor is still on the meta device; materialise the model first
-            with ``model.to_empty(device=...)``.
+        ValueError: if an adapter name is not in the model; ``init`` is not one of
+            ``"default"``, ``"gaussian"`` or None; ``init`` is given for an adapter made with
+            ``"pissa"``/``"olora"`` (its frozen copies belong to that init); an adapter's own
+            init is unknown (``init=None``); or an adapter holds tensors this does not know.
+        RuntimeError: if a factor, or a weight that an init reads, is still on the meta
+            device; materialise the model first with ``model.to_empty(device=...)``.
 
     Nothing changes if the call raises.
 
@@ -61,32 +65,36 @@ def init_lora(model: M, adapter: str | Sequence[str] | None = None, *, init: str
     entries = list(_loras(model))
     names = _adapter_names("init_lora", entries, adapter)
     todo = []
-    for qualname, _, tensor_name, lora in entries:
+    for qualname, module, tensor_name, lora in entries:
         where = f"{qualname}.{tensor_name}" if qualname else tensor_name
         for name in lora.adapters:
             if names is not None and name not in names:
                 continue
-            how = init or lora.config[name]["init"]
-            if how not in RANDOM_INITS:
+            own = lora.config[name]["init"]
+            if own not in INITS or (init is not None and own in WEIGHT_INITS):
+                fix = (f"Pass `init=` one of {RANDOM_INITS}." if own not in INITS else
+                       f"Leave `init=None` to redo {own!r}, or inject the adapter again.")
+                raise ValueError(f"init_lora(): adapter {name!r} on `{where}` was made with "
+                                 f"init={own!r}, which init_lora cannot replace or redo here. {fix}")
+            unknown = [k for k, d in lora.named_children() if k not in KNOWN
+                       and (name in d._parameters or name in d._buffers)]
+            if unknown:
                 raise ValueError(
-                    f"init_lora(): adapter {name!r} on `{where}` was made with init={how!r}, which "
-                    f"init_lora cannot redo. Pass `init=` one of {RANDOM_INITS}."
+                    f"init_lora(): adapter {name!r} on `{where}` also holds {unknown}, which "
+                    "init_lora does not know how to fill. Inject it again after materialising the model."
                 )
-            others = [k for k, d in lora.named_children() if k not in FACTORS
-                      and (name in d._parameters or name in d._buffers)]
-            if others:
-                raise ValueError(
-                    f"init_lora(): adapter {name!r} on `{where}` also holds {others}, which "
-                    "init_lora does not fill. Inject it again after materialising the model."
-                )
-            A, B = lora.lora_A[name], lora.lora_B[name]
-            if A.is_meta or B.is_meta:
+            reads_w0 = own in WEIGHT_INITS or bool(lora.config[name].get("dora"))
+            weight = _lora_input(module, tensor_name, lora) if reads_w0 else None
+            if any(t.is_meta for t in lora.tensors(name).values()) or (weight is not None and weight.is_meta):
                 raise RuntimeError(
-                    f"init_lora(): the factors of adapter {name!r} on `{where}` are on the meta "
-                    "device, so they have no memory to fill. Materialise the model first with "
-                    "model.to_empty(device=...), then call init_lora."
+                    f"init_lora(): adapter {name!r} on `{where}` is on the meta device (its factors, "
+                    "or the weight its init reads), so there is nothing to fill or read. Materialise "
+                    "the model first with model.to_empty(device=...), load the base weights, then "
+                    "call init_lora."
                 )
-            todo.append((A, B, how))
-    for A, B, how in todo:
-        init_factors(A, B, how)
+            todo.append((lora, name, init or own, weight))
+    for lora, name, how, weight in todo:
+        init_factors(lora.lora_A[name], lora.lora_B[name], how)
+        if weight is not None:
+            init_from_weight(lora, name, weight)
     return model

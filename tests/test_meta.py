@@ -117,7 +117,39 @@ def test_init_lora_uses_each_adapters_init_or_the_one_given(init):
     assert torch.equal(d.lora_B["d"], torch.zeros(8, 4)) and d.lora_A["d"].abs().max() <= 1 / 16
 
 
-def test_init_lora_refuses_meta_factors_and_bad_arguments_and_changes_nothing():
+@pytest.mark.parametrize("kwargs", [
+    pytest.param(dict(init="pissa"), id="pissa"),
+    pytest.param(dict(init="olora"), id="olora"),
+    pytest.param(dict(dora=True), id="dora"),
+    pytest.param(dict(init="pissa", dora=True), id="pissa-dora"),
+])
+def test_init_lora_redoes_the_inits_that_read_w0_after_the_base_weights_load(kwargs):
+    def build():
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Linear(8, 6), nn.GELU(), nn.Conv1d(6, 4, 3)).double()
+
+    eager = li.inject(build(), "", r=2, alpha=4, **kwargs)
+    with torch.device("meta"):
+        model = build()
+    li.inject(model, "", r=2, alpha=4, **kwargs)
+    model.to_empty(device="cpu")
+    model.load_state_dict(build().state_dict(), strict=False)
+    li.init_lora(model)
+    want, got = li.lora_state_dict(eager), li.lora_state_dict(model)
+    assert want.keys() == got.keys() and len(want) > 4  # the frozen copies or magnitudes are there
+    kinds = {k.split(".")[-2] for k in want}
+    assert kinds == {"lora_A", "lora_B"} | ({"lora_A0", "lora_B0"} if "init" in kwargs else set()) | (
+        {"lora_magnitude"} if "dora" in kwargs else set())
+    torch.testing.assert_close(got, want)
+    for layer, x in ((0, torch.randn(3, 8)), (2, torch.randn(2, 6, 5))):
+        x = x.double()
+        torch.testing.assert_close(model[layer](x), eager[layer](x))
+        with li.disabled(model):
+            base = model[layer](x)
+        torch.testing.assert_close(model[layer](x), base)  # unchanged at init
+
+
+def test_init_lora_refuses_meta_tensors_and_bad_arguments_and_changes_nothing():
     with torch.device("meta"):
         model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4))
     li.inject(model, "", r=2)
@@ -133,18 +165,29 @@ def test_init_lora_refuses_meta_factors_and_bad_arguments_and_changes_nothing():
         li.init_lora(model, adapter="nope")
     with pytest.raises(TypeError, match=r"init_lora\(\): `adapter` must be"):
         li.init_lora(model, adapter=3)
-    model[1].parametrizations.weight[0].config["default"]["init"] = "pissa"  # as loaded from peft
+    lora = model[1].parametrizations.weight[0]
+    lora.config["default"]["init"] = "bogus"  # as if loaded from a file with an unknown init
     with pytest.raises(ValueError, match=r"init_lora\(\): adapter 'default' on `1.weight` was made with "
-                                         r"init='pissa'.*Pass `init=`"):
+                                         r"init='bogus'.*Pass `init=`"):
         li.init_lora(model)
-    model[1].parametrizations.weight[0].config["default"]["init"] = "default"
-    model[0].parametrizations.weight[0].add_module(  # as a variant's extra tensors would be
-        "lora_magnitude", nn.ParameterDict({"default": nn.Parameter(torch.ones(4))}))
-    with pytest.raises(ValueError, match=r"init_lora\(\): adapter 'default' on `0.weight` also holds "
-                                         r"\['lora_magnitude'\], which init_lora does not fill"):
+    lora.config["default"]["init"] = "default"
+    lora.add_module("lora_extra", nn.ParameterDict({"default": nn.Parameter(torch.ones(4))}))
+    with pytest.raises(ValueError, match=r"init_lora\(\): adapter 'default' on `1.weight` also holds "
+                                         r"\['lora_extra'\], which init_lora does not know"):
         li.init_lora(model)
-    del model[0].parametrizations.weight[0].lora_magnitude
+    del lora.lora_extra
     after = li.lora_state_dict(model)
     assert all(torch.equal(after[k], v) for k, v in before.items())
     li.init_lora(model, init="default")
     assert all(torch.equal(lora.lora_B["default"], torch.zeros(4, 2)) for _, lora in li.named_loras(model))
+
+
+def test_init_lora_keeps_a_pissa_adapters_own_init():
+    model = li.inject(nn.Linear(6, 4), "", r=2, init="pissa")
+    with pytest.raises(ValueError, match=r"init='pissa', which init_lora cannot replace.*Leave `init=None`"):
+        li.init_lora(model, init="gaussian")
+    with torch.device("meta"):
+        meta = li.inject(nn.Linear(6, 4), "", r=2, init="pissa")
+    meta.parametrizations.weight[0].to_empty(device="cpu")  # the factors are real, W0 is still meta
+    with pytest.raises(RuntimeError, match=r"init_lora\(\): adapter 'default' on `weight` is on the meta"):
+        li.init_lora(meta)
