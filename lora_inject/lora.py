@@ -58,6 +58,7 @@ class LoRA(nn.Module):
             active=[],  # adapter names, in order
             memo=None,  # (input, output) within one forward of the adapted module
             memo_depth=0,
+            per_sample=None,  # each sample's adapter name or None, inside lora_inject.per_sample()
         )
 
     # -- shapes -----------------------------------------------------------------------------
@@ -208,6 +209,15 @@ class LoRA(nn.Module):
         return next(iter(self.lora_A.values())).dtype if len(self.lora_A) else torch.float32
 
     def forward(self, W: Tensor) -> Tensor:
+        if self.per_sample is not None:  # lora_inject.per_sample(): the fast path picks rows
+            if not any(n in self.lora_A for n in self.per_sample if n is not None):
+                return W
+            if not self.factored:
+                raise RuntimeError(f"per_sample(): a LoRA of shape {self.shape} is on the merged path, where "
+                                   "one weight serves the whole batch; per-sample adapters need the fast path.")
+            from .weight import LoraWeight
+
+            return LoraWeight.wrap(W, self)
         if not self.active:
             return W
         if self.factored:

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils._pytree import tree_map
 
-from .dora import scales
+from .dora import gain, is_dora, scales
 
 __all__ = ["LoraWeight"]
 
@@ -33,15 +33,24 @@ class LoraWeight(Tensor):
     _lora: object
     _names: tuple[str, ...]
     _scales: tuple | None  # DoRA's (c, k), computed on first use
+    _rows: tuple | None  # inside lora_inject.per_sample(): each sample's adapter, or None
 
     @staticmethod
     def wrap(w0: Tensor, lora) -> LoraWeight:
         with torch._C.DisableTorchFunctionSubclass():
             out = w0.detach().as_subclass(LoraWeight)
-        out._w0, out._lora, out._names, out._scales = w0, lora, tuple(lora.active), None
+        rows = lora.per_sample
+        names = tuple(lora.active) if rows is None else tuple(
+            n for n in dict.fromkeys(rows) if n is not None and n in lora.adapters)
+        out._w0, out._lora, out._names, out._scales, out._rows = w0, lora, names, None, rows
         return out
 
     def materialize(self) -> Tensor:
+        if self._rows is not None:
+            raise RuntimeError(
+                f"per_sample(): an adapted weight of shape {tuple(self.shape)} reached an op that has no "
+                "factored form, so it would be one weight for the whole batch and its samples could not "
+                "differ. Run one forward per adapter with li.activate() instead.")
         return self._lora.merged(self._w0, list(self._names))
 
     def scales(self) -> tuple[Tensor | None, dict[str, Tensor]]:
@@ -50,20 +59,40 @@ class LoraWeight(Tensor):
         if self._scales is None:
             lora = self._lora
             ct = torch.promote_types(torch.promote_types(self._w0.dtype, torch.float32), lora._factor_dtype())
-            self._scales = scales(lora, self._w0, self._names, ct)
+            if self._rows is None:
+                self._scales = scales(lora, self._w0, self._names, ct)
+            else:  # each sample has one adapter: its own gain, and c per sample (see rescale)
+                self._scales = (None, {n: gain(lora, self._w0, n, ct) for n in self._names if is_dora(lora, n)})
         return self._scales
+
+    def keep(self, h: Tensor, name: str) -> Tensor:
+        """Inside per_sample(): ``h`` with the rows (dim 0) of samples that use another adapter zeroed."""
+        return h if self._rows is None else h * self._mask(name, h)
+
+    def _mask(self, name: str, t: Tensor) -> Tensor:
+        """1 for the rows of ``t`` (dim 0) whose sample uses ``name``, else 0; shaped to broadcast."""
+        rows, n = self._rows, t.shape[0]
+        flat = t.dim() == 2 and n % len(rows) == 0  # a 2-D input may hold each sample's rows in turn
+        if n != len(rows) and not flat:
+            raise RuntimeError(f"per_sample(): a batch has {n} samples along dim 0 of the layer's input, but "
+                               f"{len(rows)} adapters were given, one per sample. Pass one per sample.")
+        m = torch.tensor([a == name for a in rows], dtype=t.dtype, device=t.device)
+        return m.repeat_interleave(n // len(rows)).view(n, *[1] * (t.dim() - 1))
 
     def rescale(self, out: Tensor, bias: Tensor | None = None, dim: int = -1, frozen: Tensor | None = None):
         """DoRA: scale the base output ``out = op(x, W0) + bias`` by ``c`` along its output units
         (``dim``), as ``out + (c - 1) * (out - bias)``, which is ``out`` exactly where ``c`` is 1
         (at init); ``out`` itself without DoRA. Where ``frozen`` (a bool mask) is set, ``c``
         carries no gradient."""
-        c = self.scales()[0]
-        if c is None:
+        c, k = self.scales()
+        if c is None and (self._rows is None or not k):
             return out
         shape = [1] * out.dim()
         shape[dim] = -1
-        c1 = (c - 1).view(shape)
+        if c is not None:
+            c1 = (c - 1).view(shape)
+        else:  # per sample: the gain of each sample's own DoRA adapter
+            c1 = sum(self._mask(n, out).to(g.dtype) * (g - 1).view(shape) for n, g in k.items())
         if bias is not None and bias.dim() == 1:
             bias = bias.view(shape)
         base = (out if bias is None else out - bias).to(c1.dtype)
@@ -73,7 +102,7 @@ class LoraWeight(Tensor):
         return out + extra.to(out.dtype)
 
     def factors(self):
-        """Yield ``(L, R, s, p)`` per adapter: the stored update is ``s * L @ R``.
+        """Yield ``(L, R, s, p, name)`` per adapter: the stored update is ``s * L @ R``.
 
         For a rows layout that is ``B @ A``; for a transposed one ``A.T @ B.T``. With DoRA,
         ``B`` is scaled per output unit by ``k`` (see :meth:`scales`).
@@ -86,7 +115,7 @@ class LoraWeight(Tensor):
                 B = B * k[name].unsqueeze(-1).to(B.dtype)  # (out, r) scaled per output unit
             L, R = (A.t(), B.t()) if lora.transpose else (B, A)
             p = lora.config[name]["dropout"] if lora.training else 0.0
-            yield L, R, lora.scaling[name], p
+            yield L, R, lora.scaling[name], p, name
 
     @classmethod
     def __torch_function__(cls, func, types, args=(), kwargs=None):
@@ -119,10 +148,10 @@ def _add(out: Tensor, extra: Tensor) -> Tensor:
 
 def _branch_right(x: Tensor, weight: LoraWeight, out: Tensor, transpose_w: bool) -> Tensor:
     """``out + x @ ΔW.T`` (``transpose_w``, as in F.linear) or ``out + x @ ΔW``, factored."""
-    for L, R, s, p in weight.factors():
+    for L, R, s, p, name in weight.factors():
         first, second = (R.t(), L.t()) if transpose_w else (L, R)  # x @ (s L R).T = s (x R.T) L.T
         h = F.dropout(x.to(first.dtype), p) if p else x.to(first.dtype)
-        h = h @ first  # (.., in) @ (in, r) -> (.., r)
+        h = weight.keep(h @ first, name)  # (.., in) @ (in, r) -> (.., r)
         if h.dtype == out.dtype:
             out2 = out.reshape(-1, out.shape[-1])
             out = torch.addmm(out2, h.reshape(-1, h.shape[-1]), second, alpha=s).view(out.shape)
@@ -159,8 +188,8 @@ def _embedding(input, weight, padding_idx=None, max_norm=None, norm_type=2.0,
     out = F.embedding(input, weight._w0, padding_idx, None, norm_type, scale_grad_by_freq, sparse)
     pad = None if padding_idx is None else (input == padding_idx % weight.shape[0]).unsqueeze(-1)
     out = weight.rescale(out, frozen=pad)  # as for the merged weight, the padding row gets no gradient
-    for L, R, s, p in weight.factors():
-        h = F.embedding(input, L, padding_idx, None, norm_type, scale_grad_by_freq)  # (.., r)
+    for L, R, s, p, name in weight.factors():
+        h = weight.keep(F.embedding(input, L, padding_idx, None, norm_type, scale_grad_by_freq), name)  # (.., r)
         extra = (F.dropout(h, p) if p else h) @ R * s  # (.., r) @ (r, dim) -> (.., dim)
         if padding_idx is not None:  # the padding row gets no gradient, as in the merged weight
             extra = torch.where(pad, extra.detach(), extra)
@@ -177,8 +206,8 @@ def _embedding_bag(input, weight, offsets=None, max_norm=None, norm_type=2, scal
                 per_sample_weights=per_sample_weights, include_last_offset=include_last_offset,
                 padding_idx=padding_idx)
     out = weight.rescale(F.embedding_bag(input, weight._w0, sparse=sparse, **rest))
-    for L, R, s, p in weight.factors():
-        h = F.embedding_bag(input, L, **rest)  # (bags, r)
+    for L, R, s, p, name in weight.factors():
+        h = weight.keep(F.embedding_bag(input, L, **rest), name)  # (bags, r)
         out = _add(out, (F.dropout(h, p) if p else h) @ R * s)
     return out
 
@@ -191,10 +220,11 @@ def _conv(op):
         kernel, ones = weight.shape[2:], (1,) * (weight.dim() - 2)
         out = op(input, weight._w0, bias, stride, padding, dilation, groups)
         out = weight.rescale(out, bias, dim=-len(kernel) - 1)  # the channel dim
-        for L, R, s, p in weight.factors():
+        for L, R, s, p, name in weight.factors():
             x = input.to(R.dtype)
             h = op(F.dropout(x, p) if p else x, R.view(-1, weight.shape[1], *kernel), None,
                    stride, padding, dilation)  # r output channels
+            h = weight.keep(h, name)
             out = _add(out, op(h, L.reshape(*L.shape, *ones)) * s)  # 1x1 conv: r -> out
         return out
 
