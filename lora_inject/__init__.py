@@ -1,8 +1,10 @@
 """Add LoRA to any PyTorch model in place, and take it out again."""
 
 from .adapter import load_adapter, save_adapter
+from .arithmetic import combine
 from .init import init_lora
 from .lora import LoRA
+from .per_sample import per_sample
 from .rule import Rule, default_rules, register_rule
 from .state import (
     activate,
@@ -20,6 +22,7 @@ __all__ = [
     "LoRA",
     "Rule",
     "activate",
+    "combine",
     "default_rules",
     "disabled",
     "init_lora",
@@ -29,6 +32,7 @@ __all__ = [
     "lora_state_dict",
     "mark_only_lora_as_trainable",
     "named_loras",
+    "per_sample",
     "register_rule",
     "remove",
     "save_adapter",

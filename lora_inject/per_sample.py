@@ -1,0 +1,89 @@
+"""Per-sample adapters: each sample of a batch runs with its own adapter, or none, in one forward."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from typing import TypeVar
+
+from torch import nn
+
+from .rule import type_name
+from .surgery import _adapter_names, _loras
+
+__all__ = ["per_sample"]
+
+M = TypeVar("M", bound=nn.Module)
+
+
+@contextmanager
+def per_sample(model: M, adapters: Sequence[str | None]) -> Iterator[M]:
+    r"""Give sample ``i`` of each batch adapter ``adapters[i]`` (``None``: no adapter) inside the block.
+
+    This is peft's ``adapter_names=`` without changing any forward signature: every factored
+    layer (``Linear``, transformers' ``Conv1D``, ``Embedding``, ``EmbeddingBag``, ``Conv`` with
+    ``groups=1``) computes its base output once for the whole batch and adds each adapter's
+    low-rank branch to the rows of the samples that chose it. The batch is dim 0 of the layer's
+    input (a 2-D input may hold the samples' rows one after the other, as transformers'
+    ``Conv1D`` flattens ``(batch, seq, in)``). Inside the block the active adapters are ignored:
+    a sample gets exactly its own adapter, and a layer without it gives that sample the base
+    output. DoRA adapters work too (each sample gets its adapter's magnitude). On exit each
+    layer is as before, also on error; blocks nest.
+
+    It is for inference, as in peft: the model must be in eval mode. A layer whose adapters go
+    through the merged path (``MultiheadAttention``, RNNs, ``Bilinear``, ``ConvTranspose``,
+    grouped ``Conv``, your own types) builds one weight for the whole batch, so it cannot do
+    this; if it carries one of ``adapters``, the call is refused.
+
+    Args:
+        model (nn.Module): a model with LoRA adapters.
+        adapters (sequence of str or None): one entry per sample of the batches to run.
+
+    Yields:
+        ``model``.
+
+    Raises:
+        TypeError: if ``adapters`` is not a sequence of str or None.
+        ValueError: if ``adapters`` is empty or names an adapter that is not in the model.
+        RuntimeError: if the model is in training mode, or a layer on the merged path carries
+            one of ``adapters``; also, in the forward, if a batch's size differs from
+            ``len(adapters)`` or an adapted weight reaches an op with no factored form.
+
+    Example::
+
+        >>> model.eval()
+        >>> with li.per_sample(model, ["task_a", "task_b", None]):
+        ...     out = model(x)          # x: a batch of 3; the last sample runs the base model
+    """
+    if isinstance(adapters, str) or not isinstance(adapters, Sequence) or not all(
+            a is None or isinstance(a, str) for a in adapters):
+        raise TypeError(f"per_sample(): `adapters` must be a sequence of str or None, one per sample, "
+                        f"got {adapters!r}.")
+    if not adapters:
+        raise ValueError("per_sample(): `adapters` must name one adapter (or None) per sample, got an "
+                         "empty sequence.")
+    entries = list(_loras(model))
+    used = sorted({a for a in adapters if a is not None})
+    if used:
+        _adapter_names("per_sample", entries, used)
+    for qualname, module, tensor_name, lora in entries:
+        if lora.training:
+            raise RuntimeError("per_sample(): the model is in training mode; per-sample adapters are for "
+                               "inference. Call model.eval() first.")
+        mine = [a for a in used if a in lora.adapters]
+        if mine and not lora.factored:
+            where = f"{qualname}.{tensor_name}" if qualname else tensor_name
+            raise RuntimeError(
+                f"per_sample(): `{where}` of {type_name(module)} `{qualname}` carries adapter {mine[0]!r} on "
+                "the merged path, where one weight serves the whole batch, so its samples cannot differ. "
+                "Per-sample adapters need layers with a factored form (Linear, Conv1D, Embedding, "
+                "EmbeddingBag, Conv with groups=1); run one forward per adapter with li.activate() instead."
+            )
+    saved = [(lora, lora.per_sample) for *_, lora in entries]
+    for lora, _ in saved:
+        lora.per_sample = tuple(adapters)
+    try:
+        yield model
+    finally:
+        for lora, before in saved:
+            lora.per_sample = before
