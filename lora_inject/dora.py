@@ -48,9 +48,19 @@ def is_dora(lora, name: str) -> bool:
 
 
 def norms(lora, W: Tensor, name: str, dtype: torch.dtype) -> Tensor:
-    """``||W + ΔW_name||`` over ``in`` for each output unit, ``(out,)`` or ``(E, out)``, no gradient."""
+    """``||W + ΔW_name||`` over ``in`` for each output unit, ``(out,)`` or ``(E, out)``, no gradient.
+
+    With ``ΔW = s B A`` it is ``sqrt(||W||^2 + 2 s <W A^T, B> + s^2 <B (A A^T), B>)`` per row: two
+    reads of ``W`` and no weight-sized temporary, where building ``W + ΔW`` would take several.
+    """
     with torch.no_grad():
-        return (as_rows(lora, W.detach()).to(dtype) + lora.update(name, dtype)).norm(dim=-1)
+        M = as_rows(lora, W.detach()).to(dtype)  # (.., out, in)
+        A, B = (t.detach().to(dtype) for t in lora.factor_pair(name))  # (.., r, in), (.., out, r)
+        s = lora.scaling[name]
+        sq = torch.linalg.vector_norm(M, dim=-1).square()
+        sq = sq + (2 * s) * ((M @ A.mT) * B).sum(-1)  # (.., out, in) @ (.., in, r) -> (.., out, r)
+        sq = sq + (s * s) * ((B @ (A @ A.mT)) * B).sum(-1)
+        return sq.clamp_min(0).sqrt()
 
 
 def gain(lora, W: Tensor, name: str, dtype: torch.dtype) -> Tensor:
