@@ -20,6 +20,10 @@ Because every output of a factored layer is linear in the weight and ``c`` and `
 units, the fast path computes ``c * op(x, W0) + bias + sum_i op(op(x, A_i), k_i * B_i)``: no
 weight-sized tensor is saved for backward or differentiated; only ``||V||`` is computed, without
 gradient, once per forward.
+
+Dropout, as for any adapter, acts on the input of the low-rank branch only. peft and the DoRA
+reference code also pass the dropped input through the ``(g - 1) * W0`` term; the two agree
+without dropout and in eval mode, and in expectation in training.
 """
 
 from __future__ import annotations
