@@ -72,7 +72,7 @@ def lora_state_dict(model: nn.Module, adapter: str | Sequence[str] | None = None
     names = _adapter_names("lora_state_dict", entries, adapter)
     refuse_flat_params("lora_state_dict", model, entries)
     keys = set()
-    for prefix, module in model.named_modules():
+    for prefix, module in model.named_modules(remove_duplicate=False):  # as state_dict(): every path
         if isinstance(module, LoRA):
             for name in module.adapters:
                 if names is None or name in names:

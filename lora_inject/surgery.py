@@ -83,7 +83,8 @@ def inject(
     Raises:
         TypeError: if ``targets``/``exclude`` is of the wrong kind, ``r`` is not an int,
             ``adapter`` is not a str, ``dtype`` is not a floating dtype, ``rslora`` or ``dora``
-            is not a bool, or a selected tensor is not floating point.
+            is not a bool, ``rules`` is not a mapping to :class:`~lora_inject.Rule`, or a
+            selected tensor is not floating point.
         ValueError: if ``r`` is not positive, ``alpha`` is not finite, a regex is invalid,
             ``init`` or ``adapter`` is not valid, ``init="pissa"`` has ``alpha <= 0``,
             ``dropout`` is outside [0, 1) or set on a layer without a factored form, the
@@ -115,6 +116,9 @@ def inject(
         raise TypeError(f"inject(): `rslora` must be a bool, got {type(rslora).__name__}.")
     if not isinstance(dora, bool):
         raise TypeError(f"inject(): `dora` must be a bool, got {type(dora).__name__}.")
+    if rules is not None and not (isinstance(rules, Mapping) and all(isinstance(v, Rule) for v in rules.values())):
+        raise TypeError(f"inject(): `rules` must be None or a mapping from module types to lora_inject.Rule, "
+                        f"such as lora_inject.default_rules(), got {type(rules).__name__}.")
     if init == "pissa" and alpha <= 0:
         raise ValueError(f"inject(): init='pissa' splits W0's singular values by the scaling, so `alpha` "
                          f"must be positive, got {alpha}.")
@@ -125,7 +129,7 @@ def inject(
 
     plan = _plan(model, select, leave, rules, adapter, dropout, targets)
     spec = targets if isinstance(targets, str) else getattr(targets, "pattern", None)
-    small = [f"{q}.{t}" for q, m, rule, t, shape in plan if r > min(_dims(shape, rule))]
+    small = [f"{q}.{t}" if q else t for q, m, rule, t, shape in plan if r > min(_dims(shape, rule))]
     if small:
         warnings.warn(
             f"inject(): r={r} exceeds min(out, in) of {small[:3]}: the update is still exact, "
@@ -156,6 +160,7 @@ def inject(
                 parametrize.register_parametrization(module, tensor_name, lora)
                 if new_class:
                     _own_class_on_copy(module)
+                    type(module).__getstate__ = _refuse_pickle
                 _hook(module)
         if dora or init in WEIGHT_INITS:  # these read the weight that LoRA receives
             for module, tensor_name, lora, _ in done:
@@ -189,13 +194,16 @@ def remove(model: M, *, merge: bool = True, adapter: str | Sequence[str] | None 
         ``model``, changed in place.
 
     Raises:
-        TypeError: if ``adapter`` is not a str, a sequence of str or None.
+        TypeError: if ``merge`` is not a bool, or ``adapter`` is not a str, a sequence of str
+            or None.
         ValueError: if an adapter name is not in the model, or a merged weight would not be
             finite (the model is left unchanged).
         RuntimeError: if a parametrization registered before ours cannot represent the
             merged weight, so merging is ill-defined (the model is left unchanged); use
             ``merge=False`` or remove that parametrization first.
     """
+    if not isinstance(merge, bool):
+        raise TypeError(f"remove(): `merge` must be a bool, got {merge!r}.")
     entries = list(_loras(model))
     names = _adapter_names("remove", entries, adapter)
     plans = []
@@ -495,6 +503,16 @@ def _own_class_on_copy(module: nn.Module) -> None:
     cls.__deepcopy__ = __deepcopy__
 
 
+def _refuse_pickle(self: nn.Module):
+    """Replace parametrize's refusal to pickle (``torch.save(model)``) with one that says what to do."""
+    raise RuntimeError(
+        f"torch.save(model) and pickle cannot save the parametrized {type_name(self)} module: "
+        "PyTorch saves parametrized modules only through state_dict(). Save the adapter with "
+        "lora_inject.save_adapter(model, path) or torch.save(lora_inject.lora_state_dict(model), path); "
+        "or take LoRA out with lora_inject.remove(model) (merging it) to get a plain model that pickles."
+    )
+
+
 # -- hooks on the adapted module -------------------------------------------------------------
 def _open_memo(module: nn.Module, args) -> None:
     for lora in _module_loras(module):
@@ -506,6 +524,12 @@ def _close_memo(module: nn.Module, args, output) -> None:
         lora.memo_depth = max(lora.memo_depth - 1, 0)
         if not lora.memo_depth:
             lora.memo = None
+    # RNNs keep the weights their forward read in `_flat_weights`: with LoRA these are computed
+    # tensors, which would hold this step's graph and make deepcopy fail. Keep them detached.
+    flat = module.__dict__.get("_flat_weights")
+    if flat is not None:
+        module.__dict__["_flat_weights"] = [
+            w.detach() if isinstance(w, Tensor) and w.grad_fn is not None else w for w in flat]
 
 
 def _module_loras(module: nn.Module) -> list[LoRA]:

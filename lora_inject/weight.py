@@ -153,8 +153,9 @@ def _branch_right(x: Tensor, weight: LoraWeight, out: Tensor, transpose_w: bool)
         h = F.dropout(x.to(first.dtype), p) if p else x.to(first.dtype)
         h = weight.keep(h @ first, name)  # (.., in) @ (in, r) -> (.., r)
         if h.dtype == out.dtype:
-            out2 = out.reshape(-1, out.shape[-1])
-            out = torch.addmm(out2, h.reshape(-1, h.shape[-1]), second, alpha=s).view(out.shape)
+            rows = h.shape[:-1].numel()  # no -1 in the reshapes: `out` may have 0 features
+            out2 = out.reshape(rows, out.shape[-1])
+            out = torch.addmm(out2, h.reshape(rows, h.shape[-1]), second, alpha=s).view(out.shape)
         else:
             out = _add(out, (h @ second) * s)
     return out

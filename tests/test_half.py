@@ -66,19 +66,17 @@ def lora_w0(model: nn.Module, name: str) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("dtype", HALF)
-@pytest.mark.parametrize("make, inputs", [
-    pytest.param(lambda: nn.Linear(8, 8), (4, 8), id="Linear-factored"),
-    pytest.param(lambda: nn.Conv1d(4, 4, 3, groups=2), (2, 4, 6), id="Conv1d-groups-merged"),
-])
-def test_w0_stays_bit_identical_over_1000_forwards_and_backwards(dtype, make, inputs):
-    layer = make().to(dtype)
+@pytest.mark.parametrize("factored", [True, False], ids=["factored", "merged"])
+def test_w0_stays_bit_identical_over_1000_forwards_and_backwards(dtype, factored):
+    # A Linear on both paths: half-precision convolutions on CPU can be very slow.
+    layer = nn.Linear(8, 8).to(dtype)
     li.mark_only_lora_as_trainable(li.inject(layer, "", r=2, dtype=torch.float32))
     lora = layer.parametrizations.weight[0]
-    assert lora.factored == isinstance(layer, nn.Linear)
+    lora.factored = factored  # False: the layer gets the materialised W0 + ΔW
     w0 = layer.parametrizations.weight.original
     before = w0.detach().clone()
     opt = torch.optim.SGD(li.lora_parameters(layer), lr=1e-2)
-    x = torch.randn(*inputs).to(dtype)
+    x = torch.randn(4, 8).to(dtype)
     for step in range(1000):
         layer(x).float().pow(2).mean().backward()
         opt.step()
