@@ -33,6 +33,7 @@ from .files import DTYPES, dtype_name, read_json, read_safetensors, write_atomic
 from .inits import WEIGHT_INITS
 from .lora import LoRA, check_adapter_name, lora_scaling
 from .rule import Rule, _own_tensor_names, type_name
+from .state import refuse_flat_params
 from .surgery import _loras, _parametrized, _source, find_lora, inject, named_modules, remove
 
 __all__ = ["load_adapter", "save_adapter"]
@@ -72,6 +73,8 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, *, adapter: str = "d
         TypeError: if ``model`` is not an ``nn.Module`` or ``adapter`` is not a str.
         ValueError: if ``format`` is unknown, the model has no adapter ``adapter``, or (for
             ``format="peft"``) a tensor has no equivalent in peft's format.
+        RuntimeError: if the factors are sharded: flattened by FSDP1, or DTensors under FSDP2
+            (unshard the FSDP modules first; see the README's "Distributed training").
 
     Example::
 
@@ -167,10 +170,18 @@ def collect(fn: str, model: nn.Module, adapter: str) -> list[Entry]:
     """Read adapter ``adapter`` of ``model`` into entries, one per adapted tensor."""
     check_adapter_name(fn, adapter)
     entries, present = [], set()
-    for qualname, module, tensor_name, lora in _loras(model):
+    loras = list(_loras(model))
+    refuse_flat_params(fn, model, loras)  # FSDP1
+    for qualname, module, tensor_name, lora in loras:
         present.update(lora.adapters)
         if adapter not in lora.adapters:
             continue
+        if any(hasattr(t, "full_tensor") for t in lora.tensors(adapter).values()):
+            raise RuntimeError(
+                f"{fn}(): the factors of `{qualname}.{tensor_name}` are shards (DTensors, as FSDP2 leaves "
+                "them). Unshard every FSDP module on every rank (m.unshard()), save on one rank, then "
+                "reshard; or save lora_state_dict(model), which gathers them. See the README's "
+                "\"Distributed training\".")
         c = lora.config[adapter]
         entries.append(Entry(
             module=qualname, tensor=tensor_name, type=type_name(module), shape=tuple(lora.shape),

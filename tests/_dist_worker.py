@@ -112,6 +112,11 @@ def fsdp2(rank: int, out: str) -> dict:
     factor = model.transformer.h[0].attn.c_attn.parametrizations.weight[0].lora_A["default"]
     sharded = type(factor).__name__, tuple(factor.to_local().shape)
     sd = li.lora_state_dict(model)  # a collective: every rank calls it
+    try:  # the shards themselves: refused
+        li.save_adapter(model, os.path.join(out, f"refused{rank}"))
+        refused = None
+    except RuntimeError as e:
+        refused = str(e)
     # save_adapter reads the factors themselves: unshard every FSDP module, save on rank 0, reshard.
     fsdp_modules = [m for m in model.modules() if isinstance(m, FSDPModule)]
     for m in fsdp_modules:
@@ -120,7 +125,7 @@ def fsdp2(rank: int, out: str) -> dict:
         li.save_adapter(model, os.path.join(out, "adapter"))
     for m in fsdp_modules:
         m.reshard()
-    return {"lora": plain(sd), "sharded": sharded}
+    return {"lora": plain(sd), "sharded": sharded, "refused": refused}
 
 
 def fsdp1(rank: int, out: str) -> dict:
@@ -136,10 +141,12 @@ def fsdp1(rank: int, out: str) -> dict:
     wrapped = FullyShardedDataParallel(model, device_id=torch.device("cpu"), use_orig_params=True)
     train(wrapped, wrapped, slice(rank, None, WORLD))
     for where, m in (("wrapper", wrapped), ("inner", wrapped.module)):
-        try:
-            li.lora_state_dict(m)
-        except RuntimeError as e:
-            result[where] = str(e)
+        for fn, call in (("lora_state_dict", li.lora_state_dict),
+                         ("save_adapter", lambda m: li.save_adapter(m, os.path.join(out, f"flat{rank}")))):
+            try:
+                call(m)
+            except RuntimeError as e:
+                result[f"{fn} {where}"] = str(e)
     return result
 
 

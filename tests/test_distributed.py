@@ -71,6 +71,9 @@ def test_ddp_names_the_remedy_when_an_inactive_adapter_is_left_trainable(tmp_pat
 def test_fsdp2_matches_ddp_and_saves_full_tensors(ddp, tmp_path):
     results = run("fsdp2", tmp_path)
     assert results[0]["sharded"] == ("DTensor", (2, 32))  # the factors were sharded: A is (4, 32)
+    for rank, result in enumerate(results):  # save_adapter on the shards themselves says what to do
+        assert "are shards (DTensors, as FSDP2" in result["refused"] and "unshard()" in result["refused"]
+        assert not os.path.exists(os.path.join(tmp_path, "fsdp2", f"refused{rank}"))
     lora = assert_same_ranks(results)  # plain tensors, gathered by lora_state_dict on every rank
     assert lora.keys() == ddp.keys()
     assert all(lora[k].shape == ddp[k].shape for k in ddp)
@@ -90,6 +93,9 @@ def test_fsdp1_is_refused_rather_than_saving_flat_shards(tmp_path):
     for result in run("fsdp1", tmp_path):
         # use_orig_params=False: torch refuses to flatten frozen W0 with trainable factors.
         assert "uniform `requires_grad`" in result["flat"]
-        # use_orig_params=True trains, but the factors are flat shards: lora_state_dict says so.
-        for where in ("wrapper", "inner"):
-            assert "flattened, as FSDP1" in result[where] and "fully_shard" in result[where]
+        # use_orig_params=True trains, but the factors are flat shards: reading them is refused.
+        for fn in ("lora_state_dict", "save_adapter"):
+            for where in ("wrapper", "inner"):
+                message = result[f"{fn} {where}"]
+                assert message.startswith(f"{fn}(): the model's LoRA factors are flattened, as FSDP1")
+                assert "fully_shard" in message
