@@ -477,6 +477,7 @@ def call(model, outputs, op, *args):
     raise AssertionError(op)
 
 
+@pytest.mark.slow
 @settings(max_examples=150, phases=[p for p in Phase if p is not Phase.explain])
 @given(built=models(), ops=operations)
 def test_every_call_succeeds_with_its_invariants_or_raises_and_changes_nothing(built, ops):

@@ -60,6 +60,7 @@ def test_inject_into_a_llama_2_7b_shape_on_meta_allocates_nothing():
     assert len(list(li.named_loras(model))) == 7 * layers
 
 
+@pytest.mark.slow
 def test_to_empty_base_weights_and_init_lora_give_the_base_model_then_train():
     base = llama().double()
     with torch.device("meta"):
