@@ -81,7 +81,8 @@ def inject(
         ``model``, changed in place.
 
     Raises:
-        TypeError: if ``targets``/``exclude`` is of the wrong kind, ``r`` is not an int,
+        TypeError: if ``targets``/``exclude`` is of the wrong kind, ``r`` is not an int, ``alpha``
+            is not a number,
             ``adapter`` is not a str, ``dtype`` is not a floating dtype, ``rslora`` or ``dora``
             is not a bool, ``rules`` is not a mapping to :class:`~lora_inject.Rule`, or a
             selected tensor is not floating point.
@@ -103,7 +104,9 @@ def inject(
     if r <= 0:
         raise ValueError(f"inject(): `r` must be a positive int, got {r}. Try r=8.")
     alpha = float(r) if alpha is None else alpha
-    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha):
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)):
+        raise TypeError(f"inject(): `alpha` must be a finite number, got {alpha!r}. Try alpha={2 * r}.")
+    if not math.isfinite(alpha):
         raise ValueError(f"inject(): `alpha` must be a finite number, got {alpha!r}. Try alpha={2 * r}.")
     check_adapter_name("inject", adapter)
     if init not in INITS:
@@ -557,11 +560,14 @@ def _load_base_keys(module, state_dict, prefix, local_metadata, strict, missing,
 
 
 def _hook(module: nn.Module) -> None:
-    if _find_hooks(module):
-        return
-    module.register_load_state_dict_pre_hook(_load_base_keys)
-    module.register_forward_pre_hook(_open_memo)
-    module.register_forward_hook(_close_memo, always_call=True)
+    """Hook the adapted module: base checkpoints load into it, and while its forward runs, the
+    merged-path weights are built once (RNNs and MultiheadAttention read them several times)."""
+    found = {getattr(hook, "hook", hook) for hooks, key in _find_hooks(module) for hook in [hooks[key]]}
+    if _load_base_keys not in found:
+        module.register_load_state_dict_pre_hook(_load_base_keys)
+    if _open_memo not in found and not all(lora.factored for lora in _module_loras(module)):
+        module.register_forward_pre_hook(_open_memo)
+        module.register_forward_hook(_close_memo, always_call=True)
 
 
 def _find_hooks(module: nn.Module) -> list[tuple[dict, int]]:

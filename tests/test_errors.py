@@ -76,7 +76,7 @@ INJECT = [
                  r"`alpha` must be a finite number, got nan\.", id="alpha=nan"),
     pytest.param(mlp_a, dict(targets="fc", alpha=-math.inf), ValueError,
                  r"`alpha` must be a finite number, got -inf\.", id="alpha=-inf"),
-    pytest.param(mlp_a, dict(targets="fc", alpha="x"), ValueError,
+    pytest.param(mlp_a, dict(targets="fc", alpha="x"), TypeError,
                  r"`alpha` must be a finite number, got 'x'\.", id="alpha='x'"),
     # regexes and kinds of targets / exclude
     pytest.param(mlp_a, dict(targets="fc(1"), ValueError,
@@ -161,7 +161,8 @@ def test_inject_refuses_any_bad_rank(r):
 def test_inject_refuses_any_bad_alpha(alpha):
     model = mlp_a()
     before = snapshot(model)
-    with pytest.raises(ValueError, match=r"`alpha` must be a finite number, got "
+    kind = ValueError if isinstance(alpha, float) else TypeError  # not finite, or not a number
+    with pytest.raises(kind, match=r"`alpha` must be a finite number, got "
                        + re.escape(repr(alpha))):
         li.inject(model, "fc", alpha=alpha)
     assert_unchanged(model, before)
