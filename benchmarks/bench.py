@@ -1,6 +1,7 @@
 """Benchmarks: lora_inject against peft, loralib, a plain merged parametrization and the frozen floor.
 
-Run: ``python benchmarks/bench.py`` (``--quick`` for a smoke run, ``--device cuda`` on a GPU).
+Run: ``python benchmarks/bench.py`` (``--quick`` for a smoke run, ``--device cuda`` on a GPU,
+``--dora`` to add DoRA from both libraries to the training and eval figures).
 Every figure is measured in one run, alternating the contenders, and reported as medians. Peak
 memory on CPU is measured in a fresh subprocess per contender, with glibc told to return every
 large block at once, so that the peak resident set tracks live tensors; on CUDA it is
@@ -43,17 +44,18 @@ def llama(hidden=1024, inter=2816, layers=4, heads=16, vocab=2000, device="cpu")
 
 
 # -- contenders: each returns (model, trainable parameters) ----------------------------------
-def c_lora_inject(base):
+def c_lora_inject(base, dora=False):
     m = copy.deepcopy(base)
-    li.inject(m, REGEX, r=R, alpha=ALPHA)
+    li.inject(m, REGEX, r=R, alpha=ALPHA, dora=dora)
     li.mark_only_lora_as_trainable(m)
     return m
 
 
-def c_peft(base):
+def c_peft(base, dora=False):
     from peft import LoraConfig, get_peft_model
 
-    return get_peft_model(copy.deepcopy(base), LoraConfig(r=R, lora_alpha=ALPHA, target_modules=TARGETS))
+    config = LoraConfig(r=R, lora_alpha=ALPHA, target_modules=TARGETS, use_dora=dora)
+    return get_peft_model(copy.deepcopy(base), config)
 
 
 def c_loralib(base):
@@ -103,6 +105,21 @@ def c_floor(base):
 
 CONTENDERS = {"lora_inject": c_lora_inject, "peft": c_peft, "loralib": c_loralib,
               "plain merged": c_plain, "frozen floor": c_floor}
+DORA = {"lora_inject dora": lambda base: c_lora_inject(base, dora=True),
+        "peft dora": lambda base: c_peft(base, dora=True)}
+
+
+def contenders(args):
+    return {**CONTENDERS, **(DORA if args.dora else {})}
+
+
+def nonzero(model):
+    """Give the adapters a non-zero update, as after some training (DoRA's norms depend on it)."""
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                nn.init.normal_(p, std=0.01)
+    return model
 
 
 def make_step(model, ids):
@@ -135,8 +152,8 @@ def train_times(args):
     base = llama(*args.shape, device=args.device)
     ids = torch.randint(0, args.shape[4], (1, args.seq), device=args.device)
     steps = {}
-    for name, make in CONTENDERS.items():
-        model = make(base).train()
+    for name, make in contenders(args).items():
+        model = nonzero(make(base).train())
         steps[name] = make_step(model, ids)
         steps[name]()  # warm-up: allocates the optimizer's state
     times = {n: [] for n in steps}
@@ -149,11 +166,9 @@ def train_times(args):
 def eval_times(args):
     base = llama(*args.shape, device=args.device).eval()
     ids = torch.randint(0, args.shape[4], (1, args.seq), device=args.device)
-    models = {"base": base, "lora_inject": c_lora_inject(base).eval(), "peft": c_peft(base).eval()}
-    for m in models.values():  # give the adapters a non-zero update
-        for n, p in m.named_parameters():
-            if "lora_B" in n:
-                nn.init.normal_(p.data, std=0.01)
+    models = {"base": base}
+    for name in ("lora_inject", "peft", *(DORA if args.dora else ())):
+        models[name] = nonzero(contenders(args)[name](base).eval())
     times = {n: [] for n in models}
     with torch.no_grad():
         for m in models.values():
@@ -166,10 +181,10 @@ def eval_times(args):
 
 def peak_memory(args):
     out = {}
-    for name in CONTENDERS:
+    for name in contenders(args):
         env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="0")
         cmd = [sys.executable, __file__, "--_memory", name, "--device", args.device, "--seq", str(args.seq),
-               "--shape", *map(str, args.shape)]
+               "--threads", str(args.threads), "--shape", *map(str, args.shape), *(["--dora"] if args.dora else [])]
         res = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True)
         out[name] = json.loads(res.stdout.strip().splitlines()[-1])
     return out
@@ -177,7 +192,7 @@ def peak_memory(args):
 
 def _memory_child(args):
     torch.set_num_threads(args.threads)
-    model = CONTENDERS[args._memory](llama(*args.shape, device=args.device)).train()
+    model = nonzero(contenders(args)[args._memory](llama(*args.shape, device=args.device)).train())
     ids = torch.randint(0, args.shape[4], (1, args.seq), device=args.device)
     step = make_step(model, ids)
     step()
@@ -220,17 +235,15 @@ def inject_times(args):
 
 
 def merge_times(args):
-    from peft import LoraConfig, get_peft_model
 
     base = llama(hidden=4096, inter=11008, layers=1, heads=32, vocab=256, device=args.device)
     times = {"lora_inject": [], "peft": []}
     for _ in range(args.inject_reps):
-        m = c_lora_inject(base)
-        times["lora_inject"].append(timed(lambda: li.remove(m, merge=True), args.device))
-        del m
-        m = get_peft_model(copy.deepcopy(base), LoraConfig(r=R, lora_alpha=ALPHA, target_modules=TARGETS))
-        times["peft"].append(timed(lambda: m.merge_and_unload(), args.device))
-        del m
+        ours = nonzero(c_lora_inject(base))
+        times["lora_inject"].append(timed(lambda m=ours: li.remove(m, merge=True), args.device))
+        theirs = nonzero(c_peft(base))
+        times["peft"].append(timed(lambda m=theirs: m.merge_and_unload(), args.device))
+        del ours, theirs
         gc.collect()
     return {n: statistics.median(t) for n, t in times.items()}
 
@@ -245,6 +258,7 @@ def main():
     p.add_argument("--shape", type=int, nargs=5, default=[1024, 2816, 4, 16, 2000],
                    metavar=("HIDDEN", "INTER", "LAYERS", "HEADS", "VOCAB"))
     p.add_argument("--quick", action="store_true", help="a small model and few repetitions")
+    p.add_argument("--dora", action="store_true", help="add DoRA (lora_inject and peft) to train, memory, eval")
     p.add_argument("--json", default="benchmarks/results.json")
     p.add_argument("--only", nargs="*", default=["train", "memory", "eval", "inject", "merge"])
     p.add_argument("--_memory", help=argparse.SUPPRESS)
@@ -271,14 +285,18 @@ def table(res):
     if "train" in res:
         t = res["train"]
         for n, v in t.items():
-            ratio = f"{v / t['peft']:.3f}× peft, {v / t['frozen floor']:.3f}× floor"
-            goal = "≤ 0.95× peft, ≤ 1.05× floor" if n == "lora_inject" else ""
+            if n.endswith("dora"):
+                ratio, goal = f"{v / t['peft dora']:.3f}× peft dora", ""
+            else:
+                ratio = f"{v / t['peft']:.3f}× peft, {v / t['frozen floor']:.3f}× floor"
+                goal = "≤ 0.95× peft, ≤ 1.05× floor" if n == "lora_inject" else ""
             rows.append(f"| training step | {n} | {v * 1e3:.0f} ms | {ratio} | {goal} |")
     if "memory" in res:
         m = res["memory"]
         for n, v in m.items():
+            ref = "peft dora" if n.endswith("dora") else "peft"
             goal = "≤ 1.0× peft" if n == "lora_inject" else ""
-            rows.append(f"| training step peak memory | {n} | {v:.0f} MiB | {v / m['peft']:.3f}× peft | {goal} |")
+            rows.append(f"| training step peak memory | {n} | {v:.0f} MiB | {v / m[ref]:.3f}× {ref} | {goal} |")
     if "eval" in res:
         e = res["eval"]
         for n, v in e.items():

@@ -149,28 +149,30 @@ def inject(
             if fresh:
                 lora = LoRA(shape, transpose=rule.transpose, experts=rule.experts,
                             factored=rule.is_factored(module))
-            original = _source(module, tensor_name)
-            lora.add(adapter, r=r, alpha=alpha, dropout=dropout, init=init,
-                     dtype=dtype or original.dtype, device=original.device, targets=spec, rslora=rslora,
-                     dora=dora)
-            done.append((module, tensor_name, lora, fresh))
-            if fresh:
                 # The module's order before any of our parametrizations, so that removing its
                 # tensors in any order restores it (a later LoRA sees the earlier tensors gone).
                 ours = [p for p in _module_loras(module) if hasattr(p, "param_order")]
                 lora.param_order = ours[0].param_order if ours else list(module._parameters)
                 new_class = not parametrize.is_parametrized(module)
+            done.append((module, tensor_name, lora, fresh))
+            if fresh:
+                # Registered while empty, so parametrize's check runs the identity; filled below.
                 parametrize.register_parametrization(module, tensor_name, lora)
                 if new_class:
                     _own_class_on_copy(module)
                     type(module).__getstate__ = _refuse_pickle
                 _hook(module)
+            original = _source(module, tensor_name)
+            lora.add(adapter, r=r, alpha=alpha, dropout=dropout, init=init,
+                     dtype=dtype or original.dtype, device=original.device, targets=spec, rslora=rslora,
+                     dora=dora)
         if dora or init in WEIGHT_INITS:  # these read the weight that LoRA receives
             for module, tensor_name, lora, _ in done:
                 init_from_weight(lora, adapter, _lora_input(module, tensor_name, lora))
     except BaseException:
         for module, tensor_name, lora, fresh in reversed(done):
-            lora.drop(adapter)
+            if adapter in lora.adapters:
+                lora.drop(adapter)
             if fresh and find_lora(module, tensor_name) is lora:
                 _detach(module, tensor_name, lora)
         raise
@@ -351,8 +353,9 @@ def _tensor_owners(model: nn.Module) -> dict[int, list[str]]:
 
 # -- the parametrizations on one module ------------------------------------------------------
 def _parametrized(module: nn.Module) -> dict:
-    plists = getattr(module, "parametrizations", None)
-    return dict(plists.items()) if parametrize.is_parametrized(module) else {}
+    """``module.parametrizations`` as a dict (tensor name -> ParametrizationList), or ``{}``."""
+    plists = module._modules.get("parametrizations")  # no getattr: a miss would raise inside
+    return dict(plists._modules) if isinstance(plists, nn.ModuleDict) else {}
 
 
 def find_lora(module: nn.Module, tensor_name: str) -> LoRA | None:
