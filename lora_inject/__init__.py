@@ -8,6 +8,7 @@ from .per_sample import per_sample
 from .rule import Rule, default_rules, register_rule
 from .state import (
     activate,
+    cached,
     disabled,
     lora_parameters,
     lora_state_dict,
@@ -22,6 +23,7 @@ __all__ = [
     "LoRA",
     "Rule",
     "activate",
+    "cached",
     "combine",
     "default_rules",
     "disabled",

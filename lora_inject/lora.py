@@ -59,6 +59,7 @@ class LoRA(nn.Module):
             memo=None,  # (input, output) within one forward of the adapted module
             memo_depth=0,
             per_sample=None,  # each sample's adapter name or None, inside lora_inject.per_sample()
+            cache=None,  # inside lora_inject.cached(): () or (key, merged weight)
         )
 
     # -- shapes -----------------------------------------------------------------------------
@@ -220,6 +221,8 @@ class LoRA(nn.Module):
             return LoraWeight.wrap(W, self)
         if not self.active:
             return W
+        if self.cache is not None and not torch.is_grad_enabled() and not torch.compiler.is_compiling():
+            return self._cached(W)
         if self.factored:
             from .weight import LoraWeight
 
@@ -230,6 +233,16 @@ class LoRA(nn.Module):
         if self.memo_depth:
             self.memo = (W, out)
         return out
+
+    def _cached(self, W: Tensor) -> Tensor:
+        """Inside :func:`lora_inject.cached`: the merged weight, rebuilt only when ``W``, a factor
+        or the active adapters change (their storage or version counter)."""
+        tensors = [W, *(t for n in self.active for t in self.tensors(n).values())]
+        key = (tuple(self.active), tuple((t.data_ptr(), t._version) for t in tensors),
+               tuple(self.scaling[n] for n in self.active))
+        if not self.cache or self.cache[0] != key:
+            self.cache = (key, self.merged(W))
+        return self.cache[1]
 
     def right_inverse(self, W: Tensor) -> Tensor:
         return W

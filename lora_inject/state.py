@@ -15,6 +15,7 @@ from .surgery import _adapter_names, _loras, find_lora, named_modules
 
 __all__ = [
     "activate",
+    "cached",
     "disabled",
     "lora_parameters",
     "lora_state_dict",
@@ -186,3 +187,34 @@ def disabled(model: nn.Module) -> Iterator[nn.Module]:
     finally:
         for lora, active in saved:
             lora.active = active
+
+
+@contextmanager
+def cached(model: nn.Module) -> Iterator[nn.Module]:
+    """Reuse each adapted weight, merged, across no-grad forwards inside the ``with`` block.
+
+    Unmerged inference normally recomputes the LoRA branch (fast path) or the merged weight
+    (merged path) on every forward. Inside this block, under ``torch.no_grad()`` or
+    ``torch.inference_mode()``, each adapted tensor is merged once and then reused until ``W0``,
+    a factor or the set of active adapters changes (it watches their storage and version
+    counters, so an optimizer step, ``load_state_dict``, ``activate`` or :func:`disabled` all
+    rebuild it). Forwards with gradients, compiled code and :func:`per_sample` do not use it.
+
+    Memory: one weight-sized tensor per adapted tensor, held until the block exits.
+
+    Example::
+
+        >>> with torch.no_grad(), cached(model):
+        ...     for batch in loader:
+        ...         model(batch)          # as fast as the base model after the first batch
+    """
+    loras = [lora for *_, lora in _loras(model)]
+    saved = [lora.cache for lora in loras]
+    for lora in loras:
+        if lora.cache is None:
+            lora.cache = ()
+    try:
+        yield model
+    finally:
+        for lora, cache in zip(loras, saved):
+            lora.cache = cache
