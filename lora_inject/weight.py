@@ -161,9 +161,60 @@ def _branch_right(x: Tensor, weight: LoraWeight, out: Tensor, transpose_w: bool)
     return out
 
 
+class _LowRank(torch.autograd.Function):
+    """``bias + x @ Wt + s * (x @ first) @ second`` for a 2-D ``x``, with ``first`` (in, r) and
+    ``second`` (r, out). Its backward adds the two parts of ``x``'s gradient in one buffer
+    (``g @ Wt.T``, then ``addmm_`` of the low-rank part) and saves only the (N, r) intermediate."""
+
+    @staticmethod
+    def forward(ctx, x, Wt, bias, first, second, s):
+        h = x @ first  # (N, in) @ (in, r) -> (N, r)
+        out = torch.addmm(bias, x, Wt) if bias is not None else x @ Wt  # (N, in) @ (in, out)
+        out.addmm_(h, second, alpha=s)  # += s * (N, r) @ (r, out)
+        ctx.save_for_backward(x, Wt, first, second, h)
+        ctx.s = s
+        return out
+
+    @staticmethod
+    def backward(ctx, g):
+        x, Wt, first, second, h = ctx.saved_tensors
+        need_x, need_w, need_bias, need_first, need_second = ctx.needs_input_grad[:5]
+        s, gx, gw, gbias, gfirst, gsecond = ctx.s, None, None, None, None, None
+        gh = g @ second.t() if need_x or need_first else None  # (N, out) @ (out, r) -> (N, r)
+        if need_x:
+            gx = (g @ Wt.t()).addmm_(gh, first.t(), alpha=s)  # (N, in)
+        if need_w:
+            gw = x.t() @ g
+        if need_bias:
+            gbias = g.sum(0)
+        if need_first:
+            gfirst = (x.t() @ gh).mul_(s)  # (in, N) @ (N, r)
+        if need_second:
+            gsecond = (h.t() @ g).mul_(s)  # (r, N) @ (N, out)
+        return gx, gw, gbias, gfirst, gsecond, None
+
+
+def _one_plain_adapter(weight: LoraWeight, x: Tensor):
+    """``(L, R, s)`` when ``weight`` has one adapter, no DoRA, no dropout at work, no per-sample
+    rows, and one dtype throughout: the case :class:`_LowRank` computes; else None."""
+    if weight._rows is not None or len(weight._names) != 1 or weight.scales() != (None, {}):
+        return None
+    ((L, R, s, p, _),) = weight.factors()
+    return (L, R, s) if not p and x.dtype == L.dtype == weight._w0.dtype and x.dim() >= 1 else None
+
+
+def _low_rank(x: Tensor, Wt: Tensor, bias: Tensor | None, first: Tensor, second: Tensor, s: float) -> Tensor:
+    x2 = x.reshape(x.shape[:-1].numel(), x.shape[-1])
+    return _LowRank.apply(x2, Wt, bias, first, second, s).view(*x.shape[:-1], Wt.shape[-1])
+
+
 def _linear(input, weight, bias=None):
     if not _usable(weight, input):
         return NotImplemented
+    plain = _one_plain_adapter(weight, input)
+    if plain is not None:  # x @ W0.T + s * (x @ R.T) @ L.T
+        L, R, s = plain
+        return _low_rank(input, weight._w0.t(), bias, R.t(), L.t(), s)
     out = weight.rescale(F.linear(input, weight._w0, bias), bias)
     return _branch_right(input, weight, out, transpose_w=True)
 
@@ -171,6 +222,10 @@ def _linear(input, weight, bias=None):
 def _addmm(input, mat1, mat2, *, beta=1, alpha=1, out=None):
     if out is not None or beta != 1 or alpha != 1 or not _usable(mat2, mat1) or isinstance(input, LoraWeight):
         return NotImplemented
+    plain = _one_plain_adapter(mat2, mat1)
+    if plain is not None and mat1.dim() == 2 and input.dim() == 1:  # a bias, as in Conv1D
+        L, R, s = plain  # x @ W0 + s * (x @ L) @ R
+        return _low_rank(mat1, mat2._w0, input, L, R, s)
     out = mat2.rescale(torch.addmm(input, mat1, mat2._w0), input)
     return _branch_right(mat1, mat2, out, transpose_w=False)
 

@@ -159,3 +159,32 @@ def test_lookups_without_a_factored_form_take_the_merged_path_and_refuse_dropout
         li.inject(layer, "", r=2, dropout=0.1)
     li.inject(layer, "", r=2)
     assert not layer.parametrizations.weight[0].factored
+
+
+@pytest.mark.parametrize("make", [
+    pytest.param(lambda: nn.Linear(5, 7), id="linear"),
+    pytest.param(lambda: nn.Linear(5, 7, bias=False), id="linear-no-bias"),
+    pytest.param(_conv1d_hf, id="conv1d-transformers"),
+])
+@pytest.mark.parametrize("dropout", [0.0, 0.3])
+def test_every_gradient_of_the_fast_path_matches_the_merged_path(make, dropout):
+    fast = make().double()
+    li.inject(fast, "", r=3, alpha=5, dropout=dropout)
+    fast.eval()  # dropout off, so both paths compute the same function
+    fast.parametrizations.weight.original.requires_grad_(True)  # W0 trains too, here
+    with torch.no_grad():
+        for p in li.lora_parameters(fast):
+            p.normal_()
+    merged = copy.deepcopy(fast)
+    next(lora for _, lora in li.named_loras(merged)).factored = False
+    grads, x0 = [], torch.randn(2, 3, 5, dtype=torch.float64)
+    for layer in (fast, merged):
+        x = x0.clone().requires_grad_(True)
+        params = [x, *(p for p in layer.parameters())]
+        out = layer(x)
+        grads.append((out, torch.autograd.grad(out.sin().sum(), params)))
+    (out_fast, g_fast), (out_merged, g_merged) = grads
+    torch.testing.assert_close(out_fast, out_merged)
+    assert len(g_fast) == len(g_merged) >= 4
+    for a, b in zip(g_fast, g_merged):
+        torch.testing.assert_close(a, b)
