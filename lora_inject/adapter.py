@@ -31,10 +31,11 @@ from torch import Tensor, nn
 
 from .files import DTYPES, dtype_name, read_json, read_safetensors, write_atomic, write_safetensors
 from .inits import WEIGHT_INITS
+from .lookup import _loras, _parametrized, _source, find_lora, named_modules
 from .lora import LoRA, check_adapter_name, lora_scaling
 from .rule import Rule, _own_tensor_names, type_name
 from .state import refuse_flat_params
-from .surgery import _loras, _parametrized, _source, find_lora, inject, named_modules, remove
+from .surgery import inject, remove
 
 __all__ = ["load_adapter", "save_adapter"]
 

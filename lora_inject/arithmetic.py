@@ -9,8 +9,8 @@ from typing import TypeVar
 import torch
 from torch import Tensor, nn
 
+from .lookup import _adapter_names, _loras
 from .lora import LoRA, check_adapter_name
-from .surgery import _adapter_names, _loras
 
 __all__ = ["combine"]
 

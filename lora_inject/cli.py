@@ -70,8 +70,9 @@ def survey(model: nn.Module, targets: str, *, exclude: str | None = None, r: int
         >>> s = survey(model, r"attn", r=4)
         >>> s.added, f"{s.trainable_percent:.2f}%"
     """
+    from .lookup import _loras, matcher, named_modules
     from .rule import find_rule, type_name
-    from .surgery import _loras, inject, matcher, named_modules, remove
+    from .surgery import inject, remove
 
     select = matcher("inject", "targets", targets)
     leave = matcher("inject", "exclude", exclude) if exclude is not None else None
@@ -181,7 +182,8 @@ def _merge(args: argparse.Namespace) -> None:
 
     from . import adapter as adapter_format
     from . import load_adapter, peft_format
-    from .surgery import _loras, remove
+    from .lookup import _loras
+    from .surgery import remove
 
     base, out = Path(args.base), Path(args.out)
     if not (base / "config.json").is_file():

@@ -8,8 +8,8 @@ from typing import TypeVar
 from torch import nn
 
 from .inits import WEIGHT_INITS, init_from_weight
+from .lookup import _adapter_names, _lora_input, _loras
 from .lora import _EXTRAS, INITS, init_factors
-from .surgery import _adapter_names, _lora_input, _loras
 
 __all__ = ["init_lora"]
 

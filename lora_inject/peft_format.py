@@ -34,9 +34,9 @@ from torch.nn.utils.parametrize import type_before_parametrizations
 
 from .adapter import Entry, tensor_shape
 from .files import read_json, read_safetensors
+from .lookup import _source, named_modules
 from .lora import LoRA, lora_scaling
 from .rule import find_rule, type_name
-from .surgery import _source, named_modules
 
 CONFIG = "adapter_config.json"
 WEIGHTS = "adapter_model.safetensors"

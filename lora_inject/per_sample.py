@@ -8,8 +8,8 @@ from typing import TypeVar
 
 from torch import nn
 
+from .lookup import _adapter_names, _loras
 from .rule import type_name
-from .surgery import _adapter_names, _loras
 
 __all__ = ["per_sample"]
 

@@ -10,8 +10,8 @@ from typing import TypeVar
 import torch
 from torch import nn
 
+from .lookup import _adapter_names, _loras, find_lora, named_modules
 from .lora import LoRA
-from .surgery import _adapter_names, _loras, find_lora, named_modules
 
 __all__ = [
     "activate",

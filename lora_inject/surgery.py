@@ -6,14 +6,26 @@ import itertools
 import math
 import re
 import warnings
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import TypeVar, Union
 
 import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
+from .hooks import _hook, _own_class_on_copy, _refuse_pickle, _unhook
 from .inits import WEIGHT_INITS, init_from_weight
+from .lookup import (
+    _adapter_names,
+    _lora_input,
+    _loras,
+    _module_loras,
+    _parametrized,
+    _source,
+    find_lora,
+    matcher,
+    named_modules,
+)
 from .lora import INITS, LoRA, check_adapter_name, compute_dtype
 from .rule import Rule, RuleKey, find_rule, type_name
 
@@ -230,43 +242,6 @@ def remove(model: M, *, merge: bool = True, adapter: str | Sequence[str] | None 
     return model
 
 
-# -- matching ------------------------------------------------------------------------------
-def matcher(fn: str, arg: str, spec: object) -> Callable[[str, nn.Module], bool]:
-    """Turn a regex str, compiled pattern or ``f(name, module)`` into one predicate."""
-    if isinstance(spec, str):
-        try:
-            spec = re.compile(spec)
-        except re.error as e:
-            raise ValueError(f"{fn}(): `{arg}` is not a valid regex: {spec!r} ({e}).") from None
-    if isinstance(spec, re.Pattern):
-        pattern = spec
-        return lambda name, module: pattern.search(name) is not None
-    if callable(spec):
-        return spec  # type: ignore[return-value]
-    raise TypeError(
-        f"{fn}(): `{arg}` must be a regex str, a compiled re.Pattern or a callable "
-        f"(name, module) -> bool, got {type(spec).__name__}."
-    )
-
-
-def named_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
-    """``model.named_modules()``, without the inside of ``parametrizations`` containers."""
-    seen: set[int] = set()
-    stack = [("", model)]
-    while stack:
-        name, module = stack.pop()
-        if id(module) in seen:
-            continue
-        seen.add(id(module))
-        yield name, module
-        children = [
-            (f"{name}.{n}" if name else n, c)
-            for n, c in module._modules.items()
-            if c is not None and not (n == "parametrizations" and parametrize.is_parametrized(module))
-        ]
-        stack.extend(reversed(children))
-
-
 def _plan(model, select, leave, rules, adapter, dropout, targets=None):
     plan, no_rule, names_seen = [], [], []
     owners = _tensor_owners(model)
@@ -351,65 +326,6 @@ def _tensor_owners(model: nn.Module) -> dict[int, list[str]]:
     return owners
 
 
-# -- the parametrizations on one module ------------------------------------------------------
-def _parametrized(module: nn.Module) -> dict:
-    """``module.parametrizations`` as a dict (tensor name -> ParametrizationList), or ``{}``."""
-    plists = module._modules.get("parametrizations")  # no getattr: a miss would raise inside
-    return dict(plists._modules) if isinstance(plists, nn.ModuleDict) else {}
-
-
-def find_lora(module: nn.Module, tensor_name: str) -> LoRA | None:
-    """Return our parametrization on ``module.<tensor_name>``, or None."""
-    plist = _parametrized(module).get(tensor_name)
-    return next((p for p in plist if isinstance(p, LoRA)), None) if plist is not None else None
-
-
-def _source(module: nn.Module, tensor_name: str) -> Tensor:
-    """The stored tensor under ``tensor_name``: the parameter itself, or the first original."""
-    plist = _parametrized(module).get(tensor_name)
-    if plist is None:
-        return getattr(module, tensor_name)
-    return plist.original if plist.is_tensor else plist.original0
-
-
-def _lora_input(module: nn.Module, tensor_name: str, lora: LoRA) -> Tensor:
-    """The tensor that ``lora`` receives: the original, through the parametrizations before it."""
-    plist = module.parametrizations[tensor_name]
-    index = list(plist).index(lora)
-    if index == 0:
-        return plist.original if plist.is_tensor else plist.original0
-    originals = [plist.original] if plist.is_tensor else [
-        getattr(plist, f"original{i}") for i in range(plist.ntensors)]
-    with torch.no_grad():
-        out = plist[0](*originals)
-        for p in list(plist)[1:index]:
-            out = p(out)
-    return out
-
-
-def _loras(model: nn.Module) -> Iterator[tuple[str, nn.Module, str, LoRA]]:
-    for qualname, module in named_modules(model):
-        for tensor_name, plist in _parametrized(module).items():
-            for p in plist:
-                if isinstance(p, LoRA):
-                    yield qualname, module, tensor_name, p
-
-
-def _adapter_names(fn: str, entries, adapter) -> set[str] | None:
-    if adapter is None:
-        return None
-    names = [adapter] if isinstance(adapter, str) else adapter
-    if not isinstance(names, Sequence) or not all(isinstance(n, str) for n in names):
-        raise TypeError(f"{fn}(): `adapter` must be a str, a sequence of str or None, got {adapter!r}.")
-    present = {n for *_, lora in entries for n in lora.adapters}
-    missing = [n for n in names if n not in present]
-    if missing:
-        raise ValueError(
-            f"{fn}(): no adapter named {missing[0]!r} in the model; it has {sorted(present)}."
-        )
-    return set(names)
-
-
 def _merge_into_originals(qualname, module, tensor_name, lora, names, *, write: bool) -> None:
     """Fold ``names`` of ``lora`` into the originals of ``module.<tensor_name>``.
 
@@ -486,103 +402,3 @@ def _detach(module: nn.Module, tensor_name: str, lora: LoRA) -> None:
         params.update(kept)
     if not any(find_lora(module, t) for t in _parametrized(module)):
         _unhook(module)
-
-
-def _own_class_on_copy(module: nn.Module) -> None:
-    """Make ``copy.deepcopy(module)`` give the copy a class of its own.
-
-    parametrize keeps a parametrized module's properties on a class made for that one module
-    and edits it in place, but its deepcopy shares that class with the copy: removing LoRA
-    from the copy would then take the property off the original too.
-    """
-    cls = type(module)
-    base = cls.__deepcopy__
-
-    def __deepcopy__(self, memo):
-        replica = base(self, memo)
-        if type(replica) is type(self):
-            own = type(self)
-            body = {k: v for k, v in vars(own).items() if k not in ("__dict__", "__weakref__")}
-            replica.__class__ = type(own.__name__, own.__bases__, body)
-        return replica
-
-    cls.__deepcopy__ = __deepcopy__
-
-
-def _refuse_pickle(self: nn.Module):
-    """Replace parametrize's refusal to pickle (``torch.save(model)``) with one that says what to do."""
-    raise RuntimeError(
-        f"torch.save(model) and pickle cannot save the parametrized {type_name(self)} module: "
-        "PyTorch saves parametrized modules only through state_dict(). Save the adapter with "
-        "lora_inject.save_adapter(model, path) or torch.save(lora_inject.lora_state_dict(model), path); "
-        "or take LoRA out with lora_inject.remove(model) (merging it) to get a plain model that pickles."
-    )
-
-
-# -- hooks on the adapted module -------------------------------------------------------------
-def _open_memo(module: nn.Module, args) -> None:
-    for lora in _module_loras(module):
-        lora.memo_depth += 1
-
-
-def _close_memo(module: nn.Module, args, output) -> None:
-    for lora in _module_loras(module):
-        lora.memo_depth = max(lora.memo_depth - 1, 0)
-        if not lora.memo_depth:
-            lora.memo = None
-    # RNNs keep the weights their forward read in `_flat_weights`: with LoRA these are computed
-    # tensors, which would hold this step's graph and make deepcopy fail. Keep them detached.
-    flat = module.__dict__.get("_flat_weights")
-    if flat is not None:
-        module.__dict__["_flat_weights"] = [
-            w.detach() if isinstance(w, Tensor) and w.grad_fn is not None else w for w in flat]
-
-
-def _module_loras(module: nn.Module) -> list[LoRA]:
-    return [p for plist in _parametrized(module).values() for p in plist if isinstance(p, LoRA)]
-
-
-def _load_base_keys(module, state_dict, prefix, local_metadata, strict, missing, unexpected, errors):
-    """Let a checkpoint saved before injection (``p.weight``) load into the injected model."""
-    for tensor_name, plist in _parametrized(module).items():
-        key = prefix + tensor_name
-        inner = f"{prefix}parametrizations.{tensor_name}."
-        if key not in state_dict or not any(isinstance(p, LoRA) for p in plist):
-            continue
-        if any(k.startswith(inner + "original") for k in state_dict):
-            continue
-        value = state_dict.pop(key)
-        with torch.no_grad():
-            for p in reversed(list(plist)):
-                value = p.right_inverse(value) if hasattr(p, "right_inverse") else value
-        if isinstance(value, Tensor):
-            state_dict[inner + "original"] = value
-        else:
-            for i, v in enumerate(value):
-                state_dict[f"{inner}original{i}"] = v
-
-
-def _hook(module: nn.Module) -> None:
-    """Hook the adapted module: base checkpoints load into it, and while its forward runs, the
-    merged-path weights are built once (RNNs and MultiheadAttention read them several times)."""
-    found = {getattr(hook, "hook", hook) for hooks, key in _find_hooks(module) for hook in [hooks[key]]}
-    if _load_base_keys not in found:
-        module.register_load_state_dict_pre_hook(_load_base_keys)
-    if _open_memo not in found and not all(lora.factored for lora in _module_loras(module)):
-        module.register_forward_pre_hook(_open_memo)
-        module.register_forward_hook(_close_memo, always_call=True)
-
-
-def _find_hooks(module: nn.Module) -> list[tuple[dict, int]]:
-    found = []
-    for hooks in (module._load_state_dict_pre_hooks, module._forward_pre_hooks, module._forward_hooks):
-        for key, hook in hooks.items():
-            if getattr(hook, "hook", hook) in (_load_base_keys, _open_memo, _close_memo):
-                found.append((hooks, key))
-    return found
-
-
-def _unhook(module: nn.Module) -> None:
-    for hooks, key in _find_hooks(module):
-        del hooks[key]
-        module._forward_hooks_always_called.pop(key, None)

@@ -1,0 +1,106 @@
+"""What ``inject`` attaches to an adapted module, and ``remove`` takes off again: a load hook for
+base checkpoints, the per-forward memo of merged weights, and a class of its own per copy."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from .lookup import _module_loras, _parametrized
+from .lora import LoRA
+from .rule import type_name
+
+
+def _own_class_on_copy(module: nn.Module) -> None:
+    """Make ``copy.deepcopy(module)`` give the copy a class of its own.
+
+    parametrize keeps a parametrized module's properties on a class made for that one module
+    and edits it in place, but its deepcopy shares that class with the copy: removing LoRA
+    from the copy would then take the property off the original too.
+    """
+    cls = type(module)
+    base = cls.__deepcopy__
+
+    def __deepcopy__(self, memo):
+        replica = base(self, memo)
+        if type(replica) is type(self):
+            own = type(self)
+            body = {k: v for k, v in vars(own).items() if k not in ("__dict__", "__weakref__")}
+            replica.__class__ = type(own.__name__, own.__bases__, body)
+        return replica
+
+    cls.__deepcopy__ = __deepcopy__
+
+
+def _refuse_pickle(self: nn.Module):
+    """Replace parametrize's refusal to pickle (``torch.save(model)``) with one that says what to do."""
+    raise RuntimeError(
+        f"torch.save(model) and pickle cannot save the parametrized {type_name(self)} module: "
+        "PyTorch saves parametrized modules only through state_dict(). Save the adapter with "
+        "lora_inject.save_adapter(model, path) or torch.save(lora_inject.lora_state_dict(model), path); "
+        "or take LoRA out with lora_inject.remove(model) (merging it) to get a plain model that pickles."
+    )
+
+
+def _open_memo(module: nn.Module, args) -> None:
+    for lora in _module_loras(module):
+        lora.memo_depth += 1
+
+
+def _close_memo(module: nn.Module, args, output) -> None:
+    for lora in _module_loras(module):
+        lora.memo_depth = max(lora.memo_depth - 1, 0)
+        if not lora.memo_depth:
+            lora.memo = None
+    # RNNs keep the weights their forward read in `_flat_weights`: with LoRA these are computed
+    # tensors, which would hold this step's graph and make deepcopy fail. Keep them detached.
+    flat = module.__dict__.get("_flat_weights")
+    if flat is not None:
+        module.__dict__["_flat_weights"] = [
+            w.detach() if isinstance(w, Tensor) and w.grad_fn is not None else w for w in flat]
+
+
+def _load_base_keys(module, state_dict, prefix, local_metadata, strict, missing, unexpected, errors):
+    """Let a checkpoint saved before injection (``p.weight``) load into the injected model."""
+    for tensor_name, plist in _parametrized(module).items():
+        key = prefix + tensor_name
+        inner = f"{prefix}parametrizations.{tensor_name}."
+        if key not in state_dict or not any(isinstance(p, LoRA) for p in plist):
+            continue
+        if any(k.startswith(inner + "original") for k in state_dict):
+            continue
+        value = state_dict.pop(key)
+        with torch.no_grad():
+            for p in reversed(list(plist)):
+                value = p.right_inverse(value) if hasattr(p, "right_inverse") else value
+        if isinstance(value, Tensor):
+            state_dict[inner + "original"] = value
+        else:
+            for i, v in enumerate(value):
+                state_dict[f"{inner}original{i}"] = v
+
+
+def _hook(module: nn.Module) -> None:
+    """Hook the adapted module: base checkpoints load into it, and while its forward runs, the
+    merged-path weights are built once (RNNs and MultiheadAttention read them several times)."""
+    found = {getattr(hook, "hook", hook) for hooks, key in _find_hooks(module) for hook in [hooks[key]]}
+    if _load_base_keys not in found:
+        module.register_load_state_dict_pre_hook(_load_base_keys)
+    if _open_memo not in found and not all(lora.factored for lora in _module_loras(module)):
+        module.register_forward_pre_hook(_open_memo)
+        module.register_forward_hook(_close_memo, always_call=True)
+
+
+def _find_hooks(module: nn.Module) -> list[tuple[dict, int]]:
+    found = []
+    for hooks in (module._load_state_dict_pre_hooks, module._forward_pre_hooks, module._forward_hooks):
+        for key, hook in hooks.items():
+            if getattr(hook, "hook", hook) in (_load_base_keys, _open_memo, _close_memo):
+                found.append((hooks, key))
+    return found
+
+
+def _unhook(module: nn.Module) -> None:
+    for hooks, key in _find_hooks(module):
+        del hooks[key]
+        module._forward_hooks_always_called.pop(key, None)

@@ -1,0 +1,110 @@
+"""Lookups: the modules a pattern selects, and the LoRA parametrizations inside a model."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Iterator, Sequence
+
+import torch
+from torch import Tensor, nn
+from torch.nn.utils import parametrize
+
+from .lora import LoRA
+
+
+def matcher(fn: str, arg: str, spec: object) -> Callable[[str, nn.Module], bool]:
+    """Turn a regex str, compiled pattern or ``f(name, module)`` into one predicate."""
+    if isinstance(spec, str):
+        try:
+            spec = re.compile(spec)
+        except re.error as e:
+            raise ValueError(f"{fn}(): `{arg}` is not a valid regex: {spec!r} ({e}).") from None
+    if isinstance(spec, re.Pattern):
+        pattern = spec
+        return lambda name, module: pattern.search(name) is not None
+    if callable(spec):
+        return spec  # type: ignore[return-value]
+    raise TypeError(
+        f"{fn}(): `{arg}` must be a regex str, a compiled re.Pattern or a callable "
+        f"(name, module) -> bool, got {type(spec).__name__}."
+    )
+
+
+def named_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
+    """``model.named_modules()``, without the inside of ``parametrizations`` containers."""
+    seen: set[int] = set()
+    stack = [("", model)]
+    while stack:
+        name, module = stack.pop()
+        if id(module) in seen:
+            continue
+        seen.add(id(module))
+        yield name, module
+        children = [
+            (f"{name}.{n}" if name else n, c)
+            for n, c in module._modules.items()
+            if c is not None and not (n == "parametrizations" and parametrize.is_parametrized(module))
+        ]
+        stack.extend(reversed(children))
+
+
+def _parametrized(module: nn.Module) -> dict:
+    """``module.parametrizations`` as a dict (tensor name -> ParametrizationList), or ``{}``."""
+    plists = module._modules.get("parametrizations")  # no getattr: a miss would raise inside
+    return dict(plists._modules) if isinstance(plists, nn.ModuleDict) else {}
+
+
+def find_lora(module: nn.Module, tensor_name: str) -> LoRA | None:
+    """Return our parametrization on ``module.<tensor_name>``, or None."""
+    plist = _parametrized(module).get(tensor_name)
+    return next((p for p in plist if isinstance(p, LoRA)), None) if plist is not None else None
+
+
+def _source(module: nn.Module, tensor_name: str) -> Tensor:
+    """The stored tensor under ``tensor_name``: the parameter itself, or the first original."""
+    plist = _parametrized(module).get(tensor_name)
+    if plist is None:
+        return getattr(module, tensor_name)
+    return plist.original if plist.is_tensor else plist.original0
+
+
+def _lora_input(module: nn.Module, tensor_name: str, lora: LoRA) -> Tensor:
+    """The tensor that ``lora`` receives: the original, through the parametrizations before it."""
+    plist = module.parametrizations[tensor_name]
+    index = list(plist).index(lora)
+    if index == 0:
+        return plist.original if plist.is_tensor else plist.original0
+    originals = [plist.original] if plist.is_tensor else [
+        getattr(plist, f"original{i}") for i in range(plist.ntensors)]
+    with torch.no_grad():
+        out = plist[0](*originals)
+        for p in list(plist)[1:index]:
+            out = p(out)
+    return out
+
+
+def _loras(model: nn.Module) -> Iterator[tuple[str, nn.Module, str, LoRA]]:
+    for qualname, module in named_modules(model):
+        for tensor_name, plist in _parametrized(module).items():
+            for p in plist:
+                if isinstance(p, LoRA):
+                    yield qualname, module, tensor_name, p
+
+
+def _adapter_names(fn: str, entries, adapter) -> set[str] | None:
+    if adapter is None:
+        return None
+    names = [adapter] if isinstance(adapter, str) else adapter
+    if not isinstance(names, Sequence) or not all(isinstance(n, str) for n in names):
+        raise TypeError(f"{fn}(): `adapter` must be a str, a sequence of str or None, got {adapter!r}.")
+    present = {n for *_, lora in entries for n in lora.adapters}
+    missing = [n for n in names if n not in present]
+    if missing:
+        raise ValueError(
+            f"{fn}(): no adapter named {missing[0]!r} in the model; it has {sorted(present)}."
+        )
+    return set(names)
+
+
+def _module_loras(module: nn.Module) -> list[LoRA]:
+    return [p for plist in _parametrized(module).values() for p in plist if isinstance(p, LoRA)]
