@@ -254,7 +254,7 @@ def main():
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--seq", type=int, default=512)
-    p.add_argument("--reps", type=int, default=5)
+    p.add_argument("--reps", type=int, default=9)
     p.add_argument("--inject-reps", type=int, default=3)
     p.add_argument("--shape", type=int, nargs=5, default=[1024, 2816, 4, 16, 2000],
                    metavar=("HIDDEN", "INTER", "LAYERS", "HEADS", "VOCAB"))
