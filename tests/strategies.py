@@ -12,7 +12,9 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import pytest
 import torch
+from hypothesis import settings
 from hypothesis import strategies as st
 from torch import nn
 from transformers.pytorch_utils import Conv1D
@@ -313,3 +315,9 @@ CASES = {
     "hf_conv1d": hf_conv1d(),
     "user_type": mixer(),
 }
+
+
+# The table of cases for pytest.mark.parametrize, and a quarter of the profile's examples per
+# test (6 under "ci"); a bigger profile searches deeper.
+KINDS = [pytest.param(kind, id=kind) for kind in CASES]
+FAST = settings(max_examples=max(2, settings.default.max_examples // 4))

@@ -15,7 +15,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from strategies import CASES, Case, Mixer, matrix_dims, multihead_attention, r_max, rnn, rnn_tensor_names
+from strategies import CASES, FAST, KINDS, Case, Mixer, matrix_dims, multihead_attention, r_max, rnn, rnn_tensor_names
 from torch import Tensor, nn
 from torch.func import functional_call
 from torch.nn.utils import parametrize
@@ -25,17 +25,7 @@ from torch.utils._pytree import tree_flatten, tree_map
 import lora_inject as li
 from lora_inject import LoRA
 
-# torch warns once about its own CPU kernels (an LSTM with projections falls back from oneDNN;
-# padding="same" with an even kernel pads a copy); neither says anything about LoRA.
-pytestmark = [
-    pytest.mark.filterwarnings("ignore:LSTM with projections is not supported with oneDNN"),
-    pytest.mark.filterwarnings("ignore:Using padding='same' with even kernel lengths"),
-]
-
 F64 = torch.float64
-KINDS = [pytest.param(kind, id=kind) for kind in CASES]
-# A quarter of the profile's examples per test (6 under "ci"); a bigger profile searches deeper.
-FAST = settings(max_examples=max(2, settings.default.max_examples // 4))
 ALPHAS = st.sampled_from([0.5, 1.0, 3.0, 16.0])
 
 

@@ -9,22 +9,15 @@ import copy
 import peft
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import given
 from hypothesis import strategies as st
-from strategies import CASES, Case
+from strategies import CASES, FAST, KINDS, Case
 from torch import Tensor, nn
 from transformers import GPT2Config, GPT2Model, LlamaConfig, LlamaModel
 
 import lora_inject as li
 
-pytestmark = [
-    pytest.mark.filterwarnings("ignore:LSTM with projections is not supported with oneDNN"),
-    pytest.mark.filterwarnings("ignore:Using padding='same' with even kernel lengths"),
-]
-
 F64 = torch.float64
-KINDS = [pytest.param(kind, id=kind) for kind in CASES]
-FAST = settings(max_examples=max(2, settings.default.max_examples // 4))
 
 
 def randomize(model: nn.Module, adapter: str, seed: int) -> None:

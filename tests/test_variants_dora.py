@@ -12,7 +12,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from strategies import CASES, Case
+from strategies import CASES, FAST, KINDS, Case
 from torch import Tensor, nn
 from torch.func import functional_call
 from torch.utils._pytree import tree_flatten, tree_map
@@ -20,14 +20,7 @@ from transformers.pytorch_utils import Conv1D
 
 import lora_inject as li
 
-pytestmark = [
-    pytest.mark.filterwarnings("ignore:LSTM with projections is not supported with oneDNN"),
-    pytest.mark.filterwarnings("ignore:Using padding='same' with even kernel lengths"),
-]
-
 F64 = torch.float64
-KINDS = [pytest.param(kind, id=kind) for kind in CASES]
-FAST = settings(max_examples=max(2, settings.default.max_examples // 4))
 
 
 # -- the reference -------------------------------------------------------------------------------
