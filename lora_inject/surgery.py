@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import gc
 import itertools
 import math
 import re
 import warnings
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from typing import TypeVar, Union
 
 import torch
@@ -139,56 +141,70 @@ def inject(
                          f"must be positive, got {alpha}.")
     if not isinstance(model, nn.Module):
         raise TypeError(f"inject(): `model` must be an nn.Module, got {type(model).__name__}.")
-    select = matcher("inject", "targets", targets)
-    leave = matcher("inject", "exclude", exclude) if exclude is not None else None
+    # Bulk surgery makes thousands of small objects; a cyclic collection set off midway would
+    # walk the whole model (hundreds of ms on a 7B one), so it waits until the end.
+    with _gc_paused():
+        select = matcher("inject", "targets", targets)
+        leave = matcher("inject", "exclude", exclude) if exclude is not None else None
 
-    plan = _plan(model, select, leave, rules, adapter, dropout, targets)
-    spec = targets if isinstance(targets, str) else getattr(targets, "pattern", None)
-    small = [f"{q}.{t}" if q else t for q, m, rule, t, shape in plan if r > min(_dims(shape, rule))]
-    if small:
-        warnings.warn(
-            f"inject(): r={r} exceeds min(out, in) of {small[:3]}: the update is still exact, "
-            "but a smaller r adds nothing.",
-            UserWarning,
-            stacklevel=2,
-        )
+        plan = _plan(model, select, leave, rules, adapter, dropout, targets)
+        spec = targets if isinstance(targets, str) else getattr(targets, "pattern", None)
+        small = [f"{q}.{t}" if q else t for q, m, rule, t, shape in plan if r > min(_dims(shape, rule))]
+        if small:
+            warnings.warn(
+                f"inject(): r={r} exceeds min(out, in) of {small[:3]}: the update is still exact, "
+                "but a smaller r adds nothing.",
+                UserWarning,
+                stacklevel=2,
+            )
 
-    done: list[tuple[nn.Module, str, LoRA, bool]] = []
+        done: list[tuple[nn.Module, str, LoRA, bool]] = []
+        try:
+            for _, module, rule, tensor_name, shape in plan:
+                lora = find_lora(module, tensor_name)
+                fresh = lora is None
+                if fresh:
+                    lora = LoRA(shape, transpose=rule.transpose, experts=rule.experts,
+                                factored=rule.is_factored(module))
+                    # The module's order before any of our parametrizations, so that removing its
+                    # tensors in any order restores it (a later LoRA sees the earlier tensors gone).
+                    ours = [p for p in _module_loras(module) if hasattr(p, "param_order")]
+                    lora.param_order = ours[0].param_order if ours else list(module._parameters)
+                    new_class = not parametrize.is_parametrized(module)
+                done.append((module, tensor_name, lora, fresh))
+                if fresh:
+                    # Registered while empty, so parametrize's check runs the identity; filled below.
+                    parametrize.register_parametrization(module, tensor_name, lora)
+                    if new_class:
+                        _own_class_on_copy(module)
+                        type(module).__getstate__ = _refuse_pickle
+                    _hook(module)
+                original = _source(module, tensor_name)
+                lora.add(adapter, r=r, alpha=alpha, dropout=dropout, init=init,
+                         dtype=dtype or original.dtype, device=original.device, targets=spec, rslora=rslora,
+                         dora=dora)
+            if dora or init in WEIGHT_INITS:  # these read the weight that LoRA receives
+                for module, tensor_name, lora, _ in done:
+                    init_from_weight(lora, adapter, _lora_input(module, tensor_name, lora))
+        except BaseException:
+            for module, tensor_name, lora, fresh in reversed(done):
+                if adapter in lora.adapters:
+                    lora.drop(adapter)
+                if fresh and find_lora(module, tensor_name) is lora:
+                    _detach(module, tensor_name, lora)
+            raise
+        return model
+
+
+@contextmanager
+def _gc_paused() -> Iterator[None]:
+    enabled = gc.isenabled()
+    gc.disable()
     try:
-        for _, module, rule, tensor_name, shape in plan:
-            lora = find_lora(module, tensor_name)
-            fresh = lora is None
-            if fresh:
-                lora = LoRA(shape, transpose=rule.transpose, experts=rule.experts,
-                            factored=rule.is_factored(module))
-                # The module's order before any of our parametrizations, so that removing its
-                # tensors in any order restores it (a later LoRA sees the earlier tensors gone).
-                ours = [p for p in _module_loras(module) if hasattr(p, "param_order")]
-                lora.param_order = ours[0].param_order if ours else list(module._parameters)
-                new_class = not parametrize.is_parametrized(module)
-            done.append((module, tensor_name, lora, fresh))
-            if fresh:
-                # Registered while empty, so parametrize's check runs the identity; filled below.
-                parametrize.register_parametrization(module, tensor_name, lora)
-                if new_class:
-                    _own_class_on_copy(module)
-                    type(module).__getstate__ = _refuse_pickle
-                _hook(module)
-            original = _source(module, tensor_name)
-            lora.add(adapter, r=r, alpha=alpha, dropout=dropout, init=init,
-                     dtype=dtype or original.dtype, device=original.device, targets=spec, rslora=rslora,
-                     dora=dora)
-        if dora or init in WEIGHT_INITS:  # these read the weight that LoRA receives
-            for module, tensor_name, lora, _ in done:
-                init_from_weight(lora, adapter, _lora_input(module, tensor_name, lora))
-    except BaseException:
-        for module, tensor_name, lora, fresh in reversed(done):
-            if adapter in lora.adapters:
-                lora.drop(adapter)
-            if fresh and find_lora(module, tensor_name) is lora:
-                _detach(module, tensor_name, lora)
-        raise
-    return model
+        yield
+    finally:
+        if enabled:
+            gc.enable()
 
 
 def remove(model: M, *, merge: bool = True, adapter: str | Sequence[str] | None = None) -> M:
