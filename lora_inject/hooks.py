@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from .lookup import _module_loras, _parametrized
+from .lookup import _inverse, _module_loras, _parametrized
 from .lora import LoRA
 from .rule import type_name
 
@@ -71,8 +71,7 @@ def _load_base_keys(module, state_dict, prefix, local_metadata, strict, missing,
             continue
         value = state_dict.pop(key)
         with torch.no_grad():
-            for p in reversed(list(plist)):
-                value = p.right_inverse(value) if hasattr(p, "right_inverse") else value
+            value = _inverse(plist, value)
         if isinstance(value, Tensor):
             state_dict[inner + "original"] = value
         else:

@@ -68,19 +68,35 @@ def _source(module: nn.Module, tensor_name: str) -> Tensor:
     return plist.original if plist.is_tensor else plist.original0
 
 
+def _originals(plist) -> list[Tensor]:
+    """The tensors a ParametrizationList stores: ``original``, or ``original0``, ``original1``..."""
+    return [plist.original] if plist.is_tensor else [getattr(plist, f"original{i}") for i in range(plist.ntensors)]
+
+
+def _forward_to(plist, originals: list[Tensor], stop: int) -> Tensor:
+    """Run ``originals`` through the parametrizations of ``plist`` before index ``stop`` (>= 1)."""
+    out = plist[0](*originals)
+    for p in list(plist)[1:stop]:
+        out = p(out)
+    return out
+
+
+def _inverse(parametrizations, value: Tensor):
+    """Map ``value`` back through each parametrization's ``right_inverse``, last first (identity
+    where there is none): what to store so that they give ``value``."""
+    for p in reversed(list(parametrizations)):
+        value = p.right_inverse(value) if hasattr(p, "right_inverse") else value
+    return value
+
+
 def _lora_input(module: nn.Module, tensor_name: str, lora: LoRA) -> Tensor:
     """The tensor that ``lora`` receives: the original, through the parametrizations before it."""
     plist = module.parametrizations[tensor_name]
     index = list(plist).index(lora)
     if index == 0:
         return plist.original if plist.is_tensor else plist.original0
-    originals = [plist.original] if plist.is_tensor else [
-        getattr(plist, f"original{i}") for i in range(plist.ntensors)]
     with torch.no_grad():
-        out = plist[0](*originals)
-        for p in list(plist)[1:index]:
-            out = p(out)
-    return out
+        return _forward_to(plist, _originals(plist), index)
 
 
 def _loras(model: nn.Module) -> Iterator[tuple[str, nn.Module, str, LoRA]]:

@@ -19,9 +19,12 @@ from .hooks import _hook, _own_class_on_copy, _refuse_pickle, _unhook
 from .inits import WEIGHT_INITS, init_from_weight
 from .lookup import (
     _adapter_names,
+    _forward_to,
+    _inverse,
     _lora_input,
     _loras,
     _module_loras,
+    _originals,
     _parametrized,
     _source,
     find_lora,
@@ -363,12 +366,8 @@ def _merge_into_originals(qualname, module, tensor_name, lora, names, *, write: 
             elif not lora.merge_is_finite(plist.original, names):
                 raise non_finite
             return
-        originals = [plist.original] if plist.is_tensor else [
-            getattr(plist, f"original{i}") for i in range(plist.ntensors)]
-        before = plist[0](*originals)
-        for p in list(plist)[1:index]:
-            before = p(before)
-        target = lora.merged(before, names)
+        originals = _originals(plist)
+        target = lora.merged(_lora_input(module, tensor_name, lora), names)
         if target.device.type != "meta" and not torch.isfinite(target).all():
             raise non_finite
         # A right_inverse may set its own tensors (orthogonal's `base`): a check must not keep them.
@@ -376,13 +375,9 @@ def _merge_into_originals(qualname, module, tensor_name, lora, names, *, write: 
             (d, dict(d), {k: v.clone() for k, v in d.items() if v is not None})
             for p in list(plist)[:index] for q in p.modules() for d in (q._parameters, q._buffers)]
         try:
-            new = target
-            for p in reversed(list(plist)[:index]):
-                new = p.right_inverse(new) if hasattr(p, "right_inverse") else new
+            new = _inverse(list(plist)[:index], target)
             new = [new] if isinstance(new, Tensor) else list(new)
-            check = plist[0](*new)
-            for p in list(plist)[1:index]:
-                check = p(check)
+            check = _forward_to(plist, new, index)
         finally:
             for d, tensors, values in saved:
                 d.clear()
