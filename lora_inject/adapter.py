@@ -296,15 +296,19 @@ def apply(fn: str, model: nn.Module, entries: Sequence[Entry], name: str) -> Non
         with torch.no_grad():
             for e in entries:
                 lora = find_lora(modules[e.module], e.tensor)
-                lora.lora_A[name].copy_(e.A)
-                lora.lora_B[name].copy_(e.B)
-                for k, t in e.extra.items():
-                    lora.tensors(name)[k].copy_(t)
+                _fill(lora, name, e)
                 lora.config[name]["targets"] = e.targets
     except BaseException:
         if any(name in lora.adapters for *_, lora in _loras(model)):
             remove(model, adapter=name, merge=False)
         raise
+
+
+def _fill(lora: LoRA, name: str, e: Entry) -> None:
+    """Copy the saved tensors of ``e`` into adapter ``name`` of ``lora``, in place."""
+    mine = lora.tensors(name)
+    for k, t in (("lora_A", e.A), ("lora_B", e.B), *e.extra.items()):
+        mine[k].copy_(t)
 
 
 def _update(fn: str, entries: Sequence[Entry], name: str, existing: dict[str, LoRA], keys: set[str]):
@@ -333,10 +337,7 @@ def _update(fn: str, entries: Sequence[Entry], name: str, existing: dict[str, Lo
     with torch.no_grad():
         for e in entries:
             lora = existing[e.key]
-            lora.lora_A[name].copy_(e.A)
-            lora.lora_B[name].copy_(e.B)
-            for k, t in e.extra.items():
-                lora.tensors(name)[k].copy_(t)
+            _fill(lora, name, e)
             lora.config[name].update(alpha=e.alpha, rslora=e.rslora, dropout=e.dropout, targets=e.targets)
             lora.scaling[name] = lora_scaling(e.r, e.alpha, e.rslora)
 
