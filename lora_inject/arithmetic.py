@@ -9,7 +9,7 @@ from typing import TypeVar
 import torch
 from torch import Tensor, nn
 
-from .lookup import _adapter_names, _loras
+from .lookup import _adapter_names, _loras, qualified
 from .lora import LoRA, check_adapter_name
 
 __all__ = ["combine"]
@@ -85,7 +85,7 @@ def combine(model: M, weights: Mapping[str, float], into: str, *, rank: int | No
     _adapter_names(fn, entries, list(weights))
     plans = []
     for qualname, _, tensor_name, lora in entries:
-        where = f"{qualname}.{tensor_name}" if qualname else tensor_name
+        where = qualified(qualname, tensor_name)
         if into in lora.adapters:
             raise ValueError(f"{fn}(): the adapter {into!r} already exists on `{where}`. Pass another `into`, "
                              f"or remove it first with remove(model, adapter={into!r}).")

@@ -8,7 +8,7 @@ from typing import TypeVar
 from torch import nn
 
 from .inits import WEIGHT_INITS, init_from_weight
-from .lookup import _adapter_names, _lora_input, _loras
+from .lookup import _adapter_names, _lora_input, _loras, qualified
 from .lora import _EXTRAS, INITS, init_factors
 
 __all__ = ["init_lora"]
@@ -66,7 +66,7 @@ def init_lora(model: M, adapter: str | Sequence[str] | None = None, *, init: str
     names = _adapter_names("init_lora", entries, adapter)
     todo = []
     for qualname, module, tensor_name, lora in entries:
-        where = f"{qualname}.{tensor_name}" if qualname else tensor_name
+        where = qualified(qualname, tensor_name)
         for name in lora.adapters:
             if names is not None and name not in names:
                 continue

@@ -12,6 +12,11 @@ from torch.nn.utils import parametrize
 from .lora import LoRA
 
 
+def qualified(prefix: str, name: str) -> str:
+    """``"prefix.name"``, or ``name`` under the root module (empty prefix)."""
+    return f"{prefix}.{name}" if prefix else name
+
+
 def matcher(fn: str, arg: str, spec: object) -> Callable[[str, nn.Module], bool]:
     """Turn a regex str, compiled pattern or ``f(name, module)`` into one predicate."""
     if isinstance(spec, str):

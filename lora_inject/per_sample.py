@@ -8,7 +8,7 @@ from typing import TypeVar
 
 from torch import nn
 
-from .lookup import _adapter_names, _loras
+from .lookup import _adapter_names, _loras, qualified
 from .rule import type_name
 
 __all__ = ["per_sample"]
@@ -72,7 +72,7 @@ def per_sample(model: M, adapters: Sequence[str | None]) -> Iterator[M]:
                                "inference. Call model.eval() first.")
         mine = [a for a in used if a in lora.adapters]
         if mine and not lora.factored:
-            where = f"{qualname}.{tensor_name}" if qualname else tensor_name
+            where = qualified(qualname, tensor_name)
             raise RuntimeError(
                 f"per_sample(): `{where}` of {type_name(module)} `{qualname}` carries adapter {mine[0]!r} on "
                 "the merged path, where one weight serves the whole batch, so its samples cannot differ. "

@@ -10,7 +10,7 @@ from typing import TypeVar
 import torch
 from torch import nn
 
-from .lookup import _adapter_names, _loras, find_lora, named_modules
+from .lookup import _adapter_names, _loras, find_lora, named_modules, qualified
 from .lora import LoRA
 
 __all__ = [
@@ -36,7 +36,7 @@ def named_loras(model: nn.Module) -> Iterator[tuple[str, LoRA]]:
         ...     print(name, lora.adapters, lora.active)
     """
     for qualname, _, tensor_name, lora in _loras(model):
-        yield (f"{qualname}.{tensor_name}" if qualname else tensor_name), lora
+        yield qualified(qualname, tensor_name), lora
 
 
 def lora_parameters(model: nn.Module, adapter: str | Sequence[str] | None = None) -> Iterator[nn.Parameter]:

@@ -30,6 +30,7 @@ from .lookup import (
     find_lora,
     matcher,
     named_modules,
+    qualified,
 )
 from .lora import INITS, LoRA, check_adapter_name, compute_dtype
 from .rule import Rule, RuleKey, find_rule, type_name
@@ -275,7 +276,7 @@ def _plan(model, select, leave, rules, adapter, dropout, targets=None):
             continue
         names_seen.append(qualname)
         for tensor_name in rule.tensor_names(module):
-            where = f"{qualname}.{tensor_name}" if qualname else tensor_name
+            where = qualified(qualname, tensor_name)
             source = _source(module, tensor_name)
             if not source.is_floating_point():
                 raise TypeError(
@@ -341,7 +342,7 @@ def _tensor_owners(model: nn.Module) -> dict[int, list[str]]:
     for qualname, module in model.named_modules():
         for n, t in list(module._parameters.items()) + list(module._buffers.items()):
             if t is not None:
-                owners.setdefault(id(t), []).append(f"{qualname}.{n}" if qualname else n)
+                owners.setdefault(id(t), []).append(qualified(qualname, n))
     return owners
 
 
@@ -351,7 +352,7 @@ def _merge_into_originals(qualname, module, tensor_name, lora, names, *, write: 
     With ``write=False`` only check that it can be done: a finite result, and, when other
     parametrizations come before ours, that they can represent it.
     """
-    where = f"{qualname}.{tensor_name}" if qualname else tensor_name
+    where = qualified(qualname, tensor_name)
     plist = module.parametrizations[tensor_name]
     index = list(plist).index(lora)
     non_finite = ValueError(
