@@ -1,15 +1,15 @@
 """Add LoRA to any PyTorch model in place, and take it out again."""
 
-from .adapter import load_adapter, save_adapter
+from .io import load_adapter, save_adapter
 from .arithmetic import combine
-from .init import init_lora
-from .lora import LoRA
+from .lora import Adapter, LoRA
 from .per_sample import per_sample
 from .rule import Rule, default_rules, register_rule
 from .state import (
     activate,
     cached,
     disabled,
+    init_lora,
     lora_parameters,
     lora_state_dict,
     mark_only_lora_as_trainable,
@@ -20,6 +20,7 @@ from .surgery import inject, remove
 __version__ = "0.1.0"
 
 __all__ = [
+    "Adapter",
     "LoRA",
     "Rule",
     "activate",

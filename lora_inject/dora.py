@@ -16,17 +16,23 @@ With several active adapters on one tensor they apply in order, as in peft: a pl
 ``g_i * (W + s_i * B_i @ A_i)`` with the gain ``g_i = m_i / ||W0 + s_i * B_i @ A_i||`` (its norm is
 taken with ``W0``, as peft does). So the weight is ``c * W0 + sum_i k_i * s_i * B_i @ A_i``, where
 ``c`` is the product of all gains and ``k_i`` that of the gains of the DoRA adapters from ``i`` on.
-Because every output of a factored layer is linear in the weight and ``c`` and ``k`` scale output
-units, the fast path computes ``c * op(x, W0) + bias + sum_i op(op(x, A_i), k_i * B_i)``: no
-weight-sized tensor is saved for backward or differentiated; only ``||V||`` is computed, without
-gradient, once per forward.
+Because every output of a factored op is linear in the weight, and ``c`` and ``k`` scale output
+units, the fast path computes ``c * op(x, W0) + bias + sum_i op(op(x, A_i), k_i * B_i)`` where the
+op's output carries the output units; other ops get the merged weight. Only ``||V||`` is
+computed, without gradient, once per forward.
 
 Dropout, as for any adapter, acts on the input of the low-rank branch only. peft and the DoRA
 reference code also pass the dropped input through the ``(g - 1) * W0`` term; the two agree
 without dropout and in eval mode, and in expectation in training.
+
+Every function here works on the matrix view ``M`` ``(.., out, in)`` and on *terms*: objects with
+``A`` ``(.., r, in)``, ``B`` ``(.., out, r)``, ``scaling`` and ``magnitude`` (``(.., out)`` for a
+DoRA adapter, else None).
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor
@@ -34,84 +40,52 @@ from torch import Tensor
 __all__: list[str] = []
 
 
-def as_rows(lora, W: Tensor) -> Tensor:
-    """``W`` in the rule's matrix view: ``(out, in)``, or ``(E, out, in)`` for experts."""
-    lead = (lora.shape[0],) if lora.experts else ()
-    if lora.transpose:
-        return W.reshape(*lead, lora.in_features, lora.out_features).mT
-    return W.reshape(*lead, lora.out_features, lora.in_features)
+def norms(M: Tensor, A: Tensor, B: Tensor, s: float, dtype: torch.dtype) -> Tensor:
+    """``||M + s B A||`` over ``in`` for each output unit, ``(.., out)``, in ``dtype``, no gradient.
 
-
-def from_rows(lora, M: Tensor) -> Tensor:
-    """The inverse of :func:`as_rows`: back to the tensor's own shape."""
-    return (M.mT if lora.transpose else M).reshape(lora.shape)
-
-
-def is_dora(lora, name: str) -> bool:
-    return bool(lora.config[name].get("dora"))
-
-
-def norms(lora, W: Tensor, name: str, dtype: torch.dtype) -> Tensor:
-    """``||W + ΔW_name||`` over ``in`` for each output unit, ``(out,)`` or ``(E, out)``, no gradient.
-
-    With ``ΔW = s B A`` it is ``sqrt(||W||^2 + 2 s <W A^T, B> + s^2 <B (A A^T), B>)`` per row: two
-    reads of ``W`` and no weight-sized temporary, where building ``W + ΔW`` would take several.
+    It is ``sqrt(||M||^2 + 2 s <M A^T, B> + s^2 <B (A A^T), B>)`` per row: two reads of ``M`` and
+    no weight-sized temporary, where building ``M + s B A`` would take several.
     """
     with torch.no_grad():
-        M = as_rows(lora, W.detach()).to(dtype)  # (.., out, in)
-        A, B = (t.detach().to(dtype) for t in lora.factor_pair(name))  # (.., r, in), (.., out, r)
-        s = lora.scaling[name]
+        M, A, B = M.detach().to(dtype), A.detach().to(dtype), B.detach().to(dtype)
         sq = torch.linalg.vector_norm(M, dim=-1).square()
         sq = sq + (2 * s) * ((M @ A.mT) * B).sum(-1)  # (.., out, in) @ (.., in, r) -> (.., out, r)
         sq = sq + (s * s) * ((B @ (A @ A.mT)) * B).sum(-1)
         return sq.clamp_min(0).sqrt()
 
 
-def gain(lora, W: Tensor, name: str, dtype: torch.dtype) -> Tensor:
-    """``g = m / ||W + ΔW||`` of DoRA adapter ``name``, ``(out,)``; gradient flows to ``m`` only.
+def gain(M: Tensor, term, dtype: torch.dtype) -> Tensor:
+    """``g = m / ||M + s B A||`` of a DoRA term, ``(.., out)``; gradient flows to ``m`` only.
 
-    A row whose ``W + ΔW`` is exactly zero has ``m = 0`` from init and gets ``g = 1`` rather than
-    ``0 / 0``: its weight row is then ``W + ΔW``, zero, as it was.
+    A row whose ``M + s B A`` is exactly zero has ``m = 0`` from init and gets ``g = 1`` rather than
+    ``0 / 0``: its weight row is then ``M + s B A``, zero, as it was.
     """
-    m = lora.lora_magnitude[name]
+    m = term.magnitude
     # Round the norm as m is stored, so that g is exactly 1 at init in any precision.
-    n = norms(lora, W, name, dtype).to(m.dtype).to(dtype)
+    n = norms(M, term.A, term.B, term.scaling, dtype).to(m.dtype).to(dtype)
     m = m.to(dtype)
     return torch.where(n == 0, torch.ones_like(m), m / torch.where(n == 0, 1, n))
 
 
-def scales(lora, W: Tensor, names, dtype: torch.dtype) -> tuple[Tensor | None, dict[str, Tensor]]:
-    """``(c, k)`` such that the weight is ``c * W + sum_i k_i * ΔW_i`` over ``names`` in order:
-    ``c`` the product of the DoRA gains (None without DoRA), ``k_i`` that of the gains from ``i``
-    on (absent where it is 1)."""
-    c, k = None, {}
-    for name in names:
-        k[name] = None
-        if is_dora(lora, name):
-            g = gain(lora, W, name, dtype)
+def scales(M: Tensor, terms: Sequence, dtype: torch.dtype) -> tuple[Tensor | None, list[Tensor | None]]:
+    """``(c, k)`` such that the weight is ``c * M + sum_i k_i * s_i B_i A_i`` over ``terms`` in
+    order: ``c`` the product of the DoRA gains (None without DoRA), ``k_i`` that of the gains
+    from ``i`` on (None where it is 1)."""
+    c, k = None, [None] * len(terms)
+    for i, term in enumerate(terms):
+        if term.magnitude is not None:
+            g = gain(M, term, dtype)
             c = g if c is None else c * g
-            k = {j: g if v is None else v * g for j, v in k.items()}
-    return c, {j: v for j, v in k.items() if v is not None}
+            k[:i + 1] = [g if v is None else v * g for v in k[:i + 1]]
+    return c, k
 
 
-def merged(lora, W: Tensor, names) -> Tensor:
-    """``c * W + sum_i k_i * ΔW_i`` in ``W``'s shape and dtype, summed in float32 or wider."""
-    ct = torch.promote_types(torch.promote_types(W.dtype, torch.float32), lora._factor_dtype())
-    c, k = scales(lora, W, names, ct)
-    total = as_rows(lora, W).to(ct)
+def merged(M: Tensor, terms: Sequence, dtype: torch.dtype) -> Tensor:
+    """``c * M + sum_i k_i * s_i B_i A_i`` in the matrix view, in ``dtype``, with gradients."""
+    c, k = scales(M, terms, dtype)
+    total = M.to(dtype)
     total = total if c is None else total * c.unsqueeze(-1)
-    for name in names:
-        update = lora.update(name, ct)  # (.., out, in)
-        total = total + (update * k[name].unsqueeze(-1) if name in k else update)
-    return from_rows(lora, total).to(W.dtype)
-
-
-def init_magnitude(lora, name: str, W: Tensor) -> None:
-    """Set ``m`` of adapter ``name`` to ``||W + ΔW||``, so that its weight equals ``W + ΔW``."""
-    m = lora.lora_magnitude[name]
-    with torch.no_grad():
-        m.copy_(norms(lora, W, name, torch.promote_types(W.dtype, torch.float32)))
-
-
-def magnitude_shape(lora) -> tuple[int, ...]:
-    return ((lora.shape[0],) if lora.experts else ()) + (lora.out_features,)
+    for term, ki in zip(terms, k):
+        update = torch.matmul(term.B.to(dtype), term.A.to(dtype)) * term.scaling  # (.., out, r) @ (.., r, in)
+        total = total + (update if ki is None else update * ki.unsqueeze(-1))
+    return total

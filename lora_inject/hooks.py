@@ -6,12 +6,12 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from .lookup import _inverse, _module_loras, _parametrized
+from .lookup import inverse, module_loras, parametrized
 from .lora import LoRA
 from .rule import type_name
 
 
-def _own_class_on_copy(module: nn.Module) -> None:
+def own_class_on_copy(module: nn.Module) -> None:
     """Make ``copy.deepcopy(module)`` give the copy a class of its own.
 
     parametrize keeps a parametrized module's properties on a class made for that one module
@@ -32,7 +32,7 @@ def _own_class_on_copy(module: nn.Module) -> None:
     cls.__deepcopy__ = __deepcopy__
 
 
-def _refuse_pickle(self: nn.Module):
+def refuse_pickle(self: nn.Module):
     """Replace parametrize's refusal to pickle (``torch.save(model)``) with one that says what to do."""
     raise RuntimeError(
         f"torch.save(model) and pickle cannot save the parametrized {type_name(self)} module: "
@@ -43,12 +43,12 @@ def _refuse_pickle(self: nn.Module):
 
 
 def _open_memo(module: nn.Module, args) -> None:
-    for lora in _module_loras(module):
+    for lora in module_loras(module):
         lora.memo_depth += 1
 
 
 def _close_memo(module: nn.Module, args, output) -> None:
-    for lora in _module_loras(module):
+    for lora in module_loras(module):
         lora.memo_depth = max(lora.memo_depth - 1, 0)
         if not lora.memo_depth:
             lora.memo = None
@@ -62,7 +62,7 @@ def _close_memo(module: nn.Module, args, output) -> None:
 
 def _load_base_keys(module, state_dict, prefix, local_metadata, strict, missing, unexpected, errors):
     """Let a checkpoint saved before injection (``p.weight``) load into the injected model."""
-    for tensor_name, plist in _parametrized(module).items():
+    for tensor_name, plist in parametrized(module).items():
         key = prefix + tensor_name
         inner = f"{prefix}parametrizations.{tensor_name}."
         if key not in state_dict or not any(isinstance(p, LoRA) for p in plist):
@@ -71,7 +71,7 @@ def _load_base_keys(module, state_dict, prefix, local_metadata, strict, missing,
             continue
         value = state_dict.pop(key)
         with torch.no_grad():
-            value = _inverse(plist, value)
+            value = inverse(plist, value)
         if isinstance(value, Tensor):
             state_dict[inner + "original"] = value
         else:
@@ -79,13 +79,13 @@ def _load_base_keys(module, state_dict, prefix, local_metadata, strict, missing,
                 state_dict[f"{inner}original{i}"] = v
 
 
-def _hook(module: nn.Module) -> None:
+def hook(module: nn.Module) -> None:
     """Hook the adapted module: base checkpoints load into it, and while its forward runs, the
     merged-path weights are built once (RNNs and MultiheadAttention read them several times)."""
-    found = {getattr(hook, "hook", hook) for hooks, key in _find_hooks(module) for hook in [hooks[key]]}
+    found = {getattr(h, "hook", h) for hooks, key in _find_hooks(module) for h in [hooks[key]]}
     if _load_base_keys not in found:
         module.register_load_state_dict_pre_hook(_load_base_keys)
-    if _open_memo not in found and not all(lora.factored for lora in _module_loras(module)):
+    if _open_memo not in found and not all(lora.factored for lora in module_loras(module)):
         module.register_forward_pre_hook(_open_memo)
         module.register_forward_hook(_close_memo, always_call=True)
 
@@ -93,13 +93,13 @@ def _hook(module: nn.Module) -> None:
 def _find_hooks(module: nn.Module) -> list[tuple[dict, int]]:
     found = []
     for hooks in (module._load_state_dict_pre_hooks, module._forward_pre_hooks, module._forward_hooks):
-        for key, hook in hooks.items():
-            if getattr(hook, "hook", hook) in (_load_base_keys, _open_memo, _close_memo):
+        for key, h in hooks.items():
+            if getattr(h, "hook", h) in (_load_base_keys, _open_memo, _close_memo):
                 found.append((hooks, key))
     return found
 
 
-def _unhook(module: nn.Module) -> None:
+def unhook(module: nn.Module) -> None:
     for hooks, key in _find_hooks(module):
         del hooks[key]
         module._forward_hooks_always_called.pop(key, None)

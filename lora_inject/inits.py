@@ -1,7 +1,7 @@
-r"""Inits that read the weight: PiSSA and OLoRA.
+r"""How an adapter's factors start: the random inits, and PiSSA and OLoRA, which read the weight.
 
-Both start the adapter from a low-rank part of ``W0`` (in the rule's ``(out, in)`` matrix view):
-
+* ``"default"``: ``A`` Kaiming-uniform, ``B`` zero; ``"gaussian"``: ``A ~ N(0, 1/r)``, ``B`` zero.
+  Both leave every output unchanged.
 * ``"pissa"`` (Meng et al., 2024), as peft's ``init_lora_weights="pissa"``: with the SVD
   ``W0 = V diag(S) Uh``, ``A = diag(sqrt(S_r / s)) Uh_r`` and ``B = V_r diag(sqrt(S_r / s))``, so
   that ``s * B @ A`` is the best rank-``r`` approximation of ``W0``;
@@ -22,40 +22,46 @@ The decomposition runs in float32 (float64 for a float64 weight), batched over e
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor, nn
 
-from .dora import as_rows, init_magnitude, is_dora
-
 __all__: list[str] = []
 
-WEIGHT_INITS = ("pissa", "olora")
+INITS = ("default", "gaussian", "pissa", "olora")
+WEIGHT_INITS = ("pissa", "olora")  # the inits that read W0
+RANDOM_INITS = ("default", "gaussian")
 
 
-class BufferDict(nn.Module):
-    """A dict of buffers, saved in the state dict as ``<prefix>.<key>``, as ``ParameterDict`` does."""
-
-    def __getitem__(self, key: str) -> Tensor:
-        return self._buffers[key]
-
-    def __setitem__(self, key: str, value: Tensor) -> None:
-        self.register_buffer(key, value)
-
-    def __delitem__(self, key: str) -> None:
-        del self._buffers[key]
-
-    def __contains__(self, key: object) -> bool:
-        return key in self._buffers
-
-    def __len__(self) -> int:
-        return len(self._buffers)
-
-    def keys(self):
-        return self._buffers.keys()
+def init_factors(A: Tensor, B: Tensor, init: str) -> None:
+    """Initialise ``A`` and ``B`` in place so that ``B @ A == 0`` (the weight inits: both zero,
+    until :func:`decompose` fills them)."""
+    with torch.no_grad():
+        if A.is_meta:
+            return  # nothing to fill; initialise after materialising
+        if A.numel() == 0 or B.numel() == 0 or init in WEIGHT_INITS:
+            A.zero_(), B.zero_()
+            return
+        rows = A.reshape(-1, A.shape[-1])  # each expert's A rows share the fan-in `in`
+        if init == "default":
+            nn.init.kaiming_uniform_(rows, a=math.sqrt(5))
+        elif init == "gaussian":
+            nn.init.normal_(rows, std=1 / A.shape[-2])
+        else:  # validated by inject
+            raise ValueError(f"inject(): unknown `init` {init!r}; use one of {INITS}.")
+        B.zero_()
 
 
 def decompose(init: str, M: Tensor, r: int, scaling: float) -> tuple[Tensor, Tensor]:
-    """``A`` (.., r, in) and ``B`` (.., out, r) for ``init`` from ``M`` (.., out, in), in ``M``'s dtype."""
+    """``A`` (.., r, in) and ``B`` (.., out, r) for ``init`` from ``M`` (.., out, in), in ``M``'s dtype.
+
+    Raises:
+        ValueError: if ``M`` is not finite (the decompositions would fail or give garbage).
+    """
+    if not bool(torch.isfinite(M).all()):
+        raise ValueError(f"inject(): init={init!r} decomposes the weight, which holds NaN or inf. Fix the "
+                         "weight, or use init='default'.")
     if init == "pissa":
         V, S, Uh = torch.linalg.svd(M, full_matrices=False)  # (.., out, k), (.., k), (.., k, in)
         root = (S[..., :r] / scaling).sqrt()
@@ -71,21 +77,3 @@ def decompose(init: str, M: Tensor, r: int, scaling: float) -> tuple[Tensor, Ten
         A = torch.cat([A, A.new_zeros(*A.shape[:-2], short, A.shape[-1])], dim=-2)
         B = torch.cat([B, B.new_zeros(*B.shape[:-1], short)], dim=-1)
     return A, B
-
-
-def init_from_weight(lora, name: str, W: Tensor) -> None:
-    """Initialise what adapter ``name`` reads from the weight ``W`` that ``lora`` receives:
-    PiSSA/OLoRA factors (and their frozen copies), then DoRA's magnitude."""
-    config = lora.config[name]
-    if W.is_meta:
-        return  # nothing to read; initialise after materialising the weight
-    with torch.no_grad():
-        if config["init"] in WEIGHT_INITS:
-            M = as_rows(lora, W.detach()).to(torch.promote_types(W.dtype, torch.float32))
-            A, B = decompose(config["init"], M, config["r"], lora.scaling[name])
-            lora.lora_A[name].copy_(A)
-            lora.lora_B[name].copy_(B)
-            lora.lora_A0[name].copy_(lora.lora_A[name])
-            lora.lora_B0[name].copy_(lora.lora_B[name])
-        if is_dora(lora, name):
-            init_magnitude(lora, name, W)

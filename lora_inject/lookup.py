@@ -53,7 +53,7 @@ def named_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
         stack.extend(reversed(children))
 
 
-def _parametrized(module: nn.Module) -> dict:
+def parametrized(module: nn.Module) -> dict:
     """``module.parametrizations`` as a dict (tensor name -> ParametrizationList), or ``{}``."""
     plists = module._modules.get("parametrizations")  # no getattr: a miss would raise inside
     return dict(plists._modules) if isinstance(plists, nn.ModuleDict) else {}
@@ -61,24 +61,24 @@ def _parametrized(module: nn.Module) -> dict:
 
 def find_lora(module: nn.Module, tensor_name: str) -> LoRA | None:
     """Return our parametrization on ``module.<tensor_name>``, or None."""
-    plist = _parametrized(module).get(tensor_name)
+    plist = parametrized(module).get(tensor_name)
     return next((p for p in plist if isinstance(p, LoRA)), None) if plist is not None else None
 
 
-def _source(module: nn.Module, tensor_name: str) -> Tensor:
+def source(module: nn.Module, tensor_name: str) -> Tensor:
     """The stored tensor under ``tensor_name``: the parameter itself, or the first original."""
-    plist = _parametrized(module).get(tensor_name)
+    plist = parametrized(module).get(tensor_name)
     if plist is None:
         return getattr(module, tensor_name)
     return plist.original if plist.is_tensor else plist.original0
 
 
-def _originals(plist) -> list[Tensor]:
+def originals(plist) -> list[Tensor]:
     """The tensors a ParametrizationList stores: ``original``, or ``original0``, ``original1``..."""
     return [plist.original] if plist.is_tensor else [getattr(plist, f"original{i}") for i in range(plist.ntensors)]
 
 
-def _forward_to(plist, originals: list[Tensor], stop: int) -> Tensor:
+def forward_to(plist, originals: list[Tensor], stop: int) -> Tensor:
     """Run ``originals`` through the parametrizations of ``plist`` before index ``stop`` (>= 1)."""
     out = plist[0](*originals)
     for p in list(plist)[1:stop]:
@@ -86,7 +86,7 @@ def _forward_to(plist, originals: list[Tensor], stop: int) -> Tensor:
     return out
 
 
-def _inverse(parametrizations, value: Tensor):
+def inverse(parametrizations, value: Tensor):
     """Map ``value`` back through each parametrization's ``right_inverse``, last first (identity
     where there is none): what to store so that they give ``value``."""
     for p in reversed(list(parametrizations)):
@@ -94,25 +94,25 @@ def _inverse(parametrizations, value: Tensor):
     return value
 
 
-def _lora_input(module: nn.Module, tensor_name: str, lora: LoRA) -> Tensor:
+def lora_input(module: nn.Module, tensor_name: str, lora: LoRA) -> Tensor:
     """The tensor that ``lora`` receives: the original, through the parametrizations before it."""
     plist = module.parametrizations[tensor_name]
     index = list(plist).index(lora)
     if index == 0:
         return plist.original if plist.is_tensor else plist.original0
     with torch.no_grad():
-        return _forward_to(plist, _originals(plist), index)
+        return forward_to(plist, originals(plist), index)
 
 
-def _loras(model: nn.Module) -> Iterator[tuple[str, nn.Module, str, LoRA]]:
+def loras(model: nn.Module) -> Iterator[tuple[str, nn.Module, str, LoRA]]:
     for qualname, module in named_modules(model):
-        for tensor_name, plist in _parametrized(module).items():
+        for tensor_name, plist in parametrized(module).items():
             for p in plist:
                 if isinstance(p, LoRA):
                     yield qualname, module, tensor_name, p
 
 
-def _adapter_names(fn: str, entries, adapter) -> set[str] | None:
+def adapter_names(fn: str, entries, adapter) -> set[str] | None:
     if adapter is None:
         return None
     names = [adapter] if isinstance(adapter, str) else adapter
@@ -127,5 +127,5 @@ def _adapter_names(fn: str, entries, adapter) -> set[str] | None:
     return set(names)
 
 
-def _module_loras(module: nn.Module) -> list[LoRA]:
-    return [p for plist in _parametrized(module).values() for p in plist if isinstance(p, LoRA)]
+def module_loras(module: nn.Module) -> list[LoRA]:
+    return [p for plist in parametrized(module).values() for p in plist if isinstance(p, LoRA)]

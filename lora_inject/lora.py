@@ -1,60 +1,109 @@
-"""The LoRA parametrization: ``W -> W + sum over active adapters of s * (B @ A)``."""
+"""The LoRA parametrization ``W -> W + sum over active adapters of s * (B @ A)``, and its adapters."""
 
 from __future__ import annotations
 
 import math
 import re
+from dataclasses import asdict, dataclass, field
 
 import torch
 from torch import Tensor, nn
 
-from .dora import magnitude_shape
-from .dora import merged as dora_merged
-from .inits import WEIGHT_INITS, BufferDict
+from . import dora
+from .factored import FactoredWeight, Term, merge
+from .inits import WEIGHT_INITS, decompose, init_factors
+from .view import View, compute_dtype
 
-__all__ = ["LoRA"]
+__all__ = ["Adapter", "LoRA"]
 
-INITS = ("default", "gaussian", "pissa", "olora")  # the last two read W0: see inits.py
-_ADAPTER_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+ADAPTER_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+EXTRAS = ("lora_magnitude", "lora_A0", "lora_B0")  # what an adapter may hold besides its factors
 
 
-def compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    """The dtype in which updates are summed: float32 for half precision, else ``dtype``."""
-    return torch.promote_types(dtype, torch.float32)
+@dataclass
+class Adapter:
+    """One adapter's settings on one tensor.
+
+    Its tensors live in the :class:`LoRA` module that holds it, under the state-dict keys
+    ``<prefix>.<kind>.<name>`` for each kind in :attr:`kinds`: the factors ``lora_A`` and
+    ``lora_B``, DoRA's ``lora_magnitude``, and the frozen initial factors ``lora_A0``/``lora_B0``
+    of the ``"pissa"``/``"olora"`` inits.
+    """
+
+    r: int
+    alpha: float
+    dropout: float = 0.0
+    init: str = "default"
+    rslora: bool = False
+    dora: bool = False
+    targets: str | None = None
+    error: float | None = None  # combine(rank=k): the relative error of the truncation
+    combined: dict[str, float] | None = field(default=None)  # combine(): the weights it was made from
+
+    @property
+    def scaling(self) -> float:
+        """``alpha / r``, or ``alpha / sqrt(r)`` for rsLoRA."""
+        return lora_scaling(self.r, self.alpha, self.rslora)
+
+    @property
+    def kinds(self) -> tuple[str, ...]:
+        """The tensors this adapter holds, by attribute of :class:`LoRA`."""
+        return ("lora_A", "lora_B", *(("lora_magnitude",) if self.dora else ()),
+                *(("lora_A0", "lora_B0") if self.init in WEIGHT_INITS else ()))
+
+
+class BufferDict(nn.Module):
+    """A dict of buffers, saved in the state dict as ``<prefix>.<key>``, as ``ParameterDict`` does."""
+
+    def __getitem__(self, key: str) -> Tensor:
+        return self._buffers[key]
+
+    def __setitem__(self, key: str, value: Tensor) -> None:
+        self.register_buffer(key, value)
+
+    def __delitem__(self, key: str) -> None:
+        del self._buffers[key]
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._buffers
+
+    def __len__(self) -> int:
+        return len(self._buffers)
+
+    def keys(self):
+        return self._buffers.keys()
 
 
 class LoRA(nn.Module):
     r"""Parametrize one tensor as ``W + sum_i s_i * view(B_i @ A_i)`` over the active adapters.
 
     It is registered with :func:`torch.nn.utils.parametrize.register_parametrization` by
-    :func:`lora_inject.inject`, and holds every named adapter of that tensor:
-    ``lora_A[name]`` of shape ``(r, in)`` and ``lora_B[name]`` of shape ``(out, r)`` (with a
-    leading experts dimension for expert weights). ``W`` is never written: the update is
-    computed on the fly, so ``W0`` stays bit-identical while LoRA is attached.
+    :func:`lora_inject.inject`, and holds every named adapter of that tensor: an
+    :class:`Adapter` record each (``lora.adapter(name)``), with ``lora_A[name]`` of shape
+    ``(r, in)`` and ``lora_B[name]`` of shape ``(out, r)`` (with a leading experts dimension for
+    expert weights). ``W`` is never written: the update is computed on the fly, so ``W0`` stays
+    bit-identical while LoRA is attached.
 
     Variants change this parametrization only, so they work for every rule: a DoRA adapter
     (``dora=True``) also holds ``lora_magnitude[name]`` of shape ``(out,)`` (see
     :mod:`lora_inject.dora`); the ``"pissa"``/``"olora"`` inits keep their initial factors
     as buffers ``lora_A0[name]``/``lora_B0[name]`` (see :mod:`lora_inject.inits`).
 
-    ``right_inverse`` is the identity: assigning ``module.weight = X`` sets ``W0`` to ``X``.
+    Its forward gives a :class:`~lora_inject.factored.FactoredWeight` where the rule is
+    factored, and the merged weight elsewhere. ``right_inverse`` is the identity: assigning
+    ``module.weight = X`` sets ``W0`` to ``X``.
     """
 
-    def __init__(
-        self, shape: torch.Size, *, transpose: bool = False, experts: bool = False,
-        factored: bool = False,
-    ) -> None:
+    def __init__(self, shape: torch.Size, *, transpose: bool = False, experts: bool = False,
+                 factored: bool = False) -> None:
         super().__init__()
         self.lora_A = nn.ParameterDict()
         self.lora_B = nn.ParameterDict()
         # Plain attributes, set at once: Module.__setattr__ costs ~1 µs a call.
         self.__dict__.update(
-            shape=tuple(shape),
-            transpose=transpose,
-            experts=experts,
+            view=View(tuple(shape), transpose, experts),
             factored=factored,
-            config={},  # adapter -> {"r", "alpha", "dropout", "init", "targets"}
-            scaling={},  # adapter -> float
+            records={},  # adapter name -> Adapter, in the order they were added
             active=[],  # adapter names, in order
             memo=None,  # (input, output) within one forward of the adapted module
             memo_depth=0,
@@ -62,200 +111,222 @@ class LoRA(nn.Module):
             cache=None,  # inside lora_inject.cached(): () or (key, merged weight)
         )
 
-    # -- shapes -----------------------------------------------------------------------------
+    # -- what it is ---------------------------------------------------------------------------
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return self.view.shape
+
+    @property
+    def transpose(self) -> bool:
+        return self.view.transpose
+
+    @property
+    def experts(self) -> bool:
+        return self.view.experts
+
     @property
     def out_features(self) -> int:
-        core = self.shape[1:] if self.experts else self.shape
-        return core[-1] if self.transpose else core[0]
+        return self.view.out_features
 
     @property
     def in_features(self) -> int:
-        core = self.shape[1:] if self.experts else self.shape
-        return core[0] if self.transpose else math.prod(core[1:])
+        return self.view.in_features
 
     @property
     def adapters(self) -> list[str]:
-        return list(self.lora_A.keys())
+        """The adapters' names, in the order they were added."""
+        return list(self.records)
 
-    # -- adapters ---------------------------------------------------------------------------
-    def add(
-        self, name: str, *, r: int, alpha: float, dropout: float = 0.0, init: str = "default",
-        dtype: torch.dtype, device: torch.device, targets: str | None = None, rslora: bool = False,
-        dora: bool = False,
-    ) -> None:
+    def adapter(self, name: str) -> Adapter:
+        """The :class:`Adapter` record of ``name`` (a ``KeyError`` if there is none)."""
+        return self.records[name]
+
+    @property
+    def config(self) -> dict[str, dict]:
+        """Each adapter's settings as a dict (a copy: change them through :meth:`adapter`)."""
+        return {n: asdict(a) for n, a in self.records.items()}
+
+    @property
+    def scaling(self) -> dict[str, float]:
+        """Each adapter's scaling ``s`` (a copy)."""
+        return {n: a.scaling for n, a in self.records.items()}
+
+    def factor_dtype(self) -> torch.dtype:
+        return next(iter(self.lora_A.values())).dtype if len(self.lora_A) else torch.float32
+
+    # -- adapters -----------------------------------------------------------------------------
+    def add(self, name: str, settings: Adapter, *, dtype: torch.dtype, device: torch.device) -> None:
         """Create adapter ``name`` with fresh factors, and make it active.
 
-        The ``"pissa"``/``"olora"`` factors and DoRA's magnitude depend on ``W0``: they are
-        set by :func:`lora_inject.inits.init_from_weight` (``inject`` calls it)."""
-        lead = (self.shape[0],) if self.experts else ()
-        A = torch.empty(*lead, r, self.in_features, dtype=dtype, device=device)
-        B = torch.empty(*lead, self.out_features, r, dtype=dtype, device=device)
-        init_factors(A, B, init)
+        The ``"pissa"``/``"olora"`` factors and DoRA's magnitude depend on ``W0``: they are set by
+        :meth:`init_from_weight` (``inject`` calls it)."""
+        shape_A, shape_B = self.view.factor_shapes(settings.r)
+        A = torch.empty(shape_A, dtype=dtype, device=device)
+        B = torch.empty(shape_B, dtype=dtype, device=device)
+        init_factors(A, B, settings.init)
         self.lora_A[name] = nn.Parameter(A)
         self.lora_B[name] = nn.Parameter(B)
-        self.config[name] = {"r": r, "alpha": alpha, "dropout": dropout, "init": init, "targets": targets,
-                             "rslora": rslora, "dora": dora}
-        self.scaling[name] = lora_scaling(r, alpha, rslora)
-        if init in WEIGHT_INITS:
-            self._dict("lora_A0", BufferDict)[name] = torch.zeros_like(A)
-            self._dict("lora_B0", BufferDict)[name] = torch.zeros_like(B)
-        if dora:
-            m = torch.ones(*magnitude_shape(self), dtype=dtype, device=device)
-            self._dict("lora_magnitude", nn.ParameterDict)[name] = nn.Parameter(m)
+        if settings.init in WEIGHT_INITS:
+            self.extra("lora_A0", BufferDict)[name] = torch.zeros_like(A)
+            self.extra("lora_B0", BufferDict)[name] = torch.zeros_like(B)
+        if settings.dora:
+            m = torch.ones(self.view.magnitude_shape(), dtype=dtype, device=device)
+            self.extra("lora_magnitude", nn.ParameterDict)[name] = nn.Parameter(m)
+        self.records[name] = settings
         self.active.append(name)
 
     def drop(self, name: str) -> None:
         """Delete adapter ``name``."""
-        del self.lora_A[name], self.lora_B[name], self.config[name], self.scaling[name]
-        for extra in _EXTRAS:
+        del self.lora_A[name], self.lora_B[name], self.records[name]
+        for extra in EXTRAS:
             if name in self._modules.get(extra, ()):
                 del self._modules[extra][name]
         if name in self.active:
             self.active.remove(name)
 
-    def _dict(self, attr: str, kind: type[nn.Module]) -> nn.Module:
+    def extra(self, attr: str, kind: type[nn.Module]) -> nn.Module:
         if attr not in self._modules:
             self.add_module(attr, kind())
         return self._modules[attr]
 
     def tensors(self, name: str) -> dict[str, Tensor]:
-        """Adapter ``name``'s tensors by attribute: ``lora_A``, ``lora_B``, and ``lora_magnitude``
-        (DoRA), ``lora_A0``/``lora_B0`` (frozen, PiSSA/OLoRA) where present. The state-dict key
-        of each is ``<this module's prefix>.<attribute>.<name>``."""
-        out = {"lora_A": self.lora_A[name], "lora_B": self.lora_B[name]}
-        out.update({e: self._modules[e][name] for e in _EXTRAS if name in self._modules.get(e, ())})
-        return out
+        """Adapter ``name``'s tensors by kind (see :attr:`Adapter.kinds`). The state-dict key of
+        each is ``<this module's prefix>.<kind>.<name>``."""
+        return {k: self._modules[k][name] for k in self.records[name].kinds}
 
     def factor_pair(self, name: str) -> tuple[Tensor, Tensor]:
         """``(A, B)`` such that adapter ``name``'s update is ``s * B @ A`` in the matrix view:
         ``lora_A``/``lora_B``, with the frozen ``A0``/``-B0`` appended along ``r`` when present."""
-        A, B = self.lora_A[name], self.lora_B[name]
-        if name in self._modules.get("lora_A0", ()):
+        A, B = self.lora_A._parameters[name], self.lora_B._parameters[name]
+        if self.records[name].init in WEIGHT_INITS:
             A = torch.cat([A, self.lora_A0[name]], dim=-2)  # (.., 2r, in)
             B = torch.cat([B, -self.lora_B0[name]], dim=-1)  # (.., out, 2r)
         return A, B
 
-    def update(self, name: str, dtype: torch.dtype) -> Tensor:
-        """Adapter ``name``'s update ``s * B @ A`` in the matrix view ``(.., out, in)``, in ``dtype``."""
-        A, B = self.factor_pair(name)
-        return torch.matmul(B.to(dtype), A.to(dtype)) * self.scaling[name]  # (.., out, r) @ (.., r, in)
-
-    # -- the update -------------------------------------------------------------------------
-    def delta(self, names: list[str] | None = None, dtype: torch.dtype | None = None) -> Tensor:
-        """Return ``sum_i s_i * view(B_i @ A_i)`` over ``names`` (default: the active ones),
-        in ``W``'s shape, computed in ``dtype`` (default: float32, or float64 for float64)."""
-        names = self.active if names is None else names
-        first = self.lora_A[names[0]] if names else None
-        dtype = dtype or compute_dtype(first.dtype if first is not None else torch.float32)
-        total = None
+    def terms(self, names) -> list[Term]:
+        """The :class:`~lora_inject.factored.Term` of each adapter in ``names``, in order."""
+        out = []
         for name in names:
-            d = self.update(name, dtype)  # (.., out, in)
-            total = d if total is None else total + d
-        if total is None:
-            lead = (self.shape[0],) if self.experts else ()
-            total = torch.zeros(*lead, self.out_features, self.in_features, dtype=dtype)
-        if self.transpose:
-            total = total.mT  # (.., out, in) -> (.., in, out), the stored layout
-        return total.reshape(self.shape)
+            a = self.records[name]
+            m = self._modules["lora_magnitude"]._parameters[name] if a.dora else None
+            out.append(Term(*self.factor_pair(name), a.scaling, a.dropout if self.training else 0.0, m, name))
+        return out
+
+    # -- the update -----------------------------------------------------------------------------
+    def delta(self, names: list[str] | None = None, dtype: torch.dtype | None = None) -> Tensor:
+        """Return ``sum_i s_i * view(B_i @ A_i)`` over ``names`` (default: the active ones), in
+        ``W``'s shape, computed in ``dtype`` (default: float32, or wider for wider factors)."""
+        names = self.active if names is None else names
+        dtype = dtype or compute_dtype(self.factor_dtype())
+        total = torch.zeros(*self.view.lead, self.out_features, self.in_features, dtype=dtype,
+                            device=self.lora_A[names[0]].device if names else None)
+        for term in self.terms(names):
+            total = total + torch.matmul(term.B.to(dtype), term.A.to(dtype)) * term.scaling  # (.., out, in)
+        return self.view.stored(total)
 
     def merged(self, W: Tensor, names: list[str] | None = None) -> Tensor:
-        """Return ``W + delta(names)``, summed in float32 (or wider) and cast to ``W.dtype``
-        (for DoRA adapters, the weight of :mod:`lora_inject.dora`)."""
-        names = self.active if names is None else names
-        if any(self.config[n].get("dora") for n in names):
-            return dora_merged(self, W, names)
-        ct = torch.promote_types(compute_dtype(W.dtype), self._factor_dtype())
-        return (W.to(ct) + self.delta(names, ct)).to(W.dtype)
+        """Return the weight ``W`` takes with ``names`` (default: the active ones), in ``W``'s dtype
+        (see :func:`lora_inject.factored.merge`)."""
+        return merge(W, self.terms(self.active if names is None else names), self.view)
 
     def merge_(self, W: Tensor, names: list[str]) -> None:
-        """Add ``delta(names)`` into ``W`` in place: with ``addmm_`` where ``W`` is already in the
-        compute dtype, else through ``merged`` (float32 sum, cast back)."""
-        ct = torch.promote_types(compute_dtype(W.dtype), self._factor_dtype())
-        if W.dtype != ct or not W.is_contiguous() or self._variant(names):
+        """Write the merged weight into ``W`` in place: with ``addmm_`` where ``W`` is already in the
+        compute dtype and no adapter is DoRA, else through :meth:`merged` (float32 sum, cast back)."""
+        ct = compute_dtype(W.dtype, self.factor_dtype())
+        if W.dtype != ct or not W.is_contiguous() or any(self.records[n].dora for n in names):
             W.copy_(self.merged(W, names))
             return
-        lead = (self.shape[0],) if self.experts else ()
         rows, cols = (self.in_features, self.out_features) if self.transpose else (
             self.out_features, self.in_features)
-        M = W.view(*lead, rows, cols)
+        M = W.view(*self.view.lead, rows, cols)
         for name in names:
-            A, B = self.lora_A[name].to(ct), self.lora_B[name].to(ct)
+            A, B = (t.to(ct) for t in self.factor_pair(name))
             L, R = (A.mT, B.mT) if self.transpose else (B, A)  # stored update = s * L @ R
-            (M.baddbmm_ if self.experts else M.addmm_)(L, R, alpha=self.scaling[name])
+            (M.baddbmm_ if self.experts else M.addmm_)(L, R, alpha=self.records[name].scaling)
 
     def merge_is_finite(self, W: Tensor, names: list[str]) -> bool:
         """Whether ``merged(W, names)`` is finite, from a cheap bound where it suffices."""
         if W.is_meta:
             return True
-        if self._variant(names):
+        if any(self.records[n].dora for n in names):
             return bool(torch.isfinite(self.merged(W, names)).all())
-        factors = [t for n in names for t in (self.lora_A[n], self.lora_B[n])]
+        factors = [t for n in names for t in self.factor_pair(n)]
         if not all(bool(torch.isfinite(t).all()) for t in factors):
             return False
         if W.numel():
             lo, hi = W.aminmax()
             bound = max(abs(float(lo)), abs(float(hi)))
             for n in names:
-                a, b = (float(t.abs().max()) if t.numel() else 0.0 for t in (self.lora_A[n], self.lora_B[n]))
-                bound += abs(self.scaling[n]) * self.config[n]["r"] * a * b
+                A, B = self.factor_pair(n)
+                a, b = (float(t.abs().max()) if t.numel() else 0.0 for t in (A, B))
+                bound += abs(self.records[n].scaling) * A.shape[-2] * a * b
             if bound < torch.finfo(W.dtype).max / 2:  # NaN compares False, and falls through
                 return True
         return bool(torch.isfinite(self.merged(W, names)).all())
 
-    def _variant(self, names: list[str]) -> bool:
-        """Whether an adapter among ``names`` is DoRA or has frozen initial factors."""
-        return any(n in self._modules.get(e, ()) for n in names for e in _EXTRAS)
+    def init_from_weight(self, name: str, W: Tensor) -> None:
+        """Initialise what adapter ``name`` reads from the weight ``W`` that this LoRA receives:
+        PiSSA/OLoRA factors (and their frozen copies), then DoRA's magnitude.
 
-    def _factor_dtype(self) -> torch.dtype:
-        return next(iter(self.lora_A.values())).dtype if len(self.lora_A) else torch.float32
+        Raises:
+            ValueError: if a PiSSA/OLoRA init meets a weight that is not finite.
+        """
+        a = self.records[name]
+        if W.is_meta:
+            return  # nothing to read; initialise after materialising the weight
+        with torch.no_grad():
+            M = self.view.rows(W.detach())
+            if a.init in WEIGHT_INITS:
+                A, B = decompose(a.init, M.to(compute_dtype(W.dtype)), a.r, a.scaling)
+                self.lora_A[name].copy_(A)
+                self.lora_B[name].copy_(B)
+                self.lora_A0[name].copy_(self.lora_A[name])
+                self.lora_B0[name].copy_(self.lora_B[name])
+            if a.dora:
+                A, B = self.factor_pair(name)
+                m = self.lora_magnitude[name]
+                m.copy_(dora.norms(M, A, B, a.scaling, compute_dtype(W.dtype)))
 
+    # -- the parametrization --------------------------------------------------------------------
     def forward(self, W: Tensor) -> Tensor:
-        if self.per_sample is not None:  # lora_inject.per_sample(): the fast path picks rows
-            if not any(n in self.lora_A for n in self.per_sample if n is not None):
-                return W
-            if not self.factored:
-                raise RuntimeError(f"per_sample(): a LoRA of shape {self.shape} is on the merged path, where "
-                                   "one weight serves the whole batch; per-sample adapters need the fast path.")
-            from .weight import LoraWeight
-
-            return LoraWeight.wrap(W, self)
-        if not self.active:
+        rows = self.per_sample
+        names = self.active if rows is None else [n for n in dict.fromkeys(rows) if n in self.records]
+        if not names:
             return W
-        if self.cache is not None and not torch.is_grad_enabled() and not torch.compiler.is_compiling():
-            return self._cached(W)
-        if self.factored:
-            from .weight import LoraWeight
+        if self.factored and (self.cache is None or rows is not None or torch.is_grad_enabled()
+                              or torch.compiler.is_compiling()):
+            return FactoredWeight(W, self.terms(names), self.view, rows)
+        return self.merged_once(W, names)
 
-            return LoraWeight.wrap(W, self)
+    def merged_once(self, W: Tensor, names: list[str]) -> Tensor:
+        """The merged weight, built once per forward of the adapted module (RNNs and
+        MultiheadAttention read it several times), or once for as long as it stays the same
+        inside :func:`lora_inject.cached` (it watches the storage and version counter of ``W``
+        and of every factor)."""
+        if self.per_sample is not None:
+            raise RuntimeError(f"per_sample(): a LoRA of shape {self.shape} is on the merged path, where "
+                               "one weight serves the whole batch; per-sample adapters need the fast path.")
+        if self.cache is not None and not torch.is_grad_enabled() and not torch.compiler.is_compiling():
+            tensors = [W, *(t for n in names for t in self.tensors(n).values())]
+            key = (tuple(names), tuple((t.data_ptr(), t._version) for t in tensors),
+                   tuple(self.records[n].scaling for n in names))
+            if not self.cache or self.cache[0] != key:
+                self.cache = (key, self.merged(W, names))
+            return self.cache[1]
         if self.memo is not None and self.memo[0] is W:
             return self.memo[1]
-        out = self.merged(W)
+        out = self.merged(W, names)
         if self.memo_depth:
             self.memo = (W, out)
         return out
-
-    def _cached(self, W: Tensor) -> Tensor:
-        """Inside :func:`lora_inject.cached`: the merged weight, rebuilt only when ``W``, a factor
-        or the active adapters change (their storage or version counter)."""
-        tensors = [W, *(t for n in self.active for t in self.tensors(n).values())]
-        key = (tuple(self.active), tuple((t.data_ptr(), t._version) for t in tensors),
-               tuple(self.scaling[n] for n in self.active))
-        if not self.cache or self.cache[0] != key:
-            self.cache = (key, self.merged(W))
-        return self.cache[1]
 
     def right_inverse(self, W: Tensor) -> Tensor:
         return W
 
     def extra_repr(self) -> str:
-        items = ", ".join(
-            f"{n}: r={c['r']}, alpha={c['alpha']}{'' if n in self.active else ' (inactive)'}"
-            for n, c in self.config.items()
-        )
+        items = ", ".join(f"{n}: r={a.r}, alpha={a.alpha}{'' if n in self.active else ' (inactive)'}"
+                          for n, a in self.records.items())
         return f"shape={self.shape}, {items}"
-
-
-_EXTRAS = ("lora_magnitude", "lora_A0", "lora_B0")
 
 
 def lora_scaling(r: int, alpha: float, rslora: bool = False) -> float:
@@ -263,32 +334,19 @@ def lora_scaling(r: int, alpha: float, rslora: bool = False) -> float:
     return alpha / math.sqrt(r) if rslora else alpha / r
 
 
-def init_factors(A: Tensor, B: Tensor, init: str) -> None:
-    """Initialise ``A`` and ``B`` in place so that ``B @ A == 0``."""
-    with torch.no_grad():
-        if A.is_meta:
-            return  # nothing to fill; initialise after materialising
-        if A.numel() == 0 or B.numel() == 0:
-            A.zero_(), B.zero_()
-            return
-        rows = A.reshape(-1, A.shape[-1])  # each expert's A rows share the fan-in `in`
-        if init == "default":
-            nn.init.kaiming_uniform_(rows, a=math.sqrt(5))
-        elif init == "gaussian":
-            nn.init.normal_(rows, std=1 / A.shape[-2])
-        elif init in WEIGHT_INITS:
-            A.zero_()  # set from W0 by inits.init_from_weight
-        else:  # validated by inject
-            raise ValueError(f"inject(): unknown `init` {init!r}; use one of {INITS}.")
-        B.zero_()
-
-
 def check_adapter_name(fn: str, name: object) -> str:
+    """Return ``name`` if it is a valid adapter name.
+
+    Raises:
+        TypeError: if ``name`` is not a str.
+        ValueError: if it is not a Python identifier.
+    """
     if not isinstance(name, str):
         raise TypeError(f"{fn}(): `adapter` must be a str, got {type(name).__name__}.")
-    if not _ADAPTER_NAME.fullmatch(name):
+    if not ADAPTER_NAME.fullmatch(name):
         raise ValueError(
             f"{fn}(): `adapter` must be a Python identifier (it becomes part of state-dict "
             f"keys), got {name!r}. Use letters, digits and '_', such as 'default' or 'task_1'."
         )
     return name
+

@@ -8,7 +8,7 @@ from typing import TypeVar
 
 from torch import nn
 
-from .lookup import _adapter_names, _loras, qualified
+from .lookup import adapter_names, loras, qualified
 from .rule import type_name
 
 __all__ = ["per_sample"]
@@ -62,10 +62,10 @@ def per_sample(model: M, adapters: Sequence[str | None]) -> Iterator[M]:
     if not adapters:
         raise ValueError("per_sample(): `adapters` must name one adapter (or None) per sample, got an "
                          "empty sequence.")
-    entries = list(_loras(model))
+    entries = list(loras(model))
     used = sorted({a for a in adapters if a is not None})
     if used:
-        _adapter_names("per_sample", entries, used)
+        adapter_names("per_sample", entries, used)
     for qualname, module, tensor_name, lora in entries:
         if lora.training:
             raise RuntimeError("per_sample(): the model is in training mode; per-sample adapters are for "

@@ -86,7 +86,7 @@ class Rule:
         Raises:
             ValueError: if an entry of ``tensors`` matches none of the module's tensors.
         """
-        own = _own_tensor_names(module)
+        own = own_tensor_names(module)
         names: list[str] = []
         for entry, pattern in zip(self.tensors, self._patterns):
             hits = [n for n in own if pattern.fullmatch(n)]
@@ -103,7 +103,7 @@ class Rule:
         return self.factored(module) if callable(self.factored) else bool(self.factored)
 
 
-def _own_tensor_names(module: nn.Module) -> list[str]:
+def own_tensor_names(module: nn.Module) -> list[str]:
     # Parameters and buffers that are set (not None), and tensors already parametrized.
     names = [n for n, t in module._parameters.items() if t is not None]
     names += [n for n, t in module._buffers.items() if t is not None]

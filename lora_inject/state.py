@@ -10,13 +10,15 @@ from typing import TypeVar
 import torch
 from torch import nn
 
-from .lookup import _adapter_names, _loras, find_lora, named_modules, qualified
+from .inits import INITS, RANDOM_INITS, WEIGHT_INITS, init_factors
+from .lookup import adapter_names, find_lora, lora_input, loras, named_modules, qualified
 from .lora import LoRA
 
 __all__ = [
     "activate",
     "cached",
     "disabled",
+    "init_lora",
     "lora_parameters",
     "lora_state_dict",
     "mark_only_lora_as_trainable",
@@ -35,7 +37,7 @@ def named_loras(model: nn.Module) -> Iterator[tuple[str, LoRA]]:
         >>> for name, lora in named_loras(model):
         ...     print(name, lora.adapters, lora.active)
     """
-    for qualname, _, tensor_name, lora in _loras(model):
+    for qualname, _, tensor_name, lora in loras(model):
         yield qualified(qualname, tensor_name), lora
 
 
@@ -47,8 +49,8 @@ def lora_parameters(model: nn.Module, adapter: str | Sequence[str] | None = None
         TypeError: if ``adapter`` is not a str, a sequence of str or None.
         ValueError: if an adapter name is not in the model.
     """
-    entries = list(_loras(model))
-    names = _adapter_names("lora_parameters", entries, adapter)  # raises now, not on first next()
+    entries = list(loras(model))
+    names = adapter_names("lora_parameters", entries, adapter)  # raises now, not on first next()
     return iter([
         p for *_, lora in entries for name in lora.adapters if names is None or name in names
         for p in lora.tensors(name).values() if isinstance(p, nn.Parameter)
@@ -69,8 +71,8 @@ def lora_state_dict(model: nn.Module, adapter: str | Sequence[str] | None = None
         RuntimeError: if the model is sharded with FSDP1 (``FullyShardedDataParallel``), whose
             flat parameters do not keep the factors' shapes; shard with FSDP2's ``fully_shard``.
     """
-    entries = list(_loras(model))
-    names = _adapter_names("lora_state_dict", entries, adapter)
+    entries = list(loras(model))
+    names = adapter_names("lora_state_dict", entries, adapter)
     refuse_flat_params("lora_state_dict", model, entries)
     keys = set()
     for prefix, module in model.named_modules(remove_duplicate=False):  # as state_dict(): every path
@@ -88,14 +90,14 @@ def full_tensor(t: torch.Tensor) -> torch.Tensor:
 
 
 def refuse_flat_params(fn: str, model: nn.Module, entries) -> None:
-    """Raise if FSDP1 has flattened the LoRA factors of ``model`` (``entries`` from ``_loras``)."""
+    """Raise if FSDP1 has flattened the LoRA factors of ``model`` (``entries`` from ``loras``)."""
     fsdp = sys.modules.get("torch.distributed.fsdp")  # not imported: no FSDP1 module can exist
     fsdp1 = getattr(fsdp, "FullyShardedDataParallel", None)
     flat = fsdp1 is not None and any(isinstance(m, fsdp1) for m in model.modules())
     for *_, lora in entries:
         lead = (lora.shape[0],) if lora.experts else ()
         for name in lora.adapters:
-            r = lora.config[name]["r"]
+            r = lora.adapter(name).r
             flat = flat or name not in lora.lora_A._parameters or (
                 tuple(lora.lora_A[name].shape) != (*lead, r, lora.in_features)
                 or tuple(lora.lora_B[name].shape) != (*lead, lora.out_features, r))
@@ -155,14 +157,14 @@ def activate(model: M, adapters: str | Sequence[str]) -> M:
         TypeError: if ``adapters`` is not a str or a sequence of str.
         ValueError: if a name is not in the model.
     """
-    entries = list(_loras(model))
+    entries = list(loras(model))
     names = [adapters] if isinstance(adapters, str) else adapters
     if not isinstance(names, Sequence) or not all(isinstance(n, str) for n in names):
         raise TypeError(
             f"activate(): `adapters` must be a str or a sequence of str, got {adapters!r}. "
             "Pass [] to turn every adapter off."
         )
-    _adapter_names("activate", entries, names)
+    adapter_names("activate", entries, names)
     for *_, lora in entries:
         lora.active = [n for n in dict.fromkeys(names) if n in lora.adapters]
     return model
@@ -179,7 +181,7 @@ def disabled(model: nn.Module) -> Iterator[nn.Module]:
         >>> with disabled(model):
         ...     base_out = model(x)
     """
-    saved = [(lora, list(lora.active)) for *_, lora in _loras(model)]
+    saved = [(lora, list(lora.active)) for *_, lora in loras(model)]
     for lora, _ in saved:
         lora.active = []
     try:
@@ -208,13 +210,95 @@ def cached(model: nn.Module) -> Iterator[nn.Module]:
         ...     for batch in loader:
         ...         model(batch)          # as fast as the base model after the first batch
     """
-    loras = [lora for *_, lora in _loras(model)]
-    saved = [lora.cache for lora in loras]
-    for lora in loras:
+    found = [lora for *_, lora in loras(model)]
+    saved = [lora.cache for lora in found]
+    for lora in found:
         if lora.cache is None:
             lora.cache = ()
     try:
         yield model
     finally:
-        for lora, cache in zip(loras, saved):
+        for lora, cache in zip(found, saved):
             lora.cache = cache
+
+
+def init_lora(model: M, adapter: str | Sequence[str] | None = None, *, init: str | None = None) -> M:
+    r"""Initialise the LoRA tensors of ``model`` in place, as :func:`~lora_inject.inject` does.
+
+    :func:`~lora_inject.inject` on a model built under ``torch.device("meta")`` allocates
+    nothing: its factors are meta tensors too, without values. After
+    ``model.to_empty(device=...)`` they hold uninitialised memory; this fills them from each
+    adapter's ``init``: ``"default"`` (``A`` Kaiming-uniform, ``B`` zero) or ``"gaussian"``
+    (``A ~ N(0, 1/r)``, ``B`` zero), so that the outputs are the base model's; ``"pissa"`` and
+    ``"olora"`` (from ``W0``, with their frozen copies); and DoRA's magnitudes (from ``W0``).
+    ``W0`` itself is not touched. Load the base weights first, with
+    ``model.load_state_dict(base, strict=False)`` (keys saved before injection, such as
+    ``p.weight``, load into ``W0``): the inits that read ``W0`` read them.
+
+    Args:
+        model (nn.Module): the model to change in place.
+        adapter (str or sequence of str, optional): the adapters to initialise. Default: all.
+        init (str, optional): ``"default"`` or ``"gaussian"`` for every selected adapter,
+            instead of its own. Default: ``None``, each adapter's own ``init``.
+
+    Returns:
+        ``model``, changed in place.
+
+    Raises:
+        TypeError: if ``adapter`` is not a str, a sequence of str or None.
+        ValueError: if an adapter name is not in the model; ``init`` is not one of
+            ``"default"``, ``"gaussian"`` or None; ``init`` is given for an adapter made with
+            ``"pissa"``/``"olora"`` (its frozen copies belong to that init); an adapter's own
+            init is unknown (``init=None``); or an adapter holds tensors this does not know.
+        RuntimeError: if a factor, or a weight that an init reads, is still on the meta
+            device; materialise the model first with ``model.to_empty(device=...)``.
+
+    Nothing changes if the call raises.
+
+    Example::
+
+        >>> with torch.device("meta"):
+        ...     model = LlamaForCausalLM(config)              # no memory allocated
+        >>> inject(model, "q_proj|v_proj", r=16)              # still none
+        >>> model.to_empty(device="cpu")
+        >>> model.load_state_dict(base_state_dict, strict=False)   # missing keys: the factors
+        >>> init_lora(model)
+    """
+    if init is not None and init not in RANDOM_INITS:
+        raise ValueError(f"init_lora(): `init` must be one of {RANDOM_INITS} or None, got {init!r}.")
+    entries = list(loras(model))
+    names = adapter_names("init_lora", entries, adapter)
+    todo = []
+    for qualname, module, tensor_name, lora in entries:
+        where = qualified(qualname, tensor_name)
+        for name in lora.adapters:
+            if names is not None and name not in names:
+                continue
+            own = lora.adapter(name).init
+            if own not in INITS or (init is not None and own in WEIGHT_INITS):
+                fix = (f"Pass `init=` one of {RANDOM_INITS}." if own not in INITS else
+                       f"Leave `init=None` to redo {own!r}, or inject the adapter again.")
+                raise ValueError(f"init_lora(): adapter {name!r} on `{where}` was made with "
+                                 f"init={own!r}, which init_lora cannot replace or redo here. {fix}")
+            unknown = [k for k, d in lora.named_children() if k not in lora.adapter(name).kinds
+                       and (name in d._parameters or name in d._buffers)]
+            if unknown:
+                raise ValueError(
+                    f"init_lora(): adapter {name!r} on `{where}` also holds {unknown}, which "
+                    "init_lora does not know how to fill. Inject it again after materialising the model."
+                )
+            reads_w0 = own in WEIGHT_INITS or lora.adapter(name).dora
+            weight = lora_input(module, tensor_name, lora) if reads_w0 else None
+            if any(t.is_meta for t in lora.tensors(name).values()) or (weight is not None and weight.is_meta):
+                raise RuntimeError(
+                    f"init_lora(): adapter {name!r} on `{where}` is on the meta device (its factors, "
+                    "or the weight its init reads), so there is nothing to fill or read. Materialise "
+                    "the model first with model.to_empty(device=...), load the base weights, then "
+                    "call init_lora."
+                )
+            todo.append((lora, name, init or own, weight))
+    for lora, name, how, weight in todo:
+        init_factors(lora.lora_A[name], lora.lora_B[name], how)
+        if weight is not None:
+            lora.init_from_weight(name, weight)
+    return model

@@ -15,24 +15,24 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
-from .hooks import _hook, _own_class_on_copy, _refuse_pickle, _unhook
-from .inits import WEIGHT_INITS, init_from_weight
+from .hooks import hook, own_class_on_copy, refuse_pickle, unhook
+from .inits import INITS, WEIGHT_INITS
 from .lookup import (
-    _adapter_names,
-    _forward_to,
-    _inverse,
-    _lora_input,
-    _loras,
-    _module_loras,
-    _originals,
-    _parametrized,
-    _source,
+    adapter_names,
+    forward_to,
+    inverse,
+    lora_input,
+    loras,
+    module_loras,
+    originals,
+    parametrized,
+    source,
     find_lora,
     matcher,
     named_modules,
     qualified,
 )
-from .lora import INITS, LoRA, check_adapter_name, compute_dtype
+from .lora import Adapter, LoRA, check_adapter_name
 from .rule import Rule, RuleKey, find_rule, type_name
 
 __all__ = ["inject", "remove"]
@@ -172,7 +172,7 @@ def inject(
                                 factored=rule.is_factored(module))
                     # The module's order before any of our parametrizations, so that removing its
                     # tensors in any order restores it (a later LoRA sees the earlier tensors gone).
-                    ours = [p for p in _module_loras(module) if hasattr(p, "param_order")]
+                    ours = [p for p in module_loras(module) if hasattr(p, "param_order")]
                     lora.param_order = ours[0].param_order if ours else list(module._parameters)
                     new_class = not parametrize.is_parametrized(module)
                 done.append((module, tensor_name, lora, fresh))
@@ -180,16 +180,16 @@ def inject(
                     # Registered while empty, so parametrize's check runs the identity; filled below.
                     parametrize.register_parametrization(module, tensor_name, lora)
                     if new_class:
-                        _own_class_on_copy(module)
-                        type(module).__getstate__ = _refuse_pickle
-                    _hook(module)
-                original = _source(module, tensor_name)
-                lora.add(adapter, r=r, alpha=alpha, dropout=dropout, init=init,
-                         dtype=dtype or original.dtype, device=original.device, targets=spec, rslora=rslora,
-                         dora=dora)
+                        own_class_on_copy(module)
+                        type(module).__getstate__ = refuse_pickle
+                    hook(module)
+                original = source(module, tensor_name)
+                settings = Adapter(r=r, alpha=alpha, dropout=dropout, init=init, rslora=rslora, dora=dora,
+                                   targets=spec)
+                lora.add(adapter, settings, dtype=dtype or original.dtype, device=original.device)
             if dora or init in WEIGHT_INITS:  # these read the weight that LoRA receives
                 for module, tensor_name, lora, _ in done:
-                    init_from_weight(lora, adapter, _lora_input(module, tensor_name, lora))
+                    lora.init_from_weight(adapter, lora_input(module, tensor_name, lora))
         except BaseException:
             for module, tensor_name, lora, fresh in reversed(done):
                 if adapter in lora.adapters:
@@ -241,8 +241,8 @@ def remove(model: M, *, merge: bool = True, adapter: str | Sequence[str] | None 
     """
     if not isinstance(merge, bool):
         raise TypeError(f"remove(): `merge` must be a bool, got {merge!r}.")
-    entries = list(_loras(model))
-    names = _adapter_names("remove", entries, adapter)
+    entries = list(loras(model))
+    names = adapter_names("remove", entries, adapter)
     plans = []
     for qualname, module, tensor_name, lora in entries:
         mine = [n for n in lora.adapters if names is None or n in names]
@@ -277,13 +277,13 @@ def _plan(model, select, leave, rules, adapter, dropout, targets=None):
         names_seen.append(qualname)
         for tensor_name in rule.tensor_names(module):
             where = qualified(qualname, tensor_name)
-            source = _source(module, tensor_name)
-            if not source.is_floating_point():
+            stored = source(module, tensor_name)
+            if not stored.is_floating_point():
                 raise TypeError(
-                    f"inject(): `{where}` has dtype {source.dtype}; LoRA needs a floating-point "
+                    f"inject(): `{where}` has dtype {stored.dtype}; LoRA needs a floating-point "
                     f"tensor. Leave {type_name(module)} `{qualname}` out with `exclude=`."
                 )
-            shared = owners.get(id(source), [])
+            shared = owners.get(id(stored), [])
             if len(shared) > 1:
                 raise ValueError(
                     f"inject(): `{where}` is one tensor shared by {shared}. An adapter on it "
@@ -302,8 +302,7 @@ def _plan(model, select, leave, rules, adapter, dropout, targets=None):
                     f"{type_name(module)} `{qualname}` has none (its weight is merged before its "
                     "forward). Use dropout=0.0, or leave it out with `exclude=`."
                 )
-            parametrized = tensor_name in _parametrized(module)
-            shape = getattr(module, tensor_name).shape if parametrized else source.shape
+            shape = getattr(module, tensor_name).shape if tensor_name in parametrized(module) else stored.shape
             plan.append((qualname, module, rule, tensor_name, shape))
     if not plan:
         raise _nothing_matched(no_rule, targets, model)
@@ -367,8 +366,8 @@ def _merge_into_originals(qualname, module, tensor_name, lora, names, *, write: 
             elif not lora.merge_is_finite(plist.original, names):
                 raise non_finite
             return
-        originals = _originals(plist)
-        target = lora.merged(_lora_input(module, tensor_name, lora), names)
+        stored = originals(plist)
+        target = lora.merged(lora_input(module, tensor_name, lora), names)
         if target.device.type != "meta" and not torch.isfinite(target).all():
             raise non_finite
         # A right_inverse may set its own tensors (orthogonal's `base`): a check must not keep them.
@@ -376,16 +375,16 @@ def _merge_into_originals(qualname, module, tensor_name, lora, names, *, write: 
             (d, dict(d), {k: v.clone() for k, v in d.items() if v is not None})
             for p in list(plist)[:index] for q in p.modules() for d in (q._parameters, q._buffers)]
         try:
-            new = _inverse(list(plist)[:index], target)
+            new = inverse(list(plist)[:index], target)
             new = [new] if isinstance(new, Tensor) else list(new)
-            check = _forward_to(plist, new, index)
+            check = forward_to(plist, new, index)
         finally:
             for d, tensors, values in saved:
                 d.clear()
                 d.update(tensors)
                 for k, v in values.items():
                     tensors[k].copy_(v)
-        tol = 1e-3 if compute_dtype(target.dtype) != target.dtype else 1e-5
+        tol = 1e-3 if target.dtype in (torch.float16, torch.bfloat16) else 1e-5
         if check.shape != target.shape or not torch.allclose(check, target, rtol=tol, atol=tol):
             raise RuntimeError(
                 f"remove(): cannot merge into `{where}`: the parametrization "
@@ -394,7 +393,7 @@ def _merge_into_originals(qualname, module, tensor_name, lora, names, *, write: 
                 "or remove that parametrization first."
             )
         if write:
-            for o, n in zip(originals, new):
+            for o, n in zip(stored, new):
                 o.copy_(n)
 
 
@@ -412,5 +411,5 @@ def _detach(module: nn.Module, tensor_name: str, lora: LoRA) -> None:
         kept.update({k: v for k, v in params.items() if k not in kept})
         params.clear()
         params.update(kept)
-    if not any(find_lora(module, t) for t in _parametrized(module)):
-        _unhook(module)
+    if not any(find_lora(module, t) for t in parametrized(module)):
+        unhook(module)

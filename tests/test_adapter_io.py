@@ -308,7 +308,7 @@ def test_integer_factors_cannot_be_loaded(saved):
     key = "h.0.attn.c_attn.weight.lora_A"
     _rewrite_weights(path, lambda t: t.update({key: torch.ones(4, 16, dtype=torch.int64)}))
     _refused(copy.deepcopy(base), path, TypeError,
-             r"`h\.0\.attn\.c_attn\.weight\.lora_A` .* has dtype I64 and shape \[4, 16\]; LoRA factors must be")
+             r"`h\.0\.attn\.c_attn\.weight\.lora_A` .* has dtype int64 and shape \[4, 16\]; LoRA factors must be")
 
 
 def test_unknown_dtype_in_config_cannot_be_loaded(saved):

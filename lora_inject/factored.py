@@ -1,0 +1,473 @@
+r"""The adapted weight as a value: ``W0`` plus low-rank terms, kept factored where an op allows it.
+
+``LoRA.forward`` returns a :class:`FactoredWeight` for layers whose rule is factored. It is a
+wrapper tensor with no storage of its own: it holds ``W0`` and one :class:`Term` per active
+adapter (its factors, scaling, dropout and DoRA magnitude), and nothing else. The layer's own
+forward runs unchanged:
+
+* an op of the table below computes ``op(x, W0) + s * op'(op''(x, A), B)``, so no weight-sized
+  update is built, saved for backward or differentiated;
+* every other op, and a table op whose arguments do not fit (another orientation under DoRA, a
+  grouped conv, ``max_norm``...), gets the merged weight ``W0 + s * B @ A``, computed above
+  autograd so that gradients reach the factors;
+* anything that reaches ``__torch_dispatch__`` (below autograd) gets the merged value where no
+  gradient is wanted, and an error that names lora_inject where one is: it never computes with
+  ``W0`` alone.
+
+The table, one entry per op: ``F.linear``, ``torch.addmm``, ``torch.matmul`` (and ``x @ w``),
+``torch.mm``, ``F.embedding``, ``F.embedding_bag``, ``F.conv1d/2d/3d``. Each entry knows which
+dimension of the stored weight its output carries (``F.linear`` and conv: dim 0; the others:
+dim 1); DoRA's gains scale output units, so a DoRA weight is factored only where that dimension
+is the rule's output dimension.
+
+Autocast, ``torch.func`` transforms, forward-mode AD and ``torch.compile`` run the same composable
+ops; the one fused kernel (one plain adapter, see :class:`_LowRank`) runs in plain eager mode,
+and under autocast on inputs cast as autocast casts them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import torch
+import torch.autograd.forward_ad as forward_ad
+import torch.nn.functional as F
+from torch import Tensor
+from torch.utils._pytree import tree_map_only
+
+from . import dora
+from .view import View, compute_dtype
+
+__all__: list[str] = []
+
+aten = torch.ops.aten
+
+
+class Term(NamedTuple):
+    """One active adapter's part of the weight: ``scaling * B @ A`` in the matrix view."""
+
+    A: Tensor  # (r, in); with PiSSA/OLoRA's frozen factors appended along r
+    B: Tensor  # (out, r)
+    scaling: float
+    dropout: float = 0.0  # the probability at work: 0 in eval mode
+    magnitude: Tensor | None = None  # DoRA's m, (out,)
+    name: str = ""
+
+    def detached(self) -> Term:
+        m = None if self.magnitude is None else self.magnitude.detach()
+        return self._replace(A=self.A.detach(), B=self.B.detach(), magnitude=m)
+
+
+class FactoredWeight(Tensor):
+    """``W0 + sum_i s_i * view(B_i @ A_i)`` (DoRA: see :mod:`lora_inject.dora`), kept factored.
+
+    Its shape, dtype, device and strides are ``W0``'s; its value, for every op, is the adapted
+    weight. ``rows`` is set inside :func:`lora_inject.per_sample`: each sample's adapter name, or
+    None; then each term acts only on the samples that chose it.
+    """
+
+    w0: Tensor
+    terms: tuple[Term, ...]
+    view: View
+    rows: tuple[str | None, ...] | None
+
+    @staticmethod
+    def __new__(cls, w0: Tensor, terms, view: View, rows=None):
+        out = Tensor._make_wrapper_subclass(cls, w0.shape, strides=w0.stride(), dtype=w0.dtype,
+                                            device=w0.device, requires_grad=False)
+        out.w0, out.terms, out.view, out.rows, out.gains = w0, tuple(terms), view, rows, None
+        return out
+
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def __repr__(self, *, tensor_contents=None) -> str:
+        return f"FactoredWeight({self.merged()!r}, adapters={[t.name for t in self.terms]})"
+
+    # -- compile: the inner tensors and the rest -------------------------------------------------
+    def __tensor_flatten__(self):
+        names = ["w0"] + [f"{k}{i}" for i, t in enumerate(self.terms) for k in "ABm"
+                          if k != "m" or t.magnitude is not None]
+        meta = tuple((t.scaling, t.dropout, t.name, t.magnitude is not None) for t in self.terms)
+        return names, (self.view, self.rows, meta)
+
+    @staticmethod
+    def __tensor_unflatten__(inner, ctx, outer_size, outer_stride):
+        view, rows, meta = ctx
+        terms = [Term(inner[f"A{i}"], inner[f"B{i}"], s, p, inner.get(f"m{i}") if has_m else None, name)
+                 for i, (s, p, name, has_m) in enumerate(meta)]
+        return FactoredWeight(inner["w0"], terms, view, rows)
+
+    def __getattr__(self, name: str):  # the inner tensors by the names __tensor_flatten__ gives
+        kind, index = name[:1], name[1:]
+        if kind in ("A", "B", "m") and index.isdigit() and int(index) < len(self.terms):
+            term = self.terms[int(index)]
+            return {"A": term.A, "B": term.B, "m": term.magnitude}[kind]
+        raise AttributeError(name)
+
+    # -- the value ---------------------------------------------------------------------------
+    def merged(self) -> Tensor:
+        """The weight as a plain tensor (see :func:`merge`)."""
+        if self.rows is not None:
+            raise RuntimeError(
+                f"per_sample(): an adapted weight of shape {tuple(self.shape)} reached an op that has no "
+                "factored form, so it would be one weight for the whole batch and its samples could not "
+                "differ. Run one forward per adapter with li.activate() instead.")
+        return merge(self.w0, self.terms, self.view)
+
+    def detached(self) -> FactoredWeight:
+        return FactoredWeight(self.w0.detach(), [t.detached() for t in self.terms], self.view, self.rows)
+
+    def needs_grad(self) -> bool:
+        return any(t.requires_grad for t in self.inner_tensors())
+
+    def inner_tensors(self) -> list[Tensor]:
+        return [self.w0] + [x for t in self.terms for x in (t.A, t.B, t.magnitude) if x is not None]
+
+    def has_dora(self) -> bool:
+        return any(t.magnitude is not None for t in self.terms)
+
+    def scales(self) -> tuple[Tensor | None, list[Tensor | None]]:
+        """DoRA's ``(c, k)`` (see :func:`lora_inject.dora.scales`), computed on first use.
+
+        Inside per_sample() each sample has one adapter: ``c`` is each term's own gain, so
+        ``k`` holds the gains and ``c`` is None (see :meth:`rescale`)."""
+        if self.gains is None:
+            M = self.view.rows(self.w0)
+            ct = compute_dtype(self.w0.dtype, *(t.A.dtype for t in self.terms))
+            if self.rows is None:
+                self.gains = dora.scales(M, self.terms, ct)
+            else:
+                self.gains = (None, [None if t.magnitude is None else dora.gain(M, t, ct) for t in self.terms])
+        return self.gains
+
+    def keep(self, h: Tensor, name: str) -> Tensor:
+        """Inside per_sample(): ``h`` with the rows (dim 0) of samples that use another adapter zeroed."""
+        return h if self.rows is None else h * self.mask(name, h)
+
+    def mask(self, name: str, t: Tensor) -> Tensor:
+        """1 for the rows of ``t`` (dim 0) whose sample uses ``name``, else 0; shaped to broadcast."""
+        rows, n = self.rows, t.shape[0]
+        flat = t.dim() == 2 and n % len(rows) == 0  # a 2-D input may hold each sample's rows in turn
+        if n != len(rows) and not flat:
+            raise RuntimeError(f"per_sample(): a batch has {n} samples along dim 0 of the layer's input, but "
+                               f"{len(rows)} adapters were given, one per sample. Pass one per sample.")
+        m = torch.tensor([a == name for a in rows], dtype=t.dtype, device=t.device)
+        return m.repeat_interleave(n // len(rows)).view(n, *[1] * (t.dim() - 1))
+
+    def rescale(self, out: Tensor, bias: Tensor | None = None, dim: int = -1, frozen: Tensor | None = None):
+        """DoRA: scale the base output ``out = op(x, W0) + bias`` by ``c`` along its output units
+        (``dim``), as ``out + (c - 1) * (out - bias)``, which is ``out`` exactly where ``c`` is 1
+        (at init); ``out`` itself without DoRA. Where ``frozen`` (a bool mask) is set, ``c``
+        carries no gradient."""
+        if not self.has_dora():
+            return out
+        c, k = self.scales()
+        shape = [1] * out.dim()
+        shape[dim] = -1
+        if c is not None:
+            c1 = (c - 1).view(shape)
+        else:  # per sample: the gain of each sample's own DoRA adapter
+            c1 = sum(self.mask(t.name, out).to(g.dtype) * (g - 1).view(shape)
+                     for t, g in zip(self.terms, k) if g is not None)
+        if bias is not None and bias.dim() == 1:
+            bias = bias.view(shape)
+        base = (out if bias is None else out - bias).to(c1.dtype)
+        extra = base * c1
+        if frozen is not None:
+            extra = torch.where(frozen, base * c1.detach(), extra)
+        return out + extra.to(out.dtype)
+
+    def factors(self):
+        """Yield ``(L, R, s, p, name)`` per term: the stored update is ``s * L @ R``.
+
+        For a rows layout that is ``B @ A``; for a transposed one ``A.T @ B.T``. With DoRA, ``B``
+        is scaled per output unit by ``k`` (see :meth:`scales`)."""
+        k = self.scales()[1] if self.has_dora() else [None] * len(self.terms)
+        for term, ki in zip(self.terms, k):
+            B = term.B if ki is None else term.B * ki.unsqueeze(-1).to(term.B.dtype)  # (out, r)
+            L, R = (term.A.t(), B.t()) if self.view.transpose else (B, term.A)
+            yield L, R, term.scaling, term.dropout, term.name
+
+    # -- dispatch ----------------------------------------------------------------------------
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        op = OPS.get(func)
+        if op is not None:
+            out = op.compute(args, kwargs)
+            if out is not NotImplemented:
+                return out
+        elif func in OWN:  # the wrapper's own metadata: W0's
+            with torch._C.DisableTorchFunctionSubclass():
+                return func(*args, **kwargs)
+        elif func is Tensor.detach:
+            return args[0].detached()
+        args, kwargs = tree_map_only(FactoredWeight, FactoredWeight.merged, (args, kwargs))
+        return func(*args, **kwargs)
+
+    @classmethod
+    def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is aten.detach.default:
+            return args[0].detached()
+        found = []
+        tree_map_only(FactoredWeight, found.append, (args, kwargs))
+        if torch.is_grad_enabled() and any(w.needs_grad() for w in found):
+            raise RuntimeError(
+                f"lora_inject: the op {func} reached an adapted weight below autograd, where its gradient "
+                "could not reach the LoRA factors. Call it through torch's Python API, under torch.no_grad(), "
+                "or merge the adapters first with lora_inject.remove(model).")
+        args, kwargs = tree_map_only(FactoredWeight, FactoredWeight.merged, (args, kwargs))
+        return func(*args, **kwargs)
+
+
+def merge(w0: Tensor, terms, view: View) -> Tensor:
+    """``W0`` with ``terms`` applied, in ``W0``'s shape and dtype: summed in float32 (or wider, as
+    the factors are) and cast back once, with gradients to every tensor."""
+    ct = compute_dtype(w0.dtype, *(t.A.dtype for t in terms))
+    return view.stored(dora.merged(view.rows(w0), terms, ct)).to(w0.dtype)
+
+
+OWN = {
+    Tensor.shape.__get__, Tensor.dtype.__get__, Tensor.device.__get__, Tensor.ndim.__get__,
+    Tensor.layout.__get__, Tensor.is_cuda.__get__, Tensor.is_meta.__get__, Tensor.is_sparse.__get__,
+    Tensor.is_quantized.__get__, Tensor.size, Tensor.dim, Tensor.numel, Tensor.nelement, Tensor.stride,
+    Tensor.element_size, Tensor.is_floating_point, Tensor.is_complex, Tensor.is_contiguous,
+    Tensor.requires_grad_, Tensor.__hash__,
+}
+
+
+# -- the op table ----------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Op:
+    """A factored form: ``compute(args, kwargs)`` gives the op's result, or NotImplemented where
+    the arguments do not fit (the weight is then merged). ``out_dim`` is the dimension of the
+    stored weight that the op's output carries."""
+
+    compute: Callable
+    out_dim: int
+
+
+OPS: dict[Callable, Op] = {}
+
+
+def implements(*funcs: Callable, out_dim: int, names: tuple[str, ...], defaults: tuple = ()):
+    """Register a factored form for ``funcs``, called with their arguments bound to ``names``
+    (the last ``len(defaults)`` of them optional)."""
+    def register(form: Callable) -> Callable:
+        def compute(args, kwargs):
+            if kwargs or len(args) != len(names):
+                args = bind(names, defaults, args, kwargs)
+            return form(*args)
+
+        for f in funcs:
+            OPS[f] = Op(compute, out_dim)
+        return form
+    return register
+
+
+def bind(names: tuple[str, ...], defaults: tuple, args, kwargs) -> list:
+    """``args`` and ``kwargs`` as one positional list over ``names``, defaults filled in."""
+    optional = len(names) - len(defaults)
+    values = list(args) + list(defaults[max(len(args) - optional, 0):])
+    if len(values) < len(names):  # a required argument given by keyword
+        values = list(args) + [None] * (optional - len(args)) + list(defaults)
+    for k, v in kwargs.items():
+        values[names.index(k)] = v
+    return values
+
+
+def fits(weight, x, out_dim: int) -> bool:
+    """Whether ``weight`` is ours, 2-D and not an input too, and DoRA (if any) scales ``out_dim``."""
+    return (type(weight) is FactoredWeight and type(x) is not FactoredWeight and not weight.view.experts
+            and (not weight.has_dora() or weight.view.out_dim == out_dim))
+
+
+def plain_eager() -> bool:
+    """Whether the fused kernel may run: eager mode, no torch.func transform, no forward AD."""
+    return not (torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active()
+                or forward_ad._current_level >= 0)
+
+
+def one_plain_term(weight: FactoredWeight, x: Tensor):
+    """``(L, R, s)`` when ``weight`` has one term, no DoRA, no dropout at work, no per-sample rows,
+    in plain eager mode: the case :class:`_LowRank` computes; else None."""
+    if weight.rows is not None or len(weight.terms) != 1 or x.dim() < 1:
+        return None
+    term = weight.terms[0]
+    if term.dropout or term.magnitude is not None or not plain_eager():
+        return None
+    L, R = (term.A.t(), term.B.t()) if weight.view.transpose else (term.B, term.A)
+    return L, R, term.scaling
+
+
+def autocast_dtype(x: Tensor) -> torch.dtype | None:
+    kind = x.device.type
+    return torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) and x.is_floating_point() else None
+
+
+def fused(x: Tensor, W: Tensor, bias: Tensor | None, first: Tensor, second: Tensor, s: float) -> Tensor | None:
+    """``bias + x @ W + s * (x @ first) @ second`` with :class:`_LowRank`, in one dtype (autocast's
+    where it is on); None where the dtypes differ (the composable ops then run)."""
+    dt = autocast_dtype(x)
+    if dt is not None:
+        x, W, first, second = x.to(dt), W.to(dt), first.to(dt), second.to(dt)
+        bias = bias.to(dt) if bias is not None else None
+        with torch.autocast(x.device.type, enabled=False):
+            return fused(x, W, bias, first, second, s)
+    if not (x.dtype == W.dtype == first.dtype == second.dtype) or (bias is not None and bias.dtype != x.dtype):
+        return None
+    x2 = x.reshape(x.shape[:-1].numel(), x.shape[-1])
+    return _LowRank.apply(x2, W, bias, first, second, s).view(*x.shape[:-1], W.shape[-1])
+
+
+def add(out: Tensor, extra: Tensor) -> Tensor:
+    return out + extra.to(out.dtype)
+
+
+def branch(x: Tensor, weight: FactoredWeight, out: Tensor, transposed: bool) -> Tensor:
+    """``out + x @ ΔW.T`` (``transposed``, as in F.linear) or ``out + x @ ΔW``, factored."""
+    for L, R, s, p, name in weight.factors():
+        first, second = (R.t(), L.t()) if transposed else (L, R)  # x @ (s L R).T = s (x R.T) L.T
+        h = x.to(first.dtype)
+        h = weight.keep((F.dropout(h, p) if p else h) @ first, name)  # (.., in) @ (in, r) -> (.., r)
+        out = add(out, (h @ second) * s)  # (.., r) @ (r, out)
+    return out
+
+
+class _LowRank(torch.autograd.Function):
+    """``bias + x @ Wt + s * (x @ first) @ second`` for a 2-D ``x``, with ``first`` (in, r) and
+    ``second`` (r, out). Its backward adds the two parts of ``x``'s gradient in one buffer
+    (``g @ Wt.T``, then ``addmm_`` of the low-rank part) and saves only the (N, r) intermediate."""
+
+    @staticmethod
+    def forward(ctx, x, Wt, bias, first, second, s):
+        h = x @ first  # (N, in) @ (in, r) -> (N, r)
+        out = torch.addmm(bias, x, Wt) if bias is not None else x @ Wt  # (N, in) @ (in, out)
+        out.addmm_(h, second, alpha=s)  # += s * (N, r) @ (r, out)
+        ctx.save_for_backward(x, Wt, first, second, h)
+        ctx.s = s
+        return out
+
+    @staticmethod
+    def backward(ctx, g):
+        x, Wt, first, second, h = ctx.saved_tensors
+        need_x, need_w, need_bias, need_first, need_second = ctx.needs_input_grad[:5]
+        s, gx, gw, gbias, gfirst, gsecond = ctx.s, None, None, None, None, None
+        gh = g @ second.t() if need_x or need_first else None  # (N, out) @ (out, r) -> (N, r)
+        if need_x:
+            gx = (g @ Wt.t()).addmm_(gh, first.t(), alpha=s)  # (N, in)
+        if need_w:
+            gw = x.t() @ g
+        if need_bias:
+            gbias = g.sum(0)
+        if need_first:
+            gfirst = (x.t() @ gh).mul_(s)  # (in, N) @ (N, r)
+        if need_second:
+            gsecond = (h.t() @ g).mul_(s)  # (r, N) @ (N, out)
+        return gx, gw, gbias, gfirst, gsecond, None
+
+
+@implements(F.linear, out_dim=0, names=("input", "weight", "bias"), defaults=(None,))
+def linear(input, weight, bias):
+    if not fits(weight, input, 0):
+        return NotImplemented
+    plain = one_plain_term(weight, input)
+    if plain is not None:  # x @ W0.T + s * (x @ R.T) @ L.T
+        L, R, s = plain
+        out = fused(input, weight.w0.t(), bias, R.t(), L.t(), s)
+        if out is not None:
+            return out
+    out = weight.rescale(F.linear(input, weight.w0, bias), bias)
+    return branch(input, weight, out, transposed=True)
+
+
+@implements(torch.addmm, Tensor.addmm, out_dim=1, names=("input", "mat1", "mat2", "beta", "alpha", "out"),
+            defaults=(1, 1, None))
+def addmm(input, mat1, mat2, beta, alpha, out):
+    if out is not None or beta != 1 or alpha != 1 or not fits(mat2, mat1, 1) or type(input) is FactoredWeight:
+        return NotImplemented
+    plain = one_plain_term(mat2, mat1)
+    if plain is not None and input.dim() == 1:  # a bias, as in Conv1D: x @ W0 + s * (x @ L) @ R
+        L, R, s = plain
+        result = fused(mat1, mat2.w0, input, L, R, s)
+        if result is not None:
+            return result
+    result = mat2.rescale(torch.addmm(input, mat1, mat2.w0), input)
+    return branch(mat1, mat2, result, transposed=False)
+
+
+@implements(torch.matmul, Tensor.matmul, torch.mm, Tensor.mm, out_dim=1, names=("input", "other", "out"),
+            defaults=(None,))
+def matmul(input, other, out):
+    if out is not None or not fits(other, input, 1) or input.dim() == 0:
+        return NotImplemented
+    plain = one_plain_term(other, input)
+    if plain is not None and input.dim() >= 2:
+        L, R, s = plain
+        result = fused(input, other.w0, None, L, R, s)
+        if result is not None:
+            return result
+    return branch(input, other, other.rescale(torch.matmul(input, other.w0)), transposed=False)
+
+
+@implements(F.embedding, out_dim=1, names=("input", "weight", "padding_idx", "max_norm", "norm_type",
+                                            "scale_grad_by_freq", "sparse"), defaults=(None, None, 2.0, False, False))
+def embedding(input, weight, padding_idx, max_norm, norm_type, scale_grad_by_freq, sparse):
+    # max_norm renormalises the weight's rows in place, and scale_grad_by_freq scales the gradient of
+    # W's rows, so of B too: both need the merged weight.
+    if max_norm is not None or scale_grad_by_freq or not fits(weight, input, 1):
+        return NotImplemented
+    out = F.embedding(input, weight.w0, padding_idx, None, norm_type, False, sparse)
+    pad = None if padding_idx is None else (input == padding_idx % weight.shape[0]).unsqueeze(-1)
+    out = weight.rescale(out, frozen=pad)  # as for the merged weight, the padding row gets no gradient
+    for L, R, s, p, name in weight.factors():
+        h = weight.keep(F.embedding(input, L, padding_idx), name)  # (.., r)
+        extra = (F.dropout(h, p) if p else h) @ R * s  # (.., r) @ (r, dim) -> (.., dim)
+        if padding_idx is not None:
+            extra = torch.where(pad, extra.detach(), extra)
+        out = add(out, extra)
+    return out
+
+
+@implements(F.embedding_bag, out_dim=1, names=(
+    "input", "weight", "offsets", "max_norm", "norm_type", "scale_grad_by_freq", "mode", "sparse",
+    "per_sample_weights", "include_last_offset", "padding_idx"),
+    defaults=(None, None, 2, False, "mean", False, None, False, None))
+def embedding_bag(input, weight, offsets, max_norm, norm_type, scale_grad_by_freq, mode, sparse,
+                  per_sample_weights, include_last_offset, padding_idx):
+    if max_norm is not None or mode == "max" or scale_grad_by_freq or not fits(weight, input, 1):
+        return NotImplemented
+    rest = dict(offsets=offsets, mode=mode, per_sample_weights=per_sample_weights,
+                include_last_offset=include_last_offset, padding_idx=padding_idx)
+    out = weight.rescale(F.embedding_bag(input, weight.w0, sparse=sparse, **rest))
+    for L, R, s, p, name in weight.factors():
+        h = weight.keep(F.embedding_bag(input, L, **rest), name)  # (bags, r)
+        out = add(out, (F.dropout(h, p) if p else h) @ R * s)
+    return out
+
+
+def conv_form(op: Callable) -> Callable:
+    def conv(input, weight, bias, stride, padding, dilation, groups):
+        if groups != 1 or not fits(weight, input, 0) or weight.view.transpose:
+            return NotImplemented
+        kernel, ones = weight.shape[2:], (1,) * (weight.dim() - 2)
+        out = op(input, weight.w0, bias, stride, padding, dilation, groups)
+        out = weight.rescale(out, bias, dim=-len(kernel) - 1)  # the channel dim
+        for L, R, s, p, name in weight.factors():
+            x = input.to(R.dtype)
+            h = op(F.dropout(x, p) if p else x, R.view(-1, weight.shape[1], *kernel), None,
+                   stride, padding, dilation)  # r output channels
+            h = weight.keep(h, name)
+            out = add(out, op(h, L.reshape(*L.shape, *ones)) * s)  # 1x1 conv: r -> out
+        return out
+
+    return conv
+
+
+for _op in (F.conv1d, F.conv2d, F.conv3d):
+    implements(_op, out_dim=0, names=("input", "weight", "bias", "stride", "padding", "dilation", "groups"),
+               defaults=(None, 1, 0, 1, 1))(conv_form(_op))

@@ -1,0 +1,149 @@
+"""Adapters on disk: ``save_adapter`` writes one adapter of a model, ``load_adapter`` puts it back.
+
+Our format is a directory that holds two files:
+
+* ``adapter.safetensors``: for each adapted tensor ``p.weight``, the factors ``p.weight.lora_A``
+  ``(r, in)`` and ``p.weight.lora_B`` ``(out, r)`` (with a leading experts dimension for expert
+  weights), in their own dtype, and where the adapter has them DoRA's magnitude
+  ``p.weight.lora_magnitude`` and the frozen initial factors ``p.weight.lora_A0``/``lora_B0`` of
+  the ``"pissa"``/``"olora"`` inits;
+* ``adapter.json``: the format and library versions, the adapter's name, dtype and targets, the
+  sha256 of the weights file, and for each adapted tensor its module path and type, its shape, r,
+  alpha, rslora, dora, dropout, init and rule (``transpose``, ``experts``, ``factored``).
+
+peft's format (``adapter_model.safetensors`` and ``adapter_config.json``) is translated by
+:mod:`lora_inject.io.peft`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from typing import TypeVar
+
+from torch import nn
+
+from ..lora import check_adapter_name
+from . import ours, peft
+from .entries import apply, collect
+from .files import write_atomic, write_safetensors
+
+__all__ = ["load_adapter", "save_adapter"]
+
+M = TypeVar("M", bound=nn.Module)
+FORMATS = ("lora_inject", "peft")
+
+
+def save_adapter(model: nn.Module, path: str | os.PathLike, *, adapter: str = "default",
+                 format: str = "lora_inject") -> None:
+    r"""Write adapter ``adapter`` of ``model`` to the directory ``path``.
+
+    With ``format="lora_inject"`` the directory gets ``adapter.safetensors`` (the factors) and
+    ``adapter.json`` (everything needed to inject them again: per tensor r, alpha, rslora, the
+    rule and shape; the targets, dtype and library version). With ``format="peft"`` it gets
+    ``adapter_model.safetensors`` and ``adapter_config.json``, which
+    ``peft.PeftModel.from_pretrained(base_model, path)`` loads; that covers ``Linear``,
+    transformers' ``Conv1D``, ``Embedding`` and ``Conv1d/2d/3d`` with ``groups=1``, and per-tensor
+    r and alpha go to ``rank_pattern``/``alpha_pattern``.
+
+    Each file is written to a temporary file in ``path`` and renamed into place, so an
+    interrupted save never leaves a half-written file under the final name (and the weights'
+    sha256 in ``adapter.json`` catches a weights file from another save).
+
+    Args:
+        model (nn.Module): a model that carries ``adapter``.
+        path (str or os.PathLike): the directory to write; it is created if needed.
+        adapter (str): the adapter to save. Default: ``"default"``.
+        format (str): ``"lora_inject"`` or ``"peft"``. Default: ``"lora_inject"``.
+
+    Raises:
+        TypeError: if ``model`` is not an ``nn.Module`` or ``adapter`` is not a str.
+        ValueError: if ``format`` is unknown, the model has no adapter ``adapter``, or (for
+            ``format="peft"``) a tensor has no equivalent in peft's format.
+        RuntimeError: if the factors are sharded: flattened by FSDP1, or DTensors under FSDP2
+            (unshard the FSDP modules first; see the README's "Distributed training").
+
+    Example::
+
+        >>> inject(model, "attn", r=8)
+        >>> save_adapter(model, "my_adapter")
+        >>> load_adapter(fresh_model, "my_adapter")
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"save_adapter(): `model` must be an nn.Module, got {type(model).__name__}.")
+    if format not in FORMATS:
+        raise ValueError(f"save_adapter(): `format` must be one of {FORMATS}, got {format!r}.")
+    entries = collect("save_adapter", model, adapter)
+    path = os.fspath(path)
+    if format == "peft":
+        config, tensors = peft.to_peft("save_adapter", model, entries)
+    else:
+        config, tensors = ours.to_ours(entries, adapter)
+    os.makedirs(path, exist_ok=True)
+    weights, config_name = (
+        (peft.WEIGHTS, peft.CONFIG) if format == "peft" else (ours.WEIGHTS, ours.CONFIG))
+    blob = write_safetensors(tensors, {"format": "pt"})
+    if format != "peft":
+        config["sha256"] = hashlib.sha256(blob).hexdigest()
+    write_atomic(os.path.join(path, weights), blob)
+    write_atomic(os.path.join(path, config_name), (json.dumps(config, indent=2) + "\n").encode())
+
+
+def load_adapter(model: M, path: str | os.PathLike, *, adapter: str | None = None) -> M:
+    r"""Load the adapter saved in the directory ``path`` into ``model``, in place.
+
+    The format is detected: ``adapter.json`` is ours, ``adapter_config.json`` is peft's. If the
+    model does not carry the adapter yet, it is injected with the saved r, alpha, scaling and
+    rule of every tensor, and the outputs equal those of the saved model exactly. If the model
+    already carries it, on exactly those tensors, the factors are updated in place (same
+    Parameter objects, so an optimizer holding them stays valid), and so are alpha and the
+    scaling. Everything is checked before anything changes: if the call raises, the model is
+    exactly as it was.
+
+    From peft's format this reads ``r``, ``lora_alpha``, ``target_modules`` (a list, or a regex
+    that must fully match), ``exclude_modules``, ``rank_pattern``, ``alpha_pattern``,
+    ``use_rslora`` and ``lora_dropout``; ``fan_in_fan_out`` follows the layer type, as in peft.
+    What it cannot reproduce (DoRA, other peft types, ``modules_to_save``, bias tensors,
+    inits that change the base weights, ...) is refused.
+
+    Args:
+        model (nn.Module): the base model, or a model that already carries the adapter.
+        path (str or os.PathLike): a directory written by :func:`save_adapter` or by peft's
+            ``save_pretrained``.
+        adapter (str, optional): the name to load it under. Default: the saved name for our
+            format, ``"default"`` for peft's.
+
+    Returns:
+        ``model``, changed in place.
+
+    Raises:
+        TypeError: if ``model`` is not an ``nn.Module``, ``adapter`` is not a str, or a saved
+            tensor has a dtype that LoRA factors cannot have.
+        ValueError: if ``path`` holds no adapter, a file is missing, truncated or corrupt, the
+            adapter was saved from another model (unknown module paths, other types or
+            shapes), it does not match the adapter the model already carries, or peft's
+            config uses a feature that cannot be translated.
+    """
+    fn = "load_adapter"
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"{fn}(): `model` must be an nn.Module, got {type(model).__name__}.")
+    if adapter is not None:
+        check_adapter_name(fn, adapter)
+    path = os.fspath(path)
+    if not os.path.isdir(path):
+        raise ValueError(f"{fn}(): `path` must be a directory written by save_adapter() or by "
+                         f"peft's save_pretrained(), got {path!r}, which is not a directory.")
+    if os.path.exists(os.path.join(path, ours.CONFIG)):
+        saved_name, entries = ours.from_ours(fn, path)
+    elif os.path.exists(os.path.join(path, peft.CONFIG)):
+        saved_name, entries = "default", peft.from_peft(fn, model, path)
+    else:
+        lone = [f for f in (ours.WEIGHTS, peft.WEIGHTS) if os.path.exists(os.path.join(path, f))]
+        what = f"it has {lone[0]} but its config is missing" if lone else "it holds no adapter files"
+        raise ValueError(
+            f"{fn}(): {path!r} is not an adapter directory: {what}. Expected {ours.CONFIG} + {ours.WEIGHTS} "
+            f"(save_adapter) or {peft.CONFIG} + {peft.WEIGHTS} (peft); save it again."
+        )
+    apply(fn, model, entries, adapter or saved_name)
+    return model

@@ -1,0 +1,215 @@
+"""Adapters as entries, one per adapted tensor, whatever the format: read from a model, checked
+against a model, and put into one."""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+from ..inits import WEIGHT_INITS
+from ..lookup import find_lora, loras, named_modules, parametrized, source
+from ..lora import LoRA, check_adapter_name
+from ..rule import Rule, own_tensor_names, type_name
+from ..state import refuse_flat_params
+from ..surgery import inject, remove
+
+__all__: list[str] = []
+
+FACTORS = ("lora_A", "lora_B")
+EXTRAS = ("lora_magnitude", "lora_A0", "lora_B0")  # what an adapter may hold besides its factors
+
+
+@dataclass
+class Entry:
+    """One adapted tensor of a saved adapter: where it is, its factors and how to re-inject it."""
+
+    module: str  # qualified module path
+    tensor: str  # tensor name on that module
+    type: str  # the module's type name
+    shape: tuple[int, ...]  # the tensor's shape
+    A: Tensor  # (r, in), or (E, r, in)
+    B: Tensor  # (out, r), or (E, out, r)
+    r: int
+    alpha: float
+    rslora: bool = False
+    dropout: float = 0.0
+    init: str = "default"
+    targets: str | None = None
+    transpose: bool = False
+    experts: bool = False
+    factored: bool = False
+    dora: bool = False
+    extra: dict[str, Tensor] = field(default_factory=dict)  # lora_magnitude (DoRA), lora_A0/lora_B0 (pissa/olora)
+
+    @property
+    def key(self) -> str:
+        return f"{self.module}.{self.tensor}" if self.module else self.tensor
+
+
+def tensor_shape(module: nn.Module, tensor_name: str) -> tuple[int, ...]:
+    """The shape ``module.<tensor_name>`` reads as, without computing a parametrization if avoidable."""
+    lora = find_lora(module, tensor_name)
+    if lora is not None:
+        return tuple(lora.shape)
+    if tensor_name in parametrized(module):
+        return tuple(getattr(module, tensor_name).shape)
+    return tuple(source(module, tensor_name).shape)
+
+
+def check_entries(fn: str, model: nn.Module, entries: Sequence[Entry]) -> None:
+    """Raise unless every entry fits ``model``: module path, type, tensor, shapes, layout."""
+    modules = dict(named_modules(model))
+    for e in entries:
+        module = modules.get(e.module)
+        if module is None or isinstance(module, LoRA):
+            near = [n for n in modules if n and n.rsplit(".", 1)[-1] == e.module.rsplit(".", 1)[-1]][:3]
+            raise ValueError(f"{fn}(): the adapter has `{e.key}`, but the model has no module "
+                             f"`{e.module}` (modules with that last name: {near}). It was saved from "
+                             "another model.")
+        if type_name(module) != e.type:
+            raise ValueError(f"{fn}(): `{e.key}` was saved from a {e.type}, but `{e.module}` is a "
+                             f"{type_name(module)}. It was saved from another model.")
+        if e.tensor not in own_tensor_names(module):
+            raise ValueError(f"{fn}(): the adapter has `{e.key}`, but {e.type} `{e.module}` has no "
+                             f"tensor {e.tensor!r}. It was saved from another model.")
+        shape = tensor_shape(module, e.tensor)
+        if shape != tuple(e.shape):
+            raise ValueError(f"{fn}(): `{e.key}` has shape {shape} in the model but {tuple(e.shape)} "
+                             "in the adapter. It was saved from another model (or another size of it).")
+        lead, core = (shape[:1], shape[1:]) if e.experts else ((), shape)
+        out, inn = (core[-1], core[0]) if e.transpose else (core[0], math.prod(core[1:]))
+        needs = {"lora_A": (*lead, e.r, inn), "lora_B": (*lead, out, e.r)}
+        if e.dora:
+            needs["lora_magnitude"] = (*lead, out)
+        if e.init in WEIGHT_INITS:
+            needs.update(lora_A0=needs["lora_A"], lora_B0=needs["lora_B"])
+        if set(e.extra) != set(needs) - set(FACTORS):
+            raise ValueError(f"{fn}(): `{e.key}` comes with {sorted(e.extra)}, but dora={e.dora} and "
+                             f"init={e.init!r} need {sorted(set(needs) - set(FACTORS))}. The file is corrupt.")
+        for f, t in (("lora_A", e.A), ("lora_B", e.B), *e.extra.items()):
+            if tuple(t.shape) != needs[f]:
+                raise ValueError(f"{fn}(): `{e.key}.{f}` has shape {tuple(t.shape)}, but r={e.r} on "
+                                 f"`{e.key}` of shape {shape} needs {needs[f]}. The file is corrupt.")
+        lora = find_lora(module, e.tensor)
+        if lora is not None and (lora.transpose, lora.experts) != (e.transpose, e.experts):
+            raise ValueError(f"{fn}(): `{e.key}` carries LoRA with transpose={lora.transpose}, "
+                             f"experts={lora.experts}, but the adapter was saved with "
+                             f"transpose={e.transpose}, experts={e.experts}.")
+
+
+
+
+def collect(fn: str, model: nn.Module, adapter: str) -> list[Entry]:
+    """Read adapter ``adapter`` of ``model`` into entries, one per adapted tensor."""
+    check_adapter_name(fn, adapter)
+    entries, present = [], set()
+    found = list(loras(model))
+    refuse_flat_params(fn, model, found)  # FSDP1
+    for qualname, module, tensor_name, lora in found:
+        present.update(lora.adapters)
+        if adapter not in lora.adapters:
+            continue
+        if any(hasattr(t, "full_tensor") for t in lora.tensors(adapter).values()):
+            raise RuntimeError(
+                f"{fn}(): the factors of `{qualname}.{tensor_name}` are shards (DTensors, as FSDP2 leaves "
+                "them). Unshard every FSDP module on every rank (m.unshard()), save on one rank, then "
+                "reshard; or save lora_state_dict(model), which gathers them. See the README's "
+                "\"Distributed training\".")
+        c = lora.adapter(adapter)
+        entries.append(Entry(
+            module=qualname, tensor=tensor_name, type=type_name(module), shape=tuple(lora.shape),
+            A=lora.lora_A[adapter].detach(), B=lora.lora_B[adapter].detach(), r=c.r,
+            alpha=float(c.alpha), rslora=c.rslora, dropout=float(c.dropout),
+            init=c.init, targets=c.targets, transpose=lora.transpose, experts=lora.experts,
+            factored=bool(lora.factored), dora=c.dora,
+            extra={k: t.detach() for k, t in lora.tensors(adapter).items() if k not in FACTORS},
+        ))
+    if not entries:
+        raise ValueError(f"{fn}(): no adapter named {adapter!r} in the model; it has {sorted(present)}. "
+                         "Pass `adapter=` with one of those names.")
+    return entries
+
+
+def apply(fn: str, model: nn.Module, entries: Sequence[Entry], name: str) -> None:
+    """Check ``entries`` against ``model``, then inject them as adapter ``name``, or update it.
+
+    Nothing changes unless every check passes; a failure while injecting is rolled back.
+    """
+    if not entries:
+        raise ValueError(f"{fn}(): the saved adapter holds no tensors; save it again.")
+    check_entries(fn, model, entries)
+    keys = {e.key for e in entries}
+    existing = {f"{q}.{t}" if q else t: lora for q, _, t, lora in loras(model) if name in lora.adapters}
+    if existing:
+        _update(fn, entries, name, existing, keys)
+        return
+    modules = dict(named_modules(model))
+    groups: dict[tuple, list[Entry]] = {}
+    for e in entries:
+        groups.setdefault((e.module, e.r, e.alpha, e.rslora, e.dora, e.dropout, e.init, e.A.dtype, e.transpose,
+                           e.experts, e.factored), []).append(e)
+    calls: dict[tuple, set[str]] = {}  # (settings, tensors) -> modules, one inject call each
+    for (module, *settings), group in groups.items():
+        calls.setdefault((*settings, tuple(e.tensor for e in group)), set()).add(module)
+    try:
+        for (r, alpha, rslora, dora, dropout, init, dtype, transpose, experts, factored, tensors), paths \
+                in calls.items():
+            rule = Rule(tuple(re.escape(t) for t in tensors), transpose=transpose, experts=experts,
+                        factored=factored)
+            inject(model, lambda q, m, paths=paths: q in paths, r=r, alpha=alpha, adapter=name,
+                   dropout=dropout, init=init, rules={nn.Module: rule},
+                   dtype=dtype, rslora=rslora, dora=dora)
+        with torch.no_grad():
+            for e in entries:
+                lora = find_lora(modules[e.module], e.tensor)
+                _fill(lora, name, e)
+                lora.adapter(name).targets = e.targets
+    except BaseException:
+        if any(name in lora.adapters for *_, lora in loras(model)):
+            remove(model, adapter=name, merge=False)
+        raise
+
+
+def _fill(lora: LoRA, name: str, e: Entry) -> None:
+    """Copy the saved tensors of ``e`` into adapter ``name`` of ``lora``, in place."""
+    mine = lora.tensors(name)
+    for k, t in (("lora_A", e.A), ("lora_B", e.B), *e.extra.items()):
+        mine[k].copy_(t)
+
+
+def _update(fn: str, entries: Sequence[Entry], name: str, existing: dict[str, LoRA], keys: set[str]):
+    extra = next((k for k in existing if k not in keys), None)
+    if extra is not None:
+        raise ValueError(f"{fn}(): the model's adapter {name!r} also covers `{extra}`, which the saved "
+                         f"adapter lacks. Load it under another name with `adapter=`, or remove "
+                         f"{name!r} first.")
+    for e in entries:
+        lora = existing.get(e.key)
+        if lora is None:
+            raise ValueError(f"{fn}(): the saved adapter covers `{e.key}`, where the model's adapter "
+                             f"{name!r} is absent. Load it under another name with `adapter=`, or "
+                             f"remove {name!r} first.")
+        mine = lora.tensors(name)
+        if set(mine) != {*FACTORS, *e.extra}:
+            raise ValueError(f"{fn}(): `{e.key}` holds {sorted({*FACTORS, *e.extra})} in the saved adapter (dora="
+                             f"{e.dora}, init={e.init!r}) but {sorted(mine)} in the model's adapter {name!r}. "
+                             "Load it under another name with `adapter=`.")
+        for f, saved in (("lora_A", e.A), ("lora_B", e.B), *e.extra.items()):
+            have = mine[f]
+            if have.shape != saved.shape:
+                raise ValueError(f"{fn}(): `{e.key}.{f}` has shape {tuple(saved.shape)} in the saved "
+                                 f"adapter but {tuple(have.shape)} in the model's adapter {name!r} "
+                                 f"(r={e.r} vs r={lora.adapter(name).r}). Load it under another name.")
+    with torch.no_grad():
+        for e in entries:
+            lora = existing[e.key]
+            _fill(lora, name, e)
+            record = lora.adapter(name)
+            record.alpha, record.rslora, record.dropout, record.targets = e.alpha, e.rslora, e.dropout, e.targets
+
+

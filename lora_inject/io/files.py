@@ -1,0 +1,124 @@
+"""Files: JSON configs, safetensors weights (through the ``safetensors`` package) and atomic writes."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import tempfile
+
+import torch
+from torch import Tensor
+
+__all__: list[str] = []
+
+DTYPES = {"float64": torch.float64, "float32": torch.float32, "float16": torch.float16,
+          "bfloat16": torch.bfloat16}
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def safetensors_torch(fn: str):
+    """The ``safetensors.torch`` module.
+
+    Raises:
+        ImportError: if the ``safetensors`` package is missing, saying how to install it.
+    """
+    try:
+        import safetensors.torch
+    except ImportError:
+        raise ImportError(f"{fn}(): adapters are written in the safetensors format, which needs the "
+                          "`safetensors` package: pip install 'lora_inject[io]' (or pip install safetensors)."
+                          ) from None
+    return safetensors.torch
+
+
+def read_json(fn: str, file: str) -> dict:
+    try:
+        with open(file, encoding="utf-8") as f:
+            config = json.load(f)
+    except FileNotFoundError:
+        raise ValueError(f"{fn}(): the adapter's config {file} is missing; save the adapter again.") from None
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ValueError(f"{fn}(): {file} is not valid JSON ({e}); the file is corrupt.") from None
+    if not isinstance(config, dict):
+        raise ValueError(f"{fn}(): {file} must hold a JSON object, got {type(config).__name__}.")
+    return config
+
+
+def read_safetensors(fn: str, file: str) -> tuple[dict[str, Tensor], bytes]:
+    """Read a safetensors file of floating-point tensors; return them and the file's bytes.
+
+    Raises:
+        ValueError: if the file is missing, truncated or corrupt.
+        TypeError: if a tensor is not floating point.
+    """
+    st = safetensors_torch(fn)
+    try:
+        with open(file, "rb") as f:
+            blob = f.read()
+    except FileNotFoundError:
+        raise ValueError(f"{fn}(): the adapter's weights {file} are missing; save it again.") from None
+    try:
+        tensors = st.load(blob)
+    except Exception as e:  # SafetensorError, and what a hostile header makes the parser raise
+        raise ValueError(f"{fn}(): {file} is truncated or corrupt{first_cut(blob)} ({type(e).__name__}: {e}). "
+                         "Save the adapter again.") from None
+    for key, t in tensors.items():
+        if t.dtype not in DTYPES.values():
+            raise TypeError(f"{fn}(): `{key}` in {file} has dtype {dtype_name(t.dtype)} and shape {list(t.shape)}; LoRA "
+                            f"factors must be floating point ({', '.join(DTYPES)}). Cast them and save again.")
+    return tensors, blob
+
+
+def first_cut(blob: bytes) -> str:
+    """``": `key` (dtype, shape [..]) needs bytes a..b of the data, but the file holds n"`` for the
+    first tensor whose data lies past the end of ``blob``; ``""`` where the header says nothing."""
+    try:
+        n = int.from_bytes(blob[:8], "little")
+        header = json.loads(blob[8:8 + n])
+        body = len(blob) - 8 - n
+        cut = sorted((info["data_offsets"][0], key, info) for key, info in header.items()
+                     if key != "__metadata__" and info["data_offsets"][1] > body)
+    except Exception:  # the header itself is broken: safetensors' message says how
+        return ""
+    if not cut:
+        return ""
+    start, key, info = cut[0]
+    return (f": `{key}` ({info['dtype']}, shape {info['shape']}) needs bytes {start}..{info['data_offsets'][1]} "
+            f"of the data, but the file holds {body}")
+
+
+def write_safetensors(tensors: dict[str, Tensor], metadata: dict[str, str]) -> bytes:
+    """Encode ``tensors`` (floating point) as a safetensors file.
+
+    Raises:
+        TypeError: if a tensor is not floating point.
+    """
+    st = safetensors_torch("save_adapter")
+    plain = {}
+    for key in sorted(tensors):
+        t = tensors[key].detach().to("cpu").contiguous()
+        if t.dtype not in DTYPES.values():
+            raise TypeError(f"save_adapter(): `{key}` has dtype {t.dtype}; only floating-point factors are saved.")
+        plain[key] = t.clone() if t.untyped_storage().nbytes() != t.numel() * t.element_size() else t
+    return st.save(plain, metadata=dict(metadata) or None)
+
+
+def write_atomic(file: str, data: bytes) -> None:
+    """Write ``data`` to a temporary file next to ``file``, then rename it into place."""
+    directory, base = os.path.split(file)
+    fd, tmp = tempfile.mkstemp(dir=directory or ".", prefix=f".{base}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            os.chmod(tmp, 0o644)
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, file)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
