@@ -64,7 +64,8 @@ def gain(M: Tensor, term, dtype: torch.dtype) -> Tensor:
     # Round the norm as m is stored, so that g is exactly 1 at init in any precision.
     n = norms(M, term.A, term.B, term.scaling, dtype).to(m.dtype).to(dtype)
     m = m.to(dtype)
-    return torch.where(n == 0, torch.ones_like(m), m / torch.where(n == 0, 1, n))
+    zero = n == 0
+    return torch.where(zero, torch.ones_like(m), m / n.masked_fill(zero, 1))
 
 
 def scales(M: Tensor, terms: Sequence, dtype: torch.dtype) -> tuple[Tensor | None, list[Tensor | None]]:

@@ -157,13 +157,17 @@ class FactoredWeight(Tensor):
         m = torch.tensor([a == name for a in rows], dtype=t.dtype, device=t.device)
         return m.repeat_interleave(n // len(rows)).view(n, *[1] * (t.dim() - 1))
 
-    def rescale(self, out: Tensor, bias: Tensor | None = None, dim: int = -1, frozen: Tensor | None = None):
-        """DoRA: scale the base output ``out = op(x, W0) + bias`` by ``c`` along its output units
+    def rescale(self, out: Tensor, bias: Tensor | None = None, dim: int = -1) -> Tensor:
+        """DoRA: the base output ``out = op(x, W0) + bias`` scaled by ``c`` along its output units
         (``dim``), as ``out + (c - 1) * (out - bias)``, which is ``out`` exactly where ``c`` is 1
-        (at init); ``out`` itself without DoRA. Where ``frozen`` (a bool mask) is set, ``c``
-        carries no gradient."""
+        (at init); ``out`` itself without DoRA."""
+        extra = self.rescaling(out, bias, dim)
+        return out if extra is None else out + extra.to(out.dtype)
+
+    def rescaling(self, out: Tensor, bias: Tensor | None = None, dim: int = -1) -> Tensor | None:
+        """``(c - 1) * (out - bias)`` (see :meth:`rescale`), or None without DoRA."""
         if not self.has_dora():
-            return out
+            return None
         c, k = self.scales()
         shape = [1] * out.dim()
         shape[dim] = -1
@@ -174,11 +178,7 @@ class FactoredWeight(Tensor):
                      for t, g in zip(self.terms, k) if g is not None)
         if bias is not None and bias.dim() == 1:
             bias = bias.view(shape)
-        base = (out if bias is None else out - bias).to(c1.dtype)
-        extra = base * c1
-        if frozen is not None:
-            extra = torch.where(frozen, base * c1.detach(), extra)
-        return out + extra.to(out.dtype)
+        return (out if bias is None else out - bias).to(c1.dtype) * c1
 
     def factors(self):
         """Yield ``(L, R, s, p, name)`` per term: the stored update is ``s * L @ R``.
@@ -232,11 +232,11 @@ def merge(w0: Tensor, terms, view: View) -> Tensor:
 
 
 OWN = {
-    Tensor.shape.__get__, Tensor.dtype.__get__, Tensor.device.__get__, Tensor.ndim.__get__,
-    Tensor.layout.__get__, Tensor.is_cuda.__get__, Tensor.is_meta.__get__, Tensor.is_sparse.__get__,
-    Tensor.is_quantized.__get__, Tensor.size, Tensor.dim, Tensor.numel, Tensor.nelement, Tensor.stride,
-    Tensor.element_size, Tensor.is_floating_point, Tensor.is_complex, Tensor.is_contiguous,
-    Tensor.requires_grad_, Tensor.__hash__,
+    *(getattr(Tensor, name).__get__ for name in (
+        "shape", "dtype", "device", "ndim", "layout", "is_cpu", "is_cuda", "is_meta", "is_mkldnn", "is_nested",
+        "is_quantized", "is_sparse", "is_sparse_csr", "itemsize", "nbytes")),
+    Tensor.size, Tensor.dim, Tensor.numel, Tensor.nelement, Tensor.stride, Tensor.element_size,
+    Tensor.is_floating_point, Tensor.is_complex, Tensor.is_contiguous, Tensor.requires_grad_, Tensor.__hash__,
 }
 
 
@@ -421,16 +421,38 @@ def embedding(input, weight, padding_idx, max_norm, norm_type, scale_grad_by_fre
     # W's rows, so of B too: both need the merged weight.
     if max_norm is not None or scale_grad_by_freq or not fits(weight, input, 1):
         return NotImplemented
-    out = F.embedding(input, weight.w0, padding_idx, None, norm_type, False, sparse)
-    pad = None if padding_idx is None else (input == padding_idx % weight.shape[0]).unsqueeze(-1)
-    out = weight.rescale(out, frozen=pad)  # as for the merged weight, the padding row gets no gradient
+    base = F.embedding(input, weight.w0, padding_idx, None, norm_type, False, sparse)
+    out = weight.rescaling(base)  # DoRA: (c - 1) * base
     for L, R, s, p, name in weight.factors():
         h = weight.keep(F.embedding(input, L, padding_idx), name)  # (.., r)
         extra = (F.dropout(h, p) if p else h) @ R * s  # (.., r) @ (r, dim) -> (.., dim)
-        if padding_idx is not None:
-            extra = torch.where(pad, extra.detach(), extra)
-        out = add(out, extra)
-    return out
+        out = extra if out is None else out + extra.to(out.dtype)
+    if padding_idx is not None:  # as for the merged weight, the padding row gets no gradient
+        out = _NoGradAt.apply(out, (input == padding_idx % weight.shape[0]).unsqueeze(-1))
+    return add(base, out)
+
+
+class _NoGradAt(torch.autograd.Function):
+    """``x`` itself, whose gradient is zero where ``mask`` is set; forward-mode tangents pass."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(x, mask):
+        return x.clone()
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(inputs[1])
+
+    @staticmethod
+    def backward(ctx, g):
+        (mask,) = ctx.saved_tensors
+        return g.masked_fill(mask, 0), None
+
+    @staticmethod
+    def jvp(ctx, tangent, _):
+        return tangent.clone()
 
 
 @implements(F.embedding_bag, out_dim=1, names=(
