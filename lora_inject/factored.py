@@ -205,6 +205,9 @@ class FactoredWeight(Tensor):
                 return func(*args, **kwargs)
         elif func is Tensor.detach:
             return args[0].detached()
+        elif func == REQUIRES_GRAD:  # its own flag (a Parameter made of it), or its value's
+            with torch._C.DisableTorchFunctionSubclass():
+                return func(args[0]) or args[0].needs_grad()
         args, kwargs = tree_map_only(FactoredWeight, FactoredWeight.merged, (args, kwargs))
         return func(*args, **kwargs)
 
@@ -226,11 +229,23 @@ class FactoredWeight(Tensor):
 
 def merge(w0: Tensor, terms, view: View) -> Tensor:
     """``W0`` with ``terms`` applied, in ``W0``'s shape and dtype: summed in float32 (or wider, as
-    the factors are) and cast back once, with gradients to every tensor."""
+    the factors are) and cast back once, with gradients to every tensor.
+
+    Without DoRA the sum is built in the stored layout, ``W0 + s * L @ R``, with no view of the
+    result on the way back: a sparse gradient (``Embedding(sparse=True)``) then reaches the factors.
+    """
     ct = compute_dtype(w0.dtype, *(t.A.dtype for t in terms))
-    return view.stored(dora.merged(view.rows(w0), terms, ct)).to(w0.dtype)
+    if any(t.magnitude is not None for t in terms):
+        return view.stored(dora.merged(view.rows(w0), terms, ct)).to(w0.dtype)
+    total = w0.to(ct)
+    for t in terms:
+        L, R = (t.A.mT, t.B.mT) if view.transpose else (t.B, t.A)  # stored update = s * L @ R
+        update = torch.matmul(L.to(ct), R.to(ct)) * t.scaling  # (.., rows, r) @ (.., r, cols)
+        total = total + (update if update.dim() == total.dim() else update.reshape(total.shape))
+    return total.to(w0.dtype)
 
 
+REQUIRES_GRAD = Tensor.requires_grad.__get__
 OWN = {
     *(getattr(Tensor, name).__get__ for name in (
         "shape", "dtype", "device", "ndim", "layout", "is_cpu", "is_cuda", "is_meta", "is_mkldnn", "is_nested",

@@ -42,6 +42,15 @@ def refuse_pickle(self: nn.Module):
     )
 
 
+def refuse_script(self: nn.Module):
+    """Refuse ``torch.jit.script`` of an adapted module with a message that says what to do."""
+    raise RuntimeError(
+        f"torch.jit.script cannot compile the adapted {type_name(self)} module: its weight is a LoRA "
+        "parametrization (lora_inject). Merge the adapters first with lora_inject.remove(model), which "
+        "gives a plain model that scripts; or use torch.export.export or torch.compile, which work on "
+        "the adapted model.")
+
+
 def _open_memo(module: nn.Module, args) -> None:
     for lora in module_loras(module):
         lora.memo_depth += 1

@@ -15,7 +15,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
-from .hooks import hook, own_class_on_copy, refuse_pickle, unhook
+from .hooks import hook, own_class_on_copy, refuse_pickle, refuse_script, unhook
 from .inits import INITS, WEIGHT_INITS
 from .lookup import (
     adapter_names,
@@ -108,7 +108,10 @@ def inject(
             ``init`` or ``adapter`` is not valid, ``init="pissa"`` has ``alpha <= 0``,
             ``dropout`` is outside [0, 1) or set on a layer without a factored form, the
             adapter already exists on a selected tensor, a selected tensor is shared with
-            another module, a rule names a tensor the module lacks, or nothing at all is selected.
+            another module, a rule names a tensor the module lacks, a sparse ``Embedding`` or
+            ``EmbeddingBag`` has no factored form (``max_norm``, ``scale_grad_by_freq``,
+            ``mode="max"``), ``init="pissa"``/``"olora"`` meets a weight that is not finite, or
+            nothing at all is selected.
 
     Example::
 
@@ -182,6 +185,7 @@ def inject(
                     if new_class:
                         own_class_on_copy(module)
                         type(module).__getstate__ = refuse_pickle
+                        type(module).__prepare_scriptable__ = refuse_script
                     hook(module)
                 original = source(module, tensor_name)
                 settings = Adapter(r=r, alpha=alpha, dropout=dropout, init=init, rslora=rslora, dora=dora,
@@ -295,6 +299,13 @@ def _plan(model, select, leave, rules, adapter, dropout, targets=None):
                 raise ValueError(
                     f"inject(): the adapter {adapter!r} already exists on `{where}`. Pass another "
                     f"`adapter` name, or take it out first with remove(model, adapter={adapter!r})."
+                )
+            if getattr(module, "sparse", False) is True and not rule.is_factored(module):
+                raise ValueError(
+                    f"inject(): {type_name(module)} `{qualname}` has sparse=True, but its lookup has no factored "
+                    "form (max_norm, scale_grad_by_freq or mode='max'), so LoRA merges its weight first, and a "
+                    "sparse gradient cannot flow from a merged weight into the factors. Set sparse=False on "
+                    "that layer, or leave it out with `exclude=`."
                 )
             if dropout and not rule.is_factored(module):
                 raise ValueError(

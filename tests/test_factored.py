@@ -1,0 +1,110 @@
+"""The factored weight as a value: no op reads W0 alone, the table ops stay factored, and the paths
+that leave Python (dispatch, TorchScript) either give the merged value or say what to do."""
+
+from __future__ import annotations
+
+import copy
+from unittest import mock
+
+import pytest
+import torch
+from torch import nn
+
+import lora_inject as li
+from lora_inject.factored import FactoredWeight
+from test_grid import LAYERS, adapted, params_of, reference
+
+
+def _linear():
+    layer = nn.Linear(5, 7).double()
+    li.inject(layer, "", r=2, alpha=4)
+    with torch.no_grad():
+        for p in li.lora_parameters(layer):
+            p.normal_()
+    lora = layer.parametrizations.weight[0]
+    w0 = layer.parametrizations.weight.original
+    expected = w0 + 2 * lora.lora_B["default"] @ lora.lora_A["default"]
+    return layer, expected
+
+
+# Where the op's output carries the rule's output units, so DoRA stays factored too.
+FITS = {"linear", "conv1d-hf-addmm", "matmul-transposed", "embedding", "embedding-bag", "conv1d", "conv2d", "conv3d"}
+
+
+@pytest.mark.parametrize("layer_name", sorted(LAYERS))
+@pytest.mark.parametrize("variant", ["plain", "dora", "two"])
+def test_table_ops_never_build_the_merged_weight(layer_name, variant):
+    layer, x, transpose = adapted(layer_name, variant, torch.float32)
+    merges = mock.patch.object(FactoredWeight, "merged", autospec=True, side_effect=FactoredWeight.merged)
+    with merges as merged:
+        out = layer(x)
+        out.square().sum().backward()
+    dora = variant != "plain"
+    assert merged.call_count == (0 if layer_name in FITS or not dora else 1)
+    torch.testing.assert_close(out, reference(layer, transpose)(params_of(layer), x), rtol=1e-5, atol=1e-5)
+
+
+def test_detach_keeps_the_value_so_a_parameter_can_be_made_of_the_weight():
+    layer, expected = _linear()
+    w = layer.weight
+    assert type(w) is FactoredWeight and type(w.detach()) is FactoredWeight
+    p = nn.Parameter(w)
+    assert isinstance(p, FactoredWeight) and p.requires_grad and p.shape == (7, 5)
+    torch.testing.assert_close(p + 0, expected.detach())
+    torch.testing.assert_close(w.detach() * 1, expected.detach())
+    assert not (w.detach() * 1).requires_grad
+
+
+def test_an_op_below_autograd_gets_the_merged_value_or_an_error_that_names_lora_inject():
+    layer, expected = _linear()
+    x = torch.randn(3, 5, dtype=torch.float64)
+    w = layer.weight
+    with torch.no_grad(), torch._C.DisableTorchFunctionSubclass():  # straight to __torch_dispatch__
+        out = torch.mm(x, w.t())
+    torch.testing.assert_close(out, x @ expected.detach().t())
+    assert not torch.allclose(out, x @ layer.parametrizations.weight.original.detach().t())
+    with pytest.raises(RuntimeError, match=r"lora_inject: the op .* reached an adapted weight below autograd"):
+        with torch._C.DisableTorchFunctionSubclass():
+            torch.mm(x, w.t())
+
+
+def test_torch_jit_script_refuses_and_says_to_merge_first():
+    model = li.inject(nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2)), "0", r=2)
+    with pytest.raises(RuntimeError, match=r"torch.jit.script cannot compile the adapted Linear.*lora_inject.remove"):
+        torch.jit.script(model)
+    li.remove(model)
+    torch.jit.script(model)  # a plain model again
+
+
+def test_export_of_an_adapted_model_equals_eager():
+    model = li.inject(nn.Sequential(nn.Linear(4, 6), nn.GELU(), nn.Linear(6, 2)), "", r=2, alpha=4, dora=True)
+    with torch.no_grad():
+        for p in li.lora_parameters(model):
+            p.add_(torch.randn_like(p))
+    x = torch.randn(3, 4)
+    exported = torch.export.export(model, (x,)).module()
+    torch.testing.assert_close(exported(x), model(x))
+    torch.testing.assert_close(exported(2 * x), model(2 * x))
+
+
+@pytest.mark.parametrize("cls", [nn.Embedding, nn.EmbeddingBag])
+def test_sparse_lookups_train_the_factors_as_the_dense_ones_do(cls):
+    sparse = cls(10, 4, sparse=True).double()
+    li.inject(sparse, "", r=2)
+    with torch.no_grad():
+        for p in li.lora_parameters(sparse):
+            p.normal_()
+    dense = copy.deepcopy(sparse)
+    dense.sparse = False
+    x = torch.randint(0, 10, (3, 4))
+    grads = [torch.autograd.grad(m(x).sin().sum(), list(li.lora_parameters(m))) for m in (sparse, dense)]
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("cls", [nn.Embedding, nn.EmbeddingBag])
+def test_sparse_lookups_with_no_factored_form_are_refused_at_inject(cls):
+    layer = cls(10, 4, sparse=True, max_norm=1.0)
+    with pytest.raises(ValueError, match=r"has sparse=True, but its lookup has no factored form.*sparse=False"):
+        li.inject(layer, "", r=2)
+    assert not hasattr(layer, "parametrizations")
