@@ -336,11 +336,25 @@ def fused(x: Tensor, W: Tensor, bias: Tensor | None, first: Tensor, second: Tens
     if not (x.dtype == W.dtype == first.dtype == second.dtype) or (bias is not None and bias.dtype != x.dtype):
         return None
     x2 = x.reshape(x.shape[:-1].numel(), x.shape[-1])
-    return _LowRank.apply(x2, W, bias, first, second, s).view(*x.shape[:-1], W.shape[-1])
+    if torch.is_grad_enabled() and (x.requires_grad or W.requires_grad or first.requires_grad
+                                    or second.requires_grad or (bias is not None and bias.requires_grad)):
+        if x2.numel() < FUSED_MIN:
+            return None  # the composable ops: on a small input the fused backward's Python costs more
+        out = _LowRank.apply(x2, W, bias, first, second, s)
+    else:  # nothing to differentiate: the same sums, without an autograd node
+        out = torch.addmm(bias, x2, W) if bias is not None else x2 @ W  # (N, in) @ (in, out)
+        out.addmm_(x2 @ first, second, alpha=s)  # += s * (N, r) @ (r, out)
+    return out.view(*x.shape[:-1], W.shape[-1])
 
 
-def add(out: Tensor, extra: Tensor) -> Tensor:
-    return out + extra.to(out.dtype)
+FUSED_MIN = 1 << 16  # elements of the input from which the fused kernel pays for its Python backward
+
+
+def add(out: Tensor, extra: Tensor, s: float = 1.0) -> Tensor:
+    """``out + s * extra`` in ``out``'s dtype: one op where the dtypes agree."""
+    if extra.dtype == out.dtype:
+        return torch.add(out, extra, alpha=s)
+    return out + (extra * s if s != 1.0 else extra).to(out.dtype)
 
 
 def branch(x: Tensor, weight: FactoredWeight, out: Tensor, transposed: bool) -> Tensor:
@@ -349,7 +363,12 @@ def branch(x: Tensor, weight: FactoredWeight, out: Tensor, transposed: bool) -> 
         first, second = (R.t(), L.t()) if transposed else (L, R)  # x @ (s L R).T = s (x R.T) L.T
         h = x.to(first.dtype)
         h = weight.keep((F.dropout(h, p) if p else h) @ first, name)  # (.., in) @ (in, r) -> (.., r)
-        out = add(out, (h @ second) * s)  # (.., r) @ (r, out)
+        if h.dtype == out.dtype and h.dim() >= 1:  # out += s * h @ second, one op
+            rows = h.shape[:-1].numel()  # no -1 in the reshapes: `out` may have 0 features
+            out = torch.addmm(out.reshape(rows, out.shape[-1]), h.reshape(rows, h.shape[-1]), second,
+                              alpha=s).view(out.shape)
+        else:
+            out = add(out, h @ second, s)  # (.., r) @ (r, out)
     return out
 
 
@@ -443,7 +462,7 @@ def embedding(input, weight, padding_idx, max_norm, norm_type, scale_grad_by_fre
         extra = (F.dropout(h, p) if p else h) @ R * s  # (.., r) @ (r, dim) -> (.., dim)
         out = extra if out is None else out + extra.to(out.dtype)
     if padding_idx is not None:  # as for the merged weight, the padding row gets no gradient
-        out = _NoGradAt.apply(out, (input == padding_idx % weight.shape[0]).unsqueeze(-1))
+        out = _NoGradAt.apply(out, (input == padding_idx % weight.w0.shape[0]).unsqueeze(-1))
     return add(base, out)
 
 
@@ -483,7 +502,7 @@ def embedding_bag(input, weight, offsets, max_norm, norm_type, scale_grad_by_fre
     out = weight.rescale(F.embedding_bag(input, weight.w0, sparse=sparse, **rest))
     for L, R, s, p, name in weight.factors():
         h = weight.keep(F.embedding_bag(input, L, **rest), name)  # (bags, r)
-        out = add(out, (F.dropout(h, p) if p else h) @ R * s)
+        out = add(out, (F.dropout(h, p) if p else h) @ R, s)
     return out
 
 
@@ -491,15 +510,16 @@ def conv_form(op: Callable) -> Callable:
     def conv(input, weight, bias, stride, padding, dilation, groups):
         if groups != 1 or not fits(weight, input, 0) or weight.view.transpose:
             return NotImplemented
-        kernel, ones = weight.shape[2:], (1,) * (weight.dim() - 2)
+        shape = weight.w0.shape
+        kernel, ones = shape[2:], (1,) * (len(shape) - 2)
         out = op(input, weight.w0, bias, stride, padding, dilation, groups)
         out = weight.rescale(out, bias, dim=-len(kernel) - 1)  # the channel dim
         for L, R, s, p, name in weight.factors():
             x = input.to(R.dtype)
-            h = op(F.dropout(x, p) if p else x, R.view(-1, weight.shape[1], *kernel), None,
+            h = op(F.dropout(x, p) if p else x, R.view(-1, shape[1], *kernel), None,
                    stride, padding, dilation)  # r output channels
             h = weight.keep(h, name)
-            out = add(out, op(h, L.reshape(*L.shape, *ones)) * s)  # 1x1 conv: r -> out
+            out = add(out, op(h, L.reshape(*L.shape, *ones)), s)  # 1x1 conv: r -> out
         return out
 
     return conv

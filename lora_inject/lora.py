@@ -197,7 +197,8 @@ class LoRA(nn.Module):
     def factor_pair(self, name: str) -> tuple[Tensor, Tensor]:
         """``(A, B)`` such that adapter ``name``'s update is ``s * B @ A`` in the matrix view:
         ``lora_A``/``lora_B``, with the frozen ``A0``/``-B0`` appended along ``r`` when present."""
-        A, B = self.lora_A._parameters[name], self.lora_B._parameters[name]
+        modules = self._modules  # not self.lora_A: Module.__getattr__ costs a call each
+        A, B = modules["lora_A"]._parameters[name], modules["lora_B"]._parameters[name]
         if self.records[name].init in WEIGHT_INITS:
             A = torch.cat([A, self.lora_A0[name]], dim=-2)  # (.., 2r, in)
             B = torch.cat([B, -self.lora_B0[name]], dim=-1)  # (.., out, 2r)
@@ -205,11 +206,12 @@ class LoRA(nn.Module):
 
     def terms(self, names) -> list[Term]:
         """The :class:`~lora_inject.factored.Term` of each adapter in ``names``, in order."""
-        out = []
+        out, training = [], self.training
         for name in names:
             a = self.records[name]
             m = self._modules["lora_magnitude"]._parameters[name] if a.dora else None
-            out.append(Term(*self.factor_pair(name), a.scaling, a.dropout if self.training else 0.0, m, name))
+            A, B = self.factor_pair(name)
+            out.append(Term(A, B, a.scaling, a.dropout if training else 0.0, m, name))
         return out
 
     # -- the update -----------------------------------------------------------------------------
