@@ -122,11 +122,13 @@ def nonzero(model):
     return model
 
 
-def make_step(model, ids):
+def make_step(model, ids, autocast=None):
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    device = ids.device.type
 
     def step():
-        loss = model(input_ids=ids, labels=ids).loss
+        with torch.autocast(device, dtype=autocast, enabled=autocast is not None):
+            loss = model(input_ids=ids, labels=ids).loss
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -148,13 +150,18 @@ def timed(fn, device):
 
 
 # -- figures ---------------------------------------------------------------------------------
-def train_times(args):
+AUTOCAST = ("lora_inject", "peft", "frozen floor")  # the contenders of the bf16 autocast step
+
+
+def train_times(args, autocast=None):
     base = llama(*args.shape, device=args.device)
     ids = torch.randint(0, args.shape[4], (1, args.seq), device=args.device)
     steps = {}
     for name, make in contenders(args).items():
+        if autocast is not None and name not in AUTOCAST:
+            continue
         model = nonzero(make(base).train())
-        steps[name] = make_step(model, ids)
+        steps[name] = make_step(model, ids, autocast)
         steps[name]()  # warm-up: allocates the optimizer's state
     times = {n: [] for n in steps}
     for _ in range(args.reps):
@@ -163,21 +170,29 @@ def train_times(args):
     return {n: statistics.median(t) for n, t in times.items()}
 
 
+EVAL_TOKENS = (256, 32)
+
+
 def eval_times(args):
+    """Unmerged eval forwards at each of EVAL_TOKENS, in one process, the models alternating."""
     base = llama(*args.shape, device=args.device).eval()
-    ids = torch.randint(0, args.shape[4], (1, args.seq), device=args.device)
     models = {"base": base}
     for name in ("lora_inject", "peft", *(DORA if args.dora else ())):
         models[name] = nonzero(contenders(args)[name](base).eval())
     models["lora_inject cached"] = copy.deepcopy(models["lora_inject"])  # run inside li.cached()
-    times = {n: [] for n in models}
-    with torch.no_grad(), li.cached(models["lora_inject cached"]):
-        for m in models.values():
-            m(input_ids=ids)  # warm-up; fills the cache
-        for _ in range(args.reps * 2):
-            for n, m in models.items():
-                times[n].append(timed(lambda m=m: m(input_ids=ids), args.device))
-    return {n: statistics.median(t) for n, t in times.items()}
+    out = {}
+    for tokens in EVAL_TOKENS:
+        ids = torch.randint(0, args.shape[4], (1, tokens), device=args.device)
+        times = {n: [] for n in models}
+        reps = args.reps * 2 * max(1, 256 // tokens // 2)  # short forwards: more of them
+        with torch.no_grad(), li.cached(models["lora_inject cached"]):
+            for m in models.values():
+                m(input_ids=ids)  # warm-up; fills the cache
+            for _ in range(reps):
+                for n, m in models.items():
+                    times[n].append(timed(lambda m=m: m(input_ids=ids), args.device))
+        out[f"T={tokens}"] = {n: statistics.median(t) for n, t in times.items()}
+    return out
 
 
 def peak_memory(args):
@@ -261,7 +276,7 @@ def main():
     p.add_argument("--quick", action="store_true", help="a small model and few repetitions")
     p.add_argument("--dora", action="store_true", help="add DoRA (lora_inject and peft) to train, memory, eval")
     p.add_argument("--json", default="benchmarks/results.json")
-    p.add_argument("--only", nargs="*", default=["train", "memory", "eval", "inject", "merge"])
+    p.add_argument("--only", nargs="*", default=["train", "train_bf16", "memory", "eval", "inject", "merge"])
     p.add_argument("--_memory", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args._memory:
@@ -273,8 +288,9 @@ def main():
            "torch": torch.__version__}
     for fig in args.only:
         t = time.perf_counter()
-        res[fig] = {"train": train_times, "memory": peak_memory, "eval": eval_times,
-                    "inject": inject_times, "merge": merge_times}[fig](args)
+        res[fig] = {"train": train_times, "train_bf16": lambda a: train_times(a, torch.bfloat16),
+                    "memory": peak_memory, "eval": eval_times, "inject": inject_times,
+                    "merge": merge_times}[fig](args)
         print(f"# {fig}: {json.dumps(res[fig])} ({time.perf_counter() - t:.0f} s)", file=sys.stderr)
     print(table(res))
     with open(args.json, "w") as f:
@@ -290,19 +306,25 @@ def table(res):
                 ratio, goal = f"{v / t['peft dora']:.3f}× peft dora", ""
             else:
                 ratio = f"{v / t['peft']:.3f}× peft, {v / t['frozen floor']:.3f}× floor"
-                goal = "≤ 0.95× peft, ≤ 1.05× floor" if n == "lora_inject" else ""
+                goal = "≤ 0.97× peft, ≤ 1.03× floor" if n == "lora_inject" else ""
             rows.append(f"| training step | {n} | {v * 1e3:.0f} ms | {ratio} | {goal} |")
+    if "train_bf16" in res:
+        t = res["train_bf16"]
+        for n, v in t.items():
+            ratio = f"{v / t['peft']:.3f}× peft, {v / t['frozen floor']:.3f}× floor"
+            goal = "≤ 0.97× peft" if n == "lora_inject" else ""
+            rows.append(f"| training step, bf16 autocast | {n} | {v * 1e3:.0f} ms | {ratio} | {goal} |")
     if "memory" in res:
         m = res["memory"]
         for n, v in m.items():
             ref = "peft dora" if n.endswith("dora") else "peft"
             goal = "≤ 1.0× peft" if n == "lora_inject" else ""
             rows.append(f"| training step peak memory | {n} | {v:.0f} MiB | {v / m[ref]:.3f}× {ref} | {goal} |")
-    if "eval" in res:
-        e = res["eval"]
+    for tokens, e in res.get("eval", {}).items():
         for n, v in e.items():
-            goal = "≤ 1.03× base" if n.startswith("lora_inject") and "dora" not in n else ""
-            rows.append(f"| eval forward, unmerged | {n} | {v * 1e3:.0f} ms | {v / e['base']:.3f}× base | {goal} |")
+            goal = {"T=256": "≤ 1.03× base", "T=32": "≤ 1.05× base"}[tokens] if n == "lora_inject" else ""
+            rows.append(f"| eval forward, unmerged, {tokens} | {n} | {v * 1e3:.1f} ms | {v / e['base']:.3f}× base "
+                        f"| {goal} |")
     for fig, label, goal in (("inject", "inject, Llama-2-7B on meta", "≤ 0.1× peft"),
                              ("merge", "remove(merge=True), 7B-wide layer", "")):
         if fig in res:
