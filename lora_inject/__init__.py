@@ -1,7 +1,7 @@
 """Add LoRA to any PyTorch model in place, and take it out again."""
 
-from .io import load_adapter, save_adapter
 from .arithmetic import combine
+from .io import load_adapter, save_adapter
 from .lora import Adapter, LoRA
 from .per_sample import per_sample
 from .rule import Rule, default_rules, register_rule

@@ -19,21 +19,22 @@ from .hooks import hook, own_class_on_copy, refuse_pickle, refuse_script, unhook
 from .inits import INITS, WEIGHT_INITS
 from .lookup import (
     adapter_names,
+    find_lora,
     forward_to,
     inverse,
     lora_input,
     loras,
+    matcher,
     module_loras,
+    named_modules,
     originals,
     parametrized,
-    source,
-    find_lora,
-    matcher,
-    named_modules,
     qualified,
+    source,
 )
 from .lora import Adapter, LoRA, check_adapter_name
 from .rule import Rule, RuleKey, find_rule, type_name
+from .view import View
 
 __all__ = ["inject", "remove"]
 
@@ -156,7 +157,8 @@ def inject(
 
         plan = _plan(model, select, leave, rules, adapter, dropout, targets)
         spec = targets if isinstance(targets, str) else getattr(targets, "pattern", None)
-        small = [f"{q}.{t}" if q else t for q, m, rule, t, shape in plan if r > min(_dims(shape, rule))]
+        small = [f"{q}.{t}" if q else t for q, m, rule, t, shape in plan
+                 if r > min(rule_view(shape, rule).out_features, rule_view(shape, rule).in_features)]
         if small:
             warnings.warn(
                 f"inject(): r={r} exceeds min(out, in) of {small[:3]}: the update is still exact, "
@@ -202,6 +204,10 @@ def inject(
                     _detach(module, tensor_name, lora)
             raise
         return model
+
+
+def rule_view(shape, rule: Rule) -> View:
+    return View(tuple(shape), rule.transpose, rule.experts)
 
 
 @contextmanager
@@ -337,13 +343,6 @@ def _nothing_matched(no_rule: list[tuple[str, str]], targets, model: nn.Module) 
         f"inject(): `targets`={targets!r} matched only modules whose types have no rule: "
         f"{shown}{more}. {how}"
     )
-
-
-def _dims(shape, rule: Rule) -> tuple[int, int]:
-    core = shape[1:] if rule.experts else shape
-    if rule.transpose:
-        return core[-1], core[0]
-    return core[0], math.prod(core[1:])
 
 
 def _tensor_owners(model: nn.Module) -> dict[int, list[str]]:

@@ -13,8 +13,7 @@ from transformers import AutoModel
 
 import lora_inject as li
 from lora_inject.cli import main
-from lora_inject.demo import default_model_dir
-from lora_inject.demo import TARGETS, load_feedback
+from lora_inject.demo import TARGETS, default_model_dir, load_feedback
 
 
 def test_the_shipped_data_is_balanced_and_the_held_out_phrasings_are_unseen():

@@ -8,11 +8,11 @@ from unittest import mock
 
 import pytest
 import torch
+from test_grid import LAYERS, adapted, params_of, reference
 from torch import nn
 
 import lora_inject as li
 from lora_inject.factored import FactoredWeight
-from test_grid import LAYERS, adapted, params_of, reference
 
 
 def _linear():

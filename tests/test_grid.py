@@ -252,7 +252,8 @@ def test_torch_func_transforms_equal_the_merged_plain_layer(layer_name, variant)
         close(tan_ours, tan_ref, t)
     if x.is_floating_point():
         jac_x = vmap(jacrev(lambda x: ours(params, x).sum()))(xs)
-        close(jac_x, torch.stack([torch.autograd.functional.jacobian(lambda x: ref(params, x).sum(), xi) for xi in xs]), t)
+        jac_ref = [torch.autograd.functional.jacobian(lambda x: ref(params, x).sum(), xi) for xi in xs]
+        close(jac_x, torch.stack(jac_ref), t)
     other = {n: p + 0.25 for n, p in params.items()}
     close(ours(other, x), ref(other, x), t)
 

@@ -3,7 +3,6 @@ against a model, and put into one."""
 
 from __future__ import annotations
 
-import math
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -17,6 +16,7 @@ from ..lora import LoRA, check_adapter_name
 from ..rule import Rule, own_tensor_names, type_name
 from ..state import refuse_flat_params
 from ..surgery import inject, remove
+from ..view import View
 
 __all__: list[str] = []
 
@@ -81,11 +81,11 @@ def check_entries(fn: str, model: nn.Module, entries: Sequence[Entry]) -> None:
         if shape != tuple(e.shape):
             raise ValueError(f"{fn}(): `{e.key}` has shape {shape} in the model but {tuple(e.shape)} "
                              "in the adapter. It was saved from another model (or another size of it).")
-        lead, core = (shape[:1], shape[1:]) if e.experts else ((), shape)
-        out, inn = (core[-1], core[0]) if e.transpose else (core[0], math.prod(core[1:]))
-        needs = {"lora_A": (*lead, e.r, inn), "lora_B": (*lead, out, e.r)}
+        view = View(tuple(shape), e.transpose, e.experts)
+        shape_A, shape_B = view.factor_shapes(e.r)
+        needs = {"lora_A": shape_A, "lora_B": shape_B}
         if e.dora:
-            needs["lora_magnitude"] = (*lead, out)
+            needs["lora_magnitude"] = view.magnitude_shape()
         if e.init in WEIGHT_INITS:
             needs.update(lora_A0=needs["lora_A"], lora_B0=needs["lora_B"])
         if set(e.extra) != set(needs) - set(FACTORS):

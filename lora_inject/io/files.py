@@ -64,12 +64,13 @@ def read_safetensors(fn: str, file: str) -> tuple[dict[str, Tensor], bytes]:
     try:
         tensors = st.load(blob)
     except Exception as e:  # SafetensorError, and what a hostile header makes the parser raise
-        raise ValueError(f"{fn}(): {file} is truncated or corrupt{first_cut(blob)} ({type(e).__name__}: {e}). "
-                         "Save the adapter again.") from None
+        raise ValueError(f"{fn}(): {file} is truncated or corrupt{first_cut(blob)} "
+                         f"({type(e).__name__}: {e}). Save the adapter again.") from None
     for key, t in tensors.items():
         if t.dtype not in DTYPES.values():
-            raise TypeError(f"{fn}(): `{key}` in {file} has dtype {dtype_name(t.dtype)} and shape {list(t.shape)}; LoRA "
-                            f"factors must be floating point ({', '.join(DTYPES)}). Cast them and save again.")
+            raise TypeError(f"{fn}(): `{key}` in {file} has dtype {dtype_name(t.dtype)} and shape "
+                            f"{list(t.shape)}; LoRA factors must be floating point ({', '.join(DTYPES)}). "
+                            "Cast them and save again.")
     return tensors, blob
 
 
