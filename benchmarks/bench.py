@@ -250,6 +250,51 @@ def inject_times(args):
     return {n: statistics.median(t) for n, t in times.items()}
 
 
+class Small(nn.Module):
+    """A Linear(64, 64) and a Conv2d(8, 8, 3): layers small enough that the fixed cost shows."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(64, 64)
+        self.conv = nn.Conv2d(8, 8, 3, padding=1)
+
+    def forward(self, x, y):
+        return self.fc(x), self.conv(y)
+
+
+def small_times(args):
+    """The fixed cost per adapted layer: no-grad forwards of each layer, and a training step
+    (forward and backward) of both, for the plain layers, lora_inject and peft, alternating."""
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(0)
+    base = Small()
+    ours = li.mark_only_lora_as_trainable(li.inject(copy.deepcopy(base), "fc|conv", r=4))
+    theirs = get_peft_model(copy.deepcopy(base), LoraConfig(r=4, target_modules=["fc", "conv"])).base_model.model
+    x, y = torch.randn(4, 64), torch.randn(1, 8, 8, 8)
+    models = {"plain": base, "lora_inject": ours, "peft": theirs}
+
+    def step(m):
+        a, b = m(x, y)
+        (a.sum() + b.sum()).backward()
+
+    figures = {"Linear(64, 64) no-grad forward": lambda m: m.fc(x),
+               "Conv2d(8, 8, 3) no-grad forward": lambda m: m.conv(y),
+               "training step of both": step}
+    out = {}
+    for label, fn in figures.items():
+        times = {n: [] for n in models}
+        with torch.set_grad_enabled(label.startswith("training")):
+            for _ in range(args.reps * 20):
+                for n, m in models.items():
+                    t = time.perf_counter()
+                    for _ in range(20):
+                        fn(m)
+                    times[n].append((time.perf_counter() - t) / 20)
+        out[label] = {n: statistics.median(t) for n, t in times.items()}
+    return out
+
+
 def merge_times(args):
 
     base = llama(hidden=4096, inter=11008, layers=1, heads=32, vocab=256, device=args.device)
@@ -276,7 +321,7 @@ def main():
     p.add_argument("--quick", action="store_true", help="a small model and few repetitions")
     p.add_argument("--dora", action="store_true", help="add DoRA (lora_inject and peft) to train, memory, eval")
     p.add_argument("--json", default="benchmarks/results.json")
-    p.add_argument("--only", nargs="*", default=["train", "train_bf16", "memory", "eval", "inject", "merge"])
+    p.add_argument("--only", nargs="*", default=["train", "train_bf16", "memory", "eval", "inject", "merge", "small"])
     p.add_argument("--_memory", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args._memory:
@@ -290,7 +335,7 @@ def main():
         t = time.perf_counter()
         res[fig] = {"train": train_times, "train_bf16": lambda a: train_times(a, torch.bfloat16),
                     "memory": peak_memory, "eval": eval_times, "inject": inject_times,
-                    "merge": merge_times}[fig](args)
+                    "merge": merge_times, "small": small_times}[fig](args)
         print(f"# {fig}: {json.dumps(res[fig])} ({time.perf_counter() - t:.0f} s)", file=sys.stderr)
     print(table(res))
     with open(args.json, "w") as f:
@@ -332,6 +377,9 @@ def table(res):
             for n, v in d.items():
                 g = goal if n == "lora_inject" else ""
                 rows.append(f"| {label} | {n} | {v * 1e3:.1f} ms | {v / d['peft']:.3f}× peft | {g} |")
+    for label, d in res.get("small", {}).items():
+        for n, v in d.items():
+            rows.append(f"| {label} | {n} | {v * 1e6:.1f} µs | {v / d['peft']:.3f}× peft |  |")
     return "\n".join(rows)
 
 
