@@ -16,8 +16,7 @@ from .state import (
     named_loras,
 )
 from .surgery import inject, remove
-
-__version__ = "0.1.0"
+from .version import __version__ as __version__
 
 __all__ = [
     "Adapter",

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import os
 
+from ..version import __version__
 from .entries import EXTRAS, Entry
 from .files import DTYPES, dtype_name, read_json, read_safetensors
 
@@ -16,8 +17,6 @@ FORMAT_VERSION = 1
 
 
 def to_ours(entries: list[Entry], adapter: str) -> tuple[dict, dict]:
-    from .. import __version__
-
     dtypes = {dtype_name(e.A.dtype) for e in entries}
     config = {
         "format": "lora_inject", "format_version": FORMAT_VERSION, "version": __version__,
