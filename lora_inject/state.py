@@ -174,21 +174,28 @@ def activate(model: M, adapters: str | Sequence[str]) -> M:
 def disabled(model: nn.Module) -> Iterator[nn.Module]:
     """Turn every adapter off inside the ``with`` block; restore each one's state on exit.
 
-    It is safe under exceptions and nests.
+    It is safe under exceptions and nests. Calls inside the block are kept: on exit an adapter
+    removed inside is gone (not restored), an adapter injected inside keeps the state it has at
+    exit (active, as ``inject`` leaves it, unless turned off), and a tensor adapted for the first
+    time inside keeps its own state.
 
     Example::
 
         >>> with disabled(model):
         ...     base_out = model(x)
     """
-    saved = [(lora, list(lora.active)) for *_, lora in loras(model)]
-    for lora, _ in saved:
+    entry = {id(lora): (list(lora.active), set(lora.adapters)) for *_, lora in loras(model)}
+    for *_, lora in loras(model):
         lora.active = []
     try:
         yield model
     finally:
-        for lora, active in saved:
-            lora.active = active
+        for *_, lora in loras(model):
+            saved = entry.get(id(lora))
+            if saved is not None:
+                active, known = saved
+                added = [n for n in lora.active if n not in known]  # injected inside the block
+                lora.active = [n for n in active if n in lora.records] + added
 
 
 @contextmanager

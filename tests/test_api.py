@@ -665,3 +665,18 @@ def test_isinstance_attributes_and_forward_are_kept():
     torch.testing.assert_close(model(x), 2 * F.linear(x, W, m.bias))
     li.remove(model)
     assert type(m) is Tagged and m.tag == "mine" and not hasattr(m, "parametrizations")
+
+
+def test_disabled_keeps_what_was_removed_or_injected_inside_the_block():
+    model = two_adapters()
+    x = torch.randn(4, 6, dtype=torch.float64)
+    with li.disabled(model):
+        li.remove(model, adapter="b", merge=False)
+    out = model(x)  # no KeyError: 'b' is not put back
+    assert all("b" not in lo.active for _, lo in li.named_loras(model))
+    expected = li.remove(copy.deepcopy(model), merge=True)(x)
+    torch.testing.assert_close(out, expected)
+    with li.disabled(model):
+        li.inject(model, "fc", r=2, adapter="n")
+    assert {n: lo.active for n, lo in li.named_loras(model)} == {
+        "fc1.weight": ["a", "n"], "fc2.weight": ["a", "n"], "fc3.weight": ["a", "n"]}
