@@ -243,8 +243,10 @@ def remove(model: M, *, merge: bool = True, adapter: str | Sequence[str] | None 
     Raises:
         TypeError: if ``merge`` is not a bool, or ``adapter`` is not a str, a sequence of str
             or None.
-        ValueError: if an adapter name is not in the model, or a merged weight would not be
-            finite (the model is left unchanged).
+        ValueError: if an adapter name is not in the model, a merged weight would not be
+            finite, or the merge would leave other active adapters on a tensor where one of
+            them, or a merged one, is DoRA (its norm depends on ``W0``); the model is left
+            unchanged.
         RuntimeError: if a parametrization registered before ours cannot represent the
             merged weight, so merging is ill-defined (the model is left unchanged); use
             ``merge=False`` or remove that parametrization first.
@@ -259,6 +261,13 @@ def remove(model: M, *, merge: bool = True, adapter: str | Sequence[str] | None 
         if not mine:
             continue
         merge_now = [n for n in mine if n in lora.active] if merge else []
+        staying = [n for n in lora.active if n not in mine]
+        if merge_now and staying and any(lora.adapter(n).dora for n in merge_now + staying):
+            raise ValueError(
+                f"remove(): merging {merge_now} into `{qualified(qualname, tensor_name)}` while {staying} stay "
+                "active would change the outputs: a DoRA adapter's norm is taken over W0, which the merge "
+                f"rewrites. The model is unchanged; remove them together (adapter={merge_now + staying}), "
+                "turn the others off first with li.activate(), or use merge=False.")
         if merge_now:
             _merge_into_originals(qualname, module, tensor_name, lora, merge_now, write=False)
         plans.append((qualname, module, tensor_name, lora, mine, merge_now))

@@ -680,3 +680,19 @@ def test_disabled_keeps_what_was_removed_or_injected_inside_the_block():
         li.inject(model, "fc", r=2, adapter="n")
     assert {n: lo.active for n, lo in li.named_loras(model)} == {
         "fc1.weight": ["a", "n"], "fc2.weight": ["a", "n"], "fc3.weight": ["a", "n"]}
+
+
+def test_a_partial_merge_next_to_dora_is_refused_and_changes_nothing():
+    model = mlp()
+    li.inject(model, "fc1", adapter="a", r=2)
+    li.inject(model, "fc1", adapter="b", r=2, dora=True)
+    randomize(model)
+    x = torch.randn(4, 6, dtype=torch.float64)
+    out, before = model(x), snapshot(model)
+    for name in ("a", "b"):
+        with pytest.raises(ValueError, match=r"remove\(\): merging \['%s'\] into `fc1.weight` while" % name):
+            li.remove(model, adapter=name, merge=True)
+        assert_unchanged(model, before)
+        torch.testing.assert_close(model(x), out)
+    li.remove(model, adapter=["a", "b"], merge=True)  # together: exact
+    torch.testing.assert_close(model(x), out)
