@@ -381,3 +381,61 @@ def test_bad_arguments(saved, call, error, match):
 
 def test_empty_directory(tmp_path):
     _refused(gpt2(), tmp_path, ValueError, r"it holds no adapter files")
+
+
+def _saved_square(tmp_path):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 4), nn.Embedding(4, 4))
+    li.inject(model, "", r=2)
+    with torch.no_grad():
+        for p in li.lora_parameters(model):
+            p.normal_()
+    li.save_adapter(model, tmp_path / "a")
+    return tmp_path / "a"
+
+
+def _edit(path, change, *, redigest=True):
+    file = path / "adapter.json"
+    config = json.loads(file.read_text())
+    change(config)
+    if redigest:  # as a careful hand edit would: the digest then no longer catches it
+        from lora_inject.io.ours import config_digest
+
+        config["config_sha256"] = config_digest(config)
+    file.write_text(json.dumps(config))
+
+
+@pytest.mark.parametrize("field, value, must", [
+    ("rslora", "false", "true or false"),
+    ("dora", 0, "true or false"),
+    ("r", 2.0, "a positive int"),
+    ("alpha", "2", "a finite number"),
+    ("dropout", 1.5, r"a number in \[0, 1\)"),
+    ("init", "svd", "one of"),
+    ("shape", [4, "4"], "a list of non-negative ints"),
+    ("rule", {"transpose": "no", "experts": False, "factored": True}, "an object of three bools"),
+])
+def test_hand_edited_fields_are_refused_by_type_and_value(tmp_path, field, value, must):
+    path = _saved_square(tmp_path)
+    _edit(path, lambda c: c["tensors"]["0.weight"].__setitem__(field, value))
+    model = nn.Sequential(nn.Linear(4, 4), nn.Embedding(4, 4))
+    with pytest.raises(ValueError, match=rf'"{field}" of `0.weight` in .*adapter.json must be {must}'):
+        li.load_adapter(model, path)
+    assert not hasattr(model[0], "parametrizations")
+
+
+def test_a_flipped_transpose_on_a_square_weight_is_refused(tmp_path):
+    path = _saved_square(tmp_path)
+    _edit(path, lambda c: c["tensors"]["1.weight"]["rule"].__setitem__("transpose", False))
+    model = nn.Sequential(nn.Linear(4, 4), nn.Embedding(4, 4))
+    with pytest.raises(ValueError, match=r"`1.weight` was saved with transpose=False.*rule for Embedding says "
+                                         r"transpose=True"):
+        li.load_adapter(model, path)
+    assert not hasattr(model[0], "parametrizations")
+
+
+def test_the_config_digest_catches_an_edit_of_the_config(tmp_path):
+    path = _saved_square(tmp_path)
+    _edit(path, lambda c: c["tensors"]["0.weight"].__setitem__("alpha", 7.0), redigest=False)
+    with pytest.raises(ValueError, match=r"adapter.json does not match its own config_sha256"):
+        li.load_adapter(nn.Sequential(nn.Linear(4, 4), nn.Embedding(4, 4)), path)

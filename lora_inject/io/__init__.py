@@ -86,6 +86,7 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, *, adapter: str = "d
     blob = write_safetensors(tensors, {"format": "pt"})
     if format != "peft":
         config["sha256"] = hashlib.sha256(blob).hexdigest()
+        config["config_sha256"] = ours.config_digest(config)
     write_atomic(os.path.join(path, weights), blob)
     write_atomic(os.path.join(path, config_name), (json.dumps(config, indent=2) + "\n").encode())
 

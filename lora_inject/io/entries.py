@@ -13,7 +13,7 @@ from torch import Tensor, nn
 from ..inits import WEIGHT_INITS
 from ..lookup import find_lora, loras, named_modules, parametrized, source
 from ..lora import LoRA, check_adapter_name
-from ..rule import Rule, own_tensor_names, type_name
+from ..rule import Rule, find_rule, own_tensor_names, type_name
 from ..state import refuse_flat_params
 from ..surgery import inject, remove
 from ..view import View
@@ -100,6 +100,12 @@ def check_entries(fn: str, model: nn.Module, entries: Sequence[Entry]) -> None:
             raise ValueError(f"{fn}(): `{e.key}` carries LoRA with transpose={lora.transpose}, "
                              f"experts={lora.experts}, but the adapter was saved with "
                              f"transpose={e.transpose}, experts={e.experts}.")
+        rule = find_rule(module) if lora is None else None
+        if rule is not None and (rule.transpose, rule.experts) != (e.transpose, e.experts):
+            raise ValueError(f"{fn}(): `{e.key}` was saved with transpose={e.transpose}, experts={e.experts}, "
+                             f"but the rule for {type_name(module)} says transpose={rule.transpose}, "
+                             f"experts={rule.experts}. The file was edited, or the adapter was made with other "
+                             "rules: register those with li.register_rule() first.")
 
 
 

@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import hashlib
+import json
+import math
 import os
 
+from ..inits import INITS
+from ..lora import check_adapter_name
 from ..version import __version__
 from .entries import EXTRAS, Entry
 from .files import DTYPES, dtype_name, read_json, read_safetensors
@@ -14,6 +18,61 @@ __all__: list[str] = []
 CONFIG = "adapter.json"
 WEIGHTS = "adapter.safetensors"
 FORMAT_VERSION = 1
+
+
+def is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def is_number(v) -> bool:
+    return (is_int(v) or isinstance(v, float)) and math.isfinite(v)
+
+
+# Each field of a tensor's entry: what it must be, as a check and in words.
+FIELDS = {
+    "module": (lambda v: isinstance(v, str), "a str"),
+    "tensor": (lambda v: isinstance(v, str) and bool(v), "a non-empty str"),
+    "type": (lambda v: isinstance(v, str) and bool(v), "a non-empty str"),
+    "shape": (lambda v: isinstance(v, list) and all(is_int(d) and d >= 0 for d in v), "a list of non-negative ints"),
+    "r": (lambda v: is_int(v) and v > 0, "a positive int"),
+    "alpha": (is_number, "a finite number"),
+    "rslora": (lambda v: isinstance(v, bool), "true or false"),
+    "dora": (lambda v: isinstance(v, bool), "true or false"),
+    "dropout": (lambda v: is_number(v) and 0 <= v < 1, "a number in [0, 1)"),
+    "init": (lambda v: v in INITS, f"one of {list(INITS)}"),
+    "targets": (lambda v: v is None or isinstance(v, str), "a str or null"),
+    "dtype": (lambda v: v in DTYPES, f"one of {sorted(DTYPES)}"),
+    "rule": (lambda v: isinstance(v, dict) and set(v) == {"transpose", "experts", "factored"}
+             and all(isinstance(x, bool) for x in v.values()),
+             'an object of three bools: "transpose", "experts", "factored"'),
+}
+OPTIONAL = {"dora": False}  # fields that files of an earlier version may lack
+
+
+def config_digest(config: dict) -> str:
+    """The sha256 of ``config`` without its two digests, as canonical JSON."""
+    rest = {k: v for k, v in config.items() if k not in ("sha256", "config_sha256")}
+    return hashlib.sha256(json.dumps(rest, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def checked(fn: str, file: str, key: str, t: object) -> dict:
+    """The entry ``t`` of tensor ``key``, every field of the type and value it must have.
+
+    Raises:
+        ValueError: naming the first field that is missing or does not fit, and what it must be.
+    """
+    if not isinstance(t, dict):
+        raise ValueError(f"{fn}(): the entry for `{key}` in {file} must be a JSON object, got {t!r}; "
+                         "save the adapter again.")
+    t = {**OPTIONAL, **t}
+    for field, (ok, what) in FIELDS.items():
+        if field not in t:
+            raise ValueError(f"{fn}(): the entry for `{key}` in {file} has no \"{field}\" ({what}); "
+                             "save the adapter again.")
+        if not ok(t[field]):
+            raise ValueError(f"{fn}(): \"{field}\" of `{key}` in {file} must be {what}, got {t[field]!r}. "
+                             "The file was edited or is corrupt; save the adapter again.")
+    return t
 
 
 def to_ours(entries: list[Entry], adapter: str) -> tuple[dict, dict]:
@@ -49,6 +108,10 @@ def from_ours(fn: str, path: str) -> tuple[str, list[Entry]]:
     if config.get("dtype") not in (*DTYPES, "mixed"):
         raise TypeError(f"{fn}(): {file} says the factors' dtype is {config.get('dtype')!r}, which "
                         f"cannot be loaded; LoRA factors are one of {sorted(DTYPES)}.")
+    if "config_sha256" in config and config_digest(config) != config["config_sha256"]:
+        raise ValueError(f"{fn}(): {file} does not match its own config_sha256: it was changed after it was "
+                         "saved. Save the adapter again.")
+    check_adapter_name(fn, config.get("adapter", "default"))
     weights = os.path.join(path, WEIGHTS)
     tensors, blob = read_safetensors(fn, weights)
     if hashlib.sha256(blob).hexdigest() != config.get("sha256"):
@@ -56,18 +119,19 @@ def from_ours(fn: str, path: str) -> tuple[str, list[Entry]]:
                          "from different saves, or one was changed. Save the adapter again.")
     entries = []
     for key, t in config["tensors"].items():
+        t = checked(fn, file, key, t)
         try:
             A, B = tensors.pop(f"{key}.lora_A"), tensors.pop(f"{key}.lora_B")
-            entry = Entry(
-                module=t["module"], tensor=t["tensor"], type=t["type"], shape=tuple(t["shape"]), A=A, B=B,
-                r=t["r"], alpha=float(t["alpha"]), rslora=bool(t["rslora"]), dropout=float(t["dropout"]),
-                init=t["init"], targets=t["targets"], transpose=bool(t["rule"]["transpose"]),
-                experts=bool(t["rule"]["experts"]), factored=bool(t["rule"]["factored"]),
-                dora=bool(t.get("dora", False)),
-                extra={k: tensors.pop(f"{key}.{k}") for k in EXTRAS if f"{key}.{k}" in tensors})
-        except (KeyError, TypeError, ValueError) as e:
-            raise ValueError(f"{fn}(): the entry for `{key}` in {file} is incomplete or malformed "
-                             f"({type(e).__name__}: {e}); save the adapter again.") from None
+        except KeyError as e:
+            raise ValueError(f"{fn}(): {weights} has no tensor {e}, which {file} describes; save the "
+                             "adapter again.") from None
+        rule = t["rule"]
+        entry = Entry(
+            module=t["module"], tensor=t["tensor"], type=t["type"], shape=tuple(t["shape"]), A=A, B=B,
+            r=t["r"], alpha=float(t["alpha"]), rslora=t["rslora"], dropout=float(t["dropout"]),
+            init=t["init"], targets=t["targets"], transpose=rule["transpose"], experts=rule["experts"],
+            factored=rule["factored"], dora=t["dora"],
+            extra={k: tensors.pop(f"{key}.{k}") for k in EXTRAS if f"{key}.{k}" in tensors})
         if t.get("dtype") != dtype_name(A.dtype) or B.dtype != A.dtype:
             raise TypeError(f"{fn}(): `{key}` is saved as {dtype_name(A.dtype)}/{dtype_name(B.dtype)} "
                             f"but {file} says {t.get('dtype')!r}; save the adapter again.")
