@@ -181,7 +181,10 @@ def _merge(args: argparse.Namespace) -> None:
     configs = (ours.CONFIG, peft.CONFIG)
     if not any((Path(args.adapter) / name).is_file() for name in configs):  # before a long load
         raise UsageError(f"--adapter {args.adapter!r} holds no adapter config ({' or '.join(configs)})")
-    if out.exists() and (out.resolve() == base.resolve() or any(out.iterdir())):
+    if out.resolve() == base.resolve() or base.resolve() in out.resolve().parents:
+        raise UsageError(f"--out {args.out!r} is inside the base model's directory {args.base!r}, which the "
+                         "merged model would overwrite or mix with; pick a directory outside it")
+    if out.exists() and any(out.iterdir()):
         raise UsageError(f"--out {args.out!r} exists and is not empty; pick a new directory")
     _say(f"loading the base model from {base}")
     model = _model_class(base).from_pretrained(base, **_same_dtype())

@@ -111,8 +111,8 @@ def inject(
             adapter already exists on a selected tensor, a selected tensor is shared with
             another module, a rule names a tensor the module lacks, a sparse ``Embedding`` or
             ``EmbeddingBag`` has no factored form (``max_norm``, ``scale_grad_by_freq``,
-            ``mode="max"``), ``init="pissa"``/``"olora"`` meets a weight that is not finite, or
-            nothing at all is selected.
+            ``mode="max"``), ``init="pissa"``/``"olora"`` meets a weight that is not finite, a
+            selected tensor is an uninitialised lazy one, or nothing at all is selected.
 
     Example::
 
@@ -297,6 +297,11 @@ def _plan(model, select, leave, rules, adapter, dropout, targets=None):
         for tensor_name in rule.tensor_names(module):
             where = qualified(qualname, tensor_name)
             stored = source(module, tensor_name)
+            if isinstance(stored, nn.parameter.UninitializedTensorMixin):
+                raise ValueError(
+                    f"inject(): `{where}` of {type_name(module)} `{qualname}` is an uninitialised lazy tensor, with "
+                    "no shape yet. Run one forward through the model first (it sets the shapes), then inject; "
+                    "or leave the module out with `exclude=`.")
             if not stored.is_floating_point():
                 raise TypeError(
                     f"inject(): `{where}` has dtype {stored.dtype}; LoRA needs a floating-point "

@@ -690,7 +690,7 @@ def test_a_partial_merge_next_to_dora_is_refused_and_changes_nothing():
     x = torch.randn(4, 6, dtype=torch.float64)
     out, before = model(x), snapshot(model)
     for name in ("a", "b"):
-        with pytest.raises(ValueError, match=r"remove\(\): merging \['%s'\] into `fc1.weight` while" % name):
+        with pytest.raises(ValueError, match=rf"remove\(\): merging \['{name}'\] into `fc1.weight` while"):
             li.remove(model, adapter=name, merge=True)
         assert_unchanged(model, before)
         torch.testing.assert_close(model(x), out)

@@ -185,6 +185,8 @@ ERRORS = [
                  "load_adapter(): ", id="merge-adapter-of-another-model"),
     pytest.param(["merge", "--base", "{base}", "--adapter", "{tmp}/broken", "--out", "{tmp}/full"], 2,
                  "exists and is not empty", id="merge-out-not-empty"),
+    pytest.param(["merge", "--base", "{base}", "--adapter", "{tmp}/other", "--out", "{base}/merged"], 2,
+                 "is inside the base model's directory", id="merge-out-inside-base"),
 ]
 
 

@@ -6,6 +6,7 @@ parametrization) and a duplicate adapter name are tested in test_api.py, with th
 
 from __future__ import annotations
 
+import json
 import math
 import re
 from collections import OrderedDict
@@ -263,3 +264,62 @@ def test_register_rule_refuses_wrong_kinds_and_keeps_the_registry(module_type, r
 def test_rule_refuses_bad_tensors(tensors, error, match):
     with pytest.raises(error, match=r"^Rule\(\): " + match):
         li.Rule(tensors)
+
+
+def _adapted_linear():
+    return li.inject(nn.Sequential(nn.Linear(4, 4)), "0", r=2)
+
+
+def test_save_adapter_names_the_path_that_cannot_be_a_directory(tmp_path):
+    model = _adapted_linear()
+    (tmp_path / "file").write_text("x")
+    (tmp_path / "dangling").symlink_to(tmp_path / "nowhere")
+    with pytest.raises(ValueError, match=r"save_adapter\(\): `path` '.*file' exists and is not a directory"):
+        li.save_adapter(model, tmp_path / "file")
+    with pytest.raises(ValueError, match=r"save_adapter\(\): `path` '.*dangling' exists and is a symlink to nothing"):
+        li.save_adapter(model, tmp_path / "dangling")
+    with pytest.raises(TypeError, match=r"save_adapter\(\): `path` must be a str or os.PathLike.*got NoneType"):
+        li.save_adapter(model, None)
+    assert (tmp_path / "file").read_text() == "x" and not (tmp_path / "nowhere").exists()
+
+
+def test_save_adapter_of_a_meta_model_says_to_materialise_and_writes_nothing(tmp_path):
+    with torch.device("meta"):
+        model = nn.Sequential(nn.Linear(4, 4))
+    li.inject(model, "0", r=2)
+    with pytest.raises(RuntimeError, match=r"save_adapter\(\): the factors of `0.weight` are on the meta device"):
+        li.save_adapter(model, tmp_path / "a")
+    assert not (tmp_path / "a").exists()
+
+
+def test_inject_into_an_uninitialised_lazy_module_says_to_run_a_forward_first():
+    model = nn.Sequential(nn.LazyLinear(4))
+    with pytest.raises(ValueError, match=r"inject\(\): `0.weight` of LazyLinear `0` is an uninitialised lazy"):
+        li.inject(model, "0", r=2)
+    model(torch.randn(2, 3))
+    li.inject(model, "0", r=2)
+
+
+@pytest.mark.parametrize("init", ["pissa", "olora"])
+def test_weight_inits_refuse_a_weight_that_is_not_finite(init):
+    model = nn.Sequential(nn.Linear(4, 4))
+    with torch.no_grad():
+        model[0].weight[1, 2] = float("nan")
+    with pytest.raises(ValueError, match=rf"inject\(\): init='{init}' decomposes the weight, which holds NaN"):
+        li.inject(model, "0", r=2, init=init)
+    assert not hasattr(model[0], "parametrizations")
+
+
+def test_a_weights_file_whose_header_has_wrong_json_types_names_the_file(tmp_path):
+    model = _adapted_linear()
+    li.save_adapter(model, tmp_path / "a")
+    file = tmp_path / "a" / "adapter.safetensors"
+    blob = file.read_bytes()
+    n = int.from_bytes(blob[:8], "little")
+    header = json.loads(blob[8:8 + n])
+    key = next(k for k in header if k != "__metadata__")
+    header[key]["shape"] = ["2", 4]
+    head = json.dumps(header).encode()
+    file.write_bytes(len(head).to_bytes(8, "little") + head + blob[8 + n:])
+    with pytest.raises(ValueError, match=r"load_adapter\(\): .*adapter.safetensors is truncated or corrupt"):
+        li.load_adapter(nn.Sequential(nn.Linear(4, 4)), tmp_path / "a")

@@ -58,11 +58,14 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, *, adapter: str = "d
         format (str): ``"lora_inject"`` or ``"peft"``. Default: ``"lora_inject"``.
 
     Raises:
-        TypeError: if ``model`` is not an ``nn.Module`` or ``adapter`` is not a str.
-        ValueError: if ``format`` is unknown, the model has no adapter ``adapter``, or (for
-            ``format="peft"``) a tensor has no equivalent in peft's format.
-        RuntimeError: if the factors are sharded: flattened by FSDP1, or DTensors under FSDP2
-            (unshard the FSDP modules first; see the README's "Distributed training").
+        TypeError: if ``model`` is not an ``nn.Module``, ``path`` is not a str or
+            ``os.PathLike``, or ``adapter`` is not a str.
+        ValueError: if ``format`` is unknown, ``path`` exists and is not a directory (a file, a
+            dangling symlink), the model has no adapter ``adapter``, or (for ``format="peft"``)
+            a tensor has no equivalent in peft's format.
+        RuntimeError: if the factors are sharded (flattened by FSDP1, or DTensors under FSDP2:
+            unshard the FSDP modules first; see the README's "Distributed training"), or still
+            on the meta device. Nothing is written then.
 
     Example::
 
@@ -74,16 +77,29 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, *, adapter: str = "d
         raise TypeError(f"save_adapter(): `model` must be an nn.Module, got {type(model).__name__}.")
     if format not in FORMATS:
         raise ValueError(f"save_adapter(): `format` must be one of {FORMATS}, got {format!r}.")
-    entries = collect("save_adapter", model, adapter)
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"save_adapter(): `path` must be a str or os.PathLike naming a directory, got "
+                        f"{type(path).__name__}.")
     path = os.fspath(path)
+    if os.path.lexists(path) and not os.path.isdir(path):
+        what = "a symlink to nothing" if os.path.islink(path) and not os.path.exists(path) else "not a directory"
+        raise ValueError(f"save_adapter(): `path` {path!r} exists and is {what}; an adapter is a directory. "
+                         "Pass a new path, or remove that one first.")
+    entries = collect("save_adapter", model, adapter)
+    meta = next((e.key for e in entries if e.A.is_meta or e.B.is_meta or any(t.is_meta for t in e.extra.values())),
+                None)
+    if meta is not None:
+        raise RuntimeError(f"save_adapter(): the factors of `{meta}` are on the meta device, so they have no values "
+                           "to save. Materialise the model first (model.to_empty(device=...), then "
+                           "li.init_lora(model) or load the factors), then save.")
     if format == "peft":
         config, tensors = peft.to_peft("save_adapter", model, entries)
     else:
         config, tensors = ours.to_ours(entries, adapter)
-    os.makedirs(path, exist_ok=True)
     weights, config_name = (
         (peft.WEIGHTS, peft.CONFIG) if format == "peft" else (ours.WEIGHTS, ours.CONFIG))
     blob = write_safetensors(tensors, {"format": "pt"})
+    os.makedirs(path, exist_ok=True)  # only once everything to write is ready
     if format != "peft":
         config["sha256"] = hashlib.sha256(blob).hexdigest()
         config["config_sha256"] = ours.config_digest(config)
