@@ -11,14 +11,19 @@ from .lora import LoRA
 from .rule import type_name
 
 
-def own_class_on_copy(module: nn.Module) -> None:
-    """Make ``copy.deepcopy(module)`` give the copy a class of its own.
+def own_class(module: nn.Module) -> None:
+    """Give the parametrized class of ``module`` what an adapted module needs, once: a deepcopy
+    that gives the copy a class of its own, and refusals to pickle and to script that say what
+    to do. What it replaces is kept, so that :func:`disown_class` puts it back.
 
     parametrize keeps a parametrized module's properties on a class made for that one module
     and edits it in place, but its deepcopy shares that class with the copy: removing LoRA
-    from the copy would then take the property off the original too.
+    from the copy would then take the property off the original too. This holds whether the
+    class was made for our parametrization or for one registered before it (``orthogonal``).
     """
     cls = type(module)
+    if "_lora_inject_saved" in vars(cls):
+        return
     base = cls.__deepcopy__
 
     def __deepcopy__(self, memo):
@@ -29,7 +34,24 @@ def own_class_on_copy(module: nn.Module) -> None:
             replica.__class__ = type(own.__name__, own.__bases__, body)
         return replica
 
-    cls.__deepcopy__ = __deepcopy__
+    ours = {"__deepcopy__": __deepcopy__, "__getstate__": refuse_pickle, "__prepare_scriptable__": refuse_script}
+    cls._lora_inject_saved = {k: vars(cls).get(k) for k in ours}
+    for k, v in ours.items():
+        setattr(cls, k, v)
+
+
+def disown_class(module: nn.Module) -> None:
+    """Undo :func:`own_class`, for a module that stays parametrized by others."""
+    cls = type(module)
+    saved = vars(cls).get("_lora_inject_saved")
+    if saved is None:
+        return
+    for k, v in saved.items():
+        if v is None:
+            delattr(cls, k)
+        else:
+            setattr(cls, k, v)
+    del cls._lora_inject_saved
 
 
 def refuse_pickle(self: nn.Module):

@@ -15,7 +15,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
-from .hooks import hook, own_class_on_copy, refuse_pickle, refuse_script, unhook
+from .hooks import disown_class, hook, own_class, unhook
 from .inits import INITS, WEIGHT_INITS
 from .lookup import (
     adapter_names,
@@ -179,15 +179,17 @@ def inject(
                     # tensors in any order restores it (a later LoRA sees the earlier tensors gone).
                     ours = [p for p in module_loras(module) if hasattr(p, "param_order")]
                     lora.param_order = ours[0].param_order if ours else list(module._parameters)
-                    new_class = not parametrize.is_parametrized(module)
+                    # parametrize registers the original as a persistent buffer: keep a
+                    # non-persistent one out of the state dict, as it was.
+                    lora.non_persistent = tensor_name in module._non_persistent_buffers_set and (
+                        tensor_name not in parametrized(module))
                 done.append((module, tensor_name, lora, fresh))
                 if fresh:
                     # Registered while empty, so parametrize's check runs the identity; filled below.
                     parametrize.register_parametrization(module, tensor_name, lora)
-                    if new_class:
-                        own_class_on_copy(module)
-                        type(module).__getstate__ = refuse_pickle
-                        type(module).__prepare_scriptable__ = refuse_script
+                    if lora.non_persistent:
+                        module.parametrizations[tensor_name]._non_persistent_buffers_set.add("original")
+                    own_class(module)
                     hook(module)
                 original = source(module, tensor_name)
                 settings = Adapter(r=r, alpha=alpha, dropout=dropout, init=init, rslora=rslora, dora=dora,
@@ -426,6 +428,8 @@ def _detach(module: nn.Module, tensor_name: str, lora: LoRA) -> None:
     plist = module.parametrizations[tensor_name]
     if len(plist) == 1:
         parametrize.remove_parametrizations(module, tensor_name, leave_parametrized=False)
+        if lora.non_persistent:
+            module._non_persistent_buffers_set.add(tensor_name)
     else:
         del plist[list(plist).index(lora)]
     order = getattr(lora, "param_order", None)
@@ -437,3 +441,5 @@ def _detach(module: nn.Module, tensor_name: str, lora: LoRA) -> None:
         params.update(kept)
     if not any(find_lora(module, t) for t in parametrized(module)):
         unhook(module)
+        if parametrize.is_parametrized(module):  # by others, whose class it keeps
+            disown_class(module)

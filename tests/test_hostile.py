@@ -542,3 +542,47 @@ def test_every_call_succeeds_with_its_invariants_or_raises_and_changes_nothing(b
             reference = li.remove(copy.deepcopy(model), merge=False, adapter=sorted(chosen(model, args[0])))
             for now, then in zip(outputs(model), outputs(reference)):
                 torch.testing.assert_close(now, then)
+
+
+def _foreign_then_lora():
+    orth = nn.Module()
+    orth.lin = nn.Linear(4, 4)
+    orth.lin.extra = nn.Parameter(torch.randn(4, 4))
+    torch.nn.utils.parametrizations.orthogonal(orth.lin, "extra")
+    li.inject(orth, "lin", r=2)
+    rnn = nn.LSTM(3, 4)
+    torch.nn.utils.parametrizations.weight_norm(rnn, "weight_hh_l0")
+    li.inject(rnn, "", r=2)
+    return [(orth, lambda m: m.lin(torch.ones(2, 4)) + m.lin.extra.sum()), (rnn, lambda m: m(torch.ones(5, 1, 3))[0])]
+
+
+@pytest.mark.parametrize("index", [0, 1], ids=["orthogonal-then-lora", "lstm-weight-norm-then-lora"])
+def test_removing_lora_from_a_copy_leaves_the_original_whole_when_another_parametrization_came_first(index):
+    model, run = _foreign_then_lora()[index]
+    with torch.no_grad():
+        for p in li.lora_parameters(model):
+            p.normal_()
+    before = run(model).detach().clone()
+    replica = copy.deepcopy(model)
+    li.remove(replica, merge=False)
+    torch.testing.assert_close(run(model), before)  # the original still reads its properties
+    assert len(list(li.named_loras(model))) > 0 and not list(li.named_loras(replica))
+
+
+def test_a_non_persistent_buffer_stays_out_of_the_state_dict():
+    class Gain(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.register_buffer("w", torch.randn(3, 3), persistent=False)
+            self.b = nn.Parameter(torch.zeros(3))
+
+        def forward(self, x):
+            return x @ self.w + self.b
+
+    model = Gain()
+    old = model.state_dict()
+    li.inject(model, "", r=1, rules={Gain: li.Rule(("w",))})
+    assert "parametrizations.w.original" not in model.state_dict()
+    li.remove(model, merge=False)
+    assert list(model.state_dict()) == list(old) == ["b"]
+    model.load_state_dict(old, strict=True)
