@@ -234,6 +234,8 @@ def merge(w0: Tensor, terms, view: View) -> Tensor:
     Without DoRA the sum is built in the stored layout, ``W0 + s * L @ R``, with no view of the
     result on the way back: a sparse gradient (``Embedding(sparse=True)``) then reaches the factors.
     """
+    if not terms:  # a fresh tensor all the same: a layer that writes its weight must not write W0
+        return w0.clone()
     ct = compute_dtype(w0.dtype, *(t.A.dtype for t in terms))
     if any(t.magnitude is not None for t in terms):
         return view.stored(dora.merged(view.rows(w0), terms, ct)).to(w0.dtype)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 
 import torch
 from torch import Tensor, nn
@@ -100,8 +101,26 @@ def lora_input(module: nn.Module, tensor_name: str, lora: LoRA) -> Tensor:
     index = list(plist).index(lora)
     if index == 0:
         return plist.original if plist.is_tensor else plist.original0
-    with torch.no_grad():
+    with torch.no_grad(), kept(list(plist)[:index]):  # spectral_norm's power iteration, say
         return forward_to(plist, originals(plist), index)
+
+
+@contextmanager
+def kept(modules) -> Iterator[None]:
+    """Put back, on exit, every parameter and buffer of ``modules`` (and their submodules) as it
+    was on entry: which tensors they are, and their values. Reading a parametrization's value, or
+    running its right_inverse, can change its state; a read or a check must not."""
+    saved = [(d, dict(d), {k: v.clone() for k, v in d.items() if v is not None})
+             for p in modules for q in p.modules() for d in (q._parameters, q._buffers)]
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for d, tensors, values in saved:
+                d.clear()
+                d.update(tensors)
+                for k, v in values.items():
+                    tensors[k].copy_(v)
 
 
 def loras(model: nn.Module) -> Iterator[tuple[str, nn.Module, str, LoRA]]:

@@ -294,7 +294,7 @@ class LoRA(nn.Module):
     def forward(self, W: Tensor) -> Tensor:
         rows = self.per_sample
         names = self.active if rows is None else [n for n in dict.fromkeys(rows) if n in self.records]
-        if not names:
+        if not names and self.factored:  # the table ops never write their weight
             return W
         if self.factored and (self.cache is None or rows is not None or torch.is_grad_enabled()
                               or torch.compiler.is_compiling()):
@@ -305,7 +305,8 @@ class LoRA(nn.Module):
         """The merged weight, built once per forward of the adapted module (RNNs and
         MultiheadAttention read it several times), or once for as long as it stays the same
         inside :func:`lora_inject.cached` (it watches the storage and version counter of ``W``
-        and of every factor)."""
+        and of every factor). It is a fresh tensor even with no adapter active, so that a layer
+        that writes its weight in place (``Embedding(max_norm=...)``) never writes ``W0``."""
         if self.per_sample is not None:
             raise RuntimeError(f"per_sample(): a LoRA of shape {self.shape} is on the merged path, where "
                                "one weight serves the whole batch; per-sample adapters need the fast path.")

@@ -8,7 +8,7 @@ import math
 import re
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from typing import TypeVar, Union
 
 import torch
@@ -22,6 +22,7 @@ from .lookup import (
     find_lora,
     forward_to,
     inverse,
+    kept,
     lora_input,
     loras,
     matcher,
@@ -186,7 +187,9 @@ def inject(
                 done.append((module, tensor_name, lora, fresh))
                 if fresh:
                     # Registered while empty, so parametrize's check runs the identity; filled below.
-                    parametrize.register_parametrization(module, tensor_name, lora)
+                    # parametrize reads the tensor through the ones already there: keep their state
+                    with kept(list(parametrized(module).get(tensor_name, ()))):
+                        parametrize.register_parametrization(module, tensor_name, lora)
                     if lora.non_persistent:
                         module.parametrizations[tensor_name]._non_persistent_buffers_set.add("original")
                     own_class(module)
@@ -335,7 +338,12 @@ def _plan(model, select, leave, rules, adapter, dropout, targets=None):
                     f"{type_name(module)} `{qualname}` has none (its weight is merged before its "
                     "forward). Use dropout=0.0, or leave it out with `exclude=`."
                 )
-            shape = getattr(module, tensor_name).shape if tensor_name in parametrized(module) else stored.shape
+            plist = parametrized(module).get(tensor_name)
+            if plist is None:
+                shape = stored.shape
+            else:  # what the parametrizations give, read without changing their state
+                with torch.no_grad(), kept(list(plist)):
+                    shape = getattr(module, tensor_name).shape
             plan.append((qualname, module, rule, tensor_name, shape))
     if not plan:
         raise _nothing_matched(no_rule, targets, model)
@@ -397,19 +405,10 @@ def _merge_into_originals(qualname, module, tensor_name, lora, names, *, write: 
         if target.device.type != "meta" and not torch.isfinite(target).all():
             raise non_finite
         # A right_inverse may set its own tensors (orthogonal's `base`): a check must not keep them.
-        saved = [] if write else [
-            (d, dict(d), {k: v.clone() for k, v in d.items() if v is not None})
-            for p in list(plist)[:index] for q in p.modules() for d in (q._parameters, q._buffers)]
-        try:
+        with nullcontext() if write else kept(list(plist)[:index]):
             new = inverse(list(plist)[:index], target)
             new = [new] if isinstance(new, Tensor) else list(new)
             check = forward_to(plist, new, index)
-        finally:
-            for d, tensors, values in saved:
-                d.clear()
-                d.update(tensors)
-                for k, v in values.items():
-                    tensors[k].copy_(v)
         tol = 1e-3 if target.dtype in (torch.float16, torch.bfloat16) else 1e-5
         if check.shape != target.shape or not torch.allclose(check, target, rtol=tol, atol=tol):
             raise RuntimeError(

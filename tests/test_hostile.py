@@ -586,3 +586,45 @@ def test_a_non_persistent_buffer_stays_out_of_the_state_dict():
     li.remove(model, merge=False)
     assert list(model.state_dict()) == list(old) == ["b"]
     model.load_state_dict(old, strict=True)
+
+
+def test_a_layer_that_renormalises_its_weight_never_writes_w0():
+    layer = nn.Embedding(10, 4, max_norm=0.5)
+    li.inject(layer, "", r=2)
+    w0 = layer.parametrizations.weight.original.detach().clone()
+    with li.disabled(layer):
+        layer(torch.arange(10))
+    li.activate(layer, [])
+    layer(torch.arange(10))
+    li.remove(layer, merge=False)
+    assert torch.equal(layer.weight, w0)
+
+
+def _spectral(n=2):
+    model = nn.Sequential(*[nn.Linear(4, 4) for _ in range(n)])
+    for m in model:
+        torch.nn.utils.parametrizations.spectral_norm(m)
+    return model
+
+
+def _power_iteration_state(model):
+    return [t.clone() for m in model for t in (m.parametrizations.weight[0]._u, m.parametrizations.weight[0]._v)]
+
+
+def test_refused_and_rolled_back_calls_leave_a_spectral_norm_as_it_was():
+    model = _spectral().train()
+    with torch.no_grad():
+        model[1].parametrizations.weight.original[0, 0] = float("nan")  # PiSSA refuses this one
+    state = _power_iteration_state(model)
+    with pytest.raises(ValueError, match="init='pissa' decomposes the weight"):
+        li.inject(model, "", r=2, init="pissa")  # the first layer was done, then rolled back
+    assert all(torch.equal(a, b) for a, b in zip(_power_iteration_state(model), state))
+    model = _spectral(1).train()
+    li.inject(model, "", r=2)
+    with torch.no_grad():
+        for p in li.lora_parameters(model):
+            p.fill_(1e30)
+    state = _power_iteration_state(model)
+    with pytest.raises(ValueError, match="gives non-finite values"):
+        li.remove(model, merge=True)
+    assert all(torch.equal(a, b) for a, b in zip(_power_iteration_state(model), state))

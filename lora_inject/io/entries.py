@@ -11,7 +11,7 @@ import torch
 from torch import Tensor, nn
 
 from ..inits import WEIGHT_INITS
-from ..lookup import find_lora, loras, named_modules, parametrized, source
+from ..lookup import find_lora, kept, loras, named_modules, parametrized, source
 from ..lora import LoRA, check_adapter_name
 from ..rule import Rule, find_rule, own_tensor_names, type_name
 from ..state import refuse_flat_params
@@ -57,7 +57,8 @@ def tensor_shape(module: nn.Module, tensor_name: str) -> tuple[int, ...]:
     if lora is not None:
         return tuple(lora.shape)
     if tensor_name in parametrized(module):
-        return tuple(getattr(module, tensor_name).shape)
+        with torch.no_grad(), kept(list(parametrized(module)[tensor_name])):
+            return tuple(getattr(module, tensor_name).shape)
     return tuple(source(module, tensor_name).shape)
 
 
