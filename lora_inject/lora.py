@@ -307,7 +307,7 @@ class LoRA(nn.Module):
         inside :func:`lora_inject.cached` (it watches the storage and version counter of ``W``
         and of every factor). It is a fresh tensor even with no adapter active, so that a layer
         that writes its weight in place (``Embedding(max_norm=...)``) never writes ``W0``."""
-        if self.per_sample is not None:
+        if self.per_sample is not None and names:
             raise RuntimeError(f"per_sample(): a LoRA of shape {self.shape} is on the merged path, where "
                                "one weight serves the whole batch; per-sample adapters need the fast path.")
         if self.cache is not None and not torch.is_grad_enabled() and not torch.compiler.is_compiling():
