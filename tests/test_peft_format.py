@@ -356,3 +356,14 @@ def test_export_refuses_mixed_dropout(tmp_path):
     model = inject(inject(Mixed(), "^lin$", r=2, dropout=0.1), "^lin2$", r=2)
     with pytest.raises(ValueError, match=r"one `lora_dropout` per adapter, but this adapter uses \[0\.0, 0\.1\]"):
         save_adapter(model, tmp_path, format="peft")
+
+
+def test_a_module_at_two_paths_is_refused_for_peft_and_nothing_is_written(tmp_path):
+    shared = nn.Linear(4, 4)
+    model = nn.Module()
+    model.a, model.b = shared, nn.Sequential(shared)
+    li.inject(model, "a", r=2)
+    with pytest.raises(ValueError, match=r"Linear `a` sits at 2 paths in the model \(\['a', 'b.0'\]\)"):
+        li.save_adapter(model, tmp_path / "p", format="peft")
+    assert not (tmp_path / "p").exists()
+    li.save_adapter(model, tmp_path / "ours")  # our format keeps the one module

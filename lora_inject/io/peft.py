@@ -103,6 +103,16 @@ def to_peft(fn: str, model: nn.Module, entries: list[Entry]) -> tuple[dict, dict
             raise ValueError(f"{fn}(): `{e.key}` has no equivalent in peft's format: it is {why}. Save "
                              "with format='lora_inject', or remove the adapter from that module first.")
         kinds[e.module] = kind
+    at: dict[int, list[str]] = {}  # every path of each module, as peft walks them
+    for name, m in model.named_modules(remove_duplicate=False):
+        at.setdefault(id(m), []).append(name)
+    for e in entries:
+        where = at.get(id(modules[e.module]), [])
+        if len(where) > 1:
+            raise ValueError(f"{fn}(): {e.type} `{e.module}` sits at {len(where)} paths in the model ({where}); "
+                             "peft would apply the adapter at one of them only, so "
+                             "it would not give this model's outputs. Save with format='lora_inject', or untie "
+                             "the module.")
     dropouts = sorted({e.dropout for e in entries})
     if len(dropouts) > 1:
         raise ValueError(f"{fn}(): peft has one `lora_dropout` per adapter, but this adapter uses {dropouts}. "
