@@ -1,0 +1,259 @@
+"""A stateful property test: hypothesis drives sequences of calls, and after every step the model
+must still be what its adapters say.
+
+The invariants, checked after every step:
+
+* the outputs equal a reference built by hand from ``W0`` and the active factors (float64);
+* ``W0`` is bit-identical unless a call merged into it;
+* the state-dict keys are what the adapters imply;
+* nothing raises except the documented errors, and a call that raises leaves the model exactly
+  as it was.
+"""
+
+from __future__ import annotations
+
+import copy
+import tempfile
+from collections import OrderedDict
+
+import torch
+from hypothesis import HealthCheck, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
+from torch import nn
+from torch.func import functional_call
+
+import lora_inject as li
+from test_api import assert_unchanged, snapshot
+
+NAMES = ["a", "b", "c"]
+TARGETS = ["fc1", "fc2", "fc"]
+DOCUMENTED = (ValueError, TypeError, RuntimeError)
+
+
+def base_model() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(OrderedDict(fc1=nn.Linear(4, 5), act=nn.Tanh(), fc2=nn.Linear(5, 3))).double()
+
+
+def hand_weight(lora, w0: torch.Tensor, active) -> torch.Tensor:
+    """The weight the active adapters give, by hand: a plain adapter adds ``s (B A - B0 A0)``; a
+    DoRA adapter turns the weight so far ``W`` into ``m / ||W0 + s B A|| * (W + s B A)``."""
+    W = w0
+    for name in active:
+        rec = lora.adapter(name)
+        A, B = lora.lora_A[name], lora.lora_B[name]
+        update = rec.scaling * (B @ A)
+        if rec.init == "pissa":
+            update = update - rec.scaling * (lora.lora_B0[name] @ lora.lora_A0[name])
+        if rec.dora:
+            norm = torch.linalg.vector_norm(w0 + update, dim=1).detach()
+            W = (lora.lora_magnitude[name] / norm).unsqueeze(1) * (W + update)
+        else:
+            W = W + update
+    return W
+
+
+class Machine(RuleBasedStateMachine):
+    def __init__(self):
+        super().__init__()
+        self.model = base_model()
+        self.plain = copy.deepcopy(self.model)  # the architecture, run with weights given by hand
+        self.w0 = {k: v.clone() for k, v in self.model.state_dict().items()}  # "0.weight" -> W0
+        self.x = torch.randn(2, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+        self.tmp = tempfile.TemporaryDirectory()
+
+    def teardown(self):
+        self.tmp.cleanup()
+
+    # -- helpers ------------------------------------------------------------------------------
+    def loras(self) -> dict[str, li.LoRA]:
+        return dict(li.named_loras(self.model))
+
+    def adapters(self) -> set[str]:
+        return {n for lora in self.loras().values() for n in lora.adapters}
+
+    def stored_w0(self, key: str) -> torch.Tensor:
+        module, tensor = key.rsplit(".", 1)
+        m = self.model.get_submodule(module)
+        plist = getattr(m, "parametrizations", {})
+        return plist[tensor].original if tensor in plist else getattr(m, tensor)
+
+    def reference(self, active_of=None) -> torch.Tensor:
+        weights = {}
+        for key, lora in self.loras().items():
+            active = lora.active if active_of is None else active_of(lora)
+            weights[key] = hand_weight(lora, self.stored_w0(key).detach(), active)
+        return functional_call(self.plain, {**self.unadapted(), **weights}, (self.x,))
+
+    def unadapted(self) -> dict[str, torch.Tensor]:
+        adapted = set(self.loras())
+        return {k: v for k, v in self.model.state_dict().items() if "parametrizations" not in k and k not in adapted}
+
+    def attempt(self, call):
+        """Run ``call``; where it raises, it must be a documented error that changed nothing."""
+        before = snapshot(self.model)
+        try:
+            call()
+        except DOCUMENTED:
+            assert_unchanged(self.model, before)
+            return False
+        return True
+
+    def randomize_new(self, name: str):
+        with torch.no_grad():
+            for lora in self.loras().values():
+                if name in lora.adapters:
+                    B = lora.lora_B[name]
+                    B.add_(torch.randn_like(B) * 0.3)
+                    if lora.adapter(name).dora:
+                        lora.lora_magnitude[name].mul_(1.1)
+
+    # -- rules -------------------------------------------------------------------------------
+    @initialize(dora=st.booleans(), where=st.sampled_from(TARGETS))
+    def start_with_an_adapter(self, dora, where):  # so that sequences reach several adapters a tensor
+        self.inject(name="a", where=where, dora=dora, init="default", r=2)
+
+    @rule(name=st.sampled_from(NAMES), where=st.sampled_from(TARGETS), dora=st.booleans(),
+          init=st.sampled_from(["default", "pissa"]), r=st.integers(1, 3))
+    def inject(self, name, where, dora, init, r):
+        if dora and init == "pissa":
+            init = "default"
+        if self.attempt(lambda: li.inject(self.model, where, adapter=name, r=r, alpha=2.0, dora=dora,
+                                          init=init)):
+            self.randomize_new(name)
+
+    @precondition(lambda self: self.adapters())
+    @rule(merge=st.booleans(), data=st.data())
+    def remove(self, merge, data):
+        names = sorted(self.adapters())
+        which = data.draw(st.one_of(st.sampled_from(names).map(lambda n: [n]), st.none(),
+                                    st.lists(st.sampled_from(names), min_size=1, unique=True)))
+        before = {k: self.stored_w0(k).detach().clone() for k in self.loras()}
+        merged = {k for k, lora in self.loras().items()
+                  if merge and any(n in lora.active and (which is None or n in which) for n in lora.adapters)}
+        out = self.model(self.x).detach()
+        if self.attempt(lambda: li.remove(self.model, merge=merge, adapter=which)):
+            if merge:  # merging keeps the outputs: the active adapters removed are in W0 now
+                torch.testing.assert_close(self.model(self.x), out)
+            for k in merged:  # merging writes W0: from now on the merged weight is W0
+                self.w0[k] = self.model.state_dict()[k if k in self.model.state_dict() else
+                                                      k.rsplit(".", 1)[0] + ".parametrizations."
+                                                      + k.rsplit(".", 1)[1] + ".original"].clone()
+            for k, w in before.items():
+                if k not in merged:
+                    assert torch.equal(self.current_w0(k), w)
+
+    def current_w0(self, key):
+        sd = self.model.state_dict()
+        module, tensor = key.rsplit(".", 1)
+        return sd.get(key, sd.get(f"{module}.parametrizations.{tensor}.original"))
+
+    @precondition(lambda self: self.adapters())
+    @rule(data=st.data())
+    def activate(self, data):
+        names = data.draw(st.lists(st.sampled_from(sorted(self.adapters())), unique=True))
+        assert self.attempt(lambda: li.activate(self.model, names))
+
+    @rule(name=st.sampled_from(NAMES))
+    def disabled(self, name):
+        expected = self.reference(lambda lora: [])
+        with li.disabled(self.model):
+            torch.testing.assert_close(self.model(self.x), expected)
+            with li.disabled(self.model):
+                torch.testing.assert_close(self.model(self.x), expected)
+            if name in self.adapters():  # a call inside the block is kept on exit
+                self.attempt(lambda: li.remove(self.model, adapter=name, merge=False))
+
+    @rule()
+    def cached(self):
+        expected = self.reference()
+        with torch.no_grad(), li.cached(self.model):
+            torch.testing.assert_close(self.model(self.x), expected)
+            torch.testing.assert_close(self.model(self.x), expected)
+
+    @precondition(lambda self: self.adapters())
+    @rule(data=st.data())
+    def per_sample(self, data):
+        rows = data.draw(st.lists(st.sampled_from([None, *sorted(self.adapters())]), min_size=2, max_size=2))
+        self.model.eval()
+        with torch.no_grad(), li.per_sample(self.model, rows):
+            out = self.model(self.x)
+        self.model.train()
+        for i, name in enumerate(rows):
+            want = self.reference(lambda lora, name=name: [name] if name in lora.adapters else [])[i]
+            torch.testing.assert_close(out[i], want)
+
+    @precondition(lambda self: self.adapters())
+    @rule(name=st.sampled_from(NAMES))
+    def save_then_load(self, name):
+        if name not in self.adapters():
+            return
+        path = f"{self.tmp.name}/{name}"
+        li.save_adapter(self.model, path, adapter=name)
+        expected = self.reference()
+        factors = {k: v.clone() for k, v in li.lora_state_dict(self.model, adapter=name).items()}
+        with torch.no_grad():
+            for p in li.lora_parameters(self.model, adapter=name):
+                p.add_(1.0)
+        li.load_adapter(self.model, path, adapter=name)  # in place: the saved values come back
+        for k, v in li.lora_state_dict(self.model, adapter=name).items():
+            assert torch.equal(v, factors[k]), k
+        torch.testing.assert_close(self.model(self.x), expected)
+
+    @rule()
+    def state_dict_round_trip(self):
+        saved = {k: v.clone() for k, v in self.model.state_dict().items()}
+        with torch.no_grad():
+            for p in li.lora_parameters(self.model):
+                p.mul_(-1.0)
+        self.model.load_state_dict(saved, strict=True)
+        for k, v in self.model.state_dict().items():
+            assert torch.equal(v, saved[k]), k
+
+    @rule()
+    def deepcopy(self):
+        original = self.model
+        replica = copy.deepcopy(original)
+        torch.testing.assert_close(replica(self.x), original(self.x))
+        li.remove(replica, merge=False)  # the original keeps its adapters
+        self.model = copy.deepcopy(original)
+
+    @precondition(lambda self: self.adapters())
+    @rule()
+    def train_step(self):
+        opt = torch.optim.SGD(li.lora_parameters(self.model), lr=0.05)
+        self.model(self.x).square().sum().backward()
+        opt.step()
+        self.model.zero_grad(set_to_none=True)
+
+    # -- invariants ------------------------------------------------------------------------------
+    @invariant()
+    def outputs_equal_the_hand_built_reference(self):
+        torch.testing.assert_close(self.model(self.x), self.reference())
+
+    @invariant()
+    def w0_is_bit_identical_unless_merged(self):
+        for key, w in self.w0.items():
+            assert torch.equal(self.current_w0(key), w), key
+
+    @invariant()
+    def state_dict_keys_are_what_the_adapters_imply(self):
+        expected = set()
+        adapted = self.loras()
+        for key in self.w0:
+            if key in adapted:
+                module, tensor = key.rsplit(".", 1)
+                prefix = f"{module}.parametrizations.{tensor}"
+                expected.add(f"{prefix}.original")
+                lora = adapted[key]
+                expected |= {f"{prefix}.0.{kind}.{n}" for n in lora.adapters for kind in lora.adapter(n).kinds}
+            else:
+                expected.add(key)
+        assert set(self.model.state_dict()) == expected
+
+
+Machine.TestCase.settings = settings(max_examples=200, stateful_step_count=25, deadline=None,
+                                     suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
+                                     derandomize=True)
+TestMachine = Machine.TestCase
