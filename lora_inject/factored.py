@@ -17,12 +17,14 @@ forward runs unchanged:
 The table, one entry per op: ``F.linear``, ``torch.addmm``, ``torch.matmul`` (and ``x @ w``),
 ``torch.mm``, ``F.embedding``, ``F.embedding_bag``, ``F.conv1d/2d/3d``. Each entry knows which
 dimension of the stored weight its output carries (``F.linear`` and conv: dim 0; the others:
-dim 1); DoRA's gains scale output units, so a DoRA weight is factored only where that dimension
-is the rule's output dimension.
+dim 1, as each form tells :func:`fits`); DoRA's gains scale output units, so a DoRA weight is
+factored only where that dimension is the rule's output dimension.
 
 Autocast, ``torch.func`` transforms, forward-mode AD and ``torch.compile`` run the same composable
-ops; the one fused kernel (one plain adapter, see :class:`_LowRank`) runs in plain eager mode,
-and under autocast on inputs cast as autocast casts them.
+ops; the one fused kernel (one plain adapter, see :class:`_LowRank`) runs in plain eager mode on
+inputs of 64k elements or more (on smaller ones its Python backward costs more than it saves),
+and under autocast on inputs cast as autocast casts them. With nothing to differentiate, the
+same sums run without an autograd node.
 """
 
 from __future__ import annotations
@@ -261,17 +263,15 @@ OWN = {
 @dataclass(frozen=True)
 class Op:
     """A factored form: ``compute(args, kwargs)`` gives the op's result, or NotImplemented where
-    the arguments do not fit (the weight is then merged). ``out_dim`` is the dimension of the
-    stored weight that the op's output carries."""
+    the arguments do not fit (the weight is then merged)."""
 
     compute: Callable
-    out_dim: int
 
 
 OPS: dict[Callable, Op] = {}
 
 
-def implements(*funcs: Callable, out_dim: int, names: tuple[str, ...], defaults: tuple = ()):
+def implements(*funcs: Callable, names: tuple[str, ...], defaults: tuple = ()):
     """Register a factored form for ``funcs``, called with their arguments bound to ``names``
     (the last ``len(defaults)`` of them optional)."""
     def register(form: Callable) -> Callable:
@@ -281,7 +281,7 @@ def implements(*funcs: Callable, out_dim: int, names: tuple[str, ...], defaults:
             return form(*args)
 
         for f in funcs:
-            OPS[f] = Op(compute, out_dim)
+            OPS[f] = Op(compute)
         return form
     return register
 
@@ -407,7 +407,7 @@ class _LowRank(torch.autograd.Function):
         return gx, gw, gbias, gfirst, gsecond, None
 
 
-@implements(F.linear, out_dim=0, names=("input", "weight", "bias"), defaults=(None,))
+@implements(F.linear, names=("input", "weight", "bias"), defaults=(None,))
 def linear(input, weight, bias):
     if not fits(weight, input, 0):
         return NotImplemented
@@ -421,7 +421,7 @@ def linear(input, weight, bias):
     return branch(input, weight, out, transposed=True)
 
 
-@implements(torch.addmm, Tensor.addmm, out_dim=1, names=("input", "mat1", "mat2", "beta", "alpha", "out"),
+@implements(torch.addmm, Tensor.addmm, names=("input", "mat1", "mat2", "beta", "alpha", "out"),
             defaults=(1, 1, None))
 def addmm(input, mat1, mat2, beta, alpha, out):
     if out is not None or beta != 1 or alpha != 1 or not fits(mat2, mat1, 1) or type(input) is FactoredWeight:
@@ -436,7 +436,7 @@ def addmm(input, mat1, mat2, beta, alpha, out):
     return branch(mat1, mat2, result, transposed=False)
 
 
-@implements(torch.matmul, Tensor.matmul, torch.mm, Tensor.mm, out_dim=1, names=("input", "other", "out"),
+@implements(torch.matmul, Tensor.matmul, torch.mm, Tensor.mm, names=("input", "other", "out"),
             defaults=(None,))
 def matmul(input, other, out):
     if out is not None or not fits(other, input, 1) or input.dim() == 0:
@@ -450,7 +450,7 @@ def matmul(input, other, out):
     return branch(input, other, other.rescale(torch.matmul(input, other.w0)), transposed=False)
 
 
-@implements(F.embedding, out_dim=1, names=("input", "weight", "padding_idx", "max_norm", "norm_type",
+@implements(F.embedding, names=("input", "weight", "padding_idx", "max_norm", "norm_type",
                                             "scale_grad_by_freq", "sparse"), defaults=(None, None, 2.0, False, False))
 def embedding(input, weight, padding_idx, max_norm, norm_type, scale_grad_by_freq, sparse):
     # max_norm renormalises the weight's rows in place, and scale_grad_by_freq scales the gradient of
@@ -491,7 +491,7 @@ class _NoGradAt(torch.autograd.Function):
         return tangent.clone()
 
 
-@implements(F.embedding_bag, out_dim=1, names=(
+@implements(F.embedding_bag, names=(
     "input", "weight", "offsets", "max_norm", "norm_type", "scale_grad_by_freq", "mode", "sparse",
     "per_sample_weights", "include_last_offset", "padding_idx"),
     defaults=(None, None, 2, False, "mean", False, None, False, None))
@@ -528,5 +528,5 @@ def conv_form(op: Callable) -> Callable:
 
 
 for _op in (F.conv1d, F.conv2d, F.conv3d):
-    implements(_op, out_dim=0, names=("input", "weight", "bias", "stride", "padding", "dilation", "groups"),
+    implements(_op, names=("input", "weight", "bias", "stride", "padding", "dilation", "groups"),
                defaults=(None, 1, 0, 1, 1))(conv_form(_op))
