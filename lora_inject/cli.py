@@ -157,8 +157,9 @@ def _model_from_config(model: str | None) -> nn.Module:
     from transformers import AutoConfig, AutoModel
 
     config = AutoConfig.from_pretrained(_config_path(model))
-    with torch.device("meta"):
-        return AutoModel.from_config(config)
+    cls = _class_of(config)
+    with torch.device("meta"):  # the checkpoint's own class, as merge loads it: the same names and heads
+        return AutoModel.from_config(config) if cls is AutoModel else cls(config)
 
 
 # -- merge -------------------------------------------------------------------------------------
@@ -214,10 +215,15 @@ def _merge(args: argparse.Namespace) -> None:
 
 def _model_class(model_dir: Path) -> type:
     """The class the checkpoint was saved from (so that no head is dropped), else ``AutoModel``."""
-    import transformers
     from transformers import AutoConfig
 
-    config = AutoConfig.from_pretrained(model_dir)
+    return _class_of(AutoConfig.from_pretrained(model_dir))
+
+
+def _class_of(config) -> type:
+    """The class in ``config.architectures`` (what the checkpoint was saved from), else ``AutoModel``."""
+    import transformers
+
     names = getattr(config, "architectures", None) or []
     cls = getattr(transformers, names[0], None) if names else None
     return cls if isinstance(cls, type) and hasattr(cls, "from_pretrained") else transformers.AutoModel

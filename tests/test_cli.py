@@ -215,3 +215,15 @@ def test_python_dash_m_runs_the_command(tmp_path):
     ok = subprocess.run([sys.executable, "-m", "lora_inject", "--help"], capture_output=True, text=True,
                         env=env, timeout=120)
     assert ok.returncode == 0 and "inspect" in ok.stdout and "merge" in ok.stdout and "demo" in ok.stdout
+
+
+def test_inspect_surveys_the_checkpoints_own_class_as_merge_loads_it(tmp_path, capsys):
+    from transformers import GPT2LMHeadModel
+
+    GPT2LMHeadModel(GPT2).save_pretrained(tmp_path / "lm")  # architectures: ["GPT2LMHeadModel"]
+    assert main(["inspect", str(tmp_path / "lm"), "--targets", r"c_attn|lm_head$"]) == 1
+    err = capsys.readouterr().err  # the head is there, and tied to the embedding, as inject sees it
+    assert "transformer.wte.weight" in err and "lm_head" in err
+    assert main(["inspect", str(tmp_path / "lm"), "--targets", "c_attn"]) == 0
+    out = capsys.readouterr().out
+    assert "transformer.h.0.attn.c_attn" in out and " h.0.attn" not in out
