@@ -19,12 +19,26 @@ def qualified(prefix: str, name: str) -> str:
 
 
 def matcher(fn: str, arg: str, spec: object) -> Callable[[str, nn.Module], bool]:
-    """Turn a regex str, compiled pattern or ``f(name, module)`` into one predicate."""
+    """Turn a regex str, compiled pattern, list of names or ``f(name, module)`` into one predicate.
+
+    A list matches as peft's ``target_modules`` does: a name that is the module's whole
+    qualified name, or its last dotted parts (``"q_proj"`` reaches ``model.layers.0.self_attn.q_proj``).
+
+    Raises:
+        ValueError: if a regex is invalid.
+        TypeError: if ``spec`` is of another kind, or a list holds anything but str (or nothing).
+    """
     if isinstance(spec, str):
         try:
             spec = re.compile(spec)
         except re.error as e:
             raise ValueError(f"{fn}(): `{arg}` is not a valid regex: {spec!r} ({e}).") from None
+    if isinstance(spec, (list, tuple)):  # names, matched as peft matches `target_modules`
+        if not spec or not all(isinstance(t, str) for t in spec):
+            raise TypeError(f"{fn}(): `{arg}` as a list must hold module names (str), such as "
+                            f"['q_proj', 'v_proj'], got {spec!r}.")
+        names = tuple(spec)
+        return lambda name, module: any(name == t or name.endswith("." + t) for t in names)
     if isinstance(spec, re.Pattern):
         pattern = spec
         return lambda name, module: pattern.search(name) is not None
@@ -32,7 +46,7 @@ def matcher(fn: str, arg: str, spec: object) -> Callable[[str, nn.Module], bool]
         return spec  # type: ignore[return-value]
     raise TypeError(
         f"{fn}(): `{arg}` must be a regex str, a compiled re.Pattern or a callable "
-        f"(name, module) -> bool, got {type(spec).__name__}."
+        f"(name, module) -> bool, or a list of module names, got {type(spec).__name__}."
     )
 
 

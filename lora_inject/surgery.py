@@ -40,7 +40,7 @@ from .view import View
 __all__ = ["inject", "remove"]
 
 M = TypeVar("M", bound=nn.Module)
-Target = Union[str, "re.Pattern[str]", Callable[[str, nn.Module], bool]]
+Target = Union[str, "re.Pattern[str]", Sequence[str], Callable[[str, nn.Module], bool]]
 
 
 def inject(
@@ -73,9 +73,10 @@ def inject(
 
     Args:
         model (nn.Module): the model to change in place.
-        targets (str, re.Pattern or callable): a regex *searched* in each qualified module
-            name (``"attn"`` reaches ``transformer.h.0.attn.c_attn``), a compiled pattern, or
-            ``f(name, module) -> bool``.
+        targets (str, re.Pattern, list of str or callable): a regex *searched* in each qualified
+            module name (``"attn"`` reaches ``transformer.h.0.attn.c_attn``), a compiled pattern,
+            a list of module names matched as peft matches ``target_modules`` (a whole name or its
+            last dotted parts: ``["q_proj", "v_proj"]``), or ``f(name, module) -> bool``.
         r (int): the rank. Default: 8.
         alpha (float, optional): the scaling numerator; the update is scaled by
             ``alpha / r``. Default: ``None``, meaning ``alpha = r`` (a scaling of 1).

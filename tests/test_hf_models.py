@@ -125,3 +125,20 @@ def test_trainable_parameters_are_exactly_the_lora_ones_and_match_peft(build, ta
     assert len(trainable) == 2 * len(adapted)
     assert sum(p.numel() for p in li.lora_parameters(model)) == peft_trainable
     assert sum(p.numel() for p in model.parameters() if p.requires_grad) == peft_trainable
+
+
+def test_targets_as_a_list_of_names_select_what_peft_target_modules_selects():
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+                         num_key_value_heads=2, vocab_size=32, max_position_embeddings=16)
+    names = ["q_proj", "v_proj", "mlp.down_proj", "model.layers.1.self_attn.o_proj"]
+    ours = li.inject(LlamaForCausalLM(config), names, r=2)
+    theirs = get_peft_model(LlamaForCausalLM(config), LoraConfig(r=2, target_modules=names))
+    prefix = "base_model.model."
+    peft_adapted = {n.removeprefix(prefix) + ".weight" for n, m in theirs.named_modules() if hasattr(m, "lora_A")
+                    and n.startswith(prefix)}
+    assert {n for n, _ in li.named_loras(ours)} == peft_adapted and len(peft_adapted) == 2 * 3 + 1
+    with pytest.raises(TypeError, match=r"`targets` as a list must hold module names"):
+        li.inject(LlamaForCausalLM(config), ["q_proj", 3], r=2)
