@@ -87,8 +87,8 @@ INJECT = [
     pytest.param(mlp_a, dict(targets=3), TypeError,
                  r"`targets` must be a regex str, a compiled re\.Pattern or a callable .*got int\.",
                  id="targets=3"),
-    pytest.param(mlp_a, dict(targets="fc", exclude=["fc2"]), TypeError,
-                 r"`exclude` must be a regex str, .*got list\.", id="exclude-list"),
+    pytest.param(mlp_a, dict(targets="fc", exclude={"fc2"}), TypeError,
+                 r"`exclude` must be a regex str, .*got set\.", id="exclude-set"),
     # init, adapter, dtype, dropout, rslora
     pytest.param(mlp_a, dict(targets="fc", init="xavier"), ValueError,
                  r"`init` must be one of \('default', 'gaussian', 'pissa', 'olora'\), got 'xavier'\.", id="init"),

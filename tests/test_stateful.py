@@ -20,11 +20,11 @@ import torch
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
+from test_api import assert_unchanged, snapshot
 from torch import nn
 from torch.func import functional_call
 
 import lora_inject as li
-from test_api import assert_unchanged, snapshot
 
 NAMES = ["a", "b", "c"]
 TARGETS = ["fc1", "fc2", "fc"]
