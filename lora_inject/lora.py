@@ -110,6 +110,7 @@ class LoRA(nn.Module):
             per_sample=None,  # each sample's adapter name or None, inside lora_inject.per_sample()
             cache=None,  # inside lora_inject.cached(): () or (key, merged weight)
             non_persistent=False,  # the adapted tensor is a buffer kept out of the state dict
+            froze=False,  # inject stopped the adapted tensor's training; remove restarts it
         )
 
     # -- what it is ---------------------------------------------------------------------------

@@ -69,6 +69,9 @@ def inject(
     A base checkpoint with the old keys still loads into the injected model.
 
     The default init (``A`` Kaiming-uniform, ``B`` zero) leaves every output unchanged.
+    The adapted tensors stop training (``requires_grad=False`` on each ``W0``), so an optimizer
+    over ``model.parameters()`` that require grad trains the adapters; every other parameter is
+    left as it was, and ``remove`` lets ``W0`` train again.
     The call is atomic: if it raises, the model is exactly as it was.
 
     Args:
@@ -170,7 +173,13 @@ def inject(
             )
 
         done: list[tuple[nn.Module, str, LoRA, bool]] = []
+        # The tensors LoRA adapts stop training (an optimizer over the parameters that require
+        # grad trains the factors only); every other parameter stays as it was.
+        frozen = [t for _, module, _, tensor_name, _ in plan for t in stored_tensors(module, tensor_name)
+                  if isinstance(t, nn.Parameter) and t.requires_grad]
         try:
+            for t in frozen:
+                t.requires_grad_(False)
             for _, module, rule, tensor_name, shape in plan:
                 lora = find_lora(module, tensor_name)
                 fresh = lora is None
@@ -208,8 +217,19 @@ def inject(
                     lora.drop(adapter)
                 if fresh and find_lora(module, tensor_name) is lora:
                     _detach(module, tensor_name, lora)
+            for t in frozen:
+                t.requires_grad_(True)
             raise
+        ids = {id(t) for t in frozen}
+        for module, tensor_name, lora, _ in done:  # remove() lets them train again
+            lora.froze = lora.froze or any(id(t) in ids for t in stored_tensors(module, tensor_name))
         return model
+
+
+def stored_tensors(module: nn.Module, tensor_name: str) -> list[Tensor]:
+    """What ``module.<tensor_name>`` is stored as: the tensor itself, or its parametrization's originals."""
+    plist = parametrized(module).get(tensor_name)
+    return [getattr(module, tensor_name)] if plist is None else originals(plist)
 
 
 def rule_view(shape, rule: Rule) -> View:
@@ -424,7 +444,9 @@ def _merge_into_originals(qualname, module, tensor_name, lora, names, *, write: 
 
 
 def _detach(module: nn.Module, tensor_name: str, lora: LoRA) -> None:
-    """Take ``lora`` off ``module.<tensor_name>``, leaving the originals as they are."""
+    """Take ``lora`` off ``module.<tensor_name>``, leaving the originals' values as they are (and
+    letting them train again where inject froze them)."""
+    thaw = stored_tensors(module, tensor_name) if lora.froze else []
     plist = module.parametrizations[tensor_name]
     if len(plist) == 1:
         parametrize.remove_parametrizations(module, tensor_name, leave_parametrized=False)
@@ -439,6 +461,9 @@ def _detach(module: nn.Module, tensor_name: str, lora: LoRA) -> None:
         kept.update({k: v for k, v in params.items() if k not in kept})
         params.clear()
         params.update(kept)
+    for t in thaw:
+        if isinstance(t, nn.Parameter):
+            t.requires_grad_(True)
     if not any(find_lora(module, t) for t in parametrized(module)):
         unhook(module)
         if parametrize.is_parametrized(module):  # by others, whose class it keeps

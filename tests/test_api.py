@@ -696,3 +696,18 @@ def test_a_partial_merge_next_to_dora_is_refused_and_changes_nothing():
         torch.testing.assert_close(model(x), out)
     li.remove(model, adapter=["a", "b"], merge=True)  # together: exact
     torch.testing.assert_close(model(x), out)
+
+
+def test_inject_freezes_the_tensors_it_adapts_and_nothing_else_and_remove_thaws_them():
+    model = mlp()
+    model.fc3.weight.requires_grad_(False)  # the user's own choice, kept throughout
+    li.inject(model, "fc1|fc2", r=2)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable == {"fc1.bias", "norm.weight", "norm.bias", "fc2.bias",
+                         *(n for n, _ in model.named_parameters() if ".lora_" in n)}
+    before = {n: p.requires_grad for n, p in model.named_parameters()}
+    with pytest.raises(ValueError, match="already exists"):
+        li.inject(model, "fc", r=2)  # fc1 and fc2 have it: refused, and fc3 stays as it was
+    assert {n: p.requires_grad for n, p in model.named_parameters()} == before
+    li.remove(model)
+    assert {n for n, p in model.named_parameters() if not p.requires_grad} == {"fc3.weight"}
