@@ -93,6 +93,7 @@ def _close_memo(module: nn.Module, args, output) -> None:
 
 def _load_base_keys(module, state_dict, prefix, local_metadata, strict, missing, unexpected, errors):
     """Let a checkpoint saved before injection (``p.weight``) load into the injected model."""
+    module.__dict__["lora_inject_prefix"] = prefix  # for _missing_base_keys, after the load
     for tensor_name, plist in parametrized(module).items():
         key = prefix + tensor_name
         inner = f"{prefix}parametrizations.{tensor_name}."
@@ -110,12 +111,38 @@ def _load_base_keys(module, state_dict, prefix, local_metadata, strict, missing,
                 state_dict[f"{inner}original{i}"] = v
 
 
+def _base_keys(module, state_dict, prefix, local_metadata) -> None:
+    """Save ``W0`` under the key the module had before injection (``p.weight``), not
+    ``p.parametrizations.weight.original``, where LoRA is the tensor's only parametrization; the
+    factors keep keys of their own. A plain model then loads the base from it, and
+    :func:`_load_base_keys` maps the key back for an adapted one."""
+    for tensor_name, plist in parametrized(module).items():
+        key = f"{prefix}parametrizations.{tensor_name}.original"
+        if len(plist) == 1 and isinstance(plist[0], LoRA) and key in state_dict:
+            state_dict[prefix + tensor_name] = state_dict.pop(key)
+
+
+def _missing_base_keys(module, incompatible) -> None:
+    """Report a missing ``W0`` under the key the state dict has for it (see :func:`_base_keys`)."""
+    prefix = module.__dict__.pop("lora_inject_prefix", None)
+    if prefix is None:
+        return
+    missing = incompatible.missing_keys
+    for tensor_name, plist in parametrized(module).items():
+        key = f"{prefix}parametrizations.{tensor_name}.original"
+        if len(plist) == 1 and isinstance(plist[0], LoRA) and key in missing:
+            missing[missing.index(key)] = prefix + tensor_name
+
+
 def hook(module: nn.Module) -> None:
     """Hook the adapted module: base checkpoints load into it, and while its forward runs, the
     merged-path weights are built once (RNNs and MultiheadAttention read them several times)."""
     found = {getattr(h, "hook", h) for hooks, key in _find_hooks(module) for h in [hooks[key]]}
     if _load_base_keys not in found:
         module.register_load_state_dict_pre_hook(_load_base_keys)
+    if _base_keys not in found:
+        module.register_state_dict_post_hook(_base_keys)
+        module.register_load_state_dict_post_hook(_missing_base_keys)
     if _open_memo not in found and not all(lora.factored for lora in module_loras(module)):
         module.register_forward_pre_hook(_open_memo)
         module.register_forward_hook(_close_memo, always_call=True)
@@ -123,9 +150,10 @@ def hook(module: nn.Module) -> None:
 
 def _find_hooks(module: nn.Module) -> list[tuple[dict, int]]:
     found = []
-    for hooks in (module._load_state_dict_pre_hooks, module._forward_pre_hooks, module._forward_hooks):
+    for hooks in (module._load_state_dict_pre_hooks, module._state_dict_hooks, module._load_state_dict_post_hooks,
+                  module._forward_pre_hooks, module._forward_hooks):
         for key, h in hooks.items():
-            if getattr(h, "hook", h) in (_load_base_keys, _open_memo, _close_memo):
+            if getattr(h, "hook", h) in (_load_base_keys, _base_keys, _missing_base_keys, _open_memo, _close_memo):
                 found.append((hooks, key))
     return found
 

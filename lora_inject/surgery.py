@@ -63,10 +63,12 @@ def inject(
     Each selected module whose type has a :class:`~lora_inject.Rule` gets a
     :class:`~lora_inject.LoRA` parametrization on every tensor its rule names, so that
     ``module.weight`` reads ``W0 + (alpha / r) * B @ A``. The module's class, forward, hooks
-    and attributes stay; ``isinstance`` holds. The state-dict key ``p.weight`` becomes
-    ``p.parametrizations.weight.original``, and the factors appear as
-    ``p.parametrizations.weight.<i>.lora_A.<adapter>`` and ``...lora_B.<adapter>``.
-    A base checkpoint with the old keys still loads into the injected model.
+    and attributes stay; ``isinstance`` holds. In the state dict ``p.weight`` still holds ``W0``
+    (where LoRA is the tensor's only parametrization; with another one registered before it,
+    parametrize's ``p.parametrizations.weight.original*`` keys stay), and the factors appear as
+    ``p.parametrizations.weight.<i>.lora_A.<adapter>`` and ``...lora_B.<adapter>``. So a plain
+    model (``save_pretrained`` and ``from_pretrained``) loads the base from it, the state dict
+    loads back strictly into an adapted model, and a base checkpoint loads into one too.
 
     The default init (``A`` Kaiming-uniform, ``B`` zero) leaves every output unchanged.
     The adapted tensors stop training (``requires_grad=False`` on each ``W0``), so an optimizer

@@ -142,3 +142,31 @@ def test_targets_as_a_list_of_names_select_what_peft_target_modules_selects():
     assert {n for n, _ in li.named_loras(ours)} == peft_adapted and len(peft_adapted) == 2 * 3 + 1
     with pytest.raises(TypeError, match=r"`targets` as a list must hold module names"):
         li.inject(LlamaForCausalLM(config), ["q_proj", 3], r=2)
+
+
+def test_save_pretrained_while_attached_keeps_every_base_key(tmp_path):
+    from transformers import AutoModel, BertConfig, BertModel
+
+    config = BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=24, max_position_embeddings=16)
+    torch.manual_seed(0)
+    base = BertModel(config)
+    plain_sd = {k: v.clone() for k, v in base.state_dict().items()}
+    model = li.inject(base, r"query|value", r=2)
+    with torch.no_grad():
+        for p in li.lora_parameters(model):
+            p.normal_()
+    sd = model.state_dict()
+    lora_keys = set(li.lora_state_dict(model))
+    assert set(sd) - lora_keys == set(plain_sd)  # W0 under the names the model had
+    assert all(torch.equal(sd[k], plain_sd[k]) for k in plain_sd)
+    model.save_pretrained(tmp_path / "attached")
+    reloaded, info = AutoModel.from_pretrained(tmp_path / "attached", output_loading_info=True)
+    assert info["missing_keys"] in ([], set()) and set(info["unexpected_keys"]) == lora_keys
+    for k, v in reloaded.state_dict().items():
+        torch.testing.assert_close(v, plain_sd[k], rtol=0, atol=0, msg=k)
+    fresh = li.inject(BertModel(config), r"query|value", r=2)
+    fresh.load_state_dict(sd, strict=True)  # back into an adapted model, strictly
+    ids = torch.randint(0, 50, (2, 5))
+    torch.testing.assert_close(fresh.eval()(ids).last_hidden_state, model.eval()(ids).last_hidden_state)
+    assert list(li.remove(fresh, merge=False).state_dict()) == list(plain_sd)

@@ -245,7 +245,7 @@ class Machine(RuleBasedStateMachine):
             if key in adapted:
                 module, tensor = key.rsplit(".", 1)
                 prefix = f"{module}.parametrizations.{tensor}"
-                expected.add(f"{prefix}.original")
+                expected.add(key)  # W0, under the key the model had before injection
                 lora = adapted[key]
                 expected |= {f"{prefix}.0.{kind}.{n}" for n in lora.adapters for kind in lora.adapter(n).kinds}
             else:
