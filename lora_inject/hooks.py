@@ -1,5 +1,6 @@
-"""What ``inject`` attaches to an adapted module, and ``remove`` takes off again: a load hook for
-base checkpoints, the per-forward memo of merged weights, and a class of its own per copy."""
+"""What ``inject`` attaches to an adapted module, and ``remove`` takes off again: the state-dict
+hooks that keep ``W0`` under its base key and load base checkpoints, the per-forward memo of
+merged weights, and a class of its own per copy with refusals to pickle and to script."""
 
 from __future__ import annotations
 

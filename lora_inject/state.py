@@ -1,4 +1,5 @@
-"""Adapter state: which adapters are active, which parameters train, and their state dict."""
+"""Adapter state: which adapters are active, which parameters train, their state dict, and
+``init_lora`` (the factors' values after a model built on the meta device is materialised)."""
 
 from __future__ import annotations
 
