@@ -367,3 +367,22 @@ def test_a_module_at_two_paths_is_refused_for_peft_and_nothing_is_written(tmp_pa
         li.save_adapter(model, tmp_path / "p", format="peft")
     assert not (tmp_path / "p").exists()
     li.save_adapter(model, tmp_path / "ours")  # our format keeps the one module
+
+
+def test_half_precision_peft_factors_are_upcast_on_load_as_peft_does(tmp_path):
+    base = gpt2().eval()
+    theirs = peft_adapted(base, target_modules=["c_attn"], r=4, lora_alpha=8, fan_in_fan_out=True)
+    with torch.no_grad():
+        for name, p in theirs.named_parameters():
+            if "lora_" in name:
+                p.data = p.data.half()  # saved as fp16, onto an fp32 base
+    theirs.save_pretrained(tmp_path / "fp16")
+    x = inputs(base)
+    want = peft_outputs(base, tmp_path / "fp16", x)  # peft upcasts to fp32 by default
+    ours = load_adapter(copy.deepcopy(base), tmp_path / "fp16")
+    assert {p.dtype for p in li.lora_parameters(ours)} == {torch.float32}
+    torch.testing.assert_close(outputs(ours, x), want, rtol=1e-6, atol=1e-6)
+    kept = load_adapter(copy.deepcopy(base), tmp_path / "fp16", dtype=torch.float16)
+    assert {p.dtype for p in li.lora_parameters(kept)} == {torch.float16}
+    with pytest.raises(TypeError, match=r"load_adapter\(\): `dtype` must be a floating torch.dtype"):
+        load_adapter(copy.deepcopy(base), tmp_path / "fp16", dtype=torch.int8)

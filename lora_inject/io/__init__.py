@@ -22,6 +22,7 @@ import json
 import os
 from typing import TypeVar
 
+import torch
 from torch import nn
 
 from ..lora import check_adapter_name
@@ -107,7 +108,8 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, *, adapter: str = "d
     write_atomic(os.path.join(path, config_name), (json.dumps(config, indent=2) + "\n").encode())
 
 
-def load_adapter(model: M, path: str | os.PathLike, *, adapter: str | None = None) -> M:
+def load_adapter(model: M, path: str | os.PathLike, *, adapter: str | None = None,
+                 dtype: torch.dtype | None = None) -> M:
     r"""Load the adapter saved in the directory ``path`` into ``model``, in place.
 
     The format is detected: ``adapter.json`` is ours, ``adapter_config.json`` is peft's. If the
@@ -130,13 +132,17 @@ def load_adapter(model: M, path: str | os.PathLike, *, adapter: str | None = Non
             ``save_pretrained``.
         adapter (str, optional): the name to load it under. Default: the saved name for our
             format, ``"default"`` for peft's.
+        dtype (torch.dtype, optional): the factors' dtype in the model. Default: as saved for
+            our format; for peft's, float16 and bfloat16 factors are upcast to float32, as
+            peft does by default (``autocast_adapter_dtype=True``).
 
     Returns:
         ``model``, changed in place.
 
     Raises:
-        TypeError: if ``model`` is not an ``nn.Module``, ``adapter`` is not a str, or a saved
-            tensor has a dtype that LoRA factors cannot have.
+        TypeError: if ``model`` is not an ``nn.Module``, ``adapter`` is not a str, ``dtype`` is
+            not a floating ``torch.dtype``, or a saved tensor has a dtype that LoRA factors
+            cannot have.
         ValueError: if ``path`` holds no adapter, a file is missing, truncated or corrupt, the
             adapter was saved from another model (unknown module paths, other types or
             shapes), it does not match the adapter the model already carries, or peft's
@@ -147,6 +153,8 @@ def load_adapter(model: M, path: str | os.PathLike, *, adapter: str | None = Non
         raise TypeError(f"{fn}(): `model` must be an nn.Module, got {type(model).__name__}.")
     if adapter is not None:
         check_adapter_name(fn, adapter)
+    if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        raise TypeError(f"{fn}(): `dtype` must be a floating torch.dtype or None, got {dtype!r}.")
     path = os.fspath(path)
     if not os.path.isdir(path):
         raise ValueError(f"{fn}(): `path` must be a directory written by save_adapter() or by "
@@ -162,5 +170,11 @@ def load_adapter(model: M, path: str | os.PathLike, *, adapter: str | None = Non
             f"{fn}(): {path!r} is not an adapter directory: {what}. Expected {ours.CONFIG} + {ours.WEIGHTS} "
             f"(save_adapter) or {peft.CONFIG} + {peft.WEIGHTS} (peft); save it again."
         )
+    if dtype is None and os.path.exists(os.path.join(path, peft.CONFIG)) and not os.path.exists(
+            os.path.join(path, ours.CONFIG)):
+        half = (torch.float16, torch.bfloat16)  # peft's autocast_adapter_dtype
+        entries = [e.cast(torch.float32) if e.A.dtype in half else e for e in entries]
+    elif dtype is not None:
+        entries = [e.cast(dtype) for e in entries]
     apply(fn, model, entries, adapter or saved_name)
     return model

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 from torch import Tensor, nn
@@ -45,6 +45,11 @@ class Entry:
     factored: bool = False
     dora: bool = False
     extra: dict[str, Tensor] = field(default_factory=dict)  # lora_magnitude (DoRA), lora_A0/lora_B0 (pissa/olora)
+
+    def cast(self, dtype: torch.dtype) -> Entry:
+        """This entry with its tensors in ``dtype``."""
+        return replace(self, A=self.A.to(dtype), B=self.B.to(dtype),
+                       extra={k: t.to(dtype) for k, t in self.extra.items()})
 
     @property
     def key(self) -> str:
