@@ -386,3 +386,15 @@ def test_half_precision_peft_factors_are_upcast_on_load_as_peft_does(tmp_path):
     assert {p.dtype for p in li.lora_parameters(kept)} == {torch.float16}
     with pytest.raises(TypeError, match=r"load_adapter\(\): `dtype` must be a floating torch.dtype"):
         load_adapter(copy.deepcopy(base), tmp_path / "fp16", dtype=torch.int8)
+
+
+def test_a_lone_adapter_in_a_subfolder_is_pointed_to(tmp_path):
+    base = gpt2().eval()
+    theirs = peft_adapted(base, target_modules=["c_attn"], r=2, fan_in_fan_out=True)
+    theirs.save_pretrained(tmp_path / "run")  # the default adapter: at the top
+    theirs.add_adapter("task", peft.LoraConfig(target_modules=["c_attn"], r=2, fan_in_fan_out=True))
+    theirs.save_pretrained(tmp_path / "named", selected_adapters=["task"])  # peft writes named/task/
+    assert (tmp_path / "named" / "task" / "adapter_config.json").is_file()
+    with pytest.raises(ValueError, match=r"its subfolder 'task' is an adapter: pass '.*named/task'"):
+        load_adapter(copy.deepcopy(base), tmp_path / "named")
+    load_adapter(copy.deepcopy(base), tmp_path / "named" / "task")

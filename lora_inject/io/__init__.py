@@ -165,10 +165,18 @@ def load_adapter(model: M, path: str | os.PathLike, *, adapter: str | None = Non
         saved_name, entries = "default", peft.from_peft(fn, model, path)
     else:
         lone = [f for f in (ours.WEIGHTS, peft.WEIGHTS) if os.path.exists(os.path.join(path, f))]
-        what = f"it has {lone[0]} but its config is missing" if lone else "it holds no adapter files"
+        below = sorted(d for d in os.listdir(path) if any(  # peft saves a named adapter in a subfolder
+            os.path.isfile(os.path.join(path, d, c)) for c in (ours.CONFIG, peft.CONFIG)))
+        if lone:
+            what = f"it has {lone[0]} but its config is missing"
+        elif below:
+            what = (f"it holds no adapter files itself, but its subfolder {below[0]!r} is an adapter: pass "
+                    f"{os.path.join(path, below[0])!r}")
+        else:
+            what = "it holds no adapter files"
         raise ValueError(
             f"{fn}(): {path!r} is not an adapter directory: {what}. Expected {ours.CONFIG} + {ours.WEIGHTS} "
-            f"(save_adapter) or {peft.CONFIG} + {peft.WEIGHTS} (peft); save it again."
+            f"(save_adapter) or {peft.CONFIG} + {peft.WEIGHTS} (peft)."
         )
     if dtype is None and os.path.exists(os.path.join(path, peft.CONFIG)) and not os.path.exists(
             os.path.join(path, ours.CONFIG)):
