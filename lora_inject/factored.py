@@ -190,7 +190,7 @@ class FactoredWeight(Tensor):
         k = self.scales()[1] if self.has_dora() else [None] * len(self.terms)
         for term, ki in zip(self.terms, k):
             B = term.B if ki is None else term.B * ki.unsqueeze(-1).to(term.B.dtype)  # (out, r)
-            L, R = (term.A.t(), B.t()) if self.view.transpose else (B, term.A)
+            L, R = self.view.stored_factors(term.A, B)
             yield L, R, term.scaling, term.dropout, term.name
 
     # -- dispatch ----------------------------------------------------------------------------
@@ -243,7 +243,7 @@ def merge(w0: Tensor, terms, view: View) -> Tensor:
         return view.stored(dora.merged(view.rows(w0), terms, ct)).to(w0.dtype)
     total = w0.to(ct)
     for t in terms:
-        L, R = (t.A.mT, t.B.mT) if view.transpose else (t.B, t.A)  # stored update = s * L @ R
+        L, R = view.stored_factors(t.A, t.B)  # stored update = s * L @ R
         update = torch.matmul(L.to(ct), R.to(ct)) * t.scaling  # (.., rows, r) @ (.., r, cols)
         total = total + (update if update.dim() == total.dim() else update.reshape(total.shape))
     return total.to(w0.dtype)
@@ -317,7 +317,7 @@ def one_plain_term(weight: FactoredWeight, x: Tensor):
     term = weight.terms[0]
     if term.dropout or term.magnitude is not None or not plain_eager():
         return None
-    L, R = (term.A.t(), term.B.t()) if weight.view.transpose else (term.B, term.A)
+    L, R = weight.view.stored_factors(term.A, term.B)
     return L, R, term.scaling
 
 

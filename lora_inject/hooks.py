@@ -112,15 +112,20 @@ def _load_base_keys(module, state_dict, prefix, local_metadata, strict, missing,
                 state_dict[f"{inner}original{i}"] = v
 
 
+def _base_key_pairs(module: nn.Module, prefix: str) -> list[tuple[str, str]]:
+    """``(p.parametrizations.<t>.original, p.<t>)`` for each tensor whose only parametrization is LoRA."""
+    return [(f"{prefix}parametrizations.{t}.original", prefix + t) for t, plist in parametrized(module).items()
+            if len(plist) == 1 and isinstance(plist[0], LoRA)]
+
+
 def _base_keys(module, state_dict, prefix, local_metadata) -> None:
     """Save ``W0`` under the key the module had before injection (``p.weight``), not
     ``p.parametrizations.weight.original``, where LoRA is the tensor's only parametrization; the
     factors keep keys of their own. A plain model then loads the base from it, and
     :func:`_load_base_keys` maps the key back for an adapted one."""
-    for tensor_name, plist in parametrized(module).items():
-        key = f"{prefix}parametrizations.{tensor_name}.original"
-        if len(plist) == 1 and isinstance(plist[0], LoRA) and key in state_dict:
-            state_dict[prefix + tensor_name] = state_dict.pop(key)
+    for key, base in _base_key_pairs(module, prefix):
+        if key in state_dict:
+            state_dict[base] = state_dict.pop(key)
 
 
 def _missing_base_keys(module, incompatible) -> None:
@@ -129,10 +134,9 @@ def _missing_base_keys(module, incompatible) -> None:
     if prefix is None:
         return
     missing = incompatible.missing_keys
-    for tensor_name, plist in parametrized(module).items():
-        key = f"{prefix}parametrizations.{tensor_name}.original"
-        if len(plist) == 1 and isinstance(plist[0], LoRA) and key in missing:
-            missing[missing.index(key)] = prefix + tensor_name
+    for key, base in _base_key_pairs(module, prefix):
+        if key in missing:
+            missing[missing.index(key)] = base
 
 
 def hook(module: nn.Module) -> None:

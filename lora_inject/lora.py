@@ -245,7 +245,7 @@ class LoRA(nn.Module):
         M = W.view(*self.view.lead, rows, cols)
         for name in names:
             A, B = (t.to(ct) for t in self.factor_pair(name))
-            L, R = (A.mT, B.mT) if self.transpose else (B, A)  # stored update = s * L @ R
+            L, R = self.view.stored_factors(A, B)  # stored update = s * L @ R
             (M.baddbmm_ if self.experts else M.addmm_)(L, R, alpha=self.records[name].scaling)
 
     def merge_is_finite(self, W: Tensor, names: list[str]) -> bool:

@@ -185,8 +185,9 @@ def disabled(model: nn.Module) -> Iterator[nn.Module]:
         >>> with disabled(model):
         ...     base_out = model(x)
     """
-    entry = {id(lora): (list(lora.active), set(lora.adapters)) for *_, lora in loras(model)}
+    entry = {}
     for *_, lora in loras(model):
+        entry[id(lora)] = (lora.active, set(lora.adapters))
         lora.active = []
     try:
         yield model

@@ -165,7 +165,7 @@ def inject(
         plan = _plan(model, select, leave, rules, adapter, dropout, targets)
         spec = targets if isinstance(targets, str) else getattr(targets, "pattern", None)
         small = [f"{q}.{t}" if q else t for q, m, rule, t, shape in plan
-                 if r > min(rule_view(shape, rule).out_features, rule_view(shape, rule).in_features)]
+                 if r > min((v := rule_view(shape, rule)).out_features, v.in_features)]
         if small:
             warnings.warn(
                 f"inject(): r={r} exceeds min(out, in) of {small[:3]}: the update is still exact, "

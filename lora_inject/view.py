@@ -56,6 +56,11 @@ class View:
         """The shape of DoRA's magnitude: one entry per output unit, ``(.., out)``."""
         return (*self.lead, self.out_features)
 
+    def stored_factors(self, A: Tensor, B: Tensor) -> tuple[Tensor, Tensor]:
+        """``(L, R)`` such that the update ``s * B @ A`` is ``s * L @ R`` in the stored layout:
+        ``(B, A)`` by rows, ``(A.T, B.T)`` transposed."""
+        return (A.mT, B.mT) if self.transpose else (B, A)
+
     def rows(self, W: Tensor) -> Tensor:
         """``W`` as the matrix ``(.., out, in)``."""
         if self.transpose:
