@@ -98,6 +98,10 @@ class Rule:
             names += [n for n in hits if n not in names]
         return names
 
+    def adapts(self, tensor_name: str) -> bool:
+        """Return whether an entry of ``tensors`` fully matches ``tensor_name``."""
+        return any(p.fullmatch(tensor_name) for p in self._patterns)
+
     def is_factored(self, module: nn.Module) -> bool:
         """Return whether ``module``'s forward reaches its adapted tensors through factored ops."""
         return self.factored(module) if callable(self.factored) else bool(self.factored)

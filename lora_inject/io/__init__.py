@@ -44,9 +44,13 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, *, adapter: str = "d
     ``adapter.json`` (everything needed to inject them again: per tensor r, alpha, rslora, the
     rule and shape; the targets, dtype and library version). With ``format="peft"`` it gets
     ``adapter_model.safetensors`` and ``adapter_config.json``, which
-    ``peft.PeftModel.from_pretrained(base_model, path)`` loads; that covers ``Linear``,
-    transformers' ``Conv1D``, ``Embedding`` and ``Conv1d/2d/3d`` with ``groups=1``, and per-tensor
-    r and alpha go to ``rank_pattern``/``alpha_pattern``.
+    ``peft.PeftModel.from_pretrained(base_model, path)`` loads, and ``AutoPeftModel`` too (the
+    config names the base class in ``auto_mapping`` and ``base_model_name_or_path`` is
+    ``model.config.name_or_path``). That covers ``Linear``, transformers' ``Conv1D``,
+    ``Embedding``, ``Conv1d/2d/3d`` with ``groups=1``, ``MultiheadAttention`` (packed
+    ``in_proj_weight`` and its out_proj) and expert weights (``target_parameters``); an update of
+    full rank on any other tensor is written whole (``bias="all"``, or the module in
+    ``modules_to_save``). Per-tensor r and alpha go to ``rank_pattern``/``alpha_pattern``.
 
     Each file is written to a temporary file in ``path`` and renamed into place, so an
     interrupted save never leaves a half-written file under the final name (and the weights'
@@ -121,10 +125,18 @@ def load_adapter(model: M, path: str | os.PathLike, *, adapter: str | None = Non
     exactly as it was.
 
     From peft's format this reads ``r``, ``lora_alpha``, ``target_modules`` (a list, or a regex
-    that must fully match), ``exclude_modules``, ``rank_pattern``, ``alpha_pattern``,
-    ``use_rslora`` and ``lora_dropout``; ``fan_in_fan_out`` follows the layer type, as in peft.
-    What it cannot reproduce (DoRA, other peft types, ``modules_to_save``, bias tensors,
-    inits that change the base weights, ...) is refused.
+    that must fully match), ``exclude_modules``, ``layers_to_transform``/``layers_pattern``,
+    ``rank_pattern``, ``alpha_pattern``, ``use_rslora``, ``use_dora``, ``lora_dropout`` and
+    ``target_parameters`` (onto expert weights ``(E, out, in)``, or ``(E, in, out)`` where the
+    module says ``is_transposed``); ``fan_in_fan_out`` follows the layer type, as in peft. Full
+    tensors (``modules_to_save`` copies, so ``task_type="SEQ_CLS"`` heads; ``bias="all"`` or
+    ``"lora_only"``; ``save_embedding_layers``) that equal the base are skipped, and the others
+    become the exact update ``W_saved - W0``, a LoRA of full rank with an identity factor: then
+    ``remove(merge=False)`` restores the base tensor and ``merge=True`` writes the saved one.
+    A ``MultiheadAttention`` gets peft's semantics, in which out_proj's update counts twice.
+    What cannot be reproduced (other peft types, ``lora_bias``, ``trainable_token_indices``,
+    inits that change the base weights, a pickled ``adapter_model.bin``, grouped conv, ...) is
+    refused.
 
     Args:
         model (nn.Module): the base model, or a model that already carries the adapter.

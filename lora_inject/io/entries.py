@@ -107,13 +107,11 @@ def check_entries(fn: str, model: nn.Module, entries: Sequence[Entry]) -> None:
                              f"experts={lora.experts}, but the adapter was saved with "
                              f"transpose={e.transpose}, experts={e.experts}.")
         rule = find_rule(module) if lora is None else None
-        if rule is not None and (rule.transpose, rule.experts) != (e.transpose, e.experts):
+        if rule is not None and rule.adapts(e.tensor) and (rule.transpose, rule.experts) != (e.transpose, e.experts):
             raise ValueError(f"{fn}(): `{e.key}` was saved with transpose={e.transpose}, experts={e.experts}, "
                              f"but the rule for {type_name(module)} says transpose={rule.transpose}, "
                              f"experts={rule.experts}. The file was edited, or the adapter was made with other "
                              "rules: register those with li.register_rule() first.")
-
-
 
 
 def collect(fn: str, model: nn.Module, adapter: str) -> list[Entry]:

@@ -10,6 +10,12 @@ Linear, transformers Conv1D ``p.lora_A.weight``, ``p.lora_B.weight``  ``(r, in)`
 Conv1d/2d/3d, groups=1      ``p.lora_A.weight``, ``p.lora_B.weight``  ``(r, in, *k)``, ``(out, r, 1..)``
 Embedding(n, d)             ``p.lora_embedding_A``, ``..._B``        ``(r, n)``, ``(d, r)``
 DoRA (``use_dora``)         also ``p.lora_magnitude_vector``         ``(out,)``; Conv ``(1, out, 1..)``
+MultiheadAttention          ``p.lora_A.weight`` (in_proj), and      ``(r, E)``, ``(3E, r)``
+                            ``p.base_layer.out_proj.lora_A.weight``
+expert Parameter ``q``      ``p[.base_layer]*.lora_A.weight``       ``(E*r, in)``, ``(out, r*E)``
+(``target_parameters``)     (one ``base_layer`` per later param)
+full copies                 ``p.bias``/``p.base_layer.bias``; a     the tensor's own
+                            ``modules_to_save`` module's tensors
 ==========================  ======================================  ==========================
 
 peft scales by ``lora_alpha / r`` (or ``/ sqrt(r)`` with ``use_rslora``), with per-module
@@ -32,9 +38,10 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils.parametrize import type_before_parametrizations
 
-from ..lookup import named_modules, source
+from ..lookup import named_modules, parametrized, source
 from ..lora import LoRA, lora_scaling
-from ..rule import find_rule, type_name
+from ..rule import find_rule, own_tensor_names, type_name
+from ..view import View, compute_dtype
 from .entries import Entry, tensor_shape
 from .files import read_json, read_safetensors
 
@@ -45,9 +52,7 @@ _SUFFIXES = {".lora_A.weight": "A", ".lora_B.weight": "B", ".lora_embedding_A": 
              ".lora_magnitude_vector": "m"}
 _INITS = (True, False, "gaussian", "eva", "orthogonal")  # inits that leave the base weights alone
 _UNSUPPORTED = {
-    "modules_to_save": "`modules_to_save` (full copies of modules)",
-    "lora_bias": "`lora_bias`", "target_parameters": "`target_parameters`",
-    "layers_to_transform": "`layers_to_transform`", "trainable_token_indices": "`trainable_token_indices`",
+    "lora_bias": "`lora_bias`", "trainable_token_indices": "`trainable_token_indices`",
     "layer_replication": "`layer_replication`", "megatron_config": "Megatron layers",
     "use_qalora": "QALoRA", "alora_invocation_tokens": "aLoRA", "velora_config": "VeLoRA",
     "monteclora_config": "MonteCLoRA", "arrow_config": "Arrow", "kasa_config": "KaSA", "use_bdlora": "BD-LoRA",
@@ -56,7 +61,8 @@ _KNOWN = {
     "peft_type", "task_type", "base_model_name_or_path", "revision", "inference_mode", "auto_mapping",
     "peft_version", "r", "lora_alpha", "lora_dropout", "target_modules", "exclude_modules", "rank_pattern",
     "alpha_pattern", "use_rslora", "fan_in_fan_out", "bias", "init_lora_weights", "layers_pattern",
-    "megatron_core", "loftq_config", "eva_config", "corda_config", "lora_ga_config", "qalora_group_size",
+    "megatron_core", "loftq_config", "modules_to_save", "target_parameters", "layers_to_transform",
+    "eva_config", "corda_config", "lora_ga_config", "qalora_group_size",
     "runtime_config", "ensure_weight_tying", "target_modules_to_tie", "use_dora", *_UNSUPPORTED,
 }
 
@@ -74,35 +80,99 @@ def peft_kind(module: nn.Module, parent: nn.Module | None) -> tuple[str | None, 
         if any(d != 1 for d in module.dilation) or module.padding_mode != "zeros":
             return None, f"a {cls.__name__} with dilation or padding_mode (peft's LoRA branch ignores both)"
         return "conv", ""
-    if issubclass(cls, nn.Linear) and not isinstance(parent, nn.MultiheadAttention):
+    if issubclass(cls, nn.MultiheadAttention):
+        if not module._qkv_same_embed_dim:
+            return None, ("a MultiheadAttention with separate q/k/v weights (peft's LoRA on MHA adapts the packed "
+                          "in_proj_weight only)")
+        return "mha", ""
+    if issubclass(cls, nn.Linear) and isinstance(parent, nn.MultiheadAttention):
+        return "mha_out", ""
+    if issubclass(cls, nn.Linear):
         return "linear", ""
     if any(f"{c.__module__}.{c.__qualname__}" == "transformers.pytorch_utils.Conv1D" for c in cls.__mro__):
         return "conv1d", ""
-    if issubclass(cls, nn.Linear):
-        return None, "a MultiheadAttention's out_proj (peft's LoRA there has no effect: MHA reads its weight)"
-    return None, f"a {cls.__name__} (peft's LoRA covers Linear, Conv1D, Embedding and Conv with groups=1)"
+    return None, f"a {cls.__name__} (peft's LoRA covers Linear, Conv1D, Embedding, MultiheadAttention and Conv " \
+                 "with groups=1)"
+
+
+_LORA_KINDS = ("linear", "conv", "embedding", "conv1d")
+_MHA_OUT = ("a MultiheadAttention's out_proj targeted on its own: MultiheadAttention reads out_proj.weight "
+            "without calling out_proj, so peft's LoRA there has no effect (peft merges out_proj's LoRA only when "
+            "the MultiheadAttention itself is targeted)")
 
 
 def _parents(modules: dict[str, nn.Module]) -> dict[str, nn.Module | None]:
     return {n: modules.get(n.rpartition(".")[0]) if n else None for n in modules}
 
 
+def _param_names(module: nn.Module) -> list[str]:
+    """The module's own parameters in registration order (a parametrized one by its name)."""
+    names = [n for n, t in module._parameters.items() if t is not None]
+    return names + [n for n in parametrized(module) if n not in names]
+
+
+def _is_transposed(module: nn.Module) -> bool:
+    """transformers' expert modules store ``(E, in, out)`` where they say ``is_transposed``."""
+    return bool(getattr(module, "is_transposed", False))
+
+
+def _unwrap(path: str) -> tuple[str, int]:
+    """peft's path of a wrapped module to ``(our module path, how many trailing base_layer)``.
+
+    peft nests one ``ParamWrapper`` per targeted parameter (``experts.base_layer.lora_A``) and
+    keeps MultiheadAttention's out_proj under its ``base_layer`` (``mha.base_layer.out_proj``);
+    with ``bias="all"`` the bias of a ``modules_to_save`` module is saved inside its wrapper
+    (``classifier.modules_to_save.bias``).
+    """
+    parts = path.split(".")
+    depth = 0
+    while parts and parts[-1] == "base_layer":
+        parts.pop()
+        depth += 1
+    # modules_to_save: peft's trained copy and the original sit inside a wrapper of the module
+    return ".".join(p for p in parts if p not in ("base_layer", "modules_to_save", "original_module")), depth
+
+
 # -- ours -> peft ----------------------------------------------------------------------------
+def _export_kind(fn: str, e: Entry, module: nn.Module, parent: nn.Module | None) -> str:
+    """How entry ``e`` is written in peft's format: a LoRA kind, ``"mha"``, ``"mha_out"``,
+    ``"param"`` (``target_parameters``) or ``"full"`` (a full copy), or raise."""
+    kind, why = peft_kind(module, parent)
+    view = View(tuple(e.shape), e.transpose, e.experts)
+    if not e.module:
+        kind, why = None, "the model itself (peft adapts submodules only)"
+    elif not e.experts and not e.dora and e.r >= min(view.out_features, view.in_features):
+        return "full"  # a full-rank update is a full copy: bias="all"/"lora_only", or modules_to_save
+    elif (kind in _LORA_KINDS and e.tensor == "weight" and not e.experts
+          and e.transpose == (kind in ("embedding", "conv1d"))):
+        return kind
+    elif kind == "mha" and e.tensor == "in_proj_weight" and not e.transpose and not e.dora:
+        return "mha"
+    elif kind == "mha_out" and e.tensor == "weight" and not e.transpose and not e.dora:
+        return "mha_out"
+    elif (e.experts and len(e.shape) == 3 and e.tensor in _param_names(module)
+          and e.transpose == _is_transposed(module) and not e.dora):
+        return "param"
+    why = why if kind is None else f"a custom rule on {e.type} (tensor {e.tensor!r}, transpose={e.transpose})"
+    raise ValueError(f"{fn}(): `{e.key}` has no equivalent in peft's format: it is {why}. Save "
+                     "with format='lora_inject', or remove the adapter from that module first.")
+
+
+def _merged(module: nn.Module, e: Entry) -> Tensor:
+    """``W0 + s * B @ A`` of entry ``e`` alone, in the base's dtype."""
+    base = source(module, e.tensor).detach()
+    view = View(tuple(e.shape), e.transpose, e.experts)
+    dtype = compute_dtype(base.dtype, e.A.dtype)
+    delta = lora_scaling(e.r, e.alpha, e.rslora) * (e.B.to(dtype) @ e.A.to(dtype))
+    return (base.to(dtype) + view.stored(delta)).to(base.dtype)
+
+
 def to_peft(fn: str, model: nn.Module, entries: list[Entry]) -> tuple[dict, dict[str, Tensor]]:
     """Translate our entries to peft's config and tensors, or raise if one has no equivalent."""
     entries = [_from_w0(e) for e in entries]
     modules = dict(named_modules(model))
     parents = _parents(modules)
-    kinds = {}
-    for e in entries:
-        kind, why = peft_kind(modules[e.module], parents[e.module])
-        if not e.module:
-            kind, why = None, "the model itself (peft adapts submodules only)"
-        if kind is None or e.tensor != "weight" or e.experts or e.transpose != (kind in ("embedding", "conv1d")):
-            why = why or f"a custom rule on {e.type} (tensor {e.tensor!r}, transpose={e.transpose})"
-            raise ValueError(f"{fn}(): `{e.key}` has no equivalent in peft's format: it is {why}. Save "
-                             "with format='lora_inject', or remove the adapter from that module first.")
-        kinds[e.module] = kind
+    kinds = {e.key: _export_kind(fn, e, modules[e.module], parents[e.module]) for e in entries}
     at: dict[int, list[str]] = {}  # every path of each module, as peft walks them
     for name, m in model.named_modules(remove_duplicate=False):
         at.setdefault(id(m), []).append(name)
@@ -113,49 +183,108 @@ def to_peft(fn: str, model: nn.Module, entries: list[Entry]) -> tuple[dict, dict
                              "peft would apply the adapter at one of them only, so "
                              "it would not give this model's outputs. Save with format='lora_inject', or untie "
                              "the module.")
-    dropouts = sorted({e.dropout for e in entries})
-    if len(dropouts) > 1:
-        raise ValueError(f"{fn}(): peft has one `lora_dropout` per adapter, but this adapter uses {dropouts}. "
-                         "Save with format='lora_inject', or set one dropout in each LoRA's config.")
-    doras = sorted({e.dora for e in entries})
+    lora = [e for e in entries if kinds[e.key] != "full"]
+    full = [e for e in entries if kinds[e.key] == "full"]
+    wrapped = {e.module for e in lora if kinds[e.key] in _LORA_KINDS}
+    copies = {e.module for e in full if e.tensor != "bias"}  # modules_to_save; a bias alone is peft's bias
+    clash = next((e for e in lora if e.module in copies or parents[e.module] in
+                  [modules[c] for c in copies]), None)
+    if clash is not None:
+        raise ValueError(f"{fn}(): `{clash.module}` would be both a full copy (modules_to_save) and a LoRA "
+                         "layer in peft's format, which peft cannot hold. Save with format='lora_inject'.")
+    mha: dict[str, dict[str, Entry]] = {}  # MultiheadAttention path -> its in_proj and out_proj entries
+    for e in lora:
+        if kinds[e.key] in ("mha", "mha_out"):
+            owner = e.module if kinds[e.key] == "mha" else e.module.rpartition(".")[0]
+            mha.setdefault(owner, {})[kinds[e.key]] = e
+    for owner, pair in mha.items():
+        if len({(e.r, e.alpha, e.rslora) for e in pair.values()}) > 1:
+            raise ValueError(f"{fn}(): peft gives MultiheadAttention `{owner}` one r and alpha for in_proj and "
+                             f"out_proj, but this adapter has {[(e.key, e.r, e.alpha) for e in pair.values()]}. "
+                             "Save with format='lora_inject'.")
+    dropouts = sorted({e.dropout for e in lora if kinds[e.key] in _LORA_KINDS}) or [0.0]
+    if len(dropouts) > 1 or dropouts[0] and any(kinds[e.key] == "param" for e in lora):
+        raise ValueError(f"{fn}(): peft has one `lora_dropout` per adapter, but this adapter uses {dropouts} "
+                         "(and peft's target_parameters take none). Save with format='lora_inject', or set one "
+                         "dropout in each LoRA's config.")
+    doras = sorted({e.dora for e in lora}) or [False]
     if len(doras) > 1:
         raise ValueError(f"{fn}(): peft has one `use_dora` per adapter, but this adapter is DoRA on some tensors "
                          "only. Save with format='lora_inject'.")
-    rslora = all(e.rslora for e in entries)
+    rslora = bool(lora) and all(e.rslora for e in lora)
+    # peft names each LoRA by a pattern key: the module, the MultiheadAttention, or module.parameter.
+    pkey = {e.key: e.key if kinds[e.key] == "param" else
+            e.module.rpartition(".")[0] if kinds[e.key] == "mha_out" else e.module for e in lora}
     # peft has one use_rslora: fold any other scaling into alpha, as alpha' / r == alpha / sqrt(r).
-    alphas = {e.module: e.alpha * math.sqrt(e.r) if e.rslora and not rslora else e.alpha for e in entries}
-    r0 = Counter(e.r for e in entries).most_common(1)[0][0]
-    a0 = Counter(alphas.values()).most_common(1)[0][0]
+    alphas = {pkey[e.key]: e.alpha * math.sqrt(e.r) if e.rslora and not rslora else e.alpha for e in lora}
+    ranks = {pkey[e.key]: e.r for e in lora}
+    r0 = Counter(ranks.values()).most_common(1)[0][0] if lora else 8
+    a0 = Counter(alphas.values()).most_common(1)[0][0] if lora else 8
     names = [n for n in modules if n]
-    paths = [e.module for e in entries]
+    targets = sorted({pkey[e.key] for e in lora if kinds[e.key] != "param"}, key=list(modules).index)
     exact = {p: ("^" if any(n != p and n.endswith("." + p) for n in names) else "") + re.escape(p)
-             for p in paths}
-    overmatch = any(n not in kinds and any(n.endswith("." + p) for p in paths) for n in names)
+             for p in ranks}
+    overmatch = any(n not in targets and any(n.endswith("." + p) for p in targets) for n in names)
+    params = [e for e in lora if kinds[e.key] == "param"]
+    cls = type_before_parametrizations(model)
     config = {
         "peft_type": "LORA", "task_type": None, "inference_mode": True,
         "base_model_name_or_path": getattr(getattr(model, "config", None), "name_or_path", None) or None,
+        "auto_mapping": {"base_model_class": cls.__name__, "parent_library": cls.__module__}
+        if hasattr(cls, "from_pretrained") else None,
         "r": r0, "lora_alpha": a0,
-        "target_modules": "|".join(f"(?:{re.escape(p)})" for p in paths) if overmatch else paths,
-        "rank_pattern": {exact[e.module]: e.r for e in entries if e.r != r0},
+        "target_modules": "|".join(f"(?:{re.escape(p)})" for p in targets) if overmatch else targets,
+        "target_parameters": [e.key for e in params] or None,
+        "rank_pattern": {exact[p]: r for p, r in ranks.items() if r != r0},
         "alpha_pattern": {exact[p]: a for p, a in alphas.items() if a != a0},
-        "use_rslora": rslora, "fan_in_fan_out": "conv1d" in kinds.values() and "linear" not in kinds.values(),
-        "lora_dropout": dropouts[0], "bias": "none", "lora_bias": False, "use_dora": doras[0],
-        "modules_to_save": None, "init_lora_weights": True, "layers_to_transform": None,
-        "layers_pattern": None, "exclude_modules": None,
+        "use_rslora": rslora,
+        "fan_in_fan_out": "conv1d" in kinds.values() and "linear" not in kinds.values(),
+        "lora_dropout": dropouts[0], "lora_bias": False, "use_dora": doras[0],
+        "bias": "none" if not full or not {e.module for e in full if e.tensor == "bias"} - copies
+        else "lora_only" if {e.module for e in full if e.tensor == "bias"} - copies <= wrapped else "all",
+        "modules_to_save": sorted(copies, key=list(modules).index) or None,
+        "init_lora_weights": True, "layers_to_transform": None, "layers_pattern": None, "exclude_modules": None,
     }
     tensors = {}
-    for e in entries:
-        p, kind = PREFIX + e.module, kinds[e.module]
+    for e in lora:
+        p, kind = PREFIX + e.module, kinds[e.key]
         if e.dora:  # (out,); for Conv (1, out, 1, ..)
             m = e.extra["lora_magnitude"]
             tensors[p + ".lora_magnitude_vector"] = m.reshape(1, -1, *[1] * (len(e.shape) - 2)) if kind == "conv" else m
-        if kind == "embedding":
-            tensors[p + ".lora_embedding_A"], tensors[p + ".lora_embedding_B"] = e.A, e.B
-            continue
         A, B = e.A, e.B
+        if kind == "embedding":
+            tensors[p + ".lora_embedding_A"], tensors[p + ".lora_embedding_B"] = A, B
+            continue
         if kind == "conv":  # (r, in*k) -> (r, in, *k); (out, r) -> (out, r, 1, ..)
             A, B = A.reshape(e.r, *e.shape[1:]), B.reshape(*B.shape, *[1] * (len(e.shape) - 2))
+        elif kind == "mha_out":  # peft applies out_proj's update twice (see _lora_entry)
+            p, B = f"{PREFIX}{pkey[e.key]}.base_layer.{e.module.rpartition('.')[2]}", B / 2
+        elif kind == "param":  # nested ParamWrappers: the first parameter is the innermost
+            mine = [q for q in _param_names(modules[e.module]) if f"{e.module}.{q}" in kinds]
+            p += ".base_layer" * (len(mine) - 1 - mine.index(e.tensor))
+            E, r = e.A.shape[0], e.r  # (E, r, in) -> (E*r, in); (E, out, r) -> (out, r*E), r-major
+            A, B = A.reshape(E * r, -1), B.permute(1, 2, 0).reshape(B.shape[1], r * E)
         tensors[p + ".lora_A.weight"], tensors[p + ".lora_B.weight"] = A, B
+    for owner, pair in mha.items():  # peft adapts in_proj and out_proj together: the missing one is zero
+        e = next(iter(pair.values()))
+        mod = modules[owner]
+        zeros = {"mha": (f"{PREFIX}{owner}", mod.in_proj_weight.shape),
+                 "mha_out": (f"{PREFIX}{owner}.base_layer.out_proj", mod.out_proj.weight.shape)}
+        for kind, (p, (out, inn)) in zeros.items():
+            if kind not in pair:
+                tensors[p + ".lora_A.weight"] = e.A.new_zeros(e.r, inn)
+                tensors[p + ".lora_B.weight"] = e.B.new_zeros(out, e.r)
+    by_key = {e.key: e for e in full}
+    for e in full:
+        if e.module in copies:
+            continue
+        tensors[f"{PREFIX}{e.module}{'.base_layer' if e.module in wrapped else ''}.{e.tensor}"] = \
+            _merged(modules[e.module], e)
+    for name in copies:  # every parameter of the module, updated where the adapter has it
+        module = modules[name]
+        for q in _param_names(module):
+            e = by_key.get(f"{name}.{q}")
+            tensors[f"{PREFIX}{name}.{q}"] = _merged(module, e) if e else source(module, q).detach()
     return config, tensors
 
 
@@ -173,7 +302,12 @@ def _from_w0(e: Entry) -> Entry:
 
 # -- peft -> ours ----------------------------------------------------------------------------
 def from_peft(fn: str, model: nn.Module, path: str) -> list[Entry]:
-    """Read peft's adapter in ``path`` into entries for ``model``, or raise if it cannot be reproduced."""
+    """Read peft's adapter in ``path`` into entries for ``model``, or raise if it cannot be reproduced.
+
+    LoRA factors become LoRA entries. A full tensor (``modules_to_save``, ``bias="all"`` or
+    ``"lora_only"``, ``save_embedding_layers``) that equals the base is dropped; one that differs
+    becomes the exact update ``W_saved - W0``, as a LoRA of full rank with an identity factor.
+    """
     file, weights = os.path.join(path, CONFIG), os.path.join(path, WEIGHTS)
     config = read_json(fn, file)
     _check_config(fn, file, config)
@@ -182,82 +316,163 @@ def from_peft(fn: str, model: nn.Module, path: str) -> list[Entry]:
                          "with peft's save_pretrained(..., safe_serialization=True).")
     tensors, _ = read_safetensors(fn, weights)
     modules = dict(named_modules(model))
-    factors: dict[str, dict[str, tuple[str, Tensor]]] = {}
-    copies: dict[str, tuple[str, Tensor]] = {}
+    factors: dict[tuple[str, int], dict[str, tuple[str, Tensor]]] = {}
+    full: dict[tuple[str, str], tuple[str, Tensor]] = {}
     for key, t in sorted(tensors.items()):
         rest = key.removeprefix(PREFIX)
         suffix = next((s for s in _SUFFIXES if rest.endswith(s)), None)
-        module = rest[: -len(suffix)] if suffix else rest.removesuffix(".base_layer.weight")
-        if rest == key or (suffix is None and module == rest):
-            raise ValueError(f"{fn}(): {weights} holds `{key}` {tuple(t.shape)}, not a LoRA factor (from "
-                             "modules_to_save, bias or another model); nothing was loaded. Merge it "
-                             "with peft (merge_and_unload()) instead.")
-        if module not in modules or isinstance(modules[module], LoRA):
-            raise ValueError(f"{fn}(): {weights} holds `{key}` {tuple(t.shape)}, but the model has no module "
-                             f"`{module}`. It was saved from another model.")
-        if suffix is None:  # peft's copy of an embedding's base weight: fine if it is ours
-            copies[module] = (key, t)
+        where, _, tensor = (rest[: -len(suffix)], "", "") if suffix else rest.rpartition(".")
+        module, depth = _unwrap(where)
+        if rest == key:
+            raise ValueError(f"{fn}(): {weights} holds `{key}` {tuple(t.shape)}, which is not a key of peft's "
+                             f"format (they start with {PREFIX!r}); nothing was loaded.")
+        if module not in modules or isinstance(modules[module], LoRA) or (
+                suffix is None and tensor not in own_tensor_names(modules[module])):
+            what = f"no module `{module}`" if suffix or module not in modules else f"no tensor `{module}.{tensor}`"
+            raise ValueError(f"{fn}(): {weights} holds `{key}` {tuple(t.shape)}, but the model has {what}. "
+                             "It was saved from another model.")
+        if suffix is None:  # the trained copy of a modules_to_save module wins over its original
+            if (module, tensor) not in full or ".modules_to_save." in key or ".original_module." in full[
+                    (module, tensor)][0]:
+                full[(module, tensor)] = (key, t)
         else:
-            factors.setdefault(module, {})[_SUFFIXES[suffix]] = (key, t)
-    targeted = [n for n in modules if n and _targeted(config, n)]
-    stray = next((m for m in factors if m not in targeted), None)
+            factors.setdefault((module, depth), {})[_SUFFIXES[suffix]] = (key, t)
+    claims = _claims(fn, file, config, modules)
+    stray = next((g for g in factors if g not in claims), None)
     if stray is not None:
         first = min(k for k, _ in factors[stray].values())
-        raise ValueError(f"{fn}(): {weights} holds `{first}`, but `target_modules` in {file} does not select "
-                         f"`{stray}`, so peft would not load it.")
-    parents, entries = _parents(modules), []
-    for name in targeted:
-        module = modules[name]
-        kind, why = peft_kind(module, parents[name])
-        if kind is None:
-            raise ValueError(f"{fn}(): {file} targets `{name}`, which is {why}; lora_inject cannot "
-                             "reproduce peft's outputs there, so nothing was loaded.")
-        emb = kind == "embedding"
-        keys = [f"{PREFIX}{name}.lora_embedding_{x}" if emb else f"{PREFIX}{name}.lora_{x}.weight" for x in "AB"]
-        got = factors.get(name, {})
-        if [got.get(x, ("",))[0] for x in "AB"] != keys:
-            raise ValueError(f"{fn}(): {file} targets `{name}` ({type_name(module)}), but {weights} lacks "
-                             f"`{keys[0]}`/`{keys[1]}`. It was saved from another model.")
-        r = _pattern(fn, config, "rank_pattern", name, config.get("r", 8))
-        alpha = _pattern(fn, config, "alpha_pattern", name, config.get("lora_alpha", 8))
-        shape = tensor_shape(module, "weight")
-        out, inn = (shape[1], shape[0]) if kind in ("embedding", "conv1d") else (shape[0], shape[1])
-        want = {"A": (r, inn, *shape[2:]), "B": (out, r, *[1] * (len(shape) - 2))}
-        for x in "AB":
-            key, t = got[x]
-            if tuple(t.shape) != want[x]:
-                raise ValueError(f"{fn}(): `{key}` has shape {tuple(t.shape)}, but r={r} on `{name}.weight` "
-                                 f"of shape {shape} needs {want[x]}. It was saved from another model.")
-        A, B = got["A"][1].reshape(r, -1), got["B"][1].reshape(out, r)
-        dora, extra = bool(config.get("use_dora")), {}
-        if dora or "m" in got:
-            key = f"{PREFIX}{name}.lora_magnitude_vector"
-            if "m" not in got or not dora:
-                raise ValueError(f"{fn}(): {file} has use_dora={dora}, but {weights} "
-                                 f"{'holds' if 'm' in got else 'lacks'} DoRA's magnitude `{key}`. It was saved "
-                                 "from another adapter.")
-            t = got["m"][1]
-            want_m = (1, out, *[1] * (len(shape) - 2)) if kind == "conv" else (out,)
-            if tuple(t.shape) != want_m:
-                raise ValueError(f"{fn}(): `{key}` has shape {tuple(t.shape)}, but `{name}.weight` of shape "
-                                 f"{shape} needs {want_m}. It was saved from another model.")
-            extra["lora_magnitude"] = t.reshape(out)
-        rule = find_rule(module)
-        entries.append(Entry(
-            module=name, tensor="weight", type=type_name(module), shape=shape, A=A, B=B, r=r,
-            alpha=float(alpha), rslora=bool(config.get("use_rslora", False)),
-            dropout=float(config.get("lora_dropout", 0.0)),
-            init="gaussian" if config.get("init_lora_weights") == "gaussian" else "default",
-            targets=config["target_modules"] if isinstance(config["target_modules"], str) else None,
-            transpose=kind in ("embedding", "conv1d"), factored=rule.is_factored(module) if rule else True,
-            dora=dora, extra=extra))
-    for name, (key, t) in copies.items():
-        base = source(modules[name], "weight")
-        if name not in factors or t.shape != base.shape or not torch.equal(t.to(base.device, base.dtype), base):
-            raise ValueError(f"{fn}(): {weights} holds `{key}` {tuple(t.shape)}, a changed copy of the base "
-                             f"weight `{name}.weight` {tuple(base.shape)} (a resized vocabulary?). Load it "
-                             "into the base model first; nothing was loaded.")
+        raise ValueError(f"{fn}(): {weights} holds `{first}`, but `target_modules`/`target_parameters` in {file} "
+                         f"do not select `{stray[0]}`, so peft would not load it.")
+    entries = [_lora_entry(fn, file, weights, config, modules[c[0]], *c, factors.get(g, {}))
+               for g, c in claims.items()]
+    adapted = {(e.module, e.tensor) for e in entries}
+    for (name, tensor), (key, t) in full.items():
+        e = _update_entry(fn, weights, name, modules[name], tensor, key, t, (name, tensor) in adapted)
+        if e is not None:
+            entries.append(e)
     return entries
+
+
+def _claims(fn: str, file: str, config: dict, modules: dict[str, nn.Module]) -> dict[tuple[str, int], tuple]:
+    """What peft would have adapted: ``(module path, base_layer depth)`` to ``(module, tensor, kind,
+    pattern key, key prefix)``."""
+    parents, claims = _parents(modules), {}
+    for name, module in modules.items():
+        if not name:
+            continue
+        if _targeted(config, name):
+            kind, why = peft_kind(module, parents[name])
+            why = _MHA_OUT if kind == "mha_out" else why
+            if kind is None or kind == "mha_out":
+                raise ValueError(f"{fn}(): {file} targets `{name}`, which is {why}; lora_inject cannot "
+                                 "reproduce peft's outputs there, so nothing was loaded.")
+            if kind == "mha":
+                claims[(name, 0)] = (name, "in_proj_weight", kind, name, PREFIX + name)
+                claims[(f"{name}.out_proj", 0)] = (f"{name}.out_proj", "weight", "linear", name,
+                                                   f"{PREFIX}{name}.base_layer.out_proj")
+            else:
+                claims[(name, 0)] = (name, "weight", kind, name, PREFIX + name)
+        wanted = config.get("target_parameters") or []
+        mine = [q for q in _param_names(module)
+                if f"{name}.{q}" in wanted or any(f"{name}.{q}".endswith(f".{t}") for t in wanted)]
+        for i, q in enumerate(mine):
+            if (name, len(mine) - 1 - i) in claims:
+                raise ValueError(f"{fn}(): {file} targets `{name}` both by `target_modules` and by "
+                                 "`target_parameters`; lora_inject cannot tell its factors apart, so nothing "
+                                 "was loaded.")
+            depth = len(mine) - 1 - i  # peft nests one wrapper per parameter: the first is the innermost
+            claims[(name, depth)] = (name, q, "param", f"{name}.{q}", PREFIX + name + ".base_layer" * depth)
+    return claims
+
+
+def _lora_entry(fn: str, file: str, weights: str, config: dict, module: nn.Module, name: str, tensor: str,
+                kind: str, pkey: str, base: str, got: dict[str, tuple[str, Tensor]]) -> Entry:
+    """The entry of one LoRA that peft saved, checked against the model."""
+    r = _pattern(fn, config, "rank_pattern", pkey, config.get("r", 8))
+    alpha = _pattern(fn, config, "alpha_pattern", pkey, config.get("lora_alpha", 8))
+    shape = tensor_shape(module, tensor)
+    emb = kind == "embedding"
+    if kind == "param" and len(shape) == 3:
+        view = View(shape, transpose=_is_transposed(module), experts=True)
+        want = {"A": (shape[0] * r, view.in_features), "B": (view.out_features, r * shape[0])}
+    elif kind == "param" and len(shape) != 2:
+        raise ValueError(f"{fn}(): {file} targets the parameter `{name}.{tensor}` of shape {shape}; peft's "
+                         "target_parameters takes 2-D and 3-D parameters only.")
+    else:
+        view = View(shape, transpose=kind in ("embedding", "conv1d"))
+        want = {"A": (r, *view.factor_shapes(r)[0][1:]) if kind != "conv" else (r, *shape[1:]),
+                "B": (view.out_features, r, *[1] * (len(shape) - 2) * (kind == "conv"))}
+    keys = [f"{base}.lora_embedding_{x}" if emb else f"{base}.lora_{x}.weight" for x in "AB"]
+    if [got.get(x, ("",))[0] for x in "AB"] != keys:
+        raise ValueError(f"{fn}(): {file} targets `{name}.{tensor}` ({type_name(module)}), but {weights} lacks "
+                         f"`{keys[0]}`/`{keys[1]}`. It was saved from another model.")
+    for x in "AB":
+        key, t = got[x]
+        if tuple(t.shape) != want[x]:
+            raise ValueError(f"{fn}(): `{key}` has shape {tuple(t.shape)}, but r={r} on `{name}.{tensor}` "
+                             f"of shape {shape} needs {want[x]}. It was saved from another model.")
+    A, B = got["A"][1], got["B"][1]
+    if kind == "param" and view.experts:  # (E*r, in) -> (E, r, in); (out, r*E), r-major -> (E, out, r)
+        E = shape[0]
+        A, B = A.reshape(E, r, -1), B.reshape(B.shape[0], r, E).permute(2, 0, 1).contiguous()
+    else:
+        A, B = A.reshape(r, -1), B.reshape(view.out_features, r)
+    if base.endswith(".base_layer.out_proj"):
+        # peft's MultiheadAttention adds out_proj's update as it merges, then merges out_proj too: the
+        # update counts twice, in its forward and in merge_and_unload. Doubling B (exact) gives peft's outputs.
+        B = B * 2
+    dora, extra = bool(config.get("use_dora")), {}
+    if dora or "m" in got:
+        key = f"{base}.lora_magnitude_vector"
+        if kind not in _LORA_KINDS:
+            raise ValueError(f"{fn}(): {file} has use_dora=True on `{name}.{tensor}`, where peft has no DoRA "
+                             f"({kind}); nothing was loaded.")
+        if "m" not in got or not dora:
+            raise ValueError(f"{fn}(): {file} has use_dora={dora}, but {weights} "
+                             f"{'holds' if 'm' in got else 'lacks'} DoRA's magnitude `{key}`. It was saved "
+                             "from another adapter.")
+        t = got["m"][1]
+        want_m = (1, view.out_features, *[1] * (len(shape) - 2)) if kind == "conv" else (view.out_features,)
+        if tuple(t.shape) != want_m:
+            raise ValueError(f"{fn}(): `{key}` has shape {tuple(t.shape)}, but `{name}.weight` of shape "
+                             f"{shape} needs {want_m}. It was saved from another model.")
+        extra["lora_magnitude"] = t.reshape(view.out_features)
+    rule = find_rule(module)
+    factored = rule.is_factored(module) if rule is not None and rule.adapts(tensor) else False
+    # peft merges MultiheadAttention's LoRA before running it, so its dropout never applies there.
+    dropout = float(config.get("lora_dropout", 0.0)) if factored else 0.0
+    return Entry(
+        module=name, tensor=tensor, type=type_name(module), shape=shape, A=A, B=B, r=r,
+        alpha=float(alpha), rslora=bool(config.get("use_rslora", False)), dropout=dropout,
+        init="gaussian" if config.get("init_lora_weights") == "gaussian" else "default",
+        targets=config["target_modules"] if isinstance(config.get("target_modules"), str) else None,
+        transpose=view.transpose, experts=view.experts, factored=factored, dora=dora, extra=extra)
+
+
+def _update_entry(fn: str, weights: str, name: str, module: nn.Module, tensor: str, key: str, saved: Tensor,
+                  adapted: bool) -> Entry | None:
+    """A full saved tensor as the exact update ``saved - W0``; None where it equals the base."""
+    base = source(module, tensor).detach()
+    if tuple(saved.shape) != tuple(base.shape):
+        raise ValueError(f"{fn}(): {weights} holds `{key}` {tuple(saved.shape)}, a copy of the base tensor "
+                         f"`{name}.{tensor}` {tuple(base.shape)} of another shape (a resized vocabulary?). Load "
+                         "it into the base model first; nothing was loaded.")
+    if torch.equal(saved.to(base.device, base.dtype), base):
+        return None
+    if adapted:
+        raise ValueError(f"{fn}(): {weights} holds `{key}`, a changed copy of the base tensor `{name}.{tensor}`, "
+                         "beside LoRA factors on it. Load the copy into the base model first; nothing was loaded.")
+    rule = find_rule(module)
+    ours = rule is not None and rule.adapts(tensor)
+    view = View(tuple(base.shape), transpose=ours and rule.transpose and base.dim() == 2)
+    delta = view.rows(saved.to(base.device, torch.float32) - base.to(torch.float32))
+    out, inn = delta.shape
+    eye = torch.eye(min(out, inn), dtype=torch.float32, device=base.device)
+    A, B = (delta, eye) if out <= inn else (eye, delta)
+    r = min(out, inn)
+    return Entry(module=name, tensor=tensor, type=type_name(module), shape=tuple(base.shape), A=A, B=B, r=r,
+                 alpha=float(r), transpose=view.transpose,
+                 factored=rule.is_factored(module) if ours else False)
 
 
 def _check_config(fn: str, file: str, config: dict) -> None:
@@ -276,6 +491,8 @@ def _check_config(fn: str, file: str, config: dict) -> None:
     if unknown is not None:
         raise refuse(f"the field {unknown!r} = {config[unknown]!r}, unknown to lora_inject")
     targets = config.get("target_modules")
+    if targets is None and config.get("target_parameters"):
+        targets = []
     if not isinstance(targets, (str, list)) or targets == "all-linear":
         raise refuse(f"target_modules={targets!r} (a list of names or a regex is needed)")
     for field in ("target_modules", "exclude_modules"):
@@ -296,7 +513,24 @@ def _matches(spec: str | list | None, name: str) -> bool:
 
 
 def _targeted(config: dict, name: str) -> bool:
-    return not _matches(config.get("exclude_modules"), name) and _matches(config["target_modules"], name)
+    """peft's ``check_target_module_exists``: excluded modules and ``modules_to_save`` never match,
+    and with a list of targets ``layers_to_transform`` keeps only the layers it names."""
+    if _matches(config.get("exclude_modules"), name) or any(
+            re.match(rf"(^|.*\.){m}($|\..*)", name) for m in config.get("modules_to_save") or []):
+        return False
+    if not _matches(config.get("target_modules"), name):
+        return False
+    layers = config.get("layers_to_transform")
+    if isinstance(config.get("target_modules"), str) or layers is None or layers == []:
+        return True
+    patterns = config.get("layers_pattern") or None
+    patterns = [patterns] if isinstance(patterns, str) else patterns
+    found = (re.match(r".*?\.[^.]*\.(?P<idx>\d+)\.", name) if patterns is None else next(
+        (m for m in (re.match(rf"(?:^|.*?\.){p}\.(?P<idx>\d+)\.", name) for p in patterns) if m), None))
+    if found is None:
+        return False
+    index = int(found["idx"])
+    return index == layers if isinstance(layers, int) else index in layers
 
 
 def _pattern(fn: str, config: dict, field: str, name: str, default):
