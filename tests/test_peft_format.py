@@ -435,3 +435,25 @@ def test_a_full_rank_bias_update_exports_as_a_peft_bias(tmp_path):
     assert config["bias"] == "all" and config["target_modules"] == ["h.0.attn.c_attn", "h.1.attn.c_attn"]
     x = inputs(base)
     torch.testing.assert_close(peft_outputs(base, tmp_path, x), outputs(model, x), rtol=1e-5, atol=1e-5)
+
+
+def test_auto_peft_model_opens_our_peft_output(tmp_path):
+    """AutoPeftModel finds the base class in auto_mapping and the base in base_model_name_or_path."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    cfg = GPT2Config(n_layer=2, n_embd=16, n_head=2, vocab_size=50, n_positions=32, bos_token_id=0, eos_token_id=0)
+    GPT2LMHeadModel(cfg).save_pretrained(tmp_path / "base")
+    model = GPT2LMHeadModel.from_pretrained(tmp_path / "base").eval()
+    inject(model, ["c_attn", "c_fc"], r=2)
+    with torch.no_grad():
+        for p in li.lora_parameters(model):
+            p.normal_(0, 0.3)
+    save_adapter(model, tmp_path / "adapter", format="peft")
+    config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert config["auto_mapping"] == {"base_model_class": "GPT2LMHeadModel",
+                                      "parent_library": "transformers.models.gpt2.modeling_gpt2"}
+    assert config["base_model_name_or_path"] == str(tmp_path / "base")
+    theirs = peft.AutoPeftModel.from_pretrained(str(tmp_path / "adapter")).eval()
+    x = torch.randint(0, 50, (2, 7))
+    with torch.no_grad():
+        torch.testing.assert_close(theirs(x).logits, model(x).logits, rtol=1e-5, atol=1e-5)

@@ -134,15 +134,21 @@ def _unwrap(path: str) -> tuple[str, int]:
 
 
 # -- ours -> peft ----------------------------------------------------------------------------
-def _export_kind(fn: str, e: Entry, module: nn.Module, parent: nn.Module | None) -> str:
+def _export_kind(fn: str, e: Entry, module: nn.Module, parent: nn.Module | None, dora: bool) -> str:
     """How entry ``e`` is written in peft's format: a LoRA kind, ``"mha"``, ``"mha_out"``,
-    ``"param"`` (``target_parameters``) or ``"full"`` (a full copy), or raise."""
+    ``"param"`` (``target_parameters``) or ``"full"`` (a full copy), or raise.
+
+    A LoRA stays a LoRA where peft has one, so that its factors come back as they were; an update
+    of full rank goes whole where peft has none, or where peft's one ``use_dora`` (``dora``)
+    would differ from the entry's.
+    """
     kind, why = peft_kind(module, parent)
     view = View(tuple(e.shape), e.transpose, e.experts)
+    if e.module and not e.experts and not e.dora and e.r >= min(view.out_features, view.in_features) and (
+            dora or kind not in _LORA_KINDS or e.tensor != "weight"):
+        return "full"  # a full-rank update is a full copy: bias="all"/"lora_only", or modules_to_save
     if not e.module:
         kind, why = None, "the model itself (peft adapts submodules only)"
-    elif not e.experts and not e.dora and e.r >= min(view.out_features, view.in_features):
-        return "full"  # a full-rank update is a full copy: bias="all"/"lora_only", or modules_to_save
     elif (kind in _LORA_KINDS and e.tensor == "weight" and not e.experts
           and e.transpose == (kind in ("embedding", "conv1d"))):
         return kind
@@ -172,7 +178,8 @@ def to_peft(fn: str, model: nn.Module, entries: list[Entry]) -> tuple[dict, dict
     entries = [_from_w0(e) for e in entries]
     modules = dict(named_modules(model))
     parents = _parents(modules)
-    kinds = {e.key: _export_kind(fn, e, modules[e.module], parents[e.module]) for e in entries}
+    dora = any(e.dora for e in entries)
+    kinds = {e.key: _export_kind(fn, e, modules[e.module], parents[e.module], dora) for e in entries}
     at: dict[int, list[str]] = {}  # every path of each module, as peft walks them
     for name, m in model.named_modules(remove_duplicate=False):
         at.setdefault(id(m), []).append(name)

@@ -1,0 +1,95 @@
+"""A ``transformers.Trainer`` whose checkpoints hold the adapter, not the whole model.
+
+This module needs ``transformers``; the rest of lora_inject does not import it.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from transformers import Trainer
+
+from .io import load_adapter, save_adapter
+from .lookup import loras
+from .state import lora_parameters
+
+__all__ = ["AdapterTrainer"]
+
+TRAINING_ARGS = "training_args.bin"  # transformers.trainer.TRAINING_ARGS_NAME
+
+
+class AdapterTrainer(Trainer):
+    r"""``transformers.Trainer`` for a model adapted with :func:`lora_inject.inject`.
+
+    Every checkpoint (``checkpoint-N/``) and :meth:`save_model` write the adapter with
+    :func:`lora_inject.save_adapter`, with the optimizer, scheduler, RNG and trainer state that
+    ``Trainer`` writes beside it, instead of the whole model. ``train(resume_from_checkpoint=...)``
+    and ``load_best_model_at_end`` read it back with :func:`lora_inject.load_adapter`, into the
+    same Parameters, so a resumed run trains on exactly as an uninterrupted one.
+    ``lora_inject.load_adapter(base, "out/checkpoint-N")`` reads a checkpoint too.
+
+    A checkpoint holds the adapter only, so only the adapter may train: :meth:`train` refuses a
+    model with any other parameter that requires grad (call
+    :func:`lora_inject.mark_only_lora_as_trainable` first). The optimizer that ``Trainer``
+    builds then holds the factors alone, and its ``optimizer.pt`` stays small.
+
+    Args:
+        *args: as for ``transformers.Trainer``.
+        adapter (str): the adapter to save. Default: ``"default"``.
+        adapter_format (str): ``"lora_inject"`` or ``"peft"``; peft's format is also what
+            ``peft.PeftModel.from_pretrained`` reads. Default: ``"lora_inject"``.
+        **kwargs: as for ``transformers.Trainer``.
+
+    Raises:
+        ValueError: if ``adapter_format`` is unknown; from :meth:`train`, if a parameter
+            outside adapter ``adapter`` requires grad; when saving, as
+            :func:`~lora_inject.save_adapter` raises (no adapter ``adapter`` in the model, or for
+            peft's format a tensor it cannot express).
+
+    Example::
+
+        >>> li.inject(model, ["query", "value"], r=8)
+        >>> trainer = AdapterTrainer(model=model, args=TrainingArguments("out", save_steps=100),
+        ...                          train_dataset=data)
+        >>> trainer.train()                                    # out/checkpoint-100/adapter.json, ...
+        >>> trainer.train(resume_from_checkpoint=True)         # picks up where it stopped
+        >>> li.load_adapter(base, "out/checkpoint-100")
+    """
+
+    def __init__(self, *args, adapter: str = "default", adapter_format: str = "lora_inject", **kwargs) -> None:
+        if adapter_format not in ("lora_inject", "peft"):
+            raise ValueError(f"AdapterTrainer(): `adapter_format` must be 'lora_inject' or 'peft', got "
+                             f"{adapter_format!r}.")
+        super().__init__(*args, **kwargs)
+        self.adapter, self.adapter_format = adapter, adapter_format
+
+    def train(self, *args, **kwargs):
+        model = self.accelerator.unwrap_model(self.model, keep_torch_compile=False)
+        if not any(self.adapter in lora.adapters for *_, lora in loras(model)):
+            raise ValueError(f"AdapterTrainer.train(): the model has no adapter {self.adapter!r} to train. Adapt it "
+                             "with lora_inject.inject(), or pass `adapter=` with the name it has.")
+        ours = {id(p) for p in lora_parameters(model, self.adapter)}
+        loose = [n for n, p in model.named_parameters() if p.requires_grad and id(p) not in ours]
+        if loose:
+            raise ValueError(f"AdapterTrainer.train(): {len(loose)} parameters outside adapter {self.adapter!r} "
+                             f"require grad ({loose[:3]}...), but a checkpoint holds the adapter alone, so "
+                             "resuming would lose what they learnt. Call "
+                             "lora_inject.mark_only_lora_as_trainable(model) first, or freeze them.")
+        return super().train(*args, **kwargs)
+
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        output_dir = output_dir if output_dir is not None else self.args.output_dir
+        if not self.args.should_save:
+            return
+        model = self.accelerator.unwrap_model(self.model, keep_torch_compile=False)
+        save_adapter(model, output_dir, adapter=self.adapter, format=self.adapter_format)
+        if self.processing_class is not None:
+            self.processing_class.save_pretrained(output_dir)
+        torch.save(self.args, os.path.join(output_dir, TRAINING_ARGS))
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model: torch.nn.Module | None = None) -> None:
+        load_adapter(self.model if model is None else model, resume_from_checkpoint, adapter=self.adapter)
+
+    def _load_best_model(self) -> None:
+        load_adapter(self.model, self.state.best_model_checkpoint, adapter=self.adapter)
