@@ -15,12 +15,13 @@ from .state import (
     mark_only_lora_as_trainable,
     named_loras,
 )
-from .surgery import inject, remove
+from .surgery import RequantizationWarning, inject, remove
 from .version import __version__ as __version__
 
 __all__ = [
     "Adapter",
     "LoRA",
+    "RequantizationWarning",
     "Rule",
     "activate",
     "cached",

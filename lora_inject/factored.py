@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils._pytree import tree_map_only
 
-from . import dora
+from . import dora, quant
 from .view import View, compute_dtype
 
 __all__: list[str] = []
@@ -77,7 +77,12 @@ class FactoredWeight(Tensor):
 
     @staticmethod
     def __new__(cls, w0: Tensor, terms, view: View, rows=None):
-        out = Tensor._make_wrapper_subclass(cls, w0.shape, strides=w0.stride(), dtype=w0.dtype,
+        if quant.scheme(w0) is None:
+            shape, strides, dtype = w0.shape, w0.stride(), w0.dtype
+        else:  # a quantized W0 reads as the dense weight it stands for
+            shape, dtype = quant.shape(w0), quant.dtype(w0)
+            strides = torch.empty(shape, device="meta").stride()
+        out = Tensor._make_wrapper_subclass(cls, shape, strides=strides, dtype=dtype,
                                             device=w0.device, requires_grad=False)
         out.w0, out.terms, out.view, out.rows, out.gains = w0, tuple(terms), view, rows, None
         return out
@@ -107,6 +112,8 @@ class FactoredWeight(Tensor):
         if kind in ("A", "B", "m") and index.isdigit() and int(index) < len(self.terms):
             term = self.terms[int(index)]
             return {"A": term.A, "B": term.B, "m": term.magnitude}[kind]
+        if not name.startswith("__") and quant.scheme(self.w0) is not None:
+            return getattr(self.w0, name)  # a quantized W0's own state (bitsandbytes' quant_state, CB, SCB)
         raise AttributeError(name)
 
     # -- the value ---------------------------------------------------------------------------
@@ -120,7 +127,8 @@ class FactoredWeight(Tensor):
         return merge(self.w0, self.terms, self.view)
 
     def detached(self) -> FactoredWeight:
-        return FactoredWeight(self.w0.detach(), [t.detached() for t in self.terms], self.view, self.rows)
+        w0 = self.w0 if quant.scheme(self.w0) else self.w0.detach()  # quantized: frozen, and kept whole
+        return FactoredWeight(w0, [t.detached() for t in self.terms], self.view, self.rows)
 
     def needs_grad(self) -> bool:
         return any(t.requires_grad for t in self.inner_tensors())
@@ -137,8 +145,8 @@ class FactoredWeight(Tensor):
         Inside per_sample() each sample has one adapter: ``c`` is each term's own gain, so
         ``k`` holds the gains and ``c`` is None (see :meth:`rescale`)."""
         if self.gains is None:
-            M = self.view.rows(self.w0)
-            ct = compute_dtype(self.w0.dtype, *(t.A.dtype for t in self.terms))
+            M = self.view.rows(quant.dense(self.w0))
+            ct = compute_dtype(M.dtype, *(t.A.dtype for t in self.terms))
             if self.rows is None:
                 self.gains = dora.scales(M, self.terms, ct)
             else:
@@ -236,6 +244,7 @@ def merge(w0: Tensor, terms, view: View) -> Tensor:
     Without DoRA the sum is built in the stored layout, ``W0 + s * L @ R``, with no view of the
     result on the way back: a sparse gradient (``Embedding(sparse=True)``) then reaches the factors.
     """
+    w0 = quant.dense(w0)  # a quantized W0 merges from its dense value
     if not terms:  # a fresh tensor all the same: a layer that writes its weight must not write W0
         return w0.clone()
     ct = compute_dtype(w0.dtype, *(t.A.dtype for t in terms))
@@ -297,10 +306,13 @@ def bind(names: tuple[str, ...], defaults: tuple, args, kwargs) -> list:
     return values
 
 
-def fits(weight, x, out_dim: int) -> bool:
-    """Whether ``weight`` is ours, 2-D and not an input too, and DoRA (if any) scales ``out_dim``."""
+def fits(weight, x, out_dim: int, quantized: bool = False) -> bool:
+    """Whether ``weight`` is ours, 2-D and not an input too, DoRA (if any) scales ``out_dim``, and its
+    ``W0`` is dense unless the op takes a quantized one (``quantized``: F.linear, which the backend
+    dispatches, except for weights read only by their module's own forward)."""
     return (type(weight) is FactoredWeight and type(x) is not FactoredWeight and not weight.view.experts
-            and (not weight.has_dora() or weight.view.out_dim == out_dim))
+            and (not weight.has_dora() or weight.view.out_dim == out_dim)
+            and ((s := quant.scheme(weight.w0)) is None or quantized and not s.own_forward))
 
 
 def plain_eager() -> bool:
@@ -374,6 +386,34 @@ def branch(x: Tensor, weight: FactoredWeight, out: Tensor, transposed: bool) -> 
     return out
 
 
+def frozen_linear(x: Tensor, w0: Tensor, bias: Tensor | None) -> Tensor:
+    """``F.linear(x, w0, bias)`` for a frozen quantized ``w0``, with the backend's own kernel.
+
+    In plain eager mode with a gradient to compute, :class:`_Frozen` keeps the backend from saving
+    a dequantized ``w0`` for backward: ``x``'s gradient dequantizes it again and lets it go, as
+    QLoRA does."""
+    if not (torch.is_grad_enabled() and plain_eager() and (x.requires_grad or (
+            bias is not None and bias.requires_grad))):
+        return F.linear(x, w0, bias)
+    return _Frozen.apply(x, bias, (w0,))
+
+
+class _Frozen(torch.autograd.Function):
+    """``F.linear(x, w0, bias)`` with ``w0`` (passed in a box: autograd never sees it) frozen."""
+
+    @staticmethod
+    def forward(ctx, x, bias, box):
+        ctx.box = box
+        with torch.no_grad():
+            return F.linear(x, box[0], bias)
+
+    @staticmethod
+    def backward(ctx, g):
+        gx = g @ quant.dense(ctx.box[0]).to(g.dtype) if ctx.needs_input_grad[0] else None
+        gbias = g.reshape(-1, g.shape[-1]).sum(0) if ctx.needs_input_grad[1] else None
+        return gx, gbias, None
+
+
 class _LowRank(torch.autograd.Function):
     """``bias + x @ Wt + s * (x @ first) @ second`` for a 2-D ``x``, with ``first`` (in, r) and
     ``second`` (r, out). Its backward adds the two parts of ``x``'s gradient in one buffer
@@ -409,8 +449,11 @@ class _LowRank(torch.autograd.Function):
 
 @implements(F.linear, names=("input", "weight", "bias"), defaults=(None,))
 def linear(input, weight, bias):
-    if not fits(weight, input, 0):
+    if not fits(weight, input, 0, quantized=True):
         return NotImplemented
+    if quant.scheme(weight.w0) is not None:  # the backend's kernel, and the branch beside it
+        out = weight.rescale(frozen_linear(input, weight.w0, bias), bias)
+        return branch(input, weight, out, transposed=True)
     plain = one_plain_term(weight, input)
     if plain is not None:  # x @ W0.T + s * (x @ R.T) @ L.T
         L, R, s = plain

@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor, nn
+from torch.nn.utils.parametrize import type_before_parametrizations
 
+from .factored import FactoredWeight, branch
 from .lookup import inverse, module_loras, parametrized
 from .lora import LoRA
 from .rule import type_name
@@ -39,6 +41,44 @@ def own_class(module: nn.Module) -> None:
     cls._lora_inject_saved = {k: vars(cls).get(k) for k in ours}
     for k, v in ours.items():
         setattr(cls, k, v)
+
+
+def own_forward(module: nn.Module, tensor_name: str) -> None:
+    """For a weight that only the module's own forward can read (bitsandbytes' quantized
+    ``Linear``: it reads the weight's quantization state): run that forward on the stored weight,
+    and add LoRA's low-rank branch to its output. That is exact for a layer linear in its weight,
+    ``x @ W.T + b``. :func:`own_class` must come first; :func:`disown_class` undoes both."""
+    cls = type(module)
+    if "forward" in cls._lora_inject_saved:
+        return
+    cls._lora_inject_saved["forward"] = vars(cls).get("forward")
+
+    def forward(self, input, *args, **kwargs):
+        weight = getattr(self, tensor_name)  # LoRA's value: factored while an adapter is active
+        stored = _Stored(self, tensor_name, self.parametrizations[tensor_name].original)
+        out = type_before_parametrizations(self).forward(stored, input, *args, **kwargs)
+        if type(weight) is not FactoredWeight:
+            return out
+        return branch(input, weight, weight.rescale(out, self.bias), transposed=True)
+
+    cls.forward = forward
+
+
+class _Stored:
+    """``module`` as its own forward sees it, with ``name`` reading the stored tensor."""
+
+    __slots__ = ("_module", "_name", "_tensor")
+
+    def __init__(self, module: nn.Module, name: str, tensor: Tensor) -> None:
+        object.__setattr__(self, "_module", module)
+        object.__setattr__(self, "_name", name)
+        object.__setattr__(self, "_tensor", tensor)
+
+    def __getattr__(self, name: str):
+        return self._tensor if name == self._name else getattr(self._module, name)
+
+    def __setattr__(self, name: str, value) -> None:
+        setattr(self._module, name, value)
 
 
 def disown_class(module: nn.Module) -> None:

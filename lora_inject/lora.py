@@ -9,7 +9,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import Tensor, nn
 
-from . import dora
+from . import dora, quant
 from .factored import FactoredWeight, Term, merge
 from .inits import WEIGHT_INITS, decompose, init_factors
 from .view import View, compute_dtype
@@ -279,6 +279,7 @@ class LoRA(nn.Module):
         if W.is_meta:
             return  # nothing to read; initialise after materialising the weight
         with torch.no_grad():
+            W = quant.dense(W)  # a quantized weight is read as the dense one it stands for
             M = self.view.rows(W.detach())
             if a.init in WEIGHT_INITS:
                 A, B = decompose(a.init, M.to(compute_dtype(W.dtype)), a.r, a.scaling)
@@ -298,7 +299,7 @@ class LoRA(nn.Module):
         if not names and self.factored:  # the table ops never write their weight
             return W
         if self.factored and (self.cache is None or rows is not None or torch.is_grad_enabled()
-                              or torch.compiler.is_compiling()):
+                              or torch.compiler.is_compiling() or quant.scheme(W) is not None):
             return FactoredWeight(W, self.terms(names), self.view, rows)
         return self.merged_once(W, names)
 

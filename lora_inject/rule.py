@@ -157,6 +157,10 @@ _DEFAULT_RULES: dict[RuleKey, Rule] = {
     # transformers' GPT-2 style Conv1D: weight stored as (in, out), forward is torch.addmm.
     # Named by string so that transformers is not a runtime dependency.
     "transformers.pytorch_utils.Conv1D": Rule(("weight",), transpose=True, factored=True),
+    # bitsandbytes' quantized Linear layers: their own forward runs on the stored weight, with the
+    # low-rank branch added (see lora_inject.quant). torchao's weights sit on a plain nn.Linear.
+    "bitsandbytes.nn.modules.Linear4bit": _LINEAR,
+    "bitsandbytes.nn.modules.Linear8bitLt": _LINEAR,
 }
 
 

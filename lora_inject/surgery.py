@@ -14,8 +14,10 @@ from typing import TypeVar, Union
 import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
+from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 
-from .hooks import disown_class, hook, own_class, unhook
+from . import quant
+from .hooks import disown_class, hook, own_class, own_forward, unhook
 from .inits import INITS, WEIGHT_INITS
 from .lookup import (
     adapter_names,
@@ -37,7 +39,13 @@ from .lora import Adapter, LoRA, check_adapter_name
 from .rule import Rule, RuleKey, find_rule, type_name
 from .view import View
 
-__all__ = ["inject", "remove"]
+__all__ = ["RequantizationWarning", "inject", "remove"]
+
+
+class RequantizationWarning(UserWarning):
+    """:func:`remove` merged adapters into quantized weights and requantized them: the message
+    gives the largest change that requantizing made, relative to the weight's largest entry, and
+    the tensor where it was largest."""
 
 M = TypeVar("M", bound=nn.Module)
 Target = Union[str, "re.Pattern[str]", Sequence[str], Callable[[str, nn.Module], bool]]
@@ -201,15 +209,17 @@ def inject(
                     # Registered while empty, so parametrize's check runs the identity; filled below.
                     # parametrize reads the tensor through the ones already there: keep their state
                     with kept(list(parametrized(module).get(tensor_name, ()))):
-                        parametrize.register_parametrization(module, tensor_name, lora)
+                        _register(module, tensor_name, lora)
                     if lora.non_persistent:
                         module.parametrizations[tensor_name]._non_persistent_buffers_set.add("original")
                     own_class(module)
+                    if getattr(quant.scheme(source(module, tensor_name)), "own_forward", False):
+                        own_forward(module, tensor_name)
                     hook(module)
                 original = source(module, tensor_name)
                 settings = Adapter(r=r, alpha=alpha, dropout=dropout, init=init, rslora=rslora, dora=dora,
                                    targets=spec)
-                lora.add(adapter, settings, dtype=dtype or original.dtype, device=original.device)
+                lora.add(adapter, settings, dtype=dtype or quant.dtype(original), device=original.device)
             if dora or init in WEIGHT_INITS:  # these read the weight that LoRA receives
                 for module, tensor_name, lora, _ in done:
                     lora.init_from_weight(adapter, lora_input(module, tensor_name, lora))
@@ -226,6 +236,27 @@ def inject(
         for module, tensor_name, lora, _ in done:  # remove() lets them train again
             lora.froze = lora.froze or any(id(t) in ids for t in stored_tensors(module, tensor_name))
         return model
+
+
+def _register(module: nn.Module, tensor_name: str, lora: LoRA) -> None:
+    """``register_parametrization``, also where the tensor is a wrapper subclass (a torchao weight)
+    that an earlier forward's autograd graph still references.
+
+    parametrize sets such an original to itself with ``swap_tensors``, which refuses a tensor with
+    other references. A fresh wrapper of the same data stands in while it registers, and the very
+    tensor goes back in its place after, so ``remove(merge=False)`` returns that tensor.
+    """
+    original = module._parameters.get(tensor_name)
+    if original is None or not is_traceable_wrapper_subclass(original):
+        parametrize.register_parametrization(module, tensor_name, lora)
+        return
+    module._parameters[tensor_name] = nn.Parameter(original.detach(), requires_grad=original.requires_grad)
+    try:
+        parametrize.register_parametrization(module, tensor_name, lora)
+    except BaseException:
+        module._parameters[tensor_name] = original
+        raise
+    module.parametrizations[tensor_name].original = original
 
 
 def stored_tensors(module: nn.Module, tensor_name: str) -> list[Tensor]:
@@ -249,7 +280,8 @@ def _gc_paused() -> Iterator[None]:
             gc.enable()
 
 
-def remove(model: M, *, merge: bool = True, adapter: str | Sequence[str] | None = None) -> M:
+def remove(model: M, *, merge: bool = True, adapter: str | Sequence[str] | None = None,
+           dequantize: bool = False) -> M:
     r"""Remove LoRA adapters from ``model`` in place, merging them into ``W0`` or not.
 
     With ``merge=True`` every removed adapter that is active is folded into ``W0``: the sum
@@ -260,17 +292,27 @@ def remove(model: M, *, merge: bool = True, adapter: str | Sequence[str] | None 
     and ``model.state_dict()`` has the original keys again. Parametrizations that are not
     ours (``weight_norm``, ``orthogonal``) stay where they were.
 
+    A quantized ``W0`` (torchao's ``Int8Tensor``, ``IntxUnpackedToInt8Tensor``, ``NF4Tensor``;
+    bitsandbytes' ``Params4bit``, ``Int8Params``) is given back as the very same tensor with
+    ``merge=False``. With ``merge=True`` it is dequantized, ``ΔW`` is added in float32, and the sum
+    is requantized in the weight's own scheme (same type, block sizes and quantization type), as a
+    new tensor; requantizing rounds, and a :class:`RequantizationWarning` reports the largest change
+    it made (relative to the weight's largest entry) and where. With ``dequantize=True`` the weight
+    is written dense instead (the merged one with ``merge=True``, else ``W0``), in its logical dtype,
+    for export; a bitsandbytes layer then becomes a plain ``nn.Linear``.
+
     Args:
         model (nn.Module): the model to change in place.
         merge (bool): fold the active updates into the weights. Default: ``True``.
         adapter (str or sequence of str, optional): the adapters to remove. Default: all.
+        dequantize (bool): write quantized weights dense. Default: ``False``.
 
     Returns:
         ``model``, changed in place.
 
     Raises:
-        TypeError: if ``merge`` is not a bool, or ``adapter`` is not a str, a sequence of str
-            or None.
+        TypeError: if ``merge`` or ``dequantize`` is not a bool, or ``adapter`` is not a str, a
+            sequence of str or None.
         ValueError: if an adapter name is not in the model, a merged weight would not be
             finite, or the merge would leave other active adapters on a tensor where one of
             them, or a merged one, is DoRA (its norm depends on ``W0``); the model is left
@@ -281,6 +323,8 @@ def remove(model: M, *, merge: bool = True, adapter: str | Sequence[str] | None 
     """
     if not isinstance(merge, bool):
         raise TypeError(f"remove(): `merge` must be a bool, got {merge!r}.")
+    if not isinstance(dequantize, bool):
+        raise TypeError(f"remove(): `dequantize` must be a bool, got {dequantize!r}.")
     entries = list(loras(model))
     names = adapter_names("remove", entries, adapter)
     plans = []
@@ -299,14 +343,41 @@ def remove(model: M, *, merge: bool = True, adapter: str | Sequence[str] | None 
         if merge_now:
             _merge_into_originals(qualname, module, tensor_name, lora, merge_now, write=False)
         plans.append((qualname, module, tensor_name, lora, mine, merge_now))
+    rounding: list[tuple[float, str]] = []  # requantized: (largest relative change, where)
     for qualname, module, tensor_name, lora, mine, merge_now in plans:
-        if merge_now:
+        plist = module.parametrizations[tensor_name]
+        scheme = quant.scheme(plist.original) if list(plist).index(lora) == 0 else None
+        if scheme is not None and (merge_now or dequantize and len(mine) == len(lora.adapters)):
+            with torch.no_grad():
+                target = lora.merged(plist.original, merge_now) if merge_now else quant.dense(plist.original)
+            plist.original = _quantized_as(plist.original, target, dequantize, qualified(qualname, tensor_name),
+                                           rounding)
+        elif merge_now:
             _merge_into_originals(qualname, module, tensor_name, lora, merge_now, write=True)
         for name in mine:
             lora.drop(name)
         if not lora.adapters:
             _detach(module, tensor_name, lora)
+            if scheme is not None and scheme.own_forward and dequantize and not parametrize.is_parametrized(module):
+                module.__class__ = nn.Linear  # its weight is dense now: the plain layer's forward
+    if rounding:
+        worst, where = max(rounding)
+        warnings.warn(f"remove(): merged into {len(rounding)} quantized weight(s) and requantized them; "
+                      f"requantizing changed them by up to {worst:.3g} of a weight's largest entry (at "
+                      f"`{where}`). Pass dequantize=True for dense weights that keep the update exactly.",
+                      RequantizationWarning, stacklevel=2)
     return model
+
+
+def _quantized_as(W: Tensor, target: Tensor, dense: bool, where: str, rounding: list) -> nn.Parameter:
+    """``target`` as ``W``'s new stored tensor: dense, or requantized in ``W``'s scheme (its
+    rounding recorded in ``rounding``)."""
+    if dense:
+        return nn.Parameter(target, requires_grad=False)
+    new = quant.requantize(W, target)
+    scale = float(target.abs().max()) or 1.0
+    rounding.append((float((quant.dense(new).float() - target.float()).abs().max()) / scale, where))
+    return new if isinstance(new, nn.Parameter) else nn.Parameter(new, requires_grad=False)
 
 
 def _plan(model, select, leave, rules, adapter, dropout, targets=None):
@@ -330,7 +401,7 @@ def _plan(model, select, leave, rules, adapter, dropout, targets=None):
                     f"inject(): `{where}` of {type_name(module)} `{qualname}` is an uninitialised lazy tensor, with "
                     "no shape yet. Run one forward through the model first (it sets the shapes), then inject; "
                     "or leave the module out with `exclude=`.")
-            if not stored.is_floating_point():
+            if not stored.is_floating_point() and quant.scheme(stored) is None:
                 raise TypeError(
                     f"inject(): `{where}` has dtype {stored.dtype}; LoRA needs a floating-point "
                     f"tensor. Leave {type_name(module)} `{qualname}` out with `exclude=`."
@@ -363,7 +434,7 @@ def _plan(model, select, leave, rules, adapter, dropout, targets=None):
                 )
             plist = parametrized(module).get(tensor_name)
             if plist is None:
-                shape = stored.shape
+                shape = quant.shape(stored)
             else:  # what the parametrizations give, read without changing their state
                 with torch.no_grad(), kept(list(plist)):
                     shape = getattr(module, tensor_name).shape
@@ -417,6 +488,10 @@ def _merge_into_originals(qualname, module, tensor_name, lora, names, *, write: 
         "The model is unchanged; fix the factors, or remove with merge=False."
     )
     with torch.no_grad():
+        if index == 0 and quant.scheme(plist.original) is not None:  # checked here, written by remove()
+            if not torch.isfinite(lora.merged(plist.original, names)).all():
+                raise non_finite
+            return
         if index == 0:  # ours comes first: the originals are W0 itself
             if write:
                 lora.merge_(plist.original, names)

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field, replace
 import torch
 from torch import Tensor, nn
 
+from .. import quant
 from ..inits import WEIGHT_INITS
 from ..lookup import find_lora, kept, loras, named_modules, parametrized, source
 from ..lora import LoRA, check_adapter_name
@@ -64,7 +65,7 @@ def tensor_shape(module: nn.Module, tensor_name: str) -> tuple[int, ...]:
     if tensor_name in parametrized(module):
         with torch.no_grad(), kept(list(parametrized(module)[tensor_name])):
             return tuple(getattr(module, tensor_name).shape)
-    return tuple(source(module, tensor_name).shape)
+    return tuple(quant.shape(source(module, tensor_name)))
 
 
 def check_entries(fn: str, model: nn.Module, entries: Sequence[Entry]) -> None:
@@ -77,7 +78,7 @@ def check_entries(fn: str, model: nn.Module, entries: Sequence[Entry]) -> None:
             raise ValueError(f"{fn}(): the adapter has `{e.key}`, but the model has no module "
                              f"`{e.module}` (modules with that last name: {near}). It was saved from "
                              "another model.")
-        if type_name(module) != e.type:
+        if not quant.same_layer(e.type, type_name(module)):
             raise ValueError(f"{fn}(): `{e.key}` was saved from a {e.type}, but `{e.module}` is a "
                              f"{type_name(module)}. It was saved from another model.")
         if e.tensor not in own_tensor_names(module):
