@@ -1,7 +1,8 @@
 """Benchmarks: lora_inject against peft, loralib, a plain merged parametrization and the frozen floor.
 
 Run: ``python benchmarks/bench.py`` (``--quick`` for a smoke run, ``--device cuda`` on a GPU,
-``--dora`` to add DoRA from both libraries to the training and eval figures).
+``--dora`` to add DoRA from both libraries to the training and eval figures; ``--only qlora
+qlora_memory`` for QLoRA on bitsandbytes NF4 against peft's and against our fp32 LoRA).
 Every figure is measured in one run, alternating the contenders, and reported as medians. Peak
 memory on CPU is measured in a fresh subprocess per contender, with glibc told to return every
 large block at once, so that the peak resident set tracks live tensors; on CUDA it is
@@ -109,6 +110,38 @@ DORA = {"lora_inject dora": lambda base: c_lora_inject(base, dora=True),
         "peft dora": lambda base: c_peft(base, dora=True)}
 
 
+
+
+def bnb4(base):
+    """A copy of ``base`` with every decoder projection in bitsandbytes' NF4 ``Linear4bit``."""
+    import bitsandbytes as bnb
+
+    m = copy.deepcopy(base)
+    for parent in list(m.modules()):
+        for name, child in list(parent.named_children()):
+            if type(child) is nn.Linear and name != "lm_head":
+                q = bnb.nn.Linear4bit(child.in_features, child.out_features, bias=child.bias is not None,
+                                      quant_type="nf4", compute_dtype=torch.float32)
+                q.weight = bnb.nn.Params4bit(child.weight.data, requires_grad=False, quant_type="nf4")
+                if child.bias is not None:
+                    q.bias = nn.Parameter(child.bias.data)
+                setattr(parent, name, q.to(child.weight.device))
+    m.is_loaded_in_4bit = True  # as transformers' quantizer marks it: peft then uses its bnb layers
+    return m
+
+
+def c_qlora_ours(base):
+    return c_lora_inject(bnb4(base))
+
+
+def c_qlora_peft(base):
+    return c_peft(bnb4(base))
+
+
+QLORA = {"lora_inject qlora": c_qlora_ours, "peft qlora": c_qlora_peft, "lora_inject fp32": c_lora_inject}
+ALL = {**CONTENDERS, **DORA, **QLORA}
+
+
 def contenders(args):
     return {**CONTENDERS, **(DORA if args.dora else {})}
 
@@ -153,11 +186,11 @@ def timed(fn, device):
 AUTOCAST = ("lora_inject", "peft", "frozen floor")  # the contenders of the bf16 autocast step
 
 
-def train_times(args, autocast=None):
+def train_times(args, autocast=None, which=None):
     base = llama(*args.shape, device=args.device)
     ids = torch.randint(0, args.shape[4], (1, args.seq), device=args.device)
     steps = {}
-    for name, make in contenders(args).items():
+    for name, make in (which or contenders(args)).items():
         if autocast is not None and name not in AUTOCAST:
             continue
         model = nonzero(make(base).train())
@@ -195,9 +228,9 @@ def eval_times(args):
     return out
 
 
-def peak_memory(args):
+def peak_memory(args, which=None):
     out = {}
-    for name in contenders(args):
+    for name in which or contenders(args):
         env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="0")
         cmd = [sys.executable, __file__, "--_memory", name, "--device", args.device, "--seq", str(args.seq),
                "--threads", str(args.threads), "--shape", *map(str, args.shape), *(["--dora"] if args.dora else [])]
@@ -208,7 +241,7 @@ def peak_memory(args):
 
 def _memory_child(args):
     torch.set_num_threads(args.threads)
-    model = nonzero(contenders(args)[args._memory](llama(*args.shape, device=args.device)).train())
+    model = nonzero(ALL[args._memory](llama(*args.shape, device=args.device)).train())
     ids = torch.randint(0, args.shape[4], (1, args.seq), device=args.device)
     step = make_step(model, ids)
     step()
@@ -226,6 +259,25 @@ def _memory_child(args):
         step()
         peak = _rss("VmHWM") - before
     print(json.dumps(peak / 2**20))
+
+
+def weight_bytes(args):
+    """The MiB each QLoRA contender's model holds in weights: every parameter and buffer once, a
+    4-bit weight with its quantization state."""
+    base = llama(*args.shape, device=args.device)
+    out = {}
+    for name, make in QLORA.items():
+        model, seen, total = make(base), set(), 0
+        for t in [*model.parameters(), *model.buffers()]:
+            qs = getattr(t, "quant_state", None)
+            parts = [t] + ([qs.absmax, getattr(qs, "code", None)] if qs is not None else [])
+            for p in parts:
+                if p is not None and p.untyped_storage().data_ptr() not in seen:
+                    seen.add(p.untyped_storage().data_ptr())
+                    total += p.untyped_storage().nbytes()
+        out[name] = total / 2**20
+        del model
+    return out
 
 
 def _rss(field):
@@ -335,7 +387,10 @@ def main():
         t = time.perf_counter()
         res[fig] = {"train": train_times, "train_bf16": lambda a: train_times(a, torch.bfloat16),
                     "memory": peak_memory, "eval": eval_times, "inject": inject_times,
-                    "merge": merge_times, "small": small_times}[fig](args)
+                    "merge": merge_times, "small": small_times,
+                    "qlora": lambda a: train_times(a, which=QLORA),
+                    "qlora_memory": lambda a: peak_memory(a, which=QLORA),
+                    "qlora_weights": weight_bytes}[fig](args)
         print(f"# {fig}: {json.dumps(res[fig])} ({time.perf_counter() - t:.0f} s)", file=sys.stderr)
     print(table(res))
     with open(args.json, "w") as f:
@@ -377,6 +432,17 @@ def table(res):
             for n, v in d.items():
                 g = goal if n == "lora_inject" else ""
                 rows.append(f"| {label} | {n} | {v * 1e3:.1f} ms | {v / d['peft']:.3f}× peft | {g} |")
+    for fig, label, unit in (("qlora", "QLoRA training step (NF4)", "ms"),
+                             ("qlora_memory", "QLoRA training step peak memory", "MiB"),
+                             ("qlora_weights", "QLoRA model weights", "MiB")):
+        d = res.get(fig)
+        if d:
+            for n, v in d.items():
+                shown = f"{v * 1e3:.0f} ms" if unit == "ms" else f"{v:.0f} MiB"
+                ratio = f"{v / d['peft qlora']:.3f}× peft qlora, {v / d['lora_inject fp32']:.3f}× our fp32 LoRA"
+                goal = {"qlora": "≤ 0.97× peft", "qlora_memory": "≤ 1.0× peft"}.get(fig, "") \
+                    if n == "lora_inject qlora" else ""
+                rows.append(f"| {label} | {n} | {shown} | {ratio} | {goal} |")
     for label, d in res.get("small", {}).items():
         for n, v in d.items():
             rows.append(f"| {label} | {n} | {v * 1e6:.1f} µs | {v / d['peft']:.3f}× peft |  |")
