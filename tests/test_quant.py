@@ -19,7 +19,7 @@ from lora_inject import quant
 
 torchao = pytest.importorskip("torchao", reason="torchao is not installed (pip install lora_inject[quant])")
 bnb = pytest.importorskip("bitsandbytes", reason="bitsandbytes is not installed (pip install lora_inject[quant])")
-from torchao.quantization import IntxWeightOnlyConfig, Int8WeightOnlyConfig, quantize_  # noqa: E402
+from torchao.quantization import Int8WeightOnlyConfig, IntxWeightOnlyConfig, quantize_  # noqa: E402
 from torchao.quantization.quantize_.workflows.nf4.nf4_tensor import to_nf4  # noqa: E402
 
 IN, OUT = 256, 64
