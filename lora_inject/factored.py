@@ -52,7 +52,7 @@ class Term(NamedTuple):
 
     A: Tensor  # (r, in); with PiSSA/OLoRA's frozen factors appended along r
     B: Tensor  # (out, r)
-    scaling: float
+    scaling: float | Tensor  # a 0-d tensor under torch.compile (see LoRA.terms)
     dropout: float = 0.0  # the probability at work: 0 in eval mode
     magnitude: Tensor | None = None  # DoRA's m, (out,)
     name: str = ""
@@ -95,23 +95,25 @@ class FactoredWeight(Tensor):
 
     # -- compile: the inner tensors and the rest -------------------------------------------------
     def __tensor_flatten__(self):
-        names = ["w0"] + [f"{k}{i}" for i, t in enumerate(self.terms) for k in "ABm"
-                          if k != "m" or t.magnitude is not None]
-        meta = tuple((t.scaling, t.dropout, t.name, t.magnitude is not None) for t in self.terms)
+        names = ["w0"] + [f"{k}{i}" for i, t in enumerate(self.terms) for k in "ABms"
+                          if (k != "m" or t.magnitude is not None) and (k != "s" or isinstance(t.scaling, Tensor))]
+        meta = tuple((None if isinstance(t.scaling, Tensor) else t.scaling, t.dropout, t.name,
+                      t.magnitude is not None) for t in self.terms)
         return names, (self.view, self.rows, meta)
 
     @staticmethod
     def __tensor_unflatten__(inner, ctx, outer_size, outer_stride):
         view, rows, meta = ctx
-        terms = [Term(inner[f"A{i}"], inner[f"B{i}"], s, p, inner.get(f"m{i}") if has_m else None, name)
+        terms = [Term(inner[f"A{i}"], inner[f"B{i}"], inner[f"s{i}"] if s is None else s, p,
+                      inner.get(f"m{i}") if has_m else None, name)
                  for i, (s, p, name, has_m) in enumerate(meta)]
         return FactoredWeight(inner["w0"], terms, view, rows)
 
     def __getattr__(self, name: str):  # the inner tensors by the names __tensor_flatten__ gives
         kind, index = name[:1], name[1:]
-        if kind in ("A", "B", "m") and index.isdigit() and int(index) < len(self.terms):
+        if kind in ("A", "B", "m", "s") and index.isdigit() and int(index) < len(self.terms):
             term = self.terms[int(index)]
-            return {"A": term.A, "B": term.B, "m": term.magnitude}[kind]
+            return {"A": term.A, "B": term.B, "m": term.magnitude, "s": term.scaling}[kind]
         if not name.startswith("__") and quant.scheme(self.w0) is not None:
             return getattr(self.w0, name)  # a quantized W0's own state (bitsandbytes' quant_state, CB, SCB)
         raise AttributeError(name)
@@ -366,6 +368,8 @@ FUSED_MIN = 1 << 16  # elements of the input from which the fused kernel pays fo
 
 def add(out: Tensor, extra: Tensor, s: float = 1.0) -> Tensor:
     """``out + s * extra`` in ``out``'s dtype: one op where the dtypes agree."""
+    if isinstance(s, Tensor):  # compiled: a 0-d tensor, which `alpha=` does not take
+        return out + (extra * s).to(out.dtype)
     if extra.dtype == out.dtype:
         return torch.add(out, extra, alpha=s)
     return out + (extra * s if s != 1.0 else extra).to(out.dtype)
@@ -377,7 +381,7 @@ def branch(x: Tensor, weight: FactoredWeight, out: Tensor, transposed: bool) -> 
         first, second = (R.t(), L.t()) if transposed else (L, R)  # x @ (s L R).T = s (x R.T) L.T
         h = x.to(first.dtype)
         h = weight.keep((F.dropout(h, p) if p else h) @ first, name)  # (.., in) @ (in, r) -> (.., r)
-        if h.dtype == out.dtype and h.dim() >= 1:  # out += s * h @ second, one op
+        if h.dtype == out.dtype and h.dim() >= 1 and not isinstance(s, Tensor):  # out += s * h @ second, one op
             rows = h.shape[:-1].numel()  # no -1 in the reshapes: `out` may have 0 features
             out = torch.addmm(out.reshape(rows, out.shape[-1]), h.reshape(rows, h.shape[-1]), second,
                               alpha=s).view(out.shape)

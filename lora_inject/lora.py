@@ -18,6 +18,7 @@ __all__ = ["Adapter", "LoRA"]
 
 ADAPTER_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 EXTRAS = ("lora_magnitude", "lora_A0", "lora_B0")  # what an adapter may hold besides its factors
+SCALE = "scale_"  # each adapter's scaling as a non-persistent 0-d buffer, scale_<name>
 
 
 @dataclass
@@ -44,6 +45,13 @@ class Adapter:
     def scaling(self) -> float:
         """``alpha / r``, or ``alpha / sqrt(r)`` for rsLoRA."""
         return lora_scaling(self.r, self.alpha, self.rslora)
+
+    def __setattr__(self, key: str, value) -> None:
+        object.__setattr__(self, key, value)
+        if key in ("r", "alpha", "rslora"):
+            changed = self.__dict__.get("on_scaling")
+            if changed is not None:
+                changed()
 
     @property
     def kinds(self) -> tuple[str, ...]:
@@ -174,12 +182,29 @@ class LoRA(nn.Module):
         if settings.dora:
             m = torch.ones(self.view.magnitude_shape(), dtype=dtype, device=device)
             self.extra("lora_magnitude", nn.ParameterDict)[name] = nn.Parameter(m)
+        # The scaling as a tensor too, for torch.compile: a graph reads its value, so changing
+        # alpha (a hot swap) recompiles nothing. The record keeps it in step (Adapter.__setattr__).
+        self.register_buffer(SCALE + name, torch.tensor(settings.scaling, device=device), persistent=False)
         self.records[name] = settings
+        settings.__dict__["on_scaling"] = lambda: self.refresh_scaling(name)
         self.active.append(name)
+
+    def refresh_scaling(self, name: str) -> None:
+        """Set the tensor copy of adapter ``name``'s scaling from its record (after
+        ``to_empty()``, :func:`lora_inject.init_lora` and loading the factors do it)."""
+        with torch.no_grad():
+            self._buffers[SCALE + name].fill_(self.records[name].scaling)
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        super()._load_from_state_dict(*args, **kwargs)
+        for name in self.records:  # loading the factors after to_empty(): the scalings too
+            if not self._buffers[SCALE + name].is_meta:
+                self.refresh_scaling(name)
 
     def drop(self, name: str) -> None:
         """Delete adapter ``name``."""
-        del self.lora_A[name], self.lora_B[name], self.records[name]
+        self.records[name].__dict__.pop("on_scaling", None)
+        del self.lora_A[name], self.lora_B[name], self.records[name], self._buffers[SCALE + name]
         for extra in EXTRAS:
             if name in self._modules.get(extra, ()):
                 del self._modules[extra][name]
@@ -208,12 +233,13 @@ class LoRA(nn.Module):
 
     def terms(self, names) -> list[Term]:
         """The :class:`~lora_inject.factored.Term` of each adapter in ``names``, in order."""
-        out, training = [], self.training
+        out, training, compiling = [], self.training, torch.compiler.is_compiling()
         for name in names:
             a = self.records[name]
             m = self._modules["lora_magnitude"]._parameters[name] if a.dora else None
             A, B = self.factor_pair(name)
-            out.append(Term(A, B, a.scaling, a.dropout if training else 0.0, m, name))
+            s = self._buffers[SCALE + name] if compiling else a.scaling  # compiled: no guard on its value
+            out.append(Term(A, B, s, a.dropout if training else 0.0, m, name))
         return out
 
     # -- the update -----------------------------------------------------------------------------

@@ -308,6 +308,7 @@ def init_lora(model: M, adapter: str | Sequence[str] | None = None, *, init: str
             todo.append((lora, name, init or own, weight))
     for lora, name, how, weight in todo:
         init_factors(lora.lora_A[name], lora.lora_B[name], how)
+        lora.refresh_scaling(name)  # to_empty() left its tensor copy unset
         if weight is not None:
             lora.init_from_weight(name, weight)
     return model

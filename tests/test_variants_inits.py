@@ -176,7 +176,9 @@ def test_frozen_factors_are_buffers_the_size_of_the_adapter(tmp_path):
     assert trainable == [lora.lora_A["default"], lora.lora_B["default"], lora.lora_magnitude["default"]]
     buffers = dict(model.named_buffers())
     assert {k: tuple(v.shape) for k, v in buffers.items()} == {
-        "0.parametrizations.weight.0.lora_A0.default": (2, 8), "0.parametrizations.weight.0.lora_B0.default": (6, 2)}
+        "0.parametrizations.weight.0.lora_A0.default": (2, 8), "0.parametrizations.weight.0.lora_B0.default": (6, 2),
+        "0.parametrizations.weight.0.scale_default": ()}  # the scaling, for compile: not in the state dict
+    assert "0.parametrizations.weight.0.scale_default" not in model.state_dict()
     x = torch.randn(5, 8)
     opt = torch.optim.SGD(li.lora_parameters(model), lr=0.1)
     for _ in range(2):

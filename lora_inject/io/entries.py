@@ -3,6 +3,7 @@ against a model, and put into one."""
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
@@ -13,7 +14,7 @@ from torch import Tensor, nn
 from .. import quant
 from ..inits import WEIGHT_INITS
 from ..lookup import find_lora, kept, loras, named_modules, parametrized, source
-from ..lora import LoRA, check_adapter_name
+from ..lora import LoRA, check_adapter_name, lora_scaling
 from ..rule import Rule, find_rule, own_tensor_names, type_name
 from ..state import refuse_flat_params
 from ..surgery import inject, remove
@@ -191,6 +192,7 @@ def _fill(lora: LoRA, name: str, e: Entry) -> None:
     mine = lora.tensors(name)
     for k, t in (("lora_A", e.A), ("lora_B", e.B), *e.extra.items()):
         mine[k].copy_(t)
+    lora.refresh_scaling(name)
 
 
 def _update(fn: str, entries: Sequence[Entry], name: str, existing: dict[str, LoRA], keys: set[str]):
@@ -210,17 +212,39 @@ def _update(fn: str, entries: Sequence[Entry], name: str, existing: dict[str, Lo
             raise ValueError(f"{fn}(): `{e.key}` holds {sorted({*FACTORS, *e.extra})} in the saved adapter (dora="
                              f"{e.dora}, init={e.init!r}) but {sorted(mine)} in the model's adapter {name!r}. "
                              "Load it under another name with `adapter=`.")
-        for f, saved in (("lora_A", e.A), ("lora_B", e.B), *e.extra.items()):
+        slot = lora.adapter(name).r
+        if e.r > slot or (e.r < slot and e.extra.keys() - {"lora_magnitude"}):
+            why = (f"r={e.r} in the saved adapter, more than the slot's r={slot}" if e.r > slot else
+                   f"r={e.r} < the slot's r={slot}, and its {sorted(e.extra)} cannot be padded")
+            raise ValueError(f"{fn}(): `{e.key}` has {why}. Nothing was loaded. Inject the slot with r at "
+                             "least the largest rank you will swap in, or load it under another name with "
+                             "`adapter=`.")
+        for f, saved in (("lora_A", _padded(e.A, slot, -2)), ("lora_B", _padded(e.B, slot, -1)), *e.extra.items()):
             have = mine[f]
             if have.shape != saved.shape:
                 raise ValueError(f"{fn}(): `{e.key}.{f}` has shape {tuple(saved.shape)} in the saved "
                                  f"adapter but {tuple(have.shape)} in the model's adapter {name!r} "
-                                 f"(r={e.r} vs r={lora.adapter(name).r}). Load it under another name.")
+                                 f"(r={e.r} vs r={slot}). Load it under another name.")
     with torch.no_grad():
         for e in entries:
             lora = existing[e.key]
-            _fill(lora, name, e)
             record = lora.adapter(name)
+            slot = record.r
+            if e.r < slot:  # zero-padded to the slot's rank, with the saved adapter's own scaling
+                s = lora_scaling(e.r, e.alpha, e.rslora)
+                e = replace(e, A=_padded(e.A, slot, -2), B=_padded(e.B, slot, -1), r=slot,
+                            alpha=s * (math.sqrt(slot) if e.rslora else slot))
+            _fill(lora, name, e)
             record.alpha, record.rslora, record.dropout, record.targets = e.alpha, e.rslora, e.dropout, e.targets
+
+
+def _padded(t: Tensor, r: int, dim: int) -> Tensor:
+    """``t`` with zeros appended along ``dim`` up to size ``r``."""
+    short = r - t.shape[dim]
+    if short <= 0:
+        return t
+    shape = list(t.shape)
+    shape[dim] = short
+    return torch.cat([t, t.new_zeros(shape)], dim=dim)
 
 

@@ -1,0 +1,105 @@
+"""Serving: adapters hot-swapped into a compiled model with no recompile, and mixed-adapter batches
+where each adapter's branch runs on its own samples only."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+from transformers import LlamaConfig, LlamaForCausalLM
+
+import lora_inject as li
+
+pytestmark = pytest.mark.filterwarnings("ignore:The .grad attribute of a Tensor that is not a leaf:UserWarning")
+TARGETS = r"(q|v|down)_proj"
+
+
+def base() -> nn.Module:
+    torch.manual_seed(0)
+    return LlamaForCausalLM(LlamaConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, vocab_size=64, max_position_embeddings=32)).eval()
+
+
+def saved(tmp_path, model_base, name, fmt="lora_inject", seed=1, **kw) -> str:
+    """An adapter of ``kw`` with random factors, saved under ``tmp_path/name``."""
+    torch.manual_seed(seed)
+    model = li.inject(copy.deepcopy(model_base), TARGETS, **kw)
+    with torch.no_grad():
+        for p in li.lora_parameters(model):
+            p.normal_(0, 0.2)
+    path = tmp_path / name
+    li.save_adapter(model, path, format=fmt)
+    return str(path)
+
+
+def logits(model, ids):
+    with torch.no_grad():
+        return model(input_ids=ids).logits
+
+
+@pytest.fixture
+def fresh_dynamo():
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
+# -- hot-swap --------------------------------------------------------------------------------
+ADAPTERS = [  # (name, format, inject kwargs): other ranks, alphas, rsLoRA and plain, both formats
+    ("a", "lora_inject", dict(r=2, alpha=4)),
+    ("b", "peft", dict(r=8, alpha=3, rslora=True)),
+    ("c", "lora_inject", dict(r=4, alpha=16)),
+    ("d", "peft", dict(r=1, alpha=1)),
+]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", ["aot_eager"])
+def test_hot_swap_into_a_compiled_model_does_not_recompile(backend, tmp_path, fresh_dynamo, monkeypatch):
+    b = base()
+    paths = {n: saved(tmp_path, b, n, fmt, seed=i + 1, **kw) for i, (n, fmt, kw) in enumerate(ADAPTERS)}
+    served = li.inject(copy.deepcopy(b), TARGETS, r=8, alpha=8)  # the slot: r at least each adapter's
+    compiled = torch.compile(served, backend=backend, fullgraph=True)
+    ids = torch.randint(0, 64, (2, 8))
+    li.load_adapter(served, paths["a"])
+    logits(compiled, ids)  # compiles once
+    params = [id(p) for p in li.lora_parameters(served)]
+    monkeypatch.setattr(torch._dynamo.config, "error_on_recompile", True)
+    for name, _, _ in ADAPTERS:
+        li.load_adapter(served, paths[name])  # into the slot, in place
+        assert [id(p) for p in li.lora_parameters(served)] == params
+        want = logits(li.load_adapter(copy.deepcopy(b), paths[name]), ids)  # eager, at its own rank
+        torch.testing.assert_close(logits(compiled, ids), want, rtol=1e-5, atol=1e-5)
+
+
+def test_swap_pads_to_the_slot_and_keeps_the_adapters_scaling(tmp_path):
+    b = base()
+    path = saved(tmp_path, b, "small", r=2, alpha=4, rslora=True)
+    served = li.inject(copy.deepcopy(b), TARGETS, r=8, alpha=8)
+    li.load_adapter(served, path)
+    lora = served.model.layers[0].self_attn.q_proj.parametrizations.weight[0]
+    A, B = lora.lora_A["default"], lora.lora_B["default"]
+    assert A.shape == (8, 32) and B.shape == (32, 8)
+    assert torch.count_nonzero(A[2:]) == 0 and torch.count_nonzero(B[:, 2:]) == 0
+    assert lora.scaling["default"] == pytest.approx(4 / 2 ** 0.5)
+    ids = torch.randint(0, 64, (2, 8))
+    torch.testing.assert_close(logits(served, ids), logits(li.load_adapter(copy.deepcopy(b), path), ids))
+    # saved again, it is the padded adapter at the slot's rank, with the same outputs
+    li.save_adapter(served, tmp_path / "again")
+    torch.testing.assert_close(logits(li.load_adapter(copy.deepcopy(b), tmp_path / "again"), ids),
+                               logits(served, ids))
+
+
+def test_an_adapter_larger_than_the_slot_is_refused_with_the_model_unchanged(tmp_path):
+    b = base()
+    path = saved(tmp_path, b, "big", r=16, alpha=16)
+    served = li.inject(copy.deepcopy(b), TARGETS, r=8, alpha=8)
+    before = {k: v.clone() for k, v in li.lora_state_dict(served).items()}
+    with pytest.raises(ValueError, match=r"has r=16 in the saved adapter, more than the slot's r=8\. "
+                                         r"Nothing was loaded\. Inject the slot with r at least"):
+        li.load_adapter(served, path)
+    after = li.lora_state_dict(served)
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
