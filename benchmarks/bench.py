@@ -261,6 +261,47 @@ def _memory_child(args):
     print(json.dumps(peak / 2**20))
 
 
+MIXED = 4  # adapters in the mixed batch, two samples each
+
+
+def mixed_times(args):
+    """A no-grad forward of 8 sequences of 64 tokens: one adapter for the whole batch, against four
+    adapters of two samples each, ours (per_sample) and peft's (adapter_names=)."""
+    from peft import LoraConfig, get_peft_model
+
+    base = llama(*args.shape, device=args.device).eval()
+    names = [f"task{i}" for i in range(MIXED)]
+    ours = copy.deepcopy(base)
+    theirs = None
+    for i, name in enumerate(names):
+        li.inject(ours, REGEX, r=R, alpha=ALPHA, adapter=name)
+        config = LoraConfig(r=R, lora_alpha=ALPHA, target_modules=TARGETS)
+        if theirs is None:
+            theirs = get_peft_model(copy.deepcopy(base), config, adapter_name=name)
+        else:
+            theirs.add_adapter(name, config)
+    nonzero(ours), nonzero(theirs.eval())
+    one = copy.deepcopy(ours)
+    li.activate(one, names[0])
+    ids = torch.randint(0, args.shape[4], (2 * MIXED, 64), device=args.device)
+    choice = [n for n in names for _ in range(2)]
+
+    def run_ours():
+        with li.per_sample(ours, choice):
+            ours(input_ids=ids)
+
+    runs = {"one adapter, whole batch": lambda: one(input_ids=ids), "lora_inject per_sample": run_ours,
+            "peft adapter_names": lambda: theirs(input_ids=ids, adapter_names=choice)}
+    times = {n: [] for n in runs}
+    with torch.no_grad():
+        for fn in runs.values():
+            fn()  # warm-up
+        for _ in range(args.reps * 2):
+            for n, fn in runs.items():
+                times[n].append(timed(fn, args.device))
+    return {n: statistics.median(t) for n, t in times.items()}
+
+
 def weight_bytes(args):
     """The MiB each QLoRA contender's model holds in weights: every parameter and buffer once, a
     4-bit weight with its quantization state."""
@@ -390,7 +431,7 @@ def main():
                     "merge": merge_times, "small": small_times,
                     "qlora": lambda a: train_times(a, which=QLORA),
                     "qlora_memory": lambda a: peak_memory(a, which=QLORA),
-                    "qlora_weights": weight_bytes}[fig](args)
+                    "qlora_weights": weight_bytes, "mixed": mixed_times}[fig](args)
         print(f"# {fig}: {json.dumps(res[fig])} ({time.perf_counter() - t:.0f} s)", file=sys.stderr)
     print(table(res))
     with open(args.json, "w") as f:
@@ -443,6 +484,13 @@ def table(res):
                 goal = {"qlora": "≤ 0.97× peft", "qlora_memory": "≤ 1.0× peft"}.get(fig, "") \
                     if n == "lora_inject qlora" else ""
                 rows.append(f"| {label} | {n} | {shown} | {ratio} | {goal} |")
+    if "mixed" in res:
+        d = res["mixed"]
+        for n, v in d.items():
+            goal = "≤ 1.05× one adapter, ≤ 0.8× peft" if n == "lora_inject per_sample" else ""
+            rows.append(f"| mixed batch, 8×64 tokens, 4 adapters | {n} | {v * 1e3:.0f} ms | "
+                        f"{v / d['one adapter, whole batch']:.3f}× one adapter, {v / d['peft adapter_names']:.3f}× "
+                        f"peft | {goal} |")
     for label, d in res.get("small", {}).items():
         for n, v in d.items():
             rows.append(f"| {label} | {n} | {v * 1e6:.1f} µs | {v / d['peft']:.3f}× peft |  |")

@@ -161,13 +161,35 @@ class FactoredWeight(Tensor):
 
     def mask(self, name: str, t: Tensor) -> Tensor:
         """1 for the rows of ``t`` (dim 0) whose sample uses ``name``, else 0; shaped to broadcast."""
+        per = self.per_row(t)
+        m = torch.tensor([a == name for a in self.rows], dtype=t.dtype, device=t.device)
+        return m.repeat_interleave(per).view(t.shape[0], *[1] * (t.dim() - 1))
+
+    def per_row(self, t: Tensor) -> int:
+        """How many rows of ``t`` (dim 0) each sample has: 1, or T where a 2-D input holds each
+        sample's T rows in turn (transformers' Conv1D flattens ``(batch, seq, in)``)."""
         rows, n = self.rows, t.shape[0]
-        flat = t.dim() == 2 and n % len(rows) == 0  # a 2-D input may hold each sample's rows in turn
-        if n != len(rows) and not flat:
+        if n != len(rows) and not (t.dim() == 2 and n % len(rows) == 0):
             raise RuntimeError(f"per_sample(): a batch has {n} samples along dim 0 of the layer's input, but "
                                f"{len(rows)} adapters were given, one per sample. Pass one per sample.")
-        m = torch.tensor([a == name for a in rows], dtype=t.dtype, device=t.device)
-        return m.repeat_interleave(n // len(rows)).view(n, *[1] * (t.dim() - 1))
+        return n // len(rows)
+
+    def select(self, name: str, t: Tensor) -> Tensor | None:
+        """Inside per_sample(): the indices along dim 0 of ``t`` of the samples that use ``name``
+        (each adapter's branch then runs on its own rows only); None outside."""
+        if self.rows is None:
+            return None
+        per = self.per_row(t)
+        key = (self.rows, name, per, t.device)
+        idx = None if torch.compiler.is_compiling() else _SELECTED.get(key)
+        if idx is None:
+            picked = [i * per + j for i, a in enumerate(self.rows) if a == name for j in range(per)]
+            idx = torch.tensor(picked, dtype=torch.long, device=t.device)
+            if not torch.compiler.is_compiling():
+                if len(_SELECTED) > 64:
+                    _SELECTED.clear()
+                _SELECTED[key] = idx
+        return idx
 
     def rescale(self, out: Tensor, bias: Tensor | None = None, dim: int = -1) -> Tensor:
         """DoRA: the base output ``out = op(x, W0) + bias`` scaled by ``c`` along its output units
@@ -239,6 +261,20 @@ class FactoredWeight(Tensor):
         return func(*args, **kwargs)
 
 
+_SELECTED: dict[tuple, Tensor] = {}  # (rows, name, rows per sample, device) -> indices, for per_sample()
+
+
+def scatter(out: Tensor, idx: Tensor, extra: Tensor, s) -> Tensor:
+    """``out`` with ``s * extra`` added to its rows ``idx`` (dim 0), in ``out``'s dtype: in place
+    where nothing is differentiated (``out`` is always a fresh result of the op), so that
+    each adapter's rows cost no copy of the whole output."""
+    if isinstance(s, Tensor):
+        extra, s = extra * s, 1
+    add_ = out.index_add_ if not (torch.is_grad_enabled() and (out.requires_grad or extra.requires_grad)) \
+        and not torch.compiler.is_compiling() else out.index_add
+    return add_(0, idx, extra.to(out.dtype), alpha=s)
+
+
 def merge(w0: Tensor, terms, view: View) -> Tensor:
     """``W0`` with ``terms`` applied, in ``W0``'s shape and dtype: summed in float32 (or wider, as
     the factors are) and cast back once, with gradients to every tensor.
@@ -265,7 +301,8 @@ OWN = {
     *(getattr(Tensor, name).__get__ for name in (
         "shape", "dtype", "device", "ndim", "layout", "is_cpu", "is_cuda", "is_meta", "is_mkldnn", "is_nested",
         "is_quantized", "is_sparse", "is_sparse_csr", "itemsize", "nbytes")),
-    Tensor.size, Tensor.dim, Tensor.numel, Tensor.nelement, Tensor.stride, Tensor.element_size,
+    Tensor.size, Tensor.dim, Tensor.numel, Tensor.nelement, Tensor.stride, Tensor.storage_offset,
+    Tensor.element_size,
     Tensor.is_floating_point, Tensor.is_complex, Tensor.is_contiguous, Tensor.requires_grad_, Tensor.__hash__,
 }
 
@@ -379,8 +416,14 @@ def branch(x: Tensor, weight: FactoredWeight, out: Tensor, transposed: bool) -> 
     """``out + x @ ΔW.T`` (``transposed``, as in F.linear) or ``out + x @ ΔW``, factored."""
     for L, R, s, p, name in weight.factors():
         first, second = (R.t(), L.t()) if transposed else (L, R)  # x @ (s L R).T = s (x R.T) L.T
+        idx = weight.select(name, x)
+        if idx is not None:  # per_sample(): this adapter's samples only, gathered and added back
+            if idx.numel():
+                h = x.index_select(0, idx).to(first.dtype)
+                out = scatter(out, idx, (F.dropout(h, p) if p else h) @ first @ second, s)
+            continue
         h = x.to(first.dtype)
-        h = weight.keep((F.dropout(h, p) if p else h) @ first, name)  # (.., in) @ (in, r) -> (.., r)
+        h = (F.dropout(h, p) if p else h) @ first  # (.., in) @ (in, r) -> (.., r)
         if h.dtype == out.dtype and h.dim() >= 1 and not isinstance(s, Tensor):  # out += s * h @ second, one op
             rows = h.shape[:-1].numel()  # no -1 in the reshapes: `out` may have 0 features
             out = torch.addmm(out.reshape(rows, out.shape[-1]), h.reshape(rows, h.shape[-1]), second,
@@ -507,7 +550,14 @@ def embedding(input, weight, padding_idx, max_norm, norm_type, scale_grad_by_fre
     base = F.embedding(input, weight.w0, padding_idx, None, norm_type, False, sparse)
     out = weight.rescaling(base)  # DoRA: (c - 1) * base
     for L, R, s, p, name in weight.factors():
-        h = weight.keep(F.embedding(input, L, padding_idx), name)  # (.., r)
+        idx = weight.select(name, input)
+        if idx is not None:  # per_sample(): this adapter's samples only
+            out = torch.zeros_like(base) if out is None else out
+            if idx.numel():
+                h = F.embedding(input.index_select(0, idx), L, padding_idx)
+                out = scatter(out, idx, (F.dropout(h, p) if p else h) @ R, s)
+            continue
+        h = F.embedding(input, L, padding_idx)  # (.., r)
         extra = (F.dropout(h, p) if p else h) @ R * s  # (.., r) @ (r, dim) -> (.., dim)
         out = extra if out is None else out + extra.to(out.dtype)
     if padding_idx is not None:  # as for the merged weight, the padding row gets no gradient
@@ -550,7 +600,15 @@ def embedding_bag(input, weight, offsets, max_norm, norm_type, scale_grad_by_fre
                 include_last_offset=include_last_offset, padding_idx=padding_idx)
     out = weight.rescale(F.embedding_bag(input, weight.w0, sparse=sparse, **rest))
     for L, R, s, p, name in weight.factors():
-        h = weight.keep(F.embedding_bag(input, L, **rest), name)  # (bags, r)
+        idx = weight.select(name, input) if offsets is None and input.dim() == 2 else None
+        if idx is not None:  # per_sample(), one bag per row: this adapter's bags only
+            if idx.numel():
+                sub = dict(rest, per_sample_weights=None if per_sample_weights is None
+                           else per_sample_weights.index_select(0, idx))
+                h = F.embedding_bag(input.index_select(0, idx), L, **sub)
+                out = scatter(out, idx, (F.dropout(h, p) if p else h) @ R, s)
+            continue
+        h = weight.keep(F.embedding_bag(input, L, **rest), name)  # (bags, r); bags by offsets: masked
         out = add(out, (F.dropout(h, p) if p else h) @ R, s)
     return out
 
@@ -564,11 +622,16 @@ def conv_form(op: Callable) -> Callable:
         out = op(input, weight.w0, bias, stride, padding, dilation, groups)
         out = weight.rescale(out, bias, dim=-len(kernel) - 1)  # the channel dim
         for L, R, s, p, name in weight.factors():
-            x = input.to(R.dtype)
+            idx = weight.select(name, input) if input.dim() == len(shape) else None
+            if idx is not None and not idx.numel():
+                continue
+            x = (input if idx is None else input.index_select(0, idx)).to(R.dtype)
             h = op(F.dropout(x, p) if p else x, R.view(-1, shape[1], *kernel), None,
                    stride, padding, dilation)  # r output channels
-            h = weight.keep(h, name)
-            out = add(out, op(h, L.reshape(*L.shape, *ones)), s)  # 1x1 conv: r -> out
+            if idx is None:
+                h = weight.keep(h, name)  # per_sample() on an unbatched input: masked
+            y = op(h, L.reshape(*L.shape, *ones))  # 1x1 conv: r -> out
+            out = add(out, y, s) if idx is None else scatter(out, idx, y, s)
         return out
 
     return conv

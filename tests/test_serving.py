@@ -103,3 +103,52 @@ def test_an_adapter_larger_than_the_slot_is_refused_with_the_model_unchanged(tmp
         li.load_adapter(served, path)
     after = li.lora_state_dict(served)
     assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+
+
+# -- mixed batches ------------------------------------------------------------------------------
+def served_with_adapters(tmp_path, b):
+    model = copy.deepcopy(b)
+    for i, (name, _, kw) in enumerate(ADAPTERS):
+        li.load_adapter(model, saved(tmp_path, b, name, seed=i + 1, **kw), adapter=name)
+    return model
+
+
+@pytest.mark.slow
+def test_a_mixed_batch_under_compile_equals_one_forward_per_sample(tmp_path, fresh_dynamo):
+    b = base()
+    model = served_with_adapters(tmp_path, b)
+    ids = torch.randint(0, 64, (6, 8))
+    choice = ["c", None, "a", "b", "a", "d"]
+    want = []
+    for i, name in enumerate(choice):
+        li.activate(model, [] if name is None else name)
+        want.append(logits(model, ids[i:i + 1]))
+    compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
+    with li.per_sample(model, choice):
+        torch.testing.assert_close(logits(compiled, ids), torch.cat(want), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(logits(model, ids), torch.cat(want), rtol=1e-5, atol=1e-5)
+
+
+def test_each_adapter_runs_on_its_own_samples_only(tmp_path):
+    """The branch gathers its samples' rows: an adapter that no sample chose computes nothing."""
+    b = base()
+    model = served_with_adapters(tmp_path, b)
+    ids = torch.randint(0, 64, (4, 8))
+    with torch.no_grad(), li.per_sample(model, ["a", "a", "b", None]):
+        out = logits(model, ids)
+    rows = {}
+    original = torch.Tensor.index_select
+
+    def spy(t, dim, idx):
+        rows.setdefault(tuple(idx.tolist()), 0)
+        rows[tuple(idx.tolist())] += 1
+        return original(t, dim, idx)
+
+    torch.Tensor.index_select = spy
+    try:
+        with torch.no_grad(), li.per_sample(model, ["a", "a", "b", None]):
+            again = logits(model, ids)
+    finally:
+        torch.Tensor.index_select = original
+    torch.testing.assert_close(again, out)
+    assert (0, 1) in rows and (2,) in rows and len(rows) == 2  # a's two samples, b's one; none for c, d
