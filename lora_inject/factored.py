@@ -174,9 +174,10 @@ class FactoredWeight(Tensor):
                                f"{len(rows)} adapters were given, one per sample. Pass one per sample.")
         return n // len(rows)
 
-    def select(self, name: str, t: Tensor) -> Tensor | None:
-        """Inside per_sample(): the indices along dim 0 of ``t`` of the samples that use ``name``
-        (each adapter's branch then runs on its own rows only); None outside."""
+    def select(self, name: str, t: Tensor) -> Tensor | slice | None:
+        """Inside per_sample(): the rows along dim 0 of ``t`` of the samples that use ``name``
+        (each adapter's branch then runs on its own rows only): a slice where they are
+        contiguous, else their indices; None outside."""
         if self.rows is None:
             return None
         per = self.per_row(t)
@@ -184,7 +185,9 @@ class FactoredWeight(Tensor):
         idx = None if torch.compiler.is_compiling() else _SELECTED.get(key)
         if idx is None:
             picked = [i * per + j for i, a in enumerate(self.rows) if a == name for j in range(per)]
-            idx = torch.tensor(picked, dtype=torch.long, device=t.device)
+            contiguous = picked == list(range(picked[0], picked[0] + len(picked))) if picked else False
+            idx = slice(picked[0], picked[-1] + 1) if contiguous else torch.tensor(
+                picked, dtype=torch.long, device=t.device)
             if not torch.compiler.is_compiling():
                 if len(_SELECTED) > 64:
                     _SELECTED.clear()
@@ -264,15 +267,35 @@ class FactoredWeight(Tensor):
 _SELECTED: dict[tuple, Tensor] = {}  # (rows, name, rows per sample, device) -> indices, for per_sample()
 
 
-def scatter(out: Tensor, idx: Tensor, extra: Tensor, s) -> Tensor:
+def gather(t: Tensor, idx: Tensor | slice) -> Tensor:
+    """The rows ``idx`` of ``t`` (dim 0): a view for a slice."""
+    return t[idx] if isinstance(idx, slice) else t.index_select(0, idx)
+
+
+def some(idx: Tensor | slice) -> bool:
+    return idx.stop > idx.start if isinstance(idx, slice) else bool(idx.numel())
+
+
+def scatter(out: Tensor, idx: Tensor | slice, extra: Tensor, s) -> Tensor:
     """``out`` with ``s * extra`` added to its rows ``idx`` (dim 0), in ``out``'s dtype: in place
     where nothing is differentiated (``out`` is always a fresh result of the op), so that
     each adapter's rows cost no copy of the whole output."""
     if isinstance(s, Tensor):
         extra, s = extra * s, 1
-    add_ = out.index_add_ if not (torch.is_grad_enabled() and (out.requires_grad or extra.requires_grad)) \
-        and not torch.compiler.is_compiling() else out.index_add
-    return add_(0, idx, extra.to(out.dtype), alpha=s)
+    extra = extra.to(out.dtype)
+    if isinstance(idx, slice):
+        if in_place(out, extra):
+            out[idx].add_(extra, alpha=s)
+            return out
+        pad = [0, 0] * (out.dim() - 1) + [idx.start, out.shape[0] - idx.stop]
+        return out + F.pad(extra * s if s != 1 else extra, pad)
+    return (out.index_add_ if in_place(out, extra) else out.index_add)(0, idx, extra, alpha=s)
+
+
+def in_place(out: Tensor, extra: Tensor) -> bool:
+    """Whether ``out`` (a fresh result of the op) may be written in place: nothing differentiated, eager."""
+    return not (torch.is_grad_enabled() and (out.requires_grad or extra.requires_grad)) \
+        and not torch.compiler.is_compiling()
 
 
 def merge(w0: Tensor, terms, view: View) -> Tensor:
@@ -418,9 +441,14 @@ def branch(x: Tensor, weight: FactoredWeight, out: Tensor, transposed: bool) -> 
         first, second = (R.t(), L.t()) if transposed else (L, R)  # x @ (s L R).T = s (x R.T) L.T
         idx = weight.select(name, x)
         if idx is not None:  # per_sample(): this adapter's samples only, gathered and added back
-            if idx.numel():
-                h = x.index_select(0, idx).to(first.dtype)
-                out = scatter(out, idx, (F.dropout(h, p) if p else h) @ first @ second, s)
+            if some(idx):
+                h = gather(x, idx).to(first.dtype)
+                h = (F.dropout(h, p) if p else h) @ first  # (n, .., r)
+                if isinstance(idx, slice) and in_place(out, h) and h.dtype == out.dtype and out.is_contiguous() \
+                        and not isinstance(s, Tensor):  # contiguous samples: one addmm_ into their rows
+                    out[idx].view(-1, out.shape[-1]).addmm_(h.reshape(-1, h.shape[-1]), second, alpha=s)
+                else:
+                    out = scatter(out, idx, h @ second, s)
             continue
         h = x.to(first.dtype)
         h = (F.dropout(h, p) if p else h) @ first  # (.., in) @ (in, r) -> (.., r)
@@ -553,8 +581,8 @@ def embedding(input, weight, padding_idx, max_norm, norm_type, scale_grad_by_fre
         idx = weight.select(name, input)
         if idx is not None:  # per_sample(): this adapter's samples only
             out = torch.zeros_like(base) if out is None else out
-            if idx.numel():
-                h = F.embedding(input.index_select(0, idx), L, padding_idx)
+            if some(idx):
+                h = F.embedding(gather(input, idx), L, padding_idx)
                 out = scatter(out, idx, (F.dropout(h, p) if p else h) @ R, s)
             continue
         h = F.embedding(input, L, padding_idx)  # (.., r)
@@ -602,10 +630,10 @@ def embedding_bag(input, weight, offsets, max_norm, norm_type, scale_grad_by_fre
     for L, R, s, p, name in weight.factors():
         idx = weight.select(name, input) if offsets is None and input.dim() == 2 else None
         if idx is not None:  # per_sample(), one bag per row: this adapter's bags only
-            if idx.numel():
+            if some(idx):
                 sub = dict(rest, per_sample_weights=None if per_sample_weights is None
-                           else per_sample_weights.index_select(0, idx))
-                h = F.embedding_bag(input.index_select(0, idx), L, **sub)
+                           else gather(per_sample_weights, idx))
+                h = F.embedding_bag(gather(input, idx), L, **sub)
                 out = scatter(out, idx, (F.dropout(h, p) if p else h) @ R, s)
             continue
         h = weight.keep(F.embedding_bag(input, L, **rest), name)  # (bags, r); bags by offsets: masked
@@ -623,9 +651,9 @@ def conv_form(op: Callable) -> Callable:
         out = weight.rescale(out, bias, dim=-len(kernel) - 1)  # the channel dim
         for L, R, s, p, name in weight.factors():
             idx = weight.select(name, input) if input.dim() == len(shape) else None
-            if idx is not None and not idx.numel():
+            if idx is not None and not some(idx):
                 continue
-            x = (input if idx is None else input.index_select(0, idx)).to(R.dtype)
+            x = (input if idx is None else gather(input, idx)).to(R.dtype)
             h = op(F.dropout(x, p) if p else x, R.view(-1, shape[1], *kernel), None,
                    stride, padding, dilation)  # r output channels
             if idx is None:

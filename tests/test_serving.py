@@ -130,25 +130,28 @@ def test_a_mixed_batch_under_compile_equals_one_forward_per_sample(tmp_path, fre
 
 
 def test_each_adapter_runs_on_its_own_samples_only(tmp_path):
-    """The branch gathers its samples' rows: an adapter that no sample chose computes nothing."""
+    """Each branch gathers its samples' rows: a view where they are contiguous, index_select
+    where not; an adapter that no sample chose computes nothing."""
     b = base()
     model = served_with_adapters(tmp_path, b)
     ids = torch.randint(0, 64, (4, 8))
-    with torch.no_grad(), li.per_sample(model, ["a", "a", "b", None]):
-        out = logits(model, ids)
-    rows = {}
+    choice = ["a", "b", "a", None]
+    want = []
+    for i, name in enumerate(choice):
+        li.activate(model, [] if name is None else name)
+        want.append(logits(model, ids[i:i + 1]))
+    rows = set()
     original = torch.Tensor.index_select
 
     def spy(t, dim, idx):
-        rows.setdefault(tuple(idx.tolist()), 0)
-        rows[tuple(idx.tolist())] += 1
+        rows.add(tuple(idx.tolist()))
         return original(t, dim, idx)
 
     torch.Tensor.index_select = spy
     try:
-        with torch.no_grad(), li.per_sample(model, ["a", "a", "b", None]):
-            again = logits(model, ids)
+        with torch.no_grad(), li.per_sample(model, choice):
+            got = logits(model, ids)
     finally:
         torch.Tensor.index_select = original
-    torch.testing.assert_close(again, out)
-    assert (0, 1) in rows and (2,) in rows and len(rows) == 2  # a's two samples, b's one; none for c, d
+    torch.testing.assert_close(got, torch.cat(want), rtol=1e-5, atol=1e-5)
+    assert rows == {(0, 2)}  # a's two samples; b's one is a slice; none for c and d
