@@ -20,6 +20,13 @@ dimension of the stored weight its output carries (``F.linear`` and conv: dim 0;
 dim 1, as each form tells :func:`fits`); DoRA's gains scale output units, so a DoRA weight is
 factored only where that dimension is the rule's output dimension.
 
+A quantized ``W0`` (see :mod:`lora_inject.quant`) stays quantized: ``F.linear`` runs the backend's
+kernel on it (:func:`frozen_linear`), other ops get the merged weight from its dense value, and a
+weight only its module's forward can read (bitsandbytes') is never given to an op by us.
+Inside :func:`lora_inject.per_sample` each term runs on its own samples' rows only
+(:meth:`FactoredWeight.select`, :func:`scatter`). Under ``torch.compile`` a term's scaling is a
+0-d tensor, so that changing it recompiles nothing.
+
 Autocast, ``torch.func`` transforms, forward-mode AD and ``torch.compile`` run the same composable
 ops; the one fused kernel (one plain adapter, see :class:`_LowRank`) runs in plain eager mode on
 inputs of 64k elements or more (on smaller ones its Python backward costs more than it saves),

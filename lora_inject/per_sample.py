@@ -22,12 +22,13 @@ def per_sample(model: M, adapters: Sequence[str | None]) -> Iterator[M]:
 
     This is peft's ``adapter_names=`` without changing any forward signature: every factored
     layer (``Linear``, transformers' ``Conv1D``, ``Embedding``, ``EmbeddingBag``, ``Conv`` with
-    ``groups=1``) computes its base output once for the whole batch and adds each adapter's
-    low-rank branch to the rows of the samples that chose it. The batch is dim 0 of the layer's
-    input (a 2-D input may hold the samples' rows one after the other, as transformers'
-    ``Conv1D`` flattens ``(batch, seq, in)``). Inside the block the active adapters are ignored:
-    a sample gets exactly its own adapter, and a layer without it gives that sample the base
-    output. DoRA adapters work too (each sample gets its adapter's magnitude). On exit each
+    ``groups=1``) computes its base output once for the whole batch, and each adapter's
+    low-rank branch runs on the rows of the samples that chose it only (gathered, a view where
+    they are contiguous, and added back in place), so a mixed batch costs about one adapter's.
+    The batch is dim 0 of the layer's input (a 2-D input may hold the samples' rows one after
+    the other, as transformers' ``Conv1D`` flattens ``(batch, seq, in)``). Inside the block the
+    active adapters are ignored: a sample gets exactly its own adapter, and a layer without it
+    gives that sample the base output. DoRA adapters work too (each sample gets its adapter's magnitude). On exit each
     layer is as before, also on error; blocks nest.
 
     It is for inference, as in peft: the model must be in eval mode. A layer whose adapters go

@@ -119,10 +119,11 @@ def load_adapter(model: M, path: str | os.PathLike, *, adapter: str | None = Non
     The format is detected: ``adapter.json`` is ours, ``adapter_config.json`` is peft's. If the
     model does not carry the adapter yet, it is injected with the saved r, alpha, scaling and
     rule of every tensor, and the outputs equal those of the saved model exactly. If the model
-    already carries it, on exactly those tensors, the factors are updated in place (same
-    Parameter objects, so an optimizer holding them stays valid), and so are alpha and the
-    scaling. Everything is checked before anything changes: if the call raises, the model is
-    exactly as it was.
+    already carries it, on exactly those tensors, it is swapped in place (same Parameter
+    objects, so an optimizer or a compiled model holding them stays valid): a saved rank below
+    the slot's is zero-padded to it, with the saved adapter's own scaling (alpha is rescaled to
+    the slot's rank), and under ``torch.compile`` nothing recompiles. Everything is checked
+    before anything changes: if the call raises, the model is exactly as it was.
 
     From peft's format this reads ``r``, ``lora_alpha``, ``target_modules`` (a list, or a regex
     that must fully match), ``exclude_modules``, ``layers_to_transform``/``layers_pattern``,
@@ -157,8 +158,8 @@ def load_adapter(model: M, path: str | os.PathLike, *, adapter: str | None = Non
             cannot have.
         ValueError: if ``path`` holds no adapter, a file is missing, truncated or corrupt, the
             adapter was saved from another model (unknown module paths, other types or
-            shapes), it does not match the adapter the model already carries, or peft's
-            config uses a feature that cannot be translated.
+            shapes), it does not match the adapter the model already carries (other tensors, a
+            rank above the slot's), or peft's config uses a feature that cannot be translated.
     """
     fn = "load_adapter"
     if not isinstance(model, nn.Module):
