@@ -220,3 +220,19 @@ def test_what_peft_format_cannot_express_is_refused(case, tmp_path):
 
 def test_the_matrix_is_large_and_refuses_little():
     assert len(CASES) + len(REFUSED) >= 60 and len(REFUSED) <= 6
+
+
+def test_a_saved_head_is_an_exact_update_both_ways_of_remove(tmp_path):
+    """SEQ_CLS: peft saves the trained classifier whole; here it is W_saved - W0 on the base head."""
+    from safetensors.torch import load_file
+
+    base, _ = peft_adapter("bert_cls", dict(task_type=SEQ_CLS, r=2, target_modules=BERT_QV), tmp_path)
+    saved = load_file(tmp_path / "adapter_model.safetensors")
+    head = {k: saved[f"base_model.model.classifier.{k}"] for k in ("weight", "bias")}
+    assert not torch.equal(head["weight"], base.classifier.weight)
+    merged = li.remove(li.load_adapter(copy.deepcopy(base), tmp_path), merge=True)
+    for k, t in head.items():
+        torch.testing.assert_close(getattr(merged.classifier, k), t, rtol=0, atol=1e-6)
+    restored = li.remove(li.load_adapter(copy.deepcopy(base), tmp_path), merge=False)
+    for k in head:
+        assert torch.equal(getattr(restored.classifier, k), getattr(base.classifier, k))
