@@ -339,8 +339,8 @@ def from_peft(fn: str, model: nn.Module, path: str) -> list[Entry]:
             raise ValueError(f"{fn}(): {weights} holds `{key}` {tuple(t.shape)}, but the model has {what}. "
                              "It was saved from another model.")
         if suffix is None:  # the trained copy of a modules_to_save module wins over its original
-            if (module, tensor) not in full or ".modules_to_save." in key or ".original_module." in full[
-                    (module, tensor)][0]:
+            held = full.get((module, tensor))
+            if held is None or _copy_rank(key) > _copy_rank(held[0]):
                 full[(module, tensor)] = (key, t)
         else:
             factors.setdefault((module, depth), {})[_SUFFIXES[suffix]] = (key, t)
@@ -358,6 +358,12 @@ def from_peft(fn: str, model: nn.Module, path: str) -> list[Entry]:
         if e is not None:
             entries.append(e)
     return entries
+
+
+def _copy_rank(key: str) -> int:
+    """Which of peft's copies of one tensor to read: the trained one of a modules_to_save wrapper
+    first, then a plain copy, then the wrapper's original."""
+    return 2 if ".modules_to_save." in key else 0 if ".original_module." in key else 1
 
 
 def _claims(fn: str, file: str, config: dict, modules: dict[str, nn.Module]) -> dict[tuple[str, int], tuple]:
