@@ -280,3 +280,12 @@ def test_the_core_imports_no_backend():
             "print(sorted(k for k in ('torchao', 'bitsandbytes', 'transformers') if k in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+@pytest.mark.parametrize("kind", ["int8", "bnb-nf4", "bnb-int8"])
+def test_state_dict_keeps_the_base_keys(kind):
+    base, model = adapted(kind)
+    plain, ours = base.state_dict(), model.state_dict()
+    assert set(plain) == {k for k in ours if ".lora_" not in k}
+    for k, v in plain.items():  # the same tensors: quantized ones by their dense value
+        assert type(ours[k]) is type(v) and torch.equal(quant.dense(ours[k]), quant.dense(v))
