@@ -48,10 +48,9 @@ class Adapter:
 
     def __setattr__(self, key: str, value) -> None:
         object.__setattr__(self, key, value)
-        if key in ("r", "alpha", "rslora"):
-            changed = self.__dict__.get("on_scaling")
-            if changed is not None:
-                changed()
+        owner = self.__dict__.get("owner")  # (LoRA, name), set by LoRA.add; a deepcopy copies both
+        if owner is not None and key in ("r", "alpha", "rslora"):
+            owner[0].refresh_scaling(owner[1])
 
     @property
     def kinds(self) -> tuple[str, ...]:
@@ -186,7 +185,7 @@ class LoRA(nn.Module):
         # alpha (a hot swap) recompiles nothing. The record keeps it in step (Adapter.__setattr__).
         self.register_buffer(SCALE + name, torch.tensor(settings.scaling, device=device), persistent=False)
         self.records[name] = settings
-        settings.__dict__["on_scaling"] = lambda: self.refresh_scaling(name)
+        settings.__dict__["owner"] = (self, name)  # not a field: asdict() and config leave it out
         self.active.append(name)
 
     def refresh_scaling(self, name: str) -> None:
@@ -203,7 +202,7 @@ class LoRA(nn.Module):
 
     def drop(self, name: str) -> None:
         """Delete adapter ``name``."""
-        self.records[name].__dict__.pop("on_scaling", None)
+        self.records[name].__dict__.pop("owner", None)
         del self.lora_A[name], self.lora_B[name], self.records[name], self._buffers[SCALE + name]
         for extra in EXTRAS:
             if name in self._modules.get(extra, ()):

@@ -155,3 +155,19 @@ def test_each_adapter_runs_on_its_own_samples_only(tmp_path):
         torch.Tensor.index_select = original
     torch.testing.assert_close(got, torch.cat(want), rtol=1e-5, atol=1e-5)
     assert rows == {(0, 2)}  # a's two samples; b's one is a slice; none for c and d
+
+
+@pytest.mark.slow
+def test_a_copy_of_a_served_model_swaps_on_its_own(tmp_path, fresh_dynamo):
+    """deepcopy gives each copy its own scaling tensors, kept in step by its own records."""
+    b = base()
+    first = li.inject(copy.deepcopy(b), TARGETS, r=8, alpha=8)
+    second = copy.deepcopy(first)
+    path = saved(tmp_path, b, "other", r=2, alpha=16)
+    compiled = torch.compile(second, backend="aot_eager")
+    ids = torch.randint(0, 64, (2, 8))
+    logits(compiled, ids)
+    li.load_adapter(second, path)  # into the copy only
+    torch.testing.assert_close(logits(compiled, ids), logits(second, ids), rtol=1e-5, atol=1e-5)
+    lora = first.model.layers[0].self_attn.q_proj.parametrizations.weight[0]
+    assert float(lora.scale_default) == lora.scaling["default"] == 1.0
