@@ -534,16 +534,20 @@ def linear(input, weight, bias):
     if not fits(weight, input, 0, quantized=True):
         return NotImplemented
     if quant.scheme(weight.w0) is not None:  # the backend's kernel, and the branch beside it
-        out = weight.rescale(frozen_linear(input, weight.w0, bias), bias)
-        return branch(input, weight, out, transposed=True)
+        return beside(input, weight, frozen_linear(input, weight.w0, bias), bias)
     plain = one_plain_term(weight, input)
     if plain is not None:  # x @ W0.T + s * (x @ R.T) @ L.T
         L, R, s = plain
         out = fused(input, weight.w0.t(), bias, R.t(), L.t(), s)
         if out is not None:
             return out
-    out = weight.rescale(F.linear(input, weight.w0, bias), bias)
-    return branch(input, weight, out, transposed=True)
+    return beside(input, weight, F.linear(input, weight.w0, bias), bias)
+
+
+def beside(x: Tensor, weight: FactoredWeight, base: Tensor, bias: Tensor | None) -> Tensor:
+    """``F.linear(x, weight, bias)`` from the base output ``base = F.linear(x, W0, bias)``,
+    however it was computed: DoRA's rescaling, then the low-rank branch."""
+    return branch(x, weight, weight.rescale(base, bias), transposed=True)
 
 
 @implements(torch.addmm, Tensor.addmm, names=("input", "mat1", "mat2", "beta", "alpha", "out"),

@@ -8,7 +8,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils.parametrize import type_before_parametrizations
 
-from .factored import FactoredWeight, branch
+from .factored import FactoredWeight, beside
 from .lookup import inverse, module_loras, parametrized
 from .lora import LoRA
 from .rule import type_name
@@ -59,7 +59,7 @@ def own_forward(module: nn.Module, tensor_name: str) -> None:
         out = type_before_parametrizations(self).forward(stored, input, *args, **kwargs)
         if type(weight) is not FactoredWeight:
             return out
-        return branch(input, weight, weight.rescale(out, self.bias), transposed=True)
+        return beside(input, weight, out, self.bias)
 
     cls.forward = forward
 

@@ -201,6 +201,7 @@ def _update(fn: str, entries: Sequence[Entry], name: str, existing: dict[str, Lo
         raise ValueError(f"{fn}(): the model's adapter {name!r} also covers `{extra}`, which the saved "
                          f"adapter lacks. Load it under another name with `adapter=`, or remove "
                          f"{name!r} first.")
+    ready = []  # (LoRA, the entry at the slot's rank), once every entry is checked
     for e in entries:
         lora = existing.get(e.key)
         if lora is None:
@@ -219,22 +220,20 @@ def _update(fn: str, entries: Sequence[Entry], name: str, existing: dict[str, Lo
             raise ValueError(f"{fn}(): `{e.key}` has {why}. Nothing was loaded. Inject the slot with r at "
                              "least the largest rank you will swap in, or load it under another name with "
                              "`adapter=`.")
-        for f, saved in (("lora_A", _padded(e.A, slot, -2)), ("lora_B", _padded(e.B, slot, -1)), *e.extra.items()):
+        at_slot = e if e.r == slot else replace(  # zero-padded to the slot's rank, with its own scaling
+            e, A=_padded(e.A, slot, -2), B=_padded(e.B, slot, -1), r=slot,
+            alpha=lora_scaling(e.r, e.alpha, e.rslora) * (math.sqrt(slot) if e.rslora else slot))
+        for f, saved in (("lora_A", at_slot.A), ("lora_B", at_slot.B), *e.extra.items()):
             have = mine[f]
             if have.shape != saved.shape:
                 raise ValueError(f"{fn}(): `{e.key}.{f}` has shape {tuple(saved.shape)} in the saved "
                                  f"adapter but {tuple(have.shape)} in the model's adapter {name!r} "
                                  f"(r={e.r} vs r={slot}). Load it under another name.")
+        ready.append((lora, at_slot))
     with torch.no_grad():
-        for e in entries:
-            lora = existing[e.key]
-            record = lora.adapter(name)
-            slot = record.r
-            if e.r < slot:  # zero-padded to the slot's rank, with the saved adapter's own scaling
-                s = lora_scaling(e.r, e.alpha, e.rslora)
-                e = replace(e, A=_padded(e.A, slot, -2), B=_padded(e.B, slot, -1), r=slot,
-                            alpha=s * (math.sqrt(slot) if e.rslora else slot))
+        for lora, e in ready:
             _fill(lora, name, e)
+            record = lora.adapter(name)
             record.alpha, record.rslora, record.dropout, record.targets = e.alpha, e.rslora, e.dropout, e.targets
 
 
