@@ -8,6 +8,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils.parametrize import type_before_parametrizations
 
+from . import quant
 from .factored import FactoredWeight, beside
 from .lookup import inverse, module_loras, parametrized
 from .lora import LoRA
@@ -55,8 +56,9 @@ def own_forward(module: nn.Module, tensor_name: str) -> None:
 
     def forward(self, input, *args, **kwargs):
         weight = getattr(self, tensor_name)  # LoRA's value: factored while an adapter is active
-        stored = _Stored(self, tensor_name, self.parametrizations[tensor_name].original)
-        out = type_before_parametrizations(self).forward(stored, input, *args, **kwargs)
+        original = self.parametrizations[tensor_name].original
+        out = type_before_parametrizations(self).forward(_Stored(self, tensor_name, original), input, *args, **kwargs)
+        quant.adopt(self, original)  # what that forward moved to the module goes back on the weight
         if type(weight) is not FactoredWeight:
             return out
         return beside(input, weight, out, self.bias)

@@ -6,9 +6,9 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import TypeVar
 
-from torch import nn
+from torch import Tensor, nn
 
-from .lookup import adapter_names, loras, qualified
+from .lookup import adapter_names, loras, module_loras, qualified
 from .rule import type_name
 
 __all__ = ["per_sample"]
@@ -25,8 +25,11 @@ def per_sample(model: M, adapters: Sequence[str | None]) -> Iterator[M]:
     ``groups=1``) computes its base output once for the whole batch, and each adapter's
     low-rank branch runs on the rows of the samples that chose it only (gathered, a view where
     they are contiguous, and added back in place), so a mixed batch costs about one adapter's.
-    The batch is dim 0 of the layer's input (a 2-D input may hold the samples' rows one after
-    the other, as transformers' ``Conv1D`` flattens ``(batch, seq, in)``). Inside the block the
+    The batch is dim 0 of the input each adapted layer receives (for ``EmbeddingBag`` with
+    ``offsets``, its bags), and it must equal ``len(adapters)``: it is never guessed from a
+    flattened shape. A layer that flattens its input itself (transformers' ``Conv1D`` turns
+    ``(batch, seq, in)`` into ``(batch * seq, in)``) keeps each sample's rows together; a model
+    that flattens the batch before the layer is refused. Inside the block the
     active adapters are ignored: a sample gets exactly its own adapter, and a layer without it
     gives that sample the base output. DoRA adapters work too (each sample gets its adapter's magnitude). On exit each
     layer is as before, also on error; blocks nest.
@@ -46,9 +49,11 @@ def per_sample(model: M, adapters: Sequence[str | None]) -> Iterator[M]:
     Raises:
         TypeError: if ``adapters`` is not a sequence of str or None.
         ValueError: if ``adapters`` is empty or names an adapter that is not in the model.
+        ValueError: in the forward, if an adapted layer's input has a batch (dim 0) other than
+            ``len(adapters)``.
         RuntimeError: if the model is in training mode, or a layer on the merged path carries
-            one of ``adapters``; also, in the forward, if a batch's size differs from
-            ``len(adapters)`` or an adapted weight reaches an op with no factored form.
+            one of ``adapters``; also, in the forward, if an adapted weight reaches an op with no
+            factored form.
 
     Example::
 
@@ -80,11 +85,42 @@ def per_sample(model: M, adapters: Sequence[str | None]) -> Iterator[M]:
                 "Per-sample adapters need layers with a factored form (Linear, Conv1D, Embedding, "
                 "EmbeddingBag, Conv with groups=1); run one forward per adapter with li.activate() instead."
             )
+    checked = {id(module): (qualname, module) for qualname, module, _, lora in entries
+               if lora.factored and any(a in lora.adapters for a in used)}
     saved = [(lora, lora.per_sample) for *_, lora in entries]
-    for lora, _ in saved:
-        lora.per_sample = tuple(adapters)
+    handles = []
     try:
+        for qualname, module in checked.values():
+            handles.append(module.register_forward_pre_hook(_batch_check(qualname), with_kwargs=True))
+        for lora, _ in saved:
+            lora.per_sample = tuple(adapters)
         yield model
     finally:
         for lora, before in saved:
             lora.per_sample = before
+        for h in handles:
+            h.remove()
+
+
+def _batch_check(qualname: str):
+    """A forward pre-hook: the batch of the adapted module's input (dim 0; ``EmbeddingBag``'s
+    bags by its offsets) must be one sample per name given to :func:`per_sample`."""
+
+    def check(module: nn.Module, args: tuple, kwargs: dict) -> None:
+        names = next((lora.per_sample for lora in module_loras(module) if lora.per_sample is not None), None)
+        x = args[0] if args else kwargs.get("input", next(iter(kwargs.values()), None))
+        if names is None or not isinstance(x, Tensor) or x.dim() == 0:
+            return
+        offsets = args[1] if len(args) > 1 else kwargs.get("offsets")
+        if isinstance(module, nn.EmbeddingBag) and isinstance(offsets, Tensor):
+            batch = offsets.shape[0] - int(module.include_last_offset)
+            what = f"{batch} bags (by its offsets)"
+        else:
+            batch, what = x.shape[0], f"a batch of {x.shape[0]} (dim 0 of its input of shape {tuple(x.shape)})"
+        if batch != len(names):
+            raise ValueError(
+                f"per_sample(): {len(names)} adapter names were given, one per sample, but {type_name(module)} "
+                f"`{qualname}` received {what}. Pass one name per sample; the batch is read from dim 0 "
+                "of each adapted layer's input, never guessed from a flattened shape.")
+
+    return check

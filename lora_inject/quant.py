@@ -7,8 +7,12 @@ nor bitsandbytes is imported unless a model holds their weights):
 * its logical shape and dtype (bitsandbytes packs 4-bit weights as ``(n/2, 1)`` bytes);
 * its value as a dense float tensor, built without gradient: for DoRA's norm, for the merged
   weight of ops with no factored form, for ``remove(merge=True)``;
-* a new quantized tensor in the same scheme (type, block sizes, quantization type) from a dense
-  one, for ``remove(merge=True)``;
+* a new quantized tensor in the same scheme (type, block sizes, quantization type, mapping and
+  zero points) from a dense one, for ``remove(merge=True)``: :func:`requantizer` decides how, or
+  refuses, before anything is written, and the function it returns builds the tensor;
+* for a weight whose module may keep part of its state (bitsandbytes' ``Linear8bitLt`` moves its
+  weight's scales to ``module.state`` in its first forward), how to put that state back on the
+  weight (:func:`adopt`), so that the weight alone can be read;
 * whether the module's own forward must run on it (bitsandbytes' layers read their weight's
   quantization state directly), rather than ``F.linear`` on the weight (torchao's tensors
   dispatch it themselves).
@@ -25,7 +29,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 __all__: list[str] = []
 
@@ -38,11 +42,13 @@ class Scheme:
     shape: Callable[[Tensor], torch.Size]
     dtype: Callable[[Tensor], torch.dtype]
     dequantize: Callable[[Tensor], Tensor]
-    requantize: Callable[[Tensor, Tensor], Tensor]  # (like, dense) -> like's scheme
+    # like -> (dense -> a tensor in like's scheme); raises ValueError if like's scheme cannot be rebuilt
+    requantizer: Callable[[Tensor], Callable[[Tensor], Tensor]]
     own_forward: bool = False
+    adopt: Callable[[nn.Module, Tensor], None] | None = None  # (module, its weight): state back on the weight
 
 
-def _torchao_int8(like: Tensor, dense: Tensor) -> Tensor:
+def _torchao_int8(like: Tensor) -> Callable[[Tensor], Tensor]:
     from torchao.quantization import Int8Tensor
     from torchao.quantization.granularity import PerRow, PerTensor
 
@@ -52,30 +58,46 @@ def _torchao_int8(like: Tensor, dense: Tensor) -> Tensor:
     elif block == (1, like.shape[-1]):
         granularity = PerRow()
     else:
-        raise ValueError(f"remove(): cannot requantize an Int8Tensor with block_size={block}; "
-                         "use remove(..., dequantize=True) for a dense weight.")
-    return Int8Tensor.from_hp(dense.to(like.dtype), granularity, act_quant_kwargs=like.act_quant_kwargs)
+        raise ValueError(f"an Int8Tensor with block_size={block} (per-group) cannot be requantized: only "
+                         f"per-tensor {tuple(like.shape)} and per-row {(1, like.shape[-1])} blocks can.")
+    return lambda dense: Int8Tensor.from_hp(dense.to(like.dtype), granularity, act_quant_kwargs=like.act_quant_kwargs)
 
 
-def _torchao_intx(like: Tensor, dense: Tensor) -> Tensor:
-    from torchao.quantization import IntxUnpackedToInt8Tensor
+def _torchao_intx(like: Tensor) -> Callable[[Tensor], Tensor]:
+    from torchao.quantization import IntxUnpackedToInt8Tensor, MappingType
+    from torchao.quantization.quant_api import _adjust_scale_dtype_in_intx_unpacked_tensor
 
-    return IntxUnpackedToInt8Tensor.from_hp(dense.to(like.dtype), tuple(like.block_size), like.target_dtype,
-                                            activation_quantization=like.activation_quantization)
+    # The tensor keeps no mapping type: zero points say it. Symmetric mappings store them all zero.
+    mapping = MappingType.ASYMMETRIC if bool(like.zero_point.any()) else MappingType.SYMMETRIC
+    block, target, scale_dtype = tuple(like.block_size), like.target_dtype, like.scale.dtype
+
+    def build(dense: Tensor) -> Tensor:
+        hp = dense.to(like.dtype)
+        new = IntxUnpackedToInt8Tensor.from_hp(hp, block, target, mapping_type=mapping,
+                                               activation_quantization=like.activation_quantization)
+        if new.scale.dtype != scale_dtype:  # IntxWeightOnlyConfig(scale_dtype=...), as torchao applies it
+            _adjust_scale_dtype_in_intx_unpacked_tensor(new, hp, scale_dtype)
+        return new
+
+    return build
 
 
-def _torchao_nf4(like: Tensor, dense: Tensor) -> Tensor:
-    return type(like).from_tensor(dense.to(like.dtype), like.block_size, like.scaler_block_size)
+def _torchao_nf4(like: Tensor) -> Callable[[Tensor], Tensor]:
+    return lambda dense: type(like).from_tensor(dense.to(like.dtype), like.block_size, like.scaler_block_size)
 
 
-def _bnb_4bit(like: Tensor, dense: Tensor) -> Tensor:
+def _bnb_4bit(like: Tensor) -> Callable[[Tensor], Tensor]:
     import bitsandbytes as bnb
 
     _, qs = _bnb_4bit_state(like)
-    new = bnb.nn.Params4bit(dense.to(qs.dtype), requires_grad=False, blocksize=qs.blocksize,
-                            compress_statistics=like.compress_statistics, quant_type=like.quant_type,
-                            quant_storage=like.quant_storage, module=like.module)
-    return new.to(like.device)  # bitsandbytes quantizes as it moves
+
+    def build(dense: Tensor) -> Tensor:
+        new = bnb.nn.Params4bit(dense.to(qs.dtype), requires_grad=False, blocksize=qs.blocksize,
+                                compress_statistics=like.compress_statistics, quant_type=like.quant_type,
+                                quant_storage=like.quant_storage, module=like.module)
+        return new.to(like.device)  # bitsandbytes quantizes as it moves
+
+    return build
 
 
 def _bnb_4bit_state(w: Tensor):
@@ -98,14 +120,28 @@ def _bnb_4bit_dense(w: Tensor) -> Tensor:
 
 
 def _bnb_int8_dense(w: Tensor) -> Tensor:
+    if w.SCB is None:
+        raise RuntimeError("an Int8Params weight without its scales (SCB): its Linear8bitLt keeps them in "
+                           "`module.state` after a forward; lora_inject.quant.adopt(module, weight) puts them back.")
     cb = w.CB if w.CB is not None else w.data
     return cb.float() * (w.SCB.float().unsqueeze(1) / 127)
 
 
-def _bnb_int8(like: Tensor, dense: Tensor) -> Tensor:
+def _bnb_int8_adopt(module: nn.Module, w: Tensor) -> None:
+    """``Linear8bitLt``'s first forward moves its weight's ``CB``/``SCB`` to ``module.state``
+    (``init_8bit_state``) and clears them on the weight: put them back, the layout bitsandbytes
+    has after ``.to(device)``, which its next forward reads as well."""
+    state = getattr(module, "state", None)
+    if w.SCB is None and getattr(state, "SCB", None) is not None:
+        w.CB = state.CB if state.CB is not None else w.data
+        w.SCB = state.SCB
+
+
+def _bnb_int8(like: Tensor) -> Callable[[Tensor], Tensor]:
     import bitsandbytes as bnb
 
-    return bnb.nn.Int8Params(dense.float(), requires_grad=False, has_fp16_weights=False).to(like.device)
+    return lambda dense: bnb.nn.Int8Params(dense.float(), requires_grad=False,
+                                           has_fp16_weights=False).to(like.device)
 
 
 def _logical(t: Tensor) -> torch.Size:
@@ -129,7 +165,7 @@ SCHEMES: dict[str, Scheme] = {s.name: s for s in (
     Scheme("bitsandbytes.nn.modules.Params4bit", lambda t: t.quant_state.shape, lambda t: _bnb_4bit_state(t)[1].dtype,
            _bnb_4bit_dense, _bnb_4bit, own_forward=True),
     Scheme("bitsandbytes.nn.modules.Int8Params", _logical, lambda t: torch.float32, _bnb_int8_dense, _bnb_int8,
-           own_forward=True),
+           own_forward=True, adopt=_bnb_int8_adopt),
 )}
 
 
@@ -176,7 +212,30 @@ def dense(t: Tensor) -> Tensor:
         return s.dequantize(t).to(s.dtype(t)).reshape(s.shape(t))
 
 
+def requantizer(like: Tensor) -> Callable[[Tensor], Tensor]:
+    """How to quantize a dense tensor in the scheme of ``like`` (type, block sizes, quantization
+    type, mapping, scale dtype), decided without quantizing anything.
+
+    Raises:
+        ValueError: if ``like``'s scheme cannot be rebuilt; the message says which and why.
+    """
+    build = scheme(like).requantizer(like)
+
+    def quantized(value: Tensor) -> Tensor:
+        with torch.no_grad():
+            return build(value)
+
+    return quantized
+
+
 def requantize(like: Tensor, value: Tensor) -> Tensor:
     """``value`` quantized in the scheme of ``like``."""
-    with torch.no_grad():
-        return scheme(like).requantize(like, value)
+    return requantizer(like)(value)
+
+
+def adopt(module: nn.Module, t: Tensor) -> None:
+    """Put back on the quantized weight ``t`` of ``module`` whatever state the module took from it
+    (see :class:`Scheme`), so that ``t`` alone can be read; nothing for any other tensor."""
+    s = scheme(t)
+    if s is not None and s.adopt is not None:
+        s.adopt(module, t)

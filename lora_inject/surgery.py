@@ -206,6 +206,10 @@ def inject(
                         tensor_name not in parametrized(module))
                 done.append((module, tensor_name, lora, fresh))
                 if fresh:
+                    # A quantized weight carries its whole state while LoRA holds it (bitsandbytes'
+                    # Linear8bitLt moves its scales to the module in a forward): DoRA, PiSSA, the
+                    # weight's value and remove(merge=True) read the weight alone.
+                    quant.adopt(module, source(module, tensor_name))
                     # Registered while empty, so parametrize's check runs the identity; filled below.
                     # parametrize reads the tensor through the ones already there: keep their state
                     with kept(list(parametrized(module).get(tensor_name, ()))):
@@ -295,11 +299,12 @@ def remove(model: M, *, merge: bool = True, adapter: str | Sequence[str] | None 
     A quantized ``W0`` (torchao's ``Int8Tensor``, ``IntxUnpackedToInt8Tensor``, ``NF4Tensor``;
     bitsandbytes' ``Params4bit``, ``Int8Params``) is given back as the very same tensor with
     ``merge=False``. With ``merge=True`` it is dequantized, ``ΔW`` is added in float32, and the sum
-    is requantized in the weight's own scheme (same type, block sizes and quantization type), as a
-    new tensor; requantizing rounds, and a :class:`RequantizationWarning` reports the largest change
-    it made (relative to the weight's largest entry) and where. With ``dequantize=True`` the weight
-    is written dense instead (the merged one with ``merge=True``, else ``W0``), in its logical dtype,
-    for export; a bitsandbytes layer then becomes a plain ``nn.Linear``.
+    is requantized in the weight's own scheme (same type, block sizes, quantization type, mapping
+    and zero points, scale dtype), as a new tensor, rounding as quantizing the merged weight
+    afresh with the same config would; requantizing rounds, and a :class:`RequantizationWarning`
+    reports the largest change it made (relative to the weight's largest entry) and where. With
+    ``dequantize=True`` the weight is written dense instead (the merged one with ``merge=True``,
+    else ``W0``), in its logical dtype, for export; a bitsandbytes layer then becomes a plain ``nn.Linear``.
 
     Args:
         model (nn.Module): the model to change in place.
@@ -314,9 +319,11 @@ def remove(model: M, *, merge: bool = True, adapter: str | Sequence[str] | None 
         TypeError: if ``merge`` or ``dequantize`` is not a bool, or ``adapter`` is not a str, a
             sequence of str or None.
         ValueError: if an adapter name is not in the model, a merged weight would not be
-            finite, or the merge would leave other active adapters on a tensor where one of
-            them, or a merged one, is DoRA (its norm depends on ``W0``); the model is left
-            unchanged.
+            finite, the merge would leave other active adapters on a tensor where one of
+            them, or a merged one, is DoRA (its norm depends on ``W0``), or a quantized weight's
+            scheme cannot be rebuilt (torchao's per-group ``Int8Tensor``: pass
+            ``dequantize=True``). Every tensor is checked before any is written, so the model
+            is left unchanged.
         RuntimeError: if a parametrization registered before ours cannot represent the
             merged weight, so merging is ill-defined (the model is left unchanged); use
             ``merge=False`` or remove that parametrization first.
@@ -327,31 +334,43 @@ def remove(model: M, *, merge: bool = True, adapter: str | Sequence[str] | None 
         raise TypeError(f"remove(): `dequantize` must be a bool, got {dequantize!r}.")
     entries = list(loras(model))
     names = adapter_names("remove", entries, adapter)
+    # Two phases: every site is checked, and every quantized weight's requantization decided,
+    # before anything is written; a refusal leaves the model unchanged.
     plans = []
     for qualname, module, tensor_name, lora in entries:
         mine = [n for n in lora.adapters if names is None or n in names]
         if not mine:
             continue
+        where = qualified(qualname, tensor_name)
         merge_now = [n for n in mine if n in lora.active] if merge else []
         staying = [n for n in lora.active if n not in mine]
         if merge_now and staying and any(lora.adapter(n).dora for n in merge_now + staying):
             raise ValueError(
-                f"remove(): merging {merge_now} into `{qualified(qualname, tensor_name)}` while {staying} stay "
+                f"remove(): merging {merge_now} into `{where}` while {staying} stay "
                 "active would change the outputs: a DoRA adapter's norm is taken over W0, which the merge "
                 f"rewrites. The model is unchanged; remove them together (adapter={merge_now + staying}), "
                 "turn the others off first with li.activate(), or use merge=False.")
         if merge_now:
             _merge_into_originals(qualname, module, tensor_name, lora, merge_now, write=False)
-        plans.append((qualname, module, tensor_name, lora, mine, merge_now))
-    rounding: list[tuple[float, str]] = []  # requantized: (largest relative change, where)
-    for qualname, module, tensor_name, lora, mine, merge_now in plans:
         plist = module.parametrizations[tensor_name]
         scheme = quant.scheme(plist.original) if list(plist).index(lora) == 0 else None
-        if scheme is not None and (merge_now or dequantize and len(mine) == len(lora.adapters)):
+        # A quantized W0 is rewritten when merged into, or written dense once its last adapter goes.
+        rewrite = scheme is not None and bool(merge_now or dequantize and len(mine) == len(lora.adapters))
+        build = None
+        if rewrite and not dequantize:
+            try:
+                build = quant.requantizer(plist.original)
+            except ValueError as e:
+                raise ValueError(f"remove(): cannot merge into `{where}`: {e} The model is unchanged; pass "
+                                 "dequantize=True for a dense merged weight, or use merge=False.") from None
+        plans.append((qualname, module, tensor_name, lora, mine, merge_now, scheme, rewrite, build))
+    rounding: list[tuple[float, str]] = []  # requantized: (largest relative change, where)
+    for qualname, module, tensor_name, lora, mine, merge_now, scheme, rewrite, build in plans:
+        plist = module.parametrizations[tensor_name]
+        if rewrite:
             with torch.no_grad():
                 target = lora.merged(plist.original, merge_now) if merge_now else quant.dense(plist.original)
-            plist.original = _quantized_as(plist.original, target, dequantize, qualified(qualname, tensor_name),
-                                           rounding)
+            plist.original = _quantized_as(target, build, qualified(qualname, tensor_name), rounding)
         elif merge_now:
             _merge_into_originals(qualname, module, tensor_name, lora, merge_now, write=True)
         for name in mine:
@@ -369,12 +388,12 @@ def remove(model: M, *, merge: bool = True, adapter: str | Sequence[str] | None 
     return model
 
 
-def _quantized_as(W: Tensor, target: Tensor, dense: bool, where: str, rounding: list) -> nn.Parameter:
-    """``target`` as ``W``'s new stored tensor: dense, or requantized in ``W``'s scheme (its
-    rounding recorded in ``rounding``)."""
-    if dense:
+def _quantized_as(target: Tensor, build, where: str, rounding: list) -> nn.Parameter:
+    """``target`` as a weight's new stored tensor: dense (``build`` None), or requantized by
+    ``build`` (see :func:`lora_inject.quant.requantizer`), its rounding recorded in ``rounding``."""
+    if build is None:
         return nn.Parameter(target, requires_grad=False)
-    new = quant.requantize(W, target)
+    new = build(target)
     scale = float(target.abs().max()) or 1.0
     rounding.append((float((quant.dense(new).float() - target.float()).abs().max()) / scale, where))
     return new if isinstance(new, nn.Parameter) else nn.Parameter(new, requires_grad=False)

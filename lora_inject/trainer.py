@@ -6,6 +6,8 @@ This module needs ``transformers``; the rest of lora_inject does not import it.
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 from transformers import Trainer
@@ -19,6 +21,32 @@ __all__ = ["AdapterTrainer"]
 TRAINING_ARGS = "training_args.bin"  # transformers.trainer.TRAINING_ARGS_NAME
 
 
+@contextmanager
+def _adapters_attached(model) -> Iterator[None]:
+    """Tell transformers, while ``Trainer`` checks the model, that adapters are attached.
+
+    ``Trainer`` refuses a model quantized by ``from_pretrained(quantization_config=...)`` unless
+    it is a ``PeftModel`` or has ``_hf_peft_config_loaded`` set, the flag that transformers' own
+    ``add_adapter``/``load_adapter`` set. A model with our adapters is set up for training the same
+    way, so the flag is set for the check, and put back after: left set, transformers would look
+    for a peft config that the model does not have (``model.load_adapter``, ``active_adapters``).
+    """
+    if not (isinstance(model, torch.nn.Module) and getattr(model, "is_quantized", False)
+            and not getattr(model, "_hf_peft_config_loaded", False) and any(True for _ in loras(model))):
+        yield
+        return
+    own = "_hf_peft_config_loaded" in vars(model)
+    before = vars(model).get("_hf_peft_config_loaded")
+    model._hf_peft_config_loaded = True
+    try:
+        yield
+    finally:
+        if own:
+            model._hf_peft_config_loaded = before
+        else:
+            del model._hf_peft_config_loaded
+
+
 class AdapterTrainer(Trainer):
     r"""``transformers.Trainer`` for a model adapted with :func:`lora_inject.inject`.
 
@@ -28,6 +56,10 @@ class AdapterTrainer(Trainer):
     and ``load_best_model_at_end`` read it back with :func:`lora_inject.load_adapter`, into the
     same Parameters, so a resumed run trains on exactly as an uninterrupted one.
     ``lora_inject.load_adapter(base, "out/checkpoint-N")`` reads a checkpoint too.
+
+    A model that transformers quantized (``from_pretrained(..., quantization_config=
+    BitsAndBytesConfig(...))``) trains too: ``Trainer`` refuses a "purely quantized" model, and
+    this one is told that adapters are attached, as peft's are.
 
     A checkpoint holds the adapter only, so only the adapter may train: :meth:`train` refuses a
     model with any other parameter that requires grad (call
@@ -61,7 +93,9 @@ class AdapterTrainer(Trainer):
         if adapter_format not in ("lora_inject", "peft"):
             raise ValueError(f"AdapterTrainer(): `adapter_format` must be 'lora_inject' or 'peft', got "
                              f"{adapter_format!r}.")
-        super().__init__(*args, **kwargs)
+        model = kwargs.get("model", args[0] if args else None)
+        with _adapters_attached(model):
+            super().__init__(*args, **kwargs)
         self.adapter, self.adapter_format = adapter, adapter_format
 
     def train(self, *args, **kwargs):

@@ -289,3 +289,133 @@ def test_state_dict_keeps_the_base_keys(kind):
     assert set(plain) == {k for k in ours if ".lora_" not in k}
     for k, v in plain.items():  # the same tensors: quantized ones by their dense value
         assert type(ours[k]) is type(v) and torch.equal(quant.dense(ours[k]), quant.dense(v))
+
+
+# -- quantized bases after real use ------------------------------------------------------------------
+
+def _used_int8() -> nn.Module:
+    """A Linear8bitLt after a forward: bitsandbytes has moved its scales to ``module.state``."""
+    layer = quantized("bnb-int8")
+    layer(torch.randn(2, IN))
+    assert layer.weight.SCB is None and layer.state.SCB is not None
+    return nn.Sequential(layer)
+
+
+def _dense_of(layer: nn.Module) -> nn.Linear:
+    """The dense dequantized layer a Linear8bitLt stands for, read from bitsandbytes' own state."""
+    dense = nn.Linear(IN, OUT)
+    with torch.no_grad():
+        dense.weight.copy_(layer.state.CB.float() * layer.state.SCB.float().unsqueeze(1) / 127)
+        dense.bias.copy_(layer.bias.float())
+    return dense
+
+
+@pytest.mark.parametrize("call", ["dora", "pissa", "weight", "merge"])
+def test_a_linear8bitlt_that_ran_a_forward(call):
+    model = _used_int8()
+    dense = nn.Sequential(_dense_of(model[0]))
+    kw = {"dora": dict(dora=True), "pissa": dict(init="pissa")}.get(call, {})
+    li.inject(model, "0", r=4, alpha=8, **kw)
+    li.inject(dense, "0", r=4, alpha=8, **kw)
+    with torch.no_grad():
+        for p, q in zip(li.lora_parameters(dense), li.lora_parameters(model)):
+            if call == "pissa":  # both factored from the same W0
+                torch.testing.assert_close(q, p, rtol=1e-4, atol=1e-4)
+            elif p.dim() > 1:
+                p.normal_(0, 0.2)
+            q.copy_(p)
+    x = torch.randn(3, IN)
+    with torch.no_grad():
+        model(x)  # another forward through bitsandbytes' own kernel
+        torch.testing.assert_close(model[0].weight.merged(), dense[0].weight, rtol=1e-5, atol=1e-5)
+        want = dense(x)
+        torch.testing.assert_close(model(x), want, rtol=1e-3, atol=1e-3)
+    if call == "merge":
+        with pytest.warns(li.RequantizationWarning):
+            li.remove(model, merge=True)
+        merged = dense[0].weight.detach()
+        fresh = bnb.nn.Int8Params(merged.clone(), requires_grad=False, has_fp16_weights=False).to("cpu")
+        torch.testing.assert_close(quant.dense(model[0].weight), quant.dense(fresh), rtol=0, atol=0)
+        with torch.no_grad():
+            model(x)  # bitsandbytes' own forward on the requantized weight, which takes its scales
+        assert torch.equal(model[0].state.CB, fresh.CB) and torch.equal(model[0].state.SCB, fresh.SCB)
+
+
+def test_a_linear8bitlt_keeps_its_scales_through_forwards_with_adapters_off():
+    model = li.inject(_used_int8(), "0", r=4)
+    with torch.no_grad(), li.disabled(model):
+        model(torch.randn(2, IN))  # bitsandbytes' forward sees W0 itself
+    li.remove(model, merge=True, dequantize=True)
+    assert type(model[0]) is nn.Linear
+
+
+def _asymmetric_intx(seed: int = 0):
+    from torchao.quantization import MappingType
+    from torchao.quantization.granularity import PerGroup
+
+    return IntxWeightOnlyConfig(weight_dtype=torch.int4, granularity=PerGroup(32),
+                                mapping_type=MappingType.ASYMMETRIC)
+
+
+@pytest.mark.parametrize("asymmetric", [True, False])
+def test_intx_requantizes_in_its_own_mapping(asymmetric):
+    torch.manual_seed(0)
+    config = _asymmetric_intx() if asymmetric else IntxWeightOnlyConfig(weight_dtype=torch.int4)
+    model = nn.Sequential(nn.Linear(IN, OUT))
+    quantize_(model, config)
+    assert bool(model[0].weight.zero_point.any()) is asymmetric
+    li.inject(model, "0", r=4, alpha=8)
+    with torch.no_grad():
+        for p in li.lora_parameters(model):
+            p.normal_(0, 0.2)
+    merged = model[0].weight.merged().detach()
+    with pytest.warns(li.RequantizationWarning):
+        li.remove(model, merge=True)
+    # torchao's own quantization of W0 + ΔW with the same config is the oracle
+    oracle = nn.Sequential(nn.Linear(IN, OUT))
+    with torch.no_grad():
+        oracle[0].weight.copy_(merged)
+    quantize_(oracle, config)
+    got, want = model[0].weight, oracle[0].weight
+    for name in ("qdata", "scale", "zero_point"):
+        assert torch.equal(getattr(got, name), getattr(want, name)), name
+    assert got.block_size == want.block_size and got.target_dtype == want.target_dtype
+
+
+def test_a_refused_remove_leaves_every_layer_unchanged():
+    from torch.nn.utils import parametrize
+    from torchao.quantization.granularity import PerGroup
+
+    torch.manual_seed(0)
+    # the first layer's groups span its rows (a per-row block, which requantizes), the second's do not
+    model = nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 16))
+    quantize_(model, Int8WeightOnlyConfig(granularity=PerGroup(32)))
+    li.inject(model, ["0", "2"], r=4)
+    with torch.no_grad():
+        for p in li.lora_parameters(model):
+            p.normal_(0, 0.2)
+    before = {k: stored_bits(v) if quant.scheme(v) else [v.clone()]
+              for k, v in model.state_dict(keep_vars=True).items()}
+    classes = [type(m) for m in model]
+    plists = [id(m.parametrizations.weight) for m in (model[0], model[2])]
+    originals = [m.parametrizations.weight.original for m in (model[0], model[2])]
+    x = torch.randn(3, 32)
+    with torch.no_grad():
+        want = model(x)
+    with pytest.raises(ValueError, match=r"remove\(\): cannot merge into `2\.weight`: .*block_size=\[?\(?1, 32"
+                                         r".*The model is unchanged; pass dequantize=True"):
+        li.remove(model, merge=True)
+    after = model.state_dict(keep_vars=True)
+    assert before.keys() == after.keys()
+    for k, v in after.items():
+        now = stored_bits(v) if quant.scheme(v) else [v]
+        assert all(torch.equal(a, b) for a, b in zip(before[k], now)), k
+    assert [type(m) for m in model] == classes
+    assert all(parametrize.is_parametrized(m, "weight") for m in (model[0], model[2]))
+    assert [id(m.parametrizations.weight) for m in (model[0], model[2])] == plists
+    assert all(m.parametrizations.weight.original is o for m, o in zip((model[0], model[2]), originals))
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), want, rtol=0, atol=0)
+    li.remove(model, merge=True, dequantize=True)  # the fix the message names
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), want, rtol=1e-5, atol=1e-5)

@@ -113,3 +113,39 @@ def test_training_what_a_checkpoint_would_not_hold_is_refused(tmp_path):
 def test_unknown_format_is_refused(tmp_path):
     with pytest.raises(ValueError, match=r"`adapter_format` must be 'lora_inject' or 'peft', got 'bin'"):
         trainer(adapted(base_model()), tmp_path, "bin")
+
+
+def test_a_model_quantized_by_from_pretrained_trains(tmp_path):
+    """transformers refuses a "purely quantized" model in Trainer unless adapters are attached."""
+    pytest.importorskip("bitsandbytes")
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig, LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, vocab_size=50, max_position_embeddings=32)
+    LlamaForCausalLM(cfg).save_pretrained(tmp_path / "base")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = AutoModelForCausalLM.from_pretrained(
+            tmp_path / "base", quantization_config=BitsAndBytesConfig(load_in_4bit=True,
+                                                                      bnb_4bit_compute_dtype=torch.float32))
+    assert model.is_quantized and type(model.model.layers[0].self_attn.q_proj).__name__ == "Linear4bit"
+    li.mark_only_lora_as_trainable(li.inject(model, ["q_proj", "v_proj"], r=4, alpha=8))
+    with torch.no_grad():
+        for p in li.lora_parameters(model):  # B nonzero, so that A gets a gradient too
+            p.normal_(0, 0.1)
+    before = factors(model)
+    ids = torch.randint(1, 50, (16, 8), generator=torch.Generator().manual_seed(1))
+    args = TrainingArguments(str(tmp_path / "out"), per_device_train_batch_size=4, max_steps=2, save_steps=2,
+                             learning_rate=5e-2, logging_steps=100, report_to=[], use_cpu=True,
+                             dataloader_num_workers=0)
+    t = AdapterTrainer(model=model, args=args, train_dataset=[{"input_ids": i, "labels": i} for i in ids])
+    assert not getattr(model, "_hf_peft_config_loaded", False)  # told for the check only
+    train(t)
+    after = factors(model)
+    assert before.keys() == after.keys() and all(not torch.equal(before[k], after[k]) for k in before)
+    ckpt = tmp_path / "out" / "checkpoint-2"
+    assert not any(f.name.startswith(("model", "pytorch_model")) for f in ckpt.iterdir())
+    saved = li.load_adapter(copy.deepcopy(model), ckpt)
+    for k, v in li.lora_state_dict(saved).items():
+        assert torch.equal(v, after[k])

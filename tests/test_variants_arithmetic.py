@@ -5,6 +5,7 @@ per-sample adapters (``per_sample``: each sample of a batch with its own adapter
 from __future__ import annotations
 
 import copy
+import re
 
 import peft
 import pytest
@@ -233,7 +234,8 @@ def test_per_sample_refuses_the_merged_path_training_and_wrong_batches():
     x = torch.randn(3, 4)
     with li.per_sample(model, ["b", None, "b"]):  # the MHA carries none of them: fine, it runs its base weight
         model["attn"](x[None], x[None], x[None])
-        with pytest.raises(RuntimeError, match=r"a batch has 2 samples along dim 0 .* but 3 adapters were given"):
+        with pytest.raises(ValueError, match=r"per_sample\(\): 3 adapter names were given, one per sample, but "
+                                             r"Linear `fc` received a batch of 2"):
             model["fc"](x[:2])
         with pytest.raises(RuntimeError, match=r"reached an op that has no factored form"):
             x @ model["fc"].weight.T
@@ -251,6 +253,49 @@ def test_per_sample_refuses_the_merged_path_training_and_wrong_batches():
         with li.per_sample(model, ["zz"]):
             pass
     assert all(lora.per_sample is None for _, lora in li.named_loras(model))
+
+
+@pytest.mark.parametrize("shape", [(4, 6), (4, 5, 6)])
+def test_per_sample_refuses_a_batch_other_than_one_per_name(shape):
+    """A batch of 4 with 2 names must not give rows 0-1 to one name and 2-3 to the other."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 6), nn.ReLU(), nn.Linear(6, 3)).eval()
+    li.inject(model, ["0", "2"], r=2, adapter="a")
+    li.inject(model, ["0", "2"], r=2, adapter="b")
+    with torch.no_grad():
+        for p in li.lora_parameters(model):
+            p.normal_()
+    x = torch.randn(*shape)
+    with torch.no_grad():
+        with pytest.raises(ValueError, match=r"per_sample\(\): 2 adapter names were given, one per sample, but "
+                                             r"Linear `0` received a batch of 4 \(dim 0 of its input of shape "
+                                             + re.escape(str(shape))):
+            with li.per_sample(model, ["a", "b"]):
+                model(x)
+        with li.per_sample(model, ["a", "b", None, "a"]):  # one per sample: each as its own forward
+            out = model(x)
+        for i, name in enumerate(["a", "b", None, "a"]):
+            if name is None:
+                with li.disabled(model):
+                    want = model(x[i:i + 1])
+            else:
+                want = li.activate(model, name)(x[i:i + 1])
+            torch.testing.assert_close(out[i:i + 1], want)
+
+
+def test_per_sample_refuses_a_model_that_flattens_the_batch_before_the_layer():
+    class Flat(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(6, 3)
+
+        def forward(self, x):  # (B, T, 6) -> (B * T, 6): the layer cannot tell the samples apart
+            return self.fc(x.reshape(-1, x.shape[-1])).view(*x.shape[:-1], 3)
+
+    model = li.inject(Flat().eval(), "fc", r=2)
+    with torch.no_grad(), li.per_sample(model, ["default", None]):
+        with pytest.raises(ValueError, match=r"2 adapter names were given.*received a batch of 10"):
+            model(torch.randn(2, 5, 6))
 
 
 def test_per_sample_restores_on_error_and_nests():
