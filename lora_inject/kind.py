@@ -98,10 +98,12 @@ class Kind:
 
     Example::
 
-        >>> def create(view, r, alpha, options):
-        ...     return {"scale": torch.zeros(*view.lead, view.out_features, 1)}
-        >>> def delta(params, view, scaling, options):
-        ...     return 0  # a kind that never changes the weight
+        >>> def create(view, r, alpha, options):  # one gain per output unit, ones at init
+        ...     return {"gain": torch.ones(*view.lead, view.out_features)}
+        >>> def apply(W, params, view, scaling, options):  # (.., out, in) -> (.., out, in)
+        ...     return W * params["gain"][..., :, None]
+        >>> register_kind("gain", Kind("gain", create=create, apply=apply,
+        ...                            default_r=None, default_alpha=None))
     """
 
     name: str

@@ -357,6 +357,20 @@ def test_factored_linear_equals_merged(kinds, out, inn, r, flag, transpose, batc
     torch.testing.assert_close(got, F.linear(x, W, b), rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("kind", ["loha", "lokr", "oft", "ia3", "vera"])
+@given(view=_views(), r=st.integers(1, 6), flag=st.booleans())
+def test_gradients_reach_every_trained_tensor(kind, view, r, flag):
+    k, params, s, opts = _setup(kind, view, r, flag)
+    _randomize(params, k.frozen)
+    trained = {n: t.requires_grad_() for n, t in params.items() if n not in k.frozen}
+    W0 = torch.randn(view.shape)
+    W = view.stored(merged(view.rows(W0), [(k, params, s, opts)], view))
+    (W * torch.randn_like(W)).sum().backward()
+    for name, t in trained.items():
+        assert t.grad is not None and bool(torch.isfinite(t.grad).all()), name
+    assert all(params[n].grad is None for n in k.frozen)
+
+
 def test_factored_is_none_without_a_form():
     k, params, s, opts = _setup("loha", View((4, 6)), 2, False)
     assert factored("linear", torch.randn(2, 6), lambda z: z, [(k, params, s, opts)], View((4, 6))) is None
