@@ -1,0 +1,310 @@
+r"""Kinds of update: what an adapter holds and how it changes a tensor, kept as data.
+
+A :class:`Kind` is one small definition: its options (named as peft's config fields for that
+kind), the parameters it creates for a tensor seen through a :class:`~lora_inject.view.View`,
+and its update in that view's ``(.., out, in)`` matrix ("rows"):
+
+* **additive** kinds give ``delta(params, view, scaling, options)``, the ``(.., out, in)``
+  matrix added to the weight so far: ``W <- W + delta``;
+* **multiplicative** kinds give ``apply(W, params, view, scaling, options)``, the weight they
+  turn the weight so far into: ``W <- apply(W)`` (OFT rotates, IA³ scales rows or columns).
+
+Several adapters on one tensor compose in the order given (:func:`merged`), as peft applies its
+layers' adapters. Every function works on any view: Linear ``(out, in)``, a conv ``(out,
+in/groups * k..)`` (its kernel read from ``view.shape``), a transposed ``(in, out)`` tensor
+such as GPT-2's ``Conv1D`` or an ``Embedding``, and experts with a leading ``E``.
+
+Where the update can run without building a weight-sized tensor, ``factored`` maps an op's
+name to ``form(x, base, params, view, scaling, options)``: ``base`` computes the op with the
+weight so far (``x -> op(x, W) + bias``), and the form returns the op with the adapted weight.
+Composed in order, each adapter's form wraps the previous one's ``base``. The op ``"linear"``
+is ``y = x @ rows(W).T (+ bias)``, which covers ``F.linear`` and ``Conv1D``'s ``addmm``.
+
+Kinds are registered by name, as rules are by module type: :func:`register_kind`,
+:func:`find_kind`, :func:`default_kinds`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .view import View
+
+__all__ = ["Kind", "Option", "default_kinds", "find_kind", "register_kind"]
+
+Params = Mapping[str, Tensor]
+Options = Mapping[str, Any]
+Base = Callable[[Tensor], Tensor]
+
+
+@dataclass(frozen=True)
+class Option:
+    """One option of a kind, with peft's config field name and default.
+
+    Args:
+        name (str): the option's name, as peft's config field for that kind.
+        default: the value used when the option is not given.
+        check (callable): ``check(value) -> bool``, whether ``value`` is allowed.
+        expect (str): what ``check`` allows, in words, for the error message
+            (``"a float in [0, 1)"``).
+    """
+
+    name: str
+    default: Any
+    check: Callable[[Any], bool]
+    expect: str
+
+
+@dataclass(frozen=True)
+class Kind:
+    r"""Define a kind of update: its options, its parameters, and how it changes a tensor.
+
+    Exactly one of ``delta`` (additive) and ``apply`` (multiplicative) is set.
+
+    Args:
+        name (str): the kind's name, as ``inject(kind=...)`` takes it.
+        create (callable): ``create(view, r, alpha, options) -> dict[str, Tensor]``, the
+            adapter's own tensors for a tensor seen through ``view``, with their init, so that
+            the update is the identity; in float32 on the CPU (the caller casts and moves them).
+            ``options`` is complete (see :meth:`resolve`).
+        delta (callable or None): ``delta(params, view, scaling, options) -> Tensor``, the
+            additive update ``(.., out, in)``. ``params`` holds the adapter's tensors and the
+            shared ones (see ``shared``).
+        apply (callable or None): ``apply(W, params, view, scaling, options) -> Tensor``, the
+            weight ``(.., out, in)`` that a multiplicative kind makes of ``W`` ``(.., out, in)``.
+        options (tuple of Option): the kind's options, named as in peft's config.
+        validate (callable or None): ``validate(r, alpha, options)``, the checks that span
+            several options; raises ``ValueError``.
+        scaling (callable): ``scaling(r, alpha, options) -> float``; ``alpha / r`` by default.
+        default_r (int or None): peft's default rank; ``None`` for a kind without one (IA³).
+        default_alpha (float or None): peft's default alpha; ``None`` for a kind without one.
+        apply_bias (callable or None): ``apply_bias(b, params, view, options) -> Tensor``, the
+            bias that goes with the adapted weight, for a kind that changes it too (IA³ scaling
+            the output scales the bias). ``None``: the bias is left alone.
+        shared (callable or None): ``shared(views, r, options) -> dict[str, Tensor]``, tensors
+            shared by every site of one adapter (VeRA's random projections), built once from
+            all the sites' views. Each site's ``params`` holds them under the same names.
+        frozen (tuple of str): the names of tensors that are not trained (buffers).
+        factored (mapping): op name to ``form(x, base, params, view, scaling, options)``, the
+            op's output with the adapted weight, computed without building it.
+        peft_key (callable): ``peft_key(tensor_name) -> str``, the tensor's key in peft's
+            adapter files below the module path; the tensor's name by default.
+
+    Example::
+
+        >>> def create(view, r, alpha, options):  # one gain per output unit, ones at init
+        ...     return {"gain": torch.ones(*view.lead, view.out_features)}
+        >>> def apply(W, params, view, scaling, options):  # (.., out, in) -> (.., out, in)
+        ...     return W * params["gain"][..., :, None]
+        >>> register_kind("gain", Kind("gain", create=create, apply=apply,
+        ...                            default_r=None, default_alpha=None))
+    """
+
+    name: str
+    create: Callable[[View, int, float, Options], dict[str, Tensor]]
+    delta: Callable[[Params, View, float, Options], Tensor] | None = None
+    apply: Callable[[Tensor, Params, View, float, Options], Tensor] | None = None
+    options: tuple[Option, ...] = ()
+    validate: Callable[[int, float, Options], None] | None = None
+    scaling: Callable[[int, float, Options], float] = field(default=lambda r, alpha, options: alpha / r)
+    default_r: int | None = 8
+    default_alpha: float | None = 8.0
+    apply_bias: Callable[[Tensor, Params, View, Options], Tensor] | None = None
+    shared: Callable[[Sequence[View], int, Options], dict[str, Tensor]] | None = None
+    frozen: tuple[str, ...] = ()
+    factored: Mapping[str, Callable[..., Tensor]] = field(default_factory=dict)
+    peft_key: Callable[[str], str] = field(default=lambda tensor_name: tensor_name)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.name, str) or not self.name.isidentifier():
+            raise ValueError(f"Kind(): `name` must be an identifier str, got {self.name!r}.")
+        if (self.delta is None) == (self.apply is None):
+            raise ValueError(
+                f"Kind({self.name!r}): set exactly one of `delta` (an additive update) and `apply` "
+                f"(a multiplicative one); got delta={self.delta!r}, apply={self.apply!r}."
+            )
+        names = [o.name for o in self.options]
+        if len(set(names)) != len(names):
+            raise ValueError(f"Kind({self.name!r}): `options` names an option twice: {names}.")
+
+    @property
+    def additive(self) -> bool:
+        """Whether the update adds ``delta`` (else it maps the weight with ``apply``)."""
+        return self.delta is not None
+
+    def resolve(self, r: int | None = None, alpha: float | None = None,
+                **options: Any) -> tuple[int | None, float | None, dict[str, Any]]:
+        """Return ``(r, alpha, options)`` with peft's defaults filled in and every value checked.
+
+        Raises:
+            TypeError: if an option is not one of this kind's.
+            ValueError: if a value is not allowed; the message names the option, the value and
+                what is allowed.
+        """
+        known = {o.name: o for o in self.options}
+        unknown = sorted(set(options) - set(known))
+        if unknown:
+            raise TypeError(
+                f"inject(kind={self.name!r}): unknown option(s) {unknown}; the options of "
+                f"{self.name!r} are {sorted(known) or 'none'}."
+            )
+        r = self.default_r if r is None else r
+        alpha = self.default_alpha if alpha is None else alpha
+        if self.default_r is not None and not (integer(r) and r >= 0):
+            raise ValueError(f"inject(kind={self.name!r}): `r` must be an int >= 0, got {r!r}.")
+        if alpha is not None and not real(alpha):
+            raise ValueError(f"inject(kind={self.name!r}): `alpha` must be a real number, got {alpha!r}.")
+        out = {}
+        for name, opt in known.items():
+            value = options.get(name, opt.default)
+            if not opt.check(value):
+                raise ValueError(
+                    f"inject(kind={self.name!r}): option `{name}` must be {opt.expect}, got "
+                    f"{value!r}. Pass {name}=<{opt.expect}>, or leave it out for peft's default "
+                    f"{opt.default!r}."
+                )
+            out[name] = value
+        if self.validate is not None:
+            self.validate(r, alpha, out)
+        return r, alpha, out
+
+
+def merged(W: Tensor, steps: Sequence[tuple[Kind, Params, float, Options]], view: View) -> Tensor:
+    """Return the weight ``(.., out, in)`` that ``steps`` make of ``W`` ``(.., out, in)``, in order.
+
+    Each step is ``(kind, params, scaling, options)``: an additive kind adds its ``delta``, a
+    multiplicative one maps the weight so far with ``apply``.
+    """
+    for kind, params, scaling, options in steps:
+        if kind.additive:
+            W = W + kind.delta(params, view, scaling, options)
+        else:
+            W = kind.apply(W, params, view, scaling, options)
+    return W
+
+
+def factored(op: str, x: Tensor, base: Base, steps: Sequence[tuple[Kind, Params, float, Options]],
+             view: View) -> Tensor | None:
+    """Return ``op``'s output with the weight that ``steps`` make, through each kind's factored
+    form, or None where a step's kind has no factored form for ``op``.
+
+    ``base(x)`` computes ``op`` with the weight before the steps (bias included).
+    """
+    for kind, params, scaling, options in steps:
+        form = kind.factored.get(op)
+        if form is None:
+            return None
+        base = _bind(form, base, params, view, scaling, options)
+    return base(x)
+
+
+def _bind(form, base: Base, params: Params, view: View, scaling: float, options: Options) -> Base:
+    return lambda x: form(x, base, params, view, scaling, options)
+
+
+# -- shapes every kind reads from the view ------------------------------------------------------
+def kernel(view: View) -> tuple[int, ...]:
+    """The trailing dimensions of a row-stored tensor past ``(out, in_channels)``: a conv's
+    kernel, ``()`` for a matrix or a transposed tensor."""
+    if view.transpose:
+        return ()
+    return tuple(view.shape[len(view.lead) + 2:])
+
+
+def channels(view: View) -> int:
+    """The input channels of the view: ``in`` over the kernel's size."""
+    return view.in_features // math.prod(kernel(view))
+
+
+def kaiming_(t: Tensor, lead: int = 0) -> Tensor:
+    """Fill ``t`` in place as ``nn.init.kaiming_uniform_(t, a=sqrt(5))`` does (peft's init for
+    LoHa and LoKr), each of its ``lead`` leading dimensions (experts) on its own: uniform within
+    ``1 / sqrt(fan_in)``, with ``fan_in`` the product of the dimensions past the first one."""
+    fan = math.prod(t.shape[lead + 1:])
+    bound = 1 / math.sqrt(fan) if fan else 0.0
+    with torch.no_grad():
+        return t.uniform_(-bound, bound)
+
+
+def integer(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def real(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def positive_rank(kind: str) -> Callable[[int, float, Options], None]:
+    """A ``validate`` for a kind whose rank must be at least 1."""
+    def validate(r, alpha, options) -> None:
+        if r < 1:
+            raise ValueError(f"inject(kind={kind!r}): `r` must be an int >= 1, got {r!r}.")
+    return validate
+
+
+def probability(v) -> bool:
+    """A dropout probability: a real in ``[0, 1)``."""
+    return real(v) and 0 <= v < 1
+
+
+def boolean(v) -> bool:
+    return isinstance(v, bool)
+
+
+# -- the registry -------------------------------------------------------------------------------
+_KINDS: dict[str, Kind] = {}
+
+
+def register_kind(name: str, kind: Kind) -> None:
+    """Register ``kind`` under ``name``, for every later ``inject(kind=name)``.
+
+    Args:
+        name (str): the name ``inject(kind=...)`` takes; it replaces a kind of that name.
+        kind (Kind): the definition.
+
+    Raises:
+        TypeError: if ``name`` is not a str or ``kind`` is not a :class:`Kind`.
+        ValueError: if ``name`` differs from ``kind.name``.
+    """
+    if not isinstance(name, str):
+        raise TypeError(f"register_kind(): `name` must be a str, got {type(name).__name__}.")
+    if not isinstance(kind, Kind):
+        raise TypeError(f"register_kind(): `kind` must be a lora_inject.Kind, got {type(kind).__name__}.")
+    if name != kind.name:
+        raise ValueError(
+            f"register_kind(): `name` {name!r} differs from the kind's own name {kind.name!r}; "
+            f"register it as {kind.name!r}, or build it with Kind(name={name!r}, ...)."
+        )
+    _KINDS[name] = kind
+
+
+def _load_builtin() -> None:
+    from . import kinds  # noqa: F401  (each module of the package registers its kind)
+
+
+def default_kinds() -> dict[str, Kind]:
+    """Return a copy of the registry: each kind's name to its :class:`Kind`."""
+    _load_builtin()
+    return dict(_KINDS)
+
+
+def find_kind(name: str) -> Kind:
+    """Return the kind registered as ``name``.
+
+    Raises:
+        ValueError: if no kind is registered under ``name``.
+    """
+    _load_builtin()
+    kind = _KINDS.get(name)
+    if kind is None:
+        raise ValueError(
+            f"inject(): unknown `kind` {name!r}; the registered kinds are {sorted(_KINDS)} "
+            "(register your own with lora_inject.register_kind)."
+        )
+    return kind

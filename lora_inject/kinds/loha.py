@@ -1,0 +1,89 @@
+r"""LoHa (Hyeon-Woo et al., 2022, FedPara), as peft 0.21's ``LoHaConfig``.
+
+The update is the Hadamard product of two low-rank matrices, in the ``(.., out, in)`` view::
+
+    delta = (alpha / r) * (hada_w1_a @ hada_w1_b) * (hada_w2_a @ hada_w2_b)
+
+with ``hada_w1_a``/``hada_w2_a`` ``(.., out, r)`` and ``hada_w1_b``/``hada_w2_b`` ``(.., r, in)``.
+With ``use_effective_conv2d`` on a tensor with a kernel larger than one element (peft turns it
+off for 1x1), each factor is a Tucker (CP) product over the kernel: ``hada_t1``/``hada_t2``
+``(r, r, *kernel)`` (``(r, r, k, 1)`` for a 1-D kernel, as peft stores it), ``hada_w*_a``
+``(r, out)`` and ``hada_w*_b`` ``(r, in_channels)``::
+
+    W_i[p, c, kernel] = sum_ij t_i[i, j, kernel] * w_i_b[j, c] * w_i_a[i, p]
+
+peft's init: the ``a`` factors and ``hada_w1_b`` Kaiming-uniform (``a = sqrt(5)``), the ``t``
+cores too, and ``hada_w2_b`` zero, so the update is exactly zero.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from ..kind import Kind, Option, boolean, channels, kaiming_, kernel, positive_rank, probability, register_kind
+from ..view import View
+
+__all__: list[str] = []
+
+
+def _core_kernel(view: View) -> tuple[int, ...] | None:
+    """The kernel of the Tucker cores, or None where the update is a plain matrix."""
+    k = kernel(view)
+    if not k or math.prod(k) == 1:
+        return None
+    return k if len(k) >= 2 else (*k, 1)
+
+
+def create(view: View, r: int, alpha: float, options) -> dict[str, Tensor]:
+    lead, n = view.lead, len(view.lead)
+    core = _core_kernel(view) if options["use_effective_conv2d"] else None
+    if core is not None:
+        out, ch = view.out_features, channels(view)
+        p = {"hada_w1_a": torch.empty(*lead, r, out), "hada_w1_b": torch.empty(*lead, r, ch),
+             "hada_w2_a": torch.empty(*lead, r, out), "hada_w2_b": torch.empty(*lead, r, ch),
+             "hada_t1": torch.empty(*lead, r, r, *core), "hada_t2": torch.empty(*lead, r, r, *core)}
+    else:
+        out, inn = view.out_features, view.in_features
+        p = {"hada_w1_a": torch.empty(*lead, out, r), "hada_w1_b": torch.empty(*lead, r, inn),
+             "hada_w2_a": torch.empty(*lead, out, r), "hada_w2_b": torch.empty(*lead, r, inn)}
+    for name, t in p.items():
+        if name == "hada_w2_b":
+            t.zero_()
+        else:
+            kaiming_(t, n)
+    return p
+
+
+def _cp(t: Tensor, wa: Tensor, wb: Tensor) -> Tensor:
+    """``(.., out, in_channels * K)`` from the core ``t`` ``(.., r, r, *kernel)``, ``wa``
+    ``(.., r, out)`` and ``wb`` ``(.., r, in_channels)``, as peft's ``make_weight_cp``."""
+    flat = t.reshape(*t.shape[:wa.dim()], -1)  # (.., r, r, K)
+    m = torch.einsum("...ijk,...jr,...ip->...prk", flat, wb, wa)  # (.., out, in_ch, K)
+    return m.reshape(*m.shape[:-2], -1)
+
+
+def delta(params, view: View, scaling: float, options) -> Tensor:
+    if "hada_t1" in params:
+        w1 = _cp(params["hada_t1"], params["hada_w1_a"], params["hada_w1_b"])
+        w2 = _cp(params["hada_t2"], params["hada_w2_a"], params["hada_w2_b"])
+        return w1 * w2 * scaling
+    w1 = params["hada_w1_a"] @ params["hada_w1_b"]  # (.., out, r) @ (.., r, in)
+    w2 = params["hada_w2_a"] @ params["hada_w2_b"]
+    return (w1 * w2) * scaling
+
+
+LOHA = Kind(
+    name="loha",
+    create=create,
+    delta=delta,
+    validate=positive_rank('loha'),
+    options=(
+        Option("rank_dropout", 0.0, probability, "a float in [0, 1)"),
+        Option("module_dropout", 0.0, probability, "a float in [0, 1)"),
+        Option("use_effective_conv2d", False, boolean, "a bool"),
+    ),
+)
+register_kind("loha", LOHA)

@@ -1,0 +1,145 @@
+r"""LoKr (Yeh et al., 2024, LyCORIS), as peft 0.21's ``LoKrConfig``.
+
+The update is a Kronecker product, in the ``(.., out, in)`` view::
+
+    delta = (alpha / r) * kron(w1, w2)
+
+``out = a * b`` and ``in_channels = c * d`` are split by peft's ``factorization`` (the factor
+near ``decompose_factor``, or near the square root for ``-1``); ``w1`` is ``(a, c)`` and ``w2``
+``(b, d * K)`` for a kernel of ``K`` elements. Each factor is full or low-rank, by peft's rule:
+
+* ``lokr_w1`` ``(a, c)`` unless ``decompose_both`` and ``r < max(a, c) / 2``, then
+  ``lokr_w1_a`` ``(a, r)`` @ ``lokr_w1_b`` ``(r, c)``;
+* ``lokr_w2`` ``(b, d, *kernel)`` when ``r >= max(b, d) / 2``; else with
+  ``use_effective_conv2d`` on a kernel larger than one element a Tucker product of
+  ``lokr_t2`` ``(r, r, *kernel)`` (``(r, r, k, 1)`` for a 1-D kernel), ``lokr_w2_a`` ``(r, b)``
+  and ``lokr_w2_b`` ``(r, d)``; else ``lokr_w2_a`` ``(b, r)`` @ ``lokr_w2_b`` ``(r, d * K)``.
+
+The scaling is ``alpha / r`` in every case, as in peft (LyCORIS ignores alpha when both factors
+are full; peft does not). peft's init: ``lokr_w1`` (or ``lokr_w1_a``) zero, the rest
+Kaiming-uniform (``a = sqrt(5)``), so the update is exactly zero.
+
+On a linear op, ``x @ kron(w1, w2).T`` is ``w1 @ X @ w2.T`` for ``x`` seen as ``X`` ``(c, d)``:
+the factored form never builds the ``(out, in)`` matrix.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from ..kind import Kind, Option, boolean, channels, kaiming_, kernel, positive_rank, probability, register_kind
+from ..view import View
+
+__all__: list[str] = []
+
+
+def factorization(dimension: int, factor: int = -1) -> tuple[int, int]:
+    """``(m, n)`` with ``m * n == dimension`` and ``m <= n``, as peft's (and LyCORIS')
+    ``factorization``: ``m = factor`` where it divides, else the pair nearest the square root
+    with ``m <= factor``."""
+    if factor > 0 and dimension % factor == 0:
+        return factor, dimension // factor
+    if factor == -1:
+        factor = dimension
+    m, n = 1, dimension
+    length = m + n
+    while m < n:
+        new_m = m + 1
+        while dimension % new_m != 0:
+            new_m += 1
+        new_n = dimension // new_m
+        if new_m + new_n > length or new_m > factor:
+            break
+        m, n = new_m, new_n
+    if m > n:
+        n, m = m, n
+    return m, n
+
+
+def shapes(view: View, r: int, options) -> dict[str, tuple[int, ...]]:
+    """The shape of each tensor LoKr holds for ``view`` (lead dimensions left out)."""
+    k = kernel(view)
+    (a, b), (c, d) = (factorization(view.out_features, options["decompose_factor"]),
+                      factorization(channels(view), options["decompose_factor"]))
+    out: dict[str, tuple[int, ...]] = {}
+    if options["decompose_both"] and r < max(a, c) / 2:
+        out["lokr_w1_a"], out["lokr_w1_b"] = (a, r), (r, c)
+    else:
+        out["lokr_w1"] = (a, c)
+    if r >= max(b, d) / 2:
+        out["lokr_w2"] = (b, d, *k)
+    elif options["use_effective_conv2d"] and k and math.prod(k) > 1:
+        out["lokr_t2"] = (r, r, *(k if len(k) >= 2 else (*k, 1)))
+        out["lokr_w2_a"], out["lokr_w2_b"] = (r, b), (r, d)
+    else:
+        out["lokr_w2_a"], out["lokr_w2_b"] = (b, r), (r, d * math.prod(k))
+    return out
+
+
+def create(view: View, r: int, alpha: float, options) -> dict[str, Tensor]:
+    n = len(view.lead)
+    params = {}
+    for name, shape in shapes(view, r, options).items():
+        t = torch.empty(*view.lead, *shape)
+        params[name] = t.zero_() if name in ("lokr_w1", "lokr_w1_a") else kaiming_(t, n)
+    return params
+
+
+def factors(params) -> tuple[Tensor, Tensor]:
+    """``(w1, w2)``: ``(.., a, c)`` and ``(.., b, d * K)``."""
+    w1 = params["lokr_w1"] if "lokr_w1" in params else params["lokr_w1_a"] @ params["lokr_w1_b"]
+    if "lokr_w2" in params:
+        w2 = params["lokr_w2"]  # (.., b, d, *kernel)
+        w2 = w2.reshape(*w2.shape[:w1.dim() - 1], -1)
+    elif "lokr_t2" in params:
+        t, wa, wb = params["lokr_t2"], params["lokr_w2_a"], params["lokr_w2_b"]
+        flat = t.reshape(*t.shape[:wa.dim()], -1)  # (.., r, r, K)
+        m = torch.einsum("...ijk,...ip,...jr->...prk", flat, wa, wb)  # (.., b, d, K)
+        w2 = m.reshape(*m.shape[:-2], -1)
+    else:
+        w2 = params["lokr_w2_a"] @ params["lokr_w2_b"]
+    return w1, w2
+
+
+def kron(w1: Tensor, w2: Tensor) -> Tensor:
+    """``torch.kron`` of the last two dimensions, batched over the ones before."""
+    m = w1[..., :, None, :, None] * w2[..., None, :, None, :]  # (.., a, b, c, d)
+    return m.reshape(*m.shape[:-4], m.shape[-4] * m.shape[-3], m.shape[-2] * m.shape[-1])
+
+
+def delta(params, view: View, scaling: float, options) -> Tensor:
+    w1, w2 = factors(params)
+    return kron(w1, w2) * scaling
+
+
+def linear(x: Tensor, base, params, view: View, scaling: float, options) -> Tensor:
+    """``base(x) + s * x @ kron(w1, w2).T``, as ``w1 @ X @ w2.T`` with ``X`` ``(.., c, d)``."""
+    w1, w2 = factors(params)  # (a, c), (b, d)
+    X = x.reshape(*x.shape[:-1], w1.shape[-1], w2.shape[-1])
+    Y = w1 @ X @ w2.mT  # (a, c) @ (.., c, d) @ (d, b) -> (.., a, b)
+    return base(x) + Y.reshape(*x.shape[:-1], -1) * scaling
+
+
+def _factor(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and (v == -1 or v > 0)
+
+
+LOKR = Kind(
+    name="lokr",
+    create=create,
+    delta=delta,
+    validate=positive_rank('lokr'),
+    options=(
+        Option("rank_dropout", 0.0, probability, "a float in [0, 1)"),
+        Option("module_dropout", 0.0, probability, "a float in [0, 1)"),
+        Option("use_effective_conv2d", False, boolean, "a bool"),
+        Option("decompose_both", False, boolean, "a bool"),
+        Option("decompose_factor", -1, _factor, "a positive int, or -1 for near the square root"),
+        Option("rank_dropout_scale", False, boolean, "a bool"),
+    ),
+    factored={"linear": linear},
+)
+register_kind("lokr", LOKR)
