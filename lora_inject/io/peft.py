@@ -42,8 +42,8 @@ from ..lookup import named_modules, parametrized, source
 from ..lora import LoRA, lora_scaling
 from ..rule import find_rule, own_tensor_names, type_name
 from ..view import View, compute_dtype
-from .entries import Entry, tensor_shape
-from .files import read_json, read_safetensors
+from .entries import Copy, Entry, tensor_shape
+from .files import dtype_name, is_integer, read_json, read_safetensors
 
 CONFIG = "adapter_config.json"
 WEIGHTS = "adapter_model.safetensors"
@@ -287,12 +287,20 @@ def to_peft(fn: str, model: nn.Module, entries: list[Entry]) -> tuple[dict, dict
             continue
         tensors[f"{PREFIX}{e.module}{'.base_layer' if e.module in wrapped else ''}.{e.tensor}"] = \
             _merged(modules[e.module], e)
-    for name in copies:  # every parameter of the module, updated where the adapter has it
+    for name in copies:  # the module's state dict, as peft saves it: updated where the adapter has it
         module = modules[name]
-        for q in _param_names(module):
+        for q in _state_names(module):
             e = by_key.get(f"{name}.{q}")
             tensors[f"{PREFIX}{name}.{q}"] = _merged(module, e) if e else source(module, q).detach()
     return config, tensors
+
+
+def _state_names(module: nn.Module) -> list[str]:
+    """The module's own state-dict tensors: its parameters, then its persistent buffers (integer
+    ones such as BatchNorm's ``num_batches_tracked`` included, written exactly)."""
+    names = _param_names(module)
+    return names + [n for n, t in module._buffers.items()
+                    if t is not None and n not in names and n not in module._non_persistent_buffers_set]
 
 
 def _from_w0(e: Entry) -> Entry:
@@ -308,20 +316,47 @@ def _from_w0(e: Entry) -> Entry:
 
 
 # -- peft -> ours ----------------------------------------------------------------------------
-def from_peft(fn: str, model: nn.Module, path: str) -> list[Entry]:
-    """Read peft's adapter in ``path`` into entries for ``model``, or raise if it cannot be reproduced.
+@dataclasses.dataclass
+class Saved:
+    """peft's adapter as read from its directory: the two files' paths, the config and the tensors."""
 
-    LoRA factors become LoRA entries. A full tensor (``modules_to_save``, ``bias="all"`` or
-    ``"lora_only"``, ``save_embedding_layers``) that equals the base is dropped; one that differs
-    becomes the exact update ``W_saved - W0``, as a LoRA of full rank with an identity factor.
-    """
+    file: str
+    weights: str
+    config: dict
+    tensors: dict[str, Tensor]
+
+    def module_paths(self) -> list[str]:
+        """The paths in the user's model of the modules the saved tensors belong to."""
+        paths = []
+        for key in self.tensors:
+            rest = key.removeprefix(PREFIX)
+            suffix = next((s for s in _SUFFIXES if rest.endswith(s)), None)
+            paths.append(_unwrap(rest[: -len(suffix)] if suffix else rest.rpartition(".")[0])[0])
+        return paths
+
+
+def read_peft(fn: str, path: str) -> Saved:
+    """Read peft's adapter in the directory ``path``, checking its config."""
     file, weights = os.path.join(path, CONFIG), os.path.join(path, WEIGHTS)
     config = read_json(fn, file)
     _check_config(fn, file, config)
     if not os.path.exists(weights) and os.path.exists(os.path.join(path, "adapter_model.bin")):
         raise ValueError(f"{fn}(): {path} holds adapter_model.bin (a pickle), which is not read; save it "
                          "with peft's save_pretrained(..., safe_serialization=True).")
-    tensors, _ = read_safetensors(fn, weights)
+    tensors, _ = read_safetensors(fn, weights, integers=True)
+    return Saved(file, weights, config, tensors)
+
+
+def from_peft(fn: str, model: nn.Module, saved: Saved) -> tuple[list[Entry], list[Copy]]:
+    """Translate peft's adapter ``saved`` into entries and exact copies for ``model``, or raise if it
+    cannot be reproduced.
+
+    LoRA factors become LoRA entries. A full tensor (``modules_to_save``, ``bias="all"`` or
+    ``"lora_only"``, ``save_embedding_layers``) that equals the base is dropped; a floating one
+    that differs becomes the exact update ``W_saved - W0``, as a LoRA of full rank with an identity
+    factor; an integer one that differs (a BatchNorm's ``num_batches_tracked``) is a copy.
+    """
+    file, weights, config, tensors = saved.file, saved.weights, saved.config, saved.tensors
     modules = dict(named_modules(model))
     factors: dict[tuple[str, int], dict[str, tuple[str, Tensor]]] = {}
     full: dict[tuple[str, str], tuple[str, Tensor]] = {}
@@ -338,6 +373,9 @@ def from_peft(fn: str, model: nn.Module, path: str) -> list[Entry]:
             what = f"no module `{module}`" if suffix or module not in modules else f"no tensor `{module}.{tensor}`"
             raise ValueError(f"{fn}(): {weights} holds `{key}` {tuple(t.shape)}, but the model has {what}. "
                              "It was saved from another model.")
+        if suffix is not None and is_integer(t.dtype):
+            raise TypeError(f"{fn}(): `{key}` in {weights} has dtype {dtype_name(t.dtype)}; LoRA factors must be "
+                            "floating point. The file is corrupt.")
         if suffix is None:  # the trained copy of a modules_to_save module wins over its original
             held = full.get((module, tensor))
             if held is None or _copy_rank(key) > _copy_rank(held[0]):
@@ -353,11 +391,21 @@ def from_peft(fn: str, model: nn.Module, path: str) -> list[Entry]:
     entries = [_lora_entry(fn, file, weights, config, modules[c[0]], *c, factors.get(g, {}))
                for g, c in claims.items()]
     adapted = {(e.module, e.tensor) for e in entries}
+    copies = []
     for (name, tensor), (key, t) in full.items():
+        base = source(modules[name], tensor).detach()
+        if is_integer(t.dtype) or is_integer(base.dtype):
+            if t.dtype != base.dtype or t.shape != base.shape:
+                raise ValueError(f"{fn}(): {weights} holds `{key}` ({dtype_name(t.dtype)}, shape {list(t.shape)}), "
+                                 f"a copy of `{name}.{tensor}` ({dtype_name(base.dtype)}, shape "
+                                 f"{list(base.shape)}) of another dtype or shape. It was saved from another model.")
+            if not torch.equal(t.to(base.device), base):  # a counter: carried exactly, never a LoRA
+                copies.append(Copy(name, tensor, t))
+            continue
         e = _update_entry(fn, weights, name, modules[name], tensor, key, t, (name, tensor) in adapted)
         if e is not None:
             entries.append(e)
-    return entries
+    return entries, copies
 
 
 def _copy_rank(key: str) -> int:
