@@ -193,9 +193,15 @@ def to_peft(fn: str, model: nn.Module, entries: list[Entry]) -> tuple[dict, dict
     lora = [e for e in entries if kinds[e.key] != "full"]
     full = [e for e in entries if kinds[e.key] == "full"]
     wrapped = {e.module for e in lora if kinds[e.key] in _LORA_KINDS}
-    copies = {e.module for e in full if e.tensor != "bias"}  # modules_to_save; a bias alone is peft's bias
-    clash = next((e for e in lora if e.module in copies or parents[e.module] in
-                  [modules[c] for c in copies]), None)
+    # modules_to_save (a bias alone is peft's `bias`): the outermost module of each, whose copy holds
+    # its submodules' tensors too, as peft wraps and saves it (a MultiheadAttention with its out_proj)
+    copies = {e.module for e in full if e.tensor != "bias"}
+    copies = {c for c in copies if not any(c.startswith(f"{o}.") for o in copies)}
+
+    def copied(path: str) -> bool:
+        return any(path == c or path.startswith(f"{c}.") for c in copies)
+
+    clash = next((e for e in lora if copied(e.module)), None)
     if clash is not None:
         raise ValueError(f"{fn}(): `{clash.module}` would be both a full copy (modules_to_save) and a LoRA "
                          "layer in peft's format, which peft cannot hold. Save with format='lora_inject'.")
@@ -227,6 +233,7 @@ def to_peft(fn: str, model: nn.Module, entries: list[Entry]) -> tuple[dict, dict
     ranks = {pkey[e.key]: e.r for e in lora}
     r0 = Counter(ranks.values()).most_common(1)[0][0] if lora else 8
     a0 = Counter(alphas.values()).most_common(1)[0][0] if lora else 8
+    biases = {e.module for e in full if e.tensor == "bias" and not copied(e.module)}
     names = [n for n in modules if n]
     targets = sorted({pkey[e.key] for e in lora if kinds[e.key] != "param"}, key=list(modules).index)
     exact = {p: ("^" if any(n != p and n.endswith("." + p) for n in names) else "") + re.escape(p)
@@ -247,8 +254,7 @@ def to_peft(fn: str, model: nn.Module, entries: list[Entry]) -> tuple[dict, dict
         "use_rslora": rslora,
         "fan_in_fan_out": "conv1d" in kinds.values() and "linear" not in kinds.values(),
         "lora_dropout": dropouts[0], "lora_bias": False, "use_dora": doras[0],
-        "bias": "none" if not full or not {e.module for e in full if e.tensor == "bias"} - copies
-        else "lora_only" if {e.module for e in full if e.tensor == "bias"} - copies <= wrapped else "all",
+        "bias": "none" if not biases else "lora_only" if biases <= wrapped else "all",
         "modules_to_save": sorted(copies, key=list(modules).index) or None,
         "init_lora_weights": True, "layers_to_transform": None, "layers_pattern": None, "exclude_modules": None,
     }
@@ -283,15 +289,16 @@ def to_peft(fn: str, model: nn.Module, entries: list[Entry]) -> tuple[dict, dict
                 tensors[p + ".lora_B.weight"] = e.B.new_zeros(out, e.r)
     by_key = {e.key: e for e in full}
     for e in full:
-        if e.module in copies:
+        if copied(e.module):
             continue
         tensors[f"{PREFIX}{e.module}{'.base_layer' if e.module in wrapped else ''}.{e.tensor}"] = \
             _merged(modules[e.module], e)
     for name in copies:  # the module's state dict, as peft saves it: updated where the adapter has it
-        module = modules[name]
-        for q in _state_names(module):
-            e = by_key.get(f"{name}.{q}")
-            tensors[f"{PREFIX}{name}.{q}"] = _merged(module, e) if e else source(module, q).detach()
+        for sub, module in named_modules(modules[name]):
+            path = f"{name}.{sub}" if sub else name
+            for q in _state_names(module):
+                e = by_key.get(f"{path}.{q}")
+                tensors[f"{PREFIX}{path}.{q}"] = _merged(module, e) if e else source(module, q).detach()
     return config, tensors
 
 
@@ -575,14 +582,16 @@ def _matches(spec: str | list | None, name: str) -> bool:
 
 def _targeted(config: dict, name: str) -> bool:
     """peft's ``check_target_module_exists``: excluded modules and ``modules_to_save`` never match,
-    and with a list of targets ``layers_to_transform`` keeps only the layers it names."""
+    and with a list of targets ``layers_to_transform`` keeps only the layers it names, except for a
+    module whose whole path is in the list (``lm_head``), which peft takes before any layer filter."""
     if _matches(config.get("exclude_modules"), name) or any(
             re.match(rf"(^|.*\.){m}($|\..*)", name) for m in config.get("modules_to_save") or []):
         return False
-    if not _matches(config.get("target_modules"), name):
+    targets = config.get("target_modules")
+    if not _matches(targets, name):
         return False
     layers = config.get("layers_to_transform")
-    if isinstance(config.get("target_modules"), str) or layers is None or layers == []:
+    if isinstance(targets, str) or name in targets or layers is None or layers == []:
         return True
     patterns = config.get("layers_pattern") or None
     patterns = [patterns] if isinstance(patterns, str) else patterns
