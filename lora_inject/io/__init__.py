@@ -60,7 +60,13 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, *, adapter: str = "d
 
     Each file is written to a temporary file in ``path`` and renamed into place, so an
     interrupted save never leaves a half-written file under the final name (and the weights'
-    sha256 in ``adapter.json`` catches a weights file from another save).
+    sha256 in ``adapter.json`` catches a weights file from another save). A directory holds one
+    adapter: once both new files are in place, the other format's files (and a pickled
+    ``adapter_model.bin``) are deleted, so a failed save leaves the adapter that was there before.
+
+    The paths are those of the model inside ``torch.compile``'s wrapper and inside a module that
+    holds it as its only child ``module`` (DDP, DataParallel): an adapter saved from a compiled
+    or wrapped model has the plain model's paths, and loads into it (and into peft).
 
     Args:
         model (nn.Module): a model that carries ``adapter``.
@@ -70,8 +76,8 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, *, adapter: str = "d
 
     Raises:
         TypeError: if ``model`` is not an ``nn.Module``, ``path`` is not a str or
-            ``os.PathLike``, or ``adapter`` is not a str.
-        ValueError: if ``format`` is unknown, ``path`` exists and is not a directory (a file, a
+            ``os.PathLike`` of str, ``format`` or ``adapter`` is not a str.
+        ValueError: if ``format`` is unknown, ``path`` is empty, ``path`` exists and is not a directory (a file, a
             dangling symlink), the model has no adapter ``adapter``, or (for ``format="peft"``)
             a tensor has no equivalent in peft's format.
         RuntimeError: if the factors are sharded (flattened by FSDP1, or DTensors under FSDP2:
@@ -137,6 +143,12 @@ def load_adapter(model: M, path: str | os.PathLike, *, adapter: str | None = Non
     the slot's rank), and under ``torch.compile`` nothing recompiles. Everything is checked
     before anything changes: if the call raises, the model is exactly as it was.
 
+    ``model`` may be compiled or wrapped (DDP, or any module holding it as its only child): the
+    saved paths are looked up at the model itself first, then under each such wrapper, then
+    without the leading names all of them share (an adapter saved through a wrapper, loaded into
+    the bare model); the first placement where every saved tensor exists with its type and shape
+    is used. A directory that holds both formats' configs is refused.
+
     From peft's format this reads ``r``, ``lora_alpha``, ``target_modules`` (a list, or a regex
     that must fully match), ``exclude_modules``, ``layers_to_transform``/``layers_pattern``,
     ``rank_pattern``, ``alpha_pattern``, ``use_rslora``, ``use_dora``, ``lora_dropout`` and
@@ -146,6 +158,8 @@ def load_adapter(model: M, path: str | os.PathLike, *, adapter: str | None = Non
     ``"lora_only"``; ``save_embedding_layers``) that equal the base are skipped, and the others
     become the exact update ``W_saved - W0``, a LoRA of full rank with an identity factor: then
     ``remove(merge=False)`` restores the base tensor and ``merge=True`` writes the saved one.
+    An integer tensor of such a copy (a BatchNorm's ``num_batches_tracked``) has no update: where
+    it differs from the model's, it is copied into it exactly (``remove`` does not undo that).
     A ``MultiheadAttention`` gets peft's semantics, in which out_proj's update counts twice.
     What cannot be reproduced (other peft types, ``lora_bias``, ``trainable_token_indices``,
     inits that change the base weights, a pickled ``adapter_model.bin``, grouped conv, ...) is
@@ -165,13 +179,14 @@ def load_adapter(model: M, path: str | os.PathLike, *, adapter: str | None = Non
         ``model``, changed in place.
 
     Raises:
-        TypeError: if ``model`` is not an ``nn.Module``, ``adapter`` is not a str, ``dtype`` is
-            not a floating ``torch.dtype``, or a saved tensor has a dtype that LoRA factors
-            cannot have.
-        ValueError: if ``path`` holds no adapter, a file is missing, truncated or corrupt, the
-            adapter was saved from another model (unknown module paths, other types or
-            shapes), it does not match the adapter the model already carries (other tensors, a
-            rank above the slot's), or peft's config uses a feature that cannot be translated.
+        TypeError: if ``model`` is not an ``nn.Module``, ``path`` is not a str or
+            ``os.PathLike`` of str, ``adapter`` is not a str, ``dtype`` is not a floating
+            ``torch.dtype``, or a saved tensor has a dtype that LoRA factors cannot have.
+        ValueError: if ``path`` is empty or holds no adapter, or two (both formats' configs),
+            a file is missing, truncated or corrupt, the adapter was saved from another model
+            (unknown module paths, other types or shapes), it does not match the adapter the
+            model already carries (other tensors, a rank above the slot's), or peft's config
+            uses a feature that cannot be translated.
     """
     fn = "load_adapter"
     _check_model(fn, model)
