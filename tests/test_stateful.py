@@ -257,3 +257,87 @@ Machine.TestCase.settings = settings(max_examples=200, stateful_step_count=25, d
                                      suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
                                      derandomize=True)
 TestMachine = Machine.TestCase
+
+
+# -- files: both formats into one directory, and the model behind torch.compile ------------------
+FILES = {"lora_inject": ["adapter.json", "adapter.safetensors"],
+         "peft": ["adapter_config.json", "adapter_model.safetensors"]}
+FORMATS = sorted(FILES)
+
+
+def folder(path: str) -> dict[str, bytes]:
+    """The files of a directory and their bytes."""
+    from pathlib import Path
+
+    return {f.name: f.read_bytes() for f in sorted(Path(path).iterdir())} if Path(path).is_dir() else {}
+
+
+class FilesMachine(Machine):
+    """The machine above, with saves in both formats into one directory and calls through a
+    compiled model. Besides the invariants above, each rule checks:
+
+    * a directory holds one adapter after each save: the last save's, in its format, and loading
+      it gives the outputs the model had when it was saved (the hand-built reference then);
+    * a save that is refused leaves the directory as it was, and a load that is refused leaves
+      the model as it was (``attempt``);
+    * through ``torch.compile``'s wrapper, the outputs equal the hand-built reference, the saved
+      paths are the plain model's, and a load through the wrapper updates the plain model's adapter.
+    """
+
+    def perturb(self, name: str, by: float) -> None:
+        with torch.no_grad():
+            for p in li.lora_parameters(self.model, adapter=name):
+                p.add_(by)
+
+    def save(self, model: nn.Module, path: str, name: str, fmt: str) -> bool:
+        before = folder(path)
+        if not self.attempt(lambda: li.save_adapter(model, path, adapter=name, format=fmt)):
+            assert folder(path) == before  # a refused save writes nothing
+            return False
+        assert sorted(folder(path)) == FILES[fmt]  # one adapter: the other format's files are gone
+        return True
+
+    def load_gives(self, model: nn.Module, path: str, name: str, expected: torch.Tensor) -> None:
+        self.perturb(name, 1.0)
+        if self.attempt(lambda: li.load_adapter(model, path, adapter=name)):  # in place
+            torch.testing.assert_close(model(self.x), expected)
+
+    @precondition(lambda self: self.adapters())
+    @rule(name=st.sampled_from(NAMES), first=st.sampled_from(FORMATS), second=st.sampled_from(FORMATS))
+    def save_in_both_formats_into_one_folder(self, name, first, second):
+        if name not in self.adapters():
+            return
+        path = f"{self.tmp.name}/shared"
+        self.save(self.model, path, name, first)
+        self.perturb(name, 0.25)  # the second save holds other values than the first
+        if not self.save(self.model, path, name, second):
+            return
+        self.load_gives(self.model, path, name, self.reference().detach())
+
+    @precondition(lambda self: self.adapters())
+    @rule(name=st.sampled_from(NAMES), fmt=st.sampled_from(FORMATS))
+    def compile_then_save_and_load(self, name, fmt):
+        if name not in self.adapters():
+            return
+        compiled = torch.compile(self.model, backend="eager")
+        try:
+            expected = self.reference().detach()
+            torch.testing.assert_close(compiled(self.x), expected)
+            path = f"{self.tmp.name}/compiled"
+            if not self.save(compiled, path, name, fmt):
+                return
+            from safetensors.torch import load_file
+
+            keys = load_file(f"{path}/{FILES[fmt][1]}")
+            assert not any("_orig_mod" in k for k in keys), sorted(keys)
+            self.load_gives(compiled, path, name, expected)
+            torch.testing.assert_close(self.model(self.x), compiled(self.x))
+        finally:
+            torch._dynamo.reset()
+
+
+FilesMachine.TestCase.settings = settings(max_examples=40, stateful_step_count=15, deadline=None,
+                                          suppress_health_check=[HealthCheck.too_slow,
+                                                                 HealthCheck.filter_too_much],
+                                          derandomize=True)
+TestFilesMachine = FilesMachine.TestCase

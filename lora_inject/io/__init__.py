@@ -17,6 +17,8 @@ peft's format (``adapter_model.safetensors`` and ``adapter_config.json``) is tra
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import hashlib
 import json
 import os
@@ -25,15 +27,19 @@ from typing import TypeVar
 import torch
 from torch import nn
 
-from ..lora import check_adapter_name
+from .. import quant
+from ..lora import LoRA, check_adapter_name
+from ..rule import own_tensor_names, type_name
 from . import ours, peft
-from .entries import apply, collect
+from .entries import Entry, apply, collect, tensor_shape
 from .files import write_atomic, write_safetensors
+from .wrappers import placed, unwrapped
 
 __all__ = ["load_adapter", "save_adapter"]
 
 M = TypeVar("M", bound=nn.Module)
 FORMATS = ("lora_inject", "peft")
+_ADAPTER_FILES = (ours.CONFIG, peft.CONFIG, "adapter_model.bin", ours.WEIGHTS, peft.WEIGHTS)
 
 
 def save_adapter(model: nn.Module, path: str | os.PathLike, *, adapter: str = "default",
@@ -54,7 +60,13 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, *, adapter: str = "d
 
     Each file is written to a temporary file in ``path`` and renamed into place, so an
     interrupted save never leaves a half-written file under the final name (and the weights'
-    sha256 in ``adapter.json`` catches a weights file from another save).
+    sha256 in ``adapter.json`` catches a weights file from another save). A directory holds one
+    adapter: once both new files are in place, the other format's files (and a pickled
+    ``adapter_model.bin``) are deleted, so a failed save leaves the adapter that was there before.
+
+    The paths are those of the model inside ``torch.compile``'s wrapper and inside a module that
+    holds it as its only child ``module`` (DDP, DataParallel): an adapter saved from a compiled
+    or wrapped model has the plain model's paths, and loads into it (and into peft).
 
     Args:
         model (nn.Module): a model that carries ``adapter``.
@@ -64,8 +76,8 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, *, adapter: str = "d
 
     Raises:
         TypeError: if ``model`` is not an ``nn.Module``, ``path`` is not a str or
-            ``os.PathLike``, or ``adapter`` is not a str.
-        ValueError: if ``format`` is unknown, ``path`` exists and is not a directory (a file, a
+            ``os.PathLike`` of str, ``format`` or ``adapter`` is not a str.
+        ValueError: if ``format`` is unknown, ``path`` is empty, ``path`` exists and is not a directory (a file, a
             dangling symlink), the model has no adapter ``adapter``, or (for ``format="peft"``)
             a tensor has no equivalent in peft's format.
         RuntimeError: if the factors are sharded (flattened by FSDP1, or DTensors under FSDP2:
@@ -78,38 +90,44 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, *, adapter: str = "d
         >>> save_adapter(model, "my_adapter")
         >>> load_adapter(fresh_model, "my_adapter")
     """
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"save_adapter(): `model` must be an nn.Module, got {type(model).__name__}.")
+    fn = "save_adapter"
+    _check_model(fn, model)
+    if not isinstance(format, str):
+        raise TypeError(f"{fn}(): `format` must be a str, one of {FORMATS}, got {type(format).__name__}.")
     if format not in FORMATS:
-        raise ValueError(f"save_adapter(): `format` must be one of {FORMATS}, got {format!r}.")
-    if not isinstance(path, (str, os.PathLike)):
-        raise TypeError(f"save_adapter(): `path` must be a str or os.PathLike naming a directory, got "
-                        f"{type(path).__name__}.")
-    path = os.fspath(path)
+        raise ValueError(f"{fn}(): `format` must be one of {FORMATS}, got {format!r}.")
+    path = _check_path(fn, path)
     if os.path.lexists(path) and not os.path.isdir(path):
         what = "a symlink to nothing" if os.path.islink(path) and not os.path.exists(path) else "not a directory"
-        raise ValueError(f"save_adapter(): `path` {path!r} exists and is {what}; an adapter is a directory. "
+        raise ValueError(f"{fn}(): `path` {path!r} exists and is {what}; an adapter is a directory. "
                          "Pass a new path, or remove that one first.")
-    entries = collect("save_adapter", model, adapter)
+    model = unwrapped(model)  # paths as in the bare model, not under compile's or DDP's wrapper
+    entries = collect(fn, model, adapter)
     meta = next((e.key for e in entries if e.A.is_meta or e.B.is_meta or any(t.is_meta for t in e.extra.values())),
                 None)
     if meta is not None:
-        raise RuntimeError(f"save_adapter(): the factors of `{meta}` are on the meta device, so they have no values "
+        raise RuntimeError(f"{fn}(): the factors of `{meta}` are on the meta device, so they have no values "
                            "to save. Materialise the model first (model.to_empty(device=...), then "
                            "li.init_lora(model) or load the factors), then save.")
     if format == "peft":
-        config, tensors = peft.to_peft("save_adapter", model, entries)
+        config, tensors = peft.to_peft(fn, model, entries)
     else:
         config, tensors = ours.to_ours(entries, adapter)
     weights, config_name = (
         (peft.WEIGHTS, peft.CONFIG) if format == "peft" else (ours.WEIGHTS, ours.CONFIG))
-    blob = write_safetensors(tensors, {"format": "pt"})
+    blob = write_safetensors(tensors, {"format": "pt"}, integers=format == "peft")
     os.makedirs(path, exist_ok=True)  # only once everything to write is ready
     if format != "peft":
         config["sha256"] = hashlib.sha256(blob).hexdigest()
         config["config_sha256"] = ours.config_digest(config)
     write_atomic(os.path.join(path, weights), blob)
     write_atomic(os.path.join(path, config_name), (json.dumps(config, indent=2) + "\n").encode())
+    # One adapter per directory: only now that the new one is whole, drop what would shadow it or be
+    # shadowed by it (the other format's files, a pickled adapter_model.bin), config first.
+    for stale in _ADAPTER_FILES:
+        if stale not in (weights, config_name):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(os.path.join(path, stale))
 
 
 def load_adapter(model: M, path: str | os.PathLike, *, adapter: str | None = None,
@@ -125,6 +143,12 @@ def load_adapter(model: M, path: str | os.PathLike, *, adapter: str | None = Non
     the slot's rank), and under ``torch.compile`` nothing recompiles. Everything is checked
     before anything changes: if the call raises, the model is exactly as it was.
 
+    ``model`` may be compiled or wrapped (DDP, or any module holding it as its only child): the
+    saved paths are looked up at the model itself first, then under each such wrapper, then
+    without the leading names all of them share (an adapter saved through a wrapper, loaded into
+    the bare model); the first placement where every saved tensor exists with its type and shape
+    is used. A directory that holds both formats' configs is refused.
+
     From peft's format this reads ``r``, ``lora_alpha``, ``target_modules`` (a list, or a regex
     that must fully match), ``exclude_modules``, ``layers_to_transform``/``layers_pattern``,
     ``rank_pattern``, ``alpha_pattern``, ``use_rslora``, ``use_dora``, ``lora_dropout`` and
@@ -134,6 +158,8 @@ def load_adapter(model: M, path: str | os.PathLike, *, adapter: str | None = Non
     ``"lora_only"``; ``save_embedding_layers``) that equal the base are skipped, and the others
     become the exact update ``W_saved - W0``, a LoRA of full rank with an identity factor: then
     ``remove(merge=False)`` restores the base tensor and ``merge=True`` writes the saved one.
+    An integer tensor of such a copy (a BatchNorm's ``num_batches_tracked``) has no update: where
+    it differs from the model's, it is copied into it exactly (``remove`` does not undo that).
     A ``MultiheadAttention`` gets peft's semantics, in which out_proj's update counts twice.
     What cannot be reproduced (other peft types, ``lora_bias``, ``trainable_token_indices``,
     inits that change the base weights, a pickled ``adapter_model.bin``, grouped conv, ...) is
@@ -153,29 +179,46 @@ def load_adapter(model: M, path: str | os.PathLike, *, adapter: str | None = Non
         ``model``, changed in place.
 
     Raises:
-        TypeError: if ``model`` is not an ``nn.Module``, ``adapter`` is not a str, ``dtype`` is
-            not a floating ``torch.dtype``, or a saved tensor has a dtype that LoRA factors
-            cannot have.
-        ValueError: if ``path`` holds no adapter, a file is missing, truncated or corrupt, the
-            adapter was saved from another model (unknown module paths, other types or
-            shapes), it does not match the adapter the model already carries (other tensors, a
-            rank above the slot's), or peft's config uses a feature that cannot be translated.
+        TypeError: if ``model`` is not an ``nn.Module``, ``path`` is not a str or
+            ``os.PathLike`` of str, ``adapter`` is not a str, ``dtype`` is not a floating
+            ``torch.dtype``, or a saved tensor has a dtype that LoRA factors cannot have.
+        ValueError: if ``path`` is empty or holds no adapter, or two (both formats' configs),
+            a file is missing, truncated or corrupt, the adapter was saved from another model
+            (unknown module paths, other types or shapes), it does not match the adapter the
+            model already carries (other tensors, a rank above the slot's), or peft's config
+            uses a feature that cannot be translated.
     """
     fn = "load_adapter"
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"{fn}(): `model` must be an nn.Module, got {type(model).__name__}.")
+    _check_model(fn, model)
+    path = _check_path(fn, path)
     if adapter is not None:
         check_adapter_name(fn, adapter)
     if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
         raise TypeError(f"{fn}(): `dtype` must be a floating torch.dtype or None, got {dtype!r}.")
-    path = os.fspath(path)
     if not os.path.isdir(path):
         raise ValueError(f"{fn}(): `path` must be a directory written by save_adapter() or by "
                          f"peft's save_pretrained(), got {path!r}, which is not a directory.")
-    if os.path.exists(os.path.join(path, ours.CONFIG)):
+    has_ours, has_peft = (os.path.exists(os.path.join(path, c)) for c in (ours.CONFIG, peft.CONFIG))
+    if has_ours and has_peft:
+        raise ValueError(
+            f"{fn}(): {path!r} holds two adapters: {ours.CONFIG} + {ours.WEIGHTS} (lora_inject's format) and "
+            f"{peft.CONFIG} + {peft.WEIGHTS} (peft's), so which one is meant is unclear. Delete the files of "
+            "the one you do not want, or save the adapter again (save_adapter() leaves one adapter in a "
+            "directory)."
+        )
+    copies = []
+    if has_ours:
         saved_name, entries = ours.from_ours(fn, path)
-    elif os.path.exists(os.path.join(path, peft.CONFIG)):
-        saved_name, entries = "default", peft.from_peft(fn, model, path)
+        by_module: dict[str, list[Entry]] = {}
+        for e in entries:
+            by_module.setdefault(e.module, []).append(e)
+        model_root, prefix = placed(model, by_module, lambda m, p: _fits(m, by_module[p]))
+        entries = [dataclasses.replace(e, module=e.module[len(prefix):]) for e in entries]
+    elif has_peft:
+        saved = peft.read_peft(fn, path)
+        model_root, _ = placed(model, saved.module_paths(),
+                               lambda m, p: m is not None and not isinstance(m, LoRA))
+        saved_name, (entries, copies) = "default", peft.from_peft(fn, model_root, saved)
     else:
         lone = [f for f in (ours.WEIGHTS, peft.WEIGHTS) if os.path.exists(os.path.join(path, f))]
         below = sorted(d for d in os.listdir(path) if any(  # peft saves a named adapter in a subfolder
@@ -191,11 +234,39 @@ def load_adapter(model: M, path: str | os.PathLike, *, adapter: str | None = Non
             f"{fn}(): {path!r} is not an adapter directory: {what}. Expected {ours.CONFIG} + {ours.WEIGHTS} "
             f"(save_adapter) or {peft.CONFIG} + {peft.WEIGHTS} (peft)."
         )
-    if dtype is None and os.path.exists(os.path.join(path, peft.CONFIG)) and not os.path.exists(
-            os.path.join(path, ours.CONFIG)):
+    if dtype is None and has_peft:
         half = (torch.float16, torch.bfloat16)  # peft's autocast_adapter_dtype
         entries = [e.cast(torch.float32) if e.A.dtype in half else e for e in entries]
     elif dtype is not None:
         entries = [e.cast(dtype) for e in entries]
-    apply(fn, model, entries, adapter or saved_name)
+    apply(fn, model_root, entries, adapter or saved_name, copies)
     return model
+
+
+def _check_model(fn: str, model: object) -> None:
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"{fn}(): `model` must be an nn.Module, got {type(model).__name__}.")
+
+
+def _check_path(fn: str, path: object) -> str:
+    """``path`` as a str, or raise naming the argument."""
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"{fn}(): `path` must be a str or os.PathLike naming a directory, got "
+                        f"{type(path).__name__}.")
+    path = os.fspath(path)
+    if not isinstance(path, str):  # an os.PathLike of bytes
+        raise TypeError(f"{fn}(): `path` must name a directory as a str, got {type(path).__name__} from "
+                        "os.fspath(path). Pass os.fsdecode(path).")
+    if not path:
+        raise ValueError(f"{fn}(): `path` must name a directory, got an empty string. Pass '.' for the "
+                         "current directory.")
+    return path
+
+
+def _fits(module: nn.Module | None, saved: list[Entry]) -> bool:
+    """Whether ``module`` holds the tensors of the entries ``saved``, with their type and shape."""
+    if module is None or isinstance(module, LoRA):
+        return False
+    names = own_tensor_names(module)
+    return all(quant.same_layer(e.type, type_name(module)) and e.tensor in names
+               and tensor_shape(module, e.tensor) == tuple(e.shape) for e in saved)

@@ -58,6 +58,20 @@ class Entry:
         return f"{self.module}.{self.tensor}" if self.module else self.tensor
 
 
+@dataclass
+class Copy:
+    """An integer tensor of a saved adapter (a BatchNorm's ``num_batches_tracked``): no update can
+    hold it, so a load copies it into the model's tensor exactly, once everything else is checked."""
+
+    module: str
+    tensor: str
+    value: Tensor
+
+    @property
+    def key(self) -> str:
+        return f"{self.module}.{self.tensor}" if self.module else self.tensor
+
+
 def tensor_shape(module: nn.Module, tensor_name: str) -> tuple[int, ...]:
     """The shape ``module.<tensor_name>`` reads as, without computing a parametrization if avoidable."""
     lora = find_lora(module, tensor_name)
@@ -147,20 +161,42 @@ def collect(fn: str, model: nn.Module, adapter: str) -> list[Entry]:
     return entries
 
 
-def apply(fn: str, model: nn.Module, entries: Sequence[Entry], name: str) -> None:
-    """Check ``entries`` against ``model``, then inject them as adapter ``name``, or update it.
+def _check_copies(fn: str, modules: dict[str, nn.Module], copies: Sequence[Copy]) -> None:
+    for c in copies:
+        module = modules.get(c.module)
+        have = None if module is None else module._buffers.get(c.tensor, module._parameters.get(c.tensor))
+        if have is None or have.dtype != c.value.dtype or have.shape != c.value.shape:
+            raise ValueError(f"{fn}(): the adapter holds `{c.key}` ({c.value.dtype}, shape {list(c.value.shape)}), "
+                             "but the model has no such tensor of that dtype and shape. It was saved from "
+                             "another model.")
+
+
+def apply(fn: str, model: nn.Module, entries: Sequence[Entry], name: str, copies: Sequence[Copy] = ()) -> None:
+    """Check ``entries`` and ``copies`` against ``model``, then inject the entries as adapter
+    ``name`` (or update it) and copy the copies into the model's tensors.
 
     Nothing changes unless every check passes; a failure while injecting is rolled back.
     """
-    if not entries:
+    if not entries and not copies:
         raise ValueError(f"{fn}(): the saved adapter holds no tensors; save it again.")
     check_entries(fn, model, entries)
+    modules = dict(named_modules(model))
+    _check_copies(fn, modules, copies)
+    if entries:
+        _apply(fn, model, modules, entries, name)
+    with torch.no_grad():
+        for c in copies:
+            module = modules[c.module]
+            (module._buffers.get(c.tensor) if c.tensor in module._buffers else module._parameters[c.tensor]
+             ).copy_(c.value)
+
+
+def _apply(fn: str, model: nn.Module, modules: dict[str, nn.Module], entries: Sequence[Entry], name: str) -> None:
     keys = {e.key for e in entries}
     existing = {f"{q}.{t}" if q else t: lora for q, _, t, lora in loras(model) if name in lora.adapters}
     if existing:
         _update(fn, entries, name, existing, keys)
         return
-    modules = dict(named_modules(model))
     groups: dict[tuple, list[Entry]] = {}
     for e in entries:
         groups.setdefault((e.module, e.r, e.alpha, e.rslora, e.dora, e.dropout, e.init, e.A.dtype, e.transpose,

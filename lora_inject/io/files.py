@@ -48,12 +48,13 @@ def read_json(fn: str, file: str) -> dict:
     return config
 
 
-def read_safetensors(fn: str, file: str) -> tuple[dict[str, Tensor], bytes]:
-    """Read a safetensors file of floating-point tensors; return them and the file's bytes.
+def read_safetensors(fn: str, file: str, *, integers: bool = False) -> tuple[dict[str, Tensor], bytes]:
+    """Read a safetensors file of floating-point tensors (and, with ``integers``, integer ones);
+    return them and the file's bytes.
 
     Raises:
         ValueError: if the file is missing, truncated or corrupt.
-        TypeError: if a tensor is not floating point.
+        TypeError: if a tensor is not floating point (or integer, with ``integers``).
     """
     st = safetensors_torch(fn)
     try:
@@ -67,11 +68,16 @@ def read_safetensors(fn: str, file: str) -> tuple[dict[str, Tensor], bytes]:
         raise ValueError(f"{fn}(): {file} is truncated or corrupt{first_cut(blob)} "
                          f"({type(e).__name__}: {e}). Save the adapter again.") from None
     for key, t in tensors.items():
-        if t.dtype not in DTYPES.values():
+        if t.dtype not in DTYPES.values() and not (integers and is_integer(t.dtype)):
             raise TypeError(f"{fn}(): `{key}` in {file} has dtype {dtype_name(t.dtype)} and shape "
                             f"{list(t.shape)}; LoRA factors must be floating point ({', '.join(DTYPES)}). "
                             "Cast them and save again.")
     return tensors, blob
+
+
+def is_integer(dtype: torch.dtype) -> bool:
+    """Whether ``dtype`` is an integer (or bool) dtype: a counter or index, carried exactly."""
+    return not dtype.is_floating_point and not dtype.is_complex
 
 
 def first_cut(blob: bytes) -> str:
@@ -92,17 +98,17 @@ def first_cut(blob: bytes) -> str:
             f"of the data, but the file holds {body}")
 
 
-def write_safetensors(tensors: dict[str, Tensor], metadata: dict[str, str]) -> bytes:
-    """Encode ``tensors`` (floating point) as a safetensors file.
+def write_safetensors(tensors: dict[str, Tensor], metadata: dict[str, str], *, integers: bool = False) -> bytes:
+    """Encode ``tensors`` (floating point, and with ``integers`` integer ones) as a safetensors file.
 
     Raises:
-        TypeError: if a tensor is not floating point.
+        TypeError: if a tensor is not floating point (or integer, with ``integers``).
     """
     st = safetensors_torch("save_adapter")
     plain = {}
     for key in sorted(tensors):
         t = tensors[key].detach().to("cpu").contiguous()
-        if t.dtype not in DTYPES.values():
+        if t.dtype not in DTYPES.values() and not (integers and is_integer(t.dtype)):
             raise TypeError(f"save_adapter(): `{key}` has dtype {t.dtype}; only floating-point factors are saved.")
         plain[key] = t.clone() if t.untyped_storage().nbytes() != t.numel() * t.element_size() else t
     return st.save(plain, metadata=dict(metadata) or None)

@@ -42,8 +42,8 @@ from ..lookup import named_modules, parametrized, source
 from ..lora import LoRA, lora_scaling
 from ..rule import find_rule, own_tensor_names, type_name
 from ..view import View, compute_dtype
-from .entries import Entry, tensor_shape
-from .files import read_json, read_safetensors
+from .entries import Copy, Entry, tensor_shape
+from .files import dtype_name, is_integer, read_json, read_safetensors
 
 CONFIG = "adapter_config.json"
 WEIGHTS = "adapter_model.safetensors"
@@ -193,9 +193,15 @@ def to_peft(fn: str, model: nn.Module, entries: list[Entry]) -> tuple[dict, dict
     lora = [e for e in entries if kinds[e.key] != "full"]
     full = [e for e in entries if kinds[e.key] == "full"]
     wrapped = {e.module for e in lora if kinds[e.key] in _LORA_KINDS}
-    copies = {e.module for e in full if e.tensor != "bias"}  # modules_to_save; a bias alone is peft's bias
-    clash = next((e for e in lora if e.module in copies or parents[e.module] in
-                  [modules[c] for c in copies]), None)
+    # modules_to_save (a bias alone is peft's `bias`): the outermost module of each, whose copy holds
+    # its submodules' tensors too, as peft wraps and saves it (a MultiheadAttention with its out_proj)
+    copies = {e.module for e in full if e.tensor != "bias"}
+    copies = {c for c in copies if not any(c.startswith(f"{o}.") for o in copies)}
+
+    def copied(path: str) -> bool:
+        return any(path == c or path.startswith(f"{c}.") for c in copies)
+
+    clash = next((e for e in lora if copied(e.module)), None)
     if clash is not None:
         raise ValueError(f"{fn}(): `{clash.module}` would be both a full copy (modules_to_save) and a LoRA "
                          "layer in peft's format, which peft cannot hold. Save with format='lora_inject'.")
@@ -227,6 +233,7 @@ def to_peft(fn: str, model: nn.Module, entries: list[Entry]) -> tuple[dict, dict
     ranks = {pkey[e.key]: e.r for e in lora}
     r0 = Counter(ranks.values()).most_common(1)[0][0] if lora else 8
     a0 = Counter(alphas.values()).most_common(1)[0][0] if lora else 8
+    biases = {e.module for e in full if e.tensor == "bias" and not copied(e.module)}
     names = [n for n in modules if n]
     targets = sorted({pkey[e.key] for e in lora if kinds[e.key] != "param"}, key=list(modules).index)
     exact = {p: ("^" if any(n != p and n.endswith("." + p) for n in names) else "") + re.escape(p)
@@ -247,8 +254,7 @@ def to_peft(fn: str, model: nn.Module, entries: list[Entry]) -> tuple[dict, dict
         "use_rslora": rslora,
         "fan_in_fan_out": "conv1d" in kinds.values() and "linear" not in kinds.values(),
         "lora_dropout": dropouts[0], "lora_bias": False, "use_dora": doras[0],
-        "bias": "none" if not full or not {e.module for e in full if e.tensor == "bias"} - copies
-        else "lora_only" if {e.module for e in full if e.tensor == "bias"} - copies <= wrapped else "all",
+        "bias": "none" if not biases else "lora_only" if biases <= wrapped else "all",
         "modules_to_save": sorted(copies, key=list(modules).index) or None,
         "init_lora_weights": True, "layers_to_transform": None, "layers_pattern": None, "exclude_modules": None,
     }
@@ -283,16 +289,25 @@ def to_peft(fn: str, model: nn.Module, entries: list[Entry]) -> tuple[dict, dict
                 tensors[p + ".lora_B.weight"] = e.B.new_zeros(out, e.r)
     by_key = {e.key: e for e in full}
     for e in full:
-        if e.module in copies:
+        if copied(e.module):
             continue
         tensors[f"{PREFIX}{e.module}{'.base_layer' if e.module in wrapped else ''}.{e.tensor}"] = \
             _merged(modules[e.module], e)
-    for name in copies:  # every parameter of the module, updated where the adapter has it
-        module = modules[name]
-        for q in _param_names(module):
-            e = by_key.get(f"{name}.{q}")
-            tensors[f"{PREFIX}{name}.{q}"] = _merged(module, e) if e else source(module, q).detach()
+    for name in copies:  # the module's state dict, as peft saves it: updated where the adapter has it
+        for sub, module in named_modules(modules[name]):
+            path = f"{name}.{sub}" if sub else name
+            for q in _state_names(module):
+                e = by_key.get(f"{path}.{q}")
+                tensors[f"{PREFIX}{path}.{q}"] = _merged(module, e) if e else source(module, q).detach()
     return config, tensors
+
+
+def _state_names(module: nn.Module) -> list[str]:
+    """The module's own state-dict tensors: its parameters, then its persistent buffers (integer
+    ones such as BatchNorm's ``num_batches_tracked`` included, written exactly)."""
+    names = _param_names(module)
+    return names + [n for n, t in module._buffers.items()
+                    if t is not None and n not in names and n not in module._non_persistent_buffers_set]
 
 
 def _from_w0(e: Entry) -> Entry:
@@ -308,20 +323,47 @@ def _from_w0(e: Entry) -> Entry:
 
 
 # -- peft -> ours ----------------------------------------------------------------------------
-def from_peft(fn: str, model: nn.Module, path: str) -> list[Entry]:
-    """Read peft's adapter in ``path`` into entries for ``model``, or raise if it cannot be reproduced.
+@dataclasses.dataclass
+class Saved:
+    """peft's adapter as read from its directory: the two files' paths, the config and the tensors."""
 
-    LoRA factors become LoRA entries. A full tensor (``modules_to_save``, ``bias="all"`` or
-    ``"lora_only"``, ``save_embedding_layers``) that equals the base is dropped; one that differs
-    becomes the exact update ``W_saved - W0``, as a LoRA of full rank with an identity factor.
-    """
+    file: str
+    weights: str
+    config: dict
+    tensors: dict[str, Tensor]
+
+    def module_paths(self) -> list[str]:
+        """The paths in the user's model of the modules the saved tensors belong to."""
+        paths = []
+        for key in self.tensors:
+            rest = key.removeprefix(PREFIX)
+            suffix = next((s for s in _SUFFIXES if rest.endswith(s)), None)
+            paths.append(_unwrap(rest[: -len(suffix)] if suffix else rest.rpartition(".")[0])[0])
+        return paths
+
+
+def read_peft(fn: str, path: str) -> Saved:
+    """Read peft's adapter in the directory ``path``, checking its config."""
     file, weights = os.path.join(path, CONFIG), os.path.join(path, WEIGHTS)
     config = read_json(fn, file)
     _check_config(fn, file, config)
     if not os.path.exists(weights) and os.path.exists(os.path.join(path, "adapter_model.bin")):
         raise ValueError(f"{fn}(): {path} holds adapter_model.bin (a pickle), which is not read; save it "
                          "with peft's save_pretrained(..., safe_serialization=True).")
-    tensors, _ = read_safetensors(fn, weights)
+    tensors, _ = read_safetensors(fn, weights, integers=True)
+    return Saved(file, weights, config, tensors)
+
+
+def from_peft(fn: str, model: nn.Module, saved: Saved) -> tuple[list[Entry], list[Copy]]:
+    """Translate peft's adapter ``saved`` into entries and exact copies for ``model``, or raise if it
+    cannot be reproduced.
+
+    LoRA factors become LoRA entries. A full tensor (``modules_to_save``, ``bias="all"`` or
+    ``"lora_only"``, ``save_embedding_layers``) that equals the base is dropped; a floating one
+    that differs becomes the exact update ``W_saved - W0``, as a LoRA of full rank with an identity
+    factor; an integer one that differs (a BatchNorm's ``num_batches_tracked``) is a copy.
+    """
+    file, weights, config, tensors = saved.file, saved.weights, saved.config, saved.tensors
     modules = dict(named_modules(model))
     factors: dict[tuple[str, int], dict[str, tuple[str, Tensor]]] = {}
     full: dict[tuple[str, str], tuple[str, Tensor]] = {}
@@ -338,6 +380,9 @@ def from_peft(fn: str, model: nn.Module, path: str) -> list[Entry]:
             what = f"no module `{module}`" if suffix or module not in modules else f"no tensor `{module}.{tensor}`"
             raise ValueError(f"{fn}(): {weights} holds `{key}` {tuple(t.shape)}, but the model has {what}. "
                              "It was saved from another model.")
+        if suffix is not None and is_integer(t.dtype):
+            raise TypeError(f"{fn}(): `{key}` in {weights} has dtype {dtype_name(t.dtype)}; LoRA factors must be "
+                            "floating point. The file is corrupt.")
         if suffix is None:  # the trained copy of a modules_to_save module wins over its original
             held = full.get((module, tensor))
             if held is None or _copy_rank(key) > _copy_rank(held[0]):
@@ -353,11 +398,21 @@ def from_peft(fn: str, model: nn.Module, path: str) -> list[Entry]:
     entries = [_lora_entry(fn, file, weights, config, modules[c[0]], *c, factors.get(g, {}))
                for g, c in claims.items()]
     adapted = {(e.module, e.tensor) for e in entries}
+    copies = []
     for (name, tensor), (key, t) in full.items():
+        base = source(modules[name], tensor).detach()
+        if is_integer(t.dtype) or is_integer(base.dtype):
+            if t.dtype != base.dtype or t.shape != base.shape:
+                raise ValueError(f"{fn}(): {weights} holds `{key}` ({dtype_name(t.dtype)}, shape {list(t.shape)}), "
+                                 f"a copy of `{name}.{tensor}` ({dtype_name(base.dtype)}, shape "
+                                 f"{list(base.shape)}) of another dtype or shape. It was saved from another model.")
+            if not torch.equal(t.to(base.device), base):  # a counter: carried exactly, never a LoRA
+                copies.append(Copy(name, tensor, t))
+            continue
         e = _update_entry(fn, weights, name, modules[name], tensor, key, t, (name, tensor) in adapted)
         if e is not None:
             entries.append(e)
-    return entries
+    return entries, copies
 
 
 def _copy_rank(key: str) -> int:
@@ -527,14 +582,16 @@ def _matches(spec: str | list | None, name: str) -> bool:
 
 def _targeted(config: dict, name: str) -> bool:
     """peft's ``check_target_module_exists``: excluded modules and ``modules_to_save`` never match,
-    and with a list of targets ``layers_to_transform`` keeps only the layers it names."""
+    and with a list of targets ``layers_to_transform`` keeps only the layers it names, except for a
+    module whose whole path is in the list (``lm_head``), which peft takes before any layer filter."""
     if _matches(config.get("exclude_modules"), name) or any(
             re.match(rf"(^|.*\.){m}($|\..*)", name) for m in config.get("modules_to_save") or []):
         return False
-    if not _matches(config.get("target_modules"), name):
+    targets = config.get("target_modules")
+    if not _matches(targets, name):
         return False
     layers = config.get("layers_to_transform")
-    if isinstance(config.get("target_modules"), str) or layers is None or layers == []:
+    if isinstance(targets, str) or name in targets or layers is None or layers == []:
         return True
     patterns = config.get("layers_pattern") or None
     patterns = [patterns] if isinstance(patterns, str) else patterns
