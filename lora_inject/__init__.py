@@ -1,4 +1,33 @@
-"""Add LoRA to any PyTorch model in place, and take it out again."""
+"""Add LoRA to any PyTorch model in place, and take it out again.
+
+LoRA adapts a frozen weight ``W0`` with a trainable low-rank update,
+``W = W0 + (alpha / r) * B @ A``. ``lora_inject`` registers that update as a
+``torch.nn.utils.parametrize`` parametrization on the tensors you select, so the module's own
+``forward`` runs on the adapted weight: any layer type works (attention, RNNs, your own),
+``Linear``, ``Conv``, ``Embedding`` and transformers' ``Conv1D`` take a factored fast path,
+``W0`` is never written, and the model keeps its classes, hooks and state-dict keys.
+
+The main verbs::
+
+    import lora_inject as li
+
+    li.inject(model, r"q_proj|v_proj", r=8, alpha=16)   # in place; a regex or a list of names
+    li.mark_only_lora_as_trainable(model)               # train li.lora_parameters(model)
+    li.save_adapter(model, "adapter")                   # or format="peft"; li.load_adapter(base, "adapter")
+    li.remove(model, merge=True)                        # a plain model with W0 + (alpha / r) * B @ A
+
+Also: ``activate`` and ``disabled`` choose the active adapters, ``cached`` merges for fast
+unmerged inference, ``per_sample`` runs one adapter per sample of a batch, ``combine`` adds
+weighted adapters, ``lora_state_dict`` and ``named_loras`` read them, ``Rule`` and
+``register_rule`` teach it a layer type; ``inject``'s options give DoRA, rsLoRA, PiSSA and OLoRA.
+``lora_inject.trainer.AdapterTrainer`` is a ``transformers.Trainer`` whose checkpoints hold the
+adapter; ``lora-inject`` is the command line (``inspect``, ``merge``, ``demo``).
+
+Read more: the README, and one guide per topic in ``docs/`` (training, files and peft, Hugging
+Face and the Trainer, quantized bases, variants, serving, distributed training, performance,
+how it works, the promises, the command line), with an API reference built by ``mkdocs build``.
+Each public name has its own ``help()``.
+"""
 
 from .arithmetic import combine
 from .io import load_adapter, save_adapter

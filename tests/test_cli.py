@@ -12,7 +12,7 @@ from torch.nn.utils import parametrize
 from transformers import AutoModel, BertConfig, GPT2Config
 
 import lora_inject as li
-from lora_inject.cli import main, survey
+from lora_inject.cli import PROG, main, survey
 from lora_inject.rule import find_rule
 
 BERT = BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
@@ -227,3 +227,79 @@ def test_inspect_surveys_the_checkpoints_own_class_as_merge_loads_it(tmp_path, c
     assert main(["inspect", str(tmp_path / "lm"), "--targets", "c_attn"]) == 0
     out = capsys.readouterr().out
     assert "transformer.h.0.attn.c_attn" in out and " h.0.attn" not in out
+
+
+# -- one vocabulary for every command ------------------------------------------------------------
+def _subparsers():
+    from lora_inject.cli import _parser
+
+    p = _parser()
+    action = next(a for a in p._actions if isinstance(a, __import__("argparse")._SubParsersAction))
+    return p, action.choices
+
+
+def test_help_lists_every_command_with_an_example_that_parses():
+    import shlex
+
+    from lora_inject.cli import EXAMPLES
+
+    p, commands = _subparsers()
+    text = p.format_help()
+    assert set(EXAMPLES) == set(commands)
+    for name, sub in commands.items():
+        example = next(line[line.index(PROG):] for line in text.splitlines() if f" {PROG} {name} " in line)
+        argv = shlex.split(example)[1:]
+        assert p.parse_args(argv).command == name, example  # the example is a valid command line
+        assert example in sub.format_help()  # and the command's own --help shows it too
+
+
+def test_the_documented_synopsis_names_every_option_of_every_command():
+    from pathlib import Path
+
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "cli.md").read_text()
+    synopsis = doc.split("```\n", 2)[1]
+    _, commands = _subparsers()
+    for name, sub in commands.items():
+        line = next(line for line in synopsis.splitlines() if line.startswith(f"{PROG} {name}"))
+        for action in sub._actions:
+            for option in action.option_strings:
+                if option.startswith("--") and option != "--help":
+                    assert option in line, f"the synopsis of `{name}` lacks {option}"
+
+
+def test_commands_name_the_model_the_same_way():
+    _, commands = _subparsers()
+    for name in ("inspect", "merge"):
+        base = next(a for a in commands[name]._actions if "--base" in a.option_strings)
+        assert base.metavar == "MODEL" and "'default'" in base.help
+    outs = {next(a for a in commands[n]._actions if "--out" in a.option_strings).metavar for n in ("merge", "demo")}
+    assert outs == {"OUT_DIR"}
+
+
+def test_inspect_takes_the_model_as_base_as_merge_does(tmp_path, capsys):
+    model_dir = _save_config(BERT, tmp_path)
+    assert main(["inspect", str(model_dir), "--targets", "query"]) == 0
+    positional = capsys.readouterr().out
+    assert main(["inspect", "--base", str(model_dir), "--targets", "query"]) == 0
+    assert capsys.readouterr().out == positional
+    assert main(["inspect", "--base", "default", "--targets", r"self\.query$"]) == 0
+    assert "Total: 6 tensors" in capsys.readouterr().out
+    assert main(["inspect", str(model_dir), "--base", str(model_dir), "--targets", "query"]) == 2
+    assert "give MODEL once" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_merge_accepts_the_default_model_as_inspect_does(tmp_path):
+    from lora_inject.demo import default_model_dir
+
+    trained = li.inject(AutoModel.from_pretrained(default_model_dir()), r"self\.query$", r=2)
+    for _, lora in li.named_loras(trained):
+        torch.nn.init.normal_(lora.lora_B["default"], std=0.1)
+    li.save_adapter(trained, tmp_path / "adapter")
+    assert main(["merge", "--base", "default", "--adapter", str(tmp_path / "adapter"),
+                 "--out", str(tmp_path / "merged")]) == 0
+    merged = AutoModel.from_pretrained(tmp_path / "merged")
+    expected = li.remove(trained, merge=True).state_dict()
+    assert merged.state_dict().keys() == expected.keys()
+    assert all(torch.equal(v, expected[k]) for k, v in merged.state_dict().items())
+    assert (tmp_path / "merged" / "vocab.txt").is_file()  # the tokenizer came along

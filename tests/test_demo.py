@@ -47,6 +47,10 @@ def test_demo_fast_trains_merges_exactly_and_writes_its_files(tmp_path, capsys):
     for step in ("1. baseline", "2. inject", "3. training", "4. held-out accuracy", "5. adapter saved",
                  "6. remove(model, merge=True)", "7. curves written"):
         assert step in printed
+    # A smoke run's accuracies mean nothing, and it says so, next to them and at the end.
+    accuracy_line = next(line for line in printed.splitlines() if line.startswith("4. held-out accuracy"))
+    assert "smoke run" in accuracy_line and "mean nothing" in accuracy_line
+    assert printed.rstrip().endswith("Run `lora-inject demo` for the real figures.")
 
     # The files: a PNG, the head, and an adapter that loads into a fresh model and changes it.
     assert (tmp_path / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -58,3 +62,22 @@ def test_demo_fast_trains_merges_exactly_and_writes_its_files(tmp_path, capsys):
     assert len(names) == 24 and all(n.endswith(".weight") for n in names)
     assert all(re.search(TARGETS, n.rsplit(".", 1)[0]) for n in names)
     assert all(lora.lora_B["default"].abs().max() > 0 for _, lora in li.named_loras(model))  # B starts at 0
+
+
+def test_progress_bars_show_only_on_a_terminal_and_need_no_tqdm(monkeypatch, capsys):
+    import sys
+
+    from lora_inject.demo import progress
+
+    bar = progress(range(3), desc="x")  # under pytest stderr is not a terminal: no bar is drawn
+    assert list(bar) == [0, 1, 2] and bar.disable
+    bar.close()
+    monkeypatch.setitem(sys.modules, "tqdm.auto", None)  # tqdm not installed
+    assert list(progress(range(3), desc="x")) == [0, 1, 2]
+    quiet = progress(total=4, desc="training")
+    quiet.update()
+    quiet.set_postfix(loss="0.1")
+    quiet.write("epoch 1")
+    quiet.close()
+    captured = capsys.readouterr()
+    assert captured.out == "epoch 1\n" and captured.err == ""

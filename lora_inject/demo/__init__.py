@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["Settings", "default_model_dir", "load_feedback", "run"]
+__all__ = ["Settings", "default_model_dir", "load_feedback", "progress", "run"]
 
 TARGETS = r"\.attention\.(self\.(query|key|value)|output\.dense)$"  # the attention projections
 DATA = "feedback.jsonl"
@@ -53,6 +53,46 @@ def default_model_dir() -> Path:
 
 
 
+class _NoBar:
+    """What :func:`progress` gives without tqdm: the same calls, and no bar."""
+
+    def __init__(self, iterable=None, **_):
+        self.iterable = iterable
+
+    def __iter__(self):
+        return iter(self.iterable if self.iterable is not None else ())
+
+    def update(self, n=1):
+        pass
+
+    def set_postfix(self, **_):
+        pass
+
+    def write(self, text):
+        print(text)
+
+    def close(self):
+        pass
+
+
+def progress(iterable=None, **kwargs):
+    """A tqdm progress bar on stderr, shown only when stderr is a terminal; without tqdm, no bar.
+
+    Args:
+        iterable: what to iterate over, or None for a bar moved by ``update()``.
+        **kwargs: tqdm's (``desc``, ``total``, ``unit``, ``leave``, ...).
+
+    Returns:
+        a ``tqdm`` bar, or an object with the same ``update``, ``set_postfix``, ``write`` and
+        ``close`` that draws nothing.
+    """
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:
+        return _NoBar(iterable)
+    return tqdm(iterable, disable=None, **kwargs)  # disable=None: no bar when stderr is not a TTY
+
+
 @dataclass(frozen=True)
 class Settings:
     """The knobs of one demo run."""
@@ -70,6 +110,8 @@ class Settings:
 
 FULL = Settings()
 FAST = Settings(epochs=2, batch_size=16, head_lr=3e-2, train_per_class=16, test_per_class=8)
+SMOKE = ("--fast is a smoke run: it checks that every step works, on a few sentences and two short "
+         "epochs;\nits accuracies say nothing about LoRA. Run `lora-inject demo` for the real figures.")
 
 
 def load_feedback(path: str | os.PathLike | None = None) -> tuple[list[dict], list[dict], list[str]]:
@@ -96,7 +138,6 @@ def run(*, fast: bool = False, out: str | os.PathLike = "lora_inject_demo", seed
     """
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from safetensors.torch import save_file
-    from tqdm.auto import tqdm
 
     from .. import inject, lora_parameters, mark_only_lora_as_trainable, named_loras, remove, save_adapter
 
@@ -117,11 +158,13 @@ def run(*, fast: bool = False, out: str | os.PathLike = "lora_inject_demo", seed
     print(f"all-MiniLM-L6-v2 from {model_dir}: {_count(model):,} parameters")
     print(f"data: {len(train)} training and {len(test)} held-out sentences, {len(labels)} classes: "
           f"{', '.join(labels)}")
+    if fast:
+        print(SMOKE)
 
     # 1. Baseline: the frozen encoder, and a linear head trained on its sentence embeddings.
     model.eval()
     with torch.no_grad():
-        e_train, e_test = _embed(model, tokenizer, train), _embed(model, tokenizer, test)
+        e_train, e_test = _embed(model, tokenizer, train, desc="embedding"), _embed(model, tokenizer, test)
     base_head, decay = _fit_head(e_train, y_train, len(labels))
     with torch.no_grad():
         base_pred = base_head(e_test).argmax(-1)
@@ -149,7 +192,7 @@ def run(*, fast: bool = False, out: str | os.PathLike = "lora_inject_demo", seed
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1 - step / n_steps)
     losses, accuracies = [], [_accuracy(model, tokenizer, head, test, y_test)]
     print(f"\n3. training: {cfg.epochs} epochs of {steps_per_epoch} steps, batch {cfg.batch_size}")
-    bar = tqdm(total=n_steps, desc="training", unit="step")
+    bar = progress(total=n_steps, desc="training", unit="step")
     for _ in range(cfg.epochs):
         model.train()
         order = torch.randperm(len(train))
@@ -172,7 +215,8 @@ def run(*, fast: bool = False, out: str | os.PathLike = "lora_inject_demo", seed
     with torch.no_grad():
         lora_pred = head(_pool(model, tokenizer, test)).argmax(-1)
     after = _acc(lora_pred, y_test)
-    print(f"\n4. held-out accuracy: before (frozen encoder + head) {baseline:.1%}, after LoRA {after:.1%}")
+    print(f"\n4. held-out accuracy: before (frozen encoder + head) {baseline:.1%}, after LoRA {after:.1%}"
+          + (f" ({len(test)} sentences of a smoke run: these numbers mean nothing)" if fast else ""))
     fixed = [r for r, b, a, y in zip(test, base_pred, lora_pred, y_test) if b != y and a == y]
     for row in fixed[:3]:
         print(f"   wrong before, right after: {row['text']!r} ({row['label']})")
@@ -208,6 +252,8 @@ def run(*, fast: bool = False, out: str | os.PathLike = "lora_inject_demo", seed
     _plot(losses, accuracies, baseline, steps_per_epoch, out / "curves.png")
     seconds = time.perf_counter() - start
     print(f"\n7. curves written to {out / 'curves.png'}\n\ndone in {seconds:.0f} s; outputs in {out}/")
+    if fast:
+        print(SMOKE)
     metrics = {
         "fast": fast, "settings": asdict(cfg), "labels": labels, "targets": TARGETS,
         "train_size": len(train), "test_size": len(test), "baseline_accuracy": baseline,
@@ -255,8 +301,9 @@ def _pool(model: nn.Module, tokenizer, rows: list[dict]) -> Tensor:
     return (hidden * mask).sum(1) / mask.sum(1)
 
 
-def _embed(model: nn.Module, tokenizer, rows: list[dict], batch_size: int = 64) -> Tensor:
-    return torch.cat([_pool(model, tokenizer, rows[i:i + batch_size]) for i in range(0, len(rows), batch_size)])
+def _embed(model: nn.Module, tokenizer, rows: list[dict], batch_size: int = 64, desc: str = "evaluating") -> Tensor:
+    starts = progress(range(0, len(rows), batch_size), desc=desc, unit="batch", leave=False)
+    return torch.cat([_pool(model, tokenizer, rows[i:i + batch_size]) for i in starts])
 
 
 def _close(a: Tensor, b: Tensor) -> bool:
