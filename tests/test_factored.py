@@ -35,7 +35,7 @@ FITS = {"linear", "conv1d-hf-addmm", "matmul-transposed", "embedding", "embeddin
 @pytest.mark.parametrize("variant", ["plain", "dora", "two"])
 def test_table_ops_never_build_the_merged_weight(layer_name, variant):
     layer, x, transpose = adapted(layer_name, variant, torch.float32)
-    merges = mock.patch.object(FactoredWeight, "merged", autospec=True, side_effect=FactoredWeight.merged)
+    merges = mock.patch.object(FactoredWeight, "_merged", autospec=True, side_effect=FactoredWeight._merged)
     with merges as merged:
         out = layer(x)
         out.square().sum().backward()
@@ -108,3 +108,21 @@ def test_sparse_lookups_with_no_factored_form_are_refused_at_inject(cls):
     with pytest.raises(ValueError, match=r"has sparse=True, but its lookup has no factored form.*sparse=False"):
         li.inject(layer, "", r=2)
     assert not hasattr(layer, "parametrizations")
+
+
+# What a Tensor subclass must define itself: construction, its repr and the two dispatch hooks.
+SUBCLASS_OWN = {"__annotations__", "__doc__", "__init__", "__module__", "__new__", "__repr__",
+                "__torch_dispatch__", "__torch_function__", "__dict__", "__weakref__"}
+
+
+@pytest.mark.parametrize("dora", [False, True])
+def test_no_attribute_of_the_weight_shadows_a_name_of_tensor(dora):
+    layer = li.inject(nn.Linear(5, 7), "", r=2, dora=dora)
+    w = layer.weight
+    w.__tensor_flatten__()  # sets the inner tensors' attributes, as compile reads them
+    own = {n for cls in type(w).__mro__[:type(w).__mro__.index(torch.Tensor)] for n in vars(cls)} | set(vars(w))
+    assert own & set(dir(torch.Tensor)) <= SUBCLASS_OWN
+    merged = w + 0
+    assert torch.equal(w.view(35), merged.view(35))  # was: 'View' object is not callable
+    assert torch.equal(w.select(0, 3), merged.select(0, 3))  # was: None
+    assert torch.equal(w.masked_fill(merged > 0, 0), merged.masked_fill(merged > 0, 0))
