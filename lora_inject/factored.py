@@ -75,12 +75,17 @@ class FactoredWeight(Tensor):
     Its shape, dtype, device and strides are ``W0``'s; its value, for every op, is the adapted
     weight. ``rows`` is set inside :func:`lora_inject.per_sample`: each sample's adapter name, or
     None; then each term acts only on the samples that chose it.
+
+    ``detach()`` (and so ``nn.Parameter(weight)``) gives a *leaf*: a FactoredWeight with no terms
+    whose ``W0`` is the merged value, detached. Every op runs on the leaf itself, above autograd,
+    so that a gradient reaches it as it reaches a dense leaf of that value.
     """
 
-    w0: Tensor
-    terms: tuple[Term, ...]
-    view: View
-    rows: tuple[str | None, ...] | None
+    _w0: Tensor  # W0; for a leaf, the merged value
+    _terms: tuple[Term, ...]
+    _view: View
+    _rows: tuple[str | None, ...] | None
+    _leaf: bool
 
     @staticmethod
     def __new__(cls, w0: Tensor, terms, view: View, rows=None):
@@ -92,6 +97,7 @@ class FactoredWeight(Tensor):
         out = Tensor._make_wrapper_subclass(cls, shape, strides=strides, dtype=dtype,
                                             device=w0.device, requires_grad=False)
         out._w0, out._terms, out._view, out._rows, out._gains = w0, tuple(terms), view, rows, None
+        out._leaf = False
         return out
 
     def __init__(self, *args, **kwargs):
@@ -141,8 +147,15 @@ class FactoredWeight(Tensor):
         return merge(self._w0, self._terms, self._view)
 
     def _detached(self) -> FactoredWeight:
-        w0 = self._w0 if quant.scheme(self._w0) else self._w0.detach()  # quantized: frozen, and kept whole
-        return FactoredWeight(w0, [t._detached() for t in self._terms], self._view, self._rows)
+        """A leaf holding the merged value (see the class docstring)."""
+        if self._leaf:
+            value = self._w0
+        else:
+            with torch.no_grad():
+                value = self._merged()
+        out = FactoredWeight(value, (), self._view)
+        out._leaf = True
+        return out
 
     def _needs_grad(self) -> bool:
         return any(t.requires_grad for t in self._inner_tensors())
@@ -244,6 +257,14 @@ class FactoredWeight(Tensor):
     @classmethod
     def __torch_function__(cls, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
+        if func is Tensor.detach:
+            return args[0]._detached()
+        leaves = []
+        tree_map_only(FactoredWeight, lambda w: leaves.append(w) if w._leaf else None, (args, kwargs))
+        if leaves:  # a leaf: the op runs on it, and autograd records it (its value comes in dispatch)
+            args, kwargs = tree_map_only(FactoredWeight, lambda w: w if w._leaf else w._merged(), (args, kwargs))
+            with torch._C.DisableTorchFunctionSubclass():
+                return func(*args, **kwargs)
         op = OPS.get(func)
         if op is not None:
             out = op.compute(args, kwargs)
@@ -252,8 +273,6 @@ class FactoredWeight(Tensor):
         elif func in OWN:  # the wrapper's own metadata: W0's
             with torch._C.DisableTorchFunctionSubclass():
                 return func(*args, **kwargs)
-        elif func is Tensor.detach:
-            return args[0]._detached()
         elif func == REQUIRES_GRAD:  # its own flag (a Parameter made of it), or its value's
             with torch._C.DisableTorchFunctionSubclass():
                 return func(args[0]) or args[0]._needs_grad()
@@ -272,8 +291,14 @@ class FactoredWeight(Tensor):
                 f"lora_inject: the op {func} reached an adapted weight below autograd, where its gradient "
                 "could not reach the LoRA factors. Call it through torch's Python API, under torch.no_grad(), "
                 "or merge the adapters first with lora_inject.remove(model).")
-        args, kwargs = tree_map_only(FactoredWeight, FactoredWeight._merged, (args, kwargs))
+        args, kwargs = tree_map_only(FactoredWeight, _value, (args, kwargs))
         return func(*args, **kwargs)
+
+
+def _value(w: FactoredWeight) -> Tensor:
+    """The plain tensor an op below autograd gets: a leaf's own value (in-place ops write it), or
+    the merged weight."""
+    return w._w0 if w._leaf else w._merged()
 
 
 _SELECTED: dict[tuple, Tensor] = {}  # (rows, name, rows per sample, device) -> indices, for per_sample()

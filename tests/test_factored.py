@@ -49,10 +49,38 @@ def test_detach_keeps_the_value_so_a_parameter_can_be_made_of_the_weight():
     w = layer.weight
     assert type(w) is FactoredWeight and type(w.detach()) is FactoredWeight
     p = nn.Parameter(w)
-    assert isinstance(p, FactoredWeight) and p.requires_grad and p.shape == (7, 5)
+    assert isinstance(p, FactoredWeight) and p.requires_grad and p.is_leaf and p.shape == (7, 5)
     torch.testing.assert_close(p + 0, expected.detach())
     torch.testing.assert_close(w.detach() * 1, expected.detach())
     assert not (w.detach() * 1).requires_grad
+
+
+def test_a_parameter_made_of_the_weight_trains_as_a_dense_leaf_of_the_merged_value():
+    layer, expected = _linear()
+    x = torch.randn(3, 5, dtype=torch.float64)
+    new, dense = nn.Linear(5, 7).double(), nn.Linear(5, 7).double()
+    new.weight = nn.Parameter(layer.weight)
+    dense.weight = nn.Parameter(expected.detach().clone())
+    dense.bias = new.bias
+    for m in (new, dense):
+        m(x).sin().sum().backward()
+    assert new.weight.grad is not None  # was: never a gradient
+    torch.testing.assert_close(new.weight.grad, dense.weight.grad)
+    opt = torch.optim.SGD([new.weight, dense.weight], lr=0.1)
+    opt.step()
+    torch.testing.assert_close(new.weight + 0, dense.weight + 0)  # the step moves the leaf's own value
+    assert layer.parametrizations.weight.original.grad is None
+
+
+def test_autograd_grad_reaches_a_detached_weight_made_a_leaf():
+    layer, expected = _linear()
+    x = torch.randn(3, 5, dtype=torch.float64)
+    w = layer.weight.detach().requires_grad_()
+    d = expected.detach().clone().requires_grad_()
+    (got,) = torch.autograd.grad((x @ w.t()).sin().sum(), w)  # was: "does not require grad"
+    (want,) = torch.autograd.grad((x @ d.t()).sin().sum(), d)
+    torch.testing.assert_close(got, want)
+    assert not any(p.grad is not None for p in li.lora_parameters(layer))
 
 
 def test_an_op_below_autograd_gets_the_merged_value_or_an_error_that_names_lora_inject():
