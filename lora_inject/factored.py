@@ -86,9 +86,10 @@ class FactoredWeight(Tensor):
     _view: View
     _rows: tuple[str | None, ...] | None
     _leaf: bool
+    _owner: object  # the LoRA that made it, or None
 
     @staticmethod
-    def __new__(cls, w0: Tensor, terms, view: View, rows=None):
+    def __new__(cls, w0: Tensor, terms, view: View, rows=None, owner=None):
         if quant.scheme(w0) is None:
             shape, strides, dtype = w0.shape, w0.stride(), w0.dtype
         else:  # a quantized W0 reads as the dense weight it stands for
@@ -97,7 +98,7 @@ class FactoredWeight(Tensor):
         out = Tensor._make_wrapper_subclass(cls, shape, strides=strides, dtype=dtype,
                                             device=w0.device, requires_grad=False)
         out._w0, out._terms, out._view, out._rows, out._gains = w0, tuple(terms), view, rows, None
-        out._leaf = False
+        out._leaf, out._owner = False, owner  # owner: the LoRA whose forward made it (see LoRA.right_inverse)
         return out
 
     def __init__(self, *args, **kwargs):
@@ -121,15 +122,15 @@ class FactoredWeight(Tensor):
         self.__dict__.update(inner)
         meta = tuple((None if isinstance(t.scaling, Tensor) else t.scaling, t.dropout, t.name,
                       t.magnitude is not None) for t in self._terms)
-        return list(inner), (self._view, self._rows, meta)
+        return list(inner), (self._view, self._rows, meta, self._owner)
 
     @staticmethod
     def __tensor_unflatten__(inner, ctx, outer_size, outer_stride):
-        view, rows, meta = ctx
+        view, rows, meta, owner = ctx
         terms = [Term(inner[f"_A{i}"], inner[f"_B{i}"], inner[f"_s{i}"] if s is None else s, p,
                       inner.get(f"_m{i}") if has_m else None, name)
                  for i, (s, p, name, has_m) in enumerate(meta)]
-        return FactoredWeight(inner["_w0"], terms, view, rows)
+        return FactoredWeight(inner["_w0"], terms, view, rows, owner)
 
     def __getattr__(self, name: str):  # a quantized W0's own state (bitsandbytes' quant_state, CB, SCB)
         if not name.startswith("_") and quant.scheme(self._w0) is not None:
