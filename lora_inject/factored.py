@@ -357,6 +357,13 @@ def merge(w0: Tensor, terms, view: View) -> Tensor:
     return total.to(w0.dtype)
 
 
+# Ops of PyTorch's OpInfo database that an adapted weight refuses, as (name, reason), each with an
+# error that names lora_inject (tests/test_opinfo.py holds every other op on a float matrix to the
+# merged weight's result, in value and gradient). None is refused today: an op outside the table
+# gets the merged weight above autograd, and one that reaches __torch_dispatch__ with a gradient to
+# compute raises there.
+REFUSED: tuple[tuple[str, str], ...] = ()
+
 REQUIRES_GRAD = Tensor.requires_grad.__get__
 OWN = {
     *(getattr(Tensor, name).__get__ for name in (

@@ -333,7 +333,11 @@ class LoRA(nn.Module):
         rows = self.per_sample
         names = self.active if rows is None else [n for n in dict.fromkeys(rows) if n in self.records]
         if not names and self.factored:  # the table ops never write their weight
-            return W
+            if not isinstance(W, nn.Parameter) or torch.compiler.is_compiling() or quant.scheme(W) is not None:
+                return W
+            out = W.view_as(W)  # not the Parameter itself, which could not be assigned back
+            out.__dict__[GIVEN] = (self, W)
+            return out
         if self.factored and (self.cache is None or rows is not None or torch.is_grad_enabled()
                               or torch.compiler.is_compiling() or quant.scheme(W) is not None):
             owner = None if torch.compiler.is_compiling() else self  # for right_inverse; a graph needs none
