@@ -393,9 +393,9 @@ class LoRA(nn.Module):
                 "LoRA-adapted tensor would store its update as this tensor's base weight W0. Assign a plain "
                 "tensor (it becomes W0, as loading the state dict does), e.g. its merged value "
                 "`other.weight.detach().clone()`, or merge first with lora_inject.remove(model).")
-        if owner is None and tuple(value.shape) != self.shape:
+        if owner is None and tuple(quant.shape(value)) != self.shape:
             raise ValueError(f"lora_inject: the adapted tensor has shape {self.shape}; assigning one of shape "
-                             f"{tuple(value.shape)} to it is refused. Assign a tensor of shape {self.shape}.")
+                             f"{tuple(quant.shape(value))} to it is refused. Assign a tensor of shape {self.shape}.")
         return W
 
     def extra_repr(self) -> str:
