@@ -24,7 +24,7 @@ A quantized ``W0`` (see :mod:`lora_inject.quant`) stays quantized: ``F.linear`` 
 kernel on it (:func:`frozen_linear`), other ops get the merged weight from its dense value, and a
 weight only its module's forward can read (bitsandbytes') is never given to an op by us.
 Inside :func:`lora_inject.per_sample` each term runs on its own samples' rows only
-(:meth:`FactoredWeight.select`, :func:`scatter`). Under ``torch.compile`` a term's scaling is a
+(:meth:`FactoredWeight._select`, :func:`scatter`). Under ``torch.compile`` a term's scaling is a
 0-d tensor, so that changing it recompiles nothing.
 
 Autocast, ``torch.func`` transforms, forward-mode AD and ``torch.compile`` run the same composable
@@ -64,7 +64,7 @@ class Term(NamedTuple):
     magnitude: Tensor | None = None  # DoRA's m, (out,)
     name: str = ""
 
-    def detached(self) -> Term:
+    def _detached(self) -> Term:
         m = None if self.magnitude is None else self.magnitude.detach()
         return self._replace(A=self.A.detach(), B=self.B.detach(), magnitude=m)
 
@@ -75,15 +75,21 @@ class FactoredWeight(Tensor):
     Its shape, dtype, device and strides are ``W0``'s; its value, for every op, is the adapted
     weight. ``rows`` is set inside :func:`lora_inject.per_sample`: each sample's adapter name, or
     None; then each term acts only on the samples that chose it.
+
+    ``detach()`` (and so ``nn.Parameter(weight)``) gives a *leaf*: a FactoredWeight with no terms
+    whose ``W0`` is the merged value, detached. Every op runs on the leaf itself, above autograd,
+    so that a gradient reaches it as it reaches a dense leaf of that value.
     """
 
-    w0: Tensor
-    terms: tuple[Term, ...]
-    view: View
-    rows: tuple[str | None, ...] | None
+    _w0: Tensor  # W0; for a leaf, the merged value
+    _terms: tuple[Term, ...]
+    _view: View
+    _rows: tuple[str | None, ...] | None
+    _leaf: bool
+    _owner: object  # the LoRA that made it, or None
 
     @staticmethod
-    def __new__(cls, w0: Tensor, terms, view: View, rows=None):
+    def __new__(cls, w0: Tensor, terms, view: View, rows=None, owner=None):
         if quant.scheme(w0) is None:
             shape, strides, dtype = w0.shape, w0.stride(), w0.dtype
         else:  # a quantized W0 reads as the dense weight it stands for
@@ -91,107 +97,120 @@ class FactoredWeight(Tensor):
             strides = torch.empty(shape, device="meta").stride()
         out = Tensor._make_wrapper_subclass(cls, shape, strides=strides, dtype=dtype,
                                             device=w0.device, requires_grad=False)
-        out.w0, out.terms, out.view, out.rows, out.gains = w0, tuple(terms), view, rows, None
+        out._w0, out._terms, out._view, out._rows, out._gains = w0, tuple(terms), view, rows, None
+        out._leaf, out._owner = False, owner  # owner: the LoRA whose forward made it (see LoRA.right_inverse)
         return out
 
     def __init__(self, *args, **kwargs):
         pass
 
     def __repr__(self, *, tensor_contents=None) -> str:
-        return f"FactoredWeight({self.merged()!r}, adapters={[t.name for t in self.terms]})"
+        return f"FactoredWeight({self._merged()!r}, adapters={[t.name for t in self._terms]})"
 
     # -- compile: the inner tensors and the rest -------------------------------------------------
     def __tensor_flatten__(self):
-        names = ["w0"] + [f"{k}{i}" for i, t in enumerate(self.terms) for k in "ABms"
-                          if (k != "m" or t.magnitude is not None) and (k != "s" or isinstance(t.scaling, Tensor))]
+        # Literal attribute names, as torchao's tensor_data_names: ``_w0``, then ``_A<i>``,
+        # ``_B<i>``, ``_m<i>`` (DoRA) and ``_s<i>`` (a 0-d scaling) for each term. They are set
+        # here, where compile asks for them, and cost nothing per forward.
+        inner = {"_w0": self._w0}
+        for i, t in enumerate(self._terms):
+            inner[f"_A{i}"], inner[f"_B{i}"] = t.A, t.B
+            if t.magnitude is not None:
+                inner[f"_m{i}"] = t.magnitude
+            if isinstance(t.scaling, Tensor):
+                inner[f"_s{i}"] = t.scaling
+        self.__dict__.update(inner)
         meta = tuple((None if isinstance(t.scaling, Tensor) else t.scaling, t.dropout, t.name,
-                      t.magnitude is not None) for t in self.terms)
-        return names, (self.view, self.rows, meta)
+                      t.magnitude is not None) for t in self._terms)
+        return list(inner), (self._view, self._rows, meta, self._owner)
 
     @staticmethod
     def __tensor_unflatten__(inner, ctx, outer_size, outer_stride):
-        view, rows, meta = ctx
-        terms = [Term(inner[f"A{i}"], inner[f"B{i}"], inner[f"s{i}"] if s is None else s, p,
-                      inner.get(f"m{i}") if has_m else None, name)
+        view, rows, meta, owner = ctx
+        terms = [Term(inner[f"_A{i}"], inner[f"_B{i}"], inner[f"_s{i}"] if s is None else s, p,
+                      inner.get(f"_m{i}") if has_m else None, name)
                  for i, (s, p, name, has_m) in enumerate(meta)]
-        return FactoredWeight(inner["w0"], terms, view, rows)
+        return FactoredWeight(inner["_w0"], terms, view, rows, owner)
 
-    def __getattr__(self, name: str):  # the inner tensors by the names __tensor_flatten__ gives
-        kind, index = name[:1], name[1:]
-        if kind in ("A", "B", "m", "s") and index.isdigit() and int(index) < len(self.terms):
-            term = self.terms[int(index)]
-            return {"A": term.A, "B": term.B, "m": term.magnitude, "s": term.scaling}[kind]
-        if not name.startswith("__") and quant.scheme(self.w0) is not None:
-            return getattr(self.w0, name)  # a quantized W0's own state (bitsandbytes' quant_state, CB, SCB)
+    def __getattr__(self, name: str):  # a quantized W0's own state (bitsandbytes' quant_state, CB, SCB)
+        if not name.startswith("_") and quant.scheme(self._w0) is not None:
+            return getattr(self._w0, name)
         raise AttributeError(name)
 
     # -- the value ---------------------------------------------------------------------------
-    def merged(self) -> Tensor:
+    def _merged(self) -> Tensor:
         """The weight as a plain tensor (see :func:`merge`)."""
-        if self.rows is not None:
+        if self._rows is not None:
             raise RuntimeError(
                 f"per_sample(): an adapted weight of shape {tuple(self.shape)} reached an op that has no "
                 "factored form, so it would be one weight for the whole batch and its samples could not "
                 "differ. Run one forward per adapter with li.activate() instead.")
-        return merge(self.w0, self.terms, self.view)
+        return merge(self._w0, self._terms, self._view)
 
-    def detached(self) -> FactoredWeight:
-        w0 = self.w0 if quant.scheme(self.w0) else self.w0.detach()  # quantized: frozen, and kept whole
-        return FactoredWeight(w0, [t.detached() for t in self.terms], self.view, self.rows)
+    def _detached(self) -> FactoredWeight:
+        """A leaf holding the merged value (see the class docstring)."""
+        if self._leaf:
+            value = self._w0
+        else:
+            with torch.no_grad():
+                value = self._merged()
+        out = FactoredWeight(value, (), self._view)
+        out._leaf = True
+        return out
 
-    def needs_grad(self) -> bool:
-        return any(t.requires_grad for t in self.inner_tensors())
+    def _needs_grad(self) -> bool:
+        return any(t.requires_grad for t in self._inner_tensors())
 
-    def inner_tensors(self) -> list[Tensor]:
-        return [self.w0] + [x for t in self.terms for x in (t.A, t.B, t.magnitude) if x is not None]
+    def _inner_tensors(self) -> list[Tensor]:
+        return [self._w0] + [x for t in self._terms for x in (t.A, t.B, t.magnitude) if x is not None]
 
-    def has_dora(self) -> bool:
-        return any(t.magnitude is not None for t in self.terms)
+    def _has_dora(self) -> bool:
+        return any(t.magnitude is not None for t in self._terms)
 
-    def scales(self) -> tuple[Tensor | None, list[Tensor | None]]:
+    def _scales(self) -> tuple[Tensor | None, list[Tensor | None]]:
         """DoRA's ``(c, k)`` (see :func:`lora_inject.dora.scales`), computed on first use.
 
         Inside per_sample() each sample has one adapter: ``c`` is each term's own gain, so
         ``k`` holds the gains and ``c`` is None (see :meth:`rescale`)."""
-        if self.gains is None:
-            M = self.view.rows(quant.dense(self.w0))
-            ct = compute_dtype(M.dtype, *(t.A.dtype for t in self.terms))
-            if self.rows is None:
-                self.gains = dora.scales(M, self.terms, ct)
+        if self._gains is None:
+            M = self._view.rows(quant.dense(self._w0))
+            ct = compute_dtype(M.dtype, *(t.A.dtype for t in self._terms))
+            if self._rows is None:
+                self._gains = dora.scales(M, self._terms, ct)
             else:
-                self.gains = (None, [None if t.magnitude is None else dora.gain(M, t, ct) for t in self.terms])
-        return self.gains
+                self._gains = (None, [None if t.magnitude is None else dora.gain(M, t, ct) for t in self._terms])
+        return self._gains
 
-    def keep(self, h: Tensor, name: str) -> Tensor:
+    def _keep(self, h: Tensor, name: str) -> Tensor:
         """Inside per_sample(): ``h`` with the rows (dim 0) of samples that use another adapter zeroed."""
-        return h if self.rows is None else h * self.mask(name, h)
+        return h if self._rows is None else h * self._mask(name, h)
 
-    def mask(self, name: str, t: Tensor) -> Tensor:
+    def _mask(self, name: str, t: Tensor) -> Tensor:
         """1 for the rows of ``t`` (dim 0) whose sample uses ``name``, else 0; shaped to broadcast."""
-        per = self.per_row(t)
-        m = torch.tensor([a == name for a in self.rows], dtype=t.dtype, device=t.device)
+        per = self._per_row(t)
+        m = torch.tensor([a == name for a in self._rows], dtype=t.dtype, device=t.device)
         return m.repeat_interleave(per).view(t.shape[0], *[1] * (t.dim() - 1))
 
-    def per_row(self, t: Tensor) -> int:
+    def _per_row(self, t: Tensor) -> int:
         """How many rows of ``t`` (dim 0) each sample has: 1, or T where a 2-D input holds each
         sample's T rows in turn (transformers' Conv1D flattens ``(batch, seq, in)``)."""
-        rows, n = self.rows, t.shape[0]
+        rows, n = self._rows, t.shape[0]
         if n != len(rows) and not (t.dim() == 2 and n % len(rows) == 0):
             raise RuntimeError(f"per_sample(): a batch has {n} samples along dim 0 of the layer's input, but "
                                f"{len(rows)} adapters were given, one per sample. Pass one per sample.")
         return n // len(rows)
 
-    def select(self, name: str, t: Tensor) -> Tensor | slice | None:
+    def _select(self, name: str, t: Tensor) -> Tensor | slice | None:
         """Inside per_sample(): the rows along dim 0 of ``t`` of the samples that use ``name``
         (each adapter's branch then runs on its own rows only): a slice where they are
         contiguous, else their indices; None outside."""
-        if self.rows is None:
+        if self._rows is None:
             return None
-        per = self.per_row(t)
-        key = (self.rows, name, per, t.device)
+        per = self._per_row(t)
+        key = (self._rows, name, per, t.device)
         idx = None if torch.compiler.is_compiling() else _SELECTED.get(key)
         if idx is None:
-            picked = [i * per + j for i, a in enumerate(self.rows) if a == name for j in range(per)]
+            picked = [i * per + j for i, a in enumerate(self._rows) if a == name for j in range(per)]
             contiguous = picked == list(range(picked[0], picked[0] + len(picked))) if picked else False
             idx = slice(picked[0], picked[-1] + 1) if contiguous else torch.tensor(
                 picked, dtype=torch.long, device=t.device)
@@ -201,44 +220,52 @@ class FactoredWeight(Tensor):
                 _SELECTED[key] = idx
         return idx
 
-    def rescale(self, out: Tensor, bias: Tensor | None = None, dim: int = -1) -> Tensor:
+    def _rescale(self, out: Tensor, bias: Tensor | None = None, dim: int = -1) -> Tensor:
         """DoRA: the base output ``out = op(x, W0) + bias`` scaled by ``c`` along its output units
         (``dim``), as ``out + (c - 1) * (out - bias)``, which is ``out`` exactly where ``c`` is 1
         (at init); ``out`` itself without DoRA."""
-        extra = self.rescaling(out, bias, dim)
+        extra = self._rescaling(out, bias, dim)
         return out if extra is None else out + extra.to(out.dtype)
 
-    def rescaling(self, out: Tensor, bias: Tensor | None = None, dim: int = -1) -> Tensor | None:
+    def _rescaling(self, out: Tensor, bias: Tensor | None = None, dim: int = -1) -> Tensor | None:
         """``(c - 1) * (out - bias)`` (see :meth:`rescale`), or None without DoRA."""
-        if not self.has_dora():
+        if not self._has_dora():
             return None
-        c, k = self.scales()
+        c, k = self._scales()
         shape = [1] * out.dim()
         shape[dim] = -1
         if c is not None:
             c1 = (c - 1).view(shape)
         else:  # per sample: the gain of each sample's own DoRA adapter
-            c1 = sum(self.mask(t.name, out).to(g.dtype) * (g - 1).view(shape)
-                     for t, g in zip(self.terms, k) if g is not None)
+            c1 = sum(self._mask(t.name, out).to(g.dtype) * (g - 1).view(shape)
+                     for t, g in zip(self._terms, k) if g is not None)
         if bias is not None and bias.dim() == 1:
             bias = bias.view(shape)
         return (out if bias is None else out - bias).to(c1.dtype) * c1
 
-    def factors(self):
+    def _factors(self):
         """Yield ``(L, R, s, p, name)`` per term: the stored update is ``s * L @ R``.
 
         For a rows layout that is ``B @ A``; for a transposed one ``A.T @ B.T``. With DoRA, ``B``
         is scaled per output unit by ``k`` (see :meth:`scales`)."""
-        k = self.scales()[1] if self.has_dora() else [None] * len(self.terms)
-        for term, ki in zip(self.terms, k):
+        k = self._scales()[1] if self._has_dora() else [None] * len(self._terms)
+        for term, ki in zip(self._terms, k):
             B = term.B if ki is None else term.B * ki.unsqueeze(-1).to(term.B.dtype)  # (out, r)
-            L, R = self.view.stored_factors(term.A, B)
+            L, R = self._view.stored_factors(term.A, B)
             yield L, R, term.scaling, term.dropout, term.name
 
     # -- dispatch ----------------------------------------------------------------------------
     @classmethod
     def __torch_function__(cls, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
+        if func is Tensor.detach:
+            return args[0]._detached()
+        leaves = []
+        tree_map_only(FactoredWeight, lambda w: leaves.append(w) if w._leaf else None, (args, kwargs))
+        if leaves:  # a leaf: the op runs on it, and autograd records it (its value comes in dispatch)
+            args, kwargs = tree_map_only(FactoredWeight, lambda w: w if w._leaf else w._merged(), (args, kwargs))
+            with torch._C.DisableTorchFunctionSubclass():
+                return func(*args, **kwargs)
         op = OPS.get(func)
         if op is not None:
             out = op.compute(args, kwargs)
@@ -247,28 +274,32 @@ class FactoredWeight(Tensor):
         elif func in OWN:  # the wrapper's own metadata: W0's
             with torch._C.DisableTorchFunctionSubclass():
                 return func(*args, **kwargs)
-        elif func is Tensor.detach:
-            return args[0].detached()
         elif func == REQUIRES_GRAD:  # its own flag (a Parameter made of it), or its value's
             with torch._C.DisableTorchFunctionSubclass():
-                return func(args[0]) or args[0].needs_grad()
-        args, kwargs = tree_map_only(FactoredWeight, FactoredWeight.merged, (args, kwargs))
+                return func(args[0]) or args[0]._needs_grad()
+        args, kwargs = tree_map_only(FactoredWeight, FactoredWeight._merged, (args, kwargs))
         return func(*args, **kwargs)
 
     @classmethod
     def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if func is aten.detach.default:
-            return args[0].detached()
+            return args[0]._detached()
         found = []
         tree_map_only(FactoredWeight, found.append, (args, kwargs))
-        if torch.is_grad_enabled() and any(w.needs_grad() for w in found):
+        if torch.is_grad_enabled() and any(w._needs_grad() for w in found):
             raise RuntimeError(
                 f"lora_inject: the op {func} reached an adapted weight below autograd, where its gradient "
                 "could not reach the LoRA factors. Call it through torch's Python API, under torch.no_grad(), "
                 "or merge the adapters first with lora_inject.remove(model).")
-        args, kwargs = tree_map_only(FactoredWeight, FactoredWeight.merged, (args, kwargs))
+        args, kwargs = tree_map_only(FactoredWeight, _value, (args, kwargs))
         return func(*args, **kwargs)
+
+
+def _value(w: FactoredWeight) -> Tensor:
+    """The plain tensor an op below autograd gets: a leaf's own value (in-place ops write it), or
+    the merged weight."""
+    return w._w0 if w._leaf else w._merged()
 
 
 _SELECTED: dict[tuple, Tensor] = {}  # (rows, name, rows per sample, device) -> indices, for per_sample()
@@ -326,6 +357,13 @@ def merge(w0: Tensor, terms, view: View) -> Tensor:
     return total.to(w0.dtype)
 
 
+# Ops of PyTorch's OpInfo database that an adapted weight refuses, as (name, reason), each with an
+# error that names lora_inject (tests/test_opinfo.py holds every other op on a float matrix to the
+# merged weight's result, in value and gradient). None is refused today: an op outside the table
+# gets the merged weight above autograd, and one that reaches __torch_dispatch__ with a gradient to
+# compute raises there.
+REFUSED: tuple[tuple[str, str], ...] = ()
+
 REQUIRES_GRAD = Tensor.requires_grad.__get__
 OWN = {
     *(getattr(Tensor, name).__get__ for name in (
@@ -379,9 +417,9 @@ def fits(weight, x, out_dim: int, quantized: bool = False) -> bool:
     """Whether ``weight`` is ours, 2-D and not an input too, DoRA (if any) scales ``out_dim``, and its
     ``W0`` is dense unless the op takes a quantized one (``quantized``: F.linear, which the backend
     dispatches, except for weights read only by their module's own forward)."""
-    return (type(weight) is FactoredWeight and type(x) is not FactoredWeight and not weight.view.experts
-            and (not weight.has_dora() or weight.view.out_dim == out_dim)
-            and ((s := quant.scheme(weight.w0)) is None or quantized and not s.own_forward))
+    return (type(weight) is FactoredWeight and type(x) is not FactoredWeight and not weight._view.experts
+            and (not weight._has_dora() or weight._view.out_dim == out_dim)
+            and ((s := quant.scheme(weight._w0)) is None or quantized and not s.own_forward))
 
 
 def plain_eager() -> bool:
@@ -393,12 +431,12 @@ def plain_eager() -> bool:
 def one_plain_term(weight: FactoredWeight, x: Tensor):
     """``(L, R, s)`` when ``weight`` has one term, no DoRA, no dropout at work, no per-sample rows,
     in plain eager mode: the case :class:`_LowRank` computes; else None."""
-    if weight.rows is not None or len(weight.terms) != 1 or x.dim() < 1:
+    if weight._rows is not None or len(weight._terms) != 1 or x.dim() < 1:
         return None
-    term = weight.terms[0]
+    term = weight._terms[0]
     if term.dropout or term.magnitude is not None or not plain_eager():
         return None
-    L, R = weight.view.stored_factors(term.A, term.B)
+    L, R = weight._view.stored_factors(term.A, term.B)
     return L, R, term.scaling
 
 
@@ -444,9 +482,9 @@ def add(out: Tensor, extra: Tensor, s: float = 1.0) -> Tensor:
 
 def branch(x: Tensor, weight: FactoredWeight, out: Tensor, transposed: bool) -> Tensor:
     """``out + x @ ΔW.T`` (``transposed``, as in F.linear) or ``out + x @ ΔW``, factored."""
-    for L, R, s, p, name in weight.factors():
+    for L, R, s, p, name in weight._factors():
         first, second = (R.t(), L.t()) if transposed else (L, R)  # x @ (s L R).T = s (x R.T) L.T
-        idx = weight.select(name, x)
+        idx = weight._select(name, x)
         if idx is not None:  # per_sample(): this adapter's samples only, gathered and added back
             if some(idx):
                 h = gather(x, idx).to(first.dtype)
@@ -533,21 +571,21 @@ class _LowRank(torch.autograd.Function):
 def linear(input, weight, bias):
     if not fits(weight, input, 0, quantized=True):
         return NotImplemented
-    if quant.scheme(weight.w0) is not None:  # the backend's kernel, and the branch beside it
-        return beside(input, weight, frozen_linear(input, weight.w0, bias), bias)
+    if quant.scheme(weight._w0) is not None:  # the backend's kernel, and the branch beside it
+        return beside(input, weight, frozen_linear(input, weight._w0, bias), bias)
     plain = one_plain_term(weight, input)
     if plain is not None:  # x @ W0.T + s * (x @ R.T) @ L.T
         L, R, s = plain
-        out = fused(input, weight.w0.t(), bias, R.t(), L.t(), s)
+        out = fused(input, weight._w0.t(), bias, R.t(), L.t(), s)
         if out is not None:
             return out
-    return beside(input, weight, F.linear(input, weight.w0, bias), bias)
+    return beside(input, weight, F.linear(input, weight._w0, bias), bias)
 
 
 def beside(x: Tensor, weight: FactoredWeight, base: Tensor, bias: Tensor | None) -> Tensor:
     """``F.linear(x, weight, bias)`` from the base output ``base = F.linear(x, W0, bias)``,
     however it was computed: DoRA's rescaling, then the low-rank branch."""
-    return branch(x, weight, weight.rescale(base, bias), transposed=True)
+    return branch(x, weight, weight._rescale(base, bias), transposed=True)
 
 
 @implements(torch.addmm, Tensor.addmm, names=("input", "mat1", "mat2", "beta", "alpha", "out"),
@@ -558,10 +596,10 @@ def addmm(input, mat1, mat2, beta, alpha, out):
     plain = one_plain_term(mat2, mat1)
     if plain is not None and input.dim() == 1:  # a bias, as in Conv1D: x @ W0 + s * (x @ L) @ R
         L, R, s = plain
-        result = fused(mat1, mat2.w0, input, L, R, s)
+        result = fused(mat1, mat2._w0, input, L, R, s)
         if result is not None:
             return result
-    result = mat2.rescale(torch.addmm(input, mat1, mat2.w0), input)
+    result = mat2._rescale(torch.addmm(input, mat1, mat2._w0), input)
     return branch(mat1, mat2, result, transposed=False)
 
 
@@ -573,10 +611,10 @@ def matmul(input, other, out):
     plain = one_plain_term(other, input)
     if plain is not None and input.dim() >= 2:
         L, R, s = plain
-        result = fused(input, other.w0, None, L, R, s)
+        result = fused(input, other._w0, None, L, R, s)
         if result is not None:
             return result
-    return branch(input, other, other.rescale(torch.matmul(input, other.w0)), transposed=False)
+    return branch(input, other, other._rescale(torch.matmul(input, other._w0)), transposed=False)
 
 
 @implements(F.embedding, names=("input", "weight", "padding_idx", "max_norm", "norm_type",
@@ -586,10 +624,10 @@ def embedding(input, weight, padding_idx, max_norm, norm_type, scale_grad_by_fre
     # W's rows, so of B too: both need the merged weight.
     if max_norm is not None or scale_grad_by_freq or not fits(weight, input, 1):
         return NotImplemented
-    base = F.embedding(input, weight.w0, padding_idx, None, norm_type, False, sparse)
-    out = weight.rescaling(base)  # DoRA: (c - 1) * base
-    for L, R, s, p, name in weight.factors():
-        idx = weight.select(name, input)
+    base = F.embedding(input, weight._w0, padding_idx, None, norm_type, False, sparse)
+    out = weight._rescaling(base)  # DoRA: (c - 1) * base
+    for L, R, s, p, name in weight._factors():
+        idx = weight._select(name, input)
         if idx is not None:  # per_sample(): this adapter's samples only
             out = torch.zeros_like(base) if out is None else out
             if some(idx):
@@ -600,7 +638,7 @@ def embedding(input, weight, padding_idx, max_norm, norm_type, scale_grad_by_fre
         extra = (F.dropout(h, p) if p else h) @ R * s  # (.., r) @ (r, dim) -> (.., dim)
         out = extra if out is None else out + extra.to(out.dtype)
     if padding_idx is not None:  # as for the merged weight, the padding row gets no gradient
-        out = _NoGradAt.apply(out, (input == padding_idx % weight.w0.shape[0]).unsqueeze(-1))
+        out = _NoGradAt.apply(out, (input == padding_idx % weight._w0.shape[0]).unsqueeze(-1))
     return add(base, out)
 
 
@@ -637,9 +675,9 @@ def embedding_bag(input, weight, offsets, max_norm, norm_type, scale_grad_by_fre
         return NotImplemented
     rest = dict(offsets=offsets, mode=mode, per_sample_weights=per_sample_weights,
                 include_last_offset=include_last_offset, padding_idx=padding_idx)
-    out = weight.rescale(F.embedding_bag(input, weight.w0, sparse=sparse, **rest))
-    for L, R, s, p, name in weight.factors():
-        idx = weight.select(name, input) if offsets is None and input.dim() == 2 else None
+    out = weight._rescale(F.embedding_bag(input, weight._w0, sparse=sparse, **rest))
+    for L, R, s, p, name in weight._factors():
+        idx = weight._select(name, input) if offsets is None and input.dim() == 2 else None
         if idx is not None:  # per_sample(), one bag per row: this adapter's bags only
             if some(idx):
                 sub = dict(rest, per_sample_weights=None if per_sample_weights is None
@@ -647,28 +685,28 @@ def embedding_bag(input, weight, offsets, max_norm, norm_type, scale_grad_by_fre
                 h = F.embedding_bag(gather(input, idx), L, **sub)
                 out = scatter(out, idx, (F.dropout(h, p) if p else h) @ R, s)
             continue
-        h = weight.keep(F.embedding_bag(input, L, **rest), name)  # (bags, r); bags by offsets: masked
+        h = weight._keep(F.embedding_bag(input, L, **rest), name)  # (bags, r); bags by offsets: masked
         out = add(out, (F.dropout(h, p) if p else h) @ R, s)
     return out
 
 
 def conv_form(op: Callable) -> Callable:
     def conv(input, weight, bias, stride, padding, dilation, groups):
-        if groups != 1 or not fits(weight, input, 0) or weight.view.transpose:
+        if groups != 1 or not fits(weight, input, 0) or weight._view.transpose:
             return NotImplemented
-        shape = weight.w0.shape
+        shape = weight._w0.shape
         kernel, ones = shape[2:], (1,) * (len(shape) - 2)
-        out = op(input, weight.w0, bias, stride, padding, dilation, groups)
-        out = weight.rescale(out, bias, dim=-len(kernel) - 1)  # the channel dim
-        for L, R, s, p, name in weight.factors():
-            idx = weight.select(name, input) if input.dim() == len(shape) else None
+        out = op(input, weight._w0, bias, stride, padding, dilation, groups)
+        out = weight._rescale(out, bias, dim=-len(kernel) - 1)  # the channel dim
+        for L, R, s, p, name in weight._factors():
+            idx = weight._select(name, input) if input.dim() == len(shape) else None
             if idx is not None and not some(idx):
                 continue
             x = (input if idx is None else gather(input, idx)).to(R.dtype)
             h = op(F.dropout(x, p) if p else x, R.view(-1, shape[1], *kernel), None,
                    stride, padding, dilation)  # r output channels
             if idx is None:
-                h = weight.keep(h, name)  # per_sample() on an unbatched input: masked
+                h = weight._keep(h, name)  # per_sample() on an unbatched input: masked
             y = op(h, L.reshape(*L.shape, *ones))  # 1x1 conv: r -> out
             out = add(out, y, s) if idx is None else scatter(out, idx, y, s)
         return out

@@ -44,6 +44,45 @@ def own_class(module: nn.Module) -> None:
         setattr(cls, k, v)
 
 
+def own_setter(module: nn.Module, tensor_name: str) -> None:
+    """Make assigning ``module.<tensor_name> = value`` choose which tensor ``W0`` is, never write it.
+
+    parametrize's setter writes the result of ``right_inverse`` into the original with ``set_``,
+    which rebinds the storage of the very ``W0`` that every value handed out before holds: once
+    ``functional_call`` has swapped a tensor in, nothing could restore ``W0`` exactly. Where LoRA is
+    the tensor's only parametrization, this setter puts the tensor that ``LoRA.right_inverse``
+    gives in the original's place instead: a plain tensor becomes ``W0`` (as loading it under the
+    state dict's key does), and a value LoRA handed out puts back the ``W0`` it was computed from,
+    the same object, bit for bit. Elsewhere, parametrize's setter runs. :func:`own_class` must come
+    first; :func:`disown_class` undoes it."""
+    cls = type(module)
+    saved = cls._lora_inject_saved
+    if tensor_name in saved:
+        return
+    prop = vars(cls)[tensor_name]
+    saved[tensor_name] = prop
+
+    def assign(self, value: Tensor) -> None:
+        plist = self.parametrizations[tensor_name]
+        if len(plist) != 1 or not isinstance(plist[0], LoRA) or not plist.is_tensor:
+            prop.fset(self, value)
+            return
+        old = plist.original
+        with torch.no_grad():
+            new = plist[0].right_inverse(value)
+        if new is old:
+            return
+        if new.dtype != old.dtype:
+            raise ValueError(
+                f"lora_inject: assigning {type_name(self)}.{tensor_name}: its base weight W0 is {old.dtype}, "
+                f"got a tensor of {new.dtype}. Cast it first, e.g. `value.to({old.dtype})`.")
+        if type(new) is Tensor and new.grad_fn is None and not torch._C._are_functorch_transforms_active():
+            new = nn.Parameter(new, requires_grad=old.requires_grad) if isinstance(old, nn.Parameter) else new
+        (plist._parameters if "original" in plist._parameters else plist._buffers)["original"] = new
+
+    setattr(cls, tensor_name, property(prop.fget, assign))
+
+
 def own_forward(module: nn.Module, tensor_name: str) -> None:
     """For a weight that only the module's own forward can read (bitsandbytes' quantized
     ``Linear``: it reads the weight's quantization state): run that forward on the stored weight,
@@ -90,6 +129,8 @@ def disown_class(module: nn.Module) -> None:
     if saved is None:
         return
     for k, v in saved.items():
+        if isinstance(v, property) and k not in vars(cls):  # the tensor's parametrizations are gone
+            continue
         if v is None:
             delattr(cls, k)
         else:

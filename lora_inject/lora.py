@@ -18,6 +18,7 @@ __all__ = ["Adapter", "LoRA"]
 
 ADAPTER_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 EXTRAS = ("lora_magnitude", "lora_A0", "lora_B0")  # what an adapter may hold besides its factors
+GIVEN = "_lora_inject_given"  # on a merged weight LoRA handed out: (that LoRA, the W it came from)
 SCALE = "scale_"  # each adapter's scaling as a non-persistent 0-d buffer, scale_<name>
 
 
@@ -119,6 +120,7 @@ class LoRA(nn.Module):
             non_persistent=False,  # the adapted tensor is a buffer kept out of the state dict
             froze=False,  # inject stopped the adapted tensor's training; remove restarts it
         )
+        self.register_load_state_dict_post_hook(LoRA._materialize_scalings)
 
     # -- what it is ---------------------------------------------------------------------------
     @property
@@ -199,6 +201,15 @@ class LoRA(nn.Module):
         for name in self.records:  # loading the factors after to_empty(): the scalings too
             if not self._buffers[SCALE + name].is_meta:
                 self.refresh_scaling(name)
+
+    def _materialize_scalings(self, incompatible=None) -> None:
+        """A load post-hook: a scaling still on the meta device once its factors are real (a model
+        built on meta, then ``load_state_dict(..., assign=True)``) is made again on theirs. The
+        scalings are not in the state dict, so nothing else would give them a value."""
+        for name in self.records:
+            A = self._modules["lora_A"]._parameters[name]
+            if self._buffers[SCALE + name].is_meta and not A.is_meta:
+                self._buffers[SCALE + name] = torch.tensor(self.records[name].scaling, device=A.device)
 
     def drop(self, name: str) -> None:
         """Delete adapter ``name``."""
@@ -322,11 +333,19 @@ class LoRA(nn.Module):
         rows = self.per_sample
         names = self.active if rows is None else [n for n in dict.fromkeys(rows) if n in self.records]
         if not names and self.factored:  # the table ops never write their weight
-            return W
+            if not isinstance(W, nn.Parameter) or torch.compiler.is_compiling() or quant.scheme(W) is not None:
+                return W
+            out = W.view_as(W)  # not the Parameter itself, which could not be assigned back
+            out.__dict__[GIVEN] = (self, W)
+            return out
         if self.factored and (self.cache is None or rows is not None or torch.is_grad_enabled()
                               or torch.compiler.is_compiling() or quant.scheme(W) is not None):
-            return FactoredWeight(W, self.terms(names), self.view, rows)
-        return self.merged_once(W, names)
+            owner = None if torch.compiler.is_compiling() else self  # for right_inverse; a graph needs none
+            return FactoredWeight(W, self.terms(names), self.view, rows, owner)
+        out = self.merged_once(W, names)
+        if not torch.compiler.is_compiling():  # a value handed out: assigning it back restores W
+            out.__dict__[GIVEN] = (self, W)
+        return out
 
     def merged_once(self, W: Tensor, names: list[str]) -> Tensor:
         """The merged weight, built once per forward of the adapted module (RNNs and
@@ -351,7 +370,32 @@ class LoRA(nn.Module):
             self.memo = (W, out)
         return out
 
-    def right_inverse(self, W: Tensor) -> Tensor:
+    def right_inverse(self, value: Tensor) -> Tensor:
+        """What to store as ``W`` when ``value`` is assigned to the adapted tensor (``module.weight =
+        value``, ``torch.func.functional_call``, loading a state dict).
+
+        The state dict holds ``W`` under the tensor's own key, so a plain tensor is the new ``W``, as
+        it would be on loading. A value this LoRA handed out (the adapted weight, factored or merged)
+        gives back the very ``W`` it was computed from: assigning it restores ``W`` exactly, as
+        ``functional_call`` does on exit. It is never taken for a new ``W``, which would add the
+        update twice.
+
+        Raises:
+            ValueError: if ``value`` is the adapted weight of another tensor, or has another shape.
+        """
+        if isinstance(value, FactoredWeight) and not value._leaf:
+            owner, W = value._owner, value._w0
+        else:
+            owner, W = value.__dict__.get(GIVEN, (None, value))
+        if owner is not None and owner is not self:
+            raise ValueError(
+                f"lora_inject: assigning an adapted weight of shape {tuple(value.shape)} read from another "
+                "LoRA-adapted tensor would store its update as this tensor's base weight W0. Assign a plain "
+                "tensor (it becomes W0, as loading the state dict does), e.g. its merged value "
+                "`other.weight.detach().clone()`, or merge first with lora_inject.remove(model).")
+        if owner is None and tuple(quant.shape(value)) != self.shape:
+            raise ValueError(f"lora_inject: the adapted tensor has shape {self.shape}; assigning one of shape "
+                             f"{tuple(quant.shape(value))} to it is refused. Assign a tensor of shape {self.shape}.")
         return W
 
     def extra_repr(self) -> str:

@@ -17,7 +17,7 @@ from torch.nn.utils import parametrize
 from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 
 from . import quant
-from .hooks import disown_class, hook, own_class, own_forward, unhook
+from .hooks import disown_class, hook, own_class, own_forward, own_setter, unhook
 from .inits import INITS, WEIGHT_INITS
 from .lookup import (
     adapter_names,
@@ -217,6 +217,7 @@ def inject(
                     if lora.non_persistent:
                         module.parametrizations[tensor_name]._non_persistent_buffers_set.add("original")
                     own_class(module)
+                    own_setter(module, tensor_name)
                     if getattr(quant.scheme(source(module, tensor_name)), "own_forward", False):
                         own_forward(module, tensor_name)
                     hook(module)

@@ -35,7 +35,7 @@ FITS = {"linear", "conv1d-hf-addmm", "matmul-transposed", "embedding", "embeddin
 @pytest.mark.parametrize("variant", ["plain", "dora", "two"])
 def test_table_ops_never_build_the_merged_weight(layer_name, variant):
     layer, x, transpose = adapted(layer_name, variant, torch.float32)
-    merges = mock.patch.object(FactoredWeight, "merged", autospec=True, side_effect=FactoredWeight.merged)
+    merges = mock.patch.object(FactoredWeight, "_merged", autospec=True, side_effect=FactoredWeight._merged)
     with merges as merged:
         out = layer(x)
         out.square().sum().backward()
@@ -49,10 +49,38 @@ def test_detach_keeps_the_value_so_a_parameter_can_be_made_of_the_weight():
     w = layer.weight
     assert type(w) is FactoredWeight and type(w.detach()) is FactoredWeight
     p = nn.Parameter(w)
-    assert isinstance(p, FactoredWeight) and p.requires_grad and p.shape == (7, 5)
+    assert isinstance(p, FactoredWeight) and p.requires_grad and p.is_leaf and p.shape == (7, 5)
     torch.testing.assert_close(p + 0, expected.detach())
     torch.testing.assert_close(w.detach() * 1, expected.detach())
     assert not (w.detach() * 1).requires_grad
+
+
+def test_a_parameter_made_of_the_weight_trains_as_a_dense_leaf_of_the_merged_value():
+    layer, expected = _linear()
+    x = torch.randn(3, 5, dtype=torch.float64)
+    new, dense = nn.Linear(5, 7).double(), nn.Linear(5, 7).double()
+    new.weight = nn.Parameter(layer.weight)
+    dense.weight = nn.Parameter(expected.detach().clone())
+    dense.bias = new.bias
+    for m in (new, dense):
+        m(x).sin().sum().backward()
+    assert new.weight.grad is not None  # was: never a gradient
+    torch.testing.assert_close(new.weight.grad, dense.weight.grad)
+    opt = torch.optim.SGD([new.weight, dense.weight], lr=0.1)
+    opt.step()
+    torch.testing.assert_close(new.weight + 0, dense.weight + 0)  # the step moves the leaf's own value
+    assert layer.parametrizations.weight.original.grad is None
+
+
+def test_autograd_grad_reaches_a_detached_weight_made_a_leaf():
+    layer, expected = _linear()
+    x = torch.randn(3, 5, dtype=torch.float64)
+    w = layer.weight.detach().requires_grad_()
+    d = expected.detach().clone().requires_grad_()
+    (got,) = torch.autograd.grad((x @ w.t()).sin().sum(), w)  # was: "does not require grad"
+    (want,) = torch.autograd.grad((x @ d.t()).sin().sum(), d)
+    torch.testing.assert_close(got, want)
+    assert not any(p.grad is not None for p in li.lora_parameters(layer))
 
 
 def test_an_op_below_autograd_gets_the_merged_value_or_an_error_that_names_lora_inject():
@@ -108,3 +136,21 @@ def test_sparse_lookups_with_no_factored_form_are_refused_at_inject(cls):
     with pytest.raises(ValueError, match=r"has sparse=True, but its lookup has no factored form.*sparse=False"):
         li.inject(layer, "", r=2)
     assert not hasattr(layer, "parametrizations")
+
+
+# What a Tensor subclass must define itself: construction, its repr and the two dispatch hooks.
+SUBCLASS_OWN = {"__annotations__", "__doc__", "__init__", "__module__", "__new__", "__repr__",
+                "__torch_dispatch__", "__torch_function__", "__dict__", "__weakref__"}
+
+
+@pytest.mark.parametrize("dora", [False, True])
+def test_no_attribute_of_the_weight_shadows_a_name_of_tensor(dora):
+    layer = li.inject(nn.Linear(5, 7), "", r=2, dora=dora)
+    w = layer.weight
+    w.__tensor_flatten__()  # sets the inner tensors' attributes, as compile reads them
+    own = {n for cls in type(w).__mro__[:type(w).__mro__.index(torch.Tensor)] for n in vars(cls)} | set(vars(w))
+    assert own & set(dir(torch.Tensor)) <= SUBCLASS_OWN
+    merged = w + 0
+    assert torch.equal(w.view(35), merged.view(35))  # was: 'View' object is not callable
+    assert torch.equal(w.select(0, 3), merged.select(0, 3))  # was: None
+    assert torch.equal(w.masked_fill(merged > 0, 0), merged.masked_fill(merged > 0, 0))

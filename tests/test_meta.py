@@ -192,3 +192,42 @@ def test_init_lora_keeps_a_pissa_adapters_own_init():
     meta.parametrizations.weight[0].to_empty(device="cpu")  # the factors are real, W0 is still meta
     with pytest.raises(RuntimeError, match=r"init_lora\(\): adapter 'default' on `weight` is on the meta"):
         li.init_lora(meta)
+
+
+def _stack() -> nn.Module:
+    return nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3))
+
+
+def _trained_adapted(**kwargs) -> nn.Module:
+    model = li.inject(_stack(), "", r=2, alpha=8, **kwargs)
+    with torch.no_grad():
+        for p in li.lora_parameters(model):
+            p.normal_()
+    return model
+
+
+@pytest.mark.parametrize("adapter_kwargs", [{}, {"dora": True}, {"rslora": True}])
+def test_meta_build_then_assign_load_gives_real_scalings_that_move_and_compile(adapter_kwargs):
+    real = _trained_adapted(**adapter_kwargs)
+    with torch.device("meta"):
+        model = _stack()
+    li.inject(model, "", r=2, alpha=8, **adapter_kwargs)
+    model.load_state_dict(real.state_dict(), assign=True)
+    assert not any(t.is_meta for t in [*model.parameters(), *model.buffers()])  # was: scale_* on meta
+    x = torch.randn(3, 4)
+    torch.testing.assert_close(model(x), real(x), rtol=0, atol=0)
+    model.to(torch.float64)  # was: "Cannot copy out of meta tensor"
+    torch.testing.assert_close(model(x.double()), real.double()(x.double()))
+    compiled = torch.compile(model, backend="eager")
+    torch.testing.assert_close(compiled(x.double()), model(x.double()))
+
+
+def test_inject_on_meta_then_to_empty_and_load_gives_the_adapted_model():
+    real = _trained_adapted()
+    with torch.device("meta"):
+        model = _stack()
+    li.inject(model, "", r=2, alpha=8)
+    model.to_empty(device="cpu")
+    model.load_state_dict(real.state_dict())
+    x = torch.randn(3, 4)
+    torch.testing.assert_close(model(x), real(x), rtol=0, atol=0)

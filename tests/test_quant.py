@@ -97,7 +97,7 @@ def test_output_is_the_quantized_layer_plus_the_branch(kind):
     # x's gradient is the one the dense dequantized layer gives
     dense = nn.Linear(IN, OUT)
     with torch.no_grad():
-        dense.weight.copy_(model[0].weight.merged())
+        dense.weight.copy_(model[0].weight._merged())
         dense.bias.copy_(base[0].bias.float())
     xd = x.clone().requires_grad_()
     dense(xd).square().sum().backward()
@@ -137,7 +137,7 @@ def test_remove_without_merge_gives_back_the_very_tensor(kind):
 def test_merge_requantizes_in_the_same_scheme_and_reports_the_rounding(kind):
     base, model = adapted(kind)
     stored = model[0].parametrizations.weight.original
-    merged = model[0].weight.merged().detach()
+    merged = model[0].weight._merged().detach()
     with pytest.warns(li.RequantizationWarning, match=r"requantizing changed them by up to (\S+) of a weight's"
                                                      r" largest entry \(at `0\.weight`\)") as record:
         li.remove(model, merge=True)

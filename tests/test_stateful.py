@@ -3,11 +3,17 @@ must still be what its adapters say.
 
 The invariants, checked after every step:
 
-* the outputs equal a reference built by hand from ``W0`` and the active factors (float64);
-* ``W0`` is bit-identical unless a call merged into it;
+* the outputs equal a model merged by hand: a reference built from ``W0`` and the active
+  factors (float64);
+* ``W0`` is bit-identical while LoRA is attached: only ``remove(merge=True)`` changes it;
 * the state-dict keys are what the adapters imply;
-* nothing raises except the documented errors, and a call that raises leaves the model exactly
-  as it was.
+* nothing raises except the documented errors, and a refused call changes nothing: the model is
+  exactly as it was, every tensor the same object with the same bits.
+
+Besides them, the rules check on the spot: ``functional_call`` with the model's own state dict
+gives the model's outputs and leaves every tensor bit-identical; with a modified state dict it
+gives the hand-merged outputs of those tensors and then puts ``W0`` back; a model built on the
+meta device and loaded with ``assign=True`` gives the model's outputs, and moves.
 """
 
 from __future__ import annotations
@@ -226,6 +232,34 @@ class Machine(RuleBasedStateMachine):
         self.model(self.x).square().sum().backward()
         opt.step()
         self.model.zero_grad(set_to_none=True)
+
+    @rule()
+    def functional_call_with_its_own_state_dict(self):
+        before, want = snapshot(self.model), self.model(self.x)
+        got = functional_call(self.model, self.model.state_dict(), (self.x,))
+        assert torch.equal(got, want)
+        assert_unchanged(self.model, before)
+
+    @rule(shift=st.sampled_from([0.25, -1.0]))
+    def functional_call_with_a_modified_state_dict(self, shift):
+        before = snapshot(self.model)
+        sd = {k: v + shift if k in self.w0 else v for k, v in self.model.state_dict().items()}
+        weights = {}
+        for key, lora in self.loras().items():
+            weights[key] = hand_weight(lora, sd[key], lora.active)
+        plain = {k: sd[k] for k in self.unadapted()}
+        expected = functional_call(self.plain, {**plain, **weights}, (self.x,))
+        torch.testing.assert_close(functional_call(self.model, sd, (self.x,)), expected)
+        assert_unchanged(self.model, before)
+
+    @rule()
+    def meta_build_then_assign_load(self):
+        built = copy.deepcopy(self.model).to("meta")  # the same modules and adapters, on meta
+        built.load_state_dict(self.model.state_dict(), assign=True)
+        assert not any(t.is_meta for t in [*built.parameters(), *built.buffers()])
+        torch.testing.assert_close(built(self.x), self.model(self.x), rtol=0, atol=0)
+        built.to(torch.float64)
+        self.model = built
 
     # -- invariants ------------------------------------------------------------------------------
     @invariant()
