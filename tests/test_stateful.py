@@ -8,7 +8,8 @@ The invariants, checked after every step:
 * ``W0`` is bit-identical while LoRA is attached: only ``remove(merge=True)`` changes it;
 * the state-dict keys are what the adapters imply;
 * nothing raises except the documented errors, and a refused call changes nothing: the model is
-  exactly as it was, every tensor the same object with the same bits.
+  exactly as it was, every tensor the same object with the same bits (``per_sample`` with a
+  number of names other than the batch's is one such call: it must be refused).
 
 Besides them, the rules check on the spot: ``functional_call`` with the model's own state dict
 gives the model's outputs and leaves every tensor bit-identical; with a modified state dict it
@@ -189,6 +190,23 @@ class Machine(RuleBasedStateMachine):
         for i, name in enumerate(rows):
             want = self.reference(lambda lora, name=name: [name] if name in lora.adapters else [])[i]
             torch.testing.assert_close(out[i], want)
+
+    @precondition(lambda self: self.adapters())
+    @rule(data=st.data(), size=st.sampled_from([1, 3, 4]))
+    def per_sample_with_a_wrong_number_of_names(self, data, size):
+        """One name per sample: any other count is refused, and changes nothing."""
+        assert size != self.x.shape[0]
+        rows = data.draw(st.lists(st.sampled_from(sorted(self.adapters())), min_size=size, max_size=size))
+
+        def call():
+            with torch.no_grad(), li.per_sample(self.model, rows):
+                self.model(self.x)
+
+        self.model.eval()
+        try:
+            assert not self.attempt(call), f"per_sample() took {size} names for a batch of {self.x.shape[0]}"
+        finally:
+            self.model.train()
 
     @precondition(lambda self: self.adapters())
     @rule(name=st.sampled_from(NAMES))
