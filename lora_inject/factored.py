@@ -277,6 +277,11 @@ class FactoredWeight(Tensor):
         if func is Tensor.detach:  # a plain tensor of the value; nn.Parameter(weight) needs its own type
             w = args[0]
             return w._detached() if _making_parameter() else w._w0.detach() if w._leaf else w._plain()
+        if func is Tensor.__deepcopy__ and not args[0]._leaf:  # a copy of the value, as of a dense weight
+            with torch._C.DisableTorchFunctionSubclass():
+                grad = REQUIRES_GRAD(args[0]) or args[0]._needs_grad()
+            out = args[1][id(args[0])] = args[0]._plain().clone().requires_grad_(grad)
+            return out
         if func in HOST and args[0]._leaf:  # what reads a leaf's memory or pickles it: its dense tensor
             out = getattr(args[0]._plain(), func.__name__)(*args[1:], **kwargs)  # nn.Parameter's own, if one
             if func is Tensor.__deepcopy__:

@@ -104,6 +104,15 @@ def test_a_leaf_made_of_the_weight_is_a_dense_tensor_to_numpy_pickle_copy_and_sa
             leaf.numpy()  # as a dense Parameter
 
 
+def test_a_deepcopy_of_the_weight_is_a_dense_copy_of_its_value():
+    layer, expected = _linear()
+    copied = copy.deepcopy(layer.weight)  # was: "Only Tensors created explicitly by the user ..."
+    assert type(copied) is torch.Tensor and copied.is_leaf and copied.requires_grad
+    assert torch.equal(copied, expected.detach())
+    copied.data.zero_()
+    torch.testing.assert_close(layer.weight + 0, expected.detach())  # a copy: W0 and factors untouched
+
+
 def test_autograd_grad_reaches_a_detached_weight_made_a_leaf():
     layer, expected = _linear()
     x = torch.randn(3, 5, dtype=torch.float64)
