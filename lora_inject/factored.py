@@ -613,6 +613,8 @@ class _LowRank(torch.autograd.Function):
 def linear(input, weight, bias):
     if not fits(weight, input, 0, quantized=True):
         return NotImplemented
+    if weight._rows is not None and input.dim() == 1:  # per_sample(): an unbatched input is one sample
+        return linear(input.unsqueeze(0), weight, bias).squeeze(0)
     if quant.scheme(weight._w0) is not None:  # the backend's kernel, and the branch beside it
         return beside(input, weight, frozen_linear(input, weight._w0, bias), bias)
     plain = one_plain_term(weight, input)
@@ -650,6 +652,8 @@ def addmm(input, mat1, mat2, beta, alpha, out):
 def matmul(input, other, out):
     if out is not None or not fits(other, input, 1) or input.dim() == 0:
         return NotImplemented
+    if other._rows is not None and input.dim() == 1:  # per_sample(): an unbatched input is one sample
+        return matmul(input.unsqueeze(0), other, None).squeeze(0)
     plain = one_plain_term(other, input)
     if plain is not None and input.dim() >= 2:
         L, R, s = plain
@@ -737,6 +741,8 @@ def conv_form(op: Callable) -> Callable:
         if groups != 1 or not fits(weight, input, 0) or weight._view.transpose:
             return NotImplemented
         shape = weight._w0.shape
+        if weight._rows is not None and input.dim() == len(shape) - 1:  # per_sample(): unbatched, one sample
+            return conv(input.unsqueeze(0), weight, bias, stride, padding, dilation, groups).squeeze(0)
         kernel, ones = shape[2:], (1,) * (len(shape) - 2)
         out = op(input, weight._w0, bias, stride, padding, dilation, groups)
         out = weight._rescale(out, bias, dim=-len(kernel) - 1)  # the channel dim
