@@ -36,6 +36,7 @@ same sums run without an autograd node.
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -76,9 +77,12 @@ class FactoredWeight(Tensor):
     weight. ``rows`` is set inside :func:`lora_inject.per_sample`: each sample's adapter name, or
     None; then each term acts only on the samples that chose it.
 
-    ``detach()`` (and so ``nn.Parameter(weight)``) gives a *leaf*: a FactoredWeight with no terms
-    whose ``W0`` is the merged value, detached. Every op runs on the leaf itself, above autograd,
-    so that a gradient reaches it as it reaches a dense leaf of that value.
+    ``detach()`` gives a plain tensor holding the merged value. ``nn.Parameter(weight)``, which
+    needs a tensor of the type it is given, gets a *leaf*: a FactoredWeight with no terms whose
+    ``W0`` is the merged value, detached. Every op runs on the leaf itself, above autograd, so that
+    a gradient reaches it as it reaches a dense leaf of that value; what reads its memory or
+    pickles it (``numpy()``, ``data_ptr()``, ``torch.save``, ``copy.deepcopy``) gets that dense
+    tensor (see ``HOST``).
     """
 
     _w0: Tensor  # W0; for a leaf, the merged value
@@ -157,6 +161,18 @@ class FactoredWeight(Tensor):
         out = FactoredWeight(value, (), self._view)
         out._leaf = True
         return out
+
+    def _plain(self) -> Tensor:
+        """The dense tensor this one stands for, detached: a leaf's own storage (with its
+        ``requires_grad``, and an ``nn.Parameter`` where the leaf is one), or the merged value."""
+        if not self._leaf:
+            with torch.no_grad():
+                return self._merged().detach()
+        with torch._C.DisableTorchFunctionSubclass():
+            grad = REQUIRES_GRAD(self)
+        if self.__dict__.get("_is_param"):
+            return torch.nn.Parameter(self._w0, requires_grad=grad)
+        return self._w0.detach().requires_grad_(grad)
 
     def _needs_grad(self) -> bool:
         return any(t.requires_grad for t in self._inner_tensors())
@@ -258,8 +274,19 @@ class FactoredWeight(Tensor):
     @classmethod
     def __torch_function__(cls, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if func is Tensor.detach:
-            return args[0]._detached()
+        if func is Tensor.detach:  # a plain tensor of the value; nn.Parameter(weight) needs its own type
+            w = args[0]
+            return w._detached() if _making_parameter() else w._w0.detach() if w._leaf else w._plain()
+        if func is Tensor.__deepcopy__ and not args[0]._leaf:  # a copy of the value, as of a dense weight
+            with torch._C.DisableTorchFunctionSubclass():
+                grad = REQUIRES_GRAD(args[0]) or args[0]._needs_grad()
+            out = args[1][id(args[0])] = args[0]._plain().clone().requires_grad_(grad)
+            return out
+        if func in HOST and args[0]._leaf:  # what reads a leaf's memory or pickles it: its dense tensor
+            out = getattr(args[0]._plain(), func.__name__)(*args[1:], **kwargs)  # nn.Parameter's own, if one
+            if func is Tensor.__deepcopy__:
+                args[1][id(args[0])] = out
+            return out
         leaves = []
         tree_map_only(FactoredWeight, lambda w: leaves.append(w) if w._leaf else None, (args, kwargs))
         if leaves:  # a leaf: the op runs on it, and autograd records it (its value comes in dispatch)
@@ -365,6 +392,21 @@ def merge(w0: Tensor, terms, view: View) -> Tensor:
 REFUSED: tuple[tuple[str, str], ...] = ()
 
 REQUIRES_GRAD = Tensor.requires_grad.__get__
+# What a leaf hands to its dense tensor (see FactoredWeight._plain): numpy() and tolist() (which refuse
+# subclasses), its memory (safetensors reads data_ptr), copying it and pickling it (torch.save, which
+# then loads with weights_only=True as a plain tensor or nn.Parameter).
+HOST = {Tensor.numpy, Tensor.tolist, Tensor.__deepcopy__, Tensor.__reduce_ex__, Tensor.data_ptr,
+        Tensor.untyped_storage, Tensor.__array__}
+_PARAMETER_NEW = torch.nn.Parameter.__new__.__code__
+
+
+def _making_parameter() -> bool:
+    """Whether ``nn.Parameter(weight)`` asks for this ``detach()``: it wants a tensor of the type it
+    was given, and marks that as the Parameter (a plain tensor would make it refuse)."""
+    if torch.compiler.is_compiling():
+        return False
+    frame = sys._getframe(2)
+    return frame is not None and frame.f_code is _PARAMETER_NEW
 OWN = {
     *(getattr(Tensor, name).__get__ for name in (
         "shape", "dtype", "device", "ndim", "layout", "is_cpu", "is_cuda", "is_meta", "is_mkldnn", "is_nested",
@@ -571,6 +613,8 @@ class _LowRank(torch.autograd.Function):
 def linear(input, weight, bias):
     if not fits(weight, input, 0, quantized=True):
         return NotImplemented
+    if weight._rows is not None and input.dim() == 1:  # per_sample(): an unbatched input is one sample
+        return linear(input.unsqueeze(0), weight, bias).squeeze(0)
     if quant.scheme(weight._w0) is not None:  # the backend's kernel, and the branch beside it
         return beside(input, weight, frozen_linear(input, weight._w0, bias), bias)
     plain = one_plain_term(weight, input)
@@ -608,6 +652,8 @@ def addmm(input, mat1, mat2, beta, alpha, out):
 def matmul(input, other, out):
     if out is not None or not fits(other, input, 1) or input.dim() == 0:
         return NotImplemented
+    if other._rows is not None and input.dim() == 1:  # per_sample(): an unbatched input is one sample
+        return matmul(input.unsqueeze(0), other, None).squeeze(0)
     plain = one_plain_term(other, input)
     if plain is not None and input.dim() >= 2:
         L, R, s = plain
@@ -695,6 +741,8 @@ def conv_form(op: Callable) -> Callable:
         if groups != 1 or not fits(weight, input, 0) or weight._view.transpose:
             return NotImplemented
         shape = weight._w0.shape
+        if weight._rows is not None and input.dim() == len(shape) - 1:  # per_sample(): unbatched, one sample
+            return conv(input.unsqueeze(0), weight, bias, stride, padding, dilation, groups).squeeze(0)
         kernel, ones = shape[2:], (1,) * (len(shape) - 2)
         out = op(input, weight._w0, bias, stride, padding, dilation, groups)
         out = weight._rescale(out, bias, dim=-len(kernel) - 1)  # the channel dim

@@ -4,8 +4,11 @@ merged weights, and a class of its own per copy with refusals to pickle and to s
 
 from __future__ import annotations
 
+import sys
+
 import torch
 from torch import Tensor, nn
+from torch.nn.utils._named_member_accessor import swap_tensor
 from torch.nn.utils.parametrize import type_before_parametrizations
 
 from . import quant
@@ -38,7 +41,19 @@ def own_class(module: nn.Module) -> None:
             replica.__class__ = type(own.__name__, own.__bases__, body)
         return replica
 
-    ours = {"__deepcopy__": __deepcopy__, "__getstate__": refuse_pickle, "__prepare_scriptable__": refuse_script}
+    setattr_ = cls.__setattr__
+
+    def __setattr__(self, name, value):
+        # nn.Module registers an nn.Parameter as a new parameter, which the parametrized tensor's
+        # property forbids (KeyError): it goes to the property's setter, as a plain tensor does.
+        if isinstance(value, nn.Parameter) and name in self.__dict__.get("_modules", {}).get(
+                "parametrizations", ()) and isinstance(getattr(type(self), name, None), property):
+            object.__setattr__(self, name, value)
+        else:
+            setattr_(self, name, value)
+
+    ours = {"__deepcopy__": __deepcopy__, "__getstate__": refuse_pickle, "__prepare_scriptable__": refuse_script,
+            "__setattr__": __setattr__}
     cls._lora_inject_saved = {k: vars(cls).get(k) for k in ours}
     for k, v in ours.items():
         setattr(cls, k, v)
@@ -54,7 +69,13 @@ def own_setter(module: nn.Module, tensor_name: str) -> None:
     gives in the original's place instead: a plain tensor becomes ``W0`` (as loading it under the
     state dict's key does), and a value LoRA handed out puts back the ``W0`` it was computed from,
     the same object, bit for bit. Elsewhere, parametrize's setter runs. :func:`own_class` must come
-    first; :func:`disown_class` undoes it."""
+    first; :func:`disown_class` undoes it.
+
+    ``functional_call`` (``torch.nn.utils.stateless``) swaps tensors in and out by name: it reads
+    the attribute to put it back on exit, and on exit writes what it reads into the caller's dict.
+    Those reads deal in the state dict's tensors, so where torch's swap reads the attribute it gets
+    the stored ``W0`` itself, and a tensor it swaps in is stored as given: the caller's dict keeps
+    its own tensors, the very objects, and the model gets its ``W0`` back."""
     cls = type(module)
     saved = cls._lora_inject_saved
     if tensor_name in saved:
@@ -62,9 +83,19 @@ def own_setter(module: nn.Module, tensor_name: str) -> None:
     prop = vars(cls)[tensor_name]
     saved[tensor_name] = prop
 
-    def assign(self, value: Tensor) -> None:
+    def only_lora(self):
         plist = self.parametrizations[tensor_name]
-        if len(plist) != 1 or not isinstance(plist[0], LoRA) or not plist.is_tensor:
+        return plist if len(plist) == 1 and isinstance(plist[0], LoRA) and plist.is_tensor else None
+
+    def read(self) -> Tensor:
+        if not torch.compiler.is_compiling() and sys._getframe(1).f_code is _SWAP \
+                and (plist := only_lora(self)) is not None:
+            return plist.original  # functional_call's swap: the state dict's tensor, W0
+        return prop.fget(self)
+
+    def assign(self, value: Tensor) -> None:
+        plist = only_lora(self)
+        if plist is None:
             prop.fset(self, value)
             return
         old = plist.original
@@ -76,11 +107,29 @@ def own_setter(module: nn.Module, tensor_name: str) -> None:
             raise ValueError(
                 f"lora_inject: assigning {type_name(self)}.{tensor_name}: its base weight W0 is {old.dtype}, "
                 f"got a tensor of {new.dtype}. Cast it first, e.g. `value.to({old.dtype})`.")
-        if type(new) is Tensor and new.grad_fn is None and not torch._C._are_functorch_transforms_active():
+        swapped = _swapping()  # functional_call stores what it is given, as for a plain module's parameter
+        if type(new) is Tensor and new.grad_fn is None and not torch._C._are_functorch_transforms_active() \
+                and not swapped:
             new = nn.Parameter(new, requires_grad=old.requires_grad) if isinstance(old, nn.Parameter) else new
         (plist._parameters if "original" in plist._parameters else plist._buffers)["original"] = new
 
-    setattr(cls, tensor_name, property(prop.fget, assign))
+    setattr(cls, tensor_name, property(read, assign))
+
+
+_SWAP = swap_tensor.__code__  # torch.nn.utils.stateless swaps a module's tensors by name with it
+
+
+def _swapping() -> bool:
+    """Whether the attribute assignment under way comes from torch's ``swap_tensor``: a setter is
+    called from ``Module.__setattr__``, with the class's own ``__setattr__`` (RNNs', ours) between."""
+    frame = sys._getframe(2)
+    for _ in range(6):
+        if frame is None:
+            return False
+        if frame.f_code is _SWAP:
+            return True
+        frame = frame.f_back
+    return False
 
 
 def own_forward(module: nn.Module, tensor_name: str) -> None:

@@ -26,7 +26,8 @@ def per_sample(model: M, adapters: Sequence[str | None]) -> Iterator[M]:
     low-rank branch runs on the rows of the samples that chose it only (gathered, a view where
     they are contiguous, and added back in place), so a mixed batch costs about one adapter's.
     The batch is dim 0 of the input each adapted layer receives (for ``EmbeddingBag`` with
-    ``offsets``, its bags), and it must equal ``len(adapters)``: it is never guessed from a
+    ``offsets``, its bags; an unbatched input, a vector to ``Linear`` or ``(C, ...)`` to a conv,
+    is one sample), and it must equal ``len(adapters)``: it is never guessed from a
     flattened shape. A layer that flattens its input itself (transformers' ``Conv1D`` turns
     ``(batch, seq, in)`` into ``(batch * seq, in)``) keeps each sample's rows together; a model
     that flattens the batch before the layer is refused. Inside the block the
@@ -102,6 +103,14 @@ def per_sample(model: M, adapters: Sequence[str | None]) -> Iterator[M]:
             h.remove()
 
 
+def _unbatched_dim(module: nn.Module) -> int | None:
+    """How many dims an unbatched input of ``module`` has, where it takes one (Linear and Conv1D:
+    a vector; Conv: channels and the spatial dims), else None (a lookup's indices are all batch)."""
+    if isinstance(module, nn.modules.conv._ConvNd):
+        return len(module.kernel_size) + 1
+    return None if isinstance(module, (nn.Embedding, nn.EmbeddingBag)) else 1
+
+
 def _batch_check(qualname: str):
     """A forward pre-hook: the batch of the adapted module's input (dim 0; ``EmbeddingBag``'s
     bags by its offsets) must be one sample per name given to :func:`per_sample`."""
@@ -115,6 +124,8 @@ def _batch_check(qualname: str):
         if isinstance(module, nn.EmbeddingBag) and isinstance(offsets, Tensor):
             batch = offsets.shape[0] - int(module.include_last_offset)
             what = f"{batch} bags (by its offsets)"
+        elif x.dim() == _unbatched_dim(module):  # one sample: dim 0 is its features or channels
+            batch, what = 1, f"one unbatched sample (an input of shape {tuple(x.shape)})"
         else:
             batch, what = x.shape[0], f"a batch of {x.shape[0]} (dim 0 of its input of shape {tuple(x.shape)})"
         if batch != len(names):

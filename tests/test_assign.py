@@ -147,3 +147,36 @@ def test_assigning_a_tensor_of_another_shape_or_dtype_is_refused_and_changes_not
     with pytest.raises(ValueError, match=r"W0 is torch.float32, got a tensor of torch.float64"):
         model[0].weight = torch.zeros(6, 4, dtype=torch.float64)
     assert _unchanged(model, snap)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("modified", [False, True])
+def test_functional_call_leaves_the_callers_dict_holding_its_own_tensors(kind, modified):
+    # torch writes what it reads back on exit into the caller's dict: it must read the state
+    # dict's tensor (W0), not the adapted weight, so the dict still loads anywhere afterwards.
+    model = _model(kind)
+    x = torch.randn(5, 4)
+    sd = {k: v + 0.5 if modified else v for k, v in model.state_dict().items()}
+    given = {k: (v, v.clone()) for k, v in sd.items()}
+    snap = _snapshot(model)
+    want = _out(_merged_by_hand(model, sd), x)
+    for _ in range(2):  # the same dict twice, as a loop over batches does
+        got = torch.func.functional_call(model, sd, (x,))
+        torch.testing.assert_close(got[0] if isinstance(got, tuple) else got, want)
+    assert sd.keys() == given.keys()
+    assert all(sd[k] is t and type(t) is type(c) and torch.equal(t, c) for k, (t, c) in given.items())
+    assert _unchanged(model, snap)
+    copy.deepcopy(model).load_state_dict(sd)  # was: refused as another LoRA's adapted weight
+
+
+def test_assigning_an_nn_parameter_to_the_adapted_tensor_sets_w0():
+    model = _model("linear")
+    x = torch.randn(5, 4)
+    new = nn.Parameter(torch.randn(6, 4), requires_grad=False)
+    model[0].weight = new  # was: KeyError "attribute 'weight' already exists"
+    assert model[0].parametrizations.weight.original is new
+    plain = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3))
+    plain.load_state_dict(model.state_dict(), strict=False)
+    li.inject(plain, "", r=2, alpha=4)
+    plain.load_state_dict(model.state_dict())
+    torch.testing.assert_close(_out(model, x), _out(plain, x))

@@ -47,7 +47,7 @@ def test_table_ops_never_build_the_merged_weight(layer_name, variant):
 def test_detach_keeps_the_value_so_a_parameter_can_be_made_of_the_weight():
     layer, expected = _linear()
     w = layer.weight
-    assert type(w) is FactoredWeight and type(w.detach()) is FactoredWeight
+    assert type(w) is FactoredWeight and type(w.detach()) is torch.Tensor
     p = nn.Parameter(w)
     assert isinstance(p, FactoredWeight) and p.requires_grad and p.is_leaf and p.shape == (7, 5)
     torch.testing.assert_close(p + 0, expected.detach())
@@ -70,6 +70,47 @@ def test_a_parameter_made_of_the_weight_trains_as_a_dense_leaf_of_the_merged_val
     opt.step()
     torch.testing.assert_close(new.weight + 0, dense.weight + 0)  # the step moves the leaf's own value
     assert layer.parametrizations.weight.original.grad is None
+
+
+@pytest.mark.parametrize("kind", ["detached", "parameter"])
+def test_a_leaf_made_of_the_weight_is_a_dense_tensor_to_numpy_pickle_copy_and_safetensors(kind, tmp_path):
+    import numpy as np
+    from safetensors.torch import load_file, save_file
+
+    layer, expected = _linear()
+    want = expected.detach()
+    leaf = layer.weight.detach() if kind == "detached" else nn.Parameter(layer.weight)
+    value = leaf.detach()
+    np.testing.assert_array_equal(value.numpy(), want.numpy())  # was: "not supported for tensor subclasses"
+    np.testing.assert_array_equal(np.asarray(value.cpu()), want.numpy())
+    assert leaf.tolist() == want.tolist()
+    assert value.data_ptr() != 0
+    save_file({"w": value}, tmp_path / "w.safetensors")  # was: "invalid python storage"
+    assert torch.equal(load_file(tmp_path / "w.safetensors")["w"], want)
+    torch.save(leaf, tmp_path / "w.pt")
+    loaded = torch.load(tmp_path / "w.pt")  # weights_only: was "Unsupported global FactoredWeight"
+    assert torch.equal(loaded, want) and loaded.requires_grad == leaf.requires_grad
+    assert isinstance(loaded, nn.Parameter) == (kind == "parameter")
+    new = nn.Linear(5, 7).double()
+    if kind == "parameter":
+        new.weight = leaf
+        copied = copy.deepcopy(new)  # was: "__deepcopy__() for wrapper subclasses only works ..."
+        assert type(copied.weight) is nn.Parameter and torch.equal(copied.weight, want)
+        assert copied.weight.requires_grad
+    else:
+        assert torch.equal(copy.deepcopy(leaf), want)
+    if kind == "parameter":
+        with pytest.raises(RuntimeError, match="Can't call numpy\\(\\) on Tensor that requires grad"):
+            leaf.numpy()  # as a dense Parameter
+
+
+def test_a_deepcopy_of_the_weight_is_a_dense_copy_of_its_value():
+    layer, expected = _linear()
+    copied = copy.deepcopy(layer.weight)  # was: "Only Tensors created explicitly by the user ..."
+    assert type(copied) is torch.Tensor and copied.is_leaf and copied.requires_grad
+    assert torch.equal(copied, expected.detach())
+    copied.data.zero_()
+    torch.testing.assert_close(layer.weight + 0, expected.detach())  # a copy: W0 and factors untouched
 
 
 def test_autograd_grad_reaches_a_detached_weight_made_a_leaf():
@@ -138,9 +179,10 @@ def test_sparse_lookups_with_no_factored_form_are_refused_at_inject(cls):
     assert not hasattr(layer, "parametrizations")
 
 
-# What a Tensor subclass must define itself: construction, its repr and the two dispatch hooks.
+# What a Tensor subclass must define itself: construction, its repr and the two dispatch hooks
+# (and __slotnames__, the cache copyreg sets on a class it has pickled).
 SUBCLASS_OWN = {"__annotations__", "__doc__", "__init__", "__module__", "__new__", "__repr__",
-                "__torch_dispatch__", "__torch_function__", "__dict__", "__weakref__"}
+                "__torch_dispatch__", "__torch_function__", "__dict__", "__weakref__", "__slotnames__"}
 
 
 @pytest.mark.parametrize("dora", [False, True])

@@ -283,6 +283,30 @@ def test_per_sample_refuses_a_batch_other_than_one_per_name(shape):
             torch.testing.assert_close(out[i:i + 1], want)
 
 
+@pytest.mark.parametrize("layer, x", [
+    (lambda: nn.Conv2d(2, 4, 3), (2, 6, 6)), (lambda: nn.Conv1d(2, 4, 3), (2, 7)), (lambda: nn.Linear(2, 3), (2,))],
+    ids=["conv2d", "conv1d", "linear"])
+def test_per_sample_takes_an_unbatched_input_as_one_sample(layer, x):
+    """dim 0 of an unbatched input is its channels or features, never a batch: with as many names as
+    channels (and rank) it gave an output that was no adapter's."""
+    torch.manual_seed(0)
+    model = nn.Sequential(layer()).eval()
+    li.inject(model, "0", r=2, adapter="a")
+    li.inject(model, "0", r=2, adapter="b")
+    with torch.no_grad():
+        for p in li.lora_parameters(model):
+            p.normal_()
+    x = torch.randn(*x)
+    with torch.no_grad():
+        with pytest.raises(ValueError, match=r"2 adapter names were given.*received one unbatched sample"):
+            with li.per_sample(model, ["a", "b"]):
+                model(x)
+        for name in ("b", None):
+            with li.per_sample(model, [name]):
+                out = model(x)
+            torch.testing.assert_close(out, li.activate(model, [] if name is None else name)(x))
+
+
 def test_per_sample_refuses_a_model_that_flattens_the_batch_before_the_layer():
     class Flat(nn.Module):
         def __init__(self):
