@@ -53,12 +53,17 @@ class Option:
         check (callable): ``check(value) -> bool``, whether ``value`` is allowed.
         expect (str): what ``check`` allows, in words, for the error message
             (``"a float in [0, 1)"``).
+        selector (bool): ``inject`` also takes a selector of modules for it, as ``targets``
+            (a regex, a list of names, a callable), and gives each tensor ``True`` where its
+            module is selected (IA³'s ``feedforward``, peft's ``feedforward_modules``); a bool
+            applies to every tensor. Default: ``False``.
     """
 
     name: str
     default: Any
     check: Callable[[Any], bool]
     expect: str
+    selector: bool = False
 
 
 @dataclass(frozen=True)
@@ -90,6 +95,9 @@ class Kind:
         shared (callable or None): ``shared(views, r, options) -> dict[str, Tensor]``, tensors
             shared by every site of one adapter (VeRA's random projections), built once from
             all the sites' views. Each site's ``params`` holds them under the same names.
+        share (callable or None): ``share(shared, view, r, options) -> dict[str, Tensor]``, the
+            part of the shared tensors that one site holds (VeRA: the slices it reads), as
+            frozen buffers of its own; ``None``: the whole of them.
         frozen (tuple of str): the names of tensors that are not trained (buffers).
         factored (mapping): op name to ``form(x, base, params, view, scaling, options)``, the
             op's output with the adapted weight, computed without building it.
@@ -117,6 +125,7 @@ class Kind:
     default_alpha: float | None = 8.0
     apply_bias: Callable[[Tensor, Params, View, Options], Tensor] | None = None
     shared: Callable[[Sequence[View], int, Options], dict[str, Tensor]] | None = None
+    share: Callable[[Mapping[str, Tensor], View, int, Options], dict[str, Tensor]] | None = None
     frozen: tuple[str, ...] = ()
     factored: Mapping[str, Callable[..., Tensor]] = field(default_factory=dict)
     peft_key: Callable[[str], str] = field(default=lambda tensor_name: tensor_name)
