@@ -86,7 +86,8 @@ class Kind:
         options (tuple of Option): the kind's options, named as in peft's config.
         validate (callable or None): ``validate(r, alpha, options)``, the checks that span
             several options; raises ``ValueError``.
-        scaling (callable): ``scaling(r, alpha, options) -> float``; ``alpha / r`` by default.
+        scaling (callable): ``scaling(r, alpha, options) -> float``; ``alpha / r`` by default
+            (1 for a kind without a rank or an alpha).
         default_r (int or None): peft's default rank; ``None`` for a kind without one (IA³).
         default_alpha (float or None): peft's default alpha; ``None`` for a kind without one.
         apply_bias (callable or None): ``apply_bias(b, params, view, options) -> Tensor``, the
@@ -120,7 +121,8 @@ class Kind:
     apply: Callable[[Tensor, Params, View, float, Options], Tensor] | None = None
     options: tuple[Option, ...] = ()
     validate: Callable[[int, float, Options], None] | None = None
-    scaling: Callable[[int, float, Options], float] = field(default=lambda r, alpha, options: alpha / r)
+    scaling: Callable[[int, float, Options], float] = field(
+        default=lambda r, alpha, options: 1.0 if alpha is None or not r else alpha / r)
     default_r: int | None = 8
     default_alpha: float | None = 8.0
     apply_bias: Callable[[Tensor, Params, View, Options], Tensor] | None = None

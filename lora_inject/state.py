@@ -17,11 +17,14 @@ from .lora import LoRA
 
 __all__ = [
     "activate",
+    "adapter_parameters",
+    "adapter_state_dict",
     "cached",
     "disabled",
     "init_lora",
     "lora_parameters",
     "lora_state_dict",
+    "mark_only_adapters_as_trainable",
     "mark_only_lora_as_trainable",
     "named_loras",
 ]
@@ -147,6 +150,11 @@ def mark_only_lora_as_trainable(model: M, bias: str = "none") -> M:
             if b is not None and (bias == "all" or adapted):
                 b.requires_grad_(True)
     return model
+
+
+adapter_parameters = lora_parameters  # the same helpers, named for adapters of every kind
+adapter_state_dict = lora_state_dict
+mark_only_adapters_as_trainable = mark_only_lora_as_trainable
 
 
 def activate(model: M, adapters: str | Sequence[str]) -> M:

@@ -20,6 +20,7 @@ from torch.func import functional_call
 from torch.utils._pytree import tree_flatten, tree_map
 
 import lora_inject as li
+from lora_inject import kind as kind_module
 from lora_inject.kind import find_kind, merged
 from lora_inject.rule import find_rule
 
@@ -134,7 +135,8 @@ def test_kind_on_layer(kind, layer, data):
     kw = options(data, kind, case)
     before = state(case.model)
     mha = case.model if isinstance(case.model, nn.MultiheadAttention) else None
-    if kind == "ia3" and mha is not None and not mha._qkv_same_embed_dim and mha.in_proj_bias is not None:
+    separate = any(a.tensor in ("q_proj_weight", "k_proj_weight", "v_proj_weight") for a in case.adapted)
+    if kind == "ia3" and separate and mha.in_proj_bias is not None:
         with pytest.raises(ValueError, match=r"kind='ia3'.*`in_proj_bias` has shape"):
             inject(case.model, case, kind, kw)  # q/k/v_proj_weight share one bias of 3 x their outputs
         assert not hasattr(case.model, "parametrizations")
@@ -142,6 +144,9 @@ def test_kind_on_layer(kind, layer, data):
     model = inject(copy.deepcopy(case.model), case, kind, kw)
     assert sorted(k for k, _ in li.named_loras(model)) == sorted(a.key for a in case.adapted)
     assert all(lora.adapter("default").kind == kind for _, lora in li.named_loras(model))
+    sd = model.state_dict()  # the base keys hold W0 (and the bias) as before; it loads back strictly
+    assert all(torch.equal(sd[k], v) for k, v in before.items())
+    model.load_state_dict(sd)
 
     # identity at init: every kind's init is an exact identity, bit for bit
     assert_all_equal(run(model, case), run(copy.deepcopy(case.model), case))
@@ -406,3 +411,54 @@ def test_merging_part_of_a_stack_keeps_the_order():
     assert all(torch.equal(layer.state_dict()[k], v) for k, v in before.items())
     li.remove(layer, adapter="a")  # the first one goes into W0 under the rotation: the same outputs
     torch.testing.assert_close(layer(x), want)
+
+
+class Experts(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(3, 6, 4))
+
+    def forward(self, x):  # (E, n, in) -> (E, n, out)
+        return torch.einsum("eni,eoi->eno", x, self.w)
+
+
+@pytest.mark.parametrize("kind, kw", [
+    ("loha", dict(r=2)), ("lokr", dict(r=2)), ("oft", dict(r=2, oft_block_size=0)), ("ia3", {}),
+    ("ia3", dict(feedforward=True)), ("vera", dict(r=2)),
+])
+def test_kinds_on_experts(kind, kw):
+    torch.manual_seed(0)
+    rules = {**li.default_rules(), Experts: li.Rule(("w",), experts=True)}
+    model, x = nn.Sequential(Experts()), torch.randn(3, 5, 4)
+    base = model(x)
+    li.inject(model, "0", kind=kind, rules=rules, **kw)
+    assert torch.equal(model(x), base)
+    randomize(model, "default", 0)
+    lora = model[0].parametrizations.w[0]
+    assert all(t.shape[0] == 3 for k, t in lora.tensors("default").items() if k not in ("vera_A", "vera_B"))
+    rec = lora.adapter("default")
+    params = {k: v.detach().to(F64) for k, v in lora.tensors("default").items()}
+    W = merged(lora.view.rows(model[0].parametrizations.w.original.to(F64)),
+               [(find_kind(kind), params, rec.scaling, rec.options)], lora.view)
+    torch.testing.assert_close(model(x), torch.einsum("eni,eoi->eno", x.to(F64), W).float())
+
+
+def test_a_users_own_kind(monkeypatch):
+    monkeypatch.setattr(kind_module, "_KINDS", dict(li.default_kinds()))  # registered for this test only
+
+    def create(view, r, alpha, options):  # one gain per output unit, ones at init
+        return {"gain": torch.ones(*view.lead, view.out_features)}
+
+    def apply(W, params, view, scaling, options):
+        return W * params["gain"][..., :, None]
+
+    li.register_kind("gain", li.Kind("gain", create=create, apply=apply, default_r=None, default_alpha=None))
+    torch.manual_seed(0)
+    model, x = nn.Sequential(nn.Conv2d(2, 3, 3, bias=False)), torch.randn(1, 2, 5, 5)
+    base = model(x)
+    li.inject(model, "0", kind="gain")
+    assert torch.equal(model(x), base)
+    with torch.no_grad():
+        model[0].parametrizations.weight[0].gain["default"].fill_(3.0)
+    torch.testing.assert_close(model(x), 3 * base)
+    assert [n for n, _ in model.named_parameters() if "gain" in n] == ["0.parametrizations.weight.0.gain.default"]
