@@ -139,7 +139,11 @@ def inject(
             another module, a rule names a tensor the module lacks, a sparse ``Embedding`` or
             ``EmbeddingBag`` has no factored form (``max_norm``, ``scale_grad_by_freq``,
             ``mode="max"``), ``init="pissa"``/``"olora"`` meets a weight that is not finite, a
-            selected tensor is an uninitialised lazy one, or nothing at all is selected.
+            selected tensor is an uninitialised lazy one, or nothing at all is selected; for a
+            ``kind`` other than LoRA: the kind is unknown, an option or its value is not the
+            kind's, ``dora``/``init``/``rslora``/``dropout`` or an ``alpha``/``r`` the kind lacks
+            is given, a dropout option is nonzero (not implemented), a lookup is sparse, or the
+            kind changes the bias (IA³) where the rule names none or it does not fit.
 
     Example::
 
@@ -247,6 +251,13 @@ def _inject_kind(model, targets, kind: Kind, *, r, alpha, adapter, exclude, drop
         leave = matcher("inject", "exclude", exclude) if exclude is not None else None
         plan = _plan(model, select, leave, rules, adapter, 0.0, targets)
         spec = targets if isinstance(targets, str) else getattr(targets, "pattern", None)
+        sparse = next((q for q, m, *_ in plan if getattr(m, "sparse", False) is True), None)
+        if sparse is not None:
+            raise ValueError(
+                f"inject(kind={name!r}): {type_name(dict(named_modules(model))[sparse])} `{sparse}` has "
+                f"sparse=True, but {name!r} merges its update into the weight before the lookup, and a sparse "
+                "gradient cannot flow from a merged weight into its tensors. Set sparse=False on that layer, "
+                "or leave it out with `exclude=`.")
         if kind.apply_bias is not None:
             for qualname, module, rule, tensor_name, shape in plan:
                 _bias_name(name, qualname, module, rule, tensor_name, rule_view(shape, rule))
@@ -457,7 +468,9 @@ def remove(model: M, *, merge: bool = True, adapter: str | Sequence[str] | None 
             sequence of str or None.
         ValueError: if an adapter name is not in the model, a merged weight would not be
             finite, the merge would leave other active adapters on a tensor where one of
-            them, or a merged one, is DoRA (its norm depends on ``W0``), or a quantized weight's
+            them, or a merged one, is DoRA (its norm depends on ``W0``), a merged adapter comes
+            after a staying one on a tensor where a kind that is not a sum (OFT, IA³) is
+            involved (adapters apply in the order they were injected), or a quantized weight's
             scheme cannot be rebuilt (torchao's per-group ``Int8Tensor``: pass
             ``dequantize=True``). Every tensor is checked before any is written, so the model
             is left unchanged.

@@ -462,3 +462,10 @@ def test_a_users_own_kind(monkeypatch):
         model[0].parametrizations.weight[0].gain["default"].fill_(3.0)
     torch.testing.assert_close(model(x), 3 * base)
     assert [n for n, _ in model.named_parameters() if "gain" in n] == ["0.parametrizations.weight.0.gain.default"]
+
+
+def test_refuses_a_sparse_lookup():
+    model = nn.Sequential(nn.Embedding(10, 4, sparse=True))
+    with pytest.raises(ValueError, match=r"kind='loha'.*Embedding `0` has sparse=True"):
+        li.inject(model, "0", kind="loha", r=2)
+    assert not hasattr(model[0], "parametrizations")
