@@ -31,16 +31,20 @@ Each public name has its own ``help()``.
 
 from .arithmetic import combine
 from .io import load_adapter, save_adapter
+from .kind import Kind, Option, default_kinds, find_kind, register_kind
 from .lora import Adapter, LoRA
 from .per_sample import per_sample
 from .rule import Rule, default_rules, register_rule
 from .state import (
     activate,
+    adapter_parameters,
+    adapter_state_dict,
     cached,
     disabled,
     init_lora,
     lora_parameters,
     lora_state_dict,
+    mark_only_adapters_as_trainable,
     mark_only_lora_as_trainable,
     named_loras,
 )
@@ -49,22 +53,30 @@ from .version import __version__ as __version__
 
 __all__ = [
     "Adapter",
+    "Kind",
     "LoRA",
+    "Option",
     "RequantizationWarning",
     "Rule",
     "activate",
+    "adapter_parameters",
+    "adapter_state_dict",
     "cached",
     "combine",
+    "default_kinds",
     "default_rules",
     "disabled",
+    "find_kind",
     "init_lora",
     "inject",
     "load_adapter",
     "lora_parameters",
     "lora_state_dict",
+    "mark_only_adapters_as_trainable",
     "mark_only_lora_as_trainable",
     "named_loras",
     "per_sample",
+    "register_kind",
     "register_rule",
     "remove",
     "save_adapter",

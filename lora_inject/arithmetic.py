@@ -95,6 +95,11 @@ def combine(model: M, weights: Mapping[str, float], into: str, *, rank: int | No
         if dora is not None:
             raise ValueError(f"{fn}(): adapter {dora!r} on `{where}` is DoRA, whose weight is not linear in its "
                              "factors, so it has no weighted sum. Combine plain adapters only.")
+        other = next((n for n in names if lora.adapter(n).kind != "lora"), None)
+        if other is not None:
+            raise ValueError(f"{fn}(): adapter {other!r} on `{where}` is of kind {lora.adapter(other).kind!r}, "
+                             "whose update is not a low-rank product B @ A, so a weighted sum of it has no "
+                             "LoRA factors. Combine kind='lora' adapters only.")
         if names:
             plans.append((lora, names))
     done = []

@@ -7,6 +7,7 @@ from __future__ import annotations
 import sys
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.utils._named_member_accessor import swap_tensor
 from torch.nn.utils.parametrize import type_before_parametrizations
@@ -14,7 +15,7 @@ from torch.nn.utils.parametrize import type_before_parametrizations
 from . import quant
 from .factored import FactoredWeight, beside
 from .lookup import inverse, module_loras, parametrized
-from .lora import LoRA
+from .lora import Bias, LoRA
 from .rule import type_name
 
 
@@ -145,6 +146,11 @@ def own_forward(module: nn.Module, tensor_name: str) -> None:
     def forward(self, input, *args, **kwargs):
         weight = getattr(self, tensor_name)  # LoRA's value: factored while an adapter is active
         original = self.parametrizations[tensor_name].original
+        if type(weight) is not FactoredWeight and quant.scheme(weight) is None:
+            # Merged (a kind other than LoRA is active): the dense adapted weight, and the layer's
+            # own math, x @ W.T + b, on it.
+            bias = self.bias
+            return F.linear(input, weight.to(input.dtype), None if bias is None else bias.to(input.dtype))
         out = type_before_parametrizations(self).forward(_Stored(self, tensor_name, original), input, *args, **kwargs)
         quant.adopt(self, original)  # what that forward moved to the module goes back on the weight
         if type(weight) is not FactoredWeight:
@@ -230,7 +236,7 @@ def _load_base_keys(module, state_dict, prefix, local_metadata, strict, missing,
     for tensor_name, plist in parametrized(module).items():
         key = prefix + tensor_name
         inner = f"{prefix}parametrizations.{tensor_name}."
-        if key not in state_dict or not any(isinstance(p, LoRA) for p in plist):
+        if key not in state_dict or not any(isinstance(p, (LoRA, Bias)) for p in plist):
             continue
         if any(k.startswith(inner + "original") for k in state_dict):
             continue
@@ -247,7 +253,7 @@ def _load_base_keys(module, state_dict, prefix, local_metadata, strict, missing,
 def _base_key_pairs(module: nn.Module, prefix: str) -> list[tuple[str, str]]:
     """``(p.parametrizations.<t>.original, p.<t>)`` for each tensor whose only parametrization is LoRA."""
     return [(f"{prefix}parametrizations.{t}.original", prefix + t) for t, plist in parametrized(module).items()
-            if len(plist) == 1 and isinstance(plist[0], LoRA)]
+            if len(plist) == 1 and isinstance(plist[0], (LoRA, Bias))]
 
 
 def _base_keys(module, state_dict, prefix, local_metadata) -> None:

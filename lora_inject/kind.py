@@ -53,12 +53,17 @@ class Option:
         check (callable): ``check(value) -> bool``, whether ``value`` is allowed.
         expect (str): what ``check`` allows, in words, for the error message
             (``"a float in [0, 1)"``).
+        selector (bool): ``inject`` also takes a selector of modules for it, as ``targets``
+            (a regex, a list of names, a callable), and gives each tensor ``True`` where its
+            module is selected (IA³'s ``feedforward``, peft's ``feedforward_modules``); a bool
+            applies to every tensor. Default: ``False``.
     """
 
     name: str
     default: Any
     check: Callable[[Any], bool]
     expect: str
+    selector: bool = False
 
 
 @dataclass(frozen=True)
@@ -81,7 +86,8 @@ class Kind:
         options (tuple of Option): the kind's options, named as in peft's config.
         validate (callable or None): ``validate(r, alpha, options)``, the checks that span
             several options; raises ``ValueError``.
-        scaling (callable): ``scaling(r, alpha, options) -> float``; ``alpha / r`` by default.
+        scaling (callable): ``scaling(r, alpha, options) -> float``; ``alpha / r`` by default
+            (1 for a kind without a rank or an alpha).
         default_r (int or None): peft's default rank; ``None`` for a kind without one (IA³).
         default_alpha (float or None): peft's default alpha; ``None`` for a kind without one.
         apply_bias (callable or None): ``apply_bias(b, params, view, options) -> Tensor``, the
@@ -90,6 +96,9 @@ class Kind:
         shared (callable or None): ``shared(views, r, options) -> dict[str, Tensor]``, tensors
             shared by every site of one adapter (VeRA's random projections), built once from
             all the sites' views. Each site's ``params`` holds them under the same names.
+        share (callable or None): ``share(shared, view, r, options) -> dict[str, Tensor]``, the
+            part of the shared tensors that one site holds (VeRA: the slices it reads), as
+            frozen buffers of its own; ``None``: the whole of them.
         frozen (tuple of str): the names of tensors that are not trained (buffers).
         factored (mapping): op name to ``form(x, base, params, view, scaling, options)``, the
             op's output with the adapted weight, computed without building it.
@@ -112,11 +121,13 @@ class Kind:
     apply: Callable[[Tensor, Params, View, float, Options], Tensor] | None = None
     options: tuple[Option, ...] = ()
     validate: Callable[[int, float, Options], None] | None = None
-    scaling: Callable[[int, float, Options], float] = field(default=lambda r, alpha, options: alpha / r)
+    scaling: Callable[[int, float, Options], float] = field(
+        default=lambda r, alpha, options: 1.0 if alpha is None or not r else alpha / r)
     default_r: int | None = 8
     default_alpha: float | None = 8.0
     apply_bias: Callable[[Tensor, Params, View, Options], Tensor] | None = None
     shared: Callable[[Sequence[View], int, Options], dict[str, Tensor]] | None = None
+    share: Callable[[Mapping[str, Tensor], View, int, Options], dict[str, Tensor]] | None = None
     frozen: tuple[str, ...] = ()
     factored: Mapping[str, Callable[..., Tensor]] = field(default_factory=dict)
     peft_key: Callable[[str], str] = field(default=lambda tensor_name: tensor_name)

@@ -12,12 +12,12 @@ from torch import Tensor, nn
 from . import dora, quant
 from .factored import FactoredWeight, Term, merge
 from .inits import WEIGHT_INITS, decompose, init_factors
+from .kind import find_kind
 from .view import View, compute_dtype
 
 __all__ = ["Adapter", "LoRA"]
 
 ADAPTER_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
-EXTRAS = ("lora_magnitude", "lora_A0", "lora_B0")  # what an adapter may hold besides its factors
 GIVEN = "_lora_inject_given"  # on a merged weight LoRA handed out: (that LoRA, the W it came from)
 SCALE = "scale_"  # each adapter's scaling as a non-persistent 0-d buffer, scale_<name>
 
@@ -27,13 +27,14 @@ class Adapter:
     """One adapter's settings on one tensor.
 
     Its tensors live in the :class:`LoRA` module that holds it, under the state-dict keys
-    ``<prefix>.<kind>.<name>`` for each kind in :attr:`kinds`: the factors ``lora_A`` and
-    ``lora_B``, DoRA's ``lora_magnitude``, and the frozen initial factors ``lora_A0``/``lora_B0``
-    of the ``"pissa"``/``"olora"`` inits.
+    ``<prefix>.<tensor>.<name>`` for each tensor in :attr:`tensor_names`: for ``kind="lora"``
+    the factors ``lora_A`` and ``lora_B``, DoRA's ``lora_magnitude``, and the frozen initial
+    factors ``lora_A0``/``lora_B0`` of the ``"pissa"``/``"olora"`` inits; for another kind (see
+    :mod:`lora_inject.kind`), the tensors its ``create`` (and ``shared``) make, by their names.
     """
 
-    r: int
-    alpha: float
+    r: int | None
+    alpha: float | None
     dropout: float = 0.0
     init: str = "default"
     rslora: bool = False
@@ -41,10 +42,15 @@ class Adapter:
     targets: str | None = None
     error: float | None = None  # combine(rank=k): the relative error of the truncation
     combined: dict[str, float] | None = field(default=None)  # combine(): the weights it was made from
+    kind: str = "lora"  # the kind of update (see lora_inject.kind)
+    options: dict = field(default_factory=dict)  # the kind's options, resolved for this tensor
+    held: tuple[str, ...] = ()  # a kind other than LoRA: the names of its tensors, set by LoRA.add
 
     @property
     def scaling(self) -> float:
-        """``alpha / r``, or ``alpha / sqrt(r)`` for rsLoRA."""
+        """``alpha / r``, or ``alpha / sqrt(r)`` for rsLoRA; another kind's own scaling."""
+        if self.kind != "lora":
+            return find_kind(self.kind).scaling(self.r, self.alpha, self.options)
         return lora_scaling(self.r, self.alpha, self.rslora)
 
     def __setattr__(self, key: str, value) -> None:
@@ -54,8 +60,10 @@ class Adapter:
             owner[0].refresh_scaling(owner[1])
 
     @property
-    def kinds(self) -> tuple[str, ...]:
+    def tensor_names(self) -> tuple[str, ...]:
         """The tensors this adapter holds, by attribute of :class:`LoRA`."""
+        if self.kind != "lora":
+            return self.held
         return ("lora_A", "lora_B", *(("lora_magnitude",) if self.dora else ()),
                 *(("lora_A0", "lora_B0") if self.init in WEIGHT_INITS else ()))
 
@@ -163,14 +171,40 @@ class LoRA(nn.Module):
         return {n: a.scaling for n, a in self.records.items()}
 
     def factor_dtype(self) -> torch.dtype:
-        return next(iter(self.lora_A.values())).dtype if len(self.lora_A) else torch.float32
+        """The dtype of the adapters' tensors (of the first adapter's first one), or float32."""
+        if len(self.lora_A):
+            return next(iter(self.lora_A.values())).dtype
+        for name, a in self.records.items():
+            if a.tensor_names:
+                return self._modules[a.tensor_names[0]][name].dtype
+        return torch.float32
+
+    def only_lora(self, names) -> bool:
+        """Whether every adapter in ``names`` is of kind ``"lora"`` (the factored fast path's)."""
+        records = self.records
+        return all(records[n].kind == "lora" for n in names)
 
     # -- adapters -----------------------------------------------------------------------------
-    def add(self, name: str, settings: Adapter, *, dtype: torch.dtype, device: torch.device) -> None:
+    def add(self, name: str, settings: Adapter, *, dtype: torch.dtype, device: torch.device,
+            shared: dict[str, Tensor] | None = None) -> None:
         """Create adapter ``name`` with fresh factors, and make it active.
 
         The ``"pissa"``/``"olora"`` factors and DoRA's magnitude depend on ``W0``: they are set by
-        :meth:`init_from_weight` (``inject`` calls it)."""
+        :meth:`init_from_weight` (``inject`` calls it). A kind other than LoRA makes its tensors with
+        its ``create``, and holds this tensor's part of ``shared`` (see :attr:`Kind.shared`) too,
+        each in a dict named after the tensor (a ``BufferDict`` for its ``frozen`` ones)."""
+        if settings.kind != "lora":
+            kind = find_kind(settings.kind)
+            made = {**kind.create(self.view, settings.r, settings.alpha, settings.options), **(shared or {})}
+            for attr, t in made.items():
+                t = t.to(dtype=dtype, device=device)
+                if attr in kind.frozen:
+                    self.extra(attr, BufferDict)[name] = t
+                else:
+                    self.extra(attr, nn.ParameterDict)[name] = nn.Parameter(t)
+            settings.held = tuple(made)
+            self._attach(name, settings, device)
+            return
         shape_A, shape_B = self.view.factor_shapes(settings.r)
         A = torch.empty(shape_A, dtype=dtype, device=device)
         B = torch.empty(shape_B, dtype=dtype, device=device)
@@ -183,6 +217,9 @@ class LoRA(nn.Module):
         if settings.dora:
             m = torch.ones(self.view.magnitude_shape(), dtype=dtype, device=device)
             self.extra("lora_magnitude", nn.ParameterDict)[name] = nn.Parameter(m)
+        self._attach(name, settings, device)
+
+    def _attach(self, name: str, settings: Adapter, device: torch.device) -> None:
         # The scaling as a tensor too, for torch.compile: a graph reads its value, so changing
         # alpha (a hot swap) recompiles nothing. The record keeps it in step (Adapter.__setattr__).
         self.register_buffer(SCALE + name, torch.tensor(settings.scaling, device=device), persistent=False)
@@ -206,18 +243,17 @@ class LoRA(nn.Module):
         """A load post-hook: a scaling still on the meta device once its factors are real (a model
         built on meta, then ``load_state_dict(..., assign=True)``) is made again on theirs. The
         scalings are not in the state dict, so nothing else would give them a value."""
-        for name in self.records:
-            A = self._modules["lora_A"]._parameters[name]
+        for name, a in self.records.items():
+            A = self._modules[a.tensor_names[0]][name]
             if self._buffers[SCALE + name].is_meta and not A.is_meta:
                 self._buffers[SCALE + name] = torch.tensor(self.records[name].scaling, device=A.device)
 
     def drop(self, name: str) -> None:
         """Delete adapter ``name``."""
         self.records[name].__dict__.pop("owner", None)
-        del self.lora_A[name], self.lora_B[name], self.records[name], self._buffers[SCALE + name]
-        for extra in EXTRAS:
-            if name in self._modules.get(extra, ()):
-                del self._modules[extra][name]
+        for attr in self.records[name].tensor_names:
+            del self._modules[attr][name]
+        del self.records[name], self._buffers[SCALE + name]
         if name in self.active:
             self.active.remove(name)
 
@@ -227,9 +263,60 @@ class LoRA(nn.Module):
         return self._modules[attr]
 
     def tensors(self, name: str) -> dict[str, Tensor]:
-        """Adapter ``name``'s tensors by kind (see :attr:`Adapter.kinds`). The state-dict key of
-        each is ``<this module's prefix>.<kind>.<name>``."""
-        return {k: self._modules[k][name] for k in self.records[name].kinds}
+        """Adapter ``name``'s tensors by their names (see :attr:`Adapter.tensor_names`). The
+        state-dict key of each is ``<this module's prefix>.<tensor>.<name>``."""
+        return {k: self._modules[k][name] for k in self.records[name].tensor_names}
+
+    def steps(self, names) -> list[tuple]:
+        """``(kind, params, scaling, options)`` of each adapter in ``names`` of a kind other than
+        LoRA, as :func:`lora_inject.kind.merged` takes them (``None`` for a LoRA adapter)."""
+        out = []
+        for name in names:
+            a = self.records[name]
+            out.append(None if a.kind == "lora" else
+                       (find_kind(a.kind), self.tensors(name), a.scaling, a.options))
+        return out
+
+    def composed(self, W: Tensor, names: list[str]) -> Tensor:
+        """``W`` with the adapters ``names`` applied in the order they were added (LoRA terms as
+        additive steps, DoRA on the weight so far, other kinds through their ``delta``/``apply``),
+        in the ``(.., out, in)`` view, summed in float32 (or wider) and cast back once."""
+        w = quant.dense(W)
+        chosen = set(names)
+        ordered = [n for n in self.records if n in chosen]
+        ct = compute_dtype(w.dtype, *(t.dtype for n in ordered for t in self.tensors(n).values()))
+        M = self.view.rows(w).to(ct)
+        for name, step in zip(ordered, self.steps(ordered)):
+            if step is None:
+                term = self.terms([name])[0]
+                if term.magnitude is not None:
+                    M = dora.merged(M, [term], ct)
+                else:
+                    M = M + torch.matmul(term.B.to(ct), term.A.to(ct)) * term.scaling
+                continue
+            kind, params, scaling, options = step
+            params = {k: v.to(ct) for k, v in params.items()}
+            M = (M + kind.delta(params, self.view, scaling, options) if kind.additive
+                 else kind.apply(M, params, self.view, scaling, options))
+        # In W0's own layout, so that the layer runs the kernels it runs on W0 (a transposed view's
+        # product would come back strided otherwise).
+        return self.view.stored(M).to(w.dtype).contiguous()
+
+    def bias_of(self, b: Tensor, names: list[str] | None = None) -> Tensor:
+        """The bias that goes with the adapted weight: ``b`` through each adapter in ``names``
+        (default: the active ones) whose kind changes it (:attr:`Kind.apply_bias`), in order."""
+        names = self.active if names is None else names
+        chosen = set(names)
+        for name in [n for n in self.records if n in chosen]:
+            a = self.records[name]
+            if a.kind == "lora":
+                continue
+            kind = find_kind(a.kind)
+            if kind.apply_bias is not None:
+                ct = compute_dtype(b.dtype)
+                params = {k: v.to(ct) for k, v in self.tensors(name).items()}
+                b = kind.apply_bias(b.to(ct), params, self.view, a.options).to(b.dtype)
+        return b
 
     def factor_pair(self, name: str) -> tuple[Tensor, Tensor]:
         """``(A, B)`` such that adapter ``name``'s update is ``s * B @ A`` in the matrix view:
@@ -257,6 +344,10 @@ class LoRA(nn.Module):
         """Return ``sum_i s_i * view(B_i @ A_i)`` over ``names`` (default: the active ones), in
         ``W``'s shape, computed in ``dtype`` (default: float32, or wider for wider factors)."""
         names = self.active if names is None else names
+        other = [self.records[n].kind for n in names if self.records[n].kind != "lora"]
+        if other:
+            raise RuntimeError(f"LoRA.delta(): the adapters {names} include the kind(s) {other}, whose update "
+                               "is not a sum of low-rank terms; use merged(W, names) - W instead.")
         dtype = dtype or compute_dtype(self.factor_dtype())
         total = torch.zeros(*self.view.lead, self.out_features, self.in_features, dtype=dtype,
                             device=self.lora_A[names[0]].device if names else None)
@@ -266,14 +357,18 @@ class LoRA(nn.Module):
 
     def merged(self, W: Tensor, names: list[str] | None = None) -> Tensor:
         """Return the weight ``W`` takes with ``names`` (default: the active ones), in ``W``'s dtype
-        (see :func:`lora_inject.factored.merge`)."""
-        return merge(W, self.terms(self.active if names is None else names), self.view)
+        (see :func:`lora_inject.factored.merge`, and :meth:`composed` for other kinds)."""
+        names = self.active if names is None else names
+        if not self.only_lora(names):
+            return self.composed(W, names)
+        return merge(W, self.terms(names), self.view)
 
     def merge_(self, W: Tensor, names: list[str]) -> None:
         """Write the merged weight into ``W`` in place: with ``addmm_`` where ``W`` is already in the
         compute dtype and no adapter is DoRA, else through :meth:`merged` (float32 sum, cast back)."""
         ct = compute_dtype(W.dtype, self.factor_dtype())
-        if W.dtype != ct or not W.is_contiguous() or any(self.records[n].dora for n in names):
+        if (W.dtype != ct or not W.is_contiguous() or any(self.records[n].dora for n in names)
+                or not self.only_lora(names)):
             W.copy_(self.merged(W, names))
             return
         rows, cols = (self.in_features, self.out_features) if self.transpose else (
@@ -288,7 +383,7 @@ class LoRA(nn.Module):
         """Whether ``merged(W, names)`` is finite, from a cheap bound where it suffices."""
         if W.is_meta:
             return True
-        if any(self.records[n].dora for n in names):
+        if any(self.records[n].dora for n in names) or not self.only_lora(names):
             return bool(torch.isfinite(self.merged(W, names)).all())
         factors = [t for n in names for t in self.factor_pair(n)]
         if not all(bool(torch.isfinite(t).all()) for t in factors):
@@ -312,7 +407,7 @@ class LoRA(nn.Module):
             ValueError: if a PiSSA/OLoRA init meets a weight that is not finite.
         """
         a = self.records[name]
-        if W.is_meta:
+        if W.is_meta or a.kind != "lora":
             return  # nothing to read; initialise after materialising the weight
         with torch.no_grad():
             W = quant.dense(W)  # a quantized weight is read as the dense one it stands for
@@ -338,8 +433,15 @@ class LoRA(nn.Module):
             out = W.view_as(W)  # not the Parameter itself, which could not be assigned back
             out.__dict__[GIVEN] = (self, W)
             return out
-        if self.factored and (self.cache is None or rows is not None or torch.is_grad_enabled()
-                              or torch.compiler.is_compiling() or quant.scheme(W) is not None):
+        if rows is not None and not self.only_lora(names):
+            other = sorted({self.records[n].kind for n in names} - {"lora"})
+            raise RuntimeError(f"per_sample(): adapters of kind {other} on a tensor of shape {self.shape} "
+                               "cannot differ per sample (their update is merged into one weight for the "
+                               "batch); per_sample() takes LoRA adapters only. Run one forward per adapter "
+                               "with li.activate() instead.")
+        if self.factored and self.only_lora(names) and (
+                self.cache is None or rows is not None or torch.is_grad_enabled()
+                or torch.compiler.is_compiling() or quant.scheme(W) is not None):
             owner = None if torch.compiler.is_compiling() else self  # for right_inverse; a graph needs none
             return FactoredWeight(W, self.terms(names), self.view, rows, owner)
         out = self.merged_once(W, names)
@@ -399,9 +501,31 @@ class LoRA(nn.Module):
         return W
 
     def extra_repr(self) -> str:
-        items = ", ".join(f"{n}: r={a.r}, alpha={a.alpha}{'' if n in self.active else ' (inactive)'}"
+        items = ", ".join(f"{n}: {'' if a.kind == 'lora' else a.kind + ', '}r={a.r}, alpha={a.alpha}"
+                          f"{'' if n in self.active else ' (inactive)'}"
                           for n, a in self.records.items())
         return f"shape={self.shape}, {items}"
+
+
+class Bias(nn.Module):
+    """Parametrize a module's bias as the one that goes with its adapted weight: ``b`` through
+    :meth:`LoRA.bias_of` of the weight's :class:`LoRA` (IA³ scaling the output scales the bias,
+    :attr:`Kind.apply_bias`); the identity while no such adapter is active. It holds no tensor of
+    its own, so the bias keeps its key in the state dict (see :mod:`lora_inject.hooks`), and
+    ``b`` is never written."""
+
+    def __init__(self, weight: LoRA, weight_name: str) -> None:
+        super().__init__()
+        self.__dict__.update(weight=weight, weight_name=weight_name)  # not a submodule: no keys twice
+
+    def forward(self, b: Tensor) -> Tensor:
+        return self.weight.bias_of(b)
+
+    def right_inverse(self, value: Tensor) -> Tensor:
+        return value
+
+    def extra_repr(self) -> str:
+        return f"of {self.weight_name}"
 
 
 def lora_scaling(r: int, alpha: float, rslora: bool = False) -> float:

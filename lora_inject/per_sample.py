@@ -78,6 +78,13 @@ def per_sample(model: M, adapters: Sequence[str | None]) -> Iterator[M]:
             raise RuntimeError("per_sample(): the model is in training mode; per-sample adapters are for "
                                "inference. Call model.eval() first.")
         mine = [a for a in used if a in lora.adapters]
+        other = next((a for a in mine if lora.adapter(a).kind != "lora"), None)
+        if other is not None:
+            raise RuntimeError(
+                f"per_sample(): adapter {other!r} on `{qualified(qualname, tensor_name)}` is of kind "
+                f"{lora.adapter(other).kind!r}, whose update is merged into one weight for the whole batch, "
+                "so its samples cannot differ; per_sample() takes kind='lora' adapters only. Run one "
+                "forward per adapter with li.activate() instead.")
         if mine and not lora.factored:
             where = qualified(qualname, tensor_name)
             raise RuntimeError(

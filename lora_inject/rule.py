@@ -44,6 +44,12 @@ class Rule:
             (``F.linear``, ``torch.addmm``, ``F.embedding``, ``F.embedding_bag``, ``F.conv*``).
             A callable gets the module and decides per instance. Only factored tensors accept
             ``dropout``. Default: ``False``.
+        bias (callable or None): ``bias(tensor_name) -> str or None``, the name of the bias that
+            is added to the output units of the tensor's matrix view (``"weight"`` ->
+            ``"bias"``), or None where there is none (an ``Embedding``; a ``ConvTranspose``,
+            whose rows are its inputs). A kind that changes the bias with the weight (IA³) reads
+            it; ``None`` (the rule does not say) refuses such a kind on a module that has a
+            ``bias``. Default: ``None``.
 
     Example::
 
@@ -60,6 +66,7 @@ class Rule:
     transpose: bool = False
     experts: bool = False
     factored: bool | Callable[[nn.Module], bool] = False
+    bias: Callable[[str], str | None] | None = None
     _patterns: tuple[re.Pattern[str], ...] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -128,9 +135,29 @@ def _groups_of_one(module: nn.Module) -> bool:
     return getattr(module, "groups", 1) == 1
 
 
-_LINEAR = Rule(("weight",), factored=True)
-_CONV = Rule(("weight",), factored=_groups_of_one)
-_CONV_T = Rule(("weight",))
+def _bias(tensor_name: str) -> str:
+    return "bias"
+
+
+def _no_bias(tensor_name: str) -> None:
+    return None
+
+
+def _rnn_bias(tensor_name: str) -> str:
+    return tensor_name.replace("weight", "bias", 1)  # weight_ih_l0 -> bias_ih_l0
+
+
+def _mha_bias(tensor_name: str) -> str:
+    # in_proj_weight (3E, E) goes with in_proj_bias (3E,); q/k/v_proj_weight share that bias with
+    # the others, so its shape does not fit theirs and a kind that changes it is refused there.
+    return "in_proj_bias"
+
+
+_LINEAR = Rule(("weight",), factored=True, bias=_bias)
+_CONV = Rule(("weight",), factored=_groups_of_one, bias=_bias)
+_CONV_T = Rule(("weight",), bias=_no_bias)
+
+
 def _plain_lookup(module: nn.Module) -> bool:
     # max_norm renormalises rows in place, scale_grad_by_freq rescales the weight's gradient,
     # mode="max" is not linear in the weight: these lookups run on the merged weight.
@@ -138,12 +165,13 @@ def _plain_lookup(module: nn.Module) -> bool:
             and getattr(module, "mode", "sum") != "max")
 
 
-_EMBEDDING = Rule(("weight",), transpose=True, factored=_plain_lookup)
-_RNN = Rule((r"weight_(ih|hh)_l\d+(_reverse)?",))
+_EMBEDDING = Rule(("weight",), transpose=True, factored=_plain_lookup, bias=_no_bias)
+_RNN = Rule((r"weight_(ih|hh)_l\d+(_reverse)?",), bias=_rnn_bias)
+_RNN_CELL = Rule(("weight_ih", "weight_hh"), bias=_rnn_bias)
 
 _DEFAULT_RULES: dict[RuleKey, Rule] = {
     nn.Linear: _LINEAR,
-    nn.Bilinear: Rule(("weight",)),
+    nn.Bilinear: Rule(("weight",), bias=_bias),
     nn.Conv1d: _CONV,
     nn.Conv2d: _CONV,
     nn.Conv3d: _CONV,
@@ -152,11 +180,12 @@ _DEFAULT_RULES: dict[RuleKey, Rule] = {
     nn.ConvTranspose3d: _CONV_T,
     nn.Embedding: _EMBEDDING,
     nn.EmbeddingBag: _EMBEDDING,
-    nn.MultiheadAttention: Rule(("in_proj_weight|q_proj_weight|k_proj_weight|v_proj_weight",)),
+    nn.MultiheadAttention: Rule(("in_proj_weight|q_proj_weight|k_proj_weight|v_proj_weight",), bias=_mha_bias),
     nn.RNNBase: _RNN,
+    nn.RNNCellBase: _RNN_CELL,
     # transformers' GPT-2 style Conv1D: weight stored as (in, out), forward is torch.addmm.
     # Named by string so that transformers is not a runtime dependency.
-    "transformers.pytorch_utils.Conv1D": Rule(("weight",), transpose=True, factored=True),
+    "transformers.pytorch_utils.Conv1D": Rule(("weight",), transpose=True, factored=True, bias=_bias),
     # bitsandbytes' quantized Linear layers: their own forward runs on the stored weight, with the
     # low-rank branch added (see lora_inject.quant). torchao's weights sit on a plain nn.Linear.
     "bitsandbytes.nn.modules.Linear4bit": _LINEAR,

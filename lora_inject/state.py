@@ -17,11 +17,14 @@ from .lora import LoRA
 
 __all__ = [
     "activate",
+    "adapter_parameters",
+    "adapter_state_dict",
     "cached",
     "disabled",
     "init_lora",
     "lora_parameters",
     "lora_state_dict",
+    "mark_only_adapters_as_trainable",
     "mark_only_lora_as_trainable",
     "named_loras",
 ]
@@ -43,8 +46,9 @@ def named_loras(model: nn.Module) -> Iterator[tuple[str, LoRA]]:
 
 
 def lora_parameters(model: nn.Module, adapter: str | Sequence[str] | None = None) -> Iterator[nn.Parameter]:
-    """Yield the trainable LoRA tensors of ``model`` (the factors, and DoRA's magnitudes): all of
-    them, or those of the named adapter(s).
+    """Yield the trainable adapter tensors of ``model`` (the factors, and DoRA's magnitudes; every
+    trained tensor of another kind, such as LoHa's or IA³'s, but not VeRA's frozen projections):
+    all of them, or those of the named adapter(s).
 
     Raises:
         TypeError: if ``adapter`` is not a str, a sequence of str or None.
@@ -99,6 +103,10 @@ def refuse_flat_params(fn: str, model: nn.Module, entries) -> None:
         lead = (lora.shape[0],) if lora.experts else ()
         for name in lora.adapters:
             r = lora.adapter(name).r
+            if lora.adapter(name).kind != "lora":  # its tensors by name, at least
+                flat = flat or any(name not in lora._modules[t]._parameters and name not in
+                                   lora._modules[t]._buffers for t in lora.adapter(name).tensor_names)
+                continue
             flat = flat or name not in lora.lora_A._parameters or (
                 tuple(lora.lora_A[name].shape) != (*lead, r, lora.in_features)
                 or tuple(lora.lora_B[name].shape) != (*lead, lora.out_features, r))
@@ -142,6 +150,11 @@ def mark_only_lora_as_trainable(model: M, bias: str = "none") -> M:
             if b is not None and (bias == "all" or adapted):
                 b.requires_grad_(True)
     return model
+
+
+adapter_parameters = lora_parameters  # the same helpers, named for adapters of every kind
+adapter_state_dict = lora_state_dict
+mark_only_adapters_as_trainable = mark_only_lora_as_trainable
 
 
 def activate(model: M, adapters: str | Sequence[str]) -> M:
@@ -283,13 +296,18 @@ def init_lora(model: M, adapter: str | Sequence[str] | None = None, *, init: str
         for name in lora.adapters:
             if names is not None and name not in names:
                 continue
+            if lora.adapter(name).kind != "lora":
+                raise ValueError(
+                    f"init_lora(): adapter {name!r} on `{where}` is of kind {lora.adapter(name).kind!r}; "
+                    "init_lora fills LoRA factors only. Inject that adapter after materialising the model, "
+                    "or load its tensors with load_adapter().")
             own = lora.adapter(name).init
             if own not in INITS or (init is not None and own in WEIGHT_INITS):
                 fix = (f"Pass `init=` one of {RANDOM_INITS}." if own not in INITS else
                        f"Leave `init=None` to redo {own!r}, or inject the adapter again.")
                 raise ValueError(f"init_lora(): adapter {name!r} on `{where}` was made with "
                                  f"init={own!r}, which init_lora cannot replace or redo here. {fix}")
-            unknown = [k for k, d in lora.named_children() if k not in lora.adapter(name).kinds
+            unknown = [k for k, d in lora.named_children() if k not in lora.adapter(name).tensor_names
                        and (name in d._parameters or name in d._buffers)]
             if unknown:
                 raise ValueError(

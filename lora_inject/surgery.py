@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import itertools
 import math
@@ -19,6 +20,7 @@ from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 from . import quant
 from .hooks import disown_class, hook, own_class, own_forward, own_setter, unhook
 from .inits import INITS, WEIGHT_INITS
+from .kind import Kind, find_kind
 from .lookup import (
     adapter_names,
     find_lora,
@@ -35,7 +37,7 @@ from .lookup import (
     qualified,
     source,
 )
-from .lora import Adapter, LoRA, check_adapter_name
+from .lora import Adapter, Bias, LoRA, check_adapter_name
 from .rule import Rule, RuleKey, find_rule, type_name
 from .view import View
 
@@ -55,7 +57,8 @@ def inject(
     model: M,
     targets: Target,
     *,
-    r: int = 8,
+    kind: str = "lora",
+    r: int | None = None,
     alpha: float | None = None,
     adapter: str = "default",
     exclude: Target | None = None,
@@ -65,6 +68,7 @@ def inject(
     dtype: torch.dtype | None = None,
     rslora: bool = False,
     dora: bool = False,
+    **options,
 ) -> M:
     r"""Add a LoRA adapter, in place, to every module of ``model`` that ``targets`` selects.
 
@@ -90,7 +94,12 @@ def inject(
             module name (``"attn"`` reaches ``transformer.h.0.attn.c_attn``), a compiled pattern,
             a list of module names matched as peft matches ``target_modules`` (a whole name or its
             last dotted parts: ``["q_proj", "v_proj"]``), or ``f(name, module) -> bool``.
-        r (int): the rank. Default: 8.
+        kind (str): the kind of update (see :mod:`lora_inject.kind`): ``"lora"``, ``"loha"``,
+            ``"lokr"``, ``"oft"``, ``"ia3"``, ``"vera"``, or one registered with
+            :func:`~lora_inject.register_kind`. Each has peft's defaults for ``r`` and ``alpha``
+            (IA³ has neither, VeRA and OFT no ``alpha``); ``dropout``, ``init``, ``rslora`` and
+            ``dora`` are LoRA's own. Default: ``"lora"``.
+        r (int): the rank. Default: 8 (another kind: peft's default for it).
         alpha (float, optional): the scaling numerator; the update is scaled by
             ``alpha / r``. Default: ``None``, meaning ``alpha = r`` (a scaling of 1).
         adapter (str): the adapter's name; several can live on one tensor. Default: ``"default"``.
@@ -110,6 +119,9 @@ def inject(
         dora (bool): DoRA: the weight becomes ``m * (W0 + s * B @ A) / ||W0 + s * B @ A||`` with a
             trainable magnitude ``m`` per output unit, initialised so that the model is unchanged
             (see :mod:`lora_inject.dora`). Default: ``False``.
+        **options: the options of ``kind``, named as peft's config fields for that kind (such as
+            ``oft_block_size`` for OFT, ``feedforward`` for IA³: a selector of modules as
+            ``targets``, peft's ``feedforward_modules``); see each kind's module.
 
     Returns:
         ``model``, changed in place.
@@ -127,7 +139,11 @@ def inject(
             another module, a rule names a tensor the module lacks, a sparse ``Embedding`` or
             ``EmbeddingBag`` has no factored form (``max_norm``, ``scale_grad_by_freq``,
             ``mode="max"``), ``init="pissa"``/``"olora"`` meets a weight that is not finite, a
-            selected tensor is an uninitialised lazy one, or nothing at all is selected.
+            selected tensor is an uninitialised lazy one, or nothing at all is selected; for a
+            ``kind`` other than LoRA: the kind is unknown, an option or its value is not the
+            kind's, ``dora``/``init``/``rslora``/``dropout`` or an ``alpha``/``r`` the kind lacks
+            is given, a dropout option is nonzero (not implemented), a lookup is sparse, or the
+            kind changes the bias (IA³) where the rule names none or it does not fit.
 
     Example::
 
@@ -136,6 +152,16 @@ def inject(
         >>> model[0].parametrizations.weight[0].lora_A["default"].shape
         torch.Size([2, 4])
     """
+    if not isinstance(kind, str):
+        raise TypeError(f"inject(): `kind` must be a str such as 'lora' or 'loha', got {type(kind).__name__}.")
+    if kind != "lora":
+        return _inject_kind(model, targets, find_kind(kind), r=r, alpha=alpha, adapter=adapter,
+                            exclude=exclude, dropout=dropout, init=init, rules=rules, dtype=dtype,
+                            rslora=rslora, dora=dora, options=options)
+    if options:
+        raise TypeError(f"inject(): unexpected keyword argument(s) {sorted(options)}; kind='lora' takes none "
+                        "besides inject's own. Options such as these belong to another `kind=`.")
+    r = 8 if r is None else r
     if isinstance(r, bool) or not isinstance(r, int):
         raise TypeError(f"inject(): `r` must be a positive int, got {r!r}.")
     if r <= 0:
@@ -181,66 +207,187 @@ def inject(
                 UserWarning,
                 stacklevel=2,
             )
-
-        done: list[tuple[nn.Module, str, LoRA, bool]] = []
-        # The tensors LoRA adapts stop training (an optimizer over the parameters that require
-        # grad trains the factors only); every other parameter stays as it was.
-        frozen = [t for _, module, _, tensor_name, _ in plan for t in stored_tensors(module, tensor_name)
-                  if isinstance(t, nn.Parameter) and t.requires_grad]
-        try:
-            for t in frozen:
-                t.requires_grad_(False)
-            for _, module, rule, tensor_name, shape in plan:
-                lora = find_lora(module, tensor_name)
-                fresh = lora is None
-                if fresh:
-                    lora = LoRA(shape, transpose=rule.transpose, experts=rule.experts,
-                                factored=rule.is_factored(module))
-                    # The module's order before any of our parametrizations, so that removing its
-                    # tensors in any order restores it (a later LoRA sees the earlier tensors gone).
-                    ours = [p for p in module_loras(module) if hasattr(p, "param_order")]
-                    lora.param_order = ours[0].param_order if ours else list(module._parameters)
-                    # parametrize registers the original as a persistent buffer: keep a
-                    # non-persistent one out of the state dict, as it was.
-                    lora.non_persistent = tensor_name in module._non_persistent_buffers_set and (
-                        tensor_name not in parametrized(module))
-                done.append((module, tensor_name, lora, fresh))
-                if fresh:
-                    # A quantized weight carries its whole state while LoRA holds it (bitsandbytes'
-                    # Linear8bitLt moves its scales to the module in a forward): DoRA, PiSSA, the
-                    # weight's value and remove(merge=True) read the weight alone.
-                    quant.adopt(module, source(module, tensor_name))
-                    # Registered while empty, so parametrize's check runs the identity; filled below.
-                    # parametrize reads the tensor through the ones already there: keep their state
-                    with kept(list(parametrized(module).get(tensor_name, ()))):
-                        _register(module, tensor_name, lora)
-                    if lora.non_persistent:
-                        module.parametrizations[tensor_name]._non_persistent_buffers_set.add("original")
-                    own_class(module)
-                    own_setter(module, tensor_name)
-                    if getattr(quant.scheme(source(module, tensor_name)), "own_forward", False):
-                        own_forward(module, tensor_name)
-                    hook(module)
-                original = source(module, tensor_name)
-                settings = Adapter(r=r, alpha=alpha, dropout=dropout, init=init, rslora=rslora, dora=dora,
-                                   targets=spec)
-                lora.add(adapter, settings, dtype=dtype or quant.dtype(original), device=original.device)
-            if dora or init in WEIGHT_INITS:  # these read the weight that LoRA receives
-                for module, tensor_name, lora, _ in done:
-                    lora.init_from_weight(adapter, lora_input(module, tensor_name, lora))
-        except BaseException:
-            for module, tensor_name, lora, fresh in reversed(done):
-                if adapter in lora.adapters:
-                    lora.drop(adapter)
-                if fresh and find_lora(module, tensor_name) is lora:
-                    _detach(module, tensor_name, lora)
-            for t in frozen:
-                t.requires_grad_(True)
-            raise
-        ids = {id(t) for t in frozen}
-        for module, tensor_name, lora, _ in done:  # remove() lets them train again
-            lora.froze = lora.froze or any(id(t) in ids for t in stored_tensors(module, tensor_name))
+        settings = Adapter(r=r, alpha=alpha, dropout=dropout, init=init, rslora=rslora, dora=dora, targets=spec)
+        _attach_plan(model, plan, adapter, dtype, lambda q, m, rule, view: dataclasses.replace(settings))
         return model
+
+
+def _inject_kind(model, targets, kind: Kind, *, r, alpha, adapter, exclude, dropout, init, rules, dtype,
+                 rslora, dora, options) -> nn.Module:
+    """``inject`` for a kind other than LoRA: its own checks, then the same plan and attach."""
+    name = kind.name
+    lora_only = [f"{k}={v!r}" for k, v, default in (("dora", dora, False), ("init", init, "default"),
+                                                     ("rslora", rslora, False), ("dropout", dropout, 0.0))
+                 if v != default]
+    if lora_only:
+        raise ValueError(f"inject(kind={name!r}): {', '.join(lora_only)} belong(s) to LoRA, not to {name!r}. "
+                         f"Leave them out, or inject kind='lora'.")
+    if alpha is not None and kind.default_alpha is None:
+        raise ValueError(f"inject(kind={name!r}): {name!r} has no `alpha` (its update has no scaling "
+                         f"numerator), got alpha={alpha!r}. Leave `alpha` out.")
+    if r is not None and kind.default_r is None:
+        raise ValueError(f"inject(kind={name!r}): {name!r} has no rank `r`, got r={r!r}. Leave `r` out.")
+    if isinstance(r, bool) or (r is not None and not isinstance(r, int)):
+        raise TypeError(f"inject(kind={name!r}): `r` must be an int, got {r!r}.")
+    check_adapter_name("inject", adapter)
+    if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        raise TypeError(f"inject(): `dtype` must be a floating torch.dtype or None, got {dtype!r}.")
+    if rules is not None and not (isinstance(rules, Mapping) and all(isinstance(v, Rule) for v in rules.values())):
+        raise TypeError(f"inject(): `rules` must be None or a mapping from module types to lora_inject.Rule, "
+                        f"such as lora_inject.default_rules(), got {type(rules).__name__}.")
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"inject(): `model` must be an nn.Module, got {type(model).__name__}.")
+    selectors = {}
+    for opt in kind.options:  # a selector of modules, resolved per tensor below
+        if opt.selector and opt.name in options and not isinstance(options[opt.name], bool):
+            selectors[opt.name] = matcher(f"inject(kind={name!r})", opt.name, options.pop(opt.name))
+    r, alpha, resolved = kind.resolve(r, alpha, **options)
+    unsupported = [f"{k}={resolved[k]!r}" for k in ("rank_dropout", "module_dropout") if resolved.get(k)]
+    if unsupported:
+        raise ValueError(f"inject(kind={name!r}): {', '.join(unsupported)} is not supported yet; the update "
+                         "would be computed without it. Leave it out (0.0).")
+    with _gc_paused():
+        select = matcher("inject", "targets", targets)
+        leave = matcher("inject", "exclude", exclude) if exclude is not None else None
+        plan = _plan(model, select, leave, rules, adapter, 0.0, targets)
+        spec = targets if isinstance(targets, str) else getattr(targets, "pattern", None)
+        sparse = next((q for q, m, *_ in plan if getattr(m, "sparse", False) is True), None)
+        if sparse is not None:
+            raise ValueError(
+                f"inject(kind={name!r}): {type_name(dict(named_modules(model))[sparse])} `{sparse}` has "
+                f"sparse=True, but {name!r} merges its update into the weight before the lookup, and a sparse "
+                "gradient cannot flow from a merged weight into its tensors. Set sparse=False on that layer, "
+                "or leave it out with `exclude=`.")
+        if kind.apply_bias is not None:
+            for qualname, module, rule, tensor_name, shape in plan:
+                _bias_name(name, qualname, module, rule, tensor_name, rule_view(shape, rule))
+        shared = {}
+        if kind.shared is not None:
+            shared = kind.shared([rule_view(shape, rule) for *_, rule, _, shape in plan], r, resolved)
+
+        def make(qualname, module, rule, view):
+            opts = {**resolved, **{k: bool(f(qualname, module)) for k, f in selectors.items()}}
+            return Adapter(r=r, alpha=alpha, targets=spec, kind=name, options=opts)
+
+        def share(view):
+            if not shared:
+                return None
+            return kind.share(shared, view, r, resolved) if kind.share is not None else dict(shared)
+
+        _attach_plan(model, plan, adapter, dtype, make, share, kind)
+        return model
+
+
+def _bias_name(kind: str, qualname: str, module: nn.Module, rule: Rule, tensor_name: str, view: View) -> str | None:
+    """The bias of ``module`` that goes with ``tensor_name`` for a kind that changes it, or None.
+
+    Raises:
+        ValueError: where the rule does not say, or the bias does not fit the tensor's outputs.
+    """
+    where = qualified(qualname, tensor_name)
+    if rule.bias is None:
+        if getattr(module, "bias", None) is None:
+            return None
+        raise ValueError(
+            f"inject(kind={kind!r}): {kind!r} changes the bias with `{where}`, but the rule for "
+            f"{type_name(module)} does not say which bias goes with {tensor_name!r}. Give the rule "
+            "`bias=` (Rule(..., bias=lambda tensor_name: 'bias'), or lambda tensor_name: None for none), "
+            "or leave the module out with `exclude=`.")
+    bias = rule.bias(tensor_name)
+    if bias is None or bias not in module._parameters and bias not in parametrized(module) or (
+            bias in module._parameters and module._parameters[bias] is None):
+        return None
+    plist = parametrized(module).get(bias)
+    b = source(module, bias)
+    want = (*view.lead, view.out_features)
+    if tuple(b.shape) != want or (plist is not None and not (len(plist) == 1 and isinstance(plist[0], Bias))):
+        why = (f"has shape {tuple(b.shape)}, not the {want} of the tensor's outputs" if tuple(b.shape) != want
+               else "is parametrized by another parametrization")
+        raise ValueError(
+            f"inject(kind={kind!r}): {kind!r} changes the bias with `{where}`, and its bias "
+            f"`{qualified(qualname, bias)}` {why}, so it cannot be changed with it. Leave the module out "
+            "with `exclude=`, or use another kind.")
+    return bias
+
+
+def _attach_plan(model, plan, adapter, dtype, make, share=lambda view: None, kind: Kind | None = None) -> None:
+    """Add adapter ``adapter`` on every site of ``plan``, ``make(qualname, module, rule, view)`` its
+    record there, and ``share(view)`` its part of the shared tensors; all or nothing."""
+    done: list[tuple[nn.Module, str, LoRA, bool]] = []
+    linked: list[tuple[nn.Module, str]] = []  # the biases this call parametrized
+    # The tensors LoRA adapts stop training (an optimizer over the parameters that require
+    # grad trains the factors only); every other parameter stays as it was.
+    frozen = [t for _, module, _, tensor_name, _ in plan for t in stored_tensors(module, tensor_name)
+              if isinstance(t, nn.Parameter) and t.requires_grad]
+    try:
+        for t in frozen:
+            t.requires_grad_(False)
+        for qualname, module, rule, tensor_name, shape in plan:
+            lora = find_lora(module, tensor_name)
+            fresh = lora is None
+            if fresh:
+                lora = LoRA(shape, transpose=rule.transpose, experts=rule.experts,
+                            factored=rule.is_factored(module))
+                # The module's order before any of our parametrizations, so that removing its
+                # tensors in any order restores it (a later LoRA sees the earlier tensors gone).
+                ours = [p for p in module_loras(module) if hasattr(p, "param_order")]
+                lora.param_order = ours[0].param_order if ours else list(module._parameters)
+                # parametrize registers the original as a persistent buffer: keep a
+                # non-persistent one out of the state dict, as it was.
+                lora.non_persistent = tensor_name in module._non_persistent_buffers_set and (
+                    tensor_name not in parametrized(module))
+            done.append((module, tensor_name, lora, fresh))
+            if fresh:
+                # A quantized weight carries its whole state while LoRA holds it (bitsandbytes'
+                # Linear8bitLt moves its scales to the module in a forward): DoRA, PiSSA, the
+                # weight's value and remove(merge=True) read the weight alone.
+                quant.adopt(module, source(module, tensor_name))
+                # Registered while empty, so parametrize's check runs the identity; filled below.
+                # parametrize reads the tensor through the ones already there: keep their state
+                with kept(list(parametrized(module).get(tensor_name, ()))):
+                    _register(module, tensor_name, lora)
+                if lora.non_persistent:
+                    module.parametrizations[tensor_name]._non_persistent_buffers_set.add("original")
+                own_class(module)
+                own_setter(module, tensor_name)
+                if getattr(quant.scheme(source(module, tensor_name)), "own_forward", False):
+                    own_forward(module, tensor_name)
+                hook(module)
+            original = source(module, tensor_name)
+            settings = make(qualname, module, rule, lora.view)
+            lora.add(adapter, settings, dtype=dtype or quant.dtype(original), device=original.device,
+                     shared=share(lora.view))
+            if kind is not None and kind.apply_bias is not None and "bias_link" not in lora.__dict__:
+                bias = _bias_name(kind.name, qualname, module, rule, tensor_name, lora.view)
+                if bias is not None:
+                    parametrize.register_parametrization(module, bias, Bias(lora, tensor_name))
+                    lora.__dict__["bias_link"] = bias
+                    linked.append((module, tensor_name))
+        for module, tensor_name, lora, _ in done:  # these read the weight that LoRA receives
+            a = lora.adapter(adapter)
+            if a.dora or a.init in WEIGHT_INITS:
+                lora.init_from_weight(adapter, lora_input(module, tensor_name, lora))
+    except BaseException:
+        for module, tensor_name in reversed(linked):
+            _unlink_bias(module, find_lora(module, tensor_name))
+        for module, tensor_name, lora, fresh in reversed(done):
+            if adapter in lora.adapters:
+                lora.drop(adapter)
+            if fresh and find_lora(module, tensor_name) is lora:
+                _detach(module, tensor_name, lora)
+        for t in frozen:
+            t.requires_grad_(True)
+        raise
+    ids = {id(t) for t in frozen}
+    for module, tensor_name, lora, _ in done:  # remove() lets them train again
+        lora.froze = lora.froze or any(id(t) in ids for t in stored_tensors(module, tensor_name))
+
+
+def _unlink_bias(module: nn.Module, lora: LoRA | None) -> None:
+    """Take the :class:`~lora_inject.lora.Bias` parametrization off the bias linked to ``lora``."""
+    bias = None if lora is None else lora.__dict__.pop("bias_link", None)
+    if bias is not None:
+        parametrize.remove_parametrizations(module, bias, leave_parametrized=False)
 
 
 def _register(module: nn.Module, tensor_name: str, lora: LoRA) -> None:
@@ -321,7 +468,9 @@ def remove(model: M, *, merge: bool = True, adapter: str | Sequence[str] | None 
             sequence of str or None.
         ValueError: if an adapter name is not in the model, a merged weight would not be
             finite, the merge would leave other active adapters on a tensor where one of
-            them, or a merged one, is DoRA (its norm depends on ``W0``), or a quantized weight's
+            them, or a merged one, is DoRA (its norm depends on ``W0``), a merged adapter comes
+            after a staying one on a tensor where a kind that is not a sum (OFT, IA³) is
+            involved (adapters apply in the order they were injected), or a quantized weight's
             scheme cannot be rebuilt (torchao's per-group ``Int8Tensor``: pass
             ``dequantize=True``). Every tensor is checked before any is written, so the model
             is left unchanged.
@@ -351,6 +500,18 @@ def remove(model: M, *, merge: bool = True, adapter: str | Sequence[str] | None 
                 "active would change the outputs: a DoRA adapter's norm is taken over W0, which the merge "
                 f"rewrites. The model is unchanged; remove them together (adapter={merge_now + staying}), "
                 "turn the others off first with li.activate(), or use merge=False.")
+        if merge_now and staying:
+            order = list(lora.records)
+            late = [n for n in merge_now if order.index(n) > min(order.index(m) for m in staying)]
+            turns = [n for n in merge_now + staying if lora.adapter(n).kind != "lora"
+                     and not find_kind(lora.adapter(n).kind).additive]
+            if late and turns:
+                raise ValueError(
+                    f"remove(): merging {late} into `{where}` while {staying} stay active would change the "
+                    f"outputs: {turns} change(s) the weight by more than a sum (kind "
+                    f"{lora.adapter(turns[0]).kind!r}), and the adapters apply in the order they were injected, "
+                    f"so {late} cannot go under the earlier {staying} into W0. The model is unchanged; remove them "
+                    "together, turn the others off first with li.activate(), or use merge=False.")
         if merge_now:
             _merge_into_originals(qualname, module, tensor_name, lora, merge_now, write=False)
         plist = module.parametrizations[tensor_name]
@@ -374,8 +535,16 @@ def remove(model: M, *, merge: bool = True, adapter: str | Sequence[str] | None 
             plist.original = _quantized_as(target, build, qualified(qualname, tensor_name), rounding)
         elif merge_now:
             _merge_into_originals(qualname, module, tensor_name, lora, merge_now, write=True)
+        bias = lora.__dict__.get("bias_link")
+        if bias is not None and merge_now:  # IA³ scaled the bias with the weight: fold that in too
+            with torch.no_grad():
+                b = module.parametrizations[bias].original
+                b.copy_(lora.bias_of(b, merge_now))
         for name in mine:
             lora.drop(name)
+        if bias is not None and not any(find_kind(a.kind).apply_bias for a in lora.records.values()
+                                        if a.kind != "lora"):
+            _unlink_bias(module, lora)
         if not lora.adapters:
             _detach(module, tensor_name, lora)
             if scheme is not None and scheme.own_forward and dequantize and not parametrize.is_parametrized(module):
@@ -544,6 +713,7 @@ def _detach(module: nn.Module, tensor_name: str, lora: LoRA) -> None:
     """Take ``lora`` off ``module.<tensor_name>``, leaving the originals' values as they are (and
     letting them train again where inject froze them)."""
     thaw = stored_tensors(module, tensor_name) if lora.froze else []
+    _unlink_bias(module, lora)
     plist = module.parametrizations[tensor_name]
     if len(plist) == 1:
         parametrize.remove_parametrizations(module, tensor_name, leave_parametrized=False)

@@ -269,6 +269,20 @@ def rnn(draw, *, num_layers: int | None = None, bidirectional: bool | None = Non
 
 
 @st.composite
+def rnn_cell(draw):
+    cls = draw(st.sampled_from([nn.RNNCell, nn.LSTMCell, nn.GRUCell]))
+    size, hidden, bias, N = draw(st.integers(1, 4)), draw(st.integers(1, 4)), draw(st.booleans()), draw(
+        st.sampled_from([None, 1, 3]))
+    extra = {"nonlinearity": draw(st.sampled_from(["tanh", "relu"]))} if cls is nn.RNNCell else {}
+
+    def build():
+        return cls(size, hidden, bias=bias, **extra), [torch.randn(size) if N is None else torch.randn(N, size)]
+
+    return _finish(draw, cls.__name__.lower(), draw(seeds), build, "",
+                   [Adapted("", "weight_ih"), Adapted("", "weight_hh")])
+
+
+@st.composite
 def hf_conv1d(draw):
     nx, nf, lead = draw(st.integers(1, 8)), draw(st.integers(1, 8)), _lead(draw)
     return _finish(draw, "hf_conv1d", draw(seeds),
@@ -312,6 +326,7 @@ CASES = {
     "embedding_bag": embedding_bag(),
     "multihead_attention": multihead_attention(),
     "rnn": rnn(),
+    "rnn_cell": rnn_cell(),
     "hf_conv1d": hf_conv1d(),
     "user_type": mixer(),
 }

@@ -299,7 +299,7 @@ class Machine(RuleBasedStateMachine):
                 prefix = f"{module}.parametrizations.{tensor}"
                 expected.add(key)  # W0, under the key the model had before injection
                 lora = adapted[key]
-                expected |= {f"{prefix}.0.{kind}.{n}" for n in lora.adapters for kind in lora.adapter(n).kinds}
+                expected |= {f"{prefix}.0.{kind}.{n}" for n in lora.adapters for kind in lora.adapter(n).tensor_names}
             else:
                 expected.add(key)
         assert set(self.model.state_dict()) == expected

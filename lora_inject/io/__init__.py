@@ -103,12 +103,16 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, *, adapter: str = "d
                          "Pass a new path, or remove that one first.")
     model = unwrapped(model)  # paths as in the bare model, not under compile's or DDP's wrapper
     entries = collect(fn, model, adapter)
-    meta = next((e.key for e in entries if e.A.is_meta or e.B.is_meta or any(t.is_meta for t in e.extra.values())),
-                None)
+    meta = next((e.key for e in entries if any(t.is_meta for t in e.tensors.values())), None)
     if meta is not None:
         raise RuntimeError(f"{fn}(): the factors of `{meta}` are on the meta device, so they have no values "
                            "to save. Materialise the model first (model.to_empty(device=...), then "
                            "li.init_lora(model) or load the factors), then save.")
+    other = next((e for e in entries if e.kind != "lora"), None)
+    if format == "peft" and other is not None:
+        raise ValueError(f"{fn}(): adapter {adapter!r} is of kind {other.kind!r} (on `{other.key}`), which "
+                         "format='peft' does not write yet. Save it in lora_inject's format "
+                         "(format='lora_inject').")
     if format == "peft":
         config, tensors = peft.to_peft(fn, model, entries)
     else:
@@ -236,7 +240,7 @@ def load_adapter(model: M, path: str | os.PathLike, *, adapter: str | None = Non
         )
     if dtype is None and has_peft:
         half = (torch.float16, torch.bfloat16)  # peft's autocast_adapter_dtype
-        entries = [e.cast(torch.float32) if e.A.dtype in half else e for e in entries]
+        entries = [e.cast(torch.float32) if e.dtype in half else e for e in entries]
     elif dtype is not None:
         entries = [e.cast(dtype) for e in entries]
     apply(fn, model_root, entries, adapter or saved_name, copies)

@@ -13,6 +13,7 @@ from torch import Tensor, nn
 
 from .. import quant
 from ..inits import WEIGHT_INITS
+from ..kind import find_kind
 from ..lookup import find_lora, kept, loras, named_modules, parametrized, source
 from ..lora import LoRA, check_adapter_name, lora_scaling
 from ..rule import Rule, find_rule, own_tensor_names, type_name
@@ -34,10 +35,10 @@ class Entry:
     tensor: str  # tensor name on that module
     type: str  # the module's type name
     shape: tuple[int, ...]  # the tensor's shape
-    A: Tensor  # (r, in), or (E, r, in)
-    B: Tensor  # (out, r), or (E, out, r)
-    r: int
-    alpha: float
+    A: Tensor | None  # (r, in), or (E, r, in); None for another kind than LoRA
+    B: Tensor | None  # (out, r), or (E, out, r); None for another kind than LoRA
+    r: int | None
+    alpha: float | None
     rslora: bool = False
     dropout: float = 0.0
     init: str = "default"
@@ -46,12 +47,26 @@ class Entry:
     experts: bool = False
     factored: bool = False
     dora: bool = False
-    extra: dict[str, Tensor] = field(default_factory=dict)  # lora_magnitude (DoRA), lora_A0/lora_B0 (pissa/olora)
+    # lora_magnitude (DoRA), lora_A0/lora_B0 (pissa/olora); another kind: all its tensors, by name
+    extra: dict[str, Tensor] = field(default_factory=dict)
+    kind: str = "lora"
+    options: dict = field(default_factory=dict)  # the kind's options, resolved for this tensor
 
     def cast(self, dtype: torch.dtype) -> Entry:
         """This entry with its tensors in ``dtype``."""
-        return replace(self, A=self.A.to(dtype), B=self.B.to(dtype),
+        return replace(self, A=None if self.A is None else self.A.to(dtype),
+                       B=None if self.B is None else self.B.to(dtype),
                        extra={k: t.to(dtype) for k, t in self.extra.items()})
+
+    @property
+    def tensors(self) -> dict[str, Tensor]:
+        """Every tensor of the entry, by name: ``lora_A``, ``lora_B`` and the extras."""
+        factors = {} if self.A is None else {"lora_A": self.A, "lora_B": self.B}
+        return {**factors, **self.extra}
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(iter(self.tensors.values())).dtype
 
     @property
     def key(self) -> str:
@@ -104,19 +119,10 @@ def check_entries(fn: str, model: nn.Module, entries: Sequence[Entry]) -> None:
             raise ValueError(f"{fn}(): `{e.key}` has shape {shape} in the model but {tuple(e.shape)} "
                              "in the adapter. It was saved from another model (or another size of it).")
         view = View(tuple(shape), e.transpose, e.experts)
-        shape_A, shape_B = view.factor_shapes(e.r)
-        needs = {"lora_A": shape_A, "lora_B": shape_B}
-        if e.dora:
-            needs["lora_magnitude"] = view.magnitude_shape()
-        if e.init in WEIGHT_INITS:
-            needs.update(lora_A0=needs["lora_A"], lora_B0=needs["lora_B"])
-        if set(e.extra) != set(needs) - set(FACTORS):
-            raise ValueError(f"{fn}(): `{e.key}` comes with {sorted(e.extra)}, but dora={e.dora} and "
-                             f"init={e.init!r} need {sorted(set(needs) - set(FACTORS))}. The file is corrupt.")
-        for f, t in (("lora_A", e.A), ("lora_B", e.B), *e.extra.items()):
-            if tuple(t.shape) != needs[f]:
-                raise ValueError(f"{fn}(): `{e.key}.{f}` has shape {tuple(t.shape)}, but r={e.r} on "
-                                 f"`{e.key}` of shape {shape} needs {needs[f]}. The file is corrupt.")
+        if e.kind != "lora":
+            _check_kind_entry(fn, e, view)
+        else:
+            _check_lora_entry(fn, e, view, shape)
         lora = find_lora(module, e.tensor)
         if lora is not None and (lora.transpose, lora.experts) != (e.transpose, e.experts):
             raise ValueError(f"{fn}(): `{e.key}` carries LoRA with transpose={lora.transpose}, "
@@ -128,6 +134,38 @@ def check_entries(fn: str, model: nn.Module, entries: Sequence[Entry]) -> None:
                              f"but the rule for {type_name(module)} says transpose={rule.transpose}, "
                              f"experts={rule.experts}. The file was edited, or the adapter was made with other "
                              "rules: register those with li.register_rule() first.")
+
+
+def _check_lora_entry(fn: str, e: Entry, view: View, shape) -> None:
+    shape_A, shape_B = view.factor_shapes(e.r)
+    needs = {"lora_A": shape_A, "lora_B": shape_B}
+    if e.dora:
+        needs["lora_magnitude"] = view.magnitude_shape()
+    if e.init in WEIGHT_INITS:
+        needs.update(lora_A0=needs["lora_A"], lora_B0=needs["lora_B"])
+    if set(e.extra) != set(needs) - set(FACTORS):
+        raise ValueError(f"{fn}(): `{e.key}` comes with {sorted(e.extra)}, but dora={e.dora} and "
+                         f"init={e.init!r} need {sorted(set(needs) - set(FACTORS))}. The file is corrupt.")
+    for f, t in (("lora_A", e.A), ("lora_B", e.B), *e.extra.items()):
+        if tuple(t.shape) != needs[f]:
+            raise ValueError(f"{fn}(): `{e.key}.{f}` has shape {tuple(t.shape)}, but r={e.r} on "
+                             f"`{e.key}` of shape {shape} needs {needs[f]}. The file is corrupt.")
+
+
+def _check_kind_entry(fn: str, e: Entry, view: View) -> None:
+    """Raise unless ``e`` holds the tensors its kind makes for ``view``, in their shapes (the shared
+    ones, such as VeRA's projections, by name only)."""
+    kind = find_kind(e.kind)
+    with torch.device("meta"):
+        made = kind.create(view, e.r, e.alpha, e.options)
+    shared = set(e.extra) - set(made)
+    if not set(made) <= set(e.extra) or (shared and kind.shared is None):
+        raise ValueError(f"{fn}(): `{e.key}` comes with {sorted(e.extra)}, but kind {e.kind!r} with its options "
+                         f"makes {sorted(made)}. The file is corrupt.")
+    for f, t in made.items():
+        if tuple(e.extra[f].shape) != tuple(t.shape):
+            raise ValueError(f"{fn}(): `{e.key}.{f}` has shape {tuple(e.extra[f].shape)}, but kind {e.kind!r} "
+                             f"on `{e.key}` of shape {view.shape} needs {tuple(t.shape)}. The file is corrupt.")
 
 
 def collect(fn: str, model: nn.Module, adapter: str) -> list[Entry]:
@@ -147,6 +185,14 @@ def collect(fn: str, model: nn.Module, adapter: str) -> list[Entry]:
                 "reshard; or save lora_state_dict(model), which gathers them. See the README's "
                 "\"Distributed training\".")
         c = lora.adapter(adapter)
+        if c.kind != "lora":
+            entries.append(Entry(
+                module=qualname, tensor=tensor_name, type=type_name(module), shape=tuple(lora.shape), A=None,
+                B=None, r=c.r, alpha=None if c.alpha is None else float(c.alpha), targets=c.targets,
+                transpose=lora.transpose, experts=lora.experts, factored=bool(lora.factored),
+                extra={k: t.detach() for k, t in lora.tensors(adapter).items()}, kind=c.kind,
+                options=dict(c.options)))
+            continue
         entries.append(Entry(
             module=qualname, tensor=tensor_name, type=type_name(module), shape=tuple(lora.shape),
             A=lora.lora_A[adapter].detach(), B=lora.lora_B[adapter].detach(), r=c.r,
@@ -199,16 +245,22 @@ def _apply(fn: str, model: nn.Module, modules: dict[str, nn.Module], entries: Se
         return
     groups: dict[tuple, list[Entry]] = {}
     for e in entries:
-        groups.setdefault((e.module, e.r, e.alpha, e.rslora, e.dora, e.dropout, e.init, e.A.dtype, e.transpose,
-                           e.experts, e.factored), []).append(e)
+        groups.setdefault((e.module, e.r, e.alpha, e.rslora, e.dora, e.dropout, e.init, e.dtype, e.transpose,
+                           e.experts, e.factored, e.kind, tuple(sorted(e.options.items())),
+                           e.type if e.kind != "lora" else None), []).append(e)
     calls: dict[tuple, set[str]] = {}  # (settings, tensors) -> modules, one inject call each
     for (module, *settings), group in groups.items():
         calls.setdefault((*settings, tuple(e.tensor for e in group)), set()).add(module)
     try:
-        for (r, alpha, rslora, dora, dropout, init, dtype, transpose, experts, factored, tensors), paths \
-                in calls.items():
+        for (r, alpha, rslora, dora, dropout, init, dtype, transpose, experts, factored, kind, options, _,
+             tensors), paths in calls.items():
+            own = find_rule(modules[next(iter(paths))])  # which bias goes with each tensor (IA³)
             rule = Rule(tuple(re.escape(t) for t in tensors), transpose=transpose, experts=experts,
-                        factored=factored)
+                        factored=factored, bias=None if own is None else own.bias)
+            if kind != "lora":
+                inject(model, lambda q, m, paths=paths: q in paths, kind=kind, r=r, alpha=alpha, adapter=name,
+                       rules={nn.Module: rule}, dtype=dtype, **dict(options))
+                continue
             inject(model, lambda q, m, paths=paths: q in paths, r=r, alpha=alpha, adapter=name,
                    dropout=dropout, init=init, rules={nn.Module: rule},
                    dtype=dtype, rslora=rslora, dora=dora)
@@ -226,7 +278,10 @@ def _apply(fn: str, model: nn.Module, modules: dict[str, nn.Module], entries: Se
 def _fill(lora: LoRA, name: str, e: Entry) -> None:
     """Copy the saved tensors of ``e`` into adapter ``name`` of ``lora``, in place."""
     mine = lora.tensors(name)
-    for k, t in (("lora_A", e.A), ("lora_B", e.B), *e.extra.items()):
+    for k, t in e.tensors.items():
+        if mine[k].shape != t.shape:
+            raise ValueError(f"load_adapter(): `{e.key}.{k}` has shape {tuple(t.shape)} in the saved adapter but "
+                             f"{tuple(mine[k].shape)} in the model. The file is corrupt; save the adapter again.")
         mine[k].copy_(t)
     lora.refresh_scaling(name)
 
@@ -245,6 +300,21 @@ def _update(fn: str, entries: Sequence[Entry], name: str, existing: dict[str, Lo
                              f"{name!r} is absent. Load it under another name with `adapter=`, or "
                              f"remove {name!r} first.")
         mine = lora.tensors(name)
+        have = lora.adapter(name).kind
+        if have != e.kind:
+            raise ValueError(f"{fn}(): `{e.key}` is of kind {e.kind!r} in the saved adapter but {have!r} in the "
+                             f"model's adapter {name!r}; a slot holds one kind. Nothing was loaded. Load it "
+                             "under another name with `adapter=`.")
+        if e.kind != "lora":
+            if e.r != lora.adapter(name).r or e.options != lora.adapter(name).options or any(
+                    mine.get(k) is None or mine[k].shape != t.shape for k, t in e.extra.items()) or set(mine) != set(
+                    e.extra):
+                raise ValueError(f"{fn}(): `{e.key}` of kind {e.kind!r} has r={e.r} and options {e.options} in the "
+                                 f"saved adapter, which do not fit the model's adapter {name!r} (r="
+                                 f"{lora.adapter(name).r}, {lora.adapter(name).options}). Nothing was loaded. Load "
+                                 "it under another name with `adapter=`.")
+            ready.append((lora, e))
+            continue
         if set(mine) != {*FACTORS, *e.extra}:
             raise ValueError(f"{fn}(): `{e.key}` holds {sorted({*FACTORS, *e.extra})} in the saved adapter (dora="
                              f"{e.dora}, init={e.init!r}) but {sorted(mine)} in the model's adapter {name!r}. "
@@ -270,6 +340,9 @@ def _update(fn: str, entries: Sequence[Entry], name: str, existing: dict[str, Lo
         for lora, e in ready:
             _fill(lora, name, e)
             record = lora.adapter(name)
+            if e.kind != "lora":
+                record.targets = e.targets
+                continue
             record.alpha, record.rslora, record.dropout, record.targets = e.alpha, e.rslora, e.dropout, e.targets
 
 

@@ -46,7 +46,17 @@ FIELDS = {
              and all(isinstance(x, bool) for x in v.values()),
              'an object of three bools: "transpose", "experts", "factored"'),
 }
-OPTIONAL = {"dora": False}  # fields that files of an earlier version may lack
+OPTIONAL = {"dora": False, "kind": "lora"}  # fields that files of an earlier version may lack
+# An entry of another kind than LoRA: its own rank and alpha (None where it has none), its options,
+# and the names of its tensors.
+KIND_FIELDS = {
+    "kind": (lambda v: isinstance(v, str) and v.isidentifier(), "a kind's name"),
+    "r": (lambda v: v is None or is_int(v) and v >= 0, "a non-negative int or null"),
+    "alpha": (lambda v: v is None or is_number(v), "a finite number or null"),
+    "options": (lambda v: isinstance(v, dict), "an object of the kind's options"),
+    "held": (lambda v: isinstance(v, list) and all(isinstance(n, str) and n.isidentifier() for n in v) and bool(v),
+             "a non-empty list of tensor names"),
+}
 
 
 def config_digest(config: dict) -> str:
@@ -65,7 +75,8 @@ def checked(fn: str, file: str, key: str, t: object) -> dict:
         raise ValueError(f"{fn}(): the entry for `{key}` in {file} must be a JSON object, got {t!r}; "
                          "save the adapter again.")
     t = {**OPTIONAL, **t}
-    for field, (ok, what) in FIELDS.items():
+    fields = FIELDS if t["kind"] == "lora" else {**FIELDS, **KIND_FIELDS}
+    for field, (ok, what) in fields.items():
         if field not in t:
             raise ValueError(f"{fn}(): the entry for `{key}` in {file} has no \"{field}\" ({what}); "
                              "save the adapter again.")
@@ -76,7 +87,7 @@ def checked(fn: str, file: str, key: str, t: object) -> dict:
 
 
 def to_ours(entries: list[Entry], adapter: str) -> tuple[dict, dict]:
-    dtypes = {dtype_name(e.A.dtype) for e in entries}
+    dtypes = {dtype_name(e.dtype) for e in entries}
     config = {
         "format": "lora_inject", "format_version": FORMAT_VERSION, "version": __version__,
         "adapter": adapter, "dtype": dtypes.pop() if len(dtypes) == 1 else "mixed",
@@ -84,15 +95,32 @@ def to_ours(entries: list[Entry], adapter: str) -> tuple[dict, dict]:
         "tensors": {e.key: {
             "module": e.module, "tensor": e.tensor, "type": e.type, "shape": list(e.shape), "r": e.r,
             "alpha": e.alpha, "rslora": e.rslora, "dora": e.dora, "dropout": e.dropout, "init": e.init,
-            "targets": e.targets, "dtype": dtype_name(e.A.dtype),
+            "targets": e.targets, "dtype": dtype_name(e.dtype),
             "rule": {"transpose": e.transpose, "experts": e.experts, "factored": e.factored},
+            **({} if e.kind == "lora" else {"kind": e.kind, "options": e.options, "held": list(e.extra)}),
         } for e in entries},
     }
     tensors = {}
     for e in entries:
-        tensors[f"{e.key}.lora_A"], tensors[f"{e.key}.lora_B"] = e.A, e.B
-        tensors.update({f"{e.key}.{k}": t for k, t in e.extra.items()})
+        tensors.update({f"{e.key}.{k}": t for k, t in e.tensors.items()})
     return config, tensors
+
+
+def _kind_entry(fn: str, file: str, weights: str, key: str, t: dict, tensors: dict) -> Entry:
+    """The entry of a kind other than LoRA, its tensors taken out of ``tensors``."""
+    try:
+        held = {k: tensors.pop(f"{key}.{k}") for k in t["held"]}
+    except KeyError as e:
+        raise ValueError(f"{fn}(): {weights} has no tensor {e}, which {file} describes; save the "
+                         "adapter again.") from None
+    if any(dtype_name(v.dtype) != t["dtype"] for v in held.values()):
+        raise TypeError(f"{fn}(): the tensors of `{key}` are not all {t['dtype']!r}, as {file} says; save the "
+                        "adapter again.")
+    rule = t["rule"]
+    return Entry(module=t["module"], tensor=t["tensor"], type=t["type"], shape=tuple(t["shape"]), A=None, B=None,
+                 r=t["r"], alpha=None if t["alpha"] is None else float(t["alpha"]), targets=t["targets"],
+                 transpose=rule["transpose"], experts=rule["experts"], factored=rule["factored"], extra=held,
+                 kind=t["kind"], options=t["options"])
 
 
 def from_ours(fn: str, path: str) -> tuple[str, list[Entry]]:
@@ -120,6 +148,9 @@ def from_ours(fn: str, path: str) -> tuple[str, list[Entry]]:
     entries = []
     for key, t in config["tensors"].items():
         t = checked(fn, file, key, t)
+        if t["kind"] != "lora":
+            entries.append(_kind_entry(fn, file, weights, key, t, tensors))
+            continue
         try:
             A, B = tensors.pop(f"{key}.lora_A"), tensors.pop(f"{key}.lora_B")
         except KeyError as e:

@@ -67,7 +67,7 @@ IA3 = Kind(
     create=create,
     apply=apply,
     apply_bias=apply_bias,
-    options=(Option("feedforward", False, boolean, "a bool (whether the input is scaled)"),),
+    options=(Option("feedforward", False, boolean, "a bool (whether the input is scaled)", selector=True),),
     scaling=lambda r, alpha, options: 1.0,
     default_r=None,
     default_alpha=None,

@@ -46,6 +46,13 @@ def shared(views, r: int, options) -> dict[str, Tensor]:
     return {"vera_A": A, "vera_B": B}
 
 
+def share(shared, view: View, r: int, options) -> dict[str, Tensor]:
+    """The slices of the shared projections one tensor reads: ``vera_A[:r, :in]`` and
+    ``vera_B[:out, :r]``."""
+    A, B = shared["vera_A"], shared["vera_B"]
+    return {"vera_A": A[:r, :view.in_features].clone(), "vera_B": B[:view.out_features, :r].clone()}
+
+
 def create(view: View, r: int, alpha, options) -> dict[str, Tensor]:
     return {"vera_lambda_b": torch.zeros(*view.lead, view.out_features),
             "vera_lambda_d": torch.full((*view.lead, r), float(options["d_initial"]))}
@@ -90,6 +97,7 @@ VERA = Kind(
     default_r=256,
     default_alpha=None,
     shared=shared,
+    share=share,
     frozen=("vera_A", "vera_B"),
     factored={"linear": linear},
 )
