@@ -86,6 +86,14 @@ def test_every_guide_is_linked_from_the_readme_and_in_the_site():
         assert (ROOT / target).is_file(), target
 
 
+def test_the_api_reference_lists_every_exported_name():
+    import lora_inject
+
+    api = (ROOT / "docs" / "api.md").read_text(encoding="utf-8")
+    missing = [name for name in lora_inject.__all__ if f"::: lora_inject.{name}\n" not in api + "\n"]
+    assert not missing, f"docs/api.md has no entry for {missing}"
+
+
 @pytest.mark.parametrize("path, section, source", SECTIONS)
 def test_section_runs_alone_in_a_fresh_interpreter(path, section, source, tmp_path):
     env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
