@@ -108,12 +108,9 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, *, adapter: str = "d
         raise RuntimeError(f"{fn}(): the factors of `{meta}` are on the meta device, so they have no values "
                            "to save. Materialise the model first (model.to_empty(device=...), then "
                            "li.init_lora(model) or load the factors), then save.")
-    other = next((e for e in entries if e.kind != "lora"), None)
-    if format == "peft" and other is not None:
-        raise ValueError(f"{fn}(): adapter {adapter!r} is of kind {other.kind!r} (on `{other.key}`), which "
-                         "format='peft' does not write yet. Save it in lora_inject's format "
-                         "(format='lora_inject').")
-    if format == "peft":
+    if format == "peft" and any(e.kind != "lora" for e in entries):
+        config, tensors = peft.kinds_to_peft(fn, model, entries)
+    elif format == "peft":
         config, tensors = peft.to_peft(fn, model, entries)
     else:
         config, tensors = ours.to_ours(entries, adapter)
