@@ -562,7 +562,7 @@ def _check_config(fn: str, file: str, config: dict) -> None:
         _check_kind_config(fn, file, config, kind_of(config))
         return
     if config.get("peft_type") != "LORA":
-        raise refuse(f"peft_type {config.get('peft_type')!r} (only 'LORA' translates)")
+        raise refuse(f"peft_type {config.get('peft_type')!r} (only {['LORA', *_TYPE_KINDS]} translate)")
     for field, what in _UNSUPPORTED.items():
         if config.get(field):
             raise refuse(f"{what} = {config[field]!r}")
