@@ -213,6 +213,15 @@ def test_oft_on_a_larger_kernel_is_peft_merge(tmp_path):
         warnings.simplefilter("ignore")
         merged = copy.deepcopy(theirs).merge_and_unload()
     torch.testing.assert_close(run(ours, X), run(merged, X), **TOL)
+    assert not torch.allclose(run(theirs, X), run(merged, X), **TOL)  # peft's forward is not its merge
+
+    mine = li.inject(net(), ["conv3", "lin"], kind="oft", oft_block_size=4)
+    randomize_ours(mine, 8)
+    li.save_adapter(mine, tmp_path / "ours", format="peft")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        back = peft.PeftModel.from_pretrained(net(), tmp_path / "ours").merge_and_unload()
+    torch.testing.assert_close(run(back, X), run(mine, X), **TOL)
 
 
 # -- refusals ------------------------------------------------------------------------------------
