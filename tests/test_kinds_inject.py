@@ -383,10 +383,12 @@ def test_our_format_refuses_a_swap_into_another_kind(tmp_path):
     assert all(torch.equal(other.state_dict()[k], v) for k, v in before.items())
 
 
-def test_peft_format_refuses_other_kinds(tmp_path):
+def test_peft_format_refuses_kinds_where_peft_has_no_layer(tmp_path):
+    """peft's format holds the kinds on the layers peft's tuners wrap (tests/test_peft_kinds.py),
+    and refuses the rest by kind and layer type."""
     model = small_model()
-    li.inject(model, r"^0$", kind="oft", r=1, oft_block_size=0)
-    with pytest.raises(ValueError, match=r"of kind 'oft'.*format='peft' does not write"):
+    li.inject(model, r"^3$", kind="oft", r=1, oft_block_size=0)
+    with pytest.raises(ValueError, match=r"`3` is a LSTM, and peft's OFT wraps only Linear, Conv2d"):
         li.save_adapter(model, tmp_path, format="peft")
 
 

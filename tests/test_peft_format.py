@@ -257,7 +257,9 @@ def peft_dir(tmp_path):
 @pytest.mark.parametrize("change, match", [
     pytest.param({"use_dora": True}, r"use_dora=True, but .* lacks DoRA's magnitude "
                  r"`base_model\.model\.h\.0\.attn\.c_attn\.lora_magnitude_vector`", id="dora-without-magnitude"),
-    pytest.param({"peft_type": "IA3"}, r"uses peft_type 'IA3'", id="other-type"),
+    pytest.param({"peft_type": "BOFT"}, r"uses peft_type 'BOFT'", id="other-type"),
+    # a LoRA file relabelled as a kind that is read: its LoRA fields are not IA³'s
+    pytest.param({"peft_type": "IA3"}, r"uses the field '\w+' = .* with peft_type 'IA3'", id="lora-as-ia3"),
     pytest.param({"lora_bias": True}, r"`lora_bias`", id="lora-bias"),
     # peft's default layer pattern needs a module before the layer list, which GPT2Model lacks
     pytest.param({"layers_to_transform": [0]}, r"do not select `h\.0\.attn\.c_attn`", id="layers-to-transform"),
@@ -280,12 +282,18 @@ def test_untranslatable_config_is_refused(peft_dir, change, match):
     _refused(copy.deepcopy(base), path, match)
 
 
-def test_ia3_is_refused(tmp_path):
+def test_ia3_loads(tmp_path):
+    """IA³ is read now (tests/test_peft_kinds.py covers every kind both ways)."""
     base = gpt2()
     model = peft.get_peft_model(copy.deepcopy(base), peft.IA3Config(target_modules=["c_attn"],
                                                                    feedforward_modules=[], fan_in_fan_out=True))
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.uniform_(0.5, 1.5)
     model.save_pretrained(tmp_path)
-    _refused(copy.deepcopy(base), tmp_path, r"peft_type 'IA3' \(only 'LORA' translates\)")
+    x = torch.randint(0, 50, (2, 5))
+    torch.testing.assert_close(outputs(load_adapter(copy.deepcopy(base), tmp_path), x), outputs(model, x))
 
 
 def test_peft_adapter_from_a_deeper_model(tmp_path):

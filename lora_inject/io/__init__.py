@@ -57,6 +57,10 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, *, adapter: str = "d
     ``in_proj_weight`` and its out_proj) and expert weights (``target_parameters``); an update of
     full rank on any other tensor is written whole (``bias="all"``, or the module in
     ``modules_to_save``). Per-tensor r and alpha go to ``rank_pattern``/``alpha_pattern``.
+    An adapter of kind ``"loha"``, ``"lokr"``, ``"oft"``, ``"ia3"`` or ``"vera"`` is written as
+    peft's ``LOHA``, ``LOKR``, ``OFT``, ``IA3`` or ``VERA`` adapter, on the layers peft's tuner
+    for it wraps (LoHa and LoKr: Linear, Conv1d, Conv2d; OFT: Linear, Conv2d; IA³: Linear,
+    Conv1D, Conv2d, Conv3d; VeRA: Linear, Conv1D; convs with groups=1), and refused elsewhere.
 
     Each file is written to a temporary file in ``path`` and renamed into place, so an
     interrupted save never leaves a half-written file under the final name (and the weights'
@@ -108,12 +112,9 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, *, adapter: str = "d
         raise RuntimeError(f"{fn}(): the factors of `{meta}` are on the meta device, so they have no values "
                            "to save. Materialise the model first (model.to_empty(device=...), then "
                            "li.init_lora(model) or load the factors), then save.")
-    other = next((e for e in entries if e.kind != "lora"), None)
-    if format == "peft" and other is not None:
-        raise ValueError(f"{fn}(): adapter {adapter!r} is of kind {other.kind!r} (on `{other.key}`), which "
-                         "format='peft' does not write yet. Save it in lora_inject's format "
-                         "(format='lora_inject').")
-    if format == "peft":
+    if format == "peft" and any(e.kind != "lora" for e in entries):
+        config, tensors = peft.kinds_to_peft(fn, model, entries)
+    elif format == "peft":
         config, tensors = peft.to_peft(fn, model, entries)
     else:
         config, tensors = ours.to_ours(entries, adapter)
@@ -165,6 +166,9 @@ def load_adapter(model: M, path: str | os.PathLike, *, adapter: str | None = Non
     An integer tensor of such a copy (a BatchNorm's ``num_batches_tracked``) has no update: where
     it differs from the model's, it is copied into it exactly (``remove`` does not undo that).
     A ``MultiheadAttention`` gets peft's semantics, in which out_proj's update counts twice.
+    peft's ``LOHA``, ``LOKR``, ``OFT``, ``IA3`` and ``VERA`` adapters load as adapters of the
+    kinds ``"loha"``, ``"lokr"``, ``"oft"``, ``"ia3"`` and ``"vera"``, their structure (LoKr's
+    full or low-rank factors, OFT's block size) checked against the saved shapes.
     What cannot be reproduced (other peft types, ``lora_bias``, ``trainable_token_indices``,
     inits that change the base weights, a pickled ``adapter_model.bin``, grouped conv, ...) is
     refused.

@@ -1,0 +1,330 @@
+"""peft's format both ways for the kinds peft has besides LoRA (LoHa, LoKr, OFT, IA³, VeRA), with
+peft itself as the oracle.
+
+(a) peft makes an adapter with every trainable tensor random and saves it; we load it onto the
+plain base and must give peft's outputs. (b) We inject the same kind with random tensors and save
+it in peft's format; peft must load it and give our outputs. (c) ``remove(merge=False)`` gives the
+base back exactly. What peft's format cannot hold is refused, and the model is left as it was.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import warnings
+
+import peft
+import pytest
+import torch
+from test_adapter_io import assert_unchanged, snapshot
+from torch import nn
+from transformers import GPT2Config, GPT2Model
+
+import lora_inject as li
+
+TOL = dict(rtol=1e-5, atol=1e-5)
+
+
+class Net(nn.Module):
+    """Linear and Conv layers: conv3 (3x3), conv1 (1x1), c1d (Conv1d), then two Linear layers."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv3 = nn.Conv2d(4, 8, 3, padding=1)
+        self.conv1 = nn.Conv2d(8, 8, 1)
+        self.c1d = nn.Conv1d(8, 8, 3, padding=1)
+        self.lin = nn.Linear(8 * 16, 16)
+        self.out = nn.Linear(16, 12)
+
+    def forward(self, x):
+        h = torch.relu(self.conv1(torch.relu(self.conv3(x))))
+        h = torch.relu(self.c1d(h.flatten(2))).flatten(1)
+        return self.out(torch.relu(self.lin(h)))
+
+
+X = torch.randn(2, 4, 4, 4, generator=torch.Generator().manual_seed(1))
+
+
+def net() -> Net:
+    torch.manual_seed(0)
+    return Net().eval()
+
+
+def gpt2() -> GPT2Model:
+    torch.manual_seed(0)
+    cfg = GPT2Config(n_layer=2, n_embd=16, n_head=2, vocab_size=50, n_positions=32, bos_token_id=0,
+                     eos_token_id=0)
+    return GPT2Model(cfg).eval()
+
+
+IDS = torch.randint(0, 50, (2, 7), generator=torch.Generator().manual_seed(2))
+
+
+def run(model: nn.Module, x) -> torch.Tensor:
+    with torch.no_grad():
+        out = model(x)
+    return out.last_hidden_state if hasattr(out, "last_hidden_state") else out
+
+
+def noise(t: torch.Tensor, gen, name: str) -> torch.Tensor:
+    n = torch.randn(t.shape, generator=gen, dtype=torch.float64).to(t.dtype)
+    return 1 + 0.3 * n if name == "ia3_l" else (0.1 if name == "oft_R" else 0.3) * n
+
+
+def randomize_peft(model: nn.Module, seed: int) -> None:
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in sorted(model.named_parameters()):
+            if p.requires_grad:
+                p.copy_(noise(p, gen, "oft_R" if ".oft_R." in name else name.rsplit(".", 2)[-2]))
+
+
+def randomize_ours(model: nn.Module, seed: int) -> None:
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for _, lora in sorted(li.named_loras(model)):
+            for name, t in sorted(lora.tensors("default").items()):
+                if isinstance(t, nn.Parameter):
+                    t.copy_(noise(t, gen, name))
+
+
+# kind, peft config, our inject arguments (targets, kw): the same adapter both ways
+T = ["conv3", "conv1", "c1d", "lin", "out"]
+TK = ["conv3", "conv1", "lin", "out"]  # LoKr: peft's full lokr_w2 on a Conv1d is refused (a test below)
+CASES = {
+    "loha": (lambda: peft.LoHaConfig(r=2, alpha=4, target_modules=T), dict(r=2, alpha=4.0)),
+    "loha-effective": (lambda: peft.LoHaConfig(r=2, alpha=3, target_modules=T, use_effective_conv2d=True,
+                                               rank_pattern={"lin": 3}, alpha_pattern={"out": 5}),
+                       None),
+    "lokr": (lambda: peft.LoKrConfig(r=2, alpha=4, target_modules=TK), dict(r=2, alpha=4.0)),
+    "lokr-full": (lambda: peft.LoKrConfig(r=16, alpha=4, target_modules=TK), dict(r=16, alpha=4.0)),
+    "lokr-both": (lambda: peft.LoKrConfig(r=1, alpha=2, target_modules=TK, decompose_both=True, decompose_factor=4,
+                                          use_effective_conv2d=True), dict(r=1, alpha=2.0, decompose_both=True,
+                                                                           decompose_factor=4,
+                                                                           use_effective_conv2d=True)),
+    "oft": (lambda: peft.OFTConfig(oft_block_size=4, target_modules=["conv1", "lin", "out"]),
+            dict(oft_block_size=4)),
+    "oft-r": (lambda: peft.OFTConfig(r=4, oft_block_size=0, target_modules=["conv1", "lin", "out"]),
+              dict(r=4, oft_block_size=0)),
+    "oft-exact-coft": (lambda: peft.OFTConfig(oft_block_size=2, target_modules=["conv1", "lin"], coft=True,
+                                              eps=1e-2, use_cayley_neumann=False),
+                       dict(oft_block_size=2, coft=True, eps=1e-2, use_cayley_neumann=False)),
+    "oft-share": (lambda: peft.OFTConfig(oft_block_size=8, target_modules=["conv1", "lin"], block_share=True,
+                                         num_cayley_neumann_terms=7),
+                  dict(oft_block_size=8, block_share=True, num_cayley_neumann_terms=7)),
+    "ia3": (lambda: peft.IA3Config(target_modules=["conv3", "conv1", "lin", "out"],
+                                   feedforward_modules=["conv1", "out"]), dict(feedforward=["conv1", "out"])),
+    "vera": (lambda: peft.VeraConfig(r=4, target_modules=["lin", "out"]), dict(r=4)),
+    "vera-noproj": (lambda: peft.VeraConfig(r=3, target_modules=["lin", "out"], save_projection=False,
+                                            projection_prng_key=7, d_initial=0.5),
+                    dict(r=3, save_projection=False, projection_prng_key=7, d_initial=0.5)),
+}
+GPT2 = {  # peft's IA³ and VeRA take GPT-2's Conv1D
+    "ia3": (lambda: peft.IA3Config(target_modules=["c_attn", "c_fc", "attn.c_proj", "mlp.c_proj"],
+                                   feedforward_modules=["mlp.c_proj"]),
+            dict(feedforward="mlp.c_proj")),
+    "vera": (lambda: peft.VeraConfig(r=4, target_modules=["c_attn", "c_fc"]), dict(r=4)),
+}
+
+
+def quiet(make):
+    """peft's config, without its note that save_projection=False rebuilds VeRA's projections."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return make()
+
+
+def kind_of(case: str) -> str:
+    return case.split("-")[0]
+
+
+def peft_model(base, cfg, seed=3):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # peft's notes on fan_in_fan_out and adjusted block sizes
+        model = peft.get_peft_model(base, cfg)
+    randomize_peft(model, seed)
+    return model.eval()
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_peft_to_ours(case, tmp_path):
+    make, _ = CASES[case]
+    theirs = peft_model(net(), quiet(make))
+    theirs.save_pretrained(tmp_path)
+    want = run(theirs, X)
+    ours = net()
+    base = run(ours, X)
+    li.load_adapter(ours, tmp_path)
+    assert {lora.adapter("default").kind for _, lora in li.named_loras(ours)} == {kind_of(case)}
+    torch.testing.assert_close(run(ours, X), want, **TOL)
+    assert not torch.allclose(want, base, **TOL)  # the update is not trivial
+    li.remove(ours, merge=False)
+    assert torch.equal(run(ours, X), base)
+
+
+@pytest.mark.parametrize("case", [c for c, (_, kw) in CASES.items() if kw is not None])
+def test_ours_to_peft(case, tmp_path):
+    make, kw = CASES[case]
+    targets = quiet(make).target_modules
+    ours = li.inject(net(), sorted(targets), kind=kind_of(case), **kw)
+    randomize_ours(ours, 5)
+    want = run(ours, X)
+    li.save_adapter(ours, tmp_path, format="peft")
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert config["peft_type"] == kind_of(case).upper()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        theirs = peft.PeftModel.from_pretrained(net(), tmp_path).eval()
+    torch.testing.assert_close(run(theirs, X), want, **TOL)
+    again = li.load_adapter(net(), tmp_path)  # and back: the same tensors
+    torch.testing.assert_close(run(again, X), want, **TOL)
+    base = run(net(), X)
+    assert not torch.allclose(want, base, **TOL)
+    li.remove(ours, merge=False)
+    assert torch.equal(run(ours, X), base)
+
+
+@pytest.mark.parametrize("case", list(GPT2))
+def test_gpt2_conv1d_both_ways(case, tmp_path):
+    make, kw = GPT2[case]
+    theirs = peft_model(gpt2(), quiet(make))
+    theirs.save_pretrained(tmp_path / "peft")
+    ours = li.load_adapter(gpt2(), tmp_path / "peft")
+    torch.testing.assert_close(run(ours, IDS), run(theirs, IDS), **TOL)
+
+    mine = li.inject(gpt2(), sorted(quiet(make).target_modules), kind=case, **kw)
+    randomize_ours(mine, 6)
+    li.save_adapter(mine, tmp_path / "ours", format="peft")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        back = peft.PeftModel.from_pretrained(gpt2(), tmp_path / "ours").eval()
+    torch.testing.assert_close(run(back, IDS), run(mine, IDS), **TOL)
+    base = run(gpt2(), IDS)
+    li.remove(mine, merge=False)
+    assert torch.equal(run(mine, IDS), base)
+
+
+def test_oft_on_a_larger_kernel_is_peft_merge(tmp_path):
+    """peft's OFT forward on a 3x3 conv is not its merge; ours is its merge, both ways."""
+    theirs = peft_model(net(), peft.OFTConfig(oft_block_size=4, target_modules=["conv3", "lin"]))
+    theirs.save_pretrained(tmp_path)
+    ours = li.load_adapter(net(), tmp_path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        merged = copy.deepcopy(theirs).merge_and_unload()
+    torch.testing.assert_close(run(ours, X), run(merged, X), **TOL)
+    assert not torch.allclose(run(theirs, X), run(merged, X), **TOL)  # peft's forward is not its merge
+
+    mine = li.inject(net(), ["conv3", "lin"], kind="oft", oft_block_size=4)
+    randomize_ours(mine, 8)
+    li.save_adapter(mine, tmp_path / "ours", format="peft")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        back = peft.PeftModel.from_pretrained(net(), tmp_path / "ours").merge_and_unload()
+    torch.testing.assert_close(run(back, X), run(mine, X), **TOL)
+
+
+# -- refusals ------------------------------------------------------------------------------------
+class Odd(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(8, 8)
+        self.lstm = nn.LSTM(8, 8)
+        self.mha = nn.MultiheadAttention(8, 2)
+        self.bil = nn.Bilinear(8, 8, 8)
+        self.emb = nn.Embedding(10, 8)
+        self.grouped = nn.Conv2d(8, 8, 1, groups=2)
+
+    def forward(self, x):
+        return self.lin(x)
+
+
+@pytest.mark.parametrize("kind, target, kw, match", [
+    ("loha", "lstm", {}, r"`lstm` is a LSTM, and peft's LOHA wraps only Linear, Conv1d, Conv2d"),
+    ("lokr", "mha", {}, r"`mha` is a MultiheadAttention, and peft's LOKR wraps only"),
+    ("oft", "bil", {"oft_block_size": 4}, r"`bil` is a Bilinear, and peft's OFT wraps only Linear, Conv2d"),
+    ("vera", "emb", {"r": 2}, r"`emb` is a Embedding, and peft's VERA wraps only Linear, Conv1D"),
+    ("ia3", "grouped", {}, r"groups=2"),
+    ("loha", "mha.out_proj", {}, r"out_proj targeted on its own"),
+])
+def test_export_refuses_what_peft_cannot_hold(kind, target, kw, match, tmp_path):
+    torch.manual_seed(0)
+    model = li.inject(Odd(), [target], kind=kind, **kw)
+    snap = snapshot(model)
+    with pytest.raises(ValueError, match=match):
+        li.save_adapter(model, tmp_path / "x", format="peft")
+    assert not (tmp_path / "x").exists()
+    assert_unchanged(model, snap)
+
+
+@pytest.mark.parametrize("kind, kw", [("loha", {}), ("lokr", {}), ("oft", {"oft_block_size": 4})])
+def test_export_refuses_gpt2_conv1d_for_lycoris_and_oft(kind, kw, tmp_path):
+    model = li.inject(gpt2(), ["c_fc"], kind=kind, **kw)
+    with pytest.raises(ValueError, match=rf"is a Conv1D, and peft's {kind.upper()} wraps only"):
+        li.save_adapter(model, tmp_path, format="peft")
+
+
+def test_export_refuses_mixed_kinds_and_settings(tmp_path):
+    model = li.inject(net(), ["lin"], kind="loha", adapter="default")
+    li.inject(model, ["out"], kind="lokr", adapter="default")
+    with pytest.raises(ValueError, match=r"mixes the kinds \['loha', 'lokr'\]"):
+        li.save_adapter(model, tmp_path, format="peft")
+    model = li.inject(net(), ["lin"], kind="oft", oft_block_size=4)
+    li.inject(model, ["out"], kind="oft", oft_block_size=2)
+    with pytest.raises(ValueError, match=r"one setting per adapter"):
+        li.save_adapter(model, tmp_path, format="peft")
+
+
+def _peft_dir(tmp_path, cfg, model=None):
+    theirs = peft_model(model or net(), cfg)
+    theirs.save_pretrained(tmp_path)
+    return tmp_path
+
+
+def _edit_config(path, **fields):
+    f = path / "adapter_config.json"
+    config = json.loads(f.read_text())
+    config.update(fields)
+    f.write_text(json.dumps(config))
+
+
+def test_load_refuses_and_leaves_the_model_unchanged(tmp_path):
+    d = _peft_dir(tmp_path / "a", peft.LoHaConfig(r=2, target_modules=["lin"]))
+    model = Odd()
+    snap = snapshot(model)
+    _edit_config(d, target_modules=["lin", "lstm"])
+    with pytest.raises(ValueError, match=r"`lstm` is a LSTM.*targets it, so nothing was loaded"):
+        li.load_adapter(model, d)
+    assert_unchanged(model, snap)
+
+    d = _peft_dir(tmp_path / "b", peft.VeraConfig(r=2, target_modules=["lin"], vera_dropout=0.1))
+    model = net()
+    snap = snapshot(model)
+    with pytest.raises(ValueError, match=r"vera_dropout.*0.1"):
+        li.load_adapter(model, d)
+    _edit_config(d, vera_dropout=0.0, r=3)  # the tensors are of r=2
+    with pytest.raises(ValueError, match=r"VeRA with r=3|makes"):
+        li.load_adapter(model, d)
+    assert_unchanged(model, snap)
+
+    d = _peft_dir(tmp_path / "c", peft.LoKrConfig(r=2, target_modules=["lin"]))
+    _edit_config(d, decompose_both=True)  # the file has a full lokr_w1
+    with pytest.raises(ValueError, match=r"holds .*lokr_w1.* makes .*lokr_w1_a"):
+        li.load_adapter(model, d)
+    _edit_config(d, decompose_both=False, modules_to_save=["out"])
+    with pytest.raises(ValueError, match=r"the field 'modules_to_save'"):
+        li.load_adapter(model, d)
+    assert_unchanged(model, snap)
+
+
+def test_lokr_full_w2_on_conv1d_is_refused_both_ways(tmp_path):
+    """peft's make_kron on a Conv1d with a full lokr_w2 is no Kronecker product of its factors."""
+    d = _peft_dir(tmp_path / "peft", peft.LoKrConfig(r=2, target_modules=["c1d"]))
+    model = net()
+    snap = snapshot(model)
+    with pytest.raises(ValueError, match=r"`c1d` is a Conv1d with LoKr's full `lokr_w2`"):
+        li.load_adapter(model, d)
+    assert_unchanged(model, snap)
+    ours = li.inject(net(), ["c1d"], kind="lokr", r=2)
+    with pytest.raises(ValueError, match=r"`c1d` is a Conv1d with LoKr's full `lokr_w2`"):
+        li.save_adapter(ours, tmp_path / "ours", format="peft")
