@@ -139,7 +139,99 @@ def c_qlora_peft(base):
 
 
 QLORA = {"lora_inject qlora": c_qlora_ours, "peft qlora": c_qlora_peft, "lora_inject fp32": c_lora_inject}
-ALL = {**CONTENDERS, **DORA, **QLORA}
+
+# -- other kinds of update: each of ours against peft's same kind, same targets, rank and alpha --
+# LoHa and LoKr: r=16, alpha=32, as our LoRA. OFT: peft's defaults for both (r=0 and
+# oft_block_size=32, the Cayley-Neumann series of 5 terms). IA3: down_proj's input scaled, the
+# others' output, as peft's defaults for Llama (feedforward_modules=["down_proj"]). VeRA: peft's
+# default r=256 (one pair of shared projections), d_initial=0.1.
+VERA_R = 256
+KIND_OPTIONS = {"loha": dict(r=R, alpha=ALPHA), "lokr": dict(r=R, alpha=ALPHA), "oft": {},
+                "ia3": dict(feedforward=r"down_proj$"), "vera": dict(r=VERA_R)}
+
+
+def peft_kind_config(kind, random=False):
+    """peft's config of ``kind`` matching KIND_OPTIONS; ``random``: non-identity init."""
+    import peft
+
+    if kind == "ia3":
+        return peft.IA3Config(target_modules=TARGETS, feedforward_modules=["down_proj"],
+                              init_ia3_weights=not random)
+    config = {"loha": peft.LoHaConfig, "lokr": peft.LoKrConfig, "oft": peft.OFTConfig,
+              "vera": peft.VeraConfig}[kind]
+    return config(target_modules=TARGETS, init_weights=not random, **KIND_OPTIONS[kind])
+
+
+def c_kind_ours(base, kind):
+    m = copy.deepcopy(base)
+    li.inject(m, REGEX, kind=kind, **KIND_OPTIONS[kind])
+    li.mark_only_lora_as_trainable(m)
+    return m
+
+
+def c_kind_peft(base, kind, random=False):
+    from peft import get_peft_model
+
+    return get_peft_model(copy.deepcopy(base), peft_kind_config(kind, random))
+
+
+KIND_NAMES = ("loha", "lokr", "oft", "ia3", "vera")
+KINDS = {"lora_inject lora": c_lora_inject}
+for _k in KIND_NAMES:
+    KINDS[f"lora_inject {_k}"] = lambda base, k=_k: c_kind_ours(base, k)
+    KINDS[f"peft {_k}"] = lambda base, k=_k: c_kind_peft(base, k)
+ALL = {**CONTENDERS, **DORA, **QLORA, **KINDS}
+
+
+def trainable(model):
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def copy_peft_tensors(ours, theirs, kind):
+    """Copy peft's adapter tensors into ours, by name (the kinds use peft's tensor names)."""
+    inner = theirs.base_model.model
+    copied = 0
+    with torch.no_grad():
+        for qualname, lora in li.named_loras(ours):
+            layer = inner.get_submodule(qualname.rsplit(".", 1)[0])
+            for name, t in lora.tensors("default").items():
+                if kind == "vera" and name in ("vera_A", "vera_B"):
+                    src = getattr(theirs.base_model, name)["default"]
+                    src = src[:t.shape[0], :t.shape[1]]
+                else:
+                    holder = getattr(layer, "oft_R" if kind == "oft" else name)["default"]
+                    src = holder.weight if isinstance(holder, nn.Module) else holder
+                t.copy_(src.reshape(t.shape))
+                copied += 1
+    return copied
+
+
+def check_kinds(args):
+    """Before timing: on a tiny Llama, each kind of ours with peft's random adapter tensors copied in
+    gives peft's logits, and on the benchmark's shape both train the same number of parameters."""
+    out = {}
+    tiny = llama(64, 192, 2, 4, 100)  # 192: a multiple of OFT's block size
+    ids = torch.randint(0, 100, (2, 16))
+    full = llama(*args.shape, device="meta")
+    for kind in KIND_NAMES:
+        theirs = c_kind_peft(tiny, kind, random=True).eval()
+        ours = c_kind_ours(tiny, kind).eval()
+        copied = copy_peft_tensors(ours, theirs, kind)
+        with torch.no_grad():
+            want, got = theirs(input_ids=ids).logits, ours(input_ids=ids).logits
+            plain = tiny(input_ids=ids).logits
+        err = float((got - want).abs().max())
+        moved = float((want - plain).abs().max())
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+        counts = (trainable(c_kind_ours(full, kind)), trainable(c_kind_peft(full, kind)))
+        if counts[0] != counts[1]:
+            raise RuntimeError(f"{kind}: lora_inject trains {counts[0]} parameters, peft {counts[1]}")
+        out[kind] = {"trainable": counts[0], "tensors copied": copied, "max |ours - peft|": err,
+                     "max |peft - base|": moved}
+        print(f"# {kind}: {counts[0]} trainable parameters in both; tiny model, peft's tensors copied in "
+              f"({copied}): max |ours - peft| = {err:.2e} (the update moves the logits by {moved:.2e})",
+              file=sys.stderr)
+    return out
 
 
 def contenders(args):
@@ -424,6 +516,8 @@ def main():
     torch.set_num_threads(args.threads)
     res = {"config": {k: v for k, v in vars(args).items() if not k.startswith("_")},
            "torch": torch.__version__}
+    if "kinds" in args.only and "kinds_check" not in args.only:  # the same math, checked before timing
+        args.only.insert(args.only.index("kinds"), "kinds_check")
     for fig in args.only:
         t = time.perf_counter()
         res[fig] = {"train": train_times, "train_bf16": lambda a: train_times(a, torch.bfloat16),
@@ -431,7 +525,9 @@ def main():
                     "merge": merge_times, "small": small_times,
                     "qlora": lambda a: train_times(a, which=QLORA),
                     "qlora_memory": lambda a: peak_memory(a, which=QLORA),
-                    "qlora_weights": weight_bytes, "mixed": mixed_times}[fig](args)
+                    "qlora_weights": weight_bytes, "mixed": mixed_times, "kinds_check": check_kinds,
+                    "kinds": lambda a: train_times(a, which=KINDS),
+                    "kinds_memory": lambda a: peak_memory(a, which=KINDS)}[fig](args)
         print(f"# {fig}: {json.dumps(res[fig])} ({time.perf_counter() - t:.0f} s)", file=sys.stderr)
     print(table(res))
     with open(args.json, "w") as f:
@@ -491,6 +587,21 @@ def table(res):
             rows.append(f"| mixed batch, 8×64 tokens, 4 adapters | {n} | {v * 1e3:.0f} ms | "
                         f"{v / d['one adapter, whole batch']:.3f}× one adapter, {v / d['peft adapter_names']:.3f}× "
                         f"peft | {goal} |")
+    for fig, label in (("kinds", "training step, kinds"), ("kinds_memory", "training step peak memory, kinds")):
+        d = res.get(fig)
+        if d:
+            for n, v in d.items():
+                shown = f"{v * 1e3:.0f} ms" if fig == "kinds" else f"{v:.0f} MiB"
+                kind = n.split()[-1]
+                ours = n.startswith("lora_inject")
+                ratio = "" if kind == "lora" else f"{v / d[f'peft {kind}']:.3f}× peft {kind}, "
+                ratio += f"{v / d['lora_inject lora']:.3f}× our LoRA"
+                goal = ""
+                if ours and kind != "lora":
+                    goal = "≤ 0.9× peft" if fig == "kinds" else "≤ 1.0× peft"
+                    if fig == "kinds" and kind in ("ia3", "vera"):
+                        goal += ", ≤ 1.05× our LoRA"
+                rows.append(f"| {label} | {n} | {shown} | {ratio} | {goal} |")
     for label, d in res.get("small", {}).items():
         for n, v in d.items():
             rows.append(f"| {label} | {n} | {v * 1e6:.1f} µs | {v / d['peft']:.3f}× peft |  |")
