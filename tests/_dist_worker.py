@@ -5,7 +5,7 @@ parent hosts on 127.0.0.1 (a free port the OS picks), run one scenario, and writ
 return (or their traceback) to a directory. The parent joins each with a deadline and kills
 any process that overruns it.
 
-Every run trains the same tiny float64 GPT-2 (:func:`gpt2`) on the same batches
+Every run trains the same tiny float64 GPT-2 (:func:`adapted`) on the same batches
 (:func:`batches`): rank ``k`` takes rows ``k::WORLD`` of each batch, so that the average of the
 ranks' gradients is the gradient on the whole batch, which :func:`train_single` uses.
 """
@@ -18,12 +18,13 @@ import traceback
 from collections.abc import Callable
 from datetime import timedelta
 
+import _models
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch.distributed.fsdp import FSDPModule, FullyShardedDataParallel, fully_shard
 from torch.nn.parallel import DistributedDataParallel
-from transformers import GPT2Config, GPT2LMHeadModel
+from transformers import GPT2LMHeadModel
 
 import lora_inject as li
 
@@ -31,17 +32,13 @@ WORLD = 2
 STEPS = 3
 BATCH = 4  # rows per step, all ranks together
 SEQ = 8
-VOCAB = 64
+VOCAB = _models.LM_VOCAB
 TARGETS = r"c_attn|c_proj|c_fc"
 
 
-def gpt2(adapters: tuple[str, ...] = ("default",), *, inject: bool = True) -> GPT2LMHeadModel:
+def adapted(adapters: tuple[str, ...] = ("default",), *, inject: bool = True) -> GPT2LMHeadModel:
     """The base model (seed 0, float64, no dropout), with ``adapters`` injected; only the first is active."""
-    torch.manual_seed(0)
-    model = GPT2LMHeadModel(GPT2Config(
-        n_embd=32, n_layer=2, n_head=2, vocab_size=VOCAB, n_positions=32, bos_token_id=None,
-        eos_token_id=None, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
-    )).double()
+    model = _models.gpt2(head=True, seed=0, dtype=torch.float64)
     if inject:
         for i, name in enumerate(adapters):
             li.inject(model, TARGETS if i == 0 else "c_attn", r=4, alpha=8, adapter=name)
@@ -66,7 +63,7 @@ def train(model: torch.nn.Module, forward: Callable, rows: slice) -> None:
 
 def train_single(adapters: tuple[str, ...] = ("default",)) -> GPT2LMHeadModel:
     """The single-process run on the whole batches: what every distributed run must reproduce."""
-    model = gpt2(adapters)
+    model = adapted(adapters)
     li.mark_only_lora_as_trainable(model)
     train(model, model, slice(None))
     return model
@@ -83,7 +80,7 @@ def _refuse(key: str, value: object) -> bool:
 
 # -- scenarios: each runs on every rank and returns what the test checks ------------------------
 def ddp(rank: int, out: str, adapters=("default",), freeze_inactive=False, **ddp_kwargs) -> dict:
-    model = gpt2(adapters)
+    model = adapted(adapters)
     li.mark_only_lora_as_trainable(model)
     if freeze_inactive:
         for p in li.lora_parameters(model, adapter=list(adapters[1:])):
@@ -103,7 +100,7 @@ def ddp_all_adapters_trainable(rank: int, out: str) -> dict:
 
 
 def fsdp2(rank: int, out: str) -> dict:
-    model = gpt2()
+    model = adapted()
     li.mark_only_lora_as_trainable(model)
     for block in model.transformer.h:
         fully_shard(block)
@@ -130,14 +127,14 @@ def fsdp2(rank: int, out: str) -> dict:
 
 def fsdp1(rank: int, out: str) -> dict:
     result = {}
-    model = gpt2()
+    model = adapted()
     li.mark_only_lora_as_trainable(model)
     try:
         FullyShardedDataParallel(model, device_id=torch.device("cpu"))
     except ValueError as e:
         result["flat"] = str(e)
     # With use_orig_params=True it wraps and trains, but the factors it holds are flat shards.
-    model = li.mark_only_lora_as_trainable(gpt2())
+    model = li.mark_only_lora_as_trainable(adapted())
     wrapped = FullyShardedDataParallel(model, device_id=torch.device("cpu"), use_orig_params=True)
     train(wrapped, wrapped, slice(rank, None, WORLD))
     for where, m in (("wrapper", wrapped), ("inner", wrapped.module)):

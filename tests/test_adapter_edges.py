@@ -13,8 +13,8 @@ import warnings
 import peft
 import pytest
 import torch
+from _helpers import assert_unchanged, snapshot
 from safetensors.torch import load_file
-from test_adapter_io import assert_unchanged, snapshot
 from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM
 

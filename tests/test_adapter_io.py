@@ -10,36 +10,19 @@ import tempfile
 
 import pytest
 import torch
+from _helpers import assert_unchanged, randomize, snapshot
+from _models import bert, gpt2, llama
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from safetensors.torch import save_file
 from strategies import CASES
 from torch import nn
-from transformers import BertConfig, BertModel, GPT2Config, GPT2Model, LlamaConfig, LlamaModel
 
 import lora_inject as li
 from lora_inject import inject, load_adapter, named_loras, save_adapter
 
 
 # -- shared helpers (test_peft_format.py uses them too) ----------------------------------------
-def gpt2(layers: int = 2, width: int = 16) -> GPT2Model:
-    cfg = GPT2Config(n_layer=layers, n_embd=width, n_head=2, vocab_size=50, n_positions=32,
-                     bos_token_id=0, eos_token_id=0)
-    return GPT2Model(cfg).eval()
-
-
-def llama(layers: int = 2, width: int = 16) -> LlamaModel:
-    cfg = LlamaConfig(hidden_size=width, intermediate_size=32, num_hidden_layers=layers, num_attention_heads=2,
-                      num_key_value_heads=1, vocab_size=40, max_position_embeddings=32)
-    return LlamaModel(cfg).eval()
-
-
-def bert(layers: int = 2, width: int = 16) -> BertModel:
-    cfg = BertConfig(hidden_size=width, num_hidden_layers=layers, num_attention_heads=2, intermediate_size=32,
-                     vocab_size=50, max_position_embeddings=32)
-    return BertModel(cfg, add_pooling_layer=False).eval()
-
-
 class ConvNet(nn.Module):
     def __init__(self) -> None:
         super().__init__()
@@ -79,27 +62,8 @@ def adapted(name: str, adapter: str = "default") -> tuple[nn.Module, nn.Module]:
     model = copy.deepcopy(base)
     for targets, r, alpha, rslora in calls:
         inject(model, targets, r=r, alpha=alpha, rslora=rslora, adapter=adapter)
-    randomise(model)
+    randomize(model)
     return base, model
-
-
-def randomise(model: nn.Module, std: float = 0.3) -> None:
-    with torch.no_grad():
-        for _, lora in named_loras(model):
-            for p in [*lora.lora_A.values(), *lora.lora_B.values()]:
-                p.normal_(0, std)
-
-
-def snapshot(model: nn.Module):
-    return ({k: v.clone() for k, v in model.state_dict().items()},
-            [(n, type(m)) for n, m in model.named_modules()], [id(p) for p in model.parameters()])
-
-
-def assert_unchanged(model: nn.Module, snap) -> None:
-    state, modules, params = snapshot(model)
-    assert modules == snap[1] and params == snap[2]
-    assert state.keys() == snap[0].keys()
-    assert all(torch.equal(state[k], snap[0][k]) for k in state)
 
 
 # -- round trips -------------------------------------------------------------------------------
@@ -149,7 +113,7 @@ def test_round_trip_every_layer_type(data):
     case = data.draw(st.sampled_from(sorted(CASES)).flatmap(lambda k: CASES[k]))
     base = copy.deepcopy(case.model)
     model = inject(case.model, case.targets, r=case.r, alpha=case.alpha, rules=case.rules)
-    randomise(model)
+    randomize(model)
     with tempfile.TemporaryDirectory() as d:
         save_adapter(model, d)
         loaded = load_adapter(base, d)
@@ -168,7 +132,7 @@ def test_round_trip_every_layer_type(data):
 def test_dtypes_survive(weight, factors, tmp_path):
     base = nn.Sequential(nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 4)).to(weight)
     model = inject(copy.deepcopy(base), "", r=2, alpha=3.0, dtype=factors)
-    randomise(model)
+    randomize(model)
     save_adapter(model, tmp_path)
     loaded = load_adapter(copy.deepcopy(base), tmp_path)
     assert loaded[0].parametrizations.weight[0].lora_A["default"].dtype == (factors or weight)
@@ -182,7 +146,7 @@ def test_load_into_model_with_that_adapter_updates_in_place(tmp_path):
     target = copy.deepcopy(base)
     for targets, r, alpha, rslora in MODELS["llama"][1]:
         inject(target, targets, r=r, alpha=alpha + 1, rslora=not rslora)
-    randomise(target, std=1.0)
+    randomize(target, std=1.0)
     ids = [id(p) for p in target.parameters()]
     assert load_adapter(target, tmp_path) is target
     assert [id(p) for p in target.parameters()] == ids
@@ -206,7 +170,7 @@ def test_interrupted_save_leaves_the_old_files(tmp_path, monkeypatch):
     base, model = adapted("gpt2")
     save_adapter(model, tmp_path)
     before = {f: (tmp_path / f).read_bytes() for f in os.listdir(tmp_path)}
-    randomise(model)
+    randomize(model)
 
     def crash(fd):
         raise OSError("disk full")
@@ -256,7 +220,7 @@ def test_corrupt_weights(saved, damage):
 
 def test_weights_from_another_save(saved):
     base, model, path = saved
-    randomise(model)
+    randomize(model)
     other = path / "other"
     save_adapter(model, other)
     (path / "adapter.safetensors").write_bytes((other / "adapter.safetensors").read_bytes())

@@ -9,6 +9,7 @@ from collections import OrderedDict
 import pytest
 import torch
 import torch.nn.functional as F
+from _helpers import assert_unchanged, randomize, snapshot
 from torch import nn
 from torch.nn.utils import parametrize
 from torch.nn.utils.parametrizations import orthogonal, weight_norm
@@ -26,43 +27,12 @@ def mlp(dtype=torch.float64) -> nn.Sequential:
     )).to(dtype)
 
 
-def snapshot(model: nn.Module) -> dict:
-    """Everything that 'the model is unchanged' covers, held by reference where identity matters."""
-    return {
-        "state": [(k, v.detach().clone()) for k, v in model.state_dict().items()],
-        "classes": [(n, type(m)) for n, m in model.named_modules()],
-        "params": list(model.named_parameters()),
-        "order": [(n, list(m._parameters)) for n, m in model.named_modules()],
-        "hooks": [(n, list(m._forward_hooks), list(m._forward_pre_hooks), list(m._load_state_dict_pre_hooks))
-                  for n, m in model.named_modules()],
-        "active": [(n, list(lora.active), list(lora.adapters)) for n, lora in li.named_loras(model)],
-    }
-
-
-def assert_unchanged(model: nn.Module, before: dict) -> None:
-    after = snapshot(model)
-    assert [k for k, _ in after["state"]] == [k for k, _ in before["state"]]
-    for (k, v), (_, v0) in zip(after["state"], before["state"]):
-        torch.testing.assert_close(v, v0, rtol=0, atol=0, equal_nan=True, msg=k)
-    assert after["classes"] == before["classes"]
-    assert [n for n, _ in after["params"]] == [n for n, _ in before["params"]]
-    assert all(p is p0 for (_, p), (_, p0) in zip(after["params"], before["params"]))
-    for key in ("order", "hooks", "active"):
-        assert after[key] == before[key], key
-
-
 def adapted(model: nn.Module) -> set[str]:
     return {name for name, _ in li.named_loras(model)}
 
 
 def lora_of(module: nn.Module, tensor: str = "weight") -> LoRA:
     return next(p for p in module.parametrizations[tensor] if isinstance(p, LoRA))
-
-
-def randomize(model: nn.Module, scale: float = 0.5) -> None:
-    with torch.no_grad():
-        for p in li.lora_parameters(model):
-            p.normal_(0, scale)
 
 
 def delta(lora: LoRA, name: str) -> torch.Tensor:
@@ -134,7 +104,7 @@ def test_inject_failing_halfway_leaves_model_exactly_as_before(fail, first, monk
     weight_norm(model.fc2)  # a parametrization that is not ours must come through too
     if first is not None:
         li.inject(model, "fc1", adapter=first, r=2)  # fc1 then gets a second adapter
-        randomize(model)
+        randomize(model, std=0.5, every=True)
     before = snapshot(model)
     x = torch.randn(3, 6, dtype=torch.float64)
     out = model(x)
@@ -154,7 +124,7 @@ def two_adapters():
     model = mlp()
     li.inject(model, "fc", adapter="a", r=2, alpha=3.0)
     li.inject(model, "fc1", adapter="b", r=3, alpha=1.5)
-    randomize(model)
+    randomize(model, std=0.5, every=True)
     return model
 
 
@@ -274,7 +244,7 @@ def test_half_precision_merge_is_summed_in_float32(dtype):
 def test_merge_refuses_non_finite_and_leaves_model_unchanged():
     model = mlp()
     li.inject(model, "fc", r=2)
-    randomize(model)
+    randomize(model, std=0.5, every=True)
     with torch.no_grad():
         lora_of(model.fc3).lora_B["default"][0, 0] = float("nan")
     before = snapshot(model)
@@ -310,7 +280,7 @@ def test_remove_keeps_parameter_objects_so_an_optimizer_stays_valid(merge):
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     li.inject(model, "", r=2)
     assert model.fc1.parametrizations.weight.original is params[0][1]  # W0 is fc1.weight itself
-    randomize(model)
+    randomize(model, std=0.5, every=True)
     li.remove(model, merge=merge)
     assert [n for n, _ in model.named_parameters()] == [n for n, _ in params]
     assert all(p is p0 for (_, p), (_, p0) in zip(model.named_parameters(), params))
@@ -346,7 +316,7 @@ def test_remove_restores_parameter_and_state_dict_key_order(merge):
     rules[Mid] = li.Rule(("weight",))
     li.inject(model, "", r=2, rules=rules)
     assert adapted(model) == {"0.weight", "1.weight", "2.weight"}
-    randomize(model)
+    randomize(model, std=0.5, every=True)
     li.remove(model, merge=merge)
     assert list(model.state_dict()) == keys
     assert [n for n, _ in model.named_parameters()] == names
@@ -368,7 +338,7 @@ def test_foreign_parametrization_registered_before_ours_survives_remove_without_
     cls, plist = type(model[0]), model[0].parametrizations.weight
     originals = [p for n, p in plist.named_parameters() if n.startswith("original")]
     li.inject(model, "", r=2)
-    randomize(model)
+    randomize(model, std=0.5, every=True)
     assert not torch.equal(model[0].weight, W)
     li.remove(model, merge=False)
     assert type(model[0]) is cls and model[0].parametrizations.weight is plist
@@ -380,7 +350,7 @@ def test_foreign_parametrization_registered_before_ours_survives_remove_without_
 def test_weight_norm_before_ours_merges_through_its_right_inverse():
     model = linear_with(weight_norm)
     li.inject(model, "", r=2)
-    randomize(model)
+    randomize(model, std=0.5, every=True)
     expected = model[0].weight.detach().clone()
     li.remove(model, merge=True)
     assert [type(p).__name__ for p in model[0].parametrizations.weight] == ["_WeightNorm"]
@@ -390,7 +360,7 @@ def test_weight_norm_before_ours_merges_through_its_right_inverse():
 def test_orthogonal_before_ours_refuses_an_ill_defined_merge():
     model = linear_with(orthogonal)
     li.inject(model, "", r=2)
-    randomize(model)
+    randomize(model, std=0.5, every=True)
     before = snapshot(model)
     with pytest.raises(RuntimeError, match=r"cannot merge into `0\.weight`: the parametrization _Orthogonal "
                                            r"registered before LoRA .* ill-defined.*merge=False"):
@@ -416,7 +386,7 @@ def test_foreign_parametrization_registered_after_ours_survives_remove(foreign, 
     model = nn.Sequential(nn.Linear(4, 4)).double()
     W0 = model[0].weight.detach().clone()
     li.inject(model, "", r=2)
-    randomize(model)
+    randomize(model, std=0.5, every=True)
     foreign(model[0])
     plist = model[0].parametrizations.weight
     kind = type(plist[1])
@@ -441,7 +411,7 @@ def test_lora_state_dict_has_exactly_the_lora_keys_and_loads_back():
     assert all(torch.equal(sd[k], full[k]) for k in sd)
     assert list(li.lora_state_dict(model, adapter="b")) == [k for k in lora_keys if k.endswith(".b")]
     saved = {k: v.clone() for k, v in sd.items()}
-    randomize(model)
+    randomize(model, std=0.5, every=True)
     result = model.load_state_dict(saved, strict=False)
     assert result.unexpected_keys == []
     assert sorted(result.missing_keys) == sorted(set(full) - set(lora_keys))
@@ -454,7 +424,7 @@ def test_base_checkpoint_and_lora_checkpoint_load_in_either_order(base_first):
     trained = mlp()
     base = {k: v.clone() for k, v in trained.state_dict().items()}  # keys such as "fc1.weight"
     li.inject(trained, "fc", r=2, alpha=4)
-    randomize(trained)
+    randomize(trained, std=0.5, every=True)
     lora = {k: v.clone() for k, v in li.lora_state_dict(trained).items()}
     x = torch.randn(4, 6, dtype=torch.float64)
     expected = trained(x)
@@ -573,7 +543,7 @@ def test_rank_above_min_dim_warns_and_still_works():
     W0 = model[0].weight.detach().clone()
     with pytest.warns(UserWarning, match=r"r=4 exceeds min\(out, in\) of \['0\.weight'\]"):
         li.inject(model, "0", r=4, alpha=2)
-    randomize(model)
+    randomize(model, std=0.5, every=True)
     x = torch.randn(5, 3, dtype=torch.float64)
     expected = F.linear(x, W0 + delta(lora_of(model[0]), "default"), model[0].bias)
     torch.testing.assert_close(model(x), expected)
@@ -585,7 +555,7 @@ def test_rank_above_min_dim_warns_and_still_works():
 def test_parametrize_cached_still_works(factored):
     model = mlp()
     li.inject(model, "fc", r=2)
-    randomize(model)
+    randomize(model, std=0.5, every=True)
     for _, lora in li.named_loras(model):
         lora.factored = factored
     x = torch.randn(4, 6, dtype=torch.float64)
@@ -601,7 +571,7 @@ def test_parametrize_cached_still_works(factored):
 def test_deepcopy_of_an_injected_model():
     model = mlp()
     li.inject(model, "fc", r=2)
-    randomize(model)
+    randomize(model, std=0.5, every=True)
     x = torch.randn(4, 6, dtype=torch.float64)
     out = model(x)
     clone = copy.deepcopy(model)
@@ -658,7 +628,7 @@ def test_isinstance_attributes_and_forward_are_kept():
     model = nn.Sequential(Tagged(4, 3)).double()
     x = torch.randn(2, 4, dtype=torch.float64)
     li.inject(model, "0", r=2)  # found through the MRO: Linear's rule
-    randomize(model)
+    randomize(model, std=0.5, every=True)
     m = model[0]
     assert isinstance(m, Tagged) and isinstance(m, nn.Linear) and m.tag == "mine"
     W = m.parametrizations.weight.original.detach() + delta(lora_of(m), "default")
@@ -686,7 +656,7 @@ def test_a_partial_merge_next_to_dora_is_refused_and_changes_nothing():
     model = mlp()
     li.inject(model, "fc1", adapter="a", r=2)
     li.inject(model, "fc1", adapter="b", r=2, dora=True)
-    randomize(model)
+    randomize(model, std=0.5, every=True)
     x = torch.randn(4, 6, dtype=torch.float64)
     out, before = model(x), snapshot(model)
     for name in ("a", "b"):

@@ -10,9 +10,9 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from _models import gpt2, llama
 from torch import nn
 from torch._dynamo.testing import CompileCounter, CompileCounterWithBackend
-from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 from transformers.pytorch_utils import Conv1D
 
 import lora_inject as li
@@ -32,29 +32,19 @@ def fresh_dynamo():
     torch._dynamo.reset()
 
 
-def gpt2() -> nn.Module:
-    torch.manual_seed(0)
-    model = GPT2LMHeadModel(GPT2Config(
-        n_embd=32, n_layer=2, n_head=2, vocab_size=64, n_positions=32, bos_token_id=None,
-        eos_token_id=None, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
-    ))
-    return li.inject(model, "c_attn|c_proj|c_fc", r=4, alpha=8)
+def adapted_gpt2() -> nn.Module:
+    return li.inject(gpt2(head=True, seed=0), "c_attn|c_proj|c_fc", r=4, alpha=8)
 
 
-def llama() -> nn.Module:
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(
-        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, vocab_size=64, max_position_embeddings=32,
-    ))
-    return li.inject(model, r"(q|k|v|o|gate|up|down)_proj", r=4, alpha=8)
+def adapted_llama() -> nn.Module:
+    return li.inject(llama(head=True, seed=0), r"(q|k|v|o|gate|up|down)_proj", r=4, alpha=8)
 
 
 def originals(model: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.clone() for k, v in model.state_dict().items() if k.endswith(".original")}
 
 
-@pytest.mark.parametrize("build", [pytest.param(gpt2, id="gpt2"), pytest.param(llama, id="llama")])
+@pytest.mark.parametrize("build", [pytest.param(adapted_gpt2, id="gpt2"), pytest.param(adapted_llama, id="llama")])
 def test_compiled_training_and_inference_match_eager(build):
     ids = torch.randint(0, 64, (2, 8))
     models = {"eager": build(), "compiled": build()}
@@ -89,7 +79,7 @@ def test_compiled_training_and_inference_match_eager(build):
 
 
 def test_compiled_model_follows_adapter_switches():
-    model = gpt2()
+    model = adapted_gpt2()
     li.inject(model, "c_attn", r=2, adapter="b")
     for p in li.lora_parameters(model):
         nn.init.normal_(p, std=0.1)
@@ -145,7 +135,7 @@ def test_layer_forward_compiles_to_one_graph(make, inputs):
 
 
 def test_default_backend_inference_matches_eager():
-    model = gpt2().eval()
+    model = adapted_gpt2().eval()
     for p in li.lora_parameters(model):
         nn.init.normal_(p, std=0.1)
     ids = torch.randint(0, 64, (2, 8))

@@ -41,7 +41,7 @@ def ddp(tmp_path_factory) -> dict[str, torch.Tensor]:
 
 
 def test_ddp_matches_one_process_on_the_whole_batches(ddp, single):
-    initial = li.lora_state_dict(w.gpt2())
+    initial = li.lora_state_dict(w.adapted())
     assert ddp.keys() == single.keys() == initial.keys()
     assert len(ddp) == 2 * 4 * 2  # lora_A and lora_B on c_attn, attn.c_proj, c_fc, mlp.c_proj, 2 blocks
     torch.testing.assert_close(ddp, single)
@@ -56,7 +56,7 @@ def test_ddp_with_an_inactive_adapter(scenario, tmp_path):
     lora = assert_same_ranks(run(scenario, tmp_path))
     adapters = ("default", "other")
     single = li.lora_state_dict(w.train_single(adapters))
-    initial = li.lora_state_dict(w.gpt2(adapters), adapter="other")
+    initial = li.lora_state_dict(w.adapted(adapters), adapter="other")
     assert len(initial) == 4 and initial.keys() <= lora.keys()
     torch.testing.assert_close(lora, single)
     assert all(torch.equal(lora[k], v) for k, v in initial.items())  # "other" had no gradient
@@ -81,7 +81,7 @@ def test_fsdp2_matches_ddp_and_saves_full_tensors(ddp, tmp_path):
 
     # The adapter that rank 0 saved loads into a plain model in this process and gives its outputs.
     saved = os.path.join(tmp_path, "fsdp2", "adapter")
-    fresh = li.load_adapter(w.gpt2(inject=False), saved)
+    fresh = li.load_adapter(w.adapted(inject=False), saved)
     torch.testing.assert_close(li.lora_state_dict(fresh), ddp)
     reference = w.train_single()
     ids = w.batches()[0]

@@ -13,9 +13,9 @@ from collections import OrderedDict
 
 import pytest
 import torch
+from _helpers import assert_unchanged, snapshot
 from hypothesis import given
 from hypothesis import strategies as st
-from test_api import assert_unchanged, snapshot
 from torch import nn
 
 import lora_inject as li

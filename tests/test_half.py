@@ -6,25 +6,22 @@ import copy
 
 import pytest
 import torch
+from _models import gpt2
 from torch import nn
-from transformers import GPT2Config, GPT2LMHeadModel
+from transformers import GPT2LMHeadModel
 
 import lora_inject as li
 
 HALF = [pytest.param(torch.bfloat16, id="bf16"), pytest.param(torch.float16, id="fp16")]
 
 
-def gpt2(dtype: torch.dtype) -> GPT2LMHeadModel:
-    model = GPT2LMHeadModel(GPT2Config(
-        n_embd=32, n_layer=2, n_head=2, vocab_size=64, n_positions=32, bos_token_id=None,
-        eos_token_id=None, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
-    )).to(dtype)
-    return li.inject(model, "c_attn|c_proj|c_fc", r=4, alpha=8, dtype=torch.float32)
+def adapted(dtype: torch.dtype) -> GPT2LMHeadModel:
+    return li.inject(gpt2(head=True, dtype=dtype), "c_attn|c_proj|c_fc", r=4, alpha=8, dtype=torch.float32)
 
 
 @pytest.mark.parametrize("dtype", HALF)
 def test_trained_fp32_adapters_merge_into_a_half_model_within_its_precision(dtype):
-    model = gpt2(dtype)
+    model = adapted(dtype)
     li.mark_only_lora_as_trainable(model)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     ids = torch.randint(0, 64, (4, 8))

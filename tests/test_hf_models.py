@@ -3,39 +3,18 @@
 from __future__ import annotations
 
 import copy
+from functools import partial
 
 import pytest
 import torch
+from _models import LM_VOCAB, bert, gpt2, llama
 from peft import LoraConfig, get_peft_model
-from transformers import BertConfig, BertModel, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 from transformers.pytorch_utils import Conv1D
 
 import lora_inject as li
 
 LAYERS = 2
-VOCAB = 64
-
-
-def gpt2() -> GPT2LMHeadModel:
-    return GPT2LMHeadModel(GPT2Config(
-        n_embd=32, n_layer=LAYERS, n_head=2, vocab_size=VOCAB, n_positions=32, bos_token_id=None,
-        eos_token_id=None, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
-    ))
-
-
-def bert() -> BertModel:
-    return BertModel(BertConfig(
-        hidden_size=32, num_hidden_layers=LAYERS, num_attention_heads=2, intermediate_size=64,
-        vocab_size=VOCAB, max_position_embeddings=32, hidden_dropout_prob=0.0,
-        attention_probs_dropout_prob=0.0,
-    ))
-
-
-def llama() -> LlamaForCausalLM:
-    return LlamaForCausalLM(LlamaConfig(
-        hidden_size=32, intermediate_size=64, num_hidden_layers=LAYERS, num_attention_heads=4,
-        num_key_value_heads=2, vocab_size=VOCAB, max_position_embeddings=32,
-    ))
+VOCAB = LM_VOCAB
 
 
 def names(prefix: str, layer_mods: list[str]) -> set[str]:
@@ -44,11 +23,12 @@ def names(prefix: str, layer_mods: list[str]) -> set[str]:
 
 # (build, our targets, peft's LoraConfig arguments for the same modules, the adapted tensors)
 MODELS = [
-    pytest.param(gpt2, "attn.*", dict(target_modules=r".*\.attn\.(c_attn|c_proj)", fan_in_fan_out=True),
+    pytest.param(partial(gpt2, LAYERS, head=True), "attn.*",
+                 dict(target_modules=r".*\.attn\.(c_attn|c_proj)", fan_in_fan_out=True),
                  names("transformer.h", ["attn.c_attn", "attn.c_proj"]), id="gpt2"),
-    pytest.param(bert, "query|value", dict(target_modules=["query", "value"]),
+    pytest.param(partial(bert, LAYERS, head=True), "query|value", dict(target_modules=["query", "value"]),
                  names("encoder.layer", ["attention.self.query", "attention.self.value"]), id="bert"),
-    pytest.param(llama, "q_proj|v_proj", dict(target_modules=["q_proj", "v_proj"]),
+    pytest.param(partial(llama, LAYERS, head=True), "q_proj|v_proj", dict(target_modules=["q_proj", "v_proj"]),
                  names("model.layers", ["self_attn.q_proj", "self_attn.v_proj"]), id="llama"),
 ]
 
@@ -59,7 +39,7 @@ def output(model, ids) -> torch.Tensor:
 
 
 def test_gpt2_attn_adapts_c_attn_and_c_proj_of_every_block_and_nothing_else():
-    model = gpt2()
+    model = gpt2(LAYERS, head=True)
     li.inject(model, "attn.*", r=4)
     assert {n for n, _ in li.named_loras(model)} == {
         f"transformer.h.{i}.attn.{m}.weight" for i in range(LAYERS) for m in ("c_attn", "c_proj")}

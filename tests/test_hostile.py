@@ -13,6 +13,7 @@ import warnings
 
 import pytest
 import torch
+from _helpers import assert_unchanged, snapshot
 from hypothesis import Phase, event, given, settings
 from hypothesis import strategies as st
 from torch import nn
@@ -21,26 +22,6 @@ from transformers import GPT2Config, GPT2LMHeadModel
 import lora_inject as li
 
 SMALL_R = "exceeds min(out, in)"
-
-
-# -- what "unchanged" means ------------------------------------------------------------------------
-def snapshot(model: nn.Module):
-    return (
-        {k: v.clone() for k, v in model.state_dict().items()},
-        {n: type(m) for n, m in model.named_modules(remove_duplicate=False)},
-        {n: p for n, p in model.named_parameters(remove_duplicate=False)},
-        {n: (tuple(lora.adapters), tuple(lora.active), dict(lora.scaling)) for n, lora in li.named_loras(model)},
-    )
-
-
-def assert_unchanged(model: nn.Module, before) -> None:
-    state, classes, params, loras = snapshot(model)
-    assert state.keys() == before[0].keys()
-    for k, v in state.items():
-        assert v.dtype == before[0][k].dtype and torch.equal(v, before[0][k]), k
-    assert classes.keys() == before[1].keys() and all(classes[n] is c for n, c in before[1].items())
-    assert params.keys() == before[2].keys() and all(params[n] is p for n, p in before[2].items())
-    assert loras == before[3]
 
 
 # -- shared weights, shared modules, non-float and zero-size tensors -----------------------------------
@@ -183,7 +164,7 @@ def test_non_finite_factors_are_refused_at_merge_and_nothing_changes(factor, val
     with pytest.raises(ValueError, match=r"remove\(\): merging adapter\(s\) \['default'\] into `1\.weight` "
                                          r"gives non-finite values.*The model is unchanged"):
         li.remove(model, merge=True)
-    before[0]["1.parametrizations.weight.0." + factor + ".default"][0, 1] = value  # NaN != NaN for equal
+    before["state"]["1.parametrizations.weight.0." + factor + ".default"][0, 1] = value  # NaN != NaN for equal
     assert_unchanged_but_nan(model, before)
     originals = [m.parametrizations.weight.original for m in model]
     li.remove(model, merge=False)  # discarding the update is fine, and restores W0
@@ -192,11 +173,12 @@ def test_non_finite_factors_are_refused_at_merge_and_nothing_changes(factor, val
 
 def assert_unchanged_but_nan(model, before) -> None:
     state = model.state_dict()
-    assert state.keys() == before[0].keys()
-    assert all(torch.equal(v.nan_to_num(), before[0][k].nan_to_num()) for k, v in state.items())
-    _, classes, params, loras = snapshot(model)
-    assert all(classes[n] is c for n, c in before[1].items()) and all(params[n] is p for n, p in before[2].items())
-    assert loras == before[3]
+    assert state.keys() == before["state"].keys()
+    assert all(torch.equal(v.nan_to_num(), before["state"][k].nan_to_num()) for k, v in state.items())
+    now = snapshot(model)
+    assert all(now["classes"][n] is c for n, c in before["classes"].items())
+    assert all(now["params"][n] is p for n, p in before["params"].items())
+    assert now["loras"] == before["loras"]
 
 
 def test_merge_that_overflows_the_weights_dtype_is_refused():
@@ -486,7 +468,7 @@ def test_every_call_succeeds_with_its_invariants_or_raises_and_changes_nothing(b
     initial = snapshot(model)
     for op, *args in ops:
         before, out_before = snapshot(model), outputs(model)
-        values = {id(p): p.detach().clone() for n, p in before[2].items() if ".lora_" not in n}
+        values = {id(p): p.detach().clone() for n, p in before["params"].items() if ".lora_" not in n}
         plain = li.remove(copy.deepcopy(model), merge=False) if adapters_of(model) else model
         with warnings.catch_warnings(record=True) as seen:
             warnings.simplefilter("always")
@@ -499,7 +481,7 @@ def test_every_call_succeeds_with_its_invariants_or_raises_and_changes_nothing(b
         event(f"{op}: ok")
         assert all(SMALL_R in str(w.message) for w in seen), [str(w.message) for w in seen]
         params = {id(p) for p in model.parameters()}
-        assert all(id(p) in params for n, p in before[2].items() if ".lora_" not in n)  # W0 keeps its object
+        assert all(id(p) in params for n, p in before["params"].items() if ".lora_" not in n)  # W0 keeps its object
 
         if op == "inject":  # a new adapter starts as the identity, and W0 is untouched
             assert result in adapters_of(model)
@@ -519,9 +501,11 @@ def test_every_call_succeeds_with_its_invariants_or_raises_and_changes_nothing(b
                 assert all(torch.equal(p, values[id(p)]) for p in model.parameters() if id(p) in values)
             if not adapters_of(model):  # a plain model again: the initial classes, keys and Parameters
                 now = snapshot(model)
-                assert now[0].keys() == initial[0].keys()
-                assert all(now[1][n] is c for n, c in initial[1].items()) and now[1].keys() == initial[1].keys()
-                assert all(now[2][n] is p for n, p in initial[2].items()) and now[2].keys() == initial[2].keys()
+                assert now["state"].keys() == initial["state"].keys()
+                assert all(now["classes"][n] is c for n, c in initial["classes"].items())
+                assert now["classes"].keys() == initial["classes"].keys()
+                assert all(now["params"][n] is p for n, p in initial["params"].items())
+                assert now["params"].keys() == initial["params"].keys()
         elif op == "activate":
             want = [args[0]] if isinstance(args[0], str) else list(dict.fromkeys(args[0]))
             assert all(lora.active == [n for n in want if n in lora.adapters] for _, lora in li.named_loras(model))

@@ -6,10 +6,10 @@ import math
 
 import pytest
 import torch
+from _models import llama
 from torch import Tensor, nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
-from transformers import LlamaConfig, LlamaForCausalLM
 
 import lora_inject as li
 
@@ -33,12 +33,6 @@ class Allocations(TorchDispatchMode):
         return out
 
 
-def llama(**sizes) -> LlamaForCausalLM:
-    config = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                  num_key_value_heads=2, vocab_size=64, max_position_embeddings=32)
-    return LlamaForCausalLM(LlamaConfig(**{**config, **sizes}))
-
-
 def test_allocation_counter_sees_real_tensors():
     with Allocations() as seen:
         nn.Linear(8, 8)
@@ -48,7 +42,7 @@ def test_allocation_counter_sees_real_tensors():
 def test_inject_into_a_llama_2_7b_shape_on_meta_allocates_nothing():
     layers, hidden, inter, r = 32, 4096, 11008, 16
     with torch.device("meta"):
-        model = llama(hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
+        model = llama(head=True, hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
                       num_attention_heads=32, num_key_value_heads=32, vocab_size=32000,
                       max_position_embeddings=4096)
     with Allocations() as seen:
@@ -62,9 +56,9 @@ def test_inject_into_a_llama_2_7b_shape_on_meta_allocates_nothing():
 
 @pytest.mark.slow
 def test_to_empty_base_weights_and_init_lora_give_the_base_model_then_train():
-    base = llama().double()
+    base = llama(head=True).double()
     with torch.device("meta"):
-        model = llama().double()
+        model = llama(head=True).double()
     li.inject(model, TARGETS, r=4, alpha=8)
     model.to_empty(device="cpu")
     result = model.load_state_dict(base.state_dict(), strict=False)  # keys saved before injection

@@ -13,19 +13,10 @@ import pathlib
 import peft
 import pytest
 import torch
+from _helpers import assert_unchanged, randomize, snapshot
+from _models import bert, gpt2, llama
 from peft.tuners.lora import LoraLayer
-from test_adapter_io import (
-    MODELS,
-    ConvNet,
-    adapted,
-    assert_unchanged,
-    bert,
-    gpt2,
-    inputs,
-    llama,
-    outputs,
-    snapshot,
-)
+from test_adapter_io import MODELS, ConvNet, adapted, inputs, outputs
 from torch import nn
 from transformers import AutoModel
 
@@ -100,18 +91,11 @@ def test_export_rslora(flags, tmp_path):
     model = copy.deepcopy(base)
     inject(model, "q_proj", r=4, alpha=8.0, rslora=flags[0])
     inject(model, "v_proj", r=2, alpha=8.0, rslora=flags[1])
-    randomise_all(model)
+    randomize(model)
     save_adapter(model, tmp_path, format="peft")
     assert json.loads((tmp_path / "adapter_config.json").read_text())["use_rslora"] == all(flags)
     x = inputs(base)
     torch.testing.assert_close(peft_outputs(base, tmp_path, x), outputs(model, x))
-
-
-def randomise_all(model):
-    with torch.no_grad():
-        for _, lora in named_loras(model):
-            for p in [*lora.lora_A.values(), *lora.lora_B.values()]:
-                p.normal_(0, 0.3)
 
 
 class Nest(nn.Module):
@@ -135,7 +119,7 @@ def test_export_names_modules_exactly(calls, targets_kind, patterns, tmp_path):
     model = copy.deepcopy(base)
     for targets, r in calls:
         inject(model, targets, r=r)
-    randomise_all(model)
+    randomize(model)
     save_adapter(model, tmp_path, format="peft")
     config = json.loads((tmp_path / "adapter_config.json").read_text())
     assert isinstance(config["target_modules"], targets_kind) and config["rank_pattern"] == patterns
@@ -147,7 +131,7 @@ def test_export_names_modules_exactly(calls, targets_kind, patterns, tmp_path):
 def test_export_real_minilm(minilm, tmp_path):
     model = inject(copy.deepcopy(minilm), r"attention\.self\.(query|value)$", r=4, alpha=8.0)
     inject(model, r"word_embeddings", r=2, alpha=2.0)
-    randomise_all(model)
+    randomize(model)
     x = torch.randint(0, minilm.config.vocab_size, (2, 9))
     save_adapter(model, tmp_path, format="peft")
     ours = outputs(model, x)

@@ -14,7 +14,9 @@ import warnings
 import peft
 import pytest
 import torch
-from test_adapter_io import ConvNet, assert_unchanged, bert, gpt2, llama, snapshot
+from _helpers import assert_unchanged, snapshot
+from _models import bert, gpt2, llama
+from test_adapter_io import ConvNet
 from torch import nn
 from transformers import (
     BertConfig,

@@ -13,14 +13,13 @@ from unittest import mock
 
 import pytest
 import torch
+from _helpers import randomize, run
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from strategies import CASES, FAST, KINDS, Case, Mixer, matrix_dims, multihead_attention, r_max, rnn, rnn_tensor_names
 from torch import Tensor, nn
-from torch.func import functional_call
 from torch.nn.utils import parametrize
 from torch.nn.utils.parametrizations import spectral_norm, weight_norm
-from torch.utils._pytree import tree_flatten, tree_map
 
 import lora_inject as li
 from lora_inject import LoRA
@@ -30,18 +29,6 @@ ALPHAS = st.sampled_from([0.5, 1.0, 3.0, 16.0])
 
 
 # -- helpers -------------------------------------------------------------------------------------
-def cast(tree, dtype):
-    """Cast the floating tensors of ``tree``, keeping one tensor passed twice one tensor."""
-    done: dict[int, Tensor] = {}
-
-    def one(t):
-        if not (isinstance(t, Tensor) and t.is_floating_point()):
-            return t
-        return done.setdefault(id(t), t.to(dtype))
-
-    return tree_map(one, tree)
-
-
 def plain(case: Case, dtype=torch.float32) -> nn.Module:
     return copy.deepcopy(case.model).to(dtype)
 
@@ -63,12 +50,6 @@ def plain_as_seen(case: Case, frozen) -> nn.Module:
     return model
 
 
-def run(model: nn.Module, case: Case, dtype=torch.float32, params=None) -> list[Tensor]:
-    args, kwargs = cast((case.args, case.kwargs), dtype)
-    out = model(*args, **kwargs) if params is None else functional_call(model, params, args, kwargs)
-    return [t for t in tree_flatten(out)[0] if isinstance(t, Tensor)]
-
-
 def inject(model, case: Case, adapter="default", r=None, alpha=None):
     return li.inject(model, case.targets, r=r or case.r, alpha=case.alpha if alpha is None else alpha,
                      adapter=adapter, rules=case.rules)
@@ -76,14 +57,6 @@ def inject(model, case: Case, adapter="default", r=None, alpha=None):
 
 def loras(model) -> dict[str, LoRA]:
     return dict(li.named_loras(model))
-
-
-def randomize(model, adapter, seed, scale=0.3):
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for _, lora in sorted(loras(model).items()):
-            for t in (lora.lora_A[adapter], lora.lora_B[adapter]):
-                t.copy_(torch.randn(t.shape, generator=gen, dtype=F64) * scale)
 
 
 def factors(model, case: Case, adapter, r, alpha, leaves=False) -> dict[str, list]:
@@ -199,7 +172,7 @@ def test_forward_matches_reference(kind, data):
     case = data.draw(CASES[kind], label="case")
     base = plain(case, F64)
     model = inject(copy.deepcopy(base), case)
-    randomize(model, "default", case.seed)
+    randomize(model, "default", case.seed, dtype=F64)
     want = reference(base, case, factors(model, case, "default", case.r, case.alpha))
     assert_all_close(run(model, case, F64), want)
     set_factored(model, False)  # the merged path too
@@ -214,7 +187,7 @@ def test_gradients_match_reference(kind, data):
     case = data.draw(CASES[kind], label="case")
     base = plain(case, F64)
     model = inject(copy.deepcopy(base), case)
-    randomize(model, "default", case.seed)
+    randomize(model, "default", case.seed, dtype=F64)
     updates = factors(model, case, "default", case.r, case.alpha, leaves=True)
     leaves = [t for a in case.adapted for A, B, _ in updates[a.key] for t in (A, B)]
     grads = torch.autograd.grad(loss_of(reference(base, case, updates), case.seed), leaves,
@@ -239,7 +212,7 @@ def test_merge_matches_unmerged(kind, data):
     case = data.draw(CASES[kind], label="case")
     base = plain(case, F64)
     model = inject(copy.deepcopy(base), case)
-    randomize(model, "default", case.seed)
+    randomize(model, "default", case.seed, dtype=F64)
     want_w = expected_weights(base, case, factors(model, case, "default", case.r, case.alpha))
     unmerged = run(model, case, F64)
     li.remove(model, merge=True)
@@ -261,7 +234,7 @@ def test_remove_unmerged_restores_exactly(kind, data):
     values = {k: v.clone() for k, v in model.state_dict().items()}
     base = run(model, case)
     inject(model, case)
-    randomize(model, "default", case.seed)
+    randomize(model, "default", case.seed, dtype=F64)
     loss_of(run(model, case), case.seed).backward()
     li.remove(model, merge=False)
     assert structure(model) == before
@@ -279,7 +252,7 @@ def test_remove_unmerged_restores_exactly(kind, data):
 def test_lora_state_dict_round_trip(kind, data):
     case = data.draw(CASES[kind], label="case")
     source = inject(plain(case), case)
-    randomize(source, "default", case.seed)
+    randomize(source, "default", case.seed, dtype=F64)
     sd = li.lora_state_dict(source)
     full = source.state_dict()
     assert len(sd) == 2 * len(case.adapted) and set(sd) <= set(full)
@@ -301,7 +274,7 @@ def test_disabled_gives_base_outputs(kind, data):
     base = run(plain_as_seen(case, frozen=lambda a: True), case)  # disabled: every layer sees W0, frozen
     model = inject(inject(plain(case), case), case, adapter="other")
     for adapter in ("default", "other"):
-        randomize(model, adapter, case.seed + len(adapter))
+        randomize(model, adapter, case.seed + len(adapter), dtype=F64)
     li.activate(model, "other")
     active = run(model, case)
     with li.disabled(model):
@@ -326,8 +299,8 @@ def test_two_adapters_add_up(kind, data):
     r2, alpha2 = data.draw(st.integers(1, r_max(case)), label="r2"), data.draw(ALPHAS, label="alpha2")
     base = plain(case, F64)
     model = inject(inject(copy.deepcopy(base), case, adapter="one"), case, adapter="two", r=r2, alpha=alpha2)
-    randomize(model, "one", case.seed)
-    randomize(model, "two", case.seed + 1)
+    randomize(model, "one", case.seed, dtype=F64)
+    randomize(model, "two", case.seed + 1, dtype=F64)
     one = factors(model, case, "one", case.r, case.alpha)
     two = factors(model, case, "two", r2, alpha2)
     for chosen, updates in ((["one", "two"], merge(one, two)), (["one"], one), (["two"], two), ([], {})):
@@ -369,7 +342,7 @@ def test_weight_norm_before_ours_survives_remove(kind, merge_on_remove, data):
     model = inject(normed, case)
     assert [type(p).__name__ for p in model.get_submodule(case.adapted[0].module)
             .parametrizations[case.adapted[0].tensor]] == ["_WeightNorm", "LoRA"]
-    randomize(model, "default", case.seed)
+    randomize(model, "default", case.seed, dtype=F64)
     updates = factors(model, case, "default", case.r, case.alpha)
     w0 = {k: g * v / norm_except_dim0(v) for k, (g, v) in gv.items()}
     want = reference(bare, case, updates, w0)
@@ -406,7 +379,7 @@ def test_spectral_norm_after_ours_survives_remove(kind, merge_on_remove, data):
     case = data.draw(CASES[kind], label="case")
     bare = dense_weights(plain(case, F64), case)
     model = inject(copy.deepcopy(bare), case)
-    randomize(model, "default", case.seed)
+    randomize(model, "default", case.seed, dtype=F64)
     for a in case.adapted:
         spectral_norm(model.get_submodule(a.module), a.tensor)
     model.eval()  # no power iteration: sigma = u . (W v) with the stored u, v
@@ -443,7 +416,7 @@ def test_mha_out_proj_alone_changes_the_output(case):
     base = plain(case, F64)
     model = inject(copy.deepcopy(base), case)
     assert sorted(loras(model)) == ["out_proj.weight"]
-    randomize(model, "default", case.seed)
+    randomize(model, "default", case.seed, dtype=F64)
     got, before = run(model, case, F64), run(base, case, F64)
     assert not torch.allclose(got[0], before[0])  # the attention output itself
     assert_all_close(got, reference(base, case, factors(model, case, "default", case.r, case.alpha)))
@@ -458,7 +431,7 @@ def test_mha_inference_paths_match_reference(target, data):
     case = data.draw(multihead_attention(target=target, self_attention=True), label="case")
     base = plain(case, F64).eval()
     model = inject(copy.deepcopy(base), case)
-    randomize(model, "default", case.seed)
+    randomize(model, "default", case.seed, dtype=F64)
     want = reference(base, case, factors(model, case, "default", case.r, case.alpha))
     native = torch._native_multi_head_attention
     calls = []
@@ -508,7 +481,7 @@ def test_merged_weight_built_once_per_forward(strategy, data):
 
     base = plain(case, F64)
     model = inject(copy.deepcopy(base), case)
-    randomize(model, "default", case.seed)
+    randomize(model, "default", case.seed, dtype=F64)
     merged_path = [lora for lora in loras(model).values() if not lora.factored]
     assert merged_path
     with mock.patch.object(LoRA, "merged", counting):
@@ -516,7 +489,7 @@ def test_merged_weight_built_once_per_forward(strategy, data):
             loss_of(run(model, case, F64), case.seed).backward()
             assert [calls.get(id(lora), 0) for lora in merged_path] == [step] * len(merged_path)
     # Nothing stale from the previous forward: new factors show at once.
-    randomize(model, "default", case.seed + 1)
+    randomize(model, "default", case.seed + 1, dtype=F64)
     want = reference(base, case, factors(model, case, "default", case.r, case.alpha))
     assert_all_close(run(model, case, F64), want)
 

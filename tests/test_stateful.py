@@ -24,10 +24,10 @@ import tempfile
 from collections import OrderedDict
 
 import torch
+from _helpers import assert_unchanged, snapshot
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
-from test_api import assert_unchanged, snapshot
 from torch import nn
 from torch.func import functional_call
 

@@ -10,23 +10,16 @@ import re
 import peft
 import pytest
 import torch
+from _helpers import assert_unchanged, randomize, snapshot
+from _models import gpt2, llama
 from hypothesis import given
 from hypothesis import strategies as st
 from strategies import CASES, FAST, KINDS, Case
 from torch import Tensor, nn
-from transformers import GPT2Config, GPT2Model, LlamaConfig, LlamaModel
 
 import lora_inject as li
 
 F64 = torch.float64
-
-
-def randomize(model: nn.Module, adapter: str, seed: int) -> None:
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for _, lora in sorted(li.named_loras(model), key=lambda kv: kv[0]):
-            for t in (lora.lora_A[adapter], lora.lora_B[adapter]):
-                t.copy_(torch.randn(t.shape, generator=gen, dtype=t.dtype) * 0.3)
 
 
 def weights_with(model: nn.Module, case: Case, adapter: str | None) -> dict[str, Tensor]:
@@ -106,10 +99,6 @@ def test_combine_pissa_and_expert_weights():
     assert lora.lora_A["small"].shape == (2, 2, 4) and 0 < lora.config["small"]["error"] < 1
 
 
-def state(model: nn.Module):
-    return {k: v.clone() for k, v in model.state_dict().items()}, [n for n, _ in li.named_loras(model)]
-
-
 @pytest.mark.parametrize("kwargs, error, match", [
     pytest.param(dict(weights=[("a", 1.0)], into="c"), TypeError, r"`weights` must map adapter names", id="list"),
     pytest.param(dict(weights={"a": "1"}, into="c"), TypeError, r"`weights` must map adapter names", id="str"),
@@ -128,27 +117,14 @@ def test_combine_refuses_bad_input_and_changes_nothing(kwargs, error, match):
     model = li.inject(nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4)), "", r=2, adapter="a")
     li.inject(model, "", r=2, adapter="b")
     li.inject(model, r"^0$", r=2, adapter="d", dora=True)
-    before = state(model)
+    before = snapshot(model)
     with pytest.raises(error, match=r"^combine\(\): .*" + match):
         li.combine(model, **kwargs)
-    after = state(model)
-    assert after[1] == before[1] and after[0].keys() == before[0].keys()
-    assert all(torch.equal(after[0][k], before[0][k]) for k in after[0])
+    assert_unchanged(model, before)
     assert all("c" not in lora.adapters for _, lora in li.named_loras(model))
 
 
 # -- per_sample ---------------------------------------------------------------------------------------
-def gpt2() -> GPT2Model:
-    cfg = GPT2Config(n_layer=2, n_embd=16, n_head=2, vocab_size=50, n_positions=32, bos_token_id=0, eos_token_id=0)
-    return GPT2Model(cfg).eval()
-
-
-def llama() -> LlamaModel:
-    cfg = LlamaConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
-                      num_key_value_heads=1, vocab_size=40, max_position_embeddings=32)
-    return LlamaModel(cfg).eval()
-
-
 class ConvNet(nn.Module):
     def __init__(self) -> None:
         super().__init__()

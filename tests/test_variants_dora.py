@@ -10,12 +10,11 @@ import copy
 import peft
 import pytest
 import torch
+from _helpers import randomize, run
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from strategies import CASES, FAST, KINDS, Case
 from torch import Tensor, nn
-from torch.func import functional_call
-from torch.utils._pytree import tree_flatten, tree_map
 from transformers.pytorch_utils import Conv1D
 
 import lora_inject as li
@@ -32,31 +31,9 @@ def dora_weight(W0: Tensor, A: Tensor, B: Tensor, m: Tensor, s: float, transpose
     return W.T if transpose else W.reshape(W0.shape)
 
 
-def cast(tree, dtype):
-    done: dict[int, Tensor] = {}
-    return tree_map(lambda t: done.setdefault(id(t), t.to(dtype))
-                    if isinstance(t, Tensor) and t.is_floating_point() else t, tree)
-
-
-def run(model: nn.Module, case: Case, dtype=F64, params=None) -> list[Tensor]:
-    args, kwargs = cast((case.args, case.kwargs), dtype)
-    out = model(*args, **kwargs) if params is None else functional_call(model, params, args, kwargs)
-    return [t for t in tree_flatten(out)[0] if isinstance(t, Tensor)]
-
-
 def loss_of(outputs, seed) -> Tensor:
     gen = torch.Generator().manual_seed(seed)
     return sum((o * torch.randn(o.shape, generator=gen, dtype=o.dtype)).sum() for o in outputs)
-
-
-def randomize(model: nn.Module, seed: int, adapter: str = "default") -> None:
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for _, lora in sorted(li.named_loras(model), key=lambda kv: kv[0]):
-            for t in (lora.lora_A[adapter], lora.lora_B[adapter]):
-                t.copy_(torch.randn(t.shape, generator=gen, dtype=t.dtype) * 0.3)
-            m = lora.lora_magnitude[adapter]
-            m.mul_(1 + 0.3 * torch.randn(m.shape, generator=gen, dtype=m.dtype))
 
 
 def inject(model: nn.Module, case: Case, **kw) -> nn.Module:
@@ -108,13 +85,13 @@ def test_outputs_and_gradients_match_reference(kind, data):
     case = data.draw(CASES[kind], label="case")
     base = copy.deepcopy(case.model).to(F64)
     model = inject(copy.deepcopy(base), case)
-    randomize(model, case.seed)
+    randomize(model, "default", case.seed, magnitude=True)
     leaves = [t.detach().clone().requires_grad_() for t in mine(model, case)]
-    want = run(base, case, params=reference_params(base, case, leaves))
+    want = run(base, case, F64, params=reference_params(base, case, leaves))
     want_grads = torch.autograd.grad(loss_of(want, case.seed), leaves, allow_unused=True, materialize_grads=True)
     for factored in (True, False):
         set_factored(model, factored)
-        got = run(model, case)
+        got = run(model, case, F64)
         for g, w in zip(got, want, strict=True):
             torch.testing.assert_close(g, w)
         grads = torch.autograd.grad(loss_of(got, case.seed), mine(model, case), allow_unused=True,
@@ -130,13 +107,13 @@ def test_merge_and_remove(kind, data):
     case = data.draw(CASES[kind], label="case")
     base = copy.deepcopy(case.model).to(F64)
     model = inject(copy.deepcopy(base), case)
-    randomize(model, case.seed)
+    randomize(model, "default", case.seed, magnitude=True)
     want = reference_params(base, case, [t.detach() for t in mine(model, case)])
     merged = li.remove(copy.deepcopy(model), merge=True)  # copied before a forward: RNNs keep their weights
-    unmerged = run(model, case)
+    unmerged = run(model, case, F64)
     for a in case.adapted:
         torch.testing.assert_close(getattr(merged.get_submodule(a.module), a.tensor), want[a.key])
-    for g, w in zip(run(merged, case), unmerged, strict=True):
+    for g, w in zip(run(merged, case, F64), unmerged, strict=True):
         torch.testing.assert_close(g, w)
     li.remove(model, merge=False)
     for a in case.adapted:
@@ -337,7 +314,7 @@ def test_round_trips_through_peft_format(net, tmp_path):
 def test_round_trips_through_our_format(tmp_path):
     base = nn.Sequential(nn.Conv1d(3, 4, 3), nn.Flatten(), nn.Linear(8, 2))
     model = li.inject(copy.deepcopy(base), r"^0$|^2$", r=2, dora=True)
-    randomize(model, 0)
+    randomize(model, "default", 0, magnitude=True)
     li.save_adapter(model, tmp_path)
     x = torch.randn(5, 3, 4)
     loaded = li.load_adapter(copy.deepcopy(base), tmp_path)

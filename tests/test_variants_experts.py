@@ -10,6 +10,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from _helpers import randomize
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
@@ -68,13 +69,6 @@ def build(kind: str):
     return ExpertsT().double(), (torch.randn(3, 7, 5, dtype=torch.float64),)
 
 
-def randomise(model: nn.Module) -> None:
-    with torch.no_grad():
-        for _, lora in li.named_loras(model):
-            for p in [*lora.lora_A.values(), *lora.lora_B.values()]:
-                p.normal_(0, 0.3)
-
-
 def reference(kind, base, model, x, A_B=None):
     """The outputs of ``base`` with each expert's weight built by ``expert_weight``."""
     loras = dict(li.named_loras(model))
@@ -114,7 +108,7 @@ def test_factors_per_expert_and_init_leaves_outputs_unchanged(kind):
 def test_outputs_and_gradients_match_per_expert_reference(kind):
     base, (x,) = build(kind)
     model = li.inject(copy.deepcopy(base), ONLY_EXPERTS, r=3, alpha=2.0, rules=RULES)
-    randomise(model)
+    randomize(model)
     li.mark_only_lora_as_trainable(model)
     ours = model(x)
     want = reference(kind, base, model, x)
@@ -131,7 +125,7 @@ def test_outputs_and_gradients_match_per_expert_reference(kind):
 def test_merge_matches_reference_and_unmerged_remove_restores_w0(kind):
     base, (x,) = build(kind)
     model = li.inject(copy.deepcopy(base), ONLY_EXPERTS, r=2, rules=RULES)
-    randomise(model)
+    randomize(model)
     loras = dict(li.named_loras(model))
     params = {n: getattr(model.parametrizations, n).original for n in loras}
     want = {n: torch.stack([expert_weight(lora, params[n], e) for e in range(params[n].shape[0])]).detach()
@@ -157,7 +151,7 @@ def test_weight_is_the_per_expert_update(E, fout, fin, transpose, r, alpha, seed
         model.weight = nn.Parameter(torch.randn(E, fout, fin, dtype=torch.float64))
     rule = li.Rule(("weight",), transpose=transpose, experts=True)
     li.inject(model, "", r=r, alpha=alpha, rules={nn.Module: rule})
-    randomise(model)
+    randomize(model)
     lora = model.parametrizations.weight[0]
     W0 = model.parametrizations.weight.original
     torch.testing.assert_close(model.weight, torch.stack([expert_weight(lora, W0, e) for e in range(E)]))
@@ -180,7 +174,7 @@ def test_transformers_mixtral_experts_against_per_expert_weights(tmp_path):
     model = li.inject(copy.deepcopy(base), "experts", r=3, alpha=6.0, rules=rules)
     x = torch.randint(0, 30, (2, 7))
     assert torch.equal(model(x).last_hidden_state, base(x).last_hidden_state)
-    randomise(model)
+    randomize(model)
     # The reference: a plain copy whose expert weights are set expert by expert.
     ref = copy.deepcopy(base)
     loras = dict(li.named_loras(model))
