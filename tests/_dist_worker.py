@@ -33,10 +33,19 @@ BATCH = 4  # rows per step, all ranks together
 SEQ = 8
 VOCAB = 64
 TARGETS = r"c_attn|c_proj|c_fc"
+KINDS = {  # inject's arguments for each kind of update; every one fits GPT-2's 32 and 128 features
+    "lora": dict(r=4, alpha=8),
+    "loha": dict(r=4, alpha=8),
+    "lokr": dict(r=4, alpha=8),
+    "oft": dict(r=4, oft_block_size=0),
+    "ia3": dict(feedforward=r"mlp\.c_proj"),
+    "vera": dict(r=4),
+}
 
 
-def gpt2(adapters: tuple[str, ...] = ("default",), *, inject: bool = True) -> GPT2LMHeadModel:
-    """The base model (seed 0, float64, no dropout), with ``adapters`` injected; only the first is active."""
+def gpt2(adapters: tuple[str, ...] = ("default",), *, inject: bool = True, kind: str = "lora") -> GPT2LMHeadModel:
+    """The base model (seed 0, float64, no dropout), with ``adapters`` injected; only the first is
+    active, of kind ``kind`` (the others LoRA)."""
     torch.manual_seed(0)
     model = GPT2LMHeadModel(GPT2Config(
         n_embd=32, n_layer=2, n_head=2, vocab_size=VOCAB, n_positions=32, bos_token_id=None,
@@ -44,7 +53,10 @@ def gpt2(adapters: tuple[str, ...] = ("default",), *, inject: bool = True) -> GP
     )).double()
     if inject:
         for i, name in enumerate(adapters):
-            li.inject(model, TARGETS if i == 0 else "c_attn", r=4, alpha=8, adapter=name)
+            if i == 0:
+                li.inject(model, TARGETS, kind=kind, adapter=name, **KINDS[kind])
+            else:
+                li.inject(model, "c_attn", r=4, alpha=8, adapter=name)
         li.activate(model, adapters[0])
     return model
 
@@ -64,9 +76,9 @@ def train(model: torch.nn.Module, forward: Callable, rows: slice) -> None:
         opt.zero_grad()
 
 
-def train_single(adapters: tuple[str, ...] = ("default",)) -> GPT2LMHeadModel:
+def train_single(adapters: tuple[str, ...] = ("default",), kind: str = "lora") -> GPT2LMHeadModel:
     """The single-process run on the whole batches: what every distributed run must reproduce."""
-    model = gpt2(adapters)
+    model = gpt2(adapters, kind=kind)
     li.mark_only_lora_as_trainable(model)
     train(model, model, slice(None))
     return model
@@ -82,8 +94,8 @@ def _refuse(key: str, value: object) -> bool:
 
 
 # -- scenarios: each runs on every rank and returns what the test checks ------------------------
-def ddp(rank: int, out: str, adapters=("default",), freeze_inactive=False, **ddp_kwargs) -> dict:
-    model = gpt2(adapters)
+def ddp(rank: int, out: str, adapters=("default",), freeze_inactive=False, kind="lora", **ddp_kwargs) -> dict:
+    model = gpt2(adapters, kind=kind)
     li.mark_only_lora_as_trainable(model)
     if freeze_inactive:
         for p in li.lora_parameters(model, adapter=list(adapters[1:])):
@@ -102,15 +114,18 @@ def ddp_all_adapters_trainable(rank: int, out: str) -> dict:
     return {"error": None}
 
 
-def fsdp2(rank: int, out: str) -> dict:
-    model = gpt2()
+def fsdp2(rank: int, out: str, kind: str = "lora") -> dict:
+    model = gpt2(kind=kind)
     li.mark_only_lora_as_trainable(model)
     for block in model.transformer.h:
         fully_shard(block)
     fully_shard(model)
     train(model, model, slice(rank, None, WORLD))
-    factor = model.transformer.h[0].attn.c_attn.parametrizations.weight[0].lora_A["default"]
-    sharded = type(factor).__name__, tuple(factor.to_local().shape)
+    if kind == "lora":
+        factor = model.transformer.h[0].attn.c_attn.parametrizations.weight[0].lora_A["default"]
+        sharded = type(factor).__name__, tuple(factor.to_local().shape)
+    else:  # the type of every trained tensor of the kind
+        sharded = sorted({type(p).__name__ for p in li.lora_parameters(model)})
     sd = li.lora_state_dict(model)  # a collective: every rank calls it
     try:  # the shards themselves: refused
         li.save_adapter(model, os.path.join(out, f"refused{rank}"))
@@ -167,7 +182,8 @@ def _main(rank: int, port: int, scenario: str, out: str) -> None:
         store = dist.TCPStore("127.0.0.1", port, WORLD + 1, is_master=False, timeout=timedelta(seconds=30))
         dist.init_process_group("gloo", store=store, rank=rank, world_size=WORLD,
                                 timeout=timedelta(seconds=30))
-        result = SCENARIOS[scenario](rank, out)
+        name, _, kind = scenario.partition(":")  # "ddp:loha": the scenario with a kind of update
+        result = SCENARIOS[name](rank, out, **({"kind": kind} if kind else {}))
         dist.barrier()
         torch.save(result, os.path.join(out, f"rank{rank}.pt"))
     except BaseException:
