@@ -284,3 +284,35 @@ def test_trainer_checkpoints_hold_the_kind_and_resume_is_exact(kind, tmp_path):
     assert not all(torch.equal(end[k], adapter(at2)[k]) for k in end)  # steps 3-4 trained
     for name, p in base.state_dict().items():  # the base weights were never written
         assert torch.equal(whole.state_dict()[name], p)
+
+
+class Tagger(nn.Module):
+    """A model that ``Trainer`` trains (it returns its loss) with an LSTM, which peft's format
+    cannot express."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.embed, self.lstm, self.head = nn.Embedding(50, 8), nn.LSTM(8, 8, batch_first=True), nn.Linear(8, 2)
+
+    def forward(self, input_ids, labels=None):
+        logits = self.head(self.lstm(self.embed(input_ids))[0][:, -1])
+        return {"loss": nn.functional.cross_entropy(logits, labels), "logits": logits}
+
+
+@pytest.mark.parametrize("kind", ["lora", "loha"])
+def test_trainer_refuses_before_training_what_peft_format_cannot_checkpoint(kind, tmp_path):
+    from transformers import TrainingArguments
+
+    from lora_inject.trainer import AdapterTrainer
+
+    model = li.mark_only_lora_as_trainable(li.inject(Tagger(), "lstm", kind=kind, r=2))
+    before = adapter(model)
+    args = TrainingArguments(str(tmp_path), per_device_train_batch_size=4, max_steps=2, save_steps=1,
+                             report_to=[], use_cpu=True, dataloader_num_workers=0)
+    t = AdapterTrainer(model=model, args=args, train_dataset=bert_data(8), adapter_format="peft")
+    with pytest.raises(ValueError, match=r"AdapterTrainer.train\(\): the checkpoints of adapter 'default' "
+                                         r"cannot be written with adapter_format='peft': save_adapter\(\)"):
+        run(t)
+    assert not any(tmp_path.iterdir())  # no step ran, no checkpoint was begun
+    assert all(torch.equal(v, before[k]) for k, v in adapter(model).items())
