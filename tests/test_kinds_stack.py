@@ -112,6 +112,21 @@ def test_compile_matches_eager_and_does_not_recompile(kind, fresh_dynamo):
     torch.testing.assert_close(grads(model), grads(eager))
 
 
+@pytest.mark.filterwarnings("ignore:The .grad attribute of a Tensor that is not a leaf:UserWarning")
+@pytest.mark.parametrize("kind", KIND_NAMES)
+def test_compiled_model_follows_disabled(kind, fresh_dynamo):
+    x = torch.randn(3, 8)
+    model = mlp(kind)
+    compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
+    with torch.no_grad():
+        on = compiled(x)
+        with li.disabled(model):
+            off = compiled(x)
+            torch.testing.assert_close(off, model(x))
+        torch.testing.assert_close(compiled(x), on)
+    assert not torch.allclose(on, off)  # the kind changed the output
+
+
 # -- autocast -----------------------------------------------------------------------------------
 @pytest.mark.parametrize("kind", KIND_NAMES)
 def test_autocast_matches_the_merged_plain_layer(kind):
@@ -128,6 +143,36 @@ def test_autocast_matches_the_merged_plain_layer(kind):
         assert g.dtype == torch.float32 and torch.isfinite(g).all() and g.abs().sum() > 0, name
 
 
+def gpt2(kind: str) -> nn.Module:
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(
+        n_embd=16, n_layer=1, n_head=2, vocab_size=32, n_positions=16, bos_token_id=None,
+        eos_token_id=None, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, attn_implementation="eager",
+    ))
+    kw = dict(KINDS[kind], feedforward=r"mlp\.c_proj") if kind == "ia3" else KINDS[kind]
+    li.inject(model, "c_attn|c_proj|c_fc", kind=kind, **kw)
+    li.mark_only_lora_as_trainable(model)
+    randomize(model)
+    return model
+
+
+@pytest.mark.parametrize("kind", KIND_NAMES)
+def test_autocast_gpt2_matches_the_merged_model(kind):
+    """GPT-2's Conv1D stores its weight transposed and runs ``addmm``."""
+    ids = torch.randint(0, 32, (2, 6))
+    model = gpt2(kind)
+    plain = li.remove(copy.deepcopy(model), merge=True)
+    assert not list(li.named_loras(plain))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got, want = model(ids).logits, plain(ids).logits
+    assert got.dtype == want.dtype
+    torch.testing.assert_close(got, want, rtol=1.6e-2, atol=2e-2)  # bf16's tolerance, on 32 logits
+    got.float().square().mean().backward()
+    assert all(g.abs().sum() > 0 for g in grads(model).values())
+
+
 # -- torch.func ---------------------------------------------------------------------------------
 @pytest.mark.parametrize("kind", KIND_NAMES)
 def test_func_grad_matches_autograd(kind):
@@ -139,6 +184,25 @@ def test_func_grad_matches_autograd(kind):
     got = grad(lambda p: functional_call(model, p, (x,)).square().sum())(params)
     assert want.keys() <= got.keys()
     torch.testing.assert_close({n: got[n] for n in want}, want)
+
+
+@pytest.mark.parametrize("kind", KIND_NAMES)
+def test_func_jvp_matches_grad(kind):
+    """Forward-mode AD through the kind's update: the directional derivative is grad · tangent."""
+    x = torch.randn(3, 8)
+    model = mlp(kind)
+    names = list(trained(model))
+    params = {n: p.detach() for n, p in model.named_parameters()}
+    gen = torch.Generator().manual_seed(2)
+    tangents = {n: torch.randn(p.shape, generator=gen) if n in names else torch.zeros_like(p)
+                for n, p in params.items()}
+
+    def loss(p):
+        return functional_call(model, p, (x,)).square().sum()
+
+    _, got = torch.func.jvp(loss, (params,), (tangents,))
+    g = grad(loss)(params)
+    torch.testing.assert_close(got, sum((g[n] * tangents[n]).sum() for n in names))
 
 
 @pytest.mark.parametrize("kind", KIND_NAMES)
