@@ -40,6 +40,7 @@ KINDS = {  # inject's arguments for each kind of update; every one fits GPT-2's 
     "oft": dict(r=4, oft_block_size=0),
     "ia3": dict(feedforward=r"mlp\.c_proj"),
     "vera": dict(r=4),
+    "oft-coft": dict(kind="oft", r=4, oft_block_size=0, coft=True),  # projects oft_R in place in forward
 }
 
 
@@ -54,7 +55,8 @@ def gpt2(adapters: tuple[str, ...] = ("default",), *, inject: bool = True, kind:
     if inject:
         for i, name in enumerate(adapters):
             if i == 0:
-                li.inject(model, TARGETS, kind=kind, adapter=name, **KINDS[kind])
+                kw = dict(KINDS[kind])
+                li.inject(model, TARGETS, kind=kw.pop("kind", kind), adapter=name, **kw)
             else:
                 li.inject(model, "c_attn", r=4, alpha=8, adapter=name)
         li.activate(model, adapters[0])

@@ -89,7 +89,7 @@ def test_fsdp2_matches_ddp_and_saves_full_tensors(ddp, tmp_path):
         torch.testing.assert_close(fresh(ids).logits, reference(ids).logits)
 
 
-@pytest.mark.parametrize("kind", [k for k in w.KINDS if k != "lora"])
+@pytest.mark.parametrize("kind", [k for k in w.KINDS if k not in ("lora", "oft-coft")])
 def test_ddp_and_fsdp2_train_each_kind_as_one_process(kind, tmp_path):
     single = li.lora_state_dict(w.train_single(kind=kind))
     initial = li.lora_state_dict(w.gpt2(kind=kind))
@@ -108,6 +108,16 @@ def test_ddp_and_fsdp2_train_each_kind_as_one_process(kind, tmp_path):
     torch.testing.assert_close(fsdp, single)
     fresh = li.load_adapter(w.gpt2(inject=False), os.path.join(tmp_path, f"fsdp2:{kind}", "adapter"))
     torch.testing.assert_close(li.lora_state_dict(fresh), single)
+
+
+@pytest.mark.xfail(strict=True, reason="OFT's coft projects oft_R in place in forward; under FSDP2 that "
+                   "writes the unsharded copy, which is freed after forward, so the shard the optimizer "
+                   "steps was never projected")
+def test_fsdp2_trains_oft_with_coft_as_one_process(tmp_path):
+    single = li.lora_state_dict(w.train_single(kind="oft-coft"))
+    ddp = assert_same_ranks(run("ddp:oft-coft", tmp_path))
+    torch.testing.assert_close(ddp, single)  # DDP: each rank projects its own replica
+    torch.testing.assert_close(assert_same_ranks(run("fsdp2:oft-coft", tmp_path)), single)
 
 
 def test_fsdp1_is_refused_rather_than_saving_flat_shards(tmp_path):
