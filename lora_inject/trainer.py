@@ -6,6 +6,7 @@ This module needs ``transformers``; the rest of lora_inject does not import it.
 from __future__ import annotations
 
 import os
+import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -75,7 +76,8 @@ class AdapterTrainer(Trainer):
 
     Raises:
         ValueError: if ``adapter_format`` is unknown; from :meth:`train`, if a parameter
-            outside adapter ``adapter`` requires grad; when saving, as
+            outside adapter ``adapter`` requires grad, or if ``adapter_format="peft"`` cannot write
+            its checkpoints (checked before the first step); when saving, as
             :func:`~lora_inject.save_adapter` raises (no adapter ``adapter`` in the model, or for
             peft's format a tensor it cannot express).
 
@@ -110,6 +112,14 @@ class AdapterTrainer(Trainer):
                              f"require grad ({loose[:3]}...), but a checkpoint holds the adapter alone, so "
                              "resuming would lose what they learnt. Call "
                              "lora_inject.mark_only_lora_as_trainable(model) first, or freeze them.")
+        if self.adapter_format == "peft":  # a checkpoint peft's format cannot write: refused before any step
+            with tempfile.TemporaryDirectory() as tmp:
+                try:
+                    save_adapter(model, tmp, adapter=self.adapter, format="peft")
+                except ValueError as e:
+                    raise ValueError(f"AdapterTrainer.train(): the checkpoints of adapter {self.adapter!r} "
+                                     f"cannot be written with adapter_format='peft': {e} Or pass "
+                                     "adapter_format='lora_inject'.") from e
         return super().train(*args, **kwargs)
 
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:

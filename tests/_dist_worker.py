@@ -34,14 +34,28 @@ BATCH = 4  # rows per step, all ranks together
 SEQ = 8
 VOCAB = _models.LM_VOCAB
 TARGETS = r"c_attn|c_proj|c_fc"
+KINDS = {  # inject's arguments for each kind of update; every one fits GPT-2's 32 and 128 features
+    "lora": dict(r=4, alpha=8),
+    "loha": dict(r=4, alpha=8),
+    "lokr": dict(r=4, alpha=8),
+    "oft": dict(r=4, oft_block_size=0),
+    "ia3": dict(feedforward=r"mlp\.c_proj"),
+    "vera": dict(r=4),
+    "oft-coft": dict(kind="oft", r=4, oft_block_size=0, coft=True),  # projects oft_R in place in forward
+}
 
 
-def adapted(adapters: tuple[str, ...] = ("default",), *, inject: bool = True) -> GPT2LMHeadModel:
-    """The base model (seed 0, float64, no dropout), with ``adapters`` injected; only the first is active."""
+def adapted(adapters: tuple[str, ...] = ("default",), *, inject: bool = True, kind: str = "lora") -> GPT2LMHeadModel:
+    """The base model (seed 0, float64, no dropout), with ``adapters`` injected; only the first is
+    active, of kind ``kind`` (the others LoRA)."""
     model = _models.gpt2(head=True, seed=0, dtype=torch.float64)
     if inject:
         for i, name in enumerate(adapters):
-            li.inject(model, TARGETS if i == 0 else "c_attn", r=4, alpha=8, adapter=name)
+            if i == 0:
+                kw = dict(KINDS[kind])
+                li.inject(model, TARGETS, kind=kw.pop("kind", kind), adapter=name, **kw)
+            else:
+                li.inject(model, "c_attn", r=4, alpha=8, adapter=name)
         li.activate(model, adapters[0])
     return model
 
@@ -61,9 +75,9 @@ def train(model: torch.nn.Module, forward: Callable, rows: slice) -> None:
         opt.zero_grad()
 
 
-def train_single(adapters: tuple[str, ...] = ("default",)) -> GPT2LMHeadModel:
+def train_single(adapters: tuple[str, ...] = ("default",), kind: str = "lora") -> GPT2LMHeadModel:
     """The single-process run on the whole batches: what every distributed run must reproduce."""
-    model = adapted(adapters)
+    model = adapted(adapters, kind=kind)
     li.mark_only_lora_as_trainable(model)
     train(model, model, slice(None))
     return model
@@ -79,8 +93,8 @@ def _refuse(key: str, value: object) -> bool:
 
 
 # -- scenarios: each runs on every rank and returns what the test checks ------------------------
-def ddp(rank: int, out: str, adapters=("default",), freeze_inactive=False, **ddp_kwargs) -> dict:
-    model = adapted(adapters)
+def ddp(rank: int, out: str, adapters=("default",), freeze_inactive=False, kind="lora", **ddp_kwargs) -> dict:
+    model = adapted(adapters, kind=kind)
     li.mark_only_lora_as_trainable(model)
     if freeze_inactive:
         for p in li.lora_parameters(model, adapter=list(adapters[1:])):
@@ -99,15 +113,18 @@ def ddp_all_adapters_trainable(rank: int, out: str) -> dict:
     return {"error": None}
 
 
-def fsdp2(rank: int, out: str) -> dict:
-    model = adapted()
+def fsdp2(rank: int, out: str, kind: str = "lora") -> dict:
+    model = adapted(kind=kind)
     li.mark_only_lora_as_trainable(model)
     for block in model.transformer.h:
         fully_shard(block)
     fully_shard(model)
     train(model, model, slice(rank, None, WORLD))
-    factor = model.transformer.h[0].attn.c_attn.parametrizations.weight[0].lora_A["default"]
-    sharded = type(factor).__name__, tuple(factor.to_local().shape)
+    if kind == "lora":
+        factor = model.transformer.h[0].attn.c_attn.parametrizations.weight[0].lora_A["default"]
+        sharded = type(factor).__name__, tuple(factor.to_local().shape)
+    else:  # the type of every trained tensor of the kind
+        sharded = sorted({type(p).__name__ for p in li.lora_parameters(model)})
     sd = li.lora_state_dict(model)  # a collective: every rank calls it
     try:  # the shards themselves: refused
         li.save_adapter(model, os.path.join(out, f"refused{rank}"))
@@ -164,7 +181,8 @@ def _main(rank: int, port: int, scenario: str, out: str) -> None:
         store = dist.TCPStore("127.0.0.1", port, WORLD + 1, is_master=False, timeout=timedelta(seconds=30))
         dist.init_process_group("gloo", store=store, rank=rank, world_size=WORLD,
                                 timeout=timedelta(seconds=30))
-        result = SCENARIOS[scenario](rank, out)
+        name, _, kind = scenario.partition(":")  # "ddp:loha": the scenario with a kind of update
+        result = SCENARIOS[name](rank, out, **({"kind": kind} if kind else {}))
         dist.barrier()
         torch.save(result, os.path.join(out, f"rank{rank}.pt"))
     except BaseException:
