@@ -13,7 +13,8 @@ from torch.nn.utils._named_member_accessor import swap_tensor
 from torch.nn.utils.parametrize import type_before_parametrizations
 
 from . import quant
-from .factored import FactoredWeight, beside
+from ._ops import beside
+from .factored import FactoredWeight
 from .lookup import inverse, module_loras, parametrized
 from .lora import Bias, LoRA
 from .rule import type_name

@@ -1,0 +1,222 @@
+r"""The op table's factored forms: one small function per op, registered with :func:`~lora_inject.factored.implements`.
+
+Each computes ``op(x, W0) + s * op'(op''(x, A), B)`` for a :class:`~lora_inject.factored.FactoredWeight`,
+so that no weight-sized update is built, saved for backward or differentiated, or returns
+NotImplemented where its arguments do not fit (see :func:`fits`): the op then gets the merged weight.
+
+The forms: ``F.linear`` (:func:`linear`), ``torch.addmm`` (:func:`addmm`), ``torch.matmul`` and
+``torch.mm`` (:func:`matmul`, and ``x @ w``), ``F.embedding`` (:func:`embedding`),
+``F.embedding_bag`` (:func:`embedding_bag`), ``F.conv1d/2d/3d`` (:func:`conv_form`). Each knows
+which dimension of the stored weight its output carries (``F.linear`` and conv: dim 0; the others:
+dim 1); DoRA's gains scale output units, so a DoRA weight is factored only where that dimension is
+the rule's output dimension. Inside :func:`lora_inject.per_sample` each term runs on its own
+samples' rows (see :mod:`lora_inject._rows`); one plain adapter runs the fused kernel where it pays
+(see :mod:`lora_inject._kernels`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from . import quant
+from ._kernels import NoGradAt, frozen_linear, fused, plain_eager
+from ._rows import gather, in_place, keep, scatter, select, some
+from .factored import FactoredWeight, implements
+
+
+def fits(weight, x, out_dim: int, quantized: bool = False) -> bool:
+    """Whether ``weight`` is ours and not a leaf, 2-D and not an input too, DoRA (if any) scales
+    ``out_dim``, and its ``W0`` is dense unless the op takes a quantized one (``quantized``:
+    F.linear, which the backend dispatches, except for weights read only by their module's own
+    forward). A leaf has no factored form: every op runs on it as on a dense tensor."""
+    return (type(weight) is FactoredWeight and not weight._leaf and type(x) is not FactoredWeight
+            and not weight._view.experts and (not weight._has_dora() or weight._view.out_dim == out_dim)
+            and ((s := quant.scheme(weight._w0)) is None or quantized and not s.own_forward))
+
+
+def one_plain_term(weight: FactoredWeight, x: Tensor):
+    """``(L, R, s)`` when ``weight`` has one term, no DoRA, no dropout at work, no per-sample rows,
+    in plain eager mode: the case :class:`~lora_inject._kernels.LowRank` computes; else None."""
+    if weight._rows is not None or len(weight._terms) != 1 or x.dim() < 1:
+        return None
+    term = weight._terms[0]
+    if term.dropout or term.magnitude is not None or not plain_eager():
+        return None
+    L, R = weight._view.stored_factors(term.A, term.B)
+    return L, R, term.scaling
+
+
+def add(out: Tensor, extra: Tensor, s: float = 1.0) -> Tensor:
+    """``out + s * extra`` in ``out``'s dtype: one op where the dtypes agree."""
+    if isinstance(s, Tensor):  # compiled: a 0-d tensor, which `alpha=` does not take
+        return out + (extra * s).to(out.dtype)
+    if extra.dtype == out.dtype:
+        return torch.add(out, extra, alpha=s)
+    return out + (extra * s if s != 1.0 else extra).to(out.dtype)
+
+
+def branch(x: Tensor, weight: FactoredWeight, out: Tensor, transposed: bool) -> Tensor:
+    """``out + x @ ΔW.T`` (``transposed``, as in F.linear) or ``out + x @ ΔW``, factored."""
+    for L, R, s, p, name in weight._factors():
+        first, second = (R.t(), L.t()) if transposed else (L, R)  # x @ (s L R).T = s (x R.T) L.T
+        idx = select(weight._rows, name, x)
+        if idx is not None:  # per_sample(): this adapter's samples only, gathered and added back
+            if some(idx):
+                h = gather(x, idx).to(first.dtype)
+                h = (F.dropout(h, p) if p else h) @ first  # (n, .., r)
+                if isinstance(idx, slice) and in_place(out, h) and h.dtype == out.dtype and out.is_contiguous() \
+                        and not isinstance(s, Tensor):  # contiguous samples: one addmm_ into their rows
+                    out[idx].view(-1, out.shape[-1]).addmm_(h.reshape(-1, h.shape[-1]), second, alpha=s)
+                else:
+                    out = scatter(out, idx, h @ second, s)
+            continue
+        h = x.to(first.dtype)
+        h = (F.dropout(h, p) if p else h) @ first  # (.., in) @ (in, r) -> (.., r)
+        if h.dtype == out.dtype and h.dim() >= 1 and not isinstance(s, Tensor):  # out += s * h @ second, one op
+            rows = h.shape[:-1].numel()  # no -1 in the reshapes: `out` may have 0 features
+            out = torch.addmm(out.reshape(rows, out.shape[-1]), h.reshape(rows, h.shape[-1]), second,
+                              alpha=s).view(out.shape)
+        else:
+            out = add(out, h @ second, s)  # (.., r) @ (r, out)
+    return out
+
+
+def beside(x: Tensor, weight: FactoredWeight, base: Tensor, bias: Tensor | None) -> Tensor:
+    """``F.linear(x, weight, bias)`` from the base output ``base = F.linear(x, W0, bias)``,
+    however it was computed: DoRA's rescaling, then the low-rank branch."""
+    return branch(x, weight, weight._rescale(base, bias), transposed=True)
+
+
+@implements(F.linear, names=("input", "weight", "bias"), defaults=(None,))
+def linear(input, weight, bias):
+    if not fits(weight, input, 0, quantized=True):
+        return NotImplemented
+    if weight._rows is not None and input.dim() == 1:  # per_sample(): an unbatched input is one sample
+        return linear(input.unsqueeze(0), weight, bias).squeeze(0)
+    if quant.scheme(weight._w0) is not None:  # the backend's kernel, and the branch beside it
+        return beside(input, weight, frozen_linear(input, weight._w0, bias), bias)
+    plain = one_plain_term(weight, input)
+    if plain is not None:  # x @ W0.T + s * (x @ R.T) @ L.T
+        L, R, s = plain
+        out = fused(input, weight._w0.t(), bias, R.t(), L.t(), s)
+        if out is not None:
+            return out
+    return beside(input, weight, F.linear(input, weight._w0, bias), bias)
+
+
+@implements(torch.addmm, Tensor.addmm, names=("input", "mat1", "mat2", "beta", "alpha", "out"),
+            defaults=(1, 1, None))
+def addmm(input, mat1, mat2, beta, alpha, out):
+    if out is not None or beta != 1 or alpha != 1 or not fits(mat2, mat1, 1) or type(input) is FactoredWeight:
+        return NotImplemented
+    plain = one_plain_term(mat2, mat1)
+    if plain is not None and input.dim() == 1:  # a bias, as in Conv1D: x @ W0 + s * (x @ L) @ R
+        L, R, s = plain
+        result = fused(mat1, mat2._w0, input, L, R, s)
+        if result is not None:
+            return result
+    result = mat2._rescale(torch.addmm(input, mat1, mat2._w0), input)
+    return branch(mat1, mat2, result, transposed=False)
+
+
+@implements(torch.matmul, Tensor.matmul, torch.mm, Tensor.mm, names=("input", "other", "out"),
+            defaults=(None,))
+def matmul(input, other, out):
+    if out is not None or not fits(other, input, 1) or input.dim() == 0:
+        return NotImplemented
+    if other._rows is not None and input.dim() == 1:  # per_sample(): an unbatched input is one sample
+        return matmul(input.unsqueeze(0), other, None).squeeze(0)
+    plain = one_plain_term(other, input)
+    if plain is not None and input.dim() >= 2:
+        L, R, s = plain
+        result = fused(input, other._w0, None, L, R, s)
+        if result is not None:
+            return result
+    return branch(input, other, other._rescale(torch.matmul(input, other._w0)), transposed=False)
+
+
+@implements(F.embedding, names=("input", "weight", "padding_idx", "max_norm", "norm_type",
+                                "scale_grad_by_freq", "sparse"), defaults=(None, None, 2.0, False, False))
+def embedding(input, weight, padding_idx, max_norm, norm_type, scale_grad_by_freq, sparse):
+    # max_norm renormalises the weight's rows in place, and scale_grad_by_freq scales the gradient of
+    # W's rows, so of B too: both need the merged weight.
+    if max_norm is not None or scale_grad_by_freq or not fits(weight, input, 1):
+        return NotImplemented
+    base = F.embedding(input, weight._w0, padding_idx, None, norm_type, False, sparse)
+    out = weight._rescaling(base)  # DoRA: (c - 1) * base
+    for L, R, s, p, name in weight._factors():
+        idx = select(weight._rows, name, input)
+        if idx is not None:  # per_sample(): this adapter's samples only
+            out = torch.zeros_like(base) if out is None else out
+            if some(idx):
+                h = F.embedding(gather(input, idx), L, padding_idx)
+                out = scatter(out, idx, (F.dropout(h, p) if p else h) @ R, s)
+            continue
+        h = F.embedding(input, L, padding_idx)  # (.., r)
+        extra = (F.dropout(h, p) if p else h) @ R * s  # (.., r) @ (r, dim) -> (.., dim)
+        out = extra if out is None else out + extra.to(out.dtype)
+    if padding_idx is not None:  # as for the merged weight, the padding row gets no gradient
+        out = NoGradAt.apply(out, (input == padding_idx % weight._w0.shape[0]).unsqueeze(-1))
+    return add(base, out)
+
+
+@implements(F.embedding_bag, names=(
+    "input", "weight", "offsets", "max_norm", "norm_type", "scale_grad_by_freq", "mode", "sparse",
+    "per_sample_weights", "include_last_offset", "padding_idx"),
+    defaults=(None, None, 2, False, "mean", False, None, False, None))
+def embedding_bag(input, weight, offsets, max_norm, norm_type, scale_grad_by_freq, mode, sparse,
+                  per_sample_weights, include_last_offset, padding_idx):
+    if max_norm is not None or mode == "max" or scale_grad_by_freq or not fits(weight, input, 1):
+        return NotImplemented
+    rest = dict(offsets=offsets, mode=mode, per_sample_weights=per_sample_weights,
+                include_last_offset=include_last_offset, padding_idx=padding_idx)
+    out = weight._rescale(F.embedding_bag(input, weight._w0, sparse=sparse, **rest))
+    for L, R, s, p, name in weight._factors():
+        idx = select(weight._rows, name, input) if offsets is None and input.dim() == 2 else None
+        if idx is not None:  # per_sample(), one bag per row: this adapter's bags only
+            if some(idx):
+                sub = dict(rest, per_sample_weights=None if per_sample_weights is None
+                           else gather(per_sample_weights, idx))
+                h = F.embedding_bag(gather(input, idx), L, **sub)
+                out = scatter(out, idx, (F.dropout(h, p) if p else h) @ R, s)
+            continue
+        h = keep(weight._rows, name, F.embedding_bag(input, L, **rest))  # (bags, r); bags by offsets: masked
+        out = add(out, (F.dropout(h, p) if p else h) @ R, s)
+    return out
+
+
+def conv_form(op: Callable) -> Callable:
+    """The factored form of ``op`` (``F.conv1d``, ``conv2d`` or ``conv3d``): a conv to ``r``
+    channels with ``A``, then a 1x1 conv with ``B``."""
+    def conv(input, weight, bias, stride, padding, dilation, groups):
+        if groups != 1 or not fits(weight, input, 0) or weight._view.transpose:
+            return NotImplemented
+        shape = weight._w0.shape
+        if weight._rows is not None and input.dim() == len(shape) - 1:  # per_sample(): unbatched, one sample
+            return conv(input.unsqueeze(0), weight, bias, stride, padding, dilation, groups).squeeze(0)
+        kernel, ones = shape[2:], (1,) * (len(shape) - 2)
+        out = op(input, weight._w0, bias, stride, padding, dilation, groups)
+        out = weight._rescale(out, bias, dim=-len(kernel) - 1)  # the channel dim
+        for L, R, s, p, name in weight._factors():
+            idx = select(weight._rows, name, input) if input.dim() == len(shape) else None
+            if idx is not None and not some(idx):
+                continue
+            x = (input if idx is None else gather(input, idx)).to(R.dtype)
+            h = op(F.dropout(x, p) if p else x, R.view(-1, shape[1], *kernel), None,
+                   stride, padding, dilation)  # r output channels
+            if idx is None:
+                h = keep(weight._rows, name, h)  # per_sample() on an unbatched input: masked
+            y = op(h, L.reshape(*L.shape, *ones))  # 1x1 conv: r -> out
+            out = add(out, y, s) if idx is None else scatter(out, idx, y, s)
+        return out
+
+    return conv
+
+
+for _op in (F.conv1d, F.conv2d, F.conv3d):
+    implements(_op, names=("input", "weight", "bias", "stride", "padding", "dilation", "groups"),
+               defaults=(None, 1, 0, 1, 1))(conv_form(_op))
