@@ -12,12 +12,11 @@ import copy
 
 import pytest
 import torch
+from _helpers import run
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from strategies import CASES, Case
 from torch import Tensor, nn
-from torch.func import functional_call
-from torch.utils._pytree import tree_flatten, tree_map
 
 import lora_inject as li
 from lora_inject import kind as kind_module
@@ -31,23 +30,6 @@ FEW = settings(max_examples=max(2, settings.default.max_examples // 8))
 
 
 # -- helpers -------------------------------------------------------------------------------------
-def cast(tree, dtype):
-    done: dict[int, Tensor] = {}
-
-    def one(t):
-        if not (isinstance(t, Tensor) and t.is_floating_point()):
-            return t
-        return done.setdefault(id(t), t.to(dtype))
-
-    return tree_map(one, tree)
-
-
-def run(model: nn.Module, case: Case, dtype=torch.float32, params=None) -> list[Tensor]:
-    args, kwargs = cast((case.args, case.kwargs), dtype)
-    out = model(*args, **kwargs) if params is None else functional_call(model, params, args, kwargs)
-    return [t for t in tree_flatten(out)[0] if isinstance(t, Tensor)]
-
-
 def options(data, kind: str, case: Case) -> dict:
     """Arguments of ``inject`` for ``kind`` that fit every adapted tensor of ``case``."""
     if kind == "loha":
