@@ -19,6 +19,7 @@ import torch
 from torch import nn
 from transformers import (
     BertConfig,
+    BertForSequenceClassification,
     BertModel,
     GPT2Config,
     GPT2LMHeadModel,
@@ -79,3 +80,18 @@ def bert(layers: int = 2, width: int | None = None, *, head: bool = False, seed:
                     vocab_size=50, max_position_embeddings=32)
     kwargs = {} if head else dict(add_pooling_layer=False)
     return _build(BertModel, BertConfig(**{**base, **config}), eval=not head, seed=seed, dtype=dtype, **kwargs)
+
+
+def bert_classifier(layers: int = 2) -> BertForSequenceClassification:
+    """The tiny BERT sequence classifier the Trainer tests train (seed 0, two labels, no dropout)."""
+    cfg = BertConfig(hidden_size=16, num_hidden_layers=layers, num_attention_heads=2, intermediate_size=32,
+                     vocab_size=50, max_position_embeddings=32, num_labels=2,
+                     hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    return _build(BertForSequenceClassification, cfg, eval=False, seed=0, dtype=None)
+
+
+def classification_data(n: int = 24) -> list[dict]:
+    """``n`` rows of 8 token ids for :func:`bert_classifier`, labelled by their first id's parity."""
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(1, 50, (n, 8), generator=g)
+    return [{"input_ids": i, "labels": int(i[0] % 2)} for i in ids]

@@ -14,6 +14,7 @@ import warnings
 
 import pytest
 import torch
+from _models import bert_classifier, classification_data
 from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
 
@@ -276,22 +277,6 @@ def test_llama_compile_matches_eager(kind, fresh_dynamo):
 
 
 # -- AdapterTrainer -----------------------------------------------------------------------------
-def bert():
-    from transformers import BertConfig, BertForSequenceClassification
-
-    torch.manual_seed(0)
-    cfg = BertConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
-                     vocab_size=50, max_position_embeddings=32, num_labels=2,
-                     hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
-    return BertForSequenceClassification(cfg)
-
-
-def bert_data(n: int = 24) -> list[dict]:
-    g = torch.Generator().manual_seed(1)
-    ids = torch.randint(1, 50, (n, 8), generator=g)
-    return [{"input_ids": i, "labels": int(i[0] % 2)} for i in ids]
-
-
 def make_trainer(model, out):
     from transformers import TrainingArguments
 
@@ -300,7 +285,7 @@ def make_trainer(model, out):
     args = TrainingArguments(str(out), per_device_train_batch_size=4, max_steps=4, save_steps=2,
                              learning_rate=5e-2, logging_steps=100, report_to=[], seed=3,
                              use_cpu=True, dataloader_num_workers=0)
-    return AdapterTrainer(model=model, args=args, train_dataset=bert_data())
+    return AdapterTrainer(model=model, args=args, train_dataset=classification_data())
 
 
 def adapted_bert(base, kind):
@@ -325,7 +310,7 @@ def adapter(model) -> dict[str, Tensor]:
 @pytest.mark.slow
 @pytest.mark.parametrize("kind", ["lokr", "vera"])
 def test_trainer_checkpoints_hold_the_kind_and_resume_is_exact(kind, tmp_path):
-    base = bert()
+    base = bert_classifier(layers=1)
     whole = adapted_bert(base, kind)
     start = adapter(whole)
     run(make_trainer(whole, tmp_path / "whole"))
@@ -374,7 +359,7 @@ def test_trainer_refuses_before_training_what_peft_format_cannot_checkpoint(kind
     before = adapter(model)
     args = TrainingArguments(str(tmp_path), per_device_train_batch_size=4, max_steps=2, save_steps=1,
                              report_to=[], use_cpu=True, dataloader_num_workers=0)
-    t = AdapterTrainer(model=model, args=args, train_dataset=bert_data(8), adapter_format="peft")
+    t = AdapterTrainer(model=model, args=args, train_dataset=classification_data(8), adapter_format="peft")
     with pytest.raises(ValueError, match=r"AdapterTrainer.train\(\): the checkpoints of adapter 'default' "
                                          r"cannot be written with adapter_format='peft': save_adapter\(\)"):
         run(t)

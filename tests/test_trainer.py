@@ -10,24 +10,12 @@ import warnings
 import peft
 import pytest
 import torch
-from transformers import BertConfig, BertForSequenceClassification, TrainingArguments
+from _models import bert_classifier as base_model
+from _models import classification_data as data
+from transformers import TrainingArguments
 
 import lora_inject as li
 from lora_inject.trainer import AdapterTrainer
-
-
-def base_model() -> BertForSequenceClassification:
-    torch.manual_seed(0)
-    cfg = BertConfig(hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32,
-                     vocab_size=50, max_position_embeddings=32, num_labels=2,
-                     hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
-    return BertForSequenceClassification(cfg)
-
-
-def data(n: int = 24) -> list[dict]:
-    g = torch.Generator().manual_seed(1)
-    ids = torch.randint(1, 50, (n, 8), generator=g)
-    return [{"input_ids": i, "labels": int(i[0] % 2)} for i in ids]
 
 
 def trainer(model, out, format="lora_inject", **kw) -> AdapterTrainer:
