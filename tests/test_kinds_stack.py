@@ -12,6 +12,7 @@ import copy
 import os
 import warnings
 
+import _models
 import pytest
 import torch
 from _models import bert_classifier, classification_data
@@ -145,13 +146,8 @@ def test_autocast_matches_the_merged_plain_layer(kind):
 
 
 def gpt2(kind: str) -> nn.Module:
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    torch.manual_seed(0)
-    model = GPT2LMHeadModel(GPT2Config(
-        n_embd=16, n_layer=1, n_head=2, vocab_size=32, n_positions=16, bos_token_id=None,
-        eos_token_id=None, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, attn_implementation="eager",
-    ))
+    model = _models.gpt2(layers=1, width=16, head=True, seed=0, vocab_size=32, n_positions=16,
+                         attn_implementation="eager")
     kw = dict(KINDS[kind], feedforward=r"mlp\.c_proj") if kind == "ia3" else KINDS[kind]
     li.inject(model, "c_attn|c_proj|c_fc", kind=kind, **kw)
     li.mark_only_lora_as_trainable(model)
@@ -236,13 +232,8 @@ def test_vmap_of_grad_per_sample_matches_the_loop(kind):
 
 # -- a tiny transformers model ------------------------------------------------------------------
 def llama(kind: str) -> nn.Module:
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(
-        hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
-        num_key_value_heads=1, vocab_size=32, max_position_embeddings=16,
-    ))
+    model = _models.llama(layers=1, width=16, head=True, seed=0, intermediate_size=32, num_attention_heads=2,
+                          num_key_value_heads=1, vocab_size=32, max_position_embeddings=16)
     kw = dict(KINDS[kind], feedforward="down_proj") if kind == "ia3" else KINDS[kind]
     li.inject(model, r"(q|v|down)_proj", kind=kind, **kw)
     li.mark_only_lora_as_trainable(model)
