@@ -268,6 +268,14 @@ def boolean(v) -> bool:
     return isinstance(v, bool)
 
 
+# The options LoHa and LoKr share, as peft's LycorisConfig holds them for both.
+LYCORIS_OPTIONS = (
+    Option("rank_dropout", 0.0, probability, "a float in [0, 1)"),
+    Option("module_dropout", 0.0, probability, "a float in [0, 1)"),
+    Option("use_effective_conv2d", False, boolean, "a bool"),
+)
+
+
 # -- the registry -------------------------------------------------------------------------------
 _KINDS: dict[str, Kind] = {}
 

@@ -23,7 +23,15 @@ import math
 import torch
 from torch import Tensor
 
-from ..kind import Kind, Option, boolean, channels, kaiming_, kernel, positive_rank, probability, register_kind
+from ..kind import (
+    LYCORIS_OPTIONS,
+    Kind,
+    channels,
+    kaiming_,
+    kernel,
+    positive_rank,
+    register_kind,
+)
 from ..view import View
 
 __all__: list[str] = []
@@ -80,10 +88,6 @@ LOHA = Kind(
     create=create,
     delta=delta,
     validate=positive_rank('loha'),
-    options=(
-        Option("rank_dropout", 0.0, probability, "a float in [0, 1)"),
-        Option("module_dropout", 0.0, probability, "a float in [0, 1)"),
-        Option("use_effective_conv2d", False, boolean, "a bool"),
-    ),
+    options=LYCORIS_OPTIONS,
 )
 register_kind("loha", LOHA)

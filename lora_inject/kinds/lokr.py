@@ -30,7 +30,17 @@ import math
 import torch
 from torch import Tensor
 
-from ..kind import Kind, Option, boolean, channels, kaiming_, kernel, positive_rank, probability, register_kind
+from ..kind import (
+    LYCORIS_OPTIONS,
+    Kind,
+    Option,
+    boolean,
+    channels,
+    kaiming_,
+    kernel,
+    positive_rank,
+    register_kind,
+)
 from ..view import View
 
 __all__: list[str] = []
@@ -133,9 +143,7 @@ LOKR = Kind(
     delta=delta,
     validate=positive_rank('lokr'),
     options=(
-        Option("rank_dropout", 0.0, probability, "a float in [0, 1)"),
-        Option("module_dropout", 0.0, probability, "a float in [0, 1)"),
-        Option("use_effective_conv2d", False, boolean, "a bool"),
+        *LYCORIS_OPTIONS,
         Option("decompose_both", False, boolean, "a bool"),
         Option("decompose_factor", -1, _factor, "a positive int, or -1 for near the square root"),
         Option("rank_dropout_scale", False, boolean, "a bool"),
