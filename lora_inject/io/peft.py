@@ -45,16 +45,18 @@ from ..lora import LoRA, lora_scaling
 from ..rule import find_rule, own_tensor_names, type_name
 from ..view import View, compute_dtype
 from .entries import Copy, Entry, tensor_shape
-from .files import dtype_name, is_integer, read_json, read_safetensors
+from .files import dtype_name, is_integer, read_json, read_pickled, read_safetensors
 
 CONFIG = "adapter_config.json"
 WEIGHTS = "adapter_model.safetensors"
+PICKLE = "adapter_model.bin"  # peft's save_pretrained(safe_serialization=False)
 PREFIX = "base_model.model."
 _SUFFIXES = {".lora_A.weight": "A", ".lora_B.weight": "B", ".lora_embedding_A": "A", ".lora_embedding_B": "B",
-             ".lora_magnitude_vector": "m"}
+             ".lora_magnitude_vector": "m", ".lora_B.bias": "b"}
+_BIASED = ("linear", "conv", "conv1d")  # the layers where peft's lora_B has a bias (lora_bias=True)
 _INITS = (True, False, "gaussian", "eva", "orthogonal")  # inits that leave the base weights alone
 _UNSUPPORTED = {
-    "lora_bias": "`lora_bias`", "trainable_token_indices": "`trainable_token_indices`",
+    "trainable_token_indices": "`trainable_token_indices`",
     "layer_replication": "`layer_replication`", "megatron_config": "Megatron layers",
     "use_qalora": "QALoRA", "alora_invocation_tokens": "aLoRA", "velora_config": "VeLoRA",
     "monteclora_config": "MonteCLoRA", "arrow_config": "Arrow", "kasa_config": "KaSA", "use_bdlora": "BD-LoRA",
@@ -65,7 +67,7 @@ _KNOWN = {
     "alpha_pattern", "use_rslora", "fan_in_fan_out", "bias", "init_lora_weights", "layers_pattern",
     "megatron_core", "loftq_config", "modules_to_save", "target_parameters", "layers_to_transform",
     "eva_config", "corda_config", "lora_ga_config", "qalora_group_size",
-    "runtime_config", "ensure_weight_tying", "target_modules_to_tie", "use_dora", *_UNSUPPORTED,
+    "runtime_config", "ensure_weight_tying", "target_modules_to_tie", "use_dora", "lora_bias", *_UNSUPPORTED,
 }
 
 
@@ -175,8 +177,12 @@ def _merged(module: nn.Module, e: Entry) -> Tensor:
     return (base.to(dtype) + view.stored(delta)).to(base.dtype)
 
 
-def to_peft(fn: str, model: nn.Module, entries: list[Entry]) -> tuple[dict, dict[str, Tensor]]:
-    """Translate our entries to peft's config and tensors, or raise if one has no equivalent."""
+def to_peft(fn: str, model: nn.Module, entries: list[Entry], lora_bias: bool = False) -> tuple[dict, dict[str, Tensor]]:
+    """Translate our entries to peft's config and tensors, or raise if one has no equivalent.
+
+    With ``lora_bias``, the update of each LoRA layer's bias is written as peft's ``lora_B.bias``
+    (``b = delta / s``, zeros where the bias has no update) instead of a copy of the whole bias.
+    """
     entries = [_from_w0(e) for e in entries]
     modules = dict(named_modules(model))
     parents = _parents(modules)
@@ -207,6 +213,20 @@ def to_peft(fn: str, model: nn.Module, entries: list[Entry]) -> tuple[dict, dict
     if clash is not None:
         raise ValueError(f"{fn}(): `{clash.module}` would be both a full copy (modules_to_save) and a LoRA "
                          "layer in peft's format, which peft cannot hold. Save with format='lora_inject'.")
+    if lora_bias:
+        odd = next((e for e in lora if kinds[e.key] not in _BIASED or e.dora), None)
+        if odd is not None:
+            why = "DoRA" if odd.dora else f"a {odd.type} ({kinds[odd.key]})"
+            raise ValueError(f"{fn}(): `lora_bias=True` gives every LoRA layer a bias on lora_B, which peft has on "
+                             f"Linear, Conv1D and Conv layers without DoRA only, but `{odd.key}` is {why}. Save "
+                             "with lora_bias=False (the bias is then written whole).")
+    scalings = {e.module: lora_scaling(e.r, e.alpha, e.rslora) for e in lora}
+    own_bias = {e.module: e for e in full if lora_bias and e.tensor == "bias" and e.module in wrapped
+                and not copied(e.module)}  # written as lora_B.bias
+    zero = next((m for m in own_bias if scalings[m] == 0), None)
+    if zero is not None:
+        raise ValueError(f"{fn}(): `{zero}` has a bias update but a LoRA scaling of 0, so no lora_B.bias gives it. "
+                         "Save with lora_bias=False.")
     mha: dict[str, dict[str, Entry]] = {}  # MultiheadAttention path -> its in_proj and out_proj entries
     for e in lora:
         if kinds[e.key] in ("mha", "mha_out"):
@@ -235,7 +255,7 @@ def to_peft(fn: str, model: nn.Module, entries: list[Entry]) -> tuple[dict, dict
     ranks = {pkey[e.key]: e.r for e in lora}
     r0 = Counter(ranks.values()).most_common(1)[0][0] if lora else 8
     a0 = Counter(alphas.values()).most_common(1)[0][0] if lora else 8
-    biases = {e.module for e in full if e.tensor == "bias" and not copied(e.module)}
+    biases = {e.module for e in full if e.tensor == "bias" and not copied(e.module) and e.module not in own_bias}
     names = [n for n in modules if n]
     targets = sorted({pkey[e.key] for e in lora if kinds[e.key] != "param"}, key=list(modules).index)
     exact = {p: ("^" if any(n != p and n.endswith("." + p) for n in names) else "") + re.escape(p)
@@ -255,7 +275,7 @@ def to_peft(fn: str, model: nn.Module, entries: list[Entry]) -> tuple[dict, dict
         "alpha_pattern": {exact[p]: a for p, a in alphas.items() if a != a0},
         "use_rslora": rslora,
         "fan_in_fan_out": "conv1d" in kinds.values() and "linear" not in kinds.values(),
-        "lora_dropout": dropouts[0], "lora_bias": False, "use_dora": doras[0],
+        "lora_dropout": dropouts[0], "lora_bias": lora_bias, "use_dora": doras[0],
         "bias": "none" if not biases else "lora_only" if biases <= wrapped else "all",
         "modules_to_save": sorted(copies, key=list(modules).index) or None,
         "init_lora_weights": True, "layers_to_transform": None, "layers_pattern": None, "exclude_modules": None,
@@ -280,6 +300,11 @@ def to_peft(fn: str, model: nn.Module, entries: list[Entry]) -> tuple[dict, dict
             E, r = e.A.shape[0], e.r  # (E, r, in) -> (E*r, in); (E, out, r) -> (out, r*E), r-major
             A, B = A.reshape(E * r, -1), B.permute(1, 2, 0).reshape(B.shape[1], r * E)
         tensors[p + ".lora_A.weight"], tensors[p + ".lora_B.weight"] = A, B
+        if lora_bias:  # (out,): the bias gains s * b
+            b = own_bias.get(e.module)
+            b = (b.B.float() @ b.A.float()).reshape(-1) * (lora_scaling(b.r, b.alpha, b.rslora) / scalings[e.module]
+                                                         ) if b is not None else B.new_zeros(B.shape[0])
+            tensors[p + ".lora_B.bias"] = b.to(B.dtype)
     for owner, pair in mha.items():  # peft adapts in_proj and out_proj together: the missing one is zero
         e = next(iter(pair.values()))
         mod = modules[owner]
@@ -291,7 +316,7 @@ def to_peft(fn: str, model: nn.Module, entries: list[Entry]) -> tuple[dict, dict
                 tensors[p + ".lora_B.weight"] = e.B.new_zeros(out, e.r)
     by_key = {e.key: e for e in full}
     for e in full:
-        if copied(e.module):
+        if copied(e.module) or e in own_bias.values():
             continue
         tensors[f"{PREFIX}{e.module}{'.base_layer' if e.module in wrapped else ''}.{e.tensor}"] = \
             _merged(modules[e.module], e)
@@ -351,13 +376,15 @@ class Saved:
 
 
 def read_peft(fn: str, path: str) -> Saved:
-    """Read peft's adapter in the directory ``path``, checking its config."""
+    """Read peft's adapter in the directory ``path``, checking its config. The weights are
+    ``adapter_model.safetensors``, or else ``adapter_model.bin``, read with
+    ``torch.load(weights_only=True)``: tensors only, never an arbitrary object."""
     file, weights = os.path.join(path, CONFIG), os.path.join(path, WEIGHTS)
     config = read_json(fn, file)
     _check_config(fn, file, config)
-    if not os.path.exists(weights) and os.path.exists(os.path.join(path, "adapter_model.bin")):
-        raise ValueError(f"{fn}(): {path} holds adapter_model.bin (a pickle), which is not read; save it "
-                         "with peft's save_pretrained(..., safe_serialization=True).")
+    if not os.path.exists(weights) and os.path.exists(os.path.join(path, PICKLE)):
+        weights = os.path.join(path, PICKLE)
+        return Saved(file, weights, config, read_pickled(fn, weights, integers=True))
     tensors, _ = read_safetensors(fn, weights, integers=True)
     return Saved(file, weights, config, tensors)
 
@@ -407,6 +434,7 @@ def from_peft(fn: str, model: nn.Module, saved: Saved) -> tuple[list[Entry], lis
                          f"do not select `{stray[0]}`, so peft would not load it.")
     entries = [_lora_entry(fn, file, weights, config, modules[c[0]], *c, factors.get(g, {}))
                for g, c in claims.items()]
+    biases = _lora_biases(fn, file, weights, config, modules, claims, factors, entries)
     adapted = {(e.module, e.tensor) for e in entries}
     copies = []
     for (name, tensor), (key, t) in full.items():
@@ -419,10 +447,43 @@ def from_peft(fn: str, model: nn.Module, saved: Saved) -> tuple[list[Entry], lis
             if not torch.equal(t.to(base.device), base):  # a counter: carried exactly, never a LoRA
                 copies.append(Copy(name, tensor, t))
             continue
-        e = _update_entry(fn, weights, name, modules[name], tensor, key, t, (name, tensor) in adapted)
+        e = _update_entry(fn, weights, name, modules[name], tensor, key, t, (name, tensor) in adapted,
+                          biases.pop((name, tensor), None))
         if e is not None:
             entries.append(e)
+    for (name, tensor), delta in biases.items():  # lora_bias alone: the bias gains s * b
+        entries.append(_exact_entry(name, modules[name], tensor, delta))
     return entries, copies
+
+
+def _lora_biases(fn: str, file: str, weights: str, config: dict, modules: dict[str, nn.Module], claims: dict,
+                 factors: dict, entries: list[Entry]) -> dict[tuple[str, str], Tensor]:
+    """peft's ``lora_bias``: ``(module path, "bias")`` to the update ``s * lora_B.bias`` that each
+    LoRA adds to its layer's output, and so to its bias (where peft's merge adds it)."""
+    on = bool(config.get("lora_bias"))
+    out = {}
+    for (g, (name, tensor, kind, pkey, base)), e in zip(claims.items(), entries):
+        got = factors.get(g, {})
+        key = f"{base}.lora_B.bias"
+        if not on and "b" not in got:
+            continue
+        if kind not in _BIASED or tensor != "weight":
+            raise ValueError(f"{fn}(): {file} has lora_bias=True on `{name}` ({kind}), where peft's lora_B has no "
+                             "bias (only Linear, Conv1D and Conv layers); nothing was loaded.")
+        if "b" not in got or not on:
+            raise ValueError(f"{fn}(): {file} has lora_bias={on}, but {weights} {'holds' if 'b' in got else 'lacks'}"
+                             f" `{key}`. It was saved from another adapter.")
+        b = got["b"][1]
+        module = modules[name]
+        if tuple(b.shape) != (e.B.shape[-2],):
+            raise ValueError(f"{fn}(): `{key}` has shape {tuple(b.shape)}, but `{name}.weight` of shape {e.shape} "
+                             f"needs {(e.B.shape[-2],)}. It was saved from another model.")
+        if "bias" not in own_tensor_names(module) or source(module, "bias") is None:
+            raise ValueError(f"{fn}(): {weights} holds `{key}`, but `{name}` ({type_name(module)}) has no bias to "
+                             "carry it (peft cannot merge it either); nothing was loaded. Load it into a model "
+                             "whose layer has a bias.")
+        out[(name, "bias")] = lora_scaling(e.r, e.alpha, e.rslora) * b.to(torch.float32)
+    return out
 
 
 def _copy_rank(key: str) -> int:
@@ -528,22 +589,31 @@ def _lora_entry(fn: str, file: str, weights: str, config: dict, module: nn.Modul
 
 
 def _update_entry(fn: str, weights: str, name: str, module: nn.Module, tensor: str, key: str, saved: Tensor,
-                  adapted: bool) -> Entry | None:
-    """A full saved tensor as the exact update ``saved - W0``; None where it equals the base."""
+                  adapted: bool, more: Tensor | None = None) -> Entry | None:
+    """A full saved tensor as the exact update ``saved - W0`` (plus ``more``, a lora_bias's
+    ``s * b``); None where it equals the base and there is no more."""
     base = source(module, tensor).detach()
     if tuple(saved.shape) != tuple(base.shape):
         raise ValueError(f"{fn}(): {weights} holds `{key}` {tuple(saved.shape)}, a copy of the base tensor "
                          f"`{name}.{tensor}` {tuple(base.shape)} of another shape (a resized vocabulary?). Load "
                          "it into the base model first; nothing was loaded.")
     if torch.equal(saved.to(base.device, base.dtype), base):
-        return None
+        return None if more is None else _exact_entry(name, module, tensor, more)
     if adapted:
         raise ValueError(f"{fn}(): {weights} holds `{key}`, a changed copy of the base tensor `{name}.{tensor}`, "
                          "beside LoRA factors on it. Load the copy into the base model first; nothing was loaded.")
+    delta = saved.to(base.device, torch.float32) - base.to(torch.float32)
+    return _exact_entry(name, module, tensor, delta if more is None else delta + more.to(delta.device))
+
+
+def _exact_entry(name: str, module: nn.Module, tensor: str, delta: Tensor) -> Entry:
+    """The update ``delta`` (in the tensor's stored layout) of ``module.<tensor>`` exactly: a LoRA
+    of full rank with an identity factor."""
+    base = source(module, tensor).detach()
     rule = find_rule(module)
     ours = rule is not None and rule.adapts(tensor)
     view = View(tuple(base.shape), transpose=ours and rule.transpose and base.dim() == 2)
-    delta = view.rows(saved.to(base.device, torch.float32) - base.to(torch.float32))
+    delta = view.rows(delta.to(base.device, torch.float32))
     out, inn = delta.shape
     eye = torch.eye(min(out, inn), dtype=torch.float32, device=base.device)
     A, B = (delta, eye) if out <= inn else (eye, delta)
