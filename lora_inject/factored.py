@@ -98,6 +98,11 @@ class FactoredWeight(Tensor):
             strides = torch.empty(shape, device="meta").stride()
         out = Tensor._make_wrapper_subclass(cls, shape, strides=strides, dtype=dtype,
                                             device=w0.device, requires_grad=False)
+        # The branch runs in the wider of W0's dtype and the factors': half factors on a float32
+        # base are upcast (as peft upcasts them), float32 factors on a half base stay float32.
+        terms = [t if t.A.dtype == t.B.dtype == torch.promote_types(dtype, t.A.dtype) else t._replace(
+            A=t.A.to(torch.promote_types(dtype, t.A.dtype)), B=t.B.to(torch.promote_types(dtype, t.B.dtype)))
+            for t in terms]
         out._w0, out._terms, out._view, out._rows, out._gains = w0, tuple(terms), view, rows, None
         out._leaf, out._owner = False, owner  # owner: the LoRA whose forward made it (see LoRA.right_inverse)
         return out

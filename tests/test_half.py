@@ -128,3 +128,49 @@ def test_unmerged_fast_path_keeps_small_updates_that_merging_into_half_rounds_aw
     # where |x @ W0.T| is large; but most of it survives, and most of the merged one does not.
     assert update_error(unmerged) < 0.3
     assert update_error(merged) > 0.5
+
+
+@pytest.mark.parametrize("dtype", HALF)
+@pytest.mark.parametrize("layer", ["linear", "conv1d", "embedding", "conv2d"])
+def test_half_factors_on_a_float32_base_run_in_float32(layer, dtype):
+    """The branch runs in the wider dtype: half factors are upcast, not the input cast down to them,
+    so the output and the gradients equal those of the float32 copies of the same factors."""
+    torch.manual_seed(0)
+    make = {"linear": lambda: nn.Linear(32, 16), "conv2d": lambda: nn.Conv2d(4, 8, 3),
+            "embedding": lambda: nn.Embedding(20, 16), "conv1d": lambda: gpt2().h[0].attn.c_attn}[layer]
+    x = {"linear": torch.randn(8, 32), "conv2d": torch.randn(2, 4, 6, 6),
+         "embedding": torch.randint(0, 20, (8,)), "conv1d": torch.randn(8, 16)}[layer]
+    half, wide = make(), None
+    li.inject(half, "", r=4, alpha=8, dtype=dtype)
+    with torch.no_grad():
+        for p in li.lora_parameters(half):
+            p.normal_(0, 0.5)
+    wide = copy.deepcopy(half)
+    for p in li.lora_parameters(wide):
+        p.data = p.data.float()
+    out, ref = half(x), wide(x)
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(out, ref, rtol=1e-6, atol=1e-6)
+    out.square().sum().backward()
+    ref.square().sum().backward()
+    for p, q in zip(li.lora_parameters(half), li.lora_parameters(wide), strict=True):
+        assert p.grad.dtype == dtype
+        torch.testing.assert_close(p.grad, q.grad.to(dtype))
+
+
+@pytest.mark.parametrize("dtype", HALF)
+def test_half_factors_on_a_float32_base_give_peft_outputs(dtype, tmp_path):
+    """peft upcasts half factors on load and computes in the base's float32: our export read by
+    peft gives our outputs (they were 1e-3 apart while our branch ran in the factors' dtype)."""
+    peft = pytest.importorskip("peft")
+    base = gpt2(head=True)
+    model = li.inject(copy.deepcopy(base), "c_attn|c_fc|wpe", r=4, alpha=8, dtype=dtype)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for p in li.lora_parameters(model):
+            p.normal_(0, 0.3)
+    li.save_adapter(model, tmp_path, format="peft")
+    theirs = peft.PeftModel.from_pretrained(copy.deepcopy(base), str(tmp_path)).eval()
+    x = torch.randint(1, 40, (2, 7))
+    with torch.no_grad():
+        torch.testing.assert_close(model.eval()(x).logits, theirs(x).logits, rtol=1e-6, atol=1e-6)
