@@ -11,6 +11,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 import torch
+import transformers.trainer
 from transformers import Trainer
 
 from .io import load_adapter, save_adapter
@@ -61,6 +62,13 @@ class AdapterTrainer(Trainer):
     A model that transformers quantized (``from_pretrained(..., quantization_config=
     BitsAndBytesConfig(...))``) trains too: ``Trainer`` refuses a "purely quantized" model, and
     this one is told that adapters are attached, as peft's are.
+
+    Under FSDP (accelerate's FSDP2: ``fully_shard`` per block and the root), ``Trainer`` would
+    write each checkpoint as a sharded copy of the whole model (``pytorch_model_fsdp_0/``) and
+    never call the save above. Here every rank unshards the adapted modules, the main one writes
+    the adapter as it does without FSDP, and the optimizer's shards are written as accelerate
+    writes them (``optimizer_0/``); a resumed run loads the adapter into the sharded factors, each
+    rank its own shard, so it matches an uninterrupted run as under DDP.
 
     A checkpoint holds the adapter only, so only the adapter may train: :meth:`train` refuses a
     model with any other parameter that requires grad (call
@@ -121,6 +129,35 @@ class AdapterTrainer(Trainer):
                                      f"cannot be written with adapter_format='peft': {e} Or pass "
                                      "adapter_format='lora_inject'.") from e
         return super().train(*args, **kwargs)
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        if not self.is_fsdp_enabled:
+            return super().save_model(output_dir, _internal_call)
+        # FSDP: Trainer would gather the whole model (FULL_STATE_DICT) or write nothing here
+        # (SHARDED_STATE_DICT, whose model shards go with the optimizer's). Every rank gathers the
+        # adapted modules' tensors, the main one writes the adapter, every rank frees them again.
+        from torch.distributed.fsdp import FSDPModule
+
+        shards = [m for m in self.model.modules() if isinstance(m, FSDPModule)]
+        for m in shards:
+            m.unshard()
+        try:
+            self._save(output_dir)
+        finally:
+            for m in shards:
+                m.reshard()
+
+    def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
+        if not self.is_fsdp_enabled:
+            return super()._save_optimizer_and_scheduler(output_dir)
+        # The optimizer, scheduler and RNG states as Trainer writes them, without its sharded copy
+        # of the whole model (save_model has written the adapter).
+        save_fsdp_model = transformers.trainer.save_fsdp_model
+        transformers.trainer.save_fsdp_model = lambda *args, **kwargs: None
+        try:
+            super()._save_optimizer_and_scheduler(output_dir)
+        finally:
+            transformers.trainer.save_fsdp_model = save_fsdp_model
 
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
         output_dir = output_dir if output_dir is not None else self.args.output_dir

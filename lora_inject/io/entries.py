@@ -282,6 +282,11 @@ def _fill(lora: LoRA, name: str, e: Entry) -> None:
         if mine[k].shape != t.shape:
             raise ValueError(f"load_adapter(): `{e.key}.{k}` has shape {tuple(t.shape)} in the saved adapter but "
                              f"{tuple(mine[k].shape)} in the model. The file is corrupt; save the adapter again.")
+        if hasattr(mine[k], "device_mesh"):  # a DTensor (FSDP2's shard): this rank's part of the full tensor
+            from torch.distributed.tensor import distribute_tensor
+
+            t = distribute_tensor(t.to(mine[k].device, mine[k].dtype), mine[k].device_mesh, mine[k].placements,
+                                  src_data_rank=None)  # every rank holds the full tensor: no communication
         mine[k].copy_(t)
     lora.refresh_scaling(name)
 
