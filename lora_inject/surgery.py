@@ -19,7 +19,7 @@ from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 
 from . import quant
 from .hooks import disown_class, hook, own_class, own_forward, own_setter, unhook
-from .inits import INITS, WEIGHT_INITS
+from .inits import INITS, START_INITS, WEIGHT_INITS, loftq_factors
 from .kind import Kind, find_kind
 from .lookup import (
     adapter_names,
@@ -37,7 +37,7 @@ from .lookup import (
     qualified,
     source,
 )
-from .lora import Adapter, Bias, LoRA, check_adapter_name
+from .lora import Adapter, Bias, LoRA, check_adapter_name, lora_scaling
 from .rule import Rule, RuleKey, find_rule, type_name
 from .view import View
 
@@ -68,6 +68,7 @@ def inject(
     dtype: torch.dtype | None = None,
     rslora: bool = False,
     dora: bool = False,
+    dense: Mapping[str, Tensor] | None = None,
     **options,
 ) -> M:
     r"""Add a LoRA adapter, in place, to every module of ``model`` that ``targets`` selects.
@@ -109,7 +110,9 @@ def inject(
         init (str): ``"default"`` or ``"gaussian"`` (``A ~ N(0, 1/r)``), with ``B`` zero in both;
             or ``"pissa"``/``"olora"``: ``A`` and ``B`` from the SVD/QR of ``W0``, as in peft,
             with the initial factors kept frozen so that the weight is unchanged at init and
-            ``W0`` is never written (see :mod:`lora_inject.inits`).
+            ``W0`` is never written (see :mod:`lora_inject.inits`); or ``"loftq"`` on quantized
+            targets, with ``dense``: ``s * B @ A`` starts as the best rank-``r`` approximation of
+            ``dense - dequantize(W0)``, so the quantized model starts close to the dense one.
         rules (mapping, optional): a registry to use instead of the default one
             (see :func:`~lora_inject.default_rules`).
         dtype (torch.dtype, optional): the factors' dtype, such as ``torch.float32`` on a
@@ -119,6 +122,9 @@ def inject(
         dora (bool): DoRA: the weight becomes ``m * (W0 + s * B @ A) / ||W0 + s * B @ A||`` with a
             trainable magnitude ``m`` per output unit, initialised so that the model is unchanged
             (see :mod:`lora_inject.dora`). Default: ``False``.
+        dense (mapping, optional): for ``init="loftq"``, the dense weights the quantized targets
+            were made from, under the model's state-dict keys (``"model.layers.0.mlp.up_proj.weight"``):
+            the original checkpoint's state dict. Default: ``None``.
         **options: the options of ``kind``, named as peft's config fields for that kind (such as
             ``oft_block_size`` for OFT, ``feedforward`` for IA³: a selector of modules as
             ``targets``, peft's ``feedforward_modules``); see each kind's module.
@@ -130,10 +136,13 @@ def inject(
         TypeError: if ``targets``/``exclude`` is of the wrong kind, ``r`` is not an int, ``alpha``
             is not a number,
             ``adapter`` is not a str, ``dtype`` is not a floating dtype, ``rslora`` or ``dora``
-            is not a bool, ``rules`` is not a mapping to :class:`~lora_inject.Rule`, or a
-            selected tensor is not floating point.
+            is not a bool, ``rules`` is not a mapping to :class:`~lora_inject.Rule`, a
+            selected tensor is not floating point, or ``dense`` is not a mapping of tensors.
         ValueError: if ``r`` is not positive, ``alpha`` is not finite, a regex is invalid,
-            ``init`` or ``adapter`` is not valid, ``init="pissa"`` has ``alpha <= 0``,
+            ``init`` or ``adapter`` is not valid, ``init="pissa"``/``"loftq"`` has ``alpha <= 0``,
+            ``dense`` is given without ``init="loftq"`` (or that init without it, or with
+            ``dora``), a LoftQ target is not quantized or ``dense`` lacks its weight or holds
+            another shape,
             ``dropout`` is outside [0, 1) or set on a layer without a factored form, the
             adapter already exists on a selected tensor, a selected tensor is shared with
             another module, a rule names a tensor the module lacks, a sparse ``Embedding`` or
@@ -154,6 +163,10 @@ def inject(
     """
     if not isinstance(kind, str):
         raise TypeError(f"inject(): `kind` must be a str such as 'lora' or 'loha', got {type(kind).__name__}.")
+    if (dense is None) != (init != "loftq") or (init == "loftq" and (dora or kind != "lora")):
+        raise ValueError(f"inject(): `dense` goes with init='loftq' on a plain LoRA (kind='lora', dora=False), got "
+                         f"init={init!r}, dense={'None' if dense is None else type(dense).__name__}, kind={kind!r}, "
+                         f"dora={dora}.")
     if kind != "lora":
         return _inject_kind(model, targets, find_kind(kind), r=r, alpha=alpha, adapter=adapter,
                             exclude=exclude, dropout=dropout, init=init, rules=rules, dtype=dtype,
@@ -185,8 +198,8 @@ def inject(
     if rules is not None and not (isinstance(rules, Mapping) and all(isinstance(v, Rule) for v in rules.values())):
         raise TypeError(f"inject(): `rules` must be None or a mapping from module types to lora_inject.Rule, "
                         f"such as lora_inject.default_rules(), got {type(rules).__name__}.")
-    if init == "pissa" and alpha <= 0:
-        raise ValueError(f"inject(): init='pissa' splits W0's singular values by the scaling, so `alpha` "
+    if init in ("pissa", "loftq") and alpha <= 0:
+        raise ValueError(f"inject(): init={init!r} splits singular values by the scaling, so `alpha` "
                          f"must be positive, got {alpha}.")
     if not isinstance(model, nn.Module):
         raise TypeError(f"inject(): `model` must be an nn.Module, got {type(model).__name__}.")
@@ -207,8 +220,18 @@ def inject(
                 UserWarning,
                 stacklevel=2,
             )
-        settings = Adapter(r=r, alpha=alpha, dropout=dropout, init=init, rslora=rslora, dora=dora, targets=spec)
+        starts = None if init not in START_INITS else loftq_factors(  # checked before anything changes
+            [(qualified(q, t), source(m, t), rule_view(shape, rule)) for q, m, rule, t, shape in plan], dense, r,
+            lora_scaling(r, alpha, rslora))
+        settings = Adapter(r=r, alpha=alpha, dropout=dropout, init="default" if starts else init, rslora=rslora,
+                           dora=dora, targets=spec)
         _attach_plan(model, plan, adapter, dtype, lambda q, m, rule, view: dataclasses.replace(settings))
+        with torch.no_grad():
+            for q, m, _, t, _ in plan if starts else ():
+                lora = find_lora(m, t)
+                A, B = starts[qualified(q, t)]
+                lora.lora_A[adapter].copy_(A)
+                lora.lora_B[adapter].copy_(B)
         return model
 
 

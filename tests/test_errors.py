@@ -91,7 +91,8 @@ INJECT = [
                  r"`exclude` must be a regex str, .*got set\.", id="exclude-set"),
     # init, adapter, dtype, dropout, rslora
     pytest.param(mlp_a, dict(targets="fc", init="xavier"), ValueError,
-                 r"`init` must be one of \('default', 'gaussian', 'pissa', 'olora'\), got 'xavier'\.", id="init"),
+                 r"`init` must be one of \('default', 'gaussian', 'pissa', 'olora', 'loftq'\), got 'xavier'\.",
+                 id="init"),
     pytest.param(mlp_a, dict(targets="fc", adapter="a.b"), ValueError,
                  r"`adapter` must be a Python identifier .*got 'a\.b'\.", id="adapter='a.b'"),
     pytest.param(mlp_a, dict(targets="fc", adapter=""), ValueError,
