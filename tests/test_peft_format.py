@@ -490,6 +490,16 @@ def test_peft_only_save_options_are_refused_for_our_format(kwargs, match, tmp_pa
     assert not (tmp_path / "out").exists()
 
 
+def test_lora_bias_is_refused_for_another_kind_and_a_flag_must_be_a_bool(tmp_path):
+    with pytest.raises(ValueError, match=r"`lora_bias=True` is a setting of peft's LoRA, but adapter 'default' is of "
+                                         r"kind 'ia3'"):
+        save_adapter(inject(gpt2(), "c_attn", kind="ia3", feedforward=False), tmp_path / "out", format="peft",
+                     lora_bias=True)
+    with pytest.raises(TypeError, match=r"`safe_serialization` must be a bool, got str"):
+        save_adapter(inject(gpt2(), "c_attn", r=2), tmp_path / "out", format="peft", safe_serialization="no")
+    assert not (tmp_path / "out").exists()
+
+
 def test_lora_bias_is_refused_where_peft_has_no_bias_on_lora_b(tmp_path):
     model = inject(gpt2(), "wte|c_attn", r=2)
     with pytest.raises(ValueError, match=r"`lora_bias=True` gives every LoRA layer .* but `wte\.weight` is a "

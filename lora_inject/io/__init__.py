@@ -90,7 +90,8 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, *, adapter: str = "d
 
     Raises:
         TypeError: if ``model`` is not an ``nn.Module``, ``path`` is not a str or
-            ``os.PathLike`` of str, ``format`` or ``adapter`` is not a str.
+            ``os.PathLike`` of str, ``format`` or ``adapter`` is not a str, or
+            ``safe_serialization`` or ``lora_bias`` is not a bool.
         ValueError: if ``format`` is unknown, ``safe_serialization=False`` or ``lora_bias=True`` is
             given with ``format="lora_inject"``, ``path`` is empty, ``path`` exists and is not a directory (a file, a
             dangling symlink), the model has no adapter ``adapter``, or (for ``format="peft"``)
@@ -131,6 +132,9 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, *, adapter: str = "d
                            "to save. Materialise the model first (model.to_empty(device=...), then "
                            "li.init_lora(model) or load the factors), then save.")
     if format == "peft" and any(e.kind != "lora" for e in entries):
+        if lora_bias:
+            raise ValueError(f"{fn}(): `lora_bias=True` is a setting of peft's LoRA, but adapter {adapter!r} is of "
+                             f"kind {next(e.kind for e in entries if e.kind != 'lora')!r}. Leave lora_bias out.")
         config, tensors = peft.kinds_to_peft(fn, model, entries)
     elif format == "peft":
         config, tensors = peft.to_peft(fn, model, entries, lora_bias=lora_bias)

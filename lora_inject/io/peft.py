@@ -316,7 +316,7 @@ def to_peft(fn: str, model: nn.Module, entries: list[Entry], lora_bias: bool = F
                 tensors[p + ".lora_B.weight"] = e.B.new_zeros(out, e.r)
     by_key = {e.key: e for e in full}
     for e in full:
-        if copied(e.module) or e in own_bias.values():
+        if copied(e.module) or e.module in own_bias and e.tensor == "bias":
             continue
         tensors[f"{PREFIX}{e.module}{'.base_layer' if e.module in wrapped else ''}.{e.tensor}"] = \
             _merged(modules[e.module], e)
