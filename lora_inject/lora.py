@@ -401,14 +401,21 @@ class LoRA(nn.Module):
 
     def init_from_weight(self, name: str, W: Tensor) -> None:
         """Initialise what adapter ``name`` reads from the weight ``W`` that this LoRA receives:
-        PiSSA/OLoRA factors (and their frozen copies), then DoRA's magnitude.
+        PiSSA/OLoRA factors (and their frozen copies), then DoRA's magnitude; for another kind,
+        what its :attr:`~lora_inject.Kind.fill` sets.
 
         Raises:
             ValueError: if a PiSSA/OLoRA init meets a weight that is not finite.
         """
         a = self.records[name]
-        if W.is_meta or a.kind != "lora":
+        if W.is_meta:
             return  # nothing to read; initialise after materialising the weight
+        if a.kind != "lora":
+            fill = find_kind(a.kind).fill
+            if fill is not None:
+                with torch.no_grad():
+                    fill(self.tensors(name), quant.dense(W).detach(), self.view, a.options)
+            return
         with torch.no_grad():
             W = quant.dense(W)  # a quantized weight is read as the dense one it stands for
             M = self.view.rows(W.detach())

@@ -365,7 +365,7 @@ def _attach_plan(model, plan, adapter, dtype, make, share=lambda view: None, kin
                     linked.append((module, tensor_name))
         for module, tensor_name, lora, _ in done:  # these read the weight that LoRA receives
             a = lora.adapter(adapter)
-            if a.dora or a.init in WEIGHT_INITS:
+            if a.dora or a.init in WEIGHT_INITS or a.kind != "lora" and find_kind(a.kind).fill is not None:
                 lora.init_from_weight(adapter, lora_input(module, tensor_name, lora))
     except BaseException:
         for module, tensor_name in reversed(linked):
