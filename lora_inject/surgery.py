@@ -18,6 +18,7 @@ from torch.nn.utils import parametrize
 from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 
 from . import quant
+from .copies import full_groups, saved_modules, token_sites, within
 from .hooks import disown_class, hook, own_class, own_forward, own_setter, unhook
 from .inits import INITS, WEIGHT_INITS
 from .kind import Kind, find_kind
@@ -39,6 +40,7 @@ from .lookup import (
 )
 from .lora import Adapter, Bias, LoRA, check_adapter_name
 from .rule import Rule, RuleKey, find_rule, type_name
+from .tied import others, tensor_users, tie, tied_to, untie
 from .view import View
 
 __all__ = ["RequantizationWarning", "inject", "remove"]
@@ -68,6 +70,8 @@ def inject(
     dtype: torch.dtype | None = None,
     rslora: bool = False,
     dora: bool = False,
+    modules_to_save: Sequence[str] | None = None,
+    trainable_token_indices: Sequence[int] | Mapping[str, Sequence[int]] | None = None,
     **options,
 ) -> M:
     r"""Add a LoRA adapter, in place, to every module of ``model`` that ``targets`` selects.
@@ -119,6 +123,17 @@ def inject(
         dora (bool): DoRA: the weight becomes ``m * (W0 + s * B @ A) / ||W0 + s * B @ A||`` with a
             trainable magnitude ``m`` per output unit, initialised so that the model is unchanged
             (see :mod:`lora_inject.dora`). Default: ``False``.
+        modules_to_save (list of str, optional): modules that train whole as part of the adapter,
+            matched as peft matches them (a module whose path ends with a name, and everything in
+            it): each floating parameter gets kind ``"full"``, a trainable copy that the tensor
+            reads while the adapter is active (``W0`` stays, frozen), so ``remove(merge=False)``
+            and :func:`~lora_inject.disabled` give the base back and ``remove(merge=True)`` keeps
+            the trained values. ``targets`` never reach them. Default: ``None``.
+        trainable_token_indices (list of int, or dict of str to list of int, optional): token
+            rows that train whole as part of the adapter (peft's ``trainable_token_indices``,
+            kind ``"tokens"``): a list for ``model.get_input_embeddings()``, or a dict from
+            module names (matched as ``modules_to_save``) to ids. A tied head reads the same rows.
+            Default: ``None``.
         **options: the options of ``kind``, named as peft's config fields for that kind (such as
             ``oft_block_size`` for OFT, ``feedforward`` for IA³: a selector of modules as
             ``targets``, peft's ``feedforward_modules``); see each kind's module.
@@ -154,6 +169,10 @@ def inject(
     """
     if not isinstance(kind, str):
         raise TypeError(f"inject(): `kind` must be a str such as 'lora' or 'loha', got {type(kind).__name__}.")
+    if modules_to_save is not None or trainable_token_indices is not None:
+        return _inject_with_copies(model, targets, modules_to_save, trainable_token_indices, dict(
+            kind=kind, r=r, alpha=alpha, adapter=adapter, exclude=exclude, dropout=dropout, init=init, rules=rules,
+            dtype=dtype, rslora=rslora, dora=dora, **options))
     if kind != "lora":
         return _inject_kind(model, targets, find_kind(kind), r=r, alpha=alpha, adapter=adapter,
                             exclude=exclude, dropout=dropout, init=init, rules=rules, dtype=dtype,
@@ -278,6 +297,40 @@ def _inject_kind(model, targets, kind: Kind, *, r, alpha, adapter, exclude, drop
         return model
 
 
+def _inject_with_copies(model, targets, modules_to_save, trainable_token_indices, kwargs) -> nn.Module:
+    """``inject`` on ``targets``, then the whole tensors of ``modules_to_save`` (kind ``"full"``) and
+    the rows of ``trainable_token_indices`` (kind ``"tokens"``) as part of the same adapter; all or
+    nothing."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"inject(): `model` must be an nn.Module, got {type(model).__name__}.")
+    saved = [] if modules_to_save is None else saved_modules("inject", model, modules_to_save)
+    tokens = [] if trainable_token_indices is None else token_sites("inject", model, trainable_token_indices)
+    groups = full_groups(model, saved)
+    if saved:  # as in peft, the targets never reach a module that is saved whole
+        exclude, inside = kwargs["exclude"], within(saved)
+        leave = matcher("inject", "exclude", exclude) if exclude is not None else None
+        kwargs["exclude"] = lambda q, m: inside(q, m) or (leave is not None and leave(q, m))
+    adapter = kwargs["adapter"]
+    inject(model, targets, **kwargs)
+    try:
+        for paths, rule in groups:
+            inject(model, lambda q, m, paths=paths: q in paths, kind="full", adapter=adapter, rules={nn.Module: rule})
+        modules = dict(named_modules(model))
+        for path, idx, rule in tokens:
+            lora = find_lora(modules[path], "weight") or tied_to(modules[path], "weight")
+            if lora is not None and adapter in lora.adapters:
+                raise ValueError(
+                    f"inject(): `trainable_token_indices` names `{path}`, whose weight carries adapter {adapter!r} "
+                    "already (from `targets` or `modules_to_save`); one adapter holds one update per tensor. "
+                    "Leave that module out of `targets` with `exclude=`, or train its tokens in another adapter.")
+            inject(model, lambda q, m, path=path: q == path, kind="tokens", token_indices=idx, adapter=adapter,
+                   rules={nn.Module: rule})
+    except BaseException:
+        remove(model, adapter=adapter, merge=False)
+        raise
+    return model
+
+
 def _bias_name(kind: str, qualname: str, module: nn.Module, rule: Rule, tensor_name: str, view: View) -> str | None:
     """The bias of ``module`` that goes with ``tensor_name`` for a kind that changes it, or None.
 
@@ -319,6 +372,7 @@ def _attach_plan(model, plan, adapter, dtype, make, share=lambda view: None, kin
     # grad trains the factors only); every other parameter stays as it was.
     frozen = [t for _, module, _, tensor_name, _ in plan for t in stored_tensors(module, tensor_name)
               if isinstance(t, nn.Parameter) and t.requires_grad]
+    users = tensor_users(model)  # a tied tensor's other users read the LoRA of its first (see tied)
     try:
         for t in frozen:
             t.requires_grad_(False)
@@ -326,8 +380,11 @@ def _attach_plan(model, plan, adapter, dtype, make, share=lambda view: None, kin
             lora = find_lora(module, tensor_name)
             fresh = lora is None
             if fresh:
-                lora = LoRA(shape, transpose=rule.transpose, experts=rule.experts,
-                            factored=rule.is_factored(module))
+                rest = others("inject", qualified(qualname, tensor_name),
+                              users.get(id(source(module, tensor_name)), []), module, tensor_name)
+                factored = rule.is_factored(module) and all(
+                    (r := find_rule(m)) is not None and r.is_factored(m) for _, m, _ in rest)
+                lora = LoRA(shape, transpose=rule.transpose, experts=rule.experts, factored=factored)
                 # The module's order before any of our parametrizations, so that removing its
                 # tensors in any order restores it (a later LoRA sees the earlier tensors gone).
                 ours = [p for p in module_loras(module) if hasattr(p, "param_order")]
@@ -353,6 +410,7 @@ def _attach_plan(model, plan, adapter, dtype, make, share=lambda view: None, kin
                 if getattr(quant.scheme(source(module, tensor_name)), "own_forward", False):
                     own_forward(module, tensor_name)
                 hook(module)
+                tie(lora, qualified(qualname, tensor_name), rest)
             original = source(module, tensor_name)
             settings = make(qualname, module, rule, lora.view)
             lora.add(adapter, settings, dtype=dtype or quant.dtype(original), device=original.device,
@@ -571,7 +629,8 @@ def _quantized_as(target: Tensor, build, where: str, rounding: list) -> nn.Param
 
 def _plan(model, select, leave, rules, adapter, dropout, targets=None):
     plan, no_rule, names_seen = [], [], []
-    owners = _tensor_owners(model)
+    users = tensor_users(model)
+    planned: set[int] = set()  # the stored tensors planned: a tied one once, at its first user
     for qualname, module in named_modules(model):
         if isinstance(module, LoRA) or not select(qualname, module):
             continue
@@ -585,6 +644,12 @@ def _plan(model, select, leave, rules, adapter, dropout, targets=None):
         for tensor_name in rule.tensor_names(module):
             where = qualified(qualname, tensor_name)
             stored = source(module, tensor_name)
+            if id(stored) in planned:
+                continue
+            planned.add(id(stored))
+            site_name, site, site_tensor = qualname, module, tensor_name
+            if tied_to(module, tensor_name) is not None:  # adapted already at another user: there
+                site_name, site, site_tensor = next(u for u in users[id(stored)] if find_lora(u[1], u[2]))
             if isinstance(stored, nn.parameter.UninitializedTensorMixin):
                 raise ValueError(
                     f"inject(): `{where}` of {type_name(module)} `{qualname}` is an uninitialised lazy tensor, with "
@@ -595,14 +660,8 @@ def _plan(model, select, leave, rules, adapter, dropout, targets=None):
                     f"inject(): `{where}` has dtype {stored.dtype}; LoRA needs a floating-point "
                     f"tensor. Leave {type_name(module)} `{qualname}` out with `exclude=`."
                 )
-            shared = owners.get(id(stored), [])
-            if len(shared) > 1:
-                raise ValueError(
-                    f"inject(): `{where}` is one tensor shared by {shared}. An adapter on it "
-                    "would change the other modules too, and merging would change them "
-                    "silently. Untie the weights, or leave these modules out with `exclude=`."
-                )
-            lora = find_lora(module, tensor_name)
+            others("inject", where, users.get(id(stored), []), site, site_tensor)  # each can be tied
+            lora = find_lora(site, site_tensor)
             if lora is not None and adapter in lora.adapters:
                 raise ValueError(
                     f"inject(): the adapter {adapter!r} already exists on `{where}`. Pass another "
@@ -621,13 +680,13 @@ def _plan(model, select, leave, rules, adapter, dropout, targets=None):
                     f"{type_name(module)} `{qualname}` has none (its weight is merged before its "
                     "forward). Use dropout=0.0, or leave it out with `exclude=`."
                 )
-            plist = parametrized(module).get(tensor_name)
+            plist = parametrized(site).get(site_tensor)
             if plist is None:
                 shape = quant.shape(stored)
             else:  # what the parametrizations give, read without changing their state
                 with torch.no_grad(), kept(list(plist)):
-                    shape = getattr(module, tensor_name).shape
-            plan.append((qualname, module, rule, tensor_name, shape))
+                    shape = getattr(site, site_tensor).shape
+            plan.append((site_name, site, rule, site_tensor, shape))
     if not plan:
         raise _nothing_matched(no_rule, targets, model)
     return plan
@@ -650,16 +709,6 @@ def _nothing_matched(no_rule: list[tuple[str, str]], targets, model: nn.Module) 
         f"inject(): `targets`={targets!r} matched only modules whose types have no rule: "
         f"{shown}{more}. {how}"
     )
-
-
-def _tensor_owners(model: nn.Module) -> dict[int, list[str]]:
-    """Map each tensor's id to the qualified names it is stored under (once per module)."""
-    owners: dict[int, list[str]] = {}
-    for qualname, module in model.named_modules():
-        for n, t in list(module._parameters.items()) + list(module._buffers.items()):
-            if t is not None:
-                owners.setdefault(id(t), []).append(qualified(qualname, n))
-    return owners
 
 
 def _merge_into_originals(qualname, module, tensor_name, lora, names, *, write: bool) -> None:
@@ -728,6 +777,7 @@ def _detach(module: nn.Module, tensor_name: str, lora: LoRA) -> None:
         kept.update({k: v for k, v in params.items() if k not in kept})
         params.clear()
         params.update(kept)
+    untie(lora, source(module, tensor_name))  # its tied users store the very same tensor again
     for t in thaw:
         if isinstance(t, nn.Parameter):
             t.requires_grad_(True)

@@ -17,6 +17,7 @@ from hypothesis import strategies as st
 from safetensors.torch import save_file
 from strategies import CASES
 from torch import nn
+from torch.nn.utils import parametrize
 
 import lora_inject as li
 from lora_inject import inject, load_adapter, named_loras, save_adapter
@@ -317,8 +318,9 @@ def test_failure_while_injecting_rolls_back(tmp_path):
     model = inject(inject(net(), "^0$", r=2), "^1$", r=3)  # two inject calls when loading
     save_adapter(model, tmp_path)
     tied = net()
-    tied[2].weight = tied[1].weight  # layer 1 now shares its weight: the second call must fail
-    _refused(tied, tmp_path, ValueError, r"one tensor shared by")
+    tied[2].weight = tied[1].weight  # layer 1 now shares its weight with a user that has a parametrization
+    parametrize.register_parametrization(tied[2], "weight", nn.Identity())  # of its own: the second call fails
+    _refused(tied, tmp_path, ValueError, r"one tensor shared with `2\.weight`, which has a parametrization")
 
 
 @pytest.mark.parametrize("call, error, match", [
