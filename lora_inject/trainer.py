@@ -64,7 +64,9 @@ class AdapterTrainer(Trainer):
 
     A checkpoint holds the adapter only, so only the adapter may train: :meth:`train` refuses a
     model with any other parameter that requires grad (call
-    :func:`lora_inject.mark_only_lora_as_trainable` first). The optimizer that ``Trainer``
+    :func:`lora_inject.mark_only_lora_as_trainable` first). A module that trains whole, such as a
+    new classification head, is part of the adapter with ``inject(..., modules_to_save=[...])``:
+    it trains, and every checkpoint holds it. The optimizer that ``Trainer``
     builds then holds the factors alone, and its ``optimizer.pt`` stays small.
 
     Args:
@@ -110,8 +112,10 @@ class AdapterTrainer(Trainer):
         if loose:
             raise ValueError(f"AdapterTrainer.train(): {len(loose)} parameters outside adapter {self.adapter!r} "
                              f"require grad ({loose[:3]}...), but a checkpoint holds the adapter alone, so "
-                             "resuming would lose what they learnt. Call "
-                             "lora_inject.mark_only_lora_as_trainable(model) first, or freeze them.")
+                             "resuming would lose what they learnt. To train a module whole (a new task head), "
+                             "make it part of the adapter: inject(..., modules_to_save=['classifier']), as peft's "
+                             "modules_to_save; else call lora_inject.mark_only_lora_as_trainable(model) first, "
+                             "or freeze them.")
         if self.adapter_format == "peft":  # a checkpoint peft's format cannot write: refused before any step
             with tempfile.TemporaryDirectory() as tmp:
                 try:

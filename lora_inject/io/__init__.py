@@ -112,7 +112,7 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, *, adapter: str = "d
         raise RuntimeError(f"{fn}(): the factors of `{meta}` are on the meta device, so they have no values "
                            "to save. Materialise the model first (model.to_empty(device=...), then "
                            "li.init_lora(model) or load the factors), then save.")
-    if format == "peft" and any(e.kind != "lora" for e in entries):
+    if format == "peft" and any(e.kind not in peft.COMPANIONS for e in entries):
         config, tensors = peft.kinds_to_peft(fn, model, entries)
     elif format == "peft":
         config, tensors = peft.to_peft(fn, model, entries)

@@ -246,7 +246,8 @@ def _apply(fn: str, model: nn.Module, modules: dict[str, nn.Module], entries: Se
     groups: dict[tuple, list[Entry]] = {}
     for e in entries:
         groups.setdefault((e.module, e.r, e.alpha, e.rslora, e.dora, e.dropout, e.init, e.dtype, e.transpose,
-                           e.experts, e.factored, e.kind, tuple(sorted(e.options.items())),
+                           e.experts, e.factored, e.kind,
+                           tuple(sorted((k, tuple(v) if isinstance(v, list) else v) for k, v in e.options.items())),
                            e.type if e.kind != "lora" else None), []).append(e)
     calls: dict[tuple, set[str]] = {}  # (settings, tensors) -> modules, one inject call each
     for (module, *settings), group in groups.items():
