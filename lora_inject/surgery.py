@@ -143,7 +143,9 @@ def inject(
 
     Raises:
         TypeError: if ``targets``/``exclude`` is of the wrong kind, ``r`` is not an int, ``alpha``
-            is not a number,
+            is not a number, ``modules_to_save`` is not a list of str, ``trainable_token_indices``
+            is not a list (or dict of lists) of distinct ints, or a list of them meets a model
+            without ``get_input_embeddings()``,
             ``adapter`` is not a str, ``dtype`` is not a floating dtype, ``rslora`` or ``dora``
             is not a bool, ``rules`` is not a mapping to :class:`~lora_inject.Rule`, or a
             selected tensor is not floating point.
@@ -158,7 +160,10 @@ def inject(
             ``kind`` other than LoRA: the kind is unknown, an option or its value is not the
             kind's, ``dora``/``init``/``rslora``/``dropout`` or an ``alpha``/``r`` the kind lacks
             is given, a dropout option is nonzero (not implemented), a lookup is sparse, or the
-            kind changes the bias (IA³) where the rule names none or it does not fit.
+            kind changes the bias (IA³) where the rule names none or it does not fit; a tensor
+            tied to another module that has a parametrization of its own on it; a name of
+            ``modules_to_save``/``trainable_token_indices`` that selects no module, a token id
+            past the embedding's rows, or tokens on a tensor that ``targets`` adapt already.
 
     Example::
 

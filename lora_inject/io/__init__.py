@@ -56,7 +56,8 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, *, adapter: str = "d
     ``Embedding``, ``Conv1d/2d/3d`` with ``groups=1``, ``MultiheadAttention`` (packed
     ``in_proj_weight`` and its out_proj) and expert weights (``target_parameters``); an update of
     full rank on any other tensor is written whole (``bias="all"``, or the module in
-    ``modules_to_save``). Per-tensor r and alpha go to ``rank_pattern``/``alpha_pattern``.
+    ``modules_to_save``), and so is an adapter's kind ``"full"``; kind ``"tokens"`` is peft's
+    ``trainable_token_indices``, and a tied tensor's update is written at each module that reads it. Per-tensor r and alpha go to ``rank_pattern``/``alpha_pattern``.
     An adapter of kind ``"loha"``, ``"lokr"``, ``"oft"``, ``"ia3"`` or ``"vera"`` is written as
     peft's ``LOHA``, ``LOKR``, ``OFT``, ``IA3`` or ``VERA`` adapter, on the layers peft's tuner
     for it wraps (LoHa and LoKr: Linear, Conv1d, Conv2d; OFT: Linear, Conv2d; IA³: Linear,
@@ -158,19 +159,22 @@ def load_adapter(model: M, path: str | os.PathLike, *, adapter: str | None = Non
     that must fully match), ``exclude_modules``, ``layers_to_transform``/``layers_pattern``,
     ``rank_pattern``, ``alpha_pattern``, ``use_rslora``, ``use_dora``, ``lora_dropout`` and
     ``target_parameters`` (onto expert weights ``(E, out, in)``, or ``(E, in, out)`` where the
-    module says ``is_transposed``); ``fan_in_fan_out`` follows the layer type, as in peft. Full
-    tensors (``modules_to_save`` copies, so ``task_type="SEQ_CLS"`` heads; ``bias="all"`` or
-    ``"lora_only"``; ``save_embedding_layers``) that equal the base are skipped, and the others
-    become the exact update ``W_saved - W0``, a LoRA of full rank with an identity factor: then
-    ``remove(merge=False)`` restores the base tensor and ``merge=True`` writes the saved one.
+    module says ``is_transposed``); ``fan_in_fan_out`` follows the layer type, as in peft. The
+    tensors of ``modules_to_save`` modules (so ``task_type="SEQ_CLS"`` heads) load as kind
+    ``"full"``, the saved copies, and ``trainable_token_indices`` as kind ``"tokens"``; other full
+    tensors (``bias="all"`` or ``"lora_only"``; ``save_embedding_layers``) that equal the base are
+    skipped, and the others become the exact update ``W_saved - W0``, a LoRA of full rank with an
+    identity factor: then ``remove(merge=False)`` restores the base tensor and ``merge=True``
+    writes the saved one. A tied embedding and head take one adapter, which both read; peft's
+    updates of the two must agree (peft's ``ensure_weight_tying``, or an adapter saved here).
     An integer tensor of such a copy (a BatchNorm's ``num_batches_tracked``) has no update: where
     it differs from the model's, it is copied into it exactly (``remove`` does not undo that).
     A ``MultiheadAttention`` gets peft's semantics, in which out_proj's update counts twice.
     peft's ``LOHA``, ``LOKR``, ``OFT``, ``IA3`` and ``VERA`` adapters load as adapters of the
     kinds ``"loha"``, ``"lokr"``, ``"oft"``, ``"ia3"`` and ``"vera"``, their structure (LoKr's
     full or low-rank factors, OFT's block size) checked against the saved shapes.
-    What cannot be reproduced (other peft types, ``lora_bias``, ``trainable_token_indices``,
-    inits that change the base weights, a pickled ``adapter_model.bin``, grouped conv, ...) is
+    What cannot be reproduced (other peft types, ``lora_bias``, an update on one user of a tied
+    tensor only, inits that change the base weights, a pickled ``adapter_model.bin``, grouped conv, ...) is
     refused.
 
     Args:

@@ -16,7 +16,13 @@ expert Parameter ``q``      ``p[.base_layer]*.lora_A.weight``       ``(E*r, in)`
 (``target_parameters``)     (one ``base_layer`` per later param)
 full copies                 ``p.bias``/``p.base_layer.bias``; a     the tensor's own
                             ``modules_to_save`` module's tensors
+trainable tokens            ``p.token_adapter.trainable_tokens_     ``(n, dim)``
+                            delta``
 ==========================  ======================================  ==========================
+
+A ``modules_to_save`` module's tensors are kind ``"full"`` here, ``trainable_token_indices`` kind
+``"tokens"``. A tied embedding and head (one tensor, :mod:`lora_inject.tied`) hold one adapter;
+peft holds one per module, so it is written at each, and read back as one where they agree.
 
 peft scales by ``lora_alpha / r`` (or ``/ sqrt(r)`` with ``use_rslora``), with per-module
 overrides in ``rank_pattern``/``alpha_pattern`` (regexes, matched as ``(.*\\.)?(key)$``).
