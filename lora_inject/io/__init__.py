@@ -57,7 +57,8 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, *, adapter: str = "d
     ``in_proj_weight`` and its out_proj) and expert weights (``target_parameters``); an update of
     full rank on any other tensor is written whole (``bias="all"``, or the module in
     ``modules_to_save``), and so is an adapter's kind ``"full"``; kind ``"tokens"`` is peft's
-    ``trainable_token_indices``, and a tied tensor's update is written at each module that reads it. Per-tensor r and alpha go to ``rank_pattern``/``alpha_pattern``.
+    ``trainable_token_indices``, and a tied tensor's update is written at each module that reads it.
+    Per-tensor r and alpha go to ``rank_pattern``/``alpha_pattern``.
     An adapter of kind ``"loha"``, ``"lokr"``, ``"oft"``, ``"ia3"`` or ``"vera"`` is written as
     peft's ``LOHA``, ``LOKR``, ``OFT``, ``IA3`` or ``VERA`` adapter, on the layers peft's tuner
     for it wraps (LoHa and LoKr: Linear, Conv1d, Conv2d; OFT: Linear, Conv2d; IA³: Linear,
