@@ -165,6 +165,9 @@ CASES = {
                                use_rslora=True)),
     "mha": ("mha", dict(r=2, target_modules=["mha"])),
     "mha-and-linear": ("mha", dict(r=4, lora_alpha=2, target_modules=["mha", "lin"])),
+    "trainable-tokens": ("bert", dict(r=2, target_modules=BERT_QV, trainable_token_indices=[1, 2])),
+    "trainable-tokens-named": ("llama", dict(r=2, target_modules=["q_proj"],
+                                             trainable_token_indices={"embed_tokens": [0, 3, 5]})),
 }
 # What peft's format cannot express for us: each is refused, with the model unchanged.
 REFUSED = {
@@ -172,8 +175,6 @@ REFUSED = {
     "pissa": ("bert", dict(r=2, target_modules=BERT_QV, init_lora_weights="pissa"),
               r"init_lora_weights='pissa', which changes the base"),
     "grouped-conv": ("grouped", dict(r=2, target_modules=["conv"]), r"groups=2 \(peft's grouped LoRA"),
-    "trainable-tokens": ("bert", dict(r=2, target_modules=BERT_QV, trainable_token_indices=[1, 2]),
-                         r"`trainable_token_indices`"),
     "pickle": ("bert", dict(r=2, target_modules=BERT_QV), r"adapter_model\.bin \(a pickle\)"),
 }
 
