@@ -95,7 +95,7 @@ def survey(model: nn.Module, targets: str, *, exclude: str | None = None, r: int
         inject(model, targets, exclude=exclude, r=r, alpha=alpha, adapter=PROBE)
     try:
         rows = [
-            (qualname or "<root>", type_name(module), tensor_name, tuple(lora.shape),
+            (qualname or "<root>", type_name(module), tensor_name, tuple(lora.view.shape),
              lora.adapter(PROBE).r, lora.lora_A[PROBE].numel() + lora.lora_B[PROBE].numel())
             for qualname, module, tensor_name, lora in loras(model) if PROBE in lora.adapters
         ]

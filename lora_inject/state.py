@@ -100,7 +100,7 @@ def refuse_flat_params(fn: str, model: nn.Module, entries) -> None:
     fsdp1 = getattr(fsdp, "FullyShardedDataParallel", None)
     flat = fsdp1 is not None and any(isinstance(m, fsdp1) for m in model.modules())
     for *_, lora in entries:
-        lead = (lora.shape[0],) if lora.experts else ()
+        view = lora.view
         for name in lora.adapters:
             r = lora.adapter(name).r
             if lora.adapter(name).kind != "lora":  # its tensors by name, at least
@@ -108,8 +108,8 @@ def refuse_flat_params(fn: str, model: nn.Module, entries) -> None:
                                    lora._modules[t]._buffers for t in lora.adapter(name).tensor_names)
                 continue
             flat = flat or name not in lora.lora_A._parameters or (
-                tuple(lora.lora_A[name].shape) != (*lead, r, lora.in_features)
-                or tuple(lora.lora_B[name].shape) != (*lead, lora.out_features, r))
+                tuple(lora.lora_A[name].shape) != view.factor_shapes(r)[0]
+                or tuple(lora.lora_B[name].shape) != view.factor_shapes(r)[1])
     if flat:
         raise RuntimeError(
             f"{fn}(): the model's LoRA factors are flattened, as FSDP1 (FullyShardedDataParallel) "
@@ -326,7 +326,7 @@ def init_lora(model: M, adapter: str | Sequence[str] | None = None, *, init: str
             todo.append((lora, name, init or own, weight))
     for lora, name, how, weight in todo:
         init_factors(lora.lora_A[name], lora.lora_B[name], how)
-        lora.refresh_scaling(name)  # to_empty() left its tensor copy unset
+        lora.set_scaling(name)  # to_empty() left its tensor copy unset
         if weight is not None:
             lora.init_from_weight(name, weight)
     return model
