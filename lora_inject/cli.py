@@ -95,9 +95,9 @@ def survey(model: nn.Module, targets: str, *, exclude: str | None = None, r: int
         inject(model, targets, exclude=exclude, r=r, alpha=alpha, adapter=PROBE)
     try:
         rows = [
-            (qualname or "<root>", type_name(module), tensor_name, tuple(lora.view.shape),
-             lora.adapter(PROBE).r, lora.lora_A[PROBE].numel() + lora.lora_B[PROBE].numel())
-            for qualname, module, tensor_name, lora in loras(model) if PROBE in lora.adapters
+            (s.path or "<root>", type_name(s.module), s.tensor_name, tuple(s.lora.view.shape),
+             s.lora.adapter(PROBE).r, s.lora.lora_A[PROBE].numel() + s.lora.lora_B[PROBE].numel())
+            for s in loras(model) if PROBE in s.lora.adapters
         ]
     finally:
         remove(model, merge=False, adapter=PROBE)
@@ -202,7 +202,7 @@ def _merge(args: argparse.Namespace) -> None:
     _say(f"loading the adapter from {args.adapter}")
     load_adapter(model, args.adapter)
     # Merge module by module, so that the bar moves; each remove() is exact (see remove()).
-    adapted = list(dict.fromkeys((q, module) for q, module, _, _ in loras(model)))
+    adapted = list(dict.fromkeys((site.path, site.module) for site in loras(model)))
     with torch.no_grad():
         for qualname, module in demo.progress(adapted, desc="merging", unit="module"):
             try:

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from .inits import INITS, RANDOM_INITS, WEIGHT_INITS, init_factors
-from .lookup import adapter_names, find_lora, lora_input, loras, named_modules, qualified
+from .lookup import adapter_names, find_lora, loras, named_modules
 from .lora import LoRA
 
 __all__ = [
@@ -41,8 +41,8 @@ def named_loras(model: nn.Module) -> Iterator[tuple[str, LoRA]]:
         >>> for name, lora in named_loras(model):
         ...     print(name, lora.adapters, lora.active)
     """
-    for qualname, _, tensor_name, lora in loras(model):
-        yield qualified(qualname, tensor_name), lora
+    for site in loras(model):
+        yield site.where, site.lora
 
 
 def lora_parameters(model: nn.Module, adapter: str | Sequence[str] | None = None) -> Iterator[nn.Parameter]:
@@ -57,8 +57,8 @@ def lora_parameters(model: nn.Module, adapter: str | Sequence[str] | None = None
     entries = list(loras(model))
     names = adapter_names("lora_parameters", entries, adapter)  # raises now, not on first next()
     return iter([
-        p for *_, lora in entries for name in lora.adapters if names is None or name in names
-        for p in lora.tensors(name).values() if isinstance(p, nn.Parameter)
+        p for site in entries for name in site.lora.adapters if names is None or name in names
+        for p in site.lora.tensors(name).values() if isinstance(p, nn.Parameter)
     ])
 
 
@@ -99,7 +99,7 @@ def refuse_flat_params(fn: str, model: nn.Module, entries) -> None:
     fsdp = sys.modules.get("torch.distributed.fsdp")  # not imported: no FSDP1 module can exist
     fsdp1 = getattr(fsdp, "FullyShardedDataParallel", None)
     flat = fsdp1 is not None and any(isinstance(m, fsdp1) for m in model.modules())
-    for *_, lora in entries:
+    for lora in (site.lora for site in entries):
         view = lora.view
         for name in lora.adapters:
             r = lora.adapter(name).r
@@ -179,7 +179,7 @@ def activate(model: M, adapters: str | Sequence[str]) -> M:
             "Pass [] to turn every adapter off."
         )
     adapter_names("activate", entries, names)
-    for *_, lora in entries:
+    for lora in (site.lora for site in entries):
         lora.active = [n for n in dict.fromkeys(names) if n in lora.adapters]
     return model
 
@@ -199,13 +199,13 @@ def disabled(model: nn.Module) -> Iterator[nn.Module]:
         ...     base_out = model(x)
     """
     entry = {}
-    for *_, lora in loras(model):
+    for lora in (site.lora for site in loras(model)):
         entry[id(lora)] = (lora.active, set(lora.adapters))
         lora.active = []
     try:
         yield model
     finally:
-        for *_, lora in loras(model):
+        for lora in (site.lora for site in loras(model)):
             saved = entry.get(id(lora))
             if saved is not None:
                 active, known = saved
@@ -232,7 +232,7 @@ def cached(model: nn.Module) -> Iterator[nn.Module]:
         ...     for batch in loader:
         ...         model(batch)          # as fast as the base model after the first batch
     """
-    found = [lora for *_, lora in loras(model)]
+    found = [site.lora for site in loras(model)]
     saved = [lora.cache for lora in found]
     for lora in found:
         if lora.cache is None:
@@ -291,8 +291,8 @@ def init_lora(model: M, adapter: str | Sequence[str] | None = None, *, init: str
     entries = list(loras(model))
     names = adapter_names("init_lora", entries, adapter)
     todo = []
-    for qualname, module, tensor_name, lora in entries:
-        where = qualified(qualname, tensor_name)
+    for site in entries:
+        lora, where = site.lora, site.where
         for name in lora.adapters:
             if names is not None and name not in names:
                 continue
@@ -315,7 +315,7 @@ def init_lora(model: M, adapter: str | Sequence[str] | None = None, *, init: str
                     "init_lora does not know how to fill. Inject it again after materialising the model."
                 )
             reads_w0 = own in WEIGHT_INITS or lora.adapter(name).dora
-            weight = lora_input(module, tensor_name, lora) if reads_w0 else None
+            weight = site.received if reads_w0 else None
             if any(t.is_meta for t in lora.tensors(name).values()) or (weight is not None and weight.is_meta):
                 raise RuntimeError(
                     f"init_lora(): adapter {name!r} on `{where}` is on the meta device (its factors, "

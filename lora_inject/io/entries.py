@@ -174,7 +174,8 @@ def collect(fn: str, model: nn.Module, adapter: str) -> list[Entry]:
     entries, present = [], set()
     found = list(loras(model))
     refuse_flat_params(fn, model, found)  # FSDP1
-    for qualname, module, tensor_name, lora in found:
+    for site in found:
+        qualname, module, tensor_name, lora = site.path, site.module, site.tensor_name, site.lora
         present.update(lora.adapters)
         if adapter not in lora.adapters:
             continue
@@ -239,7 +240,7 @@ def apply(fn: str, model: nn.Module, entries: Sequence[Entry], name: str, copies
 
 def _apply(fn: str, model: nn.Module, modules: dict[str, nn.Module], entries: Sequence[Entry], name: str) -> None:
     keys = {e.key for e in entries}
-    existing = {f"{q}.{t}" if q else t: lora for q, _, t, lora in loras(model) if name in lora.adapters}
+    existing = {site.where: site.lora for site in loras(model) if name in site.lora.adapters}
     if existing:
         _update(fn, entries, name, existing, keys)
         return
@@ -270,7 +271,7 @@ def _apply(fn: str, model: nn.Module, modules: dict[str, nn.Module], entries: Se
                 _fill(lora, name, e)
                 lora.adapter(name).targets = e.targets
     except BaseException:
-        if any(name in lora.adapters for *_, lora in loras(model)):
+        if any(name in site.lora.adapters for site in loras(model)):
             remove(model, adapter=name, merge=False)
         raise
 
