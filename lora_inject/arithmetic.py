@@ -9,7 +9,7 @@ from typing import TypeVar
 import torch
 from torch import Tensor, nn
 
-from .lookup import adapter_names, loras
+from ._sites import adapter_names, loras
 from .lora import Adapter, LoRA, check_adapter_name
 from .view import compute_dtype
 

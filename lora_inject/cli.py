@@ -77,7 +77,8 @@ def survey(model: nn.Module, targets: str, *, exclude: str | None = None, r: int
         >>> s = survey(model, r"attn", r=4)
         >>> s.added, f"{s.trainable_percent:.2f}%"
     """
-    from .lookup import loras, matcher, named_modules
+    from ._selection import matcher, named_modules
+    from ._sites import loras
     from .rule import find_rule, type_name
     from .surgery import inject, remove
 
@@ -177,8 +178,8 @@ def _merge(args: argparse.Namespace) -> None:
     import torch
 
     from . import load_adapter
+    from ._sites import loras
     from .io import ours, peft
-    from .lookup import loras
     from .surgery import remove
 
     base, out = _model_dir(args.base), Path(args.out)

@@ -482,7 +482,7 @@ class Bias(nn.Module):
     """Parametrize a module's bias as the one that goes with its adapted weight: ``b`` through
     :meth:`LoRA.bias_of` of the weight's :class:`LoRA` (IA³ scaling the output scales the bias,
     :attr:`Kind.apply_bias`); the identity while no such adapter is active. It holds no tensor of
-    its own, so the bias keeps its key in the state dict (see :mod:`lora_inject.hooks`), and
+    its own, so the bias keeps its key in the state dict (see :mod:`lora_inject._hooks`), and
     ``b`` is never written."""
 
     def __init__(self, weight: LoRA, weight_name: str) -> None:

@@ -8,7 +8,7 @@ from typing import TypeVar
 
 from torch import Tensor, nn
 
-from .lookup import adapter_names, loras, module_loras
+from ._sites import adapter_names, loras, module_loras
 from .rule import type_name
 
 __all__ = ["per_sample"]

@@ -1,7 +1,7 @@
 """Model surgery: ``inject`` adapters into a model in place, and ``remove`` them again.
 
 ``inject`` reads as its steps: check the arguments (:class:`_Spec`), plan the sites
-(:class:`_Planned`, each a :class:`~lora_inject.lookup.Site`), attach, fill, and roll back if
+(:class:`_Planned`, each a :class:`~lora_inject._sites.Site`), attach, fill, and roll back if
 anything raises. ``remove`` decides every site's :class:`_Removal` before it writes any.
 """
 
@@ -23,25 +23,13 @@ from torch.nn.utils import parametrize
 from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 
 from . import quant
-from .hooks import disown_class, hook, own_class, own_forward, own_setter, unhook
+from ._chain import find_lora, forward_to, inverse, kept, originals, parametrized, source
+from ._hooks import hook, unhook
+from ._module_class import disown_class, own_class, own_forward, own_setter
+from ._selection import matcher, named_modules, qualified
+from ._sites import Site, adapter_names, loras, module_loras
 from .inits import INITS, WEIGHT_INITS
 from .kind import Kind, find_kind
-from .lookup import (
-    Site,
-    adapter_names,
-    find_lora,
-    forward_to,
-    inverse,
-    kept,
-    loras,
-    matcher,
-    module_loras,
-    named_modules,
-    originals,
-    parametrized,
-    qualified,
-    source,
-)
 from .lora import Adapter, Bias, LoRA, check_adapter_name
 from .rule import Rule, RuleKey, find_rule, type_name
 from .view import View
@@ -489,7 +477,7 @@ def _new_lora(site: _Planned) -> LoRA:
 
 def _register(site: _Planned) -> None:
     """Register the site's new LoRA on its tensor, and give the module what an adapted one needs
-    (see :mod:`lora_inject.hooks`)."""
+    (see :mod:`lora_inject._module_class` and :mod:`lora_inject._hooks`)."""
     module, tensor_name, lora = site.module, site.tensor_name, site.lora
     # A quantized weight carries its whole state while LoRA holds it (bitsandbytes'
     # Linear8bitLt moves its scales to the module in a forward): DoRA, PiSSA, the

@@ -13,9 +13,9 @@ from contextlib import contextmanager
 import torch
 from transformers import Trainer
 
+from ._sites import loras
 from .io import load_adapter, save_adapter
-from .lookup import loras
-from .state import lora_parameters
+from .params import lora_parameters
 
 __all__ = ["AdapterTrainer"]
 

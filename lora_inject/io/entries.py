@@ -12,12 +12,14 @@ import torch
 from torch import Tensor, nn
 
 from .. import quant
+from .._chain import find_lora, kept, parametrized, source
+from .._selection import named_modules
+from .._sites import loras
 from ..inits import WEIGHT_INITS
 from ..kind import find_kind
-from ..lookup import find_lora, kept, loras, named_modules, parametrized, source
 from ..lora import LoRA, check_adapter_name, lora_scaling
+from ..params import refuse_flat_params
 from ..rule import Rule, find_rule, own_tensor_names, type_name
-from ..state import refuse_flat_params
 from ..surgery import inject, remove
 from ..view import View
 

@@ -38,9 +38,10 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils.parametrize import type_before_parametrizations
 
+from .._chain import parametrized, source
+from .._selection import named_modules
 from ..kind import find_kind, kernel
 from ..kinds.oft import block_size
-from ..lookup import named_modules, parametrized, source
 from ..lora import LoRA, lora_scaling
 from ..rule import find_rule, own_tensor_names, type_name
 from ..view import View, compute_dtype
