@@ -13,9 +13,9 @@ from contextlib import contextmanager
 import torch
 from transformers import Trainer
 
+from ._sites import loras
 from .io import load_adapter, save_adapter
-from .lookup import loras
-from .state import lora_parameters
+from .params import lora_parameters
 
 __all__ = ["AdapterTrainer"]
 
@@ -104,7 +104,7 @@ class AdapterTrainer(Trainer):
 
     def train(self, *args, **kwargs):
         model = self.accelerator.unwrap_model(self.model, keep_torch_compile=False)
-        if not any(self.adapter in lora.adapters for *_, lora in loras(model)):
+        if not any(self.adapter in site.lora.adapters for site in loras(model)):
             raise ValueError(f"AdapterTrainer.train(): the model has no adapter {self.adapter!r} to train. Adapt it "
                              "with lora_inject.inject(), or pass `adapter=` with the name it has.")
         ours = {id(p) for p in lora_parameters(model, self.adapter)}

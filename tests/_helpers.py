@@ -48,6 +48,14 @@ def randomize(model: nn.Module, adapter: str | None = None, seed: int | None = N
                 m.mul_(1 + std * torch.randn(m.shape, generator=gen, dtype=m.dtype))
 
 
+def delta(lora: li.LoRA, dtype: torch.dtype = torch.float32) -> Tensor:
+    """The update ``sum_i s_i * B_i @ A_i`` of ``lora``'s active (plain LoRA) adapters, in the
+    adapted tensor's stored shape, computed in ``dtype``."""
+    total = sum(lora.adapter(n).scaling * (lora.lora_B[n].to(dtype) @ lora.lora_A[n].to(dtype))
+                for n in lora.active)
+    return lora.view.stored(total)
+
+
 def snapshot(model: nn.Module) -> dict:
     """Everything that "the model is unchanged" covers, held by reference where identity matters.
 

@@ -84,7 +84,7 @@ def test_round_trip_into_fresh_model_is_exact(name, tmp_path):
         assert torch.equal(other.lora_A["default"], lora.lora_A["default"])
         assert torch.equal(other.lora_B["default"], lora.lora_B["default"])
         assert other.config == lora.config and other.scaling == lora.scaling
-        assert (other.transpose, other.experts, other.factored) == (lora.transpose, lora.experts, lora.factored)
+        assert (other.view, other.factored) == (lora.view, lora.factored)
 
 
 def test_config_records_what_reinjection_needs(tmp_path):
@@ -98,8 +98,8 @@ def test_config_records_what_reinjection_needs(tmp_path):
     for key, lora in loras.items():
         t, c = config["tensors"][key], lora.config["task"]
         assert (t["r"], t["alpha"], t["rslora"], t["targets"]) == (c["r"], c["alpha"], c["rslora"], c["targets"])
-        assert t["shape"] == list(lora.shape)
-        assert t["rule"] == {"transpose": lora.transpose, "experts": lora.experts, "factored": lora.factored}
+        assert t["shape"] == list(lora.view.shape)
+        assert t["rule"] == {"transpose": lora.view.transpose, "experts": lora.view.experts, "factored": lora.factored}
 
 
 def _flat(out) -> list[torch.Tensor]:

@@ -45,7 +45,7 @@ def test_inspect_agrees_with_inject(config, targets, exclude, r, alpha, tmp_path
     model = AutoModel.from_config(config)
     base = sum(p.numel() for p in model.parameters())
     li.inject(model, targets, exclude=exclude, r=r, alpha=alpha)
-    expected = [(name, tuple(lora.shape), lora.lora_A["default"].numel() + lora.lora_B["default"].numel())
+    expected = [(name, tuple(lora.view.shape), lora.lora_A["default"].numel() + lora.lora_B["default"].numel())
                 for name, lora in li.named_loras(model)]
     added = sum(p.numel() for p in li.lora_parameters(model))
 

@@ -16,7 +16,7 @@ from _models import bert_classifier, gpt2, llama
 from torch import nn
 
 import lora_inject as li
-from lora_inject.tied import Tied
+from lora_inject._tied import Tied
 
 peft = pytest.importorskip("peft")
 

@@ -12,12 +12,14 @@ import torch
 from torch import Tensor, nn
 
 from .. import quant
+from .._chain import find_lora, kept, parametrized, source
+from .._selection import named_modules
+from .._sites import loras
 from ..inits import WEIGHT_INITS
 from ..kind import find_kind
-from ..lookup import find_lora, kept, loras, named_modules, parametrized, source
 from ..lora import LoRA, check_adapter_name, lora_scaling
+from ..params import refuse_flat_params
 from ..rule import Rule, find_rule, own_tensor_names, type_name
-from ..state import refuse_flat_params
 from ..surgery import inject, remove
 from ..view import View
 
@@ -91,7 +93,7 @@ def tensor_shape(module: nn.Module, tensor_name: str) -> tuple[int, ...]:
     """The shape ``module.<tensor_name>`` reads as, without computing a parametrization if avoidable."""
     lora = find_lora(module, tensor_name)
     if lora is not None:
-        return tuple(lora.shape)
+        return tuple(lora.view.shape)
     if tensor_name in parametrized(module):
         with torch.no_grad(), kept(list(parametrized(module)[tensor_name])):
             return tuple(getattr(module, tensor_name).shape)
@@ -124,9 +126,9 @@ def check_entries(fn: str, model: nn.Module, entries: Sequence[Entry]) -> None:
         else:
             _check_lora_entry(fn, e, view, shape)
         lora = find_lora(module, e.tensor)
-        if lora is not None and (lora.transpose, lora.experts) != (e.transpose, e.experts):
-            raise ValueError(f"{fn}(): `{e.key}` carries LoRA with transpose={lora.transpose}, "
-                             f"experts={lora.experts}, but the adapter was saved with "
+        if lora is not None and (lora.view.transpose, lora.view.experts) != (e.transpose, e.experts):
+            raise ValueError(f"{fn}(): `{e.key}` carries LoRA with transpose={lora.view.transpose}, "
+                             f"experts={lora.view.experts}, but the adapter was saved with "
                              f"transpose={e.transpose}, experts={e.experts}.")
         rule = find_rule(module) if lora is None else None
         if rule is not None and rule.adapts(e.tensor) and (rule.transpose, rule.experts) != (e.transpose, e.experts):
@@ -174,7 +176,8 @@ def collect(fn: str, model: nn.Module, adapter: str) -> list[Entry]:
     entries, present = [], set()
     found = list(loras(model))
     refuse_flat_params(fn, model, found)  # FSDP1
-    for qualname, module, tensor_name, lora in found:
+    for site in found:
+        qualname, module, tensor_name, lora = site.path, site.module, site.tensor_name, site.lora
         present.update(lora.adapters)
         if adapter not in lora.adapters:
             continue
@@ -187,17 +190,17 @@ def collect(fn: str, model: nn.Module, adapter: str) -> list[Entry]:
         c = lora.adapter(adapter)
         if c.kind != "lora":
             entries.append(Entry(
-                module=qualname, tensor=tensor_name, type=type_name(module), shape=tuple(lora.shape), A=None,
+                module=qualname, tensor=tensor_name, type=type_name(module), shape=tuple(lora.view.shape), A=None,
                 B=None, r=c.r, alpha=None if c.alpha is None else float(c.alpha), targets=c.targets,
-                transpose=lora.transpose, experts=lora.experts, factored=bool(lora.factored),
+                transpose=lora.view.transpose, experts=lora.view.experts, factored=bool(lora.factored),
                 extra={k: t.detach() for k, t in lora.tensors(adapter).items()}, kind=c.kind,
                 options=dict(c.options)))
             continue
         entries.append(Entry(
-            module=qualname, tensor=tensor_name, type=type_name(module), shape=tuple(lora.shape),
+            module=qualname, tensor=tensor_name, type=type_name(module), shape=tuple(lora.view.shape),
             A=lora.lora_A[adapter].detach(), B=lora.lora_B[adapter].detach(), r=c.r,
             alpha=float(c.alpha), rslora=c.rslora, dropout=float(c.dropout),
-            init=c.init, targets=c.targets, transpose=lora.transpose, experts=lora.experts,
+            init=c.init, targets=c.targets, transpose=lora.view.transpose, experts=lora.view.experts,
             factored=bool(lora.factored), dora=c.dora,
             extra={k: t.detach() for k, t in lora.tensors(adapter).items() if k not in FACTORS},
         ))
@@ -239,7 +242,7 @@ def apply(fn: str, model: nn.Module, entries: Sequence[Entry], name: str, copies
 
 def _apply(fn: str, model: nn.Module, modules: dict[str, nn.Module], entries: Sequence[Entry], name: str) -> None:
     keys = {e.key for e in entries}
-    existing = {f"{q}.{t}" if q else t: lora for q, _, t, lora in loras(model) if name in lora.adapters}
+    existing = {site.where: site.lora for site in loras(model) if name in site.lora.adapters}
     if existing:
         _update(fn, entries, name, existing, keys)
         return
@@ -271,7 +274,7 @@ def _apply(fn: str, model: nn.Module, modules: dict[str, nn.Module], entries: Se
                 _fill(lora, name, e)
                 lora.adapter(name).targets = e.targets
     except BaseException:
-        if any(name in lora.adapters for *_, lora in loras(model)):
+        if any(name in site.lora.adapters for site in loras(model)):
             remove(model, adapter=name, merge=False)
         raise
 
@@ -284,7 +287,7 @@ def _fill(lora: LoRA, name: str, e: Entry) -> None:
             raise ValueError(f"load_adapter(): `{e.key}.{k}` has shape {tuple(t.shape)} in the saved adapter but "
                              f"{tuple(mine[k].shape)} in the model. The file is corrupt; save the adapter again.")
         mine[k].copy_(t)
-    lora.refresh_scaling(name)
+    lora.set_scaling(name)
 
 
 def _update(fn: str, entries: Sequence[Entry], name: str, existing: dict[str, LoRA], keys: set[str]):
@@ -344,7 +347,8 @@ def _update(fn: str, entries: Sequence[Entry], name: str, existing: dict[str, Lo
             if e.kind != "lora":
                 record.targets = e.targets
                 continue
-            record.alpha, record.rslora, record.dropout, record.targets = e.alpha, e.rslora, e.dropout, e.targets
+            record.dropout, record.targets = e.dropout, e.targets
+            lora.set_scaling(name, alpha=e.alpha, rslora=e.rslora)
 
 
 def _padded(t: Tensor, r: int, dim: int) -> Tensor:

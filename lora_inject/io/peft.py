@@ -21,7 +21,7 @@ trainable tokens            ``p.token_adapter.trainable_tokens_     ``(n, dim)``
 ==========================  ======================================  ==========================
 
 A ``modules_to_save`` module's tensors are kind ``"full"`` here, ``trainable_token_indices`` kind
-``"tokens"``. A tied embedding and head (one tensor, :mod:`lora_inject.tied`) hold one adapter;
+``"tokens"``. A tied embedding and head (one tensor, :mod:`lora_inject._tied`) hold one adapter;
 peft holds one per module, so it is written at each, and read back as one where they agree.
 
 peft scales by ``lora_alpha / r`` (or ``/ sqrt(r)`` with ``use_rslora``), with per-module
@@ -44,12 +44,13 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils.parametrize import type_before_parametrizations
 
+from .._chain import find_lora, parametrized, source
+from .._selection import named_modules
+from .._tied import tensor_users, users_of
 from ..kind import find_kind, kernel
 from ..kinds.oft import block_size
-from ..lookup import find_lora, named_modules, parametrized, source
 from ..lora import LoRA, lora_scaling
 from ..rule import find_rule, own_tensor_names, type_name
-from ..tied import tensor_users, users_of
 from ..view import View, compute_dtype
 from .entries import Copy, Entry, tensor_shape
 from .files import dtype_name, is_integer, read_json, read_safetensors
@@ -330,7 +331,7 @@ def to_peft(fn: str, model: nn.Module, entries: list[Entry]) -> tuple[dict, dict
 
 
 def _untied(fn: str, model: nn.Module, entries: list[Entry]) -> tuple[list[Entry], bool]:
-    """``entries`` with each tied tensor's update also on its other users (see :mod:`lora_inject.tied`),
+    """``entries`` with each tied tensor's update also on its other users (see :mod:`lora_inject._tied`),
     as peft needs it to give their outputs: the head's LoRA is the embedding's transposed, a saved
     module is saved at each user. Trainable tokens stay on the input embeddings alone where peft
     ties the head to them itself (a transformers model with ``_tied_weights_keys``). Also whether
@@ -573,7 +574,7 @@ def _result(e: Entry, base: Tensor) -> Tensor:
 
 
 def _tied_once(fn: str, file: str, model: nn.Module, entries: list[Entry], config: dict) -> list[Entry]:
-    """``entries`` with one entry per tied tensor (see :mod:`lora_inject.tied`): peft's adapter for a tied
+    """``entries`` with one entry per tied tensor (see :mod:`lora_inject._tied`): peft's adapter for a tied
     embedding and head gives them one update, saved at each (the first is kept), or at the embedding alone
     where peft ties the head itself. Raises where the users would read different tensors."""
     modules = dict(named_modules(model))

@@ -21,8 +21,10 @@ from dataclasses import dataclass
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
-from .hooks import disown_class, hook, own_class, unhook
-from .lookup import find_lora, named_modules, parametrized, qualified, source
+from ._chain import find_lora, parametrized, source
+from ._hooks import hook, unhook
+from ._module_class import disown_class, own_class
+from ._selection import named_modules, qualified
 from .lora import Bias, LoRA
 
 __all__: list[str] = []

@@ -9,8 +9,9 @@ from collections.abc import Mapping, Sequence
 
 from torch import nn
 
+from ._chain import parametrized
+from ._selection import named_modules
 from .kind import integer
-from .lookup import named_modules, parametrized
 from .rule import Rule, find_rule
 
 __all__: list[str] = []
