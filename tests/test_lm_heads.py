@@ -301,3 +301,16 @@ def test_bad_token_indices_are_refused_and_nothing_changes():
     seq = nn.Sequential(OrderedDict(emb=nn.Embedding(5, 2)))
     with pytest.raises(TypeError, match=r"has no get_input_embeddings\(\)"):
         li.inject(seq, "emb", r=1, trainable_token_indices=[1])
+
+
+def test_peft_trainable_tokens_alone_load(tmp_path):
+    """peft_type TRAINABLE_TOKENS: the tokens without a LoRA, saved at the embedding and its tied head."""
+    base = llama(head=True, seed=0, tie_word_embeddings=True).eval()
+    x = ids()
+    made = quiet_peft(peft.get_peft_model, copy.deepcopy(base), peft.TrainableTokensConfig(token_indices=[1, 4, 9]))
+    with torch.no_grad():
+        made.base_model.model.model.embed_tokens.trainable_tokens_delta["default"].add_(1.0)
+    made.save_pretrained(tmp_path)
+    ours = li.load_adapter(copy.deepcopy(base), tmp_path)
+    assert [n for n, _ in li.named_loras(ours)] == ["model.embed_tokens.weight"]
+    torch.testing.assert_close(ours(x).logits, made.eval()(x).logits, rtol=1e-5, atol=1e-5)

@@ -162,7 +162,8 @@ def load_adapter(model: M, path: str | os.PathLike, *, adapter: str | None = Non
     ``target_parameters`` (onto expert weights ``(E, out, in)``, or ``(E, in, out)`` where the
     module says ``is_transposed``); ``fan_in_fan_out`` follows the layer type, as in peft. The
     tensors of ``modules_to_save`` modules (so ``task_type="SEQ_CLS"`` heads) load as kind
-    ``"full"``, the saved copies, and ``trainable_token_indices`` as kind ``"tokens"``; other full
+    ``"full"``, the saved copies, and ``trainable_token_indices`` (or a ``TRAINABLE_TOKENS``
+    adapter) as kind ``"tokens"``; other full
     tensors (``bias="all"`` or ``"lora_only"``; ``save_embedding_layers``) that equal the base are
     skipped, and the others become the exact update ``W_saved - W0``, a LoRA of full rank with an
     identity factor: then ``remove(merge=False)`` restores the base tensor and ``merge=True``

@@ -76,6 +76,8 @@ _KNOWN = {
     "runtime_config", "ensure_weight_tying", "target_modules_to_tie", "use_dora", "trainable_token_indices",
     *_UNSUPPORTED,
 }
+_TOKENS_KNOWN = {"peft_type", "task_type", "base_model_name_or_path", "revision", "inference_mode", "auto_mapping",
+                 "peft_version", "target_modules", "token_indices", "init_weights"}
 TOKENS = ".token_adapter.trainable_tokens_delta"  # trainable_token_indices: the rows' values, below the module
 COMPANIONS = ("lora", "full", "tokens")  # the kinds a LORA adapter holds: LoRA, modules_to_save, tokens
 EMBEDDING_NAMES = ("embed_tokens",)  # the input embeddings peft ties its head to (EMBEDDING_LAYER_NAMES)
@@ -438,6 +440,9 @@ def from_peft(fn: str, model: nn.Module, saved: Saved) -> tuple[list[Entry], lis
     """
     if kind_of(saved.config) is not None:
         return kinds_from_peft(fn, model, saved), []
+    if saved.config.get("peft_type") == "TRAINABLE_TOKENS":  # peft's tokens alone: `p.trainable_tokens_delta`
+        return _tied_once(fn, saved.file, model, _token_entries(fn, model, dict(named_modules(model)), saved),
+                          saved.config), []
     file, weights, config, tensors = saved.file, saved.weights, saved.config, saved.tensors
     modules = dict(named_modules(model))
     factors: dict[tuple[str, int], dict[str, tuple[str, Tensor]]] = {}
@@ -521,7 +526,11 @@ def _full_entry(fn: str, weights: str, name: str, module: nn.Module, tensor: str
 def _token_entries(fn: str, model: nn.Module, modules: dict[str, nn.Module], saved: Saved) -> list[Entry]:
     """The trainable tokens of peft's ``trainable_token_indices``, as entries of kind ``"tokens"``."""
     spec = saved.config.get("trainable_token_indices")
-    keys = {k.removeprefix(PREFIX)[: -len(TOKENS)]: (k, t) for k, t in saved.tensors.items() if k.endswith(TOKENS)}
+    end = TOKENS
+    if saved.config.get("peft_type") == "TRAINABLE_TOKENS":  # its target_modules, each with its token_indices
+        end, targets = ".trainable_tokens_delta", saved.config["target_modules"]
+        spec = {p: saved.config.get("token_indices") for p in modules if p and _matches(targets, p)}
+    keys = {k.removeprefix(PREFIX)[: -len(end)]: (k, t) for k, t in saved.tensors.items() if k.endswith(end)}
     if not spec and not keys:
         return []
     if not spec:
@@ -534,6 +543,8 @@ def _token_entries(fn: str, model: nn.Module, modules: dict[str, nn.Module], sav
             for path in keys:
                 if path.endswith(name):
                     chosen[path] = ids
+        if saved.config.get("peft_type") == "TRAINABLE_TOKENS":  # peft wraps the tied head too, and saves it
+            chosen.update({p: saved.config.get("token_indices") for p in keys if p not in chosen})
     else:
         get = getattr(model, "get_input_embeddings", None)
         emb = get() if callable(get) else None
@@ -592,8 +603,7 @@ def _tied_once(fn: str, file: str, model: nn.Module, entries: list[Entry], confi
             continue
         base = source(modules[first.module], first.tensor)
         want = _result(first, base)
-        odd = next((e for e in group[1:] if e.kind == "tokens" or first.kind == "tokens"
-                    or not torch.allclose(_result(e, base), want, rtol=1e-5, atol=1e-6)), None)
+        odd = next((e for e in group[1:] if not torch.allclose(_result(e, base), want, rtol=1e-5, atol=1e-6)), None)
         tied_by_peft = modules[first.module] is embeddings and (
             first.kind == "tokens" or config.get("ensure_weight_tying") and first.module.rpartition(".")[2]
             in EMBEDDING_NAMES)
@@ -744,6 +754,14 @@ def _check_config(fn: str, file: str, config: dict) -> None:
 
     if kind_of(config) is not None:
         _check_kind_config(fn, file, config, kind_of(config))
+        return
+    if config.get("peft_type") == "TRAINABLE_TOKENS":
+        unknown = next((k for k, v in config.items() if k not in _TOKENS_KNOWN and v not in (None, False, [], {}, "")),
+                       None)
+        if unknown is not None:
+            raise refuse(f"the field {unknown!r} = {config[unknown]!r} with peft_type 'TRAINABLE_TOKENS'")
+        if not isinstance(config.get("target_modules"), (str, list)):
+            raise refuse(f"target_modules={config.get('target_modules')!r} (a list of names or a regex is needed)")
         return
     if config.get("peft_type") != "LORA":
         raise refuse(f"peft_type {config.get('peft_type')!r} (only {['LORA', *_TYPE_KINDS]} translate)")
