@@ -314,3 +314,22 @@ def test_peft_trainable_tokens_alone_load(tmp_path):
     ours = li.load_adapter(copy.deepcopy(base), tmp_path)
     assert [n for n, _ in li.named_loras(ours)] == ["model.embed_tokens.weight"]
     torch.testing.assert_close(ours(x).logits, made.eval()(x).logits, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("fmt", ["lora_inject", "peft"])
+def test_a_head_and_tokens_load_in_place_into_the_same_parameters(fmt, tmp_path):
+    """An adapter the model already carries (a resumed run) is swapped in place, tokens and head too."""
+    base = bert_classifier().eval()
+    x = ids(50)
+
+    def adapted():
+        return li.inject(copy.deepcopy(base), ["query"], r=2, modules_to_save=["classifier"],
+                         trainable_token_indices={"word_embeddings": [3, 4]})
+
+    model = jolt(adapted())
+    li.save_adapter(model, tmp_path, format=fmt)
+    other = adapted()
+    before = [id(p) for p in li.lora_parameters(other)]
+    li.load_adapter(other, tmp_path)
+    assert [id(p) for p in li.lora_parameters(other)] == before
+    assert torch.equal(other(x).logits, model(x).logits)

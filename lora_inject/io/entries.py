@@ -250,7 +250,7 @@ def _apply(fn: str, model: nn.Module, modules: dict[str, nn.Module], entries: Se
     for e in entries:
         groups.setdefault((e.module, e.r, e.alpha, e.rslora, e.dora, e.dropout, e.init, e.dtype, e.transpose,
                            e.experts, e.factored, e.kind,
-                           tuple(sorted((k, tuple(v) if isinstance(v, list) else v) for k, v in e.options.items())),
+                           _options_key(e.options),
                            e.type if e.kind != "lora" else None), []).append(e)
     calls: dict[tuple, set[str]] = {}  # (settings, tensors) -> modules, one inject call each
     for (module, *settings), group in groups.items():
@@ -277,6 +277,11 @@ def _apply(fn: str, model: nn.Module, modules: dict[str, nn.Module], entries: Se
         if any(name in site.lora.adapters for site in loras(model)):
             remove(model, adapter=name, merge=False)
         raise
+
+
+def _options_key(options: dict) -> tuple:
+    """A kind's options as a hashable key, a list as the tuple it is when read back from JSON."""
+    return tuple(sorted((k, tuple(v) if isinstance(v, list) else v) for k, v in options.items()))
 
 
 def _fill(lora: LoRA, name: str, e: Entry) -> None:
@@ -310,7 +315,8 @@ def _update(fn: str, entries: Sequence[Entry], name: str, existing: dict[str, Lo
                              f"model's adapter {name!r}; a slot holds one kind. Nothing was loaded. Load it "
                              "under another name with `adapter=`.")
         if e.kind != "lora":
-            if e.r != lora.adapter(name).r or e.options != lora.adapter(name).options or any(
+            same = e.r == lora.adapter(name).r and _options_key(e.options) == _options_key(lora.adapter(name).options)
+            if not same or any(
                     mine.get(k) is None or mine[k].shape != t.shape for k, t in e.extra.items()) or set(mine) != set(
                     e.extra):
                 raise ValueError(f"{fn}(): `{e.key}` of kind {e.kind!r} has r={e.r} and options {e.options} in the "
