@@ -10,14 +10,15 @@ import math
 import pickle
 import re
 import warnings
+from functools import partial
 
 import pytest
 import torch
 from _helpers import assert_unchanged, snapshot
+from _models import gpt2
 from hypothesis import Phase, event, given, settings
 from hypothesis import strategies as st
 from torch import nn
-from transformers import GPT2Config, GPT2LMHeadModel
 
 import lora_inject as li
 
@@ -33,15 +34,11 @@ class Tied(nn.Module):
         self.head.weight = self.emb.weight
 
 
-def tiny_gpt2() -> GPT2LMHeadModel:
-    return GPT2LMHeadModel(GPT2Config(n_embd=8, n_layer=1, n_head=2, vocab_size=16, n_positions=8,
-                                      bos_token_id=None, eos_token_id=None))
-
-
 @pytest.mark.parametrize("make, targets, shared", [
     pytest.param(Tied, "head", "['emb.weight', 'head.weight']", id="one-of-the-two"),
     pytest.param(Tied, "emb|head", "['emb.weight', 'head.weight']", id="both"),
-    pytest.param(tiny_gpt2, "lm_head|c_attn", "['transformer.wte.weight', 'lm_head.weight']", id="gpt2-tied"),
+    pytest.param(partial(gpt2, layers=1, width=8, head=True, vocab_size=16, n_positions=8), "lm_head|c_attn",
+                 "['transformer.wte.weight', 'lm_head.weight']", id="gpt2-tied"),
 ])
 def test_a_tied_weight_is_refused_clearly_and_nothing_changes(make, targets, shared):
     model = make()
