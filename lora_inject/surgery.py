@@ -22,17 +22,17 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 
-from . import quant
+from . import _quant as quant
 from ._chain import find_lora, forward_to, inverse, kept, originals, parametrized, source
 from ._hooks import hook, unhook
 from ._module_class import disown_class, own_class, own_forward, own_setter
 from ._selection import matcher, named_modules, qualified
 from ._sites import Site, adapter_names, loras, module_loras
+from ._view import View
 from .inits import INITS, WEIGHT_INITS
 from .kind import Kind, find_kind
 from .lora import Adapter, Bias, LoRA, check_adapter_name
 from .rule import Rule, RuleKey, find_rule, type_name
-from .view import View
 
 __all__ = ["RequantizationWarning", "inject", "remove"]
 
@@ -111,7 +111,7 @@ def inject(
             ``use_rslora``) instead of ``alpha / r``. Default: ``False``.
         dora (bool): DoRA: the weight becomes ``m * (W0 + s * B @ A) / ||W0 + s * B @ A||`` with a
             trainable magnitude ``m`` per output unit, initialised so that the model is unchanged
-            (see :mod:`lora_inject.dora`). Default: ``False``.
+            (see :mod:`lora_inject._dora`). Default: ``False``.
         **options: the options of ``kind``, named as peft's config fields for that kind (such as
             ``oft_block_size`` for OFT, ``feedforward`` for IA³: a selector of modules as
             ``targets``, peft's ``feedforward_modules``); see each kind's module.
@@ -665,7 +665,7 @@ class _Removal:
     site: Site
     names: list[str]  # the adapters it takes off
     merged: list[str]  # those it folds into the stored tensor first
-    scheme: object  # the stored tensor's quantization scheme (see lora_inject.quant), or None
+    scheme: object  # the stored tensor's quantization scheme (see lora_inject._quant), or None
     rewrite: bool  # the stored tensor is quantized and is replaced (merged into, or written dense)
     build: Callable[[Tensor], Tensor] | None  # requantizes a rewritten tensor; None: written dense
 
@@ -746,7 +746,7 @@ def _take_off(plan: _Removal, dequantize: bool, rounding: list) -> None:
 
 def _quantized_as(target: Tensor, build, where: str, rounding: list) -> nn.Parameter:
     """``target`` as a weight's new stored tensor: dense (``build`` None), or requantized by
-    ``build`` (see :func:`lora_inject.quant.requantizer`), its rounding recorded in ``rounding``."""
+    ``build`` (see :func:`lora_inject._quant.requantizer`), its rounding recorded in ``rounding``."""
     if build is None:
         return nn.Parameter(target, requires_grad=False)
     new = build(target)
