@@ -13,7 +13,7 @@ from torch import Tensor, nn
 from torch.nn.utils._named_member_accessor import swap_tensor
 from torch.nn.utils.parametrize import type_before_parametrizations
 
-from . import quant
+from . import _quant as quant
 from ._ops import beside
 from .factored import FactoredWeight
 from .lora import LoRA

@@ -10,7 +10,7 @@ Parameter, so ``remove(merge=True)`` writes the merged weight once and the tie h
 
 The LoRA's view is the tensor's, not the module's: an ``Embedding`` and a ``Linear`` head see the
 same stored ``(vocab, dim)`` tensor and the same stored update, and the ops of the fast path work
-in the stored layout (:meth:`~lora_inject.view.View.stored_factors`), so each user runs its own op
+in the stored layout (:meth:`~lora_inject._view.View.stored_factors`), so each user runs its own op
 on it.
 """
 

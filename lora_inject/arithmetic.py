@@ -10,8 +10,8 @@ import torch
 from torch import Tensor, nn
 
 from ._sites import adapter_names, loras
+from ._view import compute_dtype
 from .lora import Adapter, LoRA, check_adapter_name
-from .view import compute_dtype
 
 __all__ = ["combine"]
 

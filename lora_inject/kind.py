@@ -1,7 +1,7 @@
 r"""Kinds of update: what an adapter holds and how it changes a tensor, kept as data.
 
 A :class:`Kind` is one small definition: its options (named as peft's config fields for that
-kind), the parameters it creates for a tensor seen through a :class:`~lora_inject.view.View`,
+kind), the parameters it creates for a tensor seen through a :class:`~lora_inject._view.View`,
 and its update in that view's ``(.., out, in)`` matrix ("rows"):
 
 * **additive** kinds give ``delta(params, view, scaling, options)``, the ``(.., out, in)``
@@ -34,7 +34,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .view import View
+from ._view import View
 
 __all__ = ["Kind", "Option", "default_kinds", "find_kind", "register_kind"]
 

@@ -9,11 +9,12 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import Tensor, nn
 
-from . import dora, quant
+from . import _dora as dora
+from . import _quant as quant
+from ._view import View, compute_dtype
 from .factored import FactoredWeight, Term, merge
 from .inits import WEIGHT_INITS, decompose, init_factors
 from .kind import find_kind
-from .view import View, compute_dtype
 
 __all__ = ["Adapter", "LoRA"]
 
@@ -96,7 +97,7 @@ class LoRA(nn.Module):
 
     Variants change this parametrization only, so they work for every rule: a DoRA adapter
     (``dora=True``) also holds ``lora_magnitude[name]`` of shape ``(out,)`` (see
-    :mod:`lora_inject.dora`); the ``"pissa"``/``"olora"`` inits keep their initial factors
+    :mod:`lora_inject._dora`); the ``"pissa"``/``"olora"`` inits keep their initial factors
     as buffers ``lora_A0[name]``/``lora_B0[name]`` (see :mod:`lora_inject.inits`).
 
     Its forward gives a :class:`~lora_inject.factored.FactoredWeight` where the rule is

@@ -22,7 +22,7 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 
-from . import quant
+from . import _quant as quant
 from ._chain import find_lora, forward_to, inverse, kept, originals, parametrized, source
 from ._copies import full_groups, saved_modules, token_sites, within
 from ._hooks import hook, unhook
@@ -30,11 +30,11 @@ from ._module_class import disown_class, own_class, own_forward, own_setter
 from ._selection import matcher, named_modules, qualified
 from ._sites import Site, adapter_names, loras, module_loras
 from ._tied import others, tensor_users, tie, tied_to, untie
+from ._view import View
 from .inits import INITS, WEIGHT_INITS
 from .kind import Kind, find_kind
 from .lora import Adapter, Bias, LoRA, check_adapter_name
 from .rule import Rule, RuleKey, find_rule, type_name
-from .view import View
 
 __all__ = ["RequantizationWarning", "inject", "remove"]
 
@@ -115,7 +115,7 @@ def inject(
             ``use_rslora``) instead of ``alpha / r``. Default: ``False``.
         dora (bool): DoRA: the weight becomes ``m * (W0 + s * B @ A) / ||W0 + s * B @ A||`` with a
             trainable magnitude ``m`` per output unit, initialised so that the model is unchanged
-            (see :mod:`lora_inject.dora`). Default: ``False``.
+            (see :mod:`lora_inject._dora`). Default: ``False``.
         modules_to_save (list of str, optional): modules that train whole as part of the adapter,
             matched as peft matches them (a module whose path ends with a name, and everything in
             it): each floating parameter gets kind ``"full"``, a trainable copy that the tensor
@@ -721,7 +721,7 @@ class _Removal:
     site: Site
     names: list[str]  # the adapters it takes off
     merged: list[str]  # those it folds into the stored tensor first
-    scheme: object  # the stored tensor's quantization scheme (see lora_inject.quant), or None
+    scheme: object  # the stored tensor's quantization scheme (see lora_inject._quant), or None
     rewrite: bool  # the stored tensor is quantized and is replaced (merged into, or written dense)
     build: Callable[[Tensor], Tensor] | None  # requantizes a rewritten tensor; None: written dense
 
@@ -802,7 +802,7 @@ def _take_off(plan: _Removal, dequantize: bool, rounding: list) -> None:
 
 def _quantized_as(target: Tensor, build, where: str, rounding: list) -> nn.Parameter:
     """``target`` as a weight's new stored tensor: dense (``build`` None), or requantized by
-    ``build`` (see :func:`lora_inject.quant.requantizer`), its rounding recorded in ``rounding``."""
+    ``build`` (see :func:`lora_inject._quant.requantizer`), its rounding recorded in ``rounding``."""
     if build is None:
         return nn.Parameter(target, requires_grad=False)
     new = build(target)

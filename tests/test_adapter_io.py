@@ -365,7 +365,7 @@ def _edit(path, change, *, redigest=True):
     config = json.loads(file.read_text())
     change(config)
     if redigest:  # as a careful hand edit would: the digest then no longer catches it
-        from lora_inject.io.ours import config_digest
+        from lora_inject.io._ours import config_digest
 
         config["config_sha256"] = config_digest(config)
     file.write_text(json.dumps(config))

@@ -29,7 +29,7 @@ def imports(path: Path) -> set[str]:
             target = (f"{base}.{node.module}" if node.module else base) if node.level else node.module or ""
             if not target.startswith("lora_inject"):
                 continue
-            if node.module:  # `from . import quant` imports quant (its package is under way already)
+            if node.module:  # `from . import _quant` imports _quant (its package is under way already)
                 out.add(target)
             out |= {f"{target}.{a.name}" for a in node.names}  # `from .io import ours`: a module, if one
     return out

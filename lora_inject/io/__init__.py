@@ -27,13 +27,14 @@ from typing import TypeVar
 import torch
 from torch import nn
 
-from .. import quant
+from .. import _quant as quant
 from ..lora import LoRA, check_adapter_name
 from ..rule import own_tensor_names, type_name
-from . import ours, peft
-from .entries import Entry, apply, collect, tensor_shape
+from . import _ours as ours
+from . import peft
+from ._entries import Entry, apply, collect, tensor_shape
+from ._wrappers import placed, unwrapped
 from .files import write_atomic, write_safetensors
-from .wrappers import placed, unwrapped
 
 __all__ = ["load_adapter", "save_adapter"]
 

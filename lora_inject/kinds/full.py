@@ -17,8 +17,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .._view import View
 from ..kind import Kind, register_kind
-from ..view import View
 
 __all__: list[str] = []
 

@@ -11,17 +11,17 @@ from dataclasses import dataclass, field, replace
 import torch
 from torch import Tensor, nn
 
-from .. import quant
+from .. import _quant as quant
 from .._chain import find_lora, kept, parametrized, source
 from .._selection import named_modules
 from .._sites import loras
+from .._view import View
 from ..inits import WEIGHT_INITS
 from ..kind import find_kind
 from ..lora import LoRA, check_adapter_name, lora_scaling
 from ..params import refuse_flat_params
 from ..rule import Rule, find_rule, own_tensor_names, type_name
 from ..surgery import inject, remove
-from ..view import View
 
 __all__: list[str] = []
 
