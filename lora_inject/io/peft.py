@@ -593,7 +593,8 @@ def _tied_once(fn: str, file: str, model: nn.Module, entries: list[Entry], confi
     get = getattr(model, "get_input_embeddings", None)
     embeddings = get() if callable(get) and getattr(model, "_tied_weights_keys", None) else None
     groups: dict[int, list[Entry]] = {}
-    for e in entries:
+    order = {name: i for i, name in enumerate(modules)}
+    for e in sorted(entries, key=lambda e: order[e.module]):  # a tied tensor at its first user, as inject
         groups.setdefault(id(source(modules[e.module], e.tensor)), []).append(e)
     out = []
     for key, group in groups.items():
