@@ -35,22 +35,20 @@ from .arithmetic import combine
 from .io import load_adapter, save_adapter
 from .kind import Kind, Option, default_kinds, find_kind, register_kind
 from .lora import Adapter, LoRA
+from .meta import init_lora
 from .param_groups import loraplus_param_groups
-from .per_sample import per_sample
-from .rule import Rule, default_rules, register_rule
-from .state import (
-    activate,
+from .params import (
     adapter_parameters,
     adapter_state_dict,
-    cached,
-    disabled,
-    init_lora,
     lora_parameters,
     lora_state_dict,
     mark_only_adapters_as_trainable,
     mark_only_lora_as_trainable,
     named_loras,
 )
+from .per_sample import per_sample
+from .rule import Rule, default_rules, register_rule
+from .state import activate, cached, disabled
 from .surgery import RequantizationWarning, inject, remove
 from .version import __version__ as __version__
 

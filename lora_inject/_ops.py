@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from . import quant
+from . import _quant as quant
 from ._kernels import NoGradAt, frozen_linear, fused, plain_eager
 from ._rows import gather, in_place, keep, scatter, select, some
 from .factored import FactoredWeight, implements

@@ -19,7 +19,7 @@ forward runs unchanged:
 Both dispatchers are a lookup in :data:`OPS`, keyed by torch functions and by aten ops as
 torchao's tables are, and one fallback. :func:`implements` registers an entry.
 
-A quantized ``W0`` (see :mod:`lora_inject.quant`) stays quantized: ``F.linear`` runs the backend's
+A quantized ``W0`` (see :mod:`lora_inject._quant`) stays quantized: ``F.linear`` runs the backend's
 kernel on it (:func:`lora_inject._kernels.frozen_linear`), other ops get the merged weight from its
 dense value, and a weight only its module's forward can read (bitsandbytes') is never given to an
 op by us. Inside :func:`lora_inject.per_sample` each term runs on its own samples' rows only
@@ -43,9 +43,10 @@ import torch
 from torch import Tensor
 from torch.utils._pytree import tree_map_only
 
-from . import dora, quant
+from . import _dora as dora
+from . import _quant as quant
 from ._rows import mask
-from .view import View, compute_dtype
+from ._view import View, compute_dtype
 
 __all__: list[str] = []
 
@@ -68,7 +69,7 @@ class Term(NamedTuple):
 
 
 class FactoredWeight(Tensor):
-    """``W0 + sum_i s_i * view(B_i @ A_i)`` (DoRA: see :mod:`lora_inject.dora`), kept factored.
+    """``W0 + sum_i s_i * view(B_i @ A_i)`` (DoRA: see :mod:`lora_inject._dora`), kept factored.
 
     Its shape, dtype, device and strides are ``W0``'s; its value, for every op, is the adapted
     weight. ``rows`` is set inside :func:`lora_inject.per_sample`: each sample's adapter name, or
@@ -186,7 +187,7 @@ class FactoredWeight(Tensor):
         return any(t.magnitude is not None for t in self._terms)
 
     def _scales(self) -> tuple[Tensor | None, list[Tensor | None]]:
-        """DoRA's ``(c, k)`` (see :func:`lora_inject.dora.scales`), computed on first use.
+        """DoRA's ``(c, k)`` (see :func:`lora_inject._dora.scales`), computed on first use.
 
         Inside per_sample() each sample has one adapter: ``c`` is each term's own gain, so
         ``k`` holds the gains and ``c`` is None (see :meth:`rescale`)."""

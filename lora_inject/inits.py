@@ -9,7 +9,7 @@ r"""How an adapter's factors start: the random inits, and PiSSA and OLoRA, which
   decomposition ``W0 = Q R``, ``A = R[:r]`` and ``B = Q[:, :r]``.
 
 * ``"loftq"`` (Li et al., 2023), for a ``W0`` that is already quantized (bitsandbytes 4-bit,
-  torchao NF4, any scheme of :mod:`lora_inject.quant`), given the dense weight it was quantized
+  torchao NF4, any scheme of :mod:`lora_inject._quant`), given the dense weight it was quantized
   from (``inject(..., init="loftq", dense=state_dict)``): ``s * B @ A`` is the truncated SVD of
   ``dense - dequantize(W0)``, so that ``W0 + s * B @ A`` is the closest rank-``r`` correction of
   the quantized weight to the dense one (Eckart-Young). ``W0`` is fixed, so no alternation is
@@ -38,8 +38,8 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import Tensor, nn
 
-from . import quant
-from .view import View, compute_dtype
+from . import _quant as quant
+from ._view import View, compute_dtype
 
 __all__: list[str] = []
 

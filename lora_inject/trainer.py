@@ -14,9 +14,9 @@ import torch
 import transformers.trainer
 from transformers import Trainer
 
+from ._sites import loras
 from .io import load_adapter, save_adapter
-from .lookup import loras
-from .state import lora_parameters
+from .params import lora_parameters
 
 __all__ = ["AdapterTrainer"]
 
@@ -72,7 +72,9 @@ class AdapterTrainer(Trainer):
 
     A checkpoint holds the adapter only, so only the adapter may train: :meth:`train` refuses a
     model with any other parameter that requires grad (call
-    :func:`lora_inject.mark_only_lora_as_trainable` first). The optimizer that ``Trainer``
+    :func:`lora_inject.mark_only_lora_as_trainable` first). A module that trains whole, such as a
+    new classification head, is part of the adapter with ``inject(..., modules_to_save=[...])``:
+    it trains, and every checkpoint holds it. The optimizer that ``Trainer``
     builds then holds the factors alone, and its ``optimizer.pt`` stays small.
 
     Args:
@@ -110,7 +112,7 @@ class AdapterTrainer(Trainer):
 
     def train(self, *args, **kwargs):
         model = self.accelerator.unwrap_model(self.model, keep_torch_compile=False)
-        if not any(self.adapter in lora.adapters for *_, lora in loras(model)):
+        if not any(self.adapter in site.lora.adapters for site in loras(model)):
             raise ValueError(f"AdapterTrainer.train(): the model has no adapter {self.adapter!r} to train. Adapt it "
                              "with lora_inject.inject(), or pass `adapter=` with the name it has.")
         ours = {id(p) for p in lora_parameters(model, self.adapter)}
@@ -118,8 +120,10 @@ class AdapterTrainer(Trainer):
         if loose:
             raise ValueError(f"AdapterTrainer.train(): {len(loose)} parameters outside adapter {self.adapter!r} "
                              f"require grad ({loose[:3]}...), but a checkpoint holds the adapter alone, so "
-                             "resuming would lose what they learnt. Call "
-                             "lora_inject.mark_only_lora_as_trainable(model) first, or freeze them.")
+                             "resuming would lose what they learnt. To train a module whole (a new task head), "
+                             "make it part of the adapter: inject(..., modules_to_save=['classifier']), as peft's "
+                             "modules_to_save; else call lora_inject.mark_only_lora_as_trainable(model) first, "
+                             "or freeze them.")
         if self.adapter_format == "peft":  # a checkpoint peft's format cannot write: refused before any step
             with tempfile.TemporaryDirectory() as tmp:
                 try:

@@ -6,6 +6,7 @@ import copy
 
 import pytest
 import torch
+from _helpers import delta as lora_delta
 from _models import gpt2
 from torch import nn
 from transformers import GPT2LMHeadModel
@@ -36,7 +37,7 @@ def test_trained_fp32_adapters_merge_into_a_half_model_within_its_precision(dtyp
         with li.disabled(model):
             base = model(ids).logits
         exact = copy.deepcopy(model).double()(ids).logits  # the same weights, in float64
-        updates = {name: (lora.delta(dtype=torch.float64), lora_w0(model, name).double())
+        updates = {name: (lora_delta(lora, torch.float64), lora_w0(model, name).double())
                    for name, lora in li.named_loras(model)}
         merged_model = li.remove(copy.deepcopy(model), merge=True)
         merged = merged_model(ids).logits
@@ -84,7 +85,7 @@ def test_w0_stays_bit_identical_over_1000_forwards_and_backwards(dtype, factored
                 layer(x)
     assert torch.equal(w0, before)
     assert w0.dtype == dtype and w0.grad is None
-    delta = lora.delta().detach()
+    delta = lora_delta(lora).detach()
     assert delta.abs().max() > 1e-3  # the adapter did train
 
     # What the test would catch: adding the update to W0 and subtracting it again in the half
@@ -108,7 +109,7 @@ def test_unmerged_fast_path_keeps_small_updates_that_merging_into_half_rounds_aw
         lora.lora_A["default"].normal_(std=1.0)
         lora.lora_B["default"].normal_(std=spacing / 5)  # ΔW ~ N(0, (0.4 spacing)^2): mostly under half
     w0 = layer.parametrizations.weight.original.detach().double()
-    delta = lora.delta(dtype=torch.float64).detach()
+    delta = lora_delta(lora, torch.float64).detach()
     assert float(((w0 + delta).to(dtype).double() == w0).double().mean()) > 0.5  # lost when rounded
 
     x = torch.randn(16384, 64).to(dtype)

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 import lora_inject as li
-from lora_inject import quant
+from lora_inject import _quant as quant
 
 bnb = pytest.importorskip("bitsandbytes")
 pytest.importorskip("torchao")

@@ -175,6 +175,9 @@ CASES = {
     "bert-qv-bin": ("bert", dict(r=4, lora_alpha=8, target_modules=BERT_QV)),
     "gpt2-lora-bias-bin": ("gpt2", dict(r=2, target_modules=["c_attn"], fan_in_fan_out=True, lora_bias=True)),
     "bert-cls-bin": ("bert_cls", dict(task_type=SEQ_CLS, r=2, target_modules=BERT_QV, bias="all")),
+    "trainable-tokens": ("bert", dict(r=2, target_modules=BERT_QV, trainable_token_indices=[1, 2])),
+    "trainable-tokens-named": ("llama", dict(r=2, target_modules=["q_proj"],
+                                             trainable_token_indices={"embed_tokens": [0, 3, 5]})),
 }
 # What peft's format cannot express for us: each is refused, with the model unchanged.
 REFUSED = {
@@ -183,8 +186,6 @@ REFUSED = {
     "pissa": ("bert", dict(r=2, target_modules=BERT_QV, init_lora_weights="pissa"),
               r"init_lora_weights='pissa', which changes the base"),
     "grouped-conv": ("grouped", dict(r=2, target_modules=["conv"]), r"groups=2 \(peft's grouped LoRA"),
-    "trainable-tokens": ("bert", dict(r=2, target_modules=BERT_QV, trainable_token_indices=[1, 2]),
-                         r"`trainable_token_indices`"),
 }
 
 

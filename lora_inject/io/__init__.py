@@ -27,13 +27,14 @@ from typing import TypeVar
 import torch
 from torch import nn
 
-from .. import quant
+from .. import _quant as quant
 from ..lora import LoRA, check_adapter_name
 from ..rule import own_tensor_names, type_name
-from . import ours, peft
-from .entries import Entry, apply, collect, tensor_shape
+from . import _ours as ours
+from . import peft
+from ._entries import Entry, apply, collect, tensor_shape
+from ._wrappers import placed, unwrapped
 from .files import write_atomic, write_pickled, write_safetensors
-from .wrappers import placed, unwrapped
 
 __all__ = ["load_adapter", "save_adapter"]
 
@@ -56,7 +57,9 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, *, adapter: str = "d
     ``Embedding``, ``Conv1d/2d/3d`` with ``groups=1``, ``MultiheadAttention`` (packed
     ``in_proj_weight`` and its out_proj) and expert weights (``target_parameters``); an update of
     full rank on any other tensor is written whole (``bias="all"``, or the module in
-    ``modules_to_save``). Per-tensor r and alpha go to ``rank_pattern``/``alpha_pattern``.
+    ``modules_to_save``), and so is an adapter's kind ``"full"``; kind ``"tokens"`` is peft's
+    ``trainable_token_indices``, and a tied tensor's update is written at each module that reads it.
+    Per-tensor r and alpha go to ``rank_pattern``/``alpha_pattern``.
     An adapter of kind ``"loha"``, ``"lokr"``, ``"oft"``, ``"ia3"`` or ``"vera"`` is written as
     peft's ``LOHA``, ``LOKR``, ``OFT``, ``IA3`` or ``VERA`` adapter, on the layers peft's tuner
     for it wraps (LoHa and LoKr: Linear, Conv1d, Conv2d; OFT: Linear, Conv2d; IA³: Linear,
@@ -131,10 +134,11 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, *, adapter: str = "d
         raise RuntimeError(f"{fn}(): the factors of `{meta}` are on the meta device, so they have no values "
                            "to save. Materialise the model first (model.to_empty(device=...), then "
                            "li.init_lora(model) or load the factors), then save.")
-    if format == "peft" and any(e.kind != "lora" for e in entries):
+    if format == "peft" and any(e.kind not in peft.COMPANIONS for e in entries):
         if lora_bias:
+            other = next(e.kind for e in entries if e.kind not in peft.COMPANIONS)
             raise ValueError(f"{fn}(): `lora_bias=True` is a setting of peft's LoRA, but adapter {adapter!r} is of "
-                             f"kind {next(e.kind for e in entries if e.kind != 'lora')!r}. Leave lora_bias out.")
+                             f"kind {other!r}. Leave lora_bias out.")
         config, tensors = peft.kinds_to_peft(fn, model, entries)
     elif format == "peft":
         config, tensors = peft.to_peft(fn, model, entries, lora_bias=lora_bias)
@@ -182,11 +186,15 @@ def load_adapter(model: M, path: str | os.PathLike, *, adapter: str | None = Non
     that must fully match), ``exclude_modules``, ``layers_to_transform``/``layers_pattern``,
     ``rank_pattern``, ``alpha_pattern``, ``use_rslora``, ``use_dora``, ``lora_dropout`` and
     ``target_parameters`` (onto expert weights ``(E, out, in)``, or ``(E, in, out)`` where the
-    module says ``is_transposed``); ``fan_in_fan_out`` follows the layer type, as in peft. Full
-    tensors (``modules_to_save`` copies, so ``task_type="SEQ_CLS"`` heads; ``bias="all"`` or
-    ``"lora_only"``; ``save_embedding_layers``) that equal the base are skipped, and the others
-    become the exact update ``W_saved - W0``, a LoRA of full rank with an identity factor: then
-    ``remove(merge=False)`` restores the base tensor and ``merge=True`` writes the saved one.
+    module says ``is_transposed``); ``fan_in_fan_out`` follows the layer type, as in peft. The
+    tensors of ``modules_to_save`` modules (so ``task_type="SEQ_CLS"`` heads) load as kind
+    ``"full"``, the saved copies, and ``trainable_token_indices`` (or a ``TRAINABLE_TOKENS``
+    adapter) as kind ``"tokens"``; other full
+    tensors (``bias="all"`` or ``"lora_only"``; ``save_embedding_layers``) that equal the base are
+    skipped, and the others become the exact update ``W_saved - W0``, a LoRA of full rank with an
+    identity factor: then ``remove(merge=False)`` restores the base tensor and ``merge=True``
+    writes the saved one. A tied embedding and head take one adapter, which both read; peft's
+    updates of the two must agree (peft's ``ensure_weight_tying``, or an adapter saved here).
     An integer tensor of such a copy (a BatchNorm's ``num_batches_tracked``) has no update: where
     it differs from the model's, it is copied into it exactly (``remove`` does not undo that).
     A ``MultiheadAttention`` gets peft's semantics, in which out_proj's update counts twice.
@@ -197,8 +205,8 @@ def load_adapter(model: M, path: str | os.PathLike, *, adapter: str | None = Non
     so a merge adds it to the bias as peft's does. ``adapter_model.bin`` (peft's
     ``safe_serialization=False``) is read with ``torch.load(weights_only=True)``: a pickle that
     asks for any object but tensors is refused, never run.
-    What cannot be reproduced (other peft types, ``trainable_token_indices``, inits that change
-    the base weights, grouped conv, ...) is refused.
+    What cannot be reproduced (other peft types, an update on one user of a tied tensor only,
+    inits that change the base weights, grouped conv, ...) is refused.
 
     Args:
         model (nn.Module): the base model, or a model that already carries the adapter.

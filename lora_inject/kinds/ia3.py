@@ -19,8 +19,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .._view import View
 from ..kind import Kind, Option, boolean, channels, kernel, register_kind
-from ..view import View
 
 __all__: list[str] = []
 

@@ -30,6 +30,7 @@ import math
 import torch
 from torch import Tensor
 
+from .._view import View
 from ..kind import (
     LYCORIS_OPTIONS,
     Kind,
@@ -41,7 +42,6 @@ from ..kind import (
     positive_rank,
     register_kind,
 )
-from ..view import View
 
 __all__: list[str] = []
 
