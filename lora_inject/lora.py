@@ -45,18 +45,20 @@ class Adapter:
     kind: str = "lora"  # the kind of update (see lora_inject.kind)
     options: dict = field(default_factory=dict)  # the kind's options, resolved for this tensor
     held: tuple[str, ...] = ()  # a kind other than LoRA: the names of its tensors, set by LoRA.add
+    strength: float = 1.0  # a multiplier of the update, set by activate(model, {name: strength})
 
     @property
     def scaling(self) -> float:
-        """``alpha / r``, or ``alpha / sqrt(r)`` for rsLoRA; another kind's own scaling."""
+        """``alpha / r``, or ``alpha / sqrt(r)`` for rsLoRA; another kind's own scaling; times
+        :attr:`strength`."""
         if self.kind != "lora":
-            return find_kind(self.kind).scaling(self.r, self.alpha, self.options)
-        return lora_scaling(self.r, self.alpha, self.rslora)
+            return find_kind(self.kind).scaling(self.r, self.alpha, self.options) * self.strength
+        return lora_scaling(self.r, self.alpha, self.rslora) * self.strength
 
     def __setattr__(self, key: str, value) -> None:
         object.__setattr__(self, key, value)
         owner = self.__dict__.get("owner")  # (LoRA, name), set by LoRA.add; a deepcopy copies both
-        if owner is not None and key in ("r", "alpha", "rslora"):
+        if owner is not None and key in ("r", "alpha", "rslora", "strength"):
             owner[0].refresh_scaling(owner[1])
 
     @property
@@ -270,11 +272,11 @@ class LoRA(nn.Module):
     def steps(self, names) -> list[tuple]:
         """``(kind, params, scaling, options)`` of each adapter in ``names`` of a kind other than
         LoRA, as :func:`lora_inject.kind.merged` takes them (``None`` for a LoRA adapter)."""
-        out = []
+        out, compiling = [], torch.compiler.is_compiling()
         for name in names:
             a = self.records[name]
-            out.append(None if a.kind == "lora" else
-                       (find_kind(a.kind), self.tensors(name), a.scaling, a.options))
+            s = self._buffers[SCALE + name] if compiling else a.scaling  # compiled: no guard on its value
+            out.append(None if a.kind == "lora" else (find_kind(a.kind), self.tensors(name), s, a.options))
         return out
 
     def composed(self, W: Tensor, names: list[str]) -> Tensor:
