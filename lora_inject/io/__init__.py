@@ -30,7 +30,7 @@ from torch import nn
 from .. import quant
 from ..lora import LoRA, check_adapter_name
 from ..rule import own_tensor_names, type_name
-from . import ours, peft
+from . import diffusion, ours, peft
 from .entries import Entry, apply, collect, tensor_shape
 from .files import write_atomic, write_safetensors
 from .wrappers import placed, unwrapped
@@ -38,7 +38,7 @@ from .wrappers import placed, unwrapped
 __all__ = ["load_adapter", "save_adapter"]
 
 M = TypeVar("M", bound=nn.Module)
-FORMATS = ("lora_inject", "peft")
+FORMATS = ("lora_inject", "peft", "kohya")
 _ADAPTER_FILES = (ours.CONFIG, peft.CONFIG, "adapter_model.bin", ours.WEIGHTS, peft.WEIGHTS)
 
 
@@ -95,12 +95,22 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, *, adapter: str = "d
         >>> load_adapter(fresh_model, "my_adapter")
     """
     fn = "save_adapter"
-    _check_model(fn, model)
+    if not (format == "kohya" and diffusion.is_pipeline(model)):
+        _check_model(fn, model)
     if not isinstance(format, str):
         raise TypeError(f"{fn}(): `format` must be a str, one of {FORMATS}, got {type(format).__name__}.")
     if format not in FORMATS:
         raise ValueError(f"{fn}(): `format` must be one of {FORMATS}, got {format!r}.")
     path = _check_path(fn, path)
+    if format == "kohya":
+        if os.path.isdir(path):
+            raise ValueError(f"{fn}(): with format='kohya', `path` is the .safetensors file to write, got {path!r}, "
+                             "which is a directory. Pass a file name inside it.")
+        target = model if diffusion.is_pipeline(model) else unwrapped(model)
+        blob = write_safetensors(diffusion.to_kohya(fn, target, adapter), {"format": "pt"})
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        write_atomic(path, blob)
+        return
     if os.path.lexists(path) and not os.path.isdir(path):
         what = "a symlink to nothing" if os.path.islink(path) and not os.path.exists(path) else "not a directory"
         raise ValueError(f"{fn}(): `path` {path!r} exists and is {what}; an adapter is a directory. "
@@ -136,7 +146,7 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, *, adapter: str = "d
 
 
 def load_adapter(model: M, path: str | os.PathLike, *, adapter: str | None = None,
-                 dtype: torch.dtype | None = None) -> M:
+                 dtype: torch.dtype | None = None, strict: bool = True) -> M:
     r"""Load the adapter saved in the directory ``path`` into ``model``, in place.
 
     The format is detected: ``adapter.json`` is ours, ``adapter_config.json`` is peft's. If the
@@ -197,12 +207,25 @@ def load_adapter(model: M, path: str | os.PathLike, *, adapter: str | None = Non
             uses a feature that cannot be translated.
     """
     fn = "load_adapter"
-    _check_model(fn, model)
+    if not diffusion.is_pipeline(model):
+        _check_model(fn, model)
     path = _check_path(fn, path)
     if adapter is not None:
         check_adapter_name(fn, adapter)
     if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
         raise TypeError(f"{fn}(): `dtype` must be a floating torch.dtype or None, got {dtype!r}.")
+    if not isinstance(strict, bool):
+        raise TypeError(f"{fn}(): `strict` must be a bool, got {type(strict).__name__}.")
+    has_config = os.path.isdir(path) and any(
+        os.path.exists(os.path.join(path, c)) for c in (ours.CONFIG, peft.CONFIG))
+    file = None if has_config else diffusion.find_file(path)
+    if file is not None or diffusion.is_pipeline(model):
+        if file is None:
+            raise ValueError(f"{fn}(): `path` must be a .safetensors file of the kohya-ss, LyCORIS or diffusers "
+                             f"layout (or a folder holding one) to load into a pipeline, got {path!r}.")
+        diffusion.load(fn, model if diffusion.is_pipeline(model) else unwrapped(model), file,
+                       adapter=adapter or "default", dtype=dtype, strict=strict)
+        return model
     if not os.path.isdir(path):
         raise ValueError(f"{fn}(): `path` must be a directory written by save_adapter() or by "
                          f"peft's save_pretrained(), got {path!r}, which is not a directory.")
