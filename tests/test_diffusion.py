@@ -55,7 +55,8 @@ def flux() -> nn.Module:
 def pipeline(u=None, te=None):
     return diffusers.StableDiffusionPipeline(
         vae=diffusers.AutoencoderKL(block_out_channels=(8,), norm_num_groups=4, latent_channels=4, sample_size=8),
-        text_encoder=te or text_encoder(), tokenizer=None, unet=u or unet(), scheduler=diffusers.DDIMScheduler(),
+        text_encoder=te or text_encoder(), tokenizer=None, unet=u or unet(),
+        scheduler=diffusers.DDIMScheduler(steps_offset=1, clip_sample=False),
         safety_checker=None, feature_extractor=None, requires_safety_checker=False)
 
 
@@ -236,6 +237,27 @@ def test_dora_along_the_input_axis_is_refused_with_the_model_unchanged(tmp_path)
     with pytest.raises(ValueError, match="per input unit"):
         li.load_adapter(model, save(tmp_path, sd))
     assert_unchanged(model, before)
+
+
+def test_diffusers_layout_saved_by_diffusers_matches(tmp_path):
+    """diffusers' own save_lora_weights (peft keys, alphas in its metadata), read back."""
+    from peft.utils import get_peft_model_state_dict
+
+    u, te = unet(), text_encoder()
+    sd = {**kohya_lora(u, "lora_unet", alpha=1.0), **kohya_lora(te, "lora_te", seed=2, wrapper="text_model_")}
+    theirs = pipeline()
+    theirs.load_lora_weights(save(tmp_path, sd))
+    out = tmp_path / "diffusers"
+    theirs.save_lora_weights(
+        out, unet_lora_layers=get_peft_model_state_dict(theirs.unet, adapter_name="default_0"),
+        text_encoder_lora_layers=get_peft_model_state_dict(theirs.text_encoder, adapter_name="default_0"),
+        unet_lora_adapter_metadata=theirs.unet.peft_config["default_0"].to_dict(),
+        text_encoder_lora_adapter_metadata=theirs.text_encoder.peft_config["default_0"].to_dict())
+    assert all(k.startswith(("unet.", "text_encoder.")) and ".lora_" in k
+               for k in st.load_file(out / "pytorch_lora_weights.safetensors"))
+    ours = li.load_adapter(pipeline(), out)
+    torch.testing.assert_close(run_unet(ours.unet), run_unet(theirs.unet))
+    torch.testing.assert_close(run_te(ours.text_encoder), run_te(theirs.text_encoder))
 
 
 # -- LyCORIS, against LyCORIS itself --------------------------------------------------------------

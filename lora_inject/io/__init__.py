@@ -62,6 +62,13 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, *, adapter: str = "d
     for it wraps (LoHa and LoKr: Linear, Conv1d, Conv2d; OFT: Linear, Conv2d; IA³: Linear,
     Conv1D, Conv2d, Conv3d; VeRA: Linear, Conv1D; convs with groups=1), and refused elsewhere.
 
+    With ``format="kohya"``, ``path`` is the ``.safetensors`` file to write, in the kohya-ss
+    layout that diffusers' ``load_lora_weights`` and LyCORIS read: LoRA as
+    ``lora_down``/``lora_up``/``alpha`` (``dora_scale`` for DoRA), LoHa and LoKr as LyCORIS'
+    tensors, each module named by its path flattened with ``_`` behind ``lora_unet_`` (a UNet,
+    a transformer or another module) or ``lora_te_`` (a text encoder); ``model`` may be a
+    pipeline, whose text encoders get ``lora_te1_``/``lora_te2_`` beside a second one.
+
     Each file is written to a temporary file in ``path`` and renamed into place, so an
     interrupted save never leaves a half-written file under the final name (and the weights'
     sha256 in ``adapter.json`` catches a weights file from another save). A directory holds one
@@ -76,7 +83,7 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, *, adapter: str = "d
         model (nn.Module): a model that carries ``adapter``.
         path (str or os.PathLike): the directory to write; it is created if needed.
         adapter (str): the adapter to save. Default: ``"default"``.
-        format (str): ``"lora_inject"`` or ``"peft"``. Default: ``"lora_inject"``.
+        format (str): ``"lora_inject"``, ``"peft"`` or ``"kohya"``. Default: ``"lora_inject"``.
 
     Raises:
         TypeError: if ``model`` is not an ``nn.Module``, ``path`` is not a str or
@@ -183,15 +190,33 @@ def load_adapter(model: M, path: str | os.PathLike, *, adapter: str | None = Non
     inits that change the base weights, a pickled ``adapter_model.bin``, grouped conv, ...) is
     refused.
 
+    A ``.safetensors`` file (or a folder holding one, and no config) is read in the layout its
+    keys say (see :mod:`lora_inject.io.kohya`): kohya-ss (``lora_unet_``, ``lora_te_``,
+    ``lora_te1_``, ``lora_te2_``; ``lora_down``/``lora_up``/``alpha``, LoCon, Tucker's
+    ``lora_mid``, ``dora_scale``), LyCORIS (LoHa ``hada_*`` and LoKr ``lokr_*`` as adapters of
+    the kinds ``"loha"`` and ``"lokr"``, full ``diff``/``diff_b``) and diffusers (``unet.``,
+    ``transformer.``, ``text_encoder.`` with ``lora_A``/``lora_B``, alphas from its metadata).
+    ``model`` may then be a diffusers pipeline, each component taking its own keys; given a
+    single module, a file of several components loads the one that fits the module and warns
+    naming the others. The file's names are matched against the live model's (paths flattened
+    with ``_``; a UNet's original ``input_blocks``/``middle_block``/``output_blocks`` names;
+    Flux's original names, with its fused q/k/v projections split onto the model's). Keys that
+    match no module are refused, listing them and the nearest module names; with
+    ``strict=False`` they are skipped with a warning.
+
     Args:
-        model (nn.Module): the base model, or a model that already carries the adapter.
+        model (nn.Module or a diffusers pipeline): the base model, or a model that already
+            carries the adapter; a pipeline for a diffusion file only.
         path (str or os.PathLike): a directory written by :func:`save_adapter` or by peft's
-            ``save_pretrained``.
+            ``save_pretrained``, or a diffusion ``.safetensors`` file (or a folder holding one).
         adapter (str, optional): the name to load it under. Default: the saved name for our
             format, ``"default"`` for peft's.
         dtype (torch.dtype, optional): the factors' dtype in the model. Default: as saved for
             our format; for peft's, float16 and bfloat16 factors are upcast to float32, as
             peft does by default (``autocast_adapter_dtype=True``).
+        strict (bool): a diffusion file only: whether a key of the model's own component that
+            matches none of its modules is refused (``True``), or skipped with a warning.
+            Default: ``True``.
 
     Returns:
         ``model``, changed in place.
@@ -201,6 +226,7 @@ def load_adapter(model: M, path: str | os.PathLike, *, adapter: str | None = Non
             ``os.PathLike`` of str, ``adapter`` is not a str, ``dtype`` is not a floating
             ``torch.dtype``, or a saved tensor has a dtype that LoRA factors cannot have.
         ValueError: if ``path`` is empty or holds no adapter, or two (both formats' configs),
+            a diffusion file's keys match no module (or only some, with ``strict=True``),
             a file is missing, truncated or corrupt, the adapter was saved from another model
             (unknown module paths, other types or shapes), it does not match the adapter the
             model already carries (other tensors, a rank above the slot's), or peft's config
@@ -228,7 +254,8 @@ def load_adapter(model: M, path: str | os.PathLike, *, adapter: str | None = Non
         return model
     if not os.path.isdir(path):
         raise ValueError(f"{fn}(): `path` must be a directory written by save_adapter() or by "
-                         f"peft's save_pretrained(), got {path!r}, which is not a directory.")
+                         f"peft's save_pretrained(), or a .safetensors file of the kohya-ss, LyCORIS or diffusers "
+                         f"layout, got {path!r}, which is not a directory.")
     has_ours, has_peft = (os.path.exists(os.path.join(path, c)) for c in (ours.CONFIG, peft.CONFIG))
     if has_ours and has_peft:
         raise ValueError(

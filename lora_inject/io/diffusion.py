@@ -43,7 +43,7 @@ def components(pipe) -> dict[str, nn.Module]:
 def find_file(path: str) -> str | None:
     """The safetensors file ``path`` names: itself, or the one such file in the folder ``path``."""
     if os.path.isfile(path):
-        return path
+        return path if path.endswith(".safetensors") else None
     if not os.path.isdir(path):
         return None
     found = sorted(f for f in os.listdir(path) if f.endswith(".safetensors") and f not in _OURS_AND_PEFT)
@@ -219,10 +219,13 @@ def _alphas(saved: list[Saved], metadata: dict) -> None:
         config = json.loads(raw)
     except ValueError:
         return
+    if not isinstance(config, dict):
+        return
     for s in saved:
         if s.flat or "alpha" in s.tensors:
             continue
-        c = config.get(s.component, config) if isinstance(config, dict) else {}
+        own = {k[len(f"{s.component}."):]: v for k, v in config.items() if k.startswith(f"{s.component}.")}
+        c = own or config.get(s.component) or config  # "unet.lora_alpha", {"unet": {..}}, or one config
         if not isinstance(c, dict) or "lora_alpha" not in c:
             continue
         alpha = c["lora_alpha"]
