@@ -420,3 +420,30 @@ def test_kohya_export_of_loha_and_lokr_reads_back_through_lycoris(kind, tmp_path
     net, _ = lycoris.create_lycoris_from_weights(1.0, path, theirs)
     net.apply_to()
     torch.testing.assert_close(run_unet(theirs), run_unet(ours), rtol=1e-5, atol=1e-5)
+
+
+# -- the command line ------------------------------------------------------------------------------
+@pytest.mark.filterwarnings("ignore:.*also holds the component:UserWarning")
+def test_cli_inspects_and_converts_a_kohya_file(tmp_path, capsys):
+    from lora_inject.cli import main
+
+    u, te = unet(), text_encoder()
+    u.save_config(tmp_path / "unet")
+    sd = {**kohya_lora(u, "lora_unet", alpha=1.0, r=3),
+          **kohya_lora(te, "lora_te", alpha=2.0, seed=2, wrapper="text_model_")}
+    path = save(tmp_path, sd)
+    assert main(["inspect", path]) == 0
+    out = capsys.readouterr().out
+    assert "kohya layout, 89 modules" in out
+    assert [line.split() for line in out.splitlines() if line.strip().startswith(("unet", "text_encoder"))] == [
+        ["unet", "83", "lora", "(83)", "3", "(83)", "1", "(83)"], ["text_encoder", "6", "lora", "(6)", "2", "(6)",
+                                                                   "2", "(6)"]]
+    want = run_unet(li.load_adapter(unet(), path))
+    base = ["--base", str(tmp_path / "unet")]
+    for to, name in (("peft", "peft"), ("lora_inject", "ours"), ("kohya", "again.safetensors")):
+        assert main(["convert", path, str(tmp_path / name), "--to", to, *base]) == 0
+        torch.testing.assert_close(run_unet(li.load_adapter(unet(), tmp_path / name)), want, rtol=0, atol=0)
+    assert main(["convert", str(tmp_path / "ours"), str(tmp_path / "back.safetensors"), "--to", "kohya"]) == 0
+    torch.testing.assert_close(run_unet(li.load_adapter(unet(), tmp_path / "back.safetensors")), want, rtol=0, atol=0)
+    assert main(["convert", path, str(tmp_path / "x"), "--to", "peft"]) == 2  # no --base to name the modules
+    assert "needs --base" in capsys.readouterr().err

@@ -35,7 +35,7 @@ from .entries import Entry, apply, collect, tensor_shape
 from .files import write_atomic, write_safetensors
 from .wrappers import placed, unwrapped
 
-__all__ = ["load_adapter", "save_adapter"]
+__all__ = ["load_adapter", "save_adapter"]  # write_entries: for the command line
 
 M = TypeVar("M", bound=nn.Module)
 FORMATS = ("lora_inject", "peft", "kohya")
@@ -123,7 +123,16 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, *, adapter: str = "d
         raise ValueError(f"{fn}(): `path` {path!r} exists and is {what}; an adapter is a directory. "
                          "Pass a new path, or remove that one first.")
     model = unwrapped(model)  # paths as in the bare model, not under compile's or DDP's wrapper
-    entries = collect(fn, model, adapter)
+    write_entries(fn, model, collect(fn, model, adapter), path, format=format, adapter=adapter)
+
+
+def write_entries(fn: str, model: nn.Module, entries: list[Entry], path: str, *, format: str, adapter: str) -> None:
+    """Write ``entries`` (with paths in ``model``) to ``path`` in ``format``, as :func:`save_adapter` does."""
+    if format == "kohya":
+        blob = write_safetensors(diffusion.to_kohya(fn, model, adapter, entries), {"format": "pt"})
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        write_atomic(path, blob)
+        return
     meta = next((e.key for e in entries if any(t.is_meta for t in e.tensors.values())), None)
     if meta is not None:
         raise RuntimeError(f"{fn}(): the factors of `{meta}` are on the meta device, so they have no values "

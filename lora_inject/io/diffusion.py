@@ -14,6 +14,7 @@ import json
 import os
 import warnings
 from collections import Counter
+from dataclasses import replace
 
 import torch
 from torch import nn
@@ -72,7 +73,23 @@ def load(fn: str, target, file: str, *, adapter: str, dtype: torch.dtype | None,
         ValueError: if keys match no module, a partial match (unless ``strict=False``), tensors that
             do not fit the modules they name, or the file is truncated or corrupt.
     """
-    layout, saved, metadata = read(fn, file)
+    holder, entries = resolve(fn, target, file, strict=strict)
+    if dtype is None:
+        half = (torch.float16, torch.bfloat16)
+        entries = [e.cast(torch.float32) if e.dtype in half else e for e in entries]
+    else:
+        entries = [e.cast(dtype) for e in entries]
+    apply(fn, holder, entries, adapter)
+
+
+def resolve(fn: str, target, file: str, *, strict: bool = True) -> tuple[nn.Module, list[Entry]]:
+    """``(holder, entries)``: the file's entries on ``target``, with paths in ``holder`` (``target``
+    itself, or a module holding a pipeline's components under their names); nothing changes.
+
+    Raises:
+        ValueError: as :func:`load`.
+    """
+    _, saved, metadata = read(fn, file)
     _alphas(saved, metadata)
     pipe = is_pipeline(target)
     roots = components(target) if pipe else {"": target}
@@ -134,18 +151,12 @@ def load(fn: str, target, file: str, *, adapter: str, dtype: torch.dtype | None,
             f"modules, such as `{next(iter(others.values()))[0].name}`), which are not {type(target).__name__}: "
             "they were not loaded. Pass the pipeline to load every component, or load the file into each.",
             stacklevel=3)
-    if dtype is None:
-        half = (torch.float16, torch.bfloat16)
-        entries = [e.cast(torch.float32) if e.dtype in half else e for e in entries]
-    else:
-        entries = [e.cast(dtype) for e in entries]
     holder = target
     if pipe:
         holder = nn.Module()
         for name in plan:
             holder.add_module(name, roots[name])
-    apply(fn, holder, entries, adapter)
-    del layout
+    return holder, entries
 
 
 def _root_of(component: str | None, roots: dict[str, nn.Module]) -> str | None:
@@ -251,8 +262,9 @@ def _is_text_encoder(root: nn.Module) -> bool:
     return any(c.__module__.startswith("transformers.") for c in type(root).__mro__)
 
 
-def to_kohya(fn: str, target, adapter: str) -> dict[str, torch.Tensor]:
-    """The kohya-layout tensors of adapter ``adapter`` of ``target`` (a module or a pipeline)."""
+def to_kohya(fn: str, target, adapter: str, entries: list[Entry] | None = None) -> dict[str, torch.Tensor]:
+    """The kohya-layout tensors of adapter ``adapter`` of ``target`` (a module or a pipeline), or
+    of ``entries`` (with paths in ``target``, or in its components under their names)."""
     from .entries import collect
     from .kohya import from_entry
 
@@ -260,18 +272,44 @@ def to_kohya(fn: str, target, adapter: str) -> dict[str, torch.Tensor]:
     out: dict[str, torch.Tensor] = {}
     found = False
     for component, root in roots.items():
-        try:
-            entries = collect(fn, root, adapter)
-        except ValueError:
-            continue  # this component does not carry the adapter
+        if entries is not None:
+            mine = [e for e in entries if not component or e.module.startswith(component + ".")]
+            mine = [replace(e, module=e.module[len(component) + 1:] if component else e.module) for e in mine]
+        else:
+            try:
+                mine = collect(fn, root, adapter)
+            except ValueError:
+                continue  # this component does not carry the adapter
+        if not mine:
+            continue
         found = True
         prefix = kohya_prefix(component, list(roots), root)
         # CLIP's text models are named under its `text_model` in kohya-ss' files (and transformers 4)
         clip = type(root).__name__.startswith("CLIPText") and not hasattr(root, "text_model")
         wrapper = "text_model_" if clip else ""
-        for e in entries:
+        for e in mine:
             out.update(from_entry(f"{prefix}_{wrapper}{flat(e.module)}", e))
     if not found:
         raise ValueError(f"{fn}(): no adapter named {adapter!r} in {type(target).__name__}. Pass `adapter=` with the "
                          "name it was loaded or injected under.")
     return out
+
+
+def summary(fn: str, file: str) -> dict:
+    """What a diffusion file holds: its layout, and per component the number of modules, their
+    kinds, ranks and alphas."""
+    layout, saved, metadata = read(fn, file)
+    _alphas(saved, metadata)
+    parts: dict[str, dict] = {}
+    for s in saved:
+        p = parts.setdefault(str(s.component or "(module)"), {"modules": 0, "kinds": Counter(), "ranks": Counter(),
+                                                           "alphas": Counter()})
+        p["modules"] += 1
+        kind = s.kind + ("+dora" if "dora_scale" in s.tensors or "lora_magnitude_vector" in s.tensors else "") + (
+            "+tucker" if {"lora_mid.weight", "hada_t1", "lokr_t2"} & set(s.tensors) else "")
+        p["kinds"][kind] += 1
+        p["ranks"][s.rank if s.kind != "full" else "full"] += 1
+        alpha = s.alpha
+        p["alphas"]["-" if alpha is None else f"{alpha:g}"] += 1
+    return {"layout": "LyCORIS" if layout == "kohya" and any(s.kind in ("loha", "lokr", "full") for s in saved)
+            else layout, "parts": parts, "tensors": sum(len(s.tensors) for s in saved)}
