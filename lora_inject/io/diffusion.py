@@ -119,13 +119,13 @@ def resolve(fn: str, target, file: str, *, strict: bool = True) -> tuple[nn.Modu
         root = roots[root_name]
         table = names(root)
         prefix = _wrapper_prefix([s for s in group_ if flat(s.path) not in table], table)
+        modules = dict(root.named_modules())
         for s in group_:
             targets = _lookup(s, table, prefix)
             if targets is None:
                 skipped.append(s)
                 near[s.name] = difflib.get_close_matches(flat(s.path), list(table), n=3)
                 continue
-            modules = dict(root.named_modules())
             for path, rows in targets:
                 for e in to_entries(fn, s, path, modules[path], rows):
                     e.module = f"{root_name}.{e.module}" if root_name else e.module
