@@ -371,7 +371,7 @@ def sdxl_unet(dtype=torch.float16):
 
     with torch.device("meta"):
         unet = UNet2DConditionModel(**SDXL_UNET)
-    return unet.to_empty(device="cpu").to(dtype).eval().requires_grad_(False)
+    return unet.to(dtype).to_empty(device="cpu").eval().requires_grad_(False)
 
 
 def sdxl_file(path, r=32):

@@ -22,12 +22,16 @@ The decomposition runs in float32 (float64 for a float64 weight), batched over e
 
 from __future__ import annotations
 
+import contextvars
 import math
 
 import torch
 from torch import Tensor, nn
 
 __all__: list[str] = []
+
+# Set while a load injects factors it overwrites next: they are left unfilled (torch.empty).
+OVERWRITTEN = contextvars.ContextVar("lora_inject_factors_overwritten", default=False)
 
 INITS = ("default", "gaussian", "pissa", "olora")
 WEIGHT_INITS = ("pissa", "olora")  # the inits that read W0
@@ -38,8 +42,8 @@ def init_factors(A: Tensor, B: Tensor, init: str) -> None:
     """Initialise ``A`` and ``B`` in place so that ``B @ A == 0`` (the weight inits: both zero,
     until :func:`decompose` fills them)."""
     with torch.no_grad():
-        if A.is_meta:
-            return  # nothing to fill; initialise after materialising
+        if A.is_meta or OVERWRITTEN.get():
+            return  # nothing to fill; initialise after materialising (or the caller fills them)
         if A.numel() == 0 or B.numel() == 0 or init in WEIGHT_INITS:
             A.zero_(), B.zero_()
             return

@@ -222,7 +222,8 @@ def load_adapter(model: M, path: str | os.PathLike, *, adapter: str | None = Non
             format, ``"default"`` for peft's.
         dtype (torch.dtype, optional): the factors' dtype in the model. Default: as saved for
             our format; for peft's, float16 and bfloat16 factors are upcast to float32, as
-            peft does by default (``autocast_adapter_dtype=True``).
+            peft does by default (``autocast_adapter_dtype=True``); for a diffusion file, the
+            adapted weight's dtype, as diffusers gives them.
         strict (bool): a diffusion file only: whether a key of the model's own component that
             matches none of its modules is refused (``True``), or skipped with a warning.
             Default: ``True``.

@@ -21,7 +21,7 @@ from torch import nn
 
 from .aliases import flat, names
 from .entries import Entry, apply
-from .files import read_safetensors
+from .files import DTYPES, dtype_name, safetensors_torch
 from .kohya import Saved, group, to_entries
 
 __all__: list[str] = []
@@ -55,13 +55,36 @@ def find_file(path: str) -> str | None:
 
 
 def read(fn: str, file: str) -> tuple[str, list[Saved], dict]:
-    """``(layout, modules, metadata)`` of the file."""
-    tensors, blob = read_safetensors(fn, file)
+    """``(layout, modules, metadata)`` of the file, read through a memory map (the file's bytes are
+    never held twice).
+
+    Raises:
+        ValueError: if the file is truncated or corrupt.
+        TypeError: if a tensor is not floating point.
+    """
+    st = safetensors_torch(fn)
     try:
-        n = int.from_bytes(blob[:8], "little")
-        metadata = json.loads(blob[8:8 + n]).get("__metadata__") or {}
-    except Exception:  # read_safetensors accepted it: a header without metadata
-        metadata = {}
+        with open(file, "rb") as f:
+            head = f.read(8)
+            n = int.from_bytes(head, "little") if len(head) == 8 else -1
+            header = json.loads(f.read(n)) if 0 < n < 100_000_000 else None
+            size = os.fstat(f.fileno()).st_size
+        if not isinstance(header, dict):
+            raise ValueError("no safetensors header")
+        body = size - 8 - n
+        cut = next((k for k, v in header.items() if k != "__metadata__" and v["data_offsets"][1] > body), None)
+        if cut is not None:
+            raise ValueError(f"`{cut}` needs bytes up to {header[cut]['data_offsets'][1]} of the data, but the file "
+                             f"holds {body}")
+        tensors = st.load_file(file)
+    except Exception as e:  # SafetensorError, a broken header, a short file
+        raise ValueError(f"{fn}(): {file} is truncated or corrupt ({type(e).__name__}: {e}). Nothing was "
+                         "loaded.") from None
+    for key, t in tensors.items():
+        if t.dtype not in DTYPES.values():
+            raise TypeError(f"{fn}(): `{key}` in {file} has dtype {dtype_name(t.dtype)}; LoRA tensors must be "
+                            f"floating point ({', '.join(DTYPES)}).")
+    metadata = header.get("__metadata__") or {}
     layout, saved = group(fn, file, tensors)
     return layout, saved, metadata
 
@@ -74,12 +97,21 @@ def load(fn: str, target, file: str, *, adapter: str, dtype: torch.dtype | None,
             do not fit the modules they name, or the file is truncated or corrupt.
     """
     holder, entries = resolve(fn, target, file, strict=strict)
-    if dtype is None:
-        half = (torch.float16, torch.bfloat16)
-        entries = [e.cast(torch.float32) if e.dtype in half else e for e in entries]
-    else:
+    if dtype is not None:
         entries = [e.cast(dtype) for e in entries]
+    else:  # the adapted weight's dtype, as diffusers gives them
+        modules = dict(holder.named_modules())
+        entries = [e if e.dtype == (d := _dtype_of(modules[e.module], e.tensor)) else e.cast(d) for e in entries]
     apply(fn, holder, entries, adapter)
+
+
+def _dtype_of(module: nn.Module, tensor: str) -> torch.dtype:
+    """The dtype of ``module``'s tensor as the factors should have it: its own if floating, else float32."""
+    from ..lookup import source
+
+    t = source(module, tensor)
+    dtype = getattr(t, "dtype", torch.float32)
+    return dtype if dtype.is_floating_point else torch.float32
 
 
 def resolve(fn: str, target, file: str, *, strict: bool = True) -> tuple[nn.Module, list[Entry]]:
@@ -105,7 +137,8 @@ def resolve(fn: str, target, file: str, *, strict: bool = True) -> tuple[nn.Modu
         for s in saved:
             by_component.setdefault(s.component, []).append(s)
         table = names(target)
-        scores = {c: _score(fn, group_, target, table) for c, group_ in by_component.items()}
+        scores = {c: _score(fn, group_, target, table) if len(by_component) > 1 else (1, 1)
+                  for c, group_ in by_component.items()}  # one component: the checks below say the rest
         best = max(scores, key=lambda c: (*scores[c], c is None))
         if scores[best][1] == 0:
             stray = saved
