@@ -245,6 +245,41 @@ def test_dora_along_the_input_axis_is_refused_with_the_model_unchanged(tmp_path)
 
 
 @pytest.mark.slow
+def test_sdxl_pipeline_file_with_two_text_encoders_matches_diffusers(tmp_path):
+    def te2():
+        torch.manual_seed(2)
+        return transformers.CLIPTextModelWithProjection(transformers.CLIPTextConfig(
+            vocab_size=50, hidden_size=16, intermediate_size=20, num_hidden_layers=1, num_attention_heads=2,
+            max_position_embeddings=8, bos_token_id=0, eos_token_id=1, projection_dim=8))
+
+    def sdxl():
+        return diffusers.StableDiffusionXLPipeline(
+            vae=diffusers.AutoencoderKL(block_out_channels=(8,), norm_num_groups=4, sample_size=8),
+            text_encoder=text_encoder(), text_encoder_2=te2(), tokenizer=None, tokenizer_2=None, unet=unet(sdxl=True),
+            scheduler=diffusers.DDIMScheduler(steps_offset=1, clip_sample=False))
+
+    u = unet(sdxl=True)
+    original = {path: name for name, path in _unet_blocks(u).items()}
+    sd = {**kohya_lora(u, "lora_unet", names=original), **kohya_lora(text_encoder(), "lora_te1", seed=2,
+                                                                       wrapper="text_model_"),
+          **kohya_lora(te2(), "lora_te2", seed=3, alpha=4.0)}  # its paths hold text_model already
+    path = save(tmp_path, sd)
+    theirs, ours = sdxl(), sdxl()
+    theirs.load_lora_weights(path)
+    li.load_adapter(ours, path)
+    torch.testing.assert_close(run_unet(ours.unet), run_unet(theirs.unet))
+    torch.testing.assert_close(run_te(ours.text_encoder), run_te(theirs.text_encoder))
+    with torch.no_grad():
+        torch.testing.assert_close(ours.text_encoder_2(IDS).text_embeds, theirs.text_encoder_2(IDS).text_embeds)
+    # given alone, the second text encoder takes lora_te2_ (the shapes say which), and names the rest
+    alone = te2()
+    with pytest.warns(UserWarning, match=r"also holds the component\(s\) \['text_encoder', 'unet'\]"):
+        li.load_adapter(alone, path)
+    with torch.no_grad():
+        torch.testing.assert_close(alone(IDS).text_embeds, theirs.text_encoder_2(IDS).text_embeds)
+
+
+@pytest.mark.slow
 def test_diffusers_layout_saved_by_diffusers_matches(tmp_path):
     """diffusers' own save_lora_weights (peft keys, alphas in its metadata), read back."""
     from peft.utils import get_peft_model_state_dict
