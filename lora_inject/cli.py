@@ -112,7 +112,8 @@ def _inspect(args: argparse.Namespace) -> None:
         _inspect_file(args.model)
         return
     if args.targets is None:
-        raise UsageError("inspect needs --targets REGEX for a model (or a .safetensors FILE to describe)")
+        raise UsageError("the following arguments are required: --targets (a REGEX, for a model; a .safetensors "
+                         "FILE needs none)")
     model = _model_from_config(args.base if args.base is not None else args.model)
     s = survey(model, args.targets, exclude=args.exclude, r=args.r, alpha=args.alpha)
     alpha = args.r if args.alpha is None else args.alpha
