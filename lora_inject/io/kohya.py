@@ -75,8 +75,8 @@ class Saved:
         return "lora"
 
     def keys(self) -> list[str]:
-        sep = "." if self.flat or not self.name else "."
-        return [f"{self.name}{sep}{s}" for s in self.tensors]
+        """The file's keys of this module."""
+        return [f"{self.name}.{s}" for s in self.tensors]
 
     @property
     def rank(self) -> int | None:
