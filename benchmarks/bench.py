@@ -394,6 +394,59 @@ def mixed_times(args):
     return {n: statistics.median(t) for n, t in times.items()}
 
 
+MANY = 32  # adapters in the mixed batch, one sample each
+MANY_RESIDENT = 128  # adapters on the model, of ranks MANY_RANKS in turn
+MANY_RANKS = (4, 8, 16)
+
+
+def many_times(args):
+    """A no-grad forward of 32 sequences of 16 tokens, each sample with its own adapter, on a model
+    with 128 resident adapters of ranks 4, 8 and 16 (per_sample: every adapter of a layer stacked,
+    padded to rank 16, gathered per sample, two bmm), against the same batch on one adapter of rank
+    16 and on the base model; and peft's adapter_names over the same 32 adapters (only those
+    resident: it loops over them)."""
+    from peft import LoraConfig, get_peft_model
+
+    base = llama(*args.shape, device=args.device).eval()
+    names = [f"task{i}" for i in range(MANY_RESIDENT)]
+    ranks = {n: MANY_RANKS[i % len(MANY_RANKS)] for i, n in enumerate(names)}
+    ours = copy.deepcopy(base)
+    for name in names:
+        li.inject(ours, REGEX, r=ranks[name], alpha=2 * ranks[name], adapter=name)
+    used = names[::MANY_RESIDENT // MANY][:MANY]  # every 4th: all three ranks
+    theirs = None
+    for name in used:
+        config = LoraConfig(r=ranks[name], lora_alpha=2 * ranks[name], target_modules=TARGETS)
+        if theirs is None:
+            theirs = get_peft_model(copy.deepcopy(base), config, adapter_name=name)
+        else:
+            theirs.add_adapter(name, config)
+    nonzero(ours), nonzero(theirs.eval())
+    one = li.inject(copy.deepcopy(base), REGEX, r=max(MANY_RANKS), alpha=2 * max(MANY_RANKS))
+    nonzero(one)
+    ids = torch.randint(0, args.shape[4], (MANY, 16), device=args.device)
+
+    def run_ours():
+        with li.per_sample(ours, used):
+            ours(input_ids=ids)
+
+    runs = {"base model": lambda: base(input_ids=ids), "one adapter, whole batch": lambda: one(input_ids=ids),
+            "lora_inject per_sample": run_ours, "peft adapter_names": lambda: theirs(input_ids=ids, adapter_names=used)}
+    return alternate(runs, args.reps * 2, args.device)
+
+
+def alternate(runs, reps, device):
+    """Each of ``runs`` once to warm up, then ``reps`` rounds of all of them in turn: their median times."""
+    times = {n: [] for n in runs}
+    with torch.no_grad():
+        for fn in runs.values():
+            fn()
+        for _ in range(reps):
+            for n, fn in runs.items():
+                times[n].append(timed(fn, device))
+    return {n: statistics.median(t) for n, t in times.items()}
+
+
 def weight_bytes(args):
     """The MiB each QLoRA contender's model holds in weights: every parameter and buffer once, a
     4-bit weight with its quantization state."""
@@ -525,7 +578,7 @@ def main():
                     "merge": merge_times, "small": small_times,
                     "qlora": lambda a: train_times(a, which=QLORA),
                     "qlora_memory": lambda a: peak_memory(a, which=QLORA),
-                    "qlora_weights": weight_bytes, "mixed": mixed_times, "kinds_check": check_kinds,
+                    "qlora_weights": weight_bytes, "mixed": mixed_times, "many": many_times, "kinds_check": check_kinds,
                     "kinds": lambda a: train_times(a, which=KINDS),
                     "kinds_memory": lambda a: peak_memory(a, which=KINDS)}[fig](args)
         print(f"# {fig}: {json.dumps(res[fig])} ({time.perf_counter() - t:.0f} s)", file=sys.stderr)
@@ -585,6 +638,13 @@ def table(res):
         for n, v in d.items():
             goal = "≤ 1.05× one adapter, ≤ 0.8× peft" if n == "lora_inject per_sample" else ""
             rows.append(f"| mixed batch, 8×64 tokens, 4 adapters | {n} | {v * 1e3:.0f} ms | "
+                        f"{v / d['one adapter, whole batch']:.3f}× one adapter, {v / d['peft adapter_names']:.3f}× "
+                        f"peft | {goal} |")
+    if "many" in res:
+        d = res["many"]
+        for n, v in d.items():
+            goal = "≤ 1.1× one adapter" if n == "lora_inject per_sample" else ""
+            rows.append(f"| mixed batch, 32×16 tokens, 32 of 128 adapters | {n} | {v * 1e3:.0f} ms | "
                         f"{v / d['one adapter, whole batch']:.3f}× one adapter, {v / d['peft adapter_names']:.3f}× "
                         f"peft | {goal} |")
     for fig, label in (("kinds", "training step, kinds"), ("kinds_memory", "training step peak memory, kinds")):

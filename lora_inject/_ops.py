@@ -24,7 +24,7 @@ from torch import Tensor
 
 from . import quant
 from ._kernels import NoGradAt, frozen_linear, fused, plain_eager
-from ._rows import Slots, gather, in_place, keep, scatter, select, served, some
+from ._rows import Slots, gather, gathered, in_place, keep, scatter, select, served, some
 from .factored import FactoredWeight, implements
 
 
@@ -63,6 +63,10 @@ def branch(x: Tensor, weight: FactoredWeight, out: Tensor, transposed: bool) -> 
     """``out + x @ ΔW.T`` (``transposed``, as in F.linear) or ``out + x @ ΔW``, factored."""
     if type(weight._rows) is Slots:  # compiled, the rows as data: the gathered matmul
         return served(x, weight, out, transposed)
+    if weight._rows is not None and weight._terms:  # per_sample(): the gathered matmul, where it applies
+        result = gathered(x, weight, out, transposed)
+        if result is not None:
+            return result
     for L, R, s, p, name in weight._factors():
         first, second = (R.t(), L.t()) if transposed else (L, R)  # x @ (s L R).T = s (x R.T) L.T
         idx = select(weight._rows, name, x)

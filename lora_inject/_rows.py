@@ -7,6 +7,11 @@ only: :func:`select` finds them (a slice where they are contiguous, else their i
 Where the rows cannot be taken apart (bags by offsets, an unbatched conv input), :func:`keep`
 zeroes the rows of the other samples instead.
 
+Linear layers (``F.linear``, ``addmm``, ``matmul``) of plain LoRA adapters instead run
+:func:`gathered`: every adapter of the tensor stacked once (:func:`stacked`, kept until one
+changes) and each sample's factors gathered by index, in a fixed number of ops however many
+adapters the batch mixes.
+
 In a compiled graph the rows are data (see :mod:`lora_inject._call`): ``rows`` is then a
 :class:`Slots`, the same for every assignment, and the custom op :func:`assignment` gives each
 row's adapter at run time. Linear layers (``F.linear``, ``addmm``, ``matmul``) run
@@ -129,8 +134,7 @@ def keep(rows: tuple[str | None, ...] | None, name: str, h: Tensor) -> Tensor:
 def served(x: Tensor, weight, out: Tensor, transposed: bool) -> Tensor:
     """``out + x @ ΔW.T`` (``transposed``, as in F.linear) or ``out + x @ ΔW`` for a compiled
     weight whose rows are :class:`Slots`: the active terms on the rows they apply to, then each
-    row's own adapter by the gathered matmul, ``bmm(bmm(x, A[slot]), B[slot])``, over the stacked
-    factors (padded to the largest rank; the last slot is zeros, for rows with none)."""
+    row's own adapter by :func:`gathered_matmul` over the stacked factors (built in the graph)."""
     rows = weight._rows
     slot, active = assignment(x, rows.key, ",".join(rows.names))
     firsts, seconds = [], []
@@ -146,15 +150,79 @@ def served(x: Tensor, weight, out: Tensor, transposed: bool) -> Tensor:
         out = out + ((h @ second) * s).to(out.dtype)
     if not firsts:
         return out
+    return gathered_matmul(x, out, *stack(firsts, seconds), slot)
+
+
+def stack(firsts: list[Tensor], seconds: list[Tensor]) -> tuple[Tensor, Tensor]:
+    """Each adapter's ``(in, r)`` and ``(r, out)`` factors (the scaling in the second), stacked and
+    zero-padded to the largest rank, with one slot of zeros after them (for rows with no adapter):
+    ``(slots + 1, in, r)`` and ``(slots + 1, r, out)``."""
     r = max(f.shape[-1] for f in firsts)
     first = torch.stack([F.pad(f, (0, r - f.shape[-1])) for f in firsts]
-                        + [firsts[0].new_zeros(firsts[0].shape[0], r)])  # (slots + 1, in, r)
+                        + [firsts[0].new_zeros(firsts[0].shape[0], r)])
     second = torch.stack([F.pad(g, (0, 0, 0, r - g.shape[0])) for g in seconds]
-                         + [seconds[0].new_zeros(r, seconds[0].shape[1])])  # (slots + 1, r, out)
+                         + [seconds[0].new_zeros(r, seconds[0].shape[1])])
+    return first, second
+
+
+def gathered_matmul(x: Tensor, out: Tensor, first: Tensor, second: Tensor, slot: Tensor) -> Tensor:
+    """``out`` plus, for each row ``i`` of ``x`` (dim 0), ``x[i] @ first[slot[i]] @ second[slot[i]]``:
+    the factors gathered per row and applied with two ``bmm`` (the gathered matmul of S-LoRA
+    and Punica), in place where nothing is differentiated."""
     n = x.shape[0]
-    h = torch.bmm(x.reshape(n, -1, x.shape[-1]).to(first.dtype), first[slot])  # (n, tokens, r)
-    extra = torch.bmm(h, second[slot])  # (n, tokens, out)
-    return out + extra.reshape(out.shape).to(out.dtype)
+    h = torch.bmm(x.reshape(n, -1, x.shape[-1]).to(first.dtype), first.index_select(0, slot))  # (n, t, r)
+    second = second.index_select(0, slot)  # (n, r, out)
+    if in_place(out, h) and out.dtype == h.dtype and out.is_contiguous():
+        out.view(n, -1, out.shape[-1]).baddbmm_(h, second)
+        return out
+    return out + torch.bmm(h, second).reshape(out.shape).to(out.dtype)
+
+
+def gathered(x: Tensor, weight, out: Tensor, transposed: bool) -> Tensor | None:
+    """Eager mode inside per_sample(): ``out`` plus each row's own adapter, from every LoRA
+    adapter of the weight's tensor stacked once and kept until one of them changes
+    (:func:`stacked`), by :func:`gathered_matmul`: a fixed number of ops however many adapters
+    the batch mixes. None where it does not apply (DoRA, or a weight not made by a LoRA): the
+    terms then run one by one on their own rows."""
+    lora, rows = weight._owner, weight._rows
+    if lora is None or weight._has_dora():
+        return None
+    names, first, second = stacked(lora, transposed)
+    key = (rows, names, x.shape[0], x.device)
+    slot = _SLOTS.get(key)
+    if slot is None:
+        index = {name: j for j, name in enumerate(names)}
+        slot = torch.tensor([index.get(a, len(names)) for a in rows], dtype=torch.long, device=x.device)
+        slot = slot.repeat_interleave(per_row(rows, x))
+        if len(_SLOTS) > 64:
+            _SLOTS.clear()
+        _SLOTS[key] = slot
+    return gathered_matmul(x, out, first, second, slot)
+
+
+_SLOTS: dict[tuple, Tensor] = {}  # (rows, names, rows of x, device) -> each row's slot
+
+
+def stacked(lora, transposed: bool) -> tuple[tuple[str, ...], Tensor, Tensor]:
+    """The names of ``lora``'s plain LoRA adapters and their factors stacked by :func:`stack`,
+    kept on the LoRA and built again when one of them changes: their storage, version counter
+    or scaling (a hot swap, an optimizer step, ``load_state_dict``)."""
+    names = tuple(n for n, a in lora.records.items() if a.kind == "lora" and not a.dora)
+    tensors = [t for n in names for t in lora.tensors(n).values()]
+    key = (names, transposed, tuple((t.data_ptr(), t._version) for t in tensors),
+           tuple(lora.records[n].scaling for n in names))
+    held = lora.__dict__.get("stacked")
+    if held is None or held[0] != key:
+        with torch.no_grad():
+            firsts, seconds = [], []
+            for n in names:
+                L, R = lora.view.stored_factors(*lora.factor_pair(n))
+                first, second = (R.t(), L.t()) if transposed else (L, R)
+                firsts.append(first)
+                seconds.append(second * lora.records[n].scaling)
+            held = (key, names, *stack(firsts, seconds))
+        lora.__dict__["stacked"] = held
+    return held[1], held[2], held[3]
 
 
 def gather(t: Tensor, idx: Tensor | slice) -> Tensor:

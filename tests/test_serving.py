@@ -8,6 +8,7 @@ import copy
 import random
 import sys
 import threading
+from unittest import mock
 
 import pytest
 import torch
@@ -16,6 +17,7 @@ from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import lora_inject as li
+from lora_inject import _rows
 
 pytestmark = pytest.mark.filterwarnings("ignore:The .grad attribute of a Tensor that is not a leaf:UserWarning")
 TARGETS = r"(q|v|down)_proj"
@@ -134,32 +136,32 @@ def test_a_mixed_batch_under_compile_equals_one_forward_per_sample(tmp_path, fre
         torch.testing.assert_close(logits(model, ids), torch.cat(want), rtol=1e-5, atol=1e-5)
 
 
-def test_each_adapter_runs_on_its_own_samples_only(tmp_path):
-    """Each branch gathers its samples' rows: a view where they are contiguous, index_select
-    where not; an adapter that no sample chose computes nothing."""
+def test_a_mixed_batch_gathers_each_samples_factors_from_one_stack_kept_until_an_adapter_changes(tmp_path):
+    """Each adapted tensor stacks its adapters once (padded to the largest rank) and each sample
+    gathers its own by index: a new assignment stacks nothing, a hot swap stacks again."""
     b = base()
     model = served_with_adapters(tmp_path, b)
     ids = torch.randint(0, 64, (4, 8))
-    choice = ["a", "b", "a", None]
-    want = []
-    for i, name in enumerate(choice):
-        li.activate(model, [] if name is None else name)
-        want.append(logits(model, ids[i:i + 1]))
-    rows = set()
-    original = torch.Tensor.index_select
+    tensors = len(list(li.named_loras(model)))
 
-    def spy(t, dim, idx):
-        rows.add(tuple(idx.tolist()))
-        return original(t, dim, idx)
+    def one_by_one(choice):
+        want = []
+        for i, name in enumerate(choice):
+            li.activate(model, [] if name is None else name)
+            want.append(logits(model, ids[i:i + 1]))
+        return torch.cat(want)
 
-    torch.Tensor.index_select = spy
-    try:
-        with torch.no_grad(), li.per_sample(model, choice):
+    with mock.patch.object(_rows, "stack", side_effect=_rows.stack) as stacks:
+        for choice in (["a", "b", "a", None], ["d", "c", "b", "a"], [None, "c", "c", "d"]):
+            with torch.no_grad(), li.per_sample(model, choice):
+                got = logits(model, ids)
+            torch.testing.assert_close(got, one_by_one(choice), rtol=1e-5, atol=1e-5)
+        assert stacks.call_count == tensors  # once each, for every assignment
+        li.load_adapter(model, saved(tmp_path, b, "a2", seed=9, r=2, alpha=4), adapter="a")  # a hot swap
+        with torch.no_grad(), li.per_sample(model, ["a", "b", "a", None]):
             got = logits(model, ids)
-    finally:
-        torch.Tensor.index_select = original
-    torch.testing.assert_close(got, torch.cat(want), rtol=1e-5, atol=1e-5)
-    assert rows == {(0, 2)}  # a's two samples; b's one is a slice; none for c and d
+        torch.testing.assert_close(got, one_by_one(["a", "b", "a", None]), rtol=1e-5, atol=1e-5)
+        assert stacks.call_count == 2 * tensors
 
 
 @pytest.mark.slow
