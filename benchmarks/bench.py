@@ -435,6 +435,61 @@ def many_times(args):
     return alternate(runs, args.reps * 2, args.device)
 
 
+STORE_ADAPTERS, STORE_SLOTS, STORE_BATCH, STORE_BATCHES = 1000, 16, 8, 300
+
+
+def store_times(args):
+    """A stream of requests over 1,000 small adapters (ranks 4 and 8 on q and v of a small
+    Llama-shaped model) saved on disk, served by an AdapterStore with 16 slots: batches of 8
+    requests of 32 tokens, each naming an adapter drawn from a Zipf law (s = 1.1), the next batch
+    prefetched while the current one runs. Reports requests per second and the slot hit rate,
+    against the same stream with no prefetch, and the same batches on one resident adapter."""
+    import random
+    import tempfile
+
+    hidden = 256 if args.quick else 512
+    base = llama(hidden, 2 * hidden, 2, 4, 1000, device=args.device).eval()
+    targets = ["q_proj", "v_proj"]
+    rng = random.Random(0)
+    weights = [1 / (k + 1) ** 1.1 for k in range(STORE_ADAPTERS)]
+    batches = [rng.choices(range(STORE_ADAPTERS), weights, k=STORE_BATCH) for _ in range(STORE_BATCHES)]
+    ids = torch.randint(0, 1000, (STORE_BATCH, 32), device=args.device)
+    out = {}
+    with tempfile.TemporaryDirectory() as root:
+        made = {r: li.inject(copy.deepcopy(base), targets, r=r, alpha=16) for r in (8, 4)}
+        gen = torch.Generator().manual_seed(0)
+        for k in range(STORE_ADAPTERS):
+            model = made[8 if k % 2 else 4]
+            with torch.no_grad():
+                for p in li.lora_parameters(model):
+                    p.copy_(torch.randn(p.shape, generator=gen) * 0.02)
+            li.save_adapter(model, os.path.join(root, f"a{k}"))
+        one = made[8]
+        for mode in ("prefetch", "no prefetch"):
+            store = li.AdapterStore(copy.deepcopy(base), root, slots=STORE_SLOTS, targets=targets, r=8)
+            names = [[f"a{k}" for k in b] for b in batches]
+            t = time.perf_counter()
+            with torch.no_grad():
+                for i, batch in enumerate(names):
+                    if mode == "prefetch" and i + 1 < len(names):
+                        store.prefetch(names[i + 1])
+                    with store.serve(batch) as model:
+                        model(input_ids=ids)
+            sync(args.device)
+            elapsed = time.perf_counter() - t
+            store.close()
+            out[f"store, {mode}"] = {"requests/s": STORE_BATCH * STORE_BATCHES / elapsed,
+                                     "hit rate": store.hit_rate}
+        t = time.perf_counter()
+        with torch.no_grad():
+            for _ in batches:
+                one(input_ids=ids)
+        sync(args.device)
+        out["one resident adapter"] = {"requests/s": STORE_BATCH * STORE_BATCHES / (time.perf_counter() - t),
+                                       "hit rate": 1.0}
+    return out
+
+
 def alternate(runs, reps, device):
     """Each of ``runs`` once to warm up, then ``reps`` rounds of all of them in turn: their median times."""
     times = {n: [] for n in runs}
@@ -578,7 +633,8 @@ def main():
                     "merge": merge_times, "small": small_times,
                     "qlora": lambda a: train_times(a, which=QLORA),
                     "qlora_memory": lambda a: peak_memory(a, which=QLORA),
-                    "qlora_weights": weight_bytes, "mixed": mixed_times, "many": many_times, "kinds_check": check_kinds,
+                    "qlora_weights": weight_bytes, "mixed": mixed_times, "many": many_times, "store": store_times,
+                    "kinds_check": check_kinds,
                     "kinds": lambda a: train_times(a, which=KINDS),
                     "kinds_memory": lambda a: peak_memory(a, which=KINDS)}[fig](args)
         print(f"# {fig}: {json.dumps(res[fig])} ({time.perf_counter() - t:.0f} s)", file=sys.stderr)
@@ -647,6 +703,9 @@ def table(res):
             rows.append(f"| mixed batch, 32×16 tokens, 32 of 128 adapters | {n} | {v * 1e3:.0f} ms | "
                         f"{v / d['one adapter, whole batch']:.3f}× one adapter, {v / d['peft adapter_names']:.3f}× "
                         f"peft | {goal} |")
+    for n, v in res.get("store", {}).items():
+        rows.append(f"| adapter store, 1,000 adapters, 16 slots, batches of 8 | {n} | {v['requests/s']:.0f} "
+                    f"requests/s | hit rate {v['hit rate']:.3f} |  |")
     for fig, label in (("kinds", "training step, kinds"), ("kinds_memory", "training step peak memory, kinds")):
         d = res.get(fig)
         if d:
