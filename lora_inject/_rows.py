@@ -22,6 +22,7 @@ term on the whole batch, zeroed by :func:`keep` on the rows of the other samples
 
 from __future__ import annotations
 
+import weakref
 from typing import NamedTuple
 
 import torch
@@ -201,17 +202,19 @@ def gathered(x: Tensor, weight, out: Tensor, transposed: bool) -> Tensor | None:
 
 
 _SLOTS: dict[tuple, Tensor] = {}  # (rows, names, rows of x, device) -> each row's slot
+_STACKS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # LoRA -> (key, names, first, second)
 
 
 def stacked(lora, transposed: bool) -> tuple[tuple[str, ...], Tensor, Tensor]:
     """The names of ``lora``'s plain LoRA adapters and their factors stacked by :func:`stack`,
-    kept on the LoRA and built again when one of them changes: their storage, version counter
+    kept for the LoRA (not in it: a copy or a pickle of the model leaves it out) and built again
+    when one of them changes: their storage, version counter
     or scaling (a hot swap, an optimizer step, ``load_state_dict``)."""
     names = tuple(n for n, a in lora.records.items() if a.kind == "lora" and not a.dora)
     tensors = [t for n in names for t in lora.tensors(n).values()]
     key = (names, transposed, tuple((t.data_ptr(), t._version) for t in tensors),
            tuple(lora.records[n].scaling for n in names))
-    held = lora.__dict__.get("stacked")
+    held = _STACKS.get(lora)
     if held is None or held[0] != key:
         with torch.no_grad():
             firsts, seconds = [], []
@@ -221,7 +224,7 @@ def stacked(lora, transposed: bool) -> tuple[tuple[str, ...], Tensor, Tensor]:
                 firsts.append(first)
                 seconds.append(second * lora.records[n].scaling)
             held = (key, names, *stack(firsts, seconds))
-        lora.__dict__["stacked"] = held
+        _STACKS[lora] = held
     return held[1], held[2], held[3]
 
 
