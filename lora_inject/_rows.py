@@ -157,21 +157,22 @@ def served(x: Tensor, weight, out: Tensor, transposed: bool) -> Tensor:
 def stack(firsts: list[Tensor], seconds: list[Tensor]) -> tuple[Tensor, Tensor]:
     """Each adapter's ``(in, r)`` and ``(r, out)`` factors (the scaling in the second), stacked and
     zero-padded to the largest rank, with one slot of zeros after them (for rows with no adapter):
-    ``(slots + 1, in, r)`` and ``(slots + 1, r, out)``."""
+    ``(slots + 1, r, in)`` (the first factors transposed, ``in`` contiguous, as ``bmm`` reduces
+    over it fastest) and ``(slots + 1, r, out)``."""
     r = max(f.shape[-1] for f in firsts)
-    first = torch.stack([F.pad(f, (0, r - f.shape[-1])) for f in firsts]
-                        + [firsts[0].new_zeros(firsts[0].shape[0], r)])
+    first = torch.stack([F.pad(f.t(), (0, 0, 0, r - f.shape[-1])) for f in firsts]
+                        + [firsts[0].new_zeros(r, firsts[0].shape[0])])
     second = torch.stack([F.pad(g, (0, 0, 0, r - g.shape[0])) for g in seconds]
                          + [seconds[0].new_zeros(r, seconds[0].shape[1])])
     return first, second
 
 
 def gathered_matmul(x: Tensor, out: Tensor, first: Tensor, second: Tensor, slot: Tensor) -> Tensor:
-    """``out`` plus, for each row ``i`` of ``x`` (dim 0), ``x[i] @ first[slot[i]] @ second[slot[i]]``:
+    """``out`` plus, for each row ``i`` of ``x`` (dim 0), ``x[i] @ first[slot[i]].T @ second[slot[i]]``:
     the factors gathered per row and applied with two ``bmm`` (the gathered matmul of S-LoRA
     and Punica), in place where nothing is differentiated."""
     n = x.shape[0]
-    h = torch.bmm(x.reshape(n, -1, x.shape[-1]).to(first.dtype), first.index_select(0, slot))  # (n, t, r)
+    h = torch.bmm(x.reshape(n, -1, x.shape[-1]).to(first.dtype), first.index_select(0, slot).mT)  # (n, t, r)
     second = second.index_select(0, slot)  # (n, r, out)
     if in_place(out, h) and out.dtype == h.dtype and out.is_contiguous():
         out.view(n, -1, out.shape[-1]).baddbmm_(h, second)
