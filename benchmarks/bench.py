@@ -493,6 +493,117 @@ def mixed_times(args):
     return {n: statistics.median(t) for n, t in times.items()}
 
 
+MANY = 32  # adapters in the mixed batch, one sample each
+MANY_RESIDENT = 128  # adapters on the model, of ranks MANY_RANKS in turn
+MANY_RANKS = (4, 8, 16)
+
+
+def many_times(args):
+    """A no-grad forward of 32 sequences of 16 tokens, each sample with its own adapter, on a model
+    with 128 resident adapters of ranks 4, 8 and 16 (per_sample: every adapter of a layer stacked,
+    padded to rank 16, gathered per sample, two bmm), against the same batch on one adapter of rank
+    16 and on the base model; and peft's adapter_names over the same 32 adapters (only those
+    resident: it loops over them)."""
+    from peft import LoraConfig, get_peft_model
+
+    base = llama(*args.shape, device=args.device).eval()
+    names = [f"task{i}" for i in range(MANY_RESIDENT)]
+    ranks = {n: MANY_RANKS[i % len(MANY_RANKS)] for i, n in enumerate(names)}
+    ours = copy.deepcopy(base)
+    for name in names:
+        li.inject(ours, REGEX, r=ranks[name], alpha=2 * ranks[name], adapter=name)
+    used = names[::MANY_RESIDENT // MANY][:MANY]  # every 4th: all three ranks
+    theirs = None
+    for name in used:
+        config = LoraConfig(r=ranks[name], lora_alpha=2 * ranks[name], target_modules=TARGETS)
+        if theirs is None:
+            theirs = get_peft_model(copy.deepcopy(base), config, adapter_name=name)
+        else:
+            theirs.add_adapter(name, config)
+    nonzero(ours), nonzero(theirs.eval())
+    one = li.inject(copy.deepcopy(base), REGEX, r=max(MANY_RANKS), alpha=2 * max(MANY_RANKS))
+    nonzero(one)
+    ids = torch.randint(0, args.shape[4], (MANY, 16), device=args.device)
+
+    def run_ours():
+        with li.per_sample(ours, used):
+            ours(input_ids=ids)
+
+    runs = {"base model": lambda: base(input_ids=ids), "one adapter, whole batch": lambda: one(input_ids=ids),
+            "lora_inject per_sample": run_ours, "peft adapter_names": lambda: theirs(input_ids=ids, adapter_names=used)}
+    return alternate(runs, args.reps * 2, args.device)
+
+
+STORE_ADAPTERS, STORE_SLOTS, STORE_BATCH, STORE_BATCHES, STORE_ROUNDS = 1000, 16, 8, 300, 3
+
+
+def store_times(args):
+    """A stream of requests over 1,000 small adapters (ranks 4 and 8 on q and v of a small
+    Llama-shaped model) saved on disk, served by an AdapterStore with 16 slots: batches of 8
+    requests of 32 tokens, each naming an adapter drawn from a Zipf law (s = 1.1), the next batch
+    prefetched while the current one runs. Reports requests per second (the median of three whole
+    passes, the modes in turn) and the slot hit rate, against the same stream with no prefetch,
+    and the same batches on one resident adapter."""
+    import random
+    import tempfile
+
+    hidden = 256 if args.quick else 512
+    base = llama(hidden, 2 * hidden, 2, 4, 1000, device=args.device).eval()
+    targets = ["q_proj", "v_proj"]
+    rng = random.Random(0)
+    weights = [1 / (k + 1) ** 1.1 for k in range(STORE_ADAPTERS)]
+    batches = [rng.choices(range(STORE_ADAPTERS), weights, k=STORE_BATCH)
+               for _ in range(STORE_BATCHES // 3 if args.quick else STORE_BATCHES)]
+    ids = torch.randint(0, 1000, (STORE_BATCH, 32), device=args.device)
+    out = {}
+    with tempfile.TemporaryDirectory() as root:
+        made = {r: li.inject(copy.deepcopy(base), targets, r=r, alpha=16) for r in (8, 4)}
+        gen = torch.Generator().manual_seed(0)
+        for k in range(STORE_ADAPTERS):
+            model = made[8 if k % 2 else 4]
+            with torch.no_grad():
+                for p in li.lora_parameters(model):
+                    p.copy_(torch.randn(p.shape, generator=gen) * 0.02)
+            li.save_adapter(model, os.path.join(root, f"a{k}"))
+        one = made[8]
+        names = [[f"a{k}" for k in b] for b in batches]
+        rates = {"prefetch": [], "no prefetch": []}
+        for _ in range(STORE_ROUNDS):  # whole passes, the two modes in turn, each with a fresh store
+            for mode in rates:
+                store = li.AdapterStore(copy.deepcopy(base), root, slots=STORE_SLOTS, targets=targets, r=8)
+                t = time.perf_counter()
+                with torch.no_grad():
+                    for i, batch in enumerate(names):
+                        if mode == "prefetch" and i + 1 < len(names):
+                            store.prefetch(names[i + 1])
+                        with store.serve(batch) as model:
+                            model(input_ids=ids)
+                sync(args.device)
+                rates[mode].append(STORE_BATCH * len(batches) / (time.perf_counter() - t))
+                store.close()
+                out[f"store, {mode}"] = {"requests/s": statistics.median(rates[mode]), "hit rate": store.hit_rate}
+        t = time.perf_counter()
+        with torch.no_grad():
+            for _ in batches:
+                one(input_ids=ids)
+        sync(args.device)
+        out["one resident adapter"] = {"requests/s": STORE_BATCH * len(batches) / (time.perf_counter() - t),
+                                       "hit rate": 1.0}
+    return out
+
+
+def alternate(runs, reps, device):
+    """Each of ``runs`` once to warm up, then ``reps`` rounds of all of them in turn: their median times."""
+    times = {n: [] for n in runs}
+    with torch.no_grad():
+        for fn in runs.values():
+            fn()
+        for _ in range(reps):
+            for n, fn in runs.items():
+                times[n].append(timed(fn, device))
+    return {n: statistics.median(t) for n, t in times.items()}
+
+
 def weight_bytes(args):
     """The MiB each QLoRA contender's model holds in weights: every parameter and buffer once, a
     4-bit weight with its quantization state."""
@@ -628,7 +739,8 @@ def main():
                     "merge": merge_times, "small": small_times,
                     "qlora": lambda a: train_times(a, which=QLORA),
                     "qlora_memory": lambda a: peak_memory(a, which=QLORA),
-                    "qlora_weights": weight_bytes, "mixed": mixed_times, "kinds_check": check_kinds,
+                    "qlora_weights": weight_bytes, "mixed": mixed_times, "many": many_times, "store": store_times,
+                    "kinds_check": check_kinds,
                     "kinds": lambda a: train_times(a, which=KINDS),
                     "kinds_memory": lambda a: peak_memory(a, which=KINDS), "sdxl_load": sdxl_load}[fig](args)
         print(f"# {fig}: {json.dumps(res[fig])} ({time.perf_counter() - t:.0f} s)", file=sys.stderr)
@@ -690,6 +802,16 @@ def table(res):
             rows.append(f"| mixed batch, 8×64 tokens, 4 adapters | {n} | {v * 1e3:.0f} ms | "
                         f"{v / d['one adapter, whole batch']:.3f}× one adapter, {v / d['peft adapter_names']:.3f}× "
                         f"peft | {goal} |")
+    if "many" in res:
+        d = res["many"]
+        for n, v in d.items():
+            goal = "≤ 1.1× one adapter" if n == "lora_inject per_sample" else ""
+            rows.append(f"| mixed batch, 32×16 tokens, 32 of 128 adapters | {n} | {v * 1e3:.0f} ms | "
+                        f"{v / d['one adapter, whole batch']:.3f}× one adapter, {v / d['peft adapter_names']:.3f}× "
+                        f"peft | {goal} |")
+    for n, v in res.get("store", {}).items():
+        rows.append(f"| adapter store, 1,000 adapters, 16 slots, batches of 8 | {n} | {v['requests/s']:.0f} "
+                    f"requests/s | hit rate {v['hit rate']:.3f} |  |")
     for fig, label in (("kinds", "training step, kinds"), ("kinds_memory", "training step peak memory, kinds")):
         d = res.get(fig)
         if d:

@@ -31,6 +31,7 @@ Each public name has its own ``help()``.
 """
 
 from . import _ops as _ops  # its import registers the factored forms in the op table (lora_inject.factored.OPS)
+from .adapter_store import AdapterStore
 from .arithmetic import combine
 from .io import load_adapter, save_adapter
 from .kind import Kind, Option, default_kinds, find_kind, register_kind
@@ -54,6 +55,7 @@ from .version import __version__ as __version__
 
 __all__ = [
     "Adapter",
+    "AdapterStore",
     "Kind",
     "LoRA",
     "Option",

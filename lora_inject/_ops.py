@@ -24,7 +24,7 @@ from torch import Tensor
 
 from . import _quant as quant
 from ._kernels import NoGradAt, frozen_linear, fused, plain_eager
-from ._rows import gather, in_place, keep, scatter, select, some
+from ._rows import Slots, gather, gathered, in_place, keep, scatter, select, served, some
 from .factored import FactoredWeight, implements
 
 
@@ -61,6 +61,12 @@ def add(out: Tensor, extra: Tensor, s: float = 1.0) -> Tensor:
 
 def branch(x: Tensor, weight: FactoredWeight, out: Tensor, transposed: bool) -> Tensor:
     """``out + x @ ΔW.T`` (``transposed``, as in F.linear) or ``out + x @ ΔW``, factored."""
+    if type(weight._rows) is Slots:  # compiled, the rows as data: the gathered matmul
+        return served(x, weight, out, transposed)
+    if weight._rows is not None and weight._terms:  # per_sample(): the gathered matmul, where it applies
+        result = gathered(x, weight, out, transposed)
+        if result is not None:
+            return result
     for L, R, s, p, name in weight._factors():
         first, second = (R.t(), L.t()) if transposed else (L, R)  # x @ (s L R).T = s (x R.T) L.T
         idx = select(weight._rows, name, x)
@@ -156,7 +162,7 @@ def embedding(input, weight, padding_idx, max_norm, norm_type, scale_grad_by_fre
                 h = F.embedding(gather(input, idx), L, padding_idx)
                 out = scatter(out, idx, (F.dropout(h, p) if p else h) @ R, s)
             continue
-        h = F.embedding(input, L, padding_idx)  # (.., r)
+        h = keep(weight._rows, name, F.embedding(input, L, padding_idx))  # (.., r); compiled per sample: masked
         extra = (F.dropout(h, p) if p else h) @ R * s  # (.., r) @ (r, dim) -> (.., dim)
         out = extra if out is None else out + extra.to(out.dtype)
     if padding_idx is not None:  # as for the merged weight, the padding row gets no gradient

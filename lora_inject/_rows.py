@@ -6,22 +6,89 @@ only: :func:`select` finds them (a slice where they are contiguous, else their i
 :func:`gather` takes them and :func:`scatter` adds that term's part back into the op's output.
 Where the rows cannot be taken apart (bags by offsets, an unbatched conv input), :func:`keep`
 zeroes the rows of the other samples instead.
+
+Linear layers (``F.linear``, ``addmm``, ``matmul``) of plain LoRA adapters instead run
+:func:`gathered`: every adapter of the tensor stacked once (:func:`stacked`, kept until one
+changes) and each sample's factors gathered by index, in a fixed number of ops however many
+adapters the batch mixes.
+
+In a compiled graph the rows are data (see :mod:`lora_inject._call`): ``rows`` is then a
+:class:`Slots`, the same for every assignment, and the custom op :func:`assignment` gives each
+row's adapter at run time. Linear layers (``F.linear``, ``addmm``, ``matmul``) run
+:func:`served`: every adapter's factors stacked, padded to the largest rank, gathered per row and
+applied with two ``bmm`` (the gathered matmul of S-LoRA and Punica); the other ops run each
+term on the whole batch, zeroed by :func:`keep` on the rows of the other samples.
 """
 
 from __future__ import annotations
+
+import weakref
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ._call import CURRENT, EMPTY
+
 _SELECTED: dict[tuple, Tensor | slice] = {}  # (rows, name, rows per sample, device) -> indices
+
+
+class Slots(NamedTuple):
+    """The rows of a compiled graph's weight while a call may set them (see ``LoRA._served``):
+    its terms are the ``first`` active adapters' (on the rows where the call leaves them on),
+    then one for each LoRA adapter of the tensor, ``names``, for the rows that choose it."""
+
+    key: int  # id() of the LoRA: how the calling context names it
+    names: tuple[str, ...]
+    first: int
+
+    @staticmethod
+    def term(j: int) -> str:
+        """The name of the term for ``names[j]``: not an identifier, so no adapter's."""
+        return f"#{j}"
+
+
+@torch.library.custom_op("lora_inject::assignment", mutates_args=())
+def assignment(x: Tensor, key: int, names: str) -> tuple[Tensor, Tensor]:
+    """For each row (dim 0) of ``x``, the input of the LoRA ``key``, in the calling context:
+    ``(slot, active)``, the index among ``names`` (comma-separated) of the row's own adapter
+    (their number: none), and whether the LoRA's active adapters apply to it (outside
+    per_sample and disabled)."""
+    slots = names.split(",") if names else []
+    call = CURRENT.get() or EMPTY
+    rows, n = call.rows.get(key), x.shape[0]
+    if rows is None:
+        slot = torch.full((n,), len(slots), dtype=torch.long, device=x.device)
+        return slot, torch.full((n,), key not in call.off, dtype=torch.bool, device=x.device)
+    index = {name: j for j, name in enumerate(slots)}
+    slot = torch.tensor([index.get(name, len(slots)) for name in rows], dtype=torch.long, device=x.device)
+    return slot.repeat_interleave(per_row(rows, x)), torch.zeros(n, dtype=torch.bool, device=x.device)
+
+
+@assignment.register_fake
+def _(x, key, names):
+    return x.new_empty(x.shape[0], dtype=torch.long), x.new_empty(x.shape[0], dtype=torch.bool)
+
+
+@torch.library.custom_op("lora_inject::enabled", mutates_args=())
+def enabled(like: Tensor, key: int) -> Tensor:
+    """Whether the active adapters of the LoRA ``key`` apply in the calling context (a 0-d bool
+    on ``like``'s device): outside ``disabled`` and ``per_sample``."""
+    call = CURRENT.get() or EMPTY
+    return torch.tensor(key not in call.off and key not in call.rows, device=like.device)
+
+
+@enabled.register_fake
+def _(like, key):
+    return like.new_empty((), dtype=torch.bool)
 
 
 def select(rows: tuple[str | None, ...] | None, name: str, t: Tensor) -> Tensor | slice | None:
     """Inside per_sample(): the rows along dim 0 of ``t`` of the samples that use ``name``
     (each adapter's branch then runs on its own rows only): a slice where they are
     contiguous, else their indices; None outside (``rows`` is None)."""
-    if rows is None:
+    if rows is None or type(rows) is Slots:
         return None
     per = per_row(rows, t)
     key = (rows, name, per, t.device)
@@ -48,8 +115,12 @@ def per_row(rows: tuple[str | None, ...], t: Tensor) -> int:
     return n // len(rows)
 
 
-def mask(rows: tuple[str | None, ...], name: str, t: Tensor) -> Tensor:
+def mask(rows: tuple[str | None, ...] | Slots, name: str, t: Tensor) -> Tensor:
     """1 for the rows of ``t`` (dim 0) whose sample uses ``name``, else 0; shaped to broadcast."""
+    if type(rows) is Slots:
+        slot, active = assignment(t, rows.key, ",".join(rows.names))
+        m = (slot == int(name[1:])) if name.startswith("#") else active
+        return m.to(t.dtype).view(t.shape[0], *[1] * (t.dim() - 1))
     per = per_row(rows, t)
     m = torch.tensor([a == name for a in rows], dtype=t.dtype, device=t.device)
     return m.repeat_interleave(per).view(t.shape[0], *[1] * (t.dim() - 1))
@@ -59,6 +130,103 @@ def keep(rows: tuple[str | None, ...] | None, name: str, h: Tensor) -> Tensor:
     """Inside per_sample(): ``h`` with the rows (dim 0) of samples that use another adapter zeroed;
     ``h`` itself outside (``rows`` is None)."""
     return h if rows is None else h * mask(rows, name, h)
+
+
+def served(x: Tensor, weight, out: Tensor, transposed: bool) -> Tensor:
+    """``out + x @ ΔW.T`` (``transposed``, as in F.linear) or ``out + x @ ΔW`` for a compiled
+    weight whose rows are :class:`Slots`: the active terms on the rows they apply to, then each
+    row's own adapter by :func:`gathered_matmul` over the stacked factors (built in the graph)."""
+    rows = weight._rows
+    slot, active = assignment(x, rows.key, ",".join(rows.names))
+    firsts, seconds = [], []
+    for i, (L, R, s, p, _) in enumerate(weight._factors()):
+        first, second = (R.t(), L.t()) if transposed else (L, R)  # x @ first @ second: (in, r), (r, out)
+        if i >= rows.first:
+            firsts.append(first)
+            seconds.append(second * s)
+            continue
+        h = x.to(first.dtype)
+        h = (F.dropout(h, p) if p else h) @ first  # (.., r)
+        h = h * active.view(-1, *[1] * (h.dim() - 1)).to(h.dtype)
+        out = out + ((h @ second) * s).to(out.dtype)
+    if not firsts:
+        return out
+    return gathered_matmul(x, out, *stack(firsts, seconds), slot)
+
+
+def stack(firsts: list[Tensor], seconds: list[Tensor]) -> tuple[Tensor, Tensor]:
+    """Each adapter's ``(in, r)`` and ``(r, out)`` factors (the scaling in the second), stacked and
+    zero-padded to the largest rank, with one slot of zeros after them (for rows with no adapter):
+    ``(slots + 1, r, in)`` (the first factors transposed, ``in`` contiguous, as ``bmm`` reduces
+    over it fastest) and ``(slots + 1, r, out)``."""
+    r = max(f.shape[-1] for f in firsts)
+    first = torch.stack([F.pad(f.t(), (0, 0, 0, r - f.shape[-1])) for f in firsts]
+                        + [firsts[0].new_zeros(r, firsts[0].shape[0])])
+    second = torch.stack([F.pad(g, (0, 0, 0, r - g.shape[0])) for g in seconds]
+                         + [seconds[0].new_zeros(r, seconds[0].shape[1])])
+    return first, second
+
+
+def gathered_matmul(x: Tensor, out: Tensor, first: Tensor, second: Tensor, slot: Tensor) -> Tensor:
+    """``out`` plus, for each row ``i`` of ``x`` (dim 0), ``x[i] @ first[slot[i]].T @ second[slot[i]]``:
+    the factors gathered per row and applied with two ``bmm`` (the gathered matmul of S-LoRA
+    and Punica), in place where nothing is differentiated."""
+    n = x.shape[0]
+    h = torch.bmm(x.reshape(n, -1, x.shape[-1]).to(first.dtype), first.index_select(0, slot).mT)  # (n, t, r)
+    second = second.index_select(0, slot)  # (n, r, out)
+    if in_place(out, h) and out.dtype == h.dtype and out.is_contiguous():
+        out.view(n, -1, out.shape[-1]).baddbmm_(h, second)
+        return out
+    return out + torch.bmm(h, second).reshape(out.shape).to(out.dtype)
+
+
+def gathered(x: Tensor, weight, out: Tensor, transposed: bool) -> Tensor | None:
+    """Eager mode inside per_sample(): ``out`` plus each row's own adapter, from every LoRA
+    adapter of the weight's tensor stacked once and kept until one of them changes
+    (:func:`stacked`), by :func:`gathered_matmul`: a fixed number of ops however many adapters
+    the batch mixes. None where it does not apply (DoRA, or a weight not made by a LoRA): the
+    terms then run one by one on their own rows."""
+    lora, rows = weight._owner, weight._rows
+    if lora is None or weight._has_dora():
+        return None
+    names, first, second = stacked(lora, transposed)
+    key = (rows, names, x.shape[0], x.device)
+    slot = _SLOTS.get(key)
+    if slot is None:
+        index = {name: j for j, name in enumerate(names)}
+        slot = torch.tensor([index.get(a, len(names)) for a in rows], dtype=torch.long, device=x.device)
+        slot = slot.repeat_interleave(per_row(rows, x))
+        if len(_SLOTS) > 64:
+            _SLOTS.clear()
+        _SLOTS[key] = slot
+    return gathered_matmul(x, out, first, second, slot)
+
+
+_SLOTS: dict[tuple, Tensor] = {}  # (rows, names, rows of x, device) -> each row's slot
+_STACKS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # LoRA -> (key, names, first, second)
+
+
+def stacked(lora, transposed: bool) -> tuple[tuple[str, ...], Tensor, Tensor]:
+    """The names of ``lora``'s plain LoRA adapters and their factors stacked by :func:`stack`,
+    kept for the LoRA (not in it: a copy or a pickle of the model leaves it out) and built again
+    when one of them changes: their storage, version counter
+    or scaling (a hot swap, an optimizer step, ``load_state_dict``)."""
+    names = tuple(n for n, a in lora.records.items() if a.kind == "lora" and not a.dora)
+    tensors = [t for n in names for t in lora.tensors(n).values()]
+    key = (names, transposed, tuple((t.data_ptr(), t._version) for t in tensors),
+           tuple(lora.records[n].scaling for n in names))
+    held = _STACKS.get(lora)
+    if held is None or held[0] != key:
+        with torch.no_grad():
+            firsts, seconds = [], []
+            for n in names:
+                L, R = lora.view.stored_factors(*lora.factor_pair(n))
+                first, second = (R.t(), L.t()) if transposed else (L, R)
+                firsts.append(first)
+                seconds.append(second * lora.records[n].scaling)
+            held = (key, names, *stack(firsts, seconds))
+        _STACKS[lora] = held
+    return held[1], held[2], held[3]
 
 
 def gather(t: Tensor, idx: Tensor | slice) -> Tensor:

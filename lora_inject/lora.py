@@ -9,8 +9,10 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import Tensor, nn
 
+from . import _call
 from . import _dora as dora
 from . import _quant as quant
+from ._rows import Slots, enabled
 from ._view import View, compute_dtype
 from .factored import FactoredWeight, Term, merge
 from .inits import WEIGHT_INITS, decompose, init_factors
@@ -118,16 +120,21 @@ class LoRA(nn.Module):
             factored=factored,
             records={},  # adapter name -> Adapter, in the order they were added
             active=[],  # adapter names, in order
-            memo=None,  # (input, output) within one forward of the adapted module
+            memo=None,  # (input, adapters, output) within one forward of the adapted module
             memo_depth=0,
-            per_sample=None,  # each sample's adapter name or None, inside lora_inject.per_sample()
-            cache=None,  # inside lora_inject.cached(): () or (key, merged weight)
+            opens=0,  # per_sample()/disabled() blocks open on it, in any call (see lora_inject._call)
+            serving=False,  # opens > 0: a compiled graph reads this call's state as data
             non_persistent=False,  # the adapted tensor is a buffer kept out of the state dict
             froze=False,  # inject stopped the adapted tensor's training; remove restarts it
         )
         self.register_load_state_dict_post_hook(LoRA._materialize_scalings)
 
     # -- what it is ---------------------------------------------------------------------------
+    @property
+    def per_sample(self) -> tuple[str | None, ...] | None:
+        """This call's per-sample adapter names inside :func:`lora_inject.per_sample`, else None."""
+        return _call.names(self)[0]
+
     @property
     def adapters(self) -> list[str]:
         """The adapters' names, in the order they were added."""
@@ -408,8 +415,12 @@ class LoRA(nn.Module):
 
     # -- the parametrization --------------------------------------------------------------------
     def forward(self, W: Tensor) -> Tensor:
-        rows = self.per_sample
-        names = self.active if rows is None else [n for n in dict.fromkeys(rows) if n in self.records]
+        if torch.compiler.is_compiling():  # a graph cannot read this call's state: see _served
+            if self.serving:
+                return self._served(W)
+            rows, names, cell = None, self.active, None
+        else:
+            (rows, names), cell = _call.names(self), _call.cache_cell(self)
         if not names and self.factored:  # the table ops never write their weight
             if not isinstance(W, nn.Parameter) or torch.compiler.is_compiling() or quant.scheme(W) is not None:
                 return W
@@ -423,36 +434,60 @@ class LoRA(nn.Module):
                                "batch); per_sample() takes LoRA adapters only. Run one forward per adapter "
                                "with li.activate() instead.")
         if self.factored and self.only_lora(names) and (
-                self.cache is None or rows is not None or torch.is_grad_enabled()
+                cell is None or rows is not None or torch.is_grad_enabled()
                 or torch.compiler.is_compiling() or quant.scheme(W) is not None):
             owner = None if torch.compiler.is_compiling() else self  # for right_inverse; a graph needs none
             return FactoredWeight(W, self.terms(names), self.view, rows, owner)
-        out = self.merged_once(W, names)
+        if rows is not None and names:
+            raise RuntimeError(f"per_sample(): a LoRA of shape {self.shape} is on the merged path, where "
+                               "one weight serves the whole batch; per-sample adapters need the fast path.")
+        out = self.merged_once(W, names, cell)
         if not torch.compiler.is_compiling():  # a value handed out: assigning it back restores W
             out.__dict__[GIVEN] = (self, W)
         return out
 
-    def merged_once(self, W: Tensor, names: list[str]) -> Tensor:
+    def _served(self, W: Tensor) -> Tensor:
+        """The compiled forward while some call may have per-sample rows or adapters off here
+        (``serving``): the same graph for every assignment, which it reads as data at run time
+        (see :mod:`lora_inject._call`). A factored weight holds the active adapters' terms, then
+        one per LoRA adapter this tensor carries, for the samples that choose it (:class:`Slots`);
+        a merged weight is the adapted one where the call leaves the active adapters on, else ``W``."""
+        names = self.active
+        if self.factored and quant.scheme(W) is None and self.only_lora(names):
+            slots = tuple(n for n, a in self.records.items() if a.kind == "lora")
+            dora_names = [n for n in (*names, *slots) if self.records[n].dora]
+            if dora_names:
+                raise RuntimeError(
+                    f"per_sample()/disabled(): adapter {dora_names[0]!r} on a tensor of shape {self.view.shape} is "
+                    "DoRA, which a compiled graph cannot switch per call; run the model eagerly inside the block.")
+            terms = self.terms(names) + [t._replace(name=Slots.term(j)) for j, t in enumerate(self.terms(slots))]
+            return FactoredWeight(W, terms, self.view, Slots(id(self), slots, len(names)), None)
+        if not names:
+            return W
+        merged = self.merged_once(W, names, None)
+        return torch.where(enabled(W, id(self)), merged, quant.dense(W))
+
+    def merged_once(self, W: Tensor, names: list[str], cell: list | None = None) -> Tensor:
         """The merged weight, built once per forward of the adapted module (RNNs and
         MultiheadAttention read it several times), or once for as long as it stays the same
-        inside :func:`lora_inject.cached` (it watches the storage and version counter of ``W``
-        and of every factor). It is a fresh tensor even with no adapter active, so that a layer
-        that writes its weight in place (``Embedding(max_norm=...)``) never writes ``W0``."""
-        if self.per_sample is not None and names:
-            raise RuntimeError(f"per_sample(): a LoRA of shape {self.view.shape} is on the merged path, where "
-                               "one weight serves the whole batch; per-sample adapters need the fast path.")
-        if self.cache is not None and not torch.is_grad_enabled() and not torch.compiler.is_compiling():
+        inside :func:`lora_inject.cached` (``cell``, this call's: it watches the storage and
+        version counter of ``W`` and of every factor). It is a fresh tensor even with no adapter
+        active, so that a layer that writes its weight in place (``Embedding(max_norm=...)``)
+        never writes ``W0``."""
+        if cell is not None and not torch.is_grad_enabled() and not torch.compiler.is_compiling():
             tensors = [W, *(t for n in names for t in self.tensors(n).values())]
             key = (tuple(names), tuple((t.data_ptr(), t._version) for t in tensors),
                    tuple(self.records[n].scaling for n in names))
-            if not self.cache or self.cache[0] != key:
-                self.cache = (key, self.merged(W, names))
-            return self.cache[1]
-        if self.memo is not None and self.memo[0] is W:
-            return self.memo[1]
+            held = cell[0]
+            if held is None or held[0] != key:
+                held = cell[0] = (key, self.merged(W, names))
+            return held[1]
+        memo, key = self.memo, tuple(names)
+        if memo is not None and memo[0] is W and memo[1] == key:  # keyed by the adapters: calls differ
+            return memo[2]
         out = self.merged(W, names)
         if self.memo_depth:
-            self.memo = (W, out)
+            self.memo = (W, key, out)
         return out
 
     def right_inverse(self, value: Tensor) -> Tensor:
@@ -503,7 +538,12 @@ class Bias(nn.Module):
         self.__dict__.update(weight=weight, weight_name=weight_name)  # not a submodule: no keys twice
 
     def forward(self, b: Tensor) -> Tensor:
-        return self.weight.bias_of(b)
+        lora = self.weight
+        if torch.compiler.is_compiling():
+            if lora.serving and lora.active:  # this call's state, read as data (see LoRA._served)
+                return torch.where(enabled(b, id(lora)), lora.bias_of(b), b)
+            return lora.bias_of(b)
+        return lora.bias_of(b, _call.names(lora)[1])
 
     def right_inverse(self, value: Tensor) -> Tensor:
         return value

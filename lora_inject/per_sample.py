@@ -6,8 +6,10 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import TypeVar
 
+import torch
 from torch import Tensor, nn
 
+from . import _call
 from ._sites import adapter_names, loras, module_loras
 from .rule import type_name
 
@@ -32,8 +34,19 @@ def per_sample(model: M, adapters: Sequence[str | None]) -> Iterator[M]:
     ``(batch, seq, in)`` into ``(batch * seq, in)``) keeps each sample's rows together; a model
     that flattens the batch before the layer is refused. Inside the block the
     active adapters are ignored: a sample gets exactly its own adapter, and a layer without it
-    gives that sample the base output. DoRA adapters work too (each sample gets its adapter's magnitude). On exit each
-    layer is as before, also on error; blocks nest.
+    gives that sample the base output. DoRA adapters work too (each sample gets its adapter's
+    magnitude), in eager mode. Blocks nest, and the innermost of ``per_sample`` and
+    :func:`~lora_inject.disabled` decides.
+
+    The assignment belongs to the call, not to the model: it is held in a
+    :class:`~contextvars.ContextVar`, so threads and asyncio tasks that share one model, each in
+    its own block, each get their own (a new thread starts with an empty context: open the block
+    in the thread that runs the forward, or copy the context in, as ``asyncio.to_thread`` does).
+    Under ``torch.compile`` the assignment is data: a graph compiled while a block is open reads
+    each call's assignment at run time, every adapter of a linear layer stacked (padded to the
+    largest rank) and gathered per sample, so that a new mix of adapters recompiles nothing (a
+    graph compiles once for calls that may set rows, once for the others). The first block on a
+    layer adds a forward pre-hook that checks the batch; it is kept, a no-op outside a block.
 
     It is for inference, as in peft: the model must be in eval mode. A layer whose adapters go
     through the merged path (``MultiheadAttention``, RNNs, ``Bilinear``, ``ConvTranspose``,
@@ -96,19 +109,12 @@ def per_sample(model: M, adapters: Sequence[str | None]) -> Iterator[M]:
             )
     checked = {id(site.module): (site.path, site.module) for site in entries
                if site.lora.factored and any(a in site.lora.adapters for a in used)}
-    saved = [(site.lora, site.lora.per_sample) for site in entries]
-    handles = []
-    try:
+    with _call.LOCK:  # one check per layer, kept: a no-op outside the block, and the same for every call
         for qualname, module in checked.values():
-            handles.append(module.register_forward_pre_hook(_batch_check(qualname), with_kwargs=True))
-        for lora, _ in saved:
-            lora.per_sample = tuple(adapters)
+            if not any(getattr(h, "_per_sample_check", False) for h in module._forward_pre_hooks.values()):
+                module.register_forward_pre_hook(_batch_check(qualname), with_kwargs=True)
+    with _call.entered([site.lora for site in entries], rows=tuple(adapters)):
         yield model
-    finally:
-        for lora, before in saved:
-            lora.per_sample = before
-        for h in handles:
-            h.remove()
 
 
 def _unbatched_dim(module: nn.Module) -> int | None:
@@ -123,7 +129,12 @@ def _batch_check(qualname: str):
     """A forward pre-hook: the batch of the adapted module's input (dim 0; ``EmbeddingBag``'s
     bags by its offsets) must be one sample per name given to :func:`per_sample`."""
 
-    def check(module: nn.Module, args: tuple, kwargs: dict) -> None:
+    def check(module: nn.Module, args: tuple, kwargs: dict | None = None) -> None:
+        # ``kwargs`` may be missing: another thread's forward can see a hook in the middle of its
+        # registration, before torch marks it as taking them.
+        kwargs = kwargs or {}
+        if torch.compiler.is_compiling():  # a graph reads the rows at run time (lora_inject._rows.assignment)
+            return
         names = next((lora.per_sample for lora in module_loras(module) if lora.per_sample is not None), None)
         x = args[0] if args else kwargs.get("input", next(iter(kwargs.values()), None))
         if names is None or not isinstance(x, Tensor) or x.dim() == 0:
@@ -142,4 +153,5 @@ def _batch_check(qualname: str):
                 f"`{qualname}` received {what}. Pass one name per sample; the batch is read from dim 0 "
                 "of each adapted layer's input, never guessed from a flattened shape.")
 
+    check._per_sample_check = True
     return check

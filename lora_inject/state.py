@@ -10,6 +10,7 @@ from typing import TypeVar
 
 from torch import nn
 
+from . import _call
 from ._sites import adapter_names, loras
 
 __all__ = [
@@ -73,43 +74,38 @@ def activate(model: M, adapters: str | Sequence[str] | Mapping[str, float]) -> M
 
 @contextmanager
 def disabled(model: nn.Module) -> Iterator[nn.Module]:
-    """Turn every adapter off inside the ``with`` block; restore each one's state on exit.
+    """Turn every adapter off for the forwards of this call inside the ``with`` block.
 
-    It is safe under exceptions and nests. Calls inside the block are kept: on exit an adapter
-    removed inside is gone (not restored), an adapter injected inside keeps the state it has at
-    exit (active, as ``inject`` leaves it, unless turned off), and a tensor adapted for the first
-    time inside keeps its own state.
+    It belongs to the call, not to the model: another thread or asyncio task running the same
+    model meanwhile keeps its adapters (the state is a :class:`~contextvars.ContextVar`), and
+    :func:`activate`'s setting is untouched. It is safe under exceptions and nests; the
+    innermost of ``disabled`` and :func:`~lora_inject.per_sample` decides. Calls inside the
+    block are kept: an adapter removed inside is gone, one injected inside on a tensor that
+    was adapted already is off until the block exits (active after it, as ``inject`` leaves it),
+    and a tensor adapted for the first time inside keeps its own state. Under ``torch.compile``
+    the graph reads the call's state as data (see :func:`~lora_inject.per_sample`).
 
     Example::
 
         >>> with disabled(model):
         ...     base_out = model(x)
     """
-    entry = {}
-    for lora in (site.lora for site in loras(model)):
-        entry[id(lora)] = (lora.active, set(lora.adapters))
-        lora.active = []
-    try:
+    with _call.entered([site.lora for site in loras(model)], off=True):
         yield model
-    finally:
-        for lora in (site.lora for site in loras(model)):
-            saved = entry.get(id(lora))
-            if saved is not None:
-                active, known = saved
-                added = [n for n in lora.active if n not in known]  # injected inside the block
-                lora.active = [n for n in active if n in lora.records] + added
 
 
 @contextmanager
 def cached(model: nn.Module) -> Iterator[nn.Module]:
-    """Reuse each adapted weight, merged, across no-grad forwards inside the ``with`` block.
+    """Reuse each adapted weight, merged, across no-grad forwards of this call inside the ``with`` block.
 
     Unmerged inference normally recomputes the LoRA branch (fast path) or the merged weight
     (merged path) on every forward. Inside this block, under ``torch.no_grad()`` or
     ``torch.inference_mode()``, each adapted tensor is merged once and then reused until ``W0``,
-    a factor or the set of active adapters changes (it watches their storage and version
+    a factor or the set of adapters in use changes (it watches their storage and version
     counters, so an optimizer step, ``load_state_dict``, ``activate`` or :func:`disabled` all
     rebuild it). Forwards with gradients, compiled code and :func:`per_sample` do not use it.
+    Like :func:`disabled` it belongs to the call: the cache is this call's, and other threads'
+    forwards meanwhile do not use it.
 
     Memory: one weight-sized tensor per adapted tensor, held until the block exits.
 
@@ -119,13 +115,5 @@ def cached(model: nn.Module) -> Iterator[nn.Module]:
         ...     for batch in loader:
         ...         model(batch)          # as fast as the base model after the first batch
     """
-    found = [site.lora for site in loras(model)]
-    saved = [lora.cache for lora in found]
-    for lora in found:
-        if lora.cache is None:
-            lora.cache = ()
-    try:
+    with _call.entered([site.lora for site in loras(model)], cache=True):
         yield model
-    finally:
-        for lora, cache in zip(found, saved):
-            lora.cache = cache

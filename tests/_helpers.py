@@ -82,7 +82,8 @@ def snapshot(model: nn.Module) -> dict:
 
     ``state``: a copy of each state-dict entry; ``classes``: each module's class; ``params``: each
     Parameter object (shared ones under every name); ``order``: each module's own Parameter names in
-    order; ``hooks``: each module's forward, forward-pre and load-state-dict-pre hooks; ``loras``:
+    order; ``hooks``: each module's forward, forward-pre (but per_sample's batch check, which its
+    first block adds and keeps) and load-state-dict-pre hooks; ``loras``:
     each adapted tensor's adapters, active adapters and scalings.
     """
     return {
@@ -90,8 +91,9 @@ def snapshot(model: nn.Module) -> dict:
         "classes": {n: type(m) for n, m in model.named_modules(remove_duplicate=False)},
         "params": dict(model.named_parameters(remove_duplicate=False)),
         "order": [(n, list(m._parameters)) for n, m in model.named_modules()],
-        "hooks": [(n, list(m._forward_hooks), list(m._forward_pre_hooks), list(m._load_state_dict_pre_hooks))
-                  for n, m in model.named_modules()],
+        "hooks": [(n, list(m._forward_hooks), [k for k, h in m._forward_pre_hooks.items()
+                                                if not getattr(h, "_per_sample_check", False)],  # kept: a no-op
+                   list(m._load_state_dict_pre_hooks)) for n, m in model.named_modules()],
         "loras": [(n, list(lora.adapters), list(lora.active), dict(lora.scaling)) for n, lora in li.named_loras(model)],
     }
 

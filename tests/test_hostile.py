@@ -482,7 +482,7 @@ def test_every_call_succeeds_with_its_invariants_or_raises_and_changes_nothing(b
             assert all(lora.active == [n for n in want if n in lora.adapters] for _, lora in li.named_loras(model))
         elif op == "disabled":
             m, active, inside = result
-            assert m is model and all(a == [] for a in active)
+            assert m is model and active == [lora.active for _, lora in li.named_loras(model)]  # untouched
             for got, want in zip(inside, outputs(plain)):
                 torch.testing.assert_close(got, want, rtol=0, atol=0)
             assert_unchanged(model, before)  # every adapter's state restored

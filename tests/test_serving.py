@@ -3,14 +3,21 @@ where each adapter's branch runs on its own samples only."""
 
 from __future__ import annotations
 
+import asyncio
 import copy
+import random
+import sys
+import threading
+from unittest import mock
 
 import pytest
 import torch
+from _helpers import randomize
 from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import lora_inject as li
+from lora_inject import _rows
 
 pytestmark = pytest.mark.filterwarnings("ignore:The .grad attribute of a Tensor that is not a leaf:UserWarning")
 TARGETS = r"(q|v|down)_proj"
@@ -129,32 +136,32 @@ def test_a_mixed_batch_under_compile_equals_one_forward_per_sample(tmp_path, fre
         torch.testing.assert_close(logits(model, ids), torch.cat(want), rtol=1e-5, atol=1e-5)
 
 
-def test_each_adapter_runs_on_its_own_samples_only(tmp_path):
-    """Each branch gathers its samples' rows: a view where they are contiguous, index_select
-    where not; an adapter that no sample chose computes nothing."""
+def test_a_mixed_batch_gathers_each_samples_factors_from_one_stack_kept_until_an_adapter_changes(tmp_path):
+    """Each adapted tensor stacks its adapters once (padded to the largest rank) and each sample
+    gathers its own by index: a new assignment stacks nothing, a hot swap stacks again."""
     b = base()
     model = served_with_adapters(tmp_path, b)
     ids = torch.randint(0, 64, (4, 8))
-    choice = ["a", "b", "a", None]
-    want = []
-    for i, name in enumerate(choice):
-        li.activate(model, [] if name is None else name)
-        want.append(logits(model, ids[i:i + 1]))
-    rows = set()
-    original = torch.Tensor.index_select
+    tensors = len(list(li.named_loras(model)))
 
-    def spy(t, dim, idx):
-        rows.add(tuple(idx.tolist()))
-        return original(t, dim, idx)
+    def one_by_one(choice):
+        want = []
+        for i, name in enumerate(choice):
+            li.activate(model, [] if name is None else name)
+            want.append(logits(model, ids[i:i + 1]))
+        return torch.cat(want)
 
-    torch.Tensor.index_select = spy
-    try:
-        with torch.no_grad(), li.per_sample(model, choice):
+    with mock.patch.object(_rows, "stack", side_effect=_rows.stack) as stacks:
+        for choice in (["a", "b", "a", None], ["d", "c", "b", "a"], [None, "c", "c", "d"]):
+            with torch.no_grad(), li.per_sample(model, choice):
+                got = logits(model, ids)
+            torch.testing.assert_close(got, one_by_one(choice), rtol=1e-5, atol=1e-5)
+        assert stacks.call_count == tensors  # once each, for every assignment
+        li.load_adapter(model, saved(tmp_path, b, "a2", seed=9, r=2, alpha=4), adapter="a")  # a hot swap
+        with torch.no_grad(), li.per_sample(model, ["a", "b", "a", None]):
             got = logits(model, ids)
-    finally:
-        torch.Tensor.index_select = original
-    torch.testing.assert_close(got, torch.cat(want), rtol=1e-5, atol=1e-5)
-    assert rows == {(0, 2)}  # a's two samples; b's one is a slice; none for c and d
+        torch.testing.assert_close(got, one_by_one(["a", "b", "a", None]), rtol=1e-5, atol=1e-5)
+        assert stacks.call_count == 2 * tensors
 
 
 @pytest.mark.slow
@@ -171,3 +178,155 @@ def test_a_copy_of_a_served_model_swaps_on_its_own(tmp_path, fresh_dynamo):
     torch.testing.assert_close(logits(compiled, ids), logits(second, ids), rtol=1e-5, atol=1e-5)
     lora = first.model.layers[0].self_attn.q_proj.parametrizations.weight[0]
     assert float(lora.scale_default) == lora.scaling["default"] == 1.0
+
+
+# -- concurrent requests: the assignment belongs to the call ------------------------------------------
+def mlp_with_adapters(names=("a", "b", "c")):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 8)).eval()
+    for name in names:
+        li.inject(model, r"0|2|4", r=4, adapter=name)
+    randomize(model)
+    li.activate(model, list(names))  # all on: a request that leaked out of its block sees the sum
+    return model
+
+
+def oracle(model, x, names):
+    """Each sample's output with its own adapter (None: the base model, also `disabled`), one
+    forward per adapter with the model alone."""
+    out = {}
+    with torch.no_grad():
+        for name in (*names, None):
+            li.activate(model, [] if name is None else name)
+            out[name] = model(x)
+    li.activate(model, list(names))
+    return out
+
+
+def expected(want, choice):
+    return torch.stack([want[name][i] for i, name in enumerate(choice)])
+
+
+def test_concurrent_threads_each_get_their_own_assignment():
+    """Threads serve requests on one model, each in its own per_sample() or disabled() block:
+    every output is the single-threaded one. Threads switch often (a 10 µs switch interval)."""
+    names = ("a", "b", "c")
+    model, x = mlp_with_adapters(names), torch.randn(4, 16)
+    want = oracle(model, x, names)
+    wrong, errors = [], []
+
+    def serve(seed):
+        rng = random.Random(seed)
+        try:
+            with torch.no_grad():  # grad mode is per thread too
+                for _ in range(150):
+                    if rng.random() < 0.2:
+                        with li.disabled(model):
+                            got, choice = model(x), [None] * 4
+                    else:
+                        choice = [rng.choice([*names, None]) for _ in range(4)]
+                        with li.per_sample(model, choice):
+                            got = model(x)
+                    if not torch.allclose(got, expected(want, choice), rtol=1e-5, atol=1e-6):
+                        wrong.append(choice)
+        except Exception as e:  # noqa: BLE001 - reported by the main thread
+            errors.append(e)
+
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-5)
+    try:
+        threads = [threading.Thread(target=serve, args=(seed,)) for seed in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    finally:
+        sys.setswitchinterval(interval)
+    assert not errors and not wrong, (errors, wrong[:3], len(wrong))
+    torch.testing.assert_close(model(x), want_all(model, x))  # the model's own setting is untouched
+
+
+def want_all(model, x):
+    with torch.no_grad():
+        return model(x)
+
+
+def test_asyncio_tasks_interleaved_inside_their_blocks_stay_isolated():
+    """Tasks switch at each await while their blocks are open: each forward still runs its own."""
+    names = ("a", "b", "c")
+    model, x = mlp_with_adapters(names), torch.randn(4, 16)
+    want = oracle(model, x, names)
+    choices = [["a", "b", "c", None], ["c", "c", None, "a"], None, ["b", None, "a", "a"]]  # None: disabled
+
+    async def request(choice):
+        with li.per_sample(model, choice) if choice else li.disabled(model):
+            await asyncio.sleep(0)  # every other task enters its block here
+            with torch.no_grad():
+                return model(x)
+
+    async def serve():
+        return await asyncio.gather(*(request(c) for c in choices))
+
+    for got, choice in zip(asyncio.run(serve()), choices):
+        torch.testing.assert_close(got, expected(want, choice or [None] * 4), rtol=1e-5, atol=1e-6)
+
+
+# -- the assignment is data: one compiled graph for every mix --------------------------------------
+ASSIGNMENTS = [["c", None, "a", "b", "a", "d"], ["a"] * 6, [None] * 6, ["d", "d", "c", "c", "b", "b"],
+               ["b", "a", None, "d", "c", None]]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", ["aot_eager"])
+def test_a_new_assignment_under_compile_recompiles_nothing(backend, tmp_path, fresh_dynamo, monkeypatch):
+    b = base()
+    model = served_with_adapters(tmp_path, b)
+    ids = torch.randint(0, 64, (6, 8))
+    want = {}
+    for name in ("a", "b", "c", "d", None):
+        li.activate(model, [] if name is None else name)
+        want[name] = logits(model, ids)
+    li.activate(model, ["a", "b", "c", "d"])
+    everything = logits(model, ids)
+    compiled = torch.compile(model, backend=backend, fullgraph=True)
+    torch.testing.assert_close(logits(compiled, ids), everything, rtol=1e-5, atol=1e-5)  # one graph
+    with li.per_sample(model, ASSIGNMENTS[0]):
+        logits(compiled, ids)  # and one for the calls that may set rows
+    monkeypatch.setattr(torch._dynamo.config, "error_on_recompile", True)
+    for choice in ASSIGNMENTS:
+        with li.per_sample(model, choice):
+            got = logits(compiled, ids)
+            torch.testing.assert_close(got, logits(model, ids), rtol=1e-5, atol=1e-5)  # eager, the same
+        torch.testing.assert_close(got, torch.stack([want[n][i] for i, n in enumerate(choice)]),
+                                   rtol=1e-5, atol=1e-5)
+    with li.disabled(model):
+        torch.testing.assert_close(logits(compiled, ids), want[None], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(logits(compiled, ids), everything, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_a_compiled_model_serves_concurrent_threads_from_their_own_contexts(fresh_dynamo):
+    """The compiled graph reads each calling thread's assignment at run time."""
+    names = ("a", "b", "c")
+    model, x = mlp_with_adapters(names), torch.randn(4, 16)
+    want = oracle(model, x, names)
+    compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
+    with torch.no_grad(), li.per_sample(model, ["a", "b", "c", None]):
+        compiled(x)
+    wrong = []
+
+    def serve(seed):
+        rng = random.Random(seed)
+        with torch.no_grad():
+            for _ in range(40):
+                choice = [rng.choice([*names, None]) for _ in range(4)]
+                with li.per_sample(model, choice):
+                    if not torch.allclose(compiled(x), expected(want, choice), rtol=1e-5, atol=1e-6):
+                        wrong.append(choice)
+
+    threads = [threading.Thread(target=serve, args=(seed,)) for seed in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not wrong, wrong[:3]
