@@ -36,8 +36,8 @@ differentiate, the same sums run without an autograd node.
 from __future__ import annotations
 
 import sys
-from collections.abc import Callable
-from typing import NamedTuple
+from collections.abc import Callable, Mapping
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
@@ -45,6 +45,7 @@ from torch.utils._pytree import tree_map_only
 
 from . import dora, quant
 from ._rows import mask
+from .kind import Kind, find_kind
 from .view import View, compute_dtype
 
 __all__: list[str] = []
@@ -67,6 +68,17 @@ class Term(NamedTuple):
         return self._replace(A=self.A.detach(), B=self.B.detach(), magnitude=m)
 
 
+class Step(NamedTuple):
+    """One active adapter of a kind other than LoRA (see :mod:`lora_inject.kind`): the kind, its
+    tensors by name, its scaling and its options, as :func:`lora_inject.kind.merged` applies it."""
+
+    kind: Kind
+    params: dict[str, Tensor]
+    scaling: float
+    options: Mapping[str, Any]
+    name: str = ""
+
+
 class FactoredWeight(Tensor):
     """``W0 + sum_i s_i * view(B_i @ A_i)`` (DoRA: see :mod:`lora_inject.dora`), kept factored.
 
@@ -83,7 +95,8 @@ class FactoredWeight(Tensor):
     """
 
     _w0: Tensor  # W0; for a leaf, the merged value
-    _terms: tuple[Term, ...]
+    _terms: tuple[Term | Step, ...]  # one per active adapter, in order
+    _kinds: bool  # whether a term is a Step (a kind other than LoRA)
     _view: View
     _rows: tuple[str | None, ...] | None
     _leaf: bool
@@ -99,6 +112,7 @@ class FactoredWeight(Tensor):
         out = Tensor._make_wrapper_subclass(cls, shape, strides=strides, dtype=dtype,
                                             device=w0.device, requires_grad=False)
         out._w0, out._terms, out._view, out._rows, out._gains = w0, tuple(terms), view, rows, None
+        out._kinds = any(type(t) is Step for t in out._terms)
         out._leaf, out._owner = False, owner  # owner: the LoRA whose forward made it (see LoRA.right_inverse)
         return out
 
@@ -111,26 +125,38 @@ class FactoredWeight(Tensor):
     # -- compile: the inner tensors and the rest -------------------------------------------------
     def __tensor_flatten__(self):
         # Literal attribute names, as torchao's tensor_data_names: ``_w0``, then ``_A<i>``,
-        # ``_B<i>``, ``_m<i>`` (DoRA) and ``_s<i>`` (a 0-d scaling) for each term. They are set
-        # here, where compile asks for them, and cost nothing per forward.
+        # ``_B<i>``, ``_m<i>`` (DoRA) and ``_s<i>`` (a 0-d scaling) for each LoRA term, and
+        # ``_p<i>_<tensor>`` for each tensor of a kind's step. They are set here, where compile
+        # asks for them, and cost nothing per forward.
         inner = {"_w0": self._w0}
+        meta = []
         for i, t in enumerate(self._terms):
+            if type(t) is Step:
+                inner.update({f"_p{i}_{k}": v for k, v in t.params.items()})
+                meta.append(("step", t.kind.name, tuple(t.params), t.scaling, tuple(t.options.items()), t.name))
+                continue
             inner[f"_A{i}"], inner[f"_B{i}"] = t.A, t.B
             if t.magnitude is not None:
                 inner[f"_m{i}"] = t.magnitude
             if isinstance(t.scaling, Tensor):
                 inner[f"_s{i}"] = t.scaling
+            meta.append((None if isinstance(t.scaling, Tensor) else t.scaling, t.dropout, t.name,
+                         t.magnitude is not None))
         self.__dict__.update(inner)
-        meta = tuple((None if isinstance(t.scaling, Tensor) else t.scaling, t.dropout, t.name,
-                      t.magnitude is not None) for t in self._terms)
-        return list(inner), (self._view, self._rows, meta, self._owner)
+        return list(inner), (self._view, self._rows, tuple(meta), self._owner)
 
     @staticmethod
     def __tensor_unflatten__(inner, ctx, outer_size, outer_stride):
         view, rows, meta, owner = ctx
-        terms = [Term(inner[f"_A{i}"], inner[f"_B{i}"], inner[f"_s{i}"] if s is None else s, p,
-                      inner.get(f"_m{i}") if has_m else None, name)
-                 for i, (s, p, name, has_m) in enumerate(meta)]
+        terms = []
+        for i, m in enumerate(meta):
+            if m[0] == "step":
+                _, kind, keys, s, options, name = m
+                terms.append(Step(find_kind(kind), {k: inner[f"_p{i}_{k}"] for k in keys}, s, dict(options), name))
+                continue
+            s, p, name, has_m = m
+            terms.append(Term(inner[f"_A{i}"], inner[f"_B{i}"], inner[f"_s{i}"] if s is None else s, p,
+                              inner.get(f"_m{i}") if has_m else None, name))
         return FactoredWeight(inner["_w0"], terms, view, rows, owner)
 
     def __getattr__(self, name: str):  # a quantized W0's own state (bitsandbytes' quant_state, CB, SCB)
@@ -175,10 +201,12 @@ class FactoredWeight(Tensor):
         return any(t.requires_grad for t in self._inner_tensors())
 
     def _inner_tensors(self) -> list[Tensor]:
-        return [self._w0] + [x for t in self._terms for x in (t.A, t.B, t.magnitude) if x is not None]
+        return [self._w0] + [x for t in self._terms
+                             for x in (t.params.values() if type(t) is Step else (t.A, t.B, t.magnitude))
+                             if x is not None]
 
     def _has_dora(self) -> bool:
-        return any(t.magnitude is not None for t in self._terms)
+        return any(type(t) is Term and t.magnitude is not None for t in self._terms)
 
     def _scales(self) -> tuple[Tensor | None, list[Tensor | None]]:
         """DoRA's ``(c, k)`` (see :func:`lora_inject.dora.scales`), computed on first use.
@@ -291,6 +319,8 @@ def merge(w0: Tensor, terms, view: View) -> Tensor:
     w0 = quant.dense(w0)  # a quantized W0 merges from its dense value
     if not terms:  # a fresh tensor all the same: a layer that writes its weight must not write W0
         return w0.clone()
+    if any(type(t) is Step for t in terms):
+        return composed(w0, terms, view)
     ct = compute_dtype(w0.dtype, *(t.A.dtype for t in terms))
     if any(t.magnitude is not None for t in terms):
         return view.stored(dora.merged(view.rows(w0), terms, ct)).to(w0.dtype)
@@ -300,6 +330,35 @@ def merge(w0: Tensor, terms, view: View) -> Tensor:
         update = torch.matmul(L.to(ct), R.to(ct)) * t.scaling  # (.., rows, r) @ (.., r, cols)
         total = total + (update if update.dim() == total.dim() else update.reshape(total.shape))
     return total.to(w0.dtype)
+
+
+def composed(w0: Tensor, terms, view: View) -> Tensor:
+    """``W0`` with ``terms`` applied in order, LoRA terms and kinds' steps alike (a LoRA term as an
+    additive step, DoRA on the weight so far, a kind through its ``delta`` or ``apply``), in the
+    ``(.., out, in)`` view, summed in float32 (or wider) and cast back once, in ``W0``'s layout."""
+    w0 = quant.dense(w0)
+    ct = compute_dtype(w0.dtype, *(x.dtype for t in terms
+                                   for x in (t.params.values() if type(t) is Step else (t.A, t.B))))
+    M = view.rows(w0).to(ct)
+    for t in terms:
+        if type(t) is Term:
+            if t.magnitude is not None:
+                M = dora.merged(M, [t], ct)
+            else:
+                M = M + torch.matmul(t.B.to(ct), t.A.to(ct)) * t.scaling
+            continue
+        params = {k: v.to(ct) for k, v in t.params.items()}
+        M = (M + t.kind.delta(params, view, t.scaling, t.options) if t.kind.additive
+             else t.kind.apply(M, params, view, t.scaling, t.options))
+    # In W0's own layout, so that the layer runs the kernels it runs on W0 (a transposed view's
+    # product would come back strided otherwise).
+    return view.stored(M).to(w0.dtype).contiguous()
+
+
+# On the bias a layer's op receives where a kind adapts it too (IA³, see Kind.apply_bias): the bias
+# before the adapters, set by the bias's parametrization (lora_inject.lora.Bias), so that the
+# factored forms start from it and adapt it as they adapt the weight.
+RAW_BIAS = "_lora_inject_raw_bias"
 
 
 # Ops of PyTorch's OpInfo database that an adapted weight refuses, as (name, reason), each with an

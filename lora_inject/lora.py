@@ -10,7 +10,7 @@ import torch
 from torch import Tensor, nn
 
 from . import dora, quant
-from .factored import FactoredWeight, Term, merge
+from .factored import RAW_BIAS, FactoredWeight, Step, Term, composed, merge
 from .inits import WEIGHT_INITS, decompose, init_factors
 from .kind import find_kind
 from .view import View, compute_dtype
@@ -280,27 +280,23 @@ class LoRA(nn.Module):
     def composed(self, W: Tensor, names: list[str]) -> Tensor:
         """``W`` with the adapters ``names`` applied in the order they were added (LoRA terms as
         additive steps, DoRA on the weight so far, other kinds through their ``delta``/``apply``),
-        in the ``(.., out, in)`` view, summed in float32 (or wider) and cast back once."""
-        w = quant.dense(W)
+        in the ``(.., out, in)`` view, summed in float32 (or wider) and cast back once (see
+        :func:`lora_inject.factored.composed`)."""
+        return composed(W, self.parts(names), self.view)
+
+    def parts(self, names) -> list[Term | Step]:
+        """Each adapter in ``names``, in the order they were added: a
+        :class:`~lora_inject.factored.Term` for LoRA, a :class:`~lora_inject.factored.Step` for
+        another kind; the terms of a LoRA-only list keep the order of ``names``."""
+        if self.only_lora(names):
+            return self.terms(names)
         chosen = set(names)
-        ordered = [n for n in self.records if n in chosen]
-        ct = compute_dtype(w.dtype, *(t.dtype for n in ordered for t in self.tensors(n).values()))
-        M = self.view.rows(w).to(ct)
-        for name, step in zip(ordered, self.steps(ordered)):
-            if step is None:
-                term = self.terms([name])[0]
-                if term.magnitude is not None:
-                    M = dora.merged(M, [term], ct)
-                else:
-                    M = M + torch.matmul(term.B.to(ct), term.A.to(ct)) * term.scaling
-                continue
-            kind, params, scaling, options = step
-            params = {k: v.to(ct) for k, v in params.items()}
-            M = (M + kind.delta(params, self.view, scaling, options) if kind.additive
-                 else kind.apply(M, params, self.view, scaling, options))
-        # In W0's own layout, so that the layer runs the kernels it runs on W0 (a transposed view's
-        # product would come back strided otherwise).
-        return self.view.stored(M).to(w.dtype).contiguous()
+        out = []
+        for name in [n for n in self.records if n in chosen]:
+            a = self.records[name]
+            out.append(self.terms([name])[0] if a.kind == "lora" else
+                       Step(find_kind(a.kind), self.tensors(name), a.scaling, a.options, name))
+        return out
 
     def bias_of(self, b: Tensor, names: list[str] | None = None) -> Tensor:
         """The bias that goes with the adapted weight: ``b`` through each adapter in ``names``
@@ -439,11 +435,14 @@ class LoRA(nn.Module):
                                "cannot differ per sample (their update is merged into one weight for the "
                                "batch); per_sample() takes LoRA adapters only. Run one forward per adapter "
                                "with li.activate() instead.")
-        if self.factored and self.only_lora(names) and (
+        compiling, scheme = torch.compiler.is_compiling(), quant.scheme(W)
+        # Other kinds merge when compiled, and on a weight only its module's forward reads (bitsandbytes').
+        kinds_merge = compiling or scheme is not None and scheme.own_forward
+        if self.factored and (not kinds_merge or self.only_lora(names)) and (
                 self.cache is None or rows is not None or torch.is_grad_enabled()
-                or torch.compiler.is_compiling() or quant.scheme(W) is not None):
-            owner = None if torch.compiler.is_compiling() else self  # for right_inverse; a graph needs none
-            return FactoredWeight(W, self.terms(names), self.view, rows, owner)
+                or compiling or scheme is not None):
+            owner = None if compiling else self  # for right_inverse; a graph needs none
+            return FactoredWeight(W, self.parts(names), self.view, rows, owner)
         out = self.merged_once(W, names)
         if not torch.compiler.is_compiling():  # a value handed out: assigning it back restores W
             out.__dict__[GIVEN] = (self, W)
@@ -519,7 +518,11 @@ class Bias(nn.Module):
         self.__dict__.update(weight=weight, weight_name=weight_name)  # not a submodule: no keys twice
 
     def forward(self, b: Tensor) -> Tensor:
-        return self.weight.bias_of(b)
+        out = self.weight.bias_of(b)
+        if not torch.compiler.is_compiling():  # the factored forms start from b
+            out = out.view_as(out) if out is b else out  # not b itself, which keeps no mark
+            out.__dict__[RAW_BIAS] = b
+        return out
 
     def right_inverse(self, value: Tensor) -> Tensor:
         return value
