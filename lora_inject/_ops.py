@@ -22,8 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from . import quant
-from ._kernels import NoGradAt, frozen_linear, fused, plain_eager
+from ._kernels import FUSED_MIN, NoGradAt, frozen_linear, fused, plain_eager
 from ._rows import gather, in_place, keep, scatter, select, some
 from .factored import RAW_BIAS, FactoredWeight, Term, implements
 from .kind import Base, Kind, factored, kernel, pointwise
@@ -35,8 +34,8 @@ def fits(weight, x, out_dim: int, quantized: bool = False) -> bool:
     F.linear, which the backend dispatches, except for weights read only by their module's own
     forward). A leaf has no factored form: every op runs on it as on a dense tensor."""
     return (type(weight) is FactoredWeight and not weight._leaf and type(x) is not FactoredWeight
-            and not weight._view.experts and (not weight._has_dora() or weight._view.out_dim == out_dim)
-            and ((s := quant.scheme(weight._w0)) is None or quantized and not s.own_forward))
+            and not weight._view.experts and (not weight._dora or weight._view.out_dim == out_dim)
+            and ((s := weight._scheme) is None or quantized and not s.own_forward))
 
 
 # -- a weight with kinds of update: their factored forms, composed in order -----------------------
@@ -97,7 +96,12 @@ def one_plain_term(weight: FactoredWeight, x: Tensor):
     if weight._rows is not None or len(weight._terms) != 1 or x.dim() < 1:
         return None
     term = weight._terms[0]
-    if term.dropout or term.magnitude is not None or not plain_eager():
+    if term.dropout or term.magnitude is not None:
+        return None
+    if torch.is_grad_enabled() and x.numel() < FUSED_MIN and (x.requires_grad or term.A.requires_grad
+                                                                 or term.B.requires_grad):
+        return None  # the kernel would not pay (see fused): decided before building its factors
+    if not plain_eager():
         return None
     L, R = weight._view.stored_factors(term.A, term.B)
     return L, R, term.scaling
@@ -114,9 +118,10 @@ def add(out: Tensor, extra: Tensor, s: float = 1.0) -> Tensor:
 
 def branch(x: Tensor, weight: FactoredWeight, out: Tensor, transposed: bool) -> Tensor:
     """``out + x @ ΔW.T`` (``transposed``, as in F.linear) or ``out + x @ ΔW``, factored."""
+    chosen = weight._rows  # per_sample()'s assignment, or None
     for L, R, s, p, name in weight._factors():
         first, second = (R.t(), L.t()) if transposed else (L, R)  # x @ (s L R).T = s (x R.T) L.T
-        idx = select(weight._rows, name, x)
+        idx = None if chosen is None else select(chosen, name, x)
         if idx is not None:  # per_sample(): this adapter's samples only, gathered and added back
             if some(idx):
                 h = gather(x, idx).to(first.dtype)
@@ -150,11 +155,11 @@ def linear(input, weight, bias):
         return NotImplemented
     if weight._kinds:
         w0 = weight._w0
-        call = frozen_linear if quant.scheme(w0) is not None else F.linear
+        call = frozen_linear if weight._scheme is not None else F.linear
         return stacked("linear", input, weight, bias, lambda z, b: call(z, w0, b), F.linear)
     if weight._rows is not None and input.dim() == 1:  # per_sample(): an unbatched input is one sample
         return linear(input.unsqueeze(0), weight, bias).squeeze(0)
-    if quant.scheme(weight._w0) is not None:  # the backend's kernel, and the branch beside it
+    if weight._scheme is not None:  # the backend's kernel, and the branch beside it
         return beside(input, weight, frozen_linear(input, weight._w0, bias), bias)
     plain = one_plain_term(weight, input)
     if plain is not None:  # x @ W0.T + s * (x @ R.T) @ L.T

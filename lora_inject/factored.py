@@ -97,6 +97,8 @@ class FactoredWeight(Tensor):
     _w0: Tensor  # W0; for a leaf, the merged value
     _terms: tuple[Term | Step, ...]  # one per active adapter, in order
     _kinds: bool  # whether a term is a Step (a kind other than LoRA)
+    _dora: bool  # whether a term has DoRA's magnitude
+    _scheme: object  # W0's quantization scheme (lora_inject.quant), or None
     _view: View
     _rows: tuple[str | None, ...] | None
     _leaf: bool
@@ -104,16 +106,23 @@ class FactoredWeight(Tensor):
 
     @staticmethod
     def __new__(cls, w0: Tensor, terms, view: View, rows=None, owner=None):
-        if quant.scheme(w0) is None:
+        scheme = quant.scheme(w0)
+        if scheme is None:
             shape, strides, dtype = w0.shape, w0.stride(), w0.dtype
         else:  # a quantized W0 reads as the dense weight it stands for
             shape, dtype = quant.shape(w0), quant.dtype(w0)
             strides = torch.empty(shape, device="meta").stride()
         out = Tensor._make_wrapper_subclass(cls, shape, strides=strides, dtype=dtype,
                                             device=w0.device, requires_grad=False)
-        out._w0, out._terms, out._view, out._rows, out._gains = w0, tuple(terms), view, rows, None
-        out._kinds = any(type(t) is Step for t in out._terms)
-        out._leaf, out._owner = False, owner  # owner: the LoRA whose forward made it (see LoRA.right_inverse)
+        terms = tuple(terms)
+        kinds = dora = False
+        for t in terms:  # a loop, not any(): this runs on every forward
+            if type(t) is Step:
+                kinds = True
+            elif t.magnitude is not None:
+                dora = True
+        out.__dict__.update(_w0=w0, _terms=terms, _view=view, _rows=rows, _gains=None, _kinds=kinds, _dora=dora,
+                            _scheme=scheme, _leaf=False, _owner=owner)  # owner: see LoRA.right_inverse
         return out
 
     def __init__(self, *args, **kwargs):
@@ -206,7 +215,7 @@ class FactoredWeight(Tensor):
                              if x is not None]
 
     def _has_dora(self) -> bool:
-        return any(type(t) is Term and t.magnitude is not None for t in self._terms)
+        return self._dora
 
     def _scales(self) -> tuple[Tensor | None, list[Tensor | None]]:
         """DoRA's ``(c, k)`` (see :func:`lora_inject.dora.scales`), computed on first use.
@@ -227,12 +236,14 @@ class FactoredWeight(Tensor):
         """DoRA: the base output ``out = op(x, W0) + bias`` scaled by ``c`` along its output units
         (``dim``), as ``out + (c - 1) * (out - bias)``, which is ``out`` exactly where ``c`` is 1
         (at init); ``out`` itself without DoRA."""
+        if not self._dora:
+            return out
         extra = self._rescaling(out, bias, dim)
-        return out if extra is None else out + extra.to(out.dtype)
+        return out + extra.to(out.dtype)
 
     def _rescaling(self, out: Tensor, bias: Tensor | None = None, dim: int = -1) -> Tensor | None:
         """``(c - 1) * (out - bias)`` (see :meth:`rescale`), or None without DoRA."""
-        if not self._has_dora():
+        if not self._dora:
             return None
         c, k = self._scales()
         shape = [1] * out.dim()
@@ -246,16 +257,21 @@ class FactoredWeight(Tensor):
             bias = bias.view(shape)
         return (out if bias is None else out - bias).to(c1.dtype) * c1
 
-    def _factors(self):
-        """Yield ``(L, R, s, p, name)`` per term: the stored update is ``s * L @ R``.
+    def _factors(self) -> list[tuple]:
+        """``(L, R, s, p, name)`` per term: the stored update is ``s * L @ R``.
 
         For a rows layout that is ``B @ A``; for a transposed one ``A.T @ B.T``. With DoRA, ``B``
         is scaled per output unit by ``k`` (see :meth:`scales`)."""
-        k = self._scales()[1] if self._has_dora() else [None] * len(self._terms)
-        for term, ki in zip(self._terms, k):
+        if not self._dora:
+            transpose = self._view.transpose
+            return [(t.A.mT, t.B.mT, t.scaling, t.dropout, t.name) if transpose else
+                    (t.B, t.A, t.scaling, t.dropout, t.name) for t in self._terms]
+        out = []
+        for term, ki in zip(self._terms, self._scales()[1]):
             B = term.B if ki is None else term.B * ki.unsqueeze(-1).to(term.B.dtype)  # (out, r)
             L, R = self._view.stored_factors(term.A, B)
-            yield L, R, term.scaling, term.dropout, term.name
+            out.append((L, R, term.scaling, term.dropout, term.name))
+        return out
 
     # -- dispatch: a lookup in the table, and one fallback ---------------------------------------
     @classmethod

@@ -182,7 +182,10 @@ class LoRA(nn.Module):
     def only_lora(self, names) -> bool:
         """Whether every adapter in ``names`` is of kind ``"lora"`` (the factored fast path's)."""
         records = self.records
-        return all(records[n].kind == "lora" for n in names)
+        for n in names:  # a loop, not all(): this runs on every forward
+            if records[n].kind != "lora":
+                return False
+        return True
 
     # -- adapters -----------------------------------------------------------------------------
     def add(self, name: str, settings: Adapter, *, dtype: torch.dtype, device: torch.device,
@@ -324,15 +327,22 @@ class LoRA(nn.Module):
             B = torch.cat([B, -self.lora_B0[name]], dim=-1)  # (.., out, 2r)
         return A, B
 
-    def terms(self, names) -> list[Term]:
-        """The :class:`~lora_inject.factored.Term` of each adapter in ``names``, in order."""
-        out, training, compiling = [], self.training, torch.compiler.is_compiling()
+    def terms(self, names, compiling: bool | None = None) -> list[Term]:
+        """The :class:`~lora_inject.factored.Term` of each adapter in ``names``, in order
+        (``compiling``: whether under ``torch.compile``, if the caller knows)."""
+        out, training = [], self.training
+        compiling = torch.compiler.is_compiling() if compiling is None else compiling
+        modules, records = self._modules, self.records
         for name in names:
-            a = self.records[name]
-            m = self._modules["lora_magnitude"]._parameters[name] if a.dora else None
-            A, B = self.factor_pair(name)
-            s = self._buffers[SCALE + name] if compiling else a.scaling  # compiled: no guard on its value
-            out.append(Term(A, B, s, a.dropout if training else 0.0, m, name))
+            a = records[name]
+            m = modules["lora_magnitude"]._parameters[name] if a.dora else None
+            if a.init in WEIGHT_INITS:
+                A, B = self.factor_pair(name)
+            else:  # factor_pair's plain case, inline: this runs on every forward
+                A, B = modules["lora_A"]._parameters[name], modules["lora_B"]._parameters[name]
+            # compiled: a 0-d tensor, with no guard on its value
+            s = self._buffers[SCALE + name] if compiling else lora_scaling(a.r, a.alpha, a.rslora)
+            out.append(tuple.__new__(Term, (A, B, s, a.dropout if training else 0.0, m, name)))
         return out
 
     # -- the update -----------------------------------------------------------------------------
@@ -435,14 +445,15 @@ class LoRA(nn.Module):
                                "cannot differ per sample (their update is merged into one weight for the "
                                "batch); per_sample() takes LoRA adapters only. Run one forward per adapter "
                                "with li.activate() instead.")
-        compiling, scheme = torch.compiler.is_compiling(), quant.scheme(W)
-        # Other kinds merge when compiled, and on a weight only its module's forward reads (bitsandbytes').
-        kinds_merge = compiling or scheme is not None and scheme.own_forward
-        if self.factored and (not kinds_merge or self.only_lora(names)) and (
-                self.cache is None or rows is not None or torch.is_grad_enabled()
-                or compiling or scheme is not None):
-            owner = None if compiling else self  # for right_inverse; a graph needs none
-            return FactoredWeight(W, self.parts(names), self.view, rows, owner)
+        compiling = torch.compiler.is_compiling()
+        if self.factored and (self.cache is None or rows is not None or torch.is_grad_enabled()
+                              or compiling or quant.scheme(W) is not None):
+            only = self.only_lora(names)
+            # Other kinds merge when compiled, and on a weight only its module's forward reads (bitsandbytes').
+            if only or not (compiling or (scheme := quant.scheme(W)) is not None and scheme.own_forward):
+                owner = None if compiling else self  # for right_inverse; a graph needs none
+                terms = self.terms(names, compiling) if only else self.parts(names)
+                return FactoredWeight(W, terms, self.view, rows, owner)
         out = self.merged_once(W, names)
         if not torch.compiler.is_compiling():  # a value handed out: assigning it back restores W
             out.__dict__[GIVEN] = (self, W)
