@@ -288,15 +288,16 @@ def conv_form(op: Callable) -> Callable:
         kernel, ones = shape[2:], (1,) * (len(shape) - 2)
         out = op(input, weight._w0, bias, stride, padding, dilation, groups)
         out = weight._rescale(out, bias, dim=-len(kernel) - 1)  # the channel dim
+        chosen = weight._rows  # per_sample()'s assignment, or None
         for L, R, s, p, name in weight._factors():
-            idx = select(weight._rows, name, input) if input.dim() == len(shape) else None
+            idx = select(chosen, name, input) if chosen is not None and input.dim() == len(shape) else None
             if idx is not None and not some(idx):
                 continue
             x = (input if idx is None else gather(input, idx)).to(R.dtype)
             h = op(F.dropout(x, p) if p else x, R.view(-1, shape[1], *kernel), None,
                    stride, padding, dilation)  # r output channels
-            if idx is None:
-                h = keep(weight._rows, name, h)  # per_sample() on an unbatched input: masked
+            if idx is None and chosen is not None:
+                h = keep(chosen, name, h)  # per_sample() on an unbatched input: masked
             y = op(h, L.reshape(*L.shape, *ones))  # 1x1 conv: r -> out
             out = add(out, y, s) if idx is None else scatter(out, idx, y, s)
         return out

@@ -125,9 +125,6 @@ class FactoredWeight(Tensor):
                             _scheme=scheme, _leaf=False, _owner=owner)  # owner: see LoRA.right_inverse
         return out
 
-    def __init__(self, *args, **kwargs):
-        pass
-
     def __repr__(self, *, tensor_contents=None) -> str:
         return f"FactoredWeight({self._merged()!r}, adapters={[t.name for t in self._terms]})"
 
