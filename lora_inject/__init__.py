@@ -19,7 +19,8 @@ The main verbs::
 Also: ``activate`` and ``disabled`` choose the active adapters, ``cached`` merges for fast
 unmerged inference, ``per_sample`` runs one adapter per sample of a batch, ``combine`` adds
 weighted adapters, ``lora_state_dict`` and ``named_loras`` read them, ``Rule`` and
-``register_rule`` teach it a layer type; ``inject``'s options give DoRA, rsLoRA, PiSSA and OLoRA.
+``register_rule`` teach it a layer type; ``inject``'s options give DoRA, rsLoRA, PiSSA and OLoRA;
+``loraplus_param_groups`` gives LoRA+'s optimizer groups.
 ``lora_inject.trainer.AdapterTrainer`` is a ``transformers.Trainer`` whose checkpoints hold the
 adapter; ``lora-inject`` is the command line (``inspect``, ``merge``, ``demo``).
 
@@ -34,21 +35,20 @@ from .arithmetic import combine
 from .io import load_adapter, save_adapter
 from .kind import Kind, Option, default_kinds, find_kind, register_kind
 from .lora import Adapter, LoRA
-from .per_sample import per_sample
-from .rule import Rule, default_rules, register_rule
-from .state import (
-    activate,
+from .meta import init_lora
+from .param_groups import loraplus_param_groups
+from .params import (
     adapter_parameters,
     adapter_state_dict,
-    cached,
-    disabled,
-    init_lora,
     lora_parameters,
     lora_state_dict,
     mark_only_adapters_as_trainable,
     mark_only_lora_as_trainable,
     named_loras,
 )
+from .per_sample import per_sample
+from .rule import Rule, default_rules, register_rule
+from .state import activate, cached, disabled
 from .surgery import RequantizationWarning, inject, remove
 from .version import __version__ as __version__
 
@@ -73,6 +73,7 @@ __all__ = [
     "load_adapter",
     "lora_parameters",
     "lora_state_dict",
+    "loraplus_param_groups",
     "mark_only_adapters_as_trainable",
     "mark_only_lora_as_trainable",
     "named_loras",

@@ -18,7 +18,7 @@ import torch.autograd.forward_ad as forward_ad
 import torch.nn.functional as F
 from torch import Tensor
 
-from . import quant
+from . import _quant as quant
 
 FUSED_MIN = 1 << 16  # elements of the input from which the fused kernel pays for its Python backward
 

@@ -9,9 +9,9 @@ from typing import TypeVar
 import torch
 from torch import Tensor, nn
 
-from .lookup import adapter_names, loras, qualified
+from ._sites import adapter_names, loras
+from ._view import compute_dtype
 from .lora import Adapter, LoRA, check_adapter_name
-from .view import compute_dtype
 
 __all__ = ["combine"]
 
@@ -85,8 +85,8 @@ def combine(model: M, weights: Mapping[str, float], into: str, *, rank: int | No
     entries = list(loras(model))
     adapter_names(fn, entries, list(weights))
     plans = []
-    for qualname, _, tensor_name, lora in entries:
-        where = qualified(qualname, tensor_name)
+    for site in entries:
+        lora, where = site.lora, site.where
         if into in lora.adapters:
             raise ValueError(f"{fn}(): the adapter {into!r} already exists on `{where}`. Pass another `into`, "
                              f"or remove it first with remove(model, adapter={into!r}).")

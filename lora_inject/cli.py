@@ -77,7 +77,8 @@ def survey(model: nn.Module, targets: str, *, exclude: str | None = None, r: int
         >>> s = survey(model, r"attn", r=4)
         >>> s.added, f"{s.trainable_percent:.2f}%"
     """
-    from .lookup import loras, matcher, named_modules
+    from ._selection import matcher, named_modules
+    from ._sites import loras
     from .rule import find_rule, type_name
     from .surgery import inject, remove
 
@@ -95,9 +96,9 @@ def survey(model: nn.Module, targets: str, *, exclude: str | None = None, r: int
         inject(model, targets, exclude=exclude, r=r, alpha=alpha, adapter=PROBE)
     try:
         rows = [
-            (qualname or "<root>", type_name(module), tensor_name, tuple(lora.shape),
-             lora.adapter(PROBE).r, lora.lora_A[PROBE].numel() + lora.lora_B[PROBE].numel())
-            for qualname, module, tensor_name, lora in loras(model) if PROBE in lora.adapters
+            (s.path or "<root>", type_name(s.module), s.tensor_name, tuple(s.lora.view.shape),
+             s.lora.adapter(PROBE).r, s.lora.lora_A[PROBE].numel() + s.lora.lora_B[PROBE].numel())
+            for s in loras(model) if PROBE in s.lora.adapters
         ]
     finally:
         remove(model, merge=False, adapter=PROBE)
@@ -177,8 +178,8 @@ def _merge(args: argparse.Namespace) -> None:
     import torch
 
     from . import load_adapter
+    from ._sites import loras
     from .io import ours, peft
-    from .lookup import loras
     from .surgery import remove
 
     base, out = _model_dir(args.base), Path(args.out)
@@ -202,7 +203,7 @@ def _merge(args: argparse.Namespace) -> None:
     _say(f"loading the adapter from {args.adapter}")
     load_adapter(model, args.adapter)
     # Merge module by module, so that the bar moves; each remove() is exact (see remove()).
-    adapted = list(dict.fromkeys((q, module) for q, module, _, _ in loras(model)))
+    adapted = list(dict.fromkeys((site.path, site.module) for site in loras(model)))
     with torch.no_grad():
         for qualname, module in demo.progress(adapted, desc="merging", unit="module"):
             try:

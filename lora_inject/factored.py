@@ -19,7 +19,7 @@ forward runs unchanged:
 Both dispatchers are a lookup in :data:`OPS`, keyed by torch functions and by aten ops as
 torchao's tables are, and one fallback. :func:`implements` registers an entry.
 
-A quantized ``W0`` (see :mod:`lora_inject.quant`) stays quantized: ``F.linear`` runs the backend's
+A quantized ``W0`` (see :mod:`lora_inject._quant`) stays quantized: ``F.linear`` runs the backend's
 kernel on it (:func:`lora_inject._kernels.frozen_linear`), other ops get the merged weight from its
 dense value, and a weight only its module's forward can read (bitsandbytes') is never given to an
 op by us. Inside :func:`lora_inject.per_sample` each term runs on its own samples' rows only
@@ -43,10 +43,11 @@ import torch
 from torch import Tensor
 from torch.utils._pytree import tree_map_only
 
-from . import dora, quant
+from . import _dora as dora
+from . import _quant as quant
 from ._rows import mask
+from ._view import View, compute_dtype
 from .kind import Kind, find_kind
-from .view import View, compute_dtype
 
 __all__: list[str] = []
 
@@ -80,7 +81,7 @@ class Step(NamedTuple):
 
 
 class FactoredWeight(Tensor):
-    """``W0 + sum_i s_i * view(B_i @ A_i)`` (DoRA: see :mod:`lora_inject.dora`), kept factored.
+    """``W0 + sum_i s_i * view(B_i @ A_i)`` (DoRA: see :mod:`lora_inject._dora`), kept factored.
 
     Its shape, dtype, device and strides are ``W0``'s; its value, for every op, is the adapted
     weight. ``rows`` is set inside :func:`lora_inject.per_sample`: each sample's adapter name, or
@@ -114,15 +115,22 @@ class FactoredWeight(Tensor):
             strides = torch.empty(shape, device="meta").stride()
         out = Tensor._make_wrapper_subclass(cls, shape, strides=strides, dtype=dtype,
                                             device=w0.device, requires_grad=False)
-        terms = tuple(terms)
+        # A LoRA term's branch runs in the wider of W0's dtype and the factors': half factors on a
+        # float32 base are upcast (as peft upcasts them), float32 factors on a half base stay float32.
+        terms = list(terms)
         kinds = dora = False
-        for t in terms:  # a loop, not any(): this runs on every forward
+        for i, t in enumerate(terms):  # a loop, not comprehensions: this runs on every forward
             if type(t) is Step:
                 kinds = True
-            elif t.magnitude is not None:
+                continue
+            if t.magnitude is not None:
                 dora = True
-        out.__dict__.update(_w0=w0, _terms=terms, _view=view, _rows=rows, _gains=None, _kinds=kinds, _dora=dora,
-                            _scheme=scheme, _leaf=False, _owner=owner)  # owner: see LoRA.right_inverse
+            if not t.A.dtype == t.B.dtype == dtype:
+                a, b = torch.promote_types(dtype, t.A.dtype), torch.promote_types(dtype, t.B.dtype)
+                if not t.A.dtype == t.B.dtype == a:
+                    terms[i] = t._replace(A=t.A.to(a), B=t.B.to(b))
+        out.__dict__.update(_w0=w0, _terms=tuple(terms), _view=view, _rows=rows, _gains=None, _kinds=kinds,
+                            _dora=dora, _scheme=scheme, _leaf=False, _owner=owner)  # owner: see LoRA.right_inverse
         return out
 
     def __repr__(self, *, tensor_contents=None) -> str:
@@ -215,7 +223,7 @@ class FactoredWeight(Tensor):
         return self._dora
 
     def _scales(self) -> tuple[Tensor | None, list[Tensor | None]]:
-        """DoRA's ``(c, k)`` (see :func:`lora_inject.dora.scales`), computed on first use.
+        """DoRA's ``(c, k)`` (see :func:`lora_inject._dora.scales`), computed on first use.
 
         Inside per_sample() each sample has one adapter: ``c`` is each term's own gain, so
         ``k`` holds the gains and ``c`` is None (see :meth:`rescale`)."""

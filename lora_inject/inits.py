@@ -8,6 +8,16 @@ r"""How an adapter's factors start: the random inits, and PiSSA and OLoRA, which
 * ``"olora"`` (Büyükakyüz, 2024), as peft's ``init_lora_weights="olora"``: with the QR
   decomposition ``W0 = Q R``, ``A = R[:r]`` and ``B = Q[:, :r]``.
 
+* ``"loftq"`` (Li et al., 2023), for a ``W0`` that is already quantized (bitsandbytes 4-bit,
+  torchao NF4, any scheme of :mod:`lora_inject._quant`), given the dense weight it was quantized
+  from (``inject(..., init="loftq", dense=state_dict)``): ``s * B @ A`` is the truncated SVD of
+  ``dense - dequantize(W0)``, so that ``W0 + s * B @ A`` is the closest rank-``r`` correction of
+  the quantized weight to the dense one (Eckart-Young). ``W0`` is fixed, so no alternation is
+  needed: peft's LoftQ alternates because it quantizes too. Unlike peft's
+  (``replace_lora_weights_loftq``, which ignores the scaling), the factors account for
+  ``s``. The adapter is then a plain LoRA that starts there: its record says ``init="default"``,
+  and it is saved and loaded as any other.
+
 peft then overwrites ``W0`` with the residual ``W0 - s * B @ A``. Here ``W0`` is never written:
 the initial factors are kept as frozen buffers ``lora_A0`` and ``lora_B0``, and the adapter's
 update is ``s * (B @ A - B0 @ A0)``. The weight at init is ``W0`` (up to rounding), training
@@ -23,15 +33,20 @@ The decomposition runs in float32 (float64 for a float64 weight), batched over e
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
 
+from . import _quant as quant
+from ._view import View, compute_dtype
+
 __all__: list[str] = []
 
-INITS = ("default", "gaussian", "pissa", "olora")
+INITS = ("default", "gaussian", "pissa", "olora", "loftq")
 WEIGHT_INITS = ("pissa", "olora")  # the inits that read W0
 RANDOM_INITS = ("default", "gaussian")
+START_INITS = ("loftq",)  # the inits that only set where the factors start (recorded as "default")
 
 
 def init_factors(A: Tensor, B: Tensor, init: str) -> None:
@@ -77,3 +92,44 @@ def decompose(init: str, M: Tensor, r: int, scaling: float) -> tuple[Tensor, Ten
         A = torch.cat([A, A.new_zeros(*A.shape[:-2], short, A.shape[-1])], dim=-2)
         B = torch.cat([B, B.new_zeros(*B.shape[:-1], short)], dim=-1)
     return A, B
+
+
+def loftq_factors(sites: Sequence[tuple[str, Tensor, View]], dense: object, r: int,
+                  scaling: float) -> dict[str, tuple[Tensor, Tensor]]:
+    """LoftQ's ``(A, B)`` for each site ``(state-dict key, quantized W0, view)``: ``s * B @ A`` is
+    the best rank-``r`` approximation of ``dense[key] - dequantize(W0)``, in float32 (float64 for
+    a float64 dense weight).
+
+    Raises:
+        TypeError: if ``dense`` is not a mapping, or holds a non-tensor at a site's key.
+        ValueError: if a site's ``W0`` is not quantized, or ``dense`` lacks its key, or holds a
+            tensor of another shape there, or one that is not finite.
+    """
+    if not isinstance(dense, Mapping):
+        raise TypeError(f"inject(init='loftq'): `dense` must be a mapping from the model's state-dict keys to "
+                        f"the dense weights (the original checkpoint's state dict), got {type(dense).__name__}.")
+    plain = [key for key, w0, _ in sites if quant.scheme(w0) is None]
+    if plain:
+        raise ValueError(f"inject(init='loftq'): {plain[:3]} are not quantized, but LoftQ corrects a quantized "
+                         "W0 towards the dense weight. Quantize those layers first (bitsandbytes' Linear4bit, "
+                         "torchao's NF4), leave them out with `exclude=`, or use another init.")
+    missing = [key for key, _, _ in sites if key not in dense]
+    if missing:
+        raise ValueError(f"inject(init='loftq'): `dense` lacks {missing[:3]} ({len(missing)} of the "
+                         f"{len(sites)} adapted tensors); it must hold the dense weight of each under the model's "
+                         "state-dict key, as the original checkpoint does.")
+    out = {}
+    for key, w0, view in sites:
+        t = dense[key]
+        if not isinstance(t, Tensor):
+            raise TypeError(f"inject(init='loftq'): `dense[{key!r}]` must be a tensor, got {type(t).__name__}.")
+        if tuple(t.shape) != tuple(view.shape):
+            raise ValueError(f"inject(init='loftq'): `dense[{key!r}]` has shape {tuple(t.shape)}, but the weight "
+                             f"has shape {tuple(view.shape)}. Pass the state dict of this model's checkpoint.")
+        if not bool(torch.isfinite(t).all()):
+            raise ValueError(f"inject(init='loftq'): `dense[{key!r}]` holds NaN or inf.")
+        ct = compute_dtype(t.dtype)
+        with torch.no_grad():
+            D = view.rows(t.detach().to(w0.device, ct)) - view.rows(quant.dense(w0).detach().to(ct))  # (.., out, in)
+            out[key] = decompose("pissa", D, r, scaling)  # s * B @ A: the top r singular triplets of D
+    return out

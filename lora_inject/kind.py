@@ -1,7 +1,7 @@
 r"""Kinds of update: what an adapter holds and how it changes a tensor, kept as data.
 
 A :class:`Kind` is one small definition: its options (named as peft's config fields for that
-kind), the parameters it creates for a tensor seen through a :class:`~lora_inject.view.View`,
+kind), the parameters it creates for a tensor seen through a :class:`~lora_inject._view.View`,
 and its update in that view's ``(.., out, in)`` matrix ("rows"):
 
 * **additive** kinds give ``delta(params, view, scaling, options)``, the ``(.., out, in)``
@@ -46,7 +46,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .view import View
+from ._view import View
 
 __all__ = ["Kind", "Option", "default_kinds", "find_kind", "register_kind"]
 
@@ -135,6 +135,10 @@ class Kind:
             op's output with the adapted weight, computed without building it.
         peft_key (callable): ``peft_key(tensor_name) -> str``, the tensor's key in peft's
             adapter files below the module path; the tensor's name by default.
+        fill (callable or None): ``fill(params, W, view, options)``, for a kind whose tensors
+            start from the weight they adapt (a full copy, chosen rows): set them in place from
+            ``W``, the stored tensor the kind receives, so that the update is the identity.
+            ``None``: ``create`` alone makes the identity.
 
     Example::
 
@@ -162,6 +166,7 @@ class Kind:
     frozen: tuple[str, ...] = ()
     factored: Mapping[str, Callable[..., Tensor]] = field(default_factory=dict)
     peft_key: Callable[[str], str] = field(default=lambda tensor_name: tensor_name)
+    fill: Callable[[Params, Tensor, View, Options], None] | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not self.name.isidentifier():

@@ -9,11 +9,12 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import Tensor, nn
 
-from . import dora, quant
+from . import _dora as dora
+from . import _quant as quant
+from ._view import View, compute_dtype
 from .factored import RAW_BIAS, FactoredWeight, Step, Term, composed, merge
 from .inits import WEIGHT_INITS, decompose, init_factors
 from .kind import find_kind
-from .view import View, compute_dtype
 
 __all__ = ["Adapter", "LoRA"]
 
@@ -52,12 +53,6 @@ class Adapter:
         if self.kind != "lora":
             return find_kind(self.kind).scaling(self.r, self.alpha, self.options)
         return lora_scaling(self.r, self.alpha, self.rslora)
-
-    def __setattr__(self, key: str, value) -> None:
-        object.__setattr__(self, key, value)
-        owner = self.__dict__.get("owner")  # (LoRA, name), set by LoRA.add; a deepcopy copies both
-        if owner is not None and key in ("r", "alpha", "rslora"):
-            owner[0].refresh_scaling(owner[1])
 
     @property
     def tensor_names(self) -> tuple[str, ...]:
@@ -102,7 +97,7 @@ class LoRA(nn.Module):
 
     Variants change this parametrization only, so they work for every rule: a DoRA adapter
     (``dora=True``) also holds ``lora_magnitude[name]`` of shape ``(out,)`` (see
-    :mod:`lora_inject.dora`); the ``"pissa"``/``"olora"`` inits keep their initial factors
+    :mod:`lora_inject._dora`); the ``"pissa"``/``"olora"`` inits keep their initial factors
     as buffers ``lora_A0[name]``/``lora_B0[name]`` (see :mod:`lora_inject.inits`).
 
     Its forward gives a :class:`~lora_inject.factored.FactoredWeight` where the rule is
@@ -132,26 +127,6 @@ class LoRA(nn.Module):
 
     # -- what it is ---------------------------------------------------------------------------
     @property
-    def shape(self) -> tuple[int, ...]:
-        return self.view.shape
-
-    @property
-    def transpose(self) -> bool:
-        return self.view.transpose
-
-    @property
-    def experts(self) -> bool:
-        return self.view.experts
-
-    @property
-    def out_features(self) -> int:
-        return self.view.out_features
-
-    @property
-    def in_features(self) -> int:
-        return self.view.in_features
-
-    @property
     def adapters(self) -> list[str]:
         """The adapters' names, in the order they were added."""
         return list(self.records)
@@ -162,7 +137,8 @@ class LoRA(nn.Module):
 
     @property
     def config(self) -> dict[str, dict]:
-        """Each adapter's settings as a dict (a copy: change them through :meth:`adapter`)."""
+        """Each adapter's settings as a dict (a copy: change them through :meth:`adapter`, and a
+        scaling through :meth:`set_scaling`)."""
         return {n: asdict(a) for n, a in self.records.items()}
 
     @property
@@ -224,23 +200,33 @@ class LoRA(nn.Module):
 
     def _attach(self, name: str, settings: Adapter, device: torch.device) -> None:
         # The scaling as a tensor too, for torch.compile: a graph reads its value, so changing
-        # alpha (a hot swap) recompiles nothing. The record keeps it in step (Adapter.__setattr__).
+        # alpha (a hot swap) recompiles nothing. set_scaling keeps the two in step.
         self.register_buffer(SCALE + name, torch.tensor(settings.scaling, device=device), persistent=False)
         self.records[name] = settings
-        settings.__dict__["owner"] = (self, name)  # not a field: asdict() and config leave it out
         self.active.append(name)
 
-    def refresh_scaling(self, name: str) -> None:
-        """Set the tensor copy of adapter ``name``'s scaling from its record (after
-        ``to_empty()``, :func:`lora_inject.init_lora` and loading the factors do it)."""
+    def set_scaling(self, name: str, *, alpha: float | None = None, rslora: bool | None = None) -> None:
+        """Set adapter ``name``'s ``alpha`` and ``rslora`` (those given) on its record, and the tensor
+        copy of its scaling (``scale_<name>``, which compiled code reads) to match. With neither
+        given, it only refreshes that copy from the record (after ``to_empty()``;
+        :func:`lora_inject.init_lora` and loading the factors do it).
+
+        Change a scaling with this, not by setting the record's fields: a compiled graph would go on
+        reading the old value.
+        """
+        a = self.records[name]
+        if alpha is not None:
+            a.alpha = alpha
+        if rslora is not None:
+            a.rslora = rslora
         with torch.no_grad():
-            self._buffers[SCALE + name].fill_(self.records[name].scaling)
+            self._buffers[SCALE + name].fill_(a.scaling)
 
     def _load_from_state_dict(self, *args, **kwargs):
         super()._load_from_state_dict(*args, **kwargs)
         for name in self.records:  # loading the factors after to_empty(): the scalings too
             if not self._buffers[SCALE + name].is_meta:
-                self.refresh_scaling(name)
+                self.set_scaling(name)
 
     def _materialize_scalings(self, incompatible=None) -> None:
         """A load post-hook: a scaling still on the meta device once its factors are real (a model
@@ -253,7 +239,6 @@ class LoRA(nn.Module):
 
     def drop(self, name: str) -> None:
         """Delete adapter ``name``."""
-        self.records[name].__dict__.pop("owner", None)
         for attr in self.records[name].tensor_names:
             del self._modules[attr][name]
         del self.records[name], self._buffers[SCALE + name]
@@ -346,21 +331,6 @@ class LoRA(nn.Module):
         return out
 
     # -- the update -----------------------------------------------------------------------------
-    def delta(self, names: list[str] | None = None, dtype: torch.dtype | None = None) -> Tensor:
-        """Return ``sum_i s_i * view(B_i @ A_i)`` over ``names`` (default: the active ones), in
-        ``W``'s shape, computed in ``dtype`` (default: float32, or wider for wider factors)."""
-        names = self.active if names is None else names
-        other = [self.records[n].kind for n in names if self.records[n].kind != "lora"]
-        if other:
-            raise RuntimeError(f"LoRA.delta(): the adapters {names} include the kind(s) {other}, whose update "
-                               "is not a sum of low-rank terms; use merged(W, names) - W instead.")
-        dtype = dtype or compute_dtype(self.factor_dtype())
-        total = torch.zeros(*self.view.lead, self.out_features, self.in_features, dtype=dtype,
-                            device=self.lora_A[names[0]].device if names else None)
-        for term in self.terms(names):
-            total = total + torch.matmul(term.B.to(dtype), term.A.to(dtype)) * term.scaling  # (.., out, in)
-        return self.view.stored(total)
-
     def merged(self, W: Tensor, names: list[str] | None = None) -> Tensor:
         """Return the weight ``W`` takes with ``names`` (default: the active ones), in ``W``'s dtype
         (see :func:`lora_inject.factored.merge`, and :meth:`composed` for other kinds)."""
@@ -377,13 +347,14 @@ class LoRA(nn.Module):
                 or not self.only_lora(names)):
             W.copy_(self.merged(W, names))
             return
-        rows, cols = (self.in_features, self.out_features) if self.transpose else (
-            self.out_features, self.in_features)
-        M = W.view(*self.view.lead, rows, cols)
+        view = self.view
+        rows, cols = (view.in_features, view.out_features) if view.transpose else (
+            view.out_features, view.in_features)
+        M = W.view(*view.lead, rows, cols)
         for name in names:
             A, B = (t.to(ct) for t in self.factor_pair(name))
             L, R = self.view.stored_factors(A, B)  # stored update = s * L @ R
-            (M.baddbmm_ if self.experts else M.addmm_)(L, R, alpha=self.records[name].scaling)
+            (M.baddbmm_ if view.experts else M.addmm_)(L, R, alpha=self.records[name].scaling)
 
     def merge_is_finite(self, W: Tensor, names: list[str]) -> bool:
         """Whether ``merged(W, names)`` is finite, from a cheap bound where it suffices."""
@@ -407,14 +378,21 @@ class LoRA(nn.Module):
 
     def init_from_weight(self, name: str, W: Tensor) -> None:
         """Initialise what adapter ``name`` reads from the weight ``W`` that this LoRA receives:
-        PiSSA/OLoRA factors (and their frozen copies), then DoRA's magnitude.
+        PiSSA/OLoRA factors (and their frozen copies), then DoRA's magnitude; for another kind,
+        what its :attr:`~lora_inject.Kind.fill` sets.
 
         Raises:
             ValueError: if a PiSSA/OLoRA init meets a weight that is not finite.
         """
         a = self.records[name]
-        if W.is_meta or a.kind != "lora":
+        if W.is_meta:
             return  # nothing to read; initialise after materialising the weight
+        if a.kind != "lora":
+            fill = find_kind(a.kind).fill
+            if fill is not None:
+                with torch.no_grad():
+                    fill(self.tensors(name), quant.dense(W).detach(), self.view, a.options)
+            return
         with torch.no_grad():
             W = quant.dense(W)  # a quantized weight is read as the dense one it stands for
             M = self.view.rows(W.detach())
@@ -441,7 +419,7 @@ class LoRA(nn.Module):
             return out
         if rows is not None and not self.only_lora(names):
             other = sorted({self.records[n].kind for n in names} - {"lora"})
-            raise RuntimeError(f"per_sample(): adapters of kind {other} on a tensor of shape {self.shape} "
+            raise RuntimeError(f"per_sample(): adapters of kind {other} on a tensor of shape {self.view.shape} "
                                "cannot differ per sample (their update is merged into one weight for the "
                                "batch); per_sample() takes LoRA adapters only. Run one forward per adapter "
                                "with li.activate() instead.")
@@ -466,7 +444,7 @@ class LoRA(nn.Module):
         and of every factor). It is a fresh tensor even with no adapter active, so that a layer
         that writes its weight in place (``Embedding(max_norm=...)``) never writes ``W0``."""
         if self.per_sample is not None and names:
-            raise RuntimeError(f"per_sample(): a LoRA of shape {self.shape} is on the merged path, where "
+            raise RuntimeError(f"per_sample(): a LoRA of shape {self.view.shape} is on the merged path, where "
                                "one weight serves the whole batch; per-sample adapters need the fast path.")
         if self.cache is not None and not torch.is_grad_enabled() and not torch.compiler.is_compiling():
             tensors = [W, *(t for n in names for t in self.tensors(n).values())]
@@ -505,23 +483,24 @@ class LoRA(nn.Module):
                 "LoRA-adapted tensor would store its update as this tensor's base weight W0. Assign a plain "
                 "tensor (it becomes W0, as loading the state dict does), e.g. its merged value "
                 "`other.weight.detach().clone()`, or merge first with lora_inject.remove(model).")
-        if owner is None and tuple(quant.shape(value)) != self.shape:
-            raise ValueError(f"lora_inject: the adapted tensor has shape {self.shape}; assigning one of shape "
-                             f"{tuple(quant.shape(value))} to it is refused. Assign a tensor of shape {self.shape}.")
+        shape = self.view.shape
+        if owner is None and tuple(quant.shape(value)) != shape:
+            raise ValueError(f"lora_inject: the adapted tensor has shape {shape}; assigning one of shape "
+                             f"{tuple(quant.shape(value))} to it is refused. Assign a tensor of shape {shape}.")
         return W
 
     def extra_repr(self) -> str:
         items = ", ".join(f"{n}: {'' if a.kind == 'lora' else a.kind + ', '}r={a.r}, alpha={a.alpha}"
                           f"{'' if n in self.active else ' (inactive)'}"
                           for n, a in self.records.items())
-        return f"shape={self.shape}, {items}"
+        return f"shape={self.view.shape}, {items}"
 
 
 class Bias(nn.Module):
     """Parametrize a module's bias as the one that goes with its adapted weight: ``b`` through
     :meth:`LoRA.bias_of` of the weight's :class:`LoRA` (IA³ scaling the output scales the bias,
     :attr:`Kind.apply_bias`); the identity while no such adapter is active. It holds no tensor of
-    its own, so the bias keeps its key in the state dict (see :mod:`lora_inject.hooks`), and
+    its own, so the bias keeps its key in the state dict (see :mod:`lora_inject._hooks`), and
     ``b`` is never written."""
 
     def __init__(self, weight: LoRA, weight_name: str) -> None:

@@ -8,7 +8,7 @@ from typing import TypeVar
 
 from torch import Tensor, nn
 
-from .lookup import adapter_names, loras, module_loras, qualified
+from ._sites import adapter_names, loras, module_loras
 from .rule import type_name
 
 __all__ = ["per_sample"]
@@ -73,7 +73,8 @@ def per_sample(model: M, adapters: Sequence[str | None]) -> Iterator[M]:
     used = sorted({a for a in adapters if a is not None})
     if used:
         adapter_names("per_sample", entries, used)
-    for qualname, module, tensor_name, lora in entries:
+    for site in entries:
+        lora, module = site.lora, site.module
         if lora.training:
             raise RuntimeError("per_sample(): the model is in training mode; per-sample adapters are for "
                                "inference. Call model.eval() first.")
@@ -81,21 +82,21 @@ def per_sample(model: M, adapters: Sequence[str | None]) -> Iterator[M]:
         other = next((a for a in mine if lora.adapter(a).kind != "lora"), None)
         if other is not None:
             raise RuntimeError(
-                f"per_sample(): adapter {other!r} on `{qualified(qualname, tensor_name)}` is of kind "
+                f"per_sample(): adapter {other!r} on `{site.where}` is of kind "
                 f"{lora.adapter(other).kind!r}, whose update is merged into one weight for the whole batch, "
                 "so its samples cannot differ; per_sample() takes kind='lora' adapters only. Run one "
                 "forward per adapter with li.activate() instead.")
         if mine and not lora.factored:
-            where = qualified(qualname, tensor_name)
+            where = site.where
             raise RuntimeError(
-                f"per_sample(): `{where}` of {type_name(module)} `{qualname}` carries adapter {mine[0]!r} on "
+                f"per_sample(): `{where}` of {type_name(module)} `{site.path}` carries adapter {mine[0]!r} on "
                 "the merged path, where one weight serves the whole batch, so its samples cannot differ. "
                 "Per-sample adapters need layers with a factored form (Linear, Conv1D, Embedding, "
                 "EmbeddingBag, Conv with groups=1); run one forward per adapter with li.activate() instead."
             )
-    checked = {id(module): (qualname, module) for qualname, module, _, lora in entries
-               if lora.factored and any(a in lora.adapters for a in used)}
-    saved = [(lora, lora.per_sample) for *_, lora in entries]
+    checked = {id(site.module): (site.path, site.module) for site in entries
+               if site.lora.factored and any(a in site.lora.adapters for a in used)}
+    saved = [(site.lora, site.lora.per_sample) for site in entries]
     handles = []
     try:
         for qualname, module in checked.values():

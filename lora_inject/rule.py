@@ -187,7 +187,7 @@ _DEFAULT_RULES: dict[RuleKey, Rule] = {
     # Named by string so that transformers is not a runtime dependency.
     "transformers.pytorch_utils.Conv1D": Rule(("weight",), transpose=True, factored=True, bias=_bias),
     # bitsandbytes' quantized Linear layers: their own forward runs on the stored weight, with the
-    # low-rank branch added (see lora_inject.quant). torchao's weights sit on a plain nn.Linear.
+    # low-rank branch added (see lora_inject._quant). torchao's weights sit on a plain nn.Linear.
     "bitsandbytes.nn.modules.Linear4bit": _LINEAR,
     "bitsandbytes.nn.modules.Linear8bitLt": _LINEAR,
 }

@@ -1,8 +1,12 @@
-"""Model surgery: ``inject`` LoRA into a model in place, and ``remove`` it again."""
+"""Model surgery: ``inject`` adapters into a model in place, and ``remove`` them again.
+
+``inject`` reads as its steps: check the arguments (:class:`_Spec`), plan the sites
+(:class:`_Planned`, each a :class:`~lora_inject._sites.Site`), attach, fill, and roll back if
+anything raises. ``remove`` decides every site's :class:`_Removal` before it writes any.
+"""
 
 from __future__ import annotations
 
-import dataclasses
 import gc
 import itertools
 import math
@@ -10,6 +14,7 @@ import re
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass, field
 from typing import TypeVar, Union
 
 import torch
@@ -17,29 +22,19 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 
-from . import quant
-from .hooks import disown_class, hook, own_class, own_forward, own_setter, unhook
-from .inits import INITS, WEIGHT_INITS
+from . import _quant as quant
+from ._chain import find_lora, forward_to, inverse, kept, originals, parametrized, source
+from ._copies import full_groups, saved_modules, token_sites, within
+from ._hooks import hook, unhook
+from ._module_class import disown_class, own_class, own_forward, own_setter
+from ._selection import matcher, named_modules, qualified
+from ._sites import Site, adapter_names, loras, module_loras
+from ._tied import others, tensor_users, tie, tied_to, untie
+from ._view import View
+from .inits import INITS, START_INITS, WEIGHT_INITS, loftq_factors
 from .kind import Kind, find_kind
-from .lookup import (
-    adapter_names,
-    find_lora,
-    forward_to,
-    inverse,
-    kept,
-    lora_input,
-    loras,
-    matcher,
-    module_loras,
-    named_modules,
-    originals,
-    parametrized,
-    qualified,
-    source,
-)
-from .lora import Adapter, Bias, LoRA, check_adapter_name
+from .lora import Adapter, Bias, LoRA, check_adapter_name, lora_scaling
 from .rule import Rule, RuleKey, find_rule, type_name
-from .view import View
 
 __all__ = ["RequantizationWarning", "inject", "remove"]
 
@@ -68,6 +63,9 @@ def inject(
     dtype: torch.dtype | None = None,
     rslora: bool = False,
     dora: bool = False,
+    modules_to_save: Sequence[str] | None = None,
+    trainable_token_indices: Sequence[int] | Mapping[str, Sequence[int]] | None = None,
+    dense: Mapping[str, Tensor] | None = None,
     **options,
 ) -> M:
     r"""Add a LoRA adapter, in place, to every module of ``model`` that ``targets`` selects.
@@ -109,7 +107,9 @@ def inject(
         init (str): ``"default"`` or ``"gaussian"`` (``A ~ N(0, 1/r)``), with ``B`` zero in both;
             or ``"pissa"``/``"olora"``: ``A`` and ``B`` from the SVD/QR of ``W0``, as in peft,
             with the initial factors kept frozen so that the weight is unchanged at init and
-            ``W0`` is never written (see :mod:`lora_inject.inits`).
+            ``W0`` is never written (see :mod:`lora_inject.inits`); or ``"loftq"`` on quantized
+            targets, with ``dense``: ``s * B @ A`` starts as the best rank-``r`` approximation of
+            ``dense - dequantize(W0)``, so the quantized model starts close to the dense one.
         rules (mapping, optional): a registry to use instead of the default one
             (see :func:`~lora_inject.default_rules`).
         dtype (torch.dtype, optional): the factors' dtype, such as ``torch.float32`` on a
@@ -118,7 +118,21 @@ def inject(
             ``use_rslora``) instead of ``alpha / r``. Default: ``False``.
         dora (bool): DoRA: the weight becomes ``m * (W0 + s * B @ A) / ||W0 + s * B @ A||`` with a
             trainable magnitude ``m`` per output unit, initialised so that the model is unchanged
-            (see :mod:`lora_inject.dora`). Default: ``False``.
+            (see :mod:`lora_inject._dora`). Default: ``False``.
+        modules_to_save (list of str, optional): modules that train whole as part of the adapter,
+            matched as peft matches them (a module whose path ends with a name, and everything in
+            it): each floating parameter gets kind ``"full"``, a trainable copy that the tensor
+            reads while the adapter is active (``W0`` stays, frozen), so ``remove(merge=False)``
+            and :func:`~lora_inject.disabled` give the base back and ``remove(merge=True)`` keeps
+            the trained values. ``targets`` never reach them. Default: ``None``.
+        trainable_token_indices (list of int, or dict of str to list of int, optional): token
+            rows that train whole as part of the adapter (peft's ``trainable_token_indices``,
+            kind ``"tokens"``): a list for ``model.get_input_embeddings()``, or a dict from
+            module names (matched as ``modules_to_save``) to ids. A tied head reads the same rows.
+            Default: ``None``.
+        dense (mapping, optional): for ``init="loftq"``, the dense weights the quantized targets
+            were made from, under the model's state-dict keys (``"model.layers.0.mlp.up_proj.weight"``):
+            the original checkpoint's state dict. Default: ``None``.
         **options: the options of ``kind``, named as peft's config fields for that kind (such as
             ``oft_block_size`` for OFT, ``feedforward`` for IA³: a selector of modules as
             ``targets``, peft's ``feedforward_modules``); see each kind's module.
@@ -128,22 +142,29 @@ def inject(
 
     Raises:
         TypeError: if ``targets``/``exclude`` is of the wrong kind, ``r`` is not an int, ``alpha``
-            is not a number,
+            is not a number, ``modules_to_save`` is not a list of str, ``trainable_token_indices``
+            is not a list (or dict of lists) of distinct ints, or a list of them meets a model
+            without ``get_input_embeddings()``,
             ``adapter`` is not a str, ``dtype`` is not a floating dtype, ``rslora`` or ``dora``
             is not a bool, ``rules`` is not a mapping to :class:`~lora_inject.Rule`, or a
-            selected tensor is not floating point.
+            selected tensor is not floating point, or ``dense`` is not a mapping of tensors.
         ValueError: if ``r`` is not positive, ``alpha`` is not finite, a regex is invalid,
-            ``init`` or ``adapter`` is not valid, ``init="pissa"`` has ``alpha <= 0``,
+            ``init`` or ``adapter`` is not valid, ``init="pissa"``/``"loftq"`` has ``alpha <= 0``,
+            ``dense`` is given without ``init="loftq"`` (or that init without it, or with
+            ``dora``), a LoftQ target is not quantized or ``dense`` lacks its weight or holds
+            another shape,
             ``dropout`` is outside [0, 1) or set on a layer without a factored form, the
-            adapter already exists on a selected tensor, a selected tensor is shared with
-            another module, a rule names a tensor the module lacks, a sparse ``Embedding`` or
-            ``EmbeddingBag`` has no factored form (``max_norm``, ``scale_grad_by_freq``,
-            ``mode="max"``), ``init="pissa"``/``"olora"`` meets a weight that is not finite, a
+            adapter already exists on a selected tensor, a rule names a tensor the module
+            lacks, a sparse ``Embedding`` or ``EmbeddingBag`` has no factored form (``max_norm``,
+            ``scale_grad_by_freq``, ``mode="max"``), ``init="pissa"``/``"olora"`` meets a weight that is not finite, a
             selected tensor is an uninitialised lazy one, or nothing at all is selected; for a
             ``kind`` other than LoRA: the kind is unknown, an option or its value is not the
             kind's, ``dora``/``init``/``rslora``/``dropout`` or an ``alpha``/``r`` the kind lacks
             is given, a dropout option is nonzero (not implemented), a lookup is sparse, or the
-            kind changes the bias (IA³) where the rule names none or it does not fit.
+            kind changes the bias (IA³) where the rule names none or it does not fit; a tensor
+            tied to another module that has a parametrization of its own on it; a name of
+            ``modules_to_save``/``trainable_token_indices`` that selects no module, a token id
+            past the embedding's rows, or tokens on a tensor that ``targets`` adapt already.
 
     Example::
 
@@ -152,12 +173,115 @@ def inject(
         >>> model[0].parametrizations.weight[0].lora_A["default"].shape
         torch.Size([2, 4])
     """
+    if modules_to_save is not None or trainable_token_indices is not None:
+        return _inject_with_copies(model, targets, modules_to_save, trainable_token_indices, dict(
+            kind=kind, r=r, alpha=alpha, adapter=adapter, exclude=exclude, dropout=dropout, init=init, rules=rules,
+            dtype=dtype, rslora=rslora, dora=dora, dense=dense, **options))
+    spec = _checked(model, targets, kind, r=r, alpha=alpha, adapter=adapter, dropout=dropout, init=init,
+                    rules=rules, dtype=dtype, rslora=rslora, dora=dora, dense=dense, options=options)
+    # Bulk surgery makes thousands of small objects; a cyclic collection set off midway would
+    # walk the whole model (hundreds of ms on a 7B one), so it waits until the end.
+    with _gc_paused():
+        sites = _plan(model, targets, exclude, rules, adapter, spec.dropout)
+        _prepare(model, sites, spec)
+        starts = _starts(sites, spec, dense)  # checked before anything changes
+        # The tensors LoRA adapts stop training (an optimizer over the parameters that require
+        # grad trains the factors only); every other parameter stays as it was.
+        frozen = [t for site in sites for t in site.originals if isinstance(t, nn.Parameter) and t.requires_grad]
+        try:
+            for t in frozen:
+                t.requires_grad_(False)
+            for site in sites:
+                _attach(site, adapter, spec, dtype)
+            _fill(sites, adapter, starts)
+        except BaseException:
+            _roll_back(sites, adapter, frozen)
+            raise
+        ids = {id(t) for t in frozen}
+        for site in sites:  # remove() lets them train again
+            site.lora.froze = site.lora.froze or any(id(t) in ids for t in site.originals)
+    return model
+
+
+# -- check the arguments ------------------------------------------------------------------------
+def _inject_with_copies(model, targets, modules_to_save, trainable_token_indices, kwargs) -> nn.Module:
+    """``inject`` on ``targets``, then the whole tensors of ``modules_to_save`` (kind ``"full"``) and
+    the rows of ``trainable_token_indices`` (kind ``"tokens"``) as part of the same adapter; all or
+    nothing."""
+    _check_model(model)
+    saved = [] if modules_to_save is None else saved_modules("inject", model, modules_to_save)
+    tokens = [] if trainable_token_indices is None else token_sites("inject", model, trainable_token_indices)
+    groups = full_groups(model, saved)
+    if saved:  # as in peft, the targets never reach a module that is saved whole
+        exclude, inside = kwargs["exclude"], within(saved)
+        leave = matcher("inject", "exclude", exclude) if exclude is not None else None
+        kwargs["exclude"] = lambda q, m: inside(q, m) or (leave is not None and leave(q, m))
+    adapter = kwargs["adapter"]
+    inject(model, targets, **kwargs)
+    try:
+        for paths, rule in groups:
+            inject(model, lambda q, m, paths=paths: q in paths, kind="full", adapter=adapter, rules={nn.Module: rule})
+        modules = dict(named_modules(model))
+        for path, idx, rule in tokens:
+            lora = find_lora(modules[path], "weight") or tied_to(modules[path], "weight")
+            if lora is not None and adapter in lora.adapters:
+                raise ValueError(
+                    f"inject(): `trainable_token_indices` names `{path}`, whose weight carries adapter {adapter!r} "
+                    "already (from `targets` or `modules_to_save`); one adapter holds one update per tensor. "
+                    "Leave that module out of `targets` with `exclude=`, or train its tokens in another adapter.")
+            inject(model, lambda q, m, path=path: q == path, kind="tokens", token_indices=idx, adapter=adapter,
+                   rules={nn.Module: rule})
+    except BaseException:
+        remove(model, adapter=adapter, merge=False)
+        raise
+    return model
+
+
+@dataclass
+class _Spec:
+    """What ``inject`` adds on each site, from its checked arguments."""
+
+    kind: Kind | None  # None: LoRA itself
+    r: int | None
+    alpha: float | None
+    targets: str | None  # the selector as the records keep it: a regex's pattern, or None
+    dropout: float = 0.0
+    init: str = "default"  # as the records keep it: LoftQ's start is recorded as "default"
+    rslora: bool = False
+    dora: bool = False
+    options: dict = field(default_factory=dict)  # another kind's options, resolved
+    selectors: dict = field(default_factory=dict)  # its options that select modules: name -> predicate
+    shared: dict = field(default_factory=dict)  # its tensors that every site shares (VeRA's projections)
+
+    def record(self, site: Site) -> Adapter:
+        """The :class:`Adapter` record of the new adapter on ``site``."""
+        if self.kind is None:
+            return Adapter(r=self.r, alpha=self.alpha, dropout=self.dropout, init=self.init, rslora=self.rslora,
+                           dora=self.dora, targets=self.targets)
+        options = {**self.options, **{k: bool(f(site.path, site.module)) for k, f in self.selectors.items()}}
+        return Adapter(r=self.r, alpha=self.alpha, targets=self.targets, kind=self.kind.name, options=options)
+
+    def share(self, view: View) -> dict[str, Tensor] | None:
+        """The part of the shared tensors that a site seen as ``view`` holds, or None."""
+        if not self.shared:
+            return None
+        kind = self.kind
+        return kind.share(self.shared, view, self.r, self.options) if kind.share is not None else dict(self.shared)
+
+
+def _checked(model, targets, kind, *, r, alpha, adapter, dropout, init, rules, dtype, rslora, dora, dense,
+             options) -> _Spec:
+    """``inject``'s arguments, checked, as a :class:`_Spec`."""
     if not isinstance(kind, str):
         raise TypeError(f"inject(): `kind` must be a str such as 'lora' or 'loha', got {type(kind).__name__}.")
+    if (dense is None) != (init != "loftq") or (init == "loftq" and (dora or kind != "lora")):
+        raise ValueError(f"inject(): `dense` goes with init='loftq' on a plain LoRA (kind='lora', dora=False), got "
+                         f"init={init!r}, dense={'None' if dense is None else type(dense).__name__}, kind={kind!r}, "
+                         f"dora={dora}.")
+    spec = targets if isinstance(targets, str) else getattr(targets, "pattern", None)
     if kind != "lora":
-        return _inject_kind(model, targets, find_kind(kind), r=r, alpha=alpha, adapter=adapter,
-                            exclude=exclude, dropout=dropout, init=init, rules=rules, dtype=dtype,
-                            rslora=rslora, dora=dora, options=options)
+        return _checked_kind(model, find_kind(kind), spec, r=r, alpha=alpha, adapter=adapter, dropout=dropout,
+                             init=init, rules=rules, dtype=dtype, rslora=rslora, dora=dora, options=options)
     if options:
         raise TypeError(f"inject(): unexpected keyword argument(s) {sorted(options)}; kind='lora' takes none "
                         "besides inject's own. Options such as these belong to another `kind=`.")
@@ -176,45 +300,23 @@ def inject(
         raise ValueError(f"inject(): `init` must be one of {INITS}, got {init!r}.")
     if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0 <= dropout < 1:
         raise ValueError(f"inject(): `dropout` must be a number in [0, 1), got {dropout!r}.")
-    if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
-        raise TypeError(f"inject(): `dtype` must be a floating torch.dtype or None, got {dtype!r}.")
+    _check_dtype(dtype)
     if not isinstance(rslora, bool):
         raise TypeError(f"inject(): `rslora` must be a bool, got {type(rslora).__name__}.")
     if not isinstance(dora, bool):
         raise TypeError(f"inject(): `dora` must be a bool, got {type(dora).__name__}.")
-    if rules is not None and not (isinstance(rules, Mapping) and all(isinstance(v, Rule) for v in rules.values())):
-        raise TypeError(f"inject(): `rules` must be None or a mapping from module types to lora_inject.Rule, "
-                        f"such as lora_inject.default_rules(), got {type(rules).__name__}.")
-    if init == "pissa" and alpha <= 0:
-        raise ValueError(f"inject(): init='pissa' splits W0's singular values by the scaling, so `alpha` "
+    _check_rules(rules)
+    if init in ("pissa", "loftq") and alpha <= 0:
+        raise ValueError(f"inject(): init={init!r} splits singular values by the scaling, so `alpha` "
                          f"must be positive, got {alpha}.")
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"inject(): `model` must be an nn.Module, got {type(model).__name__}.")
-    # Bulk surgery makes thousands of small objects; a cyclic collection set off midway would
-    # walk the whole model (hundreds of ms on a 7B one), so it waits until the end.
-    with _gc_paused():
-        select = matcher("inject", "targets", targets)
-        leave = matcher("inject", "exclude", exclude) if exclude is not None else None
-
-        plan = _plan(model, select, leave, rules, adapter, dropout, targets)
-        spec = targets if isinstance(targets, str) else getattr(targets, "pattern", None)
-        small = [f"{q}.{t}" if q else t for q, m, rule, t, shape in plan
-                 if r > min((v := rule_view(shape, rule)).out_features, v.in_features)]
-        if small:
-            warnings.warn(
-                f"inject(): r={r} exceeds min(out, in) of {small[:3]}: the update is still exact, "
-                "but a smaller r adds nothing.",
-                UserWarning,
-                stacklevel=2,
-            )
-        settings = Adapter(r=r, alpha=alpha, dropout=dropout, init=init, rslora=rslora, dora=dora, targets=spec)
-        _attach_plan(model, plan, adapter, dtype, lambda q, m, rule, view: dataclasses.replace(settings))
-        return model
+    _check_model(model)
+    return _Spec(None, r, alpha, spec, dropout=dropout, init="default" if init in START_INITS else init,
+                 rslora=rslora, dora=dora)
 
 
-def _inject_kind(model, targets, kind: Kind, *, r, alpha, adapter, exclude, dropout, init, rules, dtype,
-                 rslora, dora, options) -> nn.Module:
-    """``inject`` for a kind other than LoRA: its own checks, then the same plan and attach."""
+def _checked_kind(model, kind: Kind, spec, *, r, alpha, adapter, dropout, init, rules, dtype, rslora, dora,
+                  options) -> _Spec:
+    """``inject``'s arguments for a kind other than LoRA, checked, with the kind's options resolved."""
     name = kind.name
     lora_only = [f"{k}={v!r}" for k, v, default in (("dora", dora, False), ("init", init, "default"),
                                                      ("rslora", rslora, False), ("dropout", dropout, 0.0))
@@ -230,15 +332,11 @@ def _inject_kind(model, targets, kind: Kind, *, r, alpha, adapter, exclude, drop
     if isinstance(r, bool) or (r is not None and not isinstance(r, int)):
         raise TypeError(f"inject(kind={name!r}): `r` must be an int, got {r!r}.")
     check_adapter_name("inject", adapter)
-    if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
-        raise TypeError(f"inject(): `dtype` must be a floating torch.dtype or None, got {dtype!r}.")
-    if rules is not None and not (isinstance(rules, Mapping) and all(isinstance(v, Rule) for v in rules.values())):
-        raise TypeError(f"inject(): `rules` must be None or a mapping from module types to lora_inject.Rule, "
-                        f"such as lora_inject.default_rules(), got {type(rules).__name__}.")
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"inject(): `model` must be an nn.Module, got {type(model).__name__}.")
+    _check_dtype(dtype)
+    _check_rules(rules)
+    _check_model(model)
     selectors = {}
-    for opt in kind.options:  # a selector of modules, resolved per tensor below
+    for opt in kind.options:  # a selector of modules, resolved per site
         if opt.selector and opt.name in options and not isinstance(options[opt.name], bool):
             selectors[opt.name] = matcher(f"inject(kind={name!r})", opt.name, options.pop(opt.name))
     r, alpha, resolved = kind.resolve(r, alpha, **options)
@@ -246,54 +344,164 @@ def _inject_kind(model, targets, kind: Kind, *, r, alpha, adapter, exclude, drop
     if unsupported:
         raise ValueError(f"inject(kind={name!r}): {', '.join(unsupported)} is not supported yet; the update "
                          "would be computed without it. Leave it out (0.0).")
-    with _gc_paused():
-        select = matcher("inject", "targets", targets)
-        leave = matcher("inject", "exclude", exclude) if exclude is not None else None
-        plan = _plan(model, select, leave, rules, adapter, 0.0, targets)
-        spec = targets if isinstance(targets, str) else getattr(targets, "pattern", None)
-        sparse = next((q for q, m, *_ in plan if getattr(m, "sparse", False) is True), None)
-        if sparse is not None:
-            raise ValueError(
-                f"inject(kind={name!r}): {type_name(dict(named_modules(model))[sparse])} `{sparse}` has "
-                f"sparse=True, but {name!r} merges its update into the weight before the lookup, and a sparse "
-                "gradient cannot flow from a merged weight into its tensors. Set sparse=False on that layer, "
-                "or leave it out with `exclude=`.")
-        if kind.apply_bias is not None:
-            for qualname, module, rule, tensor_name, shape in plan:
-                _bias_name(name, qualname, module, rule, tensor_name, rule_view(shape, rule))
-        shared = {}
-        if kind.shared is not None:
-            shared = kind.shared([rule_view(shape, rule) for *_, rule, _, shape in plan], r, resolved)
-
-        def make(qualname, module, rule, view):
-            opts = {**resolved, **{k: bool(f(qualname, module)) for k, f in selectors.items()}}
-            return Adapter(r=r, alpha=alpha, targets=spec, kind=name, options=opts)
-
-        def share(view):
-            if not shared:
-                return None
-            return kind.share(shared, view, r, resolved) if kind.share is not None else dict(shared)
-
-        _attach_plan(model, plan, adapter, dtype, make, share, kind)
-        return model
+    return _Spec(kind, r, alpha, spec, options=resolved, selectors=selectors)
 
 
-def _bias_name(kind: str, qualname: str, module: nn.Module, rule: Rule, tensor_name: str, view: View) -> str | None:
-    """The bias of ``module`` that goes with ``tensor_name`` for a kind that changes it, or None.
+def _check_dtype(dtype) -> None:
+    if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        raise TypeError(f"inject(): `dtype` must be a floating torch.dtype or None, got {dtype!r}.")
+
+
+def _check_rules(rules) -> None:
+    if rules is not None and not (isinstance(rules, Mapping) and all(isinstance(v, Rule) for v in rules.values())):
+        raise TypeError(f"inject(): `rules` must be None or a mapping from module types to lora_inject.Rule, "
+                        f"such as lora_inject.default_rules(), got {type(rules).__name__}.")
+
+
+def _check_model(model) -> None:
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"inject(): `model` must be an nn.Module, got {type(model).__name__}.")
+
+
+# -- plan -----------------------------------------------------------------------------------------
+@dataclass(eq=False)
+class _Planned(Site):
+    """A site ``inject`` will adapt: its rule, how its tensor is seen (``view``), and what the call
+    did there, to roll back (``fresh``: it attached the LoRA; ``linked``: it parametrized the bias)."""
+
+    rule: Rule
+    view: View
+    fresh: bool = False
+    linked: bool = False
+    tied: list = field(default_factory=list)  # the tensor's other users, (path, module, tensor name) (see _tied)
+
+
+def _plan(model, targets, exclude, rules, adapter: str, dropout: float) -> list[_Planned]:
+    """The sites that ``targets`` (less ``exclude``) select, each checked; nothing is changed yet.
+
+    Raises:
+        ValueError, TypeError: where a selected tensor cannot take the adapter (see :func:`_planned`),
+            or nothing at all is selected.
+    """
+    select = matcher("inject", "targets", targets)
+    leave = matcher("inject", "exclude", exclude) if exclude is not None else None
+    sites, no_rule = [], []
+    users = tensor_users(model)
+    planned: set[int] = set()  # the stored tensors planned: a tied one once, at its first user
+    for path, module in named_modules(model):
+        if isinstance(module, LoRA) or not select(path, module):
+            continue
+        if leave is not None and leave(path, module):
+            continue
+        rule = find_rule(module, rules)
+        if rule is None:
+            no_rule.append((path, type_name(module)))
+            continue
+        for t in rule.tensor_names(module):
+            if id(source(module, t)) not in planned:
+                planned.add(id(source(module, t)))
+                sites.append(_planned(path, module, rule, t, users, adapter, dropout))
+    if not sites:
+        raise _nothing_matched(no_rule, targets, model)
+    return sites
+
+
+def _planned(path: str, module: nn.Module, rule: Rule, tensor_name: str, users: dict[int, list],
+             adapter: str, dropout: float) -> _Planned:
+    """``module.<tensor_name>`` as a site to adapt, once it is checked that it can be; a tensor tied
+    to other modules (``users``, see :func:`~lora_inject._tied.tensor_users`) at the user that
+    holds its LoRA, if one does."""
+    where = qualified(path, tensor_name)
+    stored = source(module, tensor_name)
+    if isinstance(stored, nn.parameter.UninitializedTensorMixin):
+        raise ValueError(
+            f"inject(): `{where}` of {type_name(module)} `{path}` is an uninitialised lazy tensor, with "
+            "no shape yet. Run one forward through the model first (it sets the shapes), then inject; "
+            "or leave the module out with `exclude=`.")
+    if not stored.is_floating_point() and quant.scheme(stored) is None:
+        raise TypeError(
+            f"inject(): `{where}` has dtype {stored.dtype}; LoRA needs a floating-point "
+            f"tensor. Leave {type_name(module)} `{path}` out with `exclude=`."
+        )
+    sharing = users.get(id(stored), [])
+    if tied_to(module, tensor_name) is not None:  # adapted already at another user: the site is there
+        path, module, tensor_name = next(u for u in sharing if find_lora(u[1], u[2]) is not None)
+        where = qualified(path, tensor_name)
+    rest = others("inject", where, sharing, module, tensor_name)
+    lora = find_lora(module, tensor_name)
+    if lora is not None and adapter in lora.adapters:
+        raise ValueError(
+            f"inject(): the adapter {adapter!r} already exists on `{where}`. Pass another "
+            f"`adapter` name, or take it out first with remove(model, adapter={adapter!r})."
+        )
+    if getattr(module, "sparse", False) is True and not rule.is_factored(module):
+        raise ValueError(
+            f"inject(): {type_name(module)} `{path}` has sparse=True, but its lookup has no factored "
+            "form (max_norm, scale_grad_by_freq or mode='max'), so LoRA merges its weight first, and a "
+            "sparse gradient cannot flow from a merged weight into the factors. Set sparse=False on "
+            "that layer, or leave it out with `exclude=`."
+        )
+    if dropout and not rule.is_factored(module):
+        raise ValueError(
+            f"inject(): `dropout`={dropout} needs a layer with a factored form, and "
+            f"{type_name(module)} `{path}` has none (its weight is merged before its "
+            "forward). Use dropout=0.0, or leave it out with `exclude=`."
+        )
+    plist = parametrized(module).get(tensor_name)
+    if plist is None:
+        shape = quant.shape(stored)
+    else:  # what the parametrizations give, read without changing their state
+        with torch.no_grad(), kept(list(plist)):
+            shape = getattr(module, tensor_name).shape
+    return _Planned(path, module, tensor_name, lora, rule, View(tuple(shape), rule.transpose, rule.experts),
+                    tied=[] if lora is not None else rest)
+
+
+def _prepare(model: nn.Module, sites: list[_Planned], spec: _Spec) -> None:
+    """Check the plan as a whole, and make what its sites share: LoRA's warning for a rank above a
+    tensor's; another kind's refusals (a sparse lookup, a bias it cannot change with the weight)
+    and its shared tensors."""
+    if spec.kind is None:
+        small = [site.where for site in sites if spec.r > min(site.view.out_features, site.view.in_features)]
+        if small:
+            warnings.warn(
+                f"inject(): r={spec.r} exceeds min(out, in) of {small[:3]}: the update is still exact, "
+                "but a smaller r adds nothing.",
+                UserWarning,
+                stacklevel=3,
+            )
+        return
+    kind, name = spec.kind, spec.kind.name
+    sparse = next((site for site in sites if getattr(site.module, "sparse", False) is True), None)
+    if sparse is not None:
+        raise ValueError(
+            f"inject(kind={name!r}): {type_name(sparse.module)} `{sparse.path}` has "
+            f"sparse=True, but {name!r} merges its update into the weight before the lookup, and a sparse "
+            "gradient cannot flow from a merged weight into its tensors. Set sparse=False on that layer, "
+            "or leave it out with `exclude=`.")
+    if kind.apply_bias is not None:
+        for site in sites:
+            _bias_name(name, site)
+    if kind.shared is not None:
+        spec.shared = kind.shared([site.view for site in sites], spec.r, spec.options)
+
+
+def _bias_name(kind: str, site: _Planned) -> str | None:
+    """The bias of the site's module that goes with its tensor, for a kind that changes it, or None.
 
     Raises:
         ValueError: where the rule does not say, or the bias does not fit the tensor's outputs.
     """
-    where = qualified(qualname, tensor_name)
+    module, rule, view = site.module, site.rule, site.view
     if rule.bias is None:
         if getattr(module, "bias", None) is None:
             return None
         raise ValueError(
-            f"inject(kind={kind!r}): {kind!r} changes the bias with `{where}`, but the rule for "
-            f"{type_name(module)} does not say which bias goes with {tensor_name!r}. Give the rule "
+            f"inject(kind={kind!r}): {kind!r} changes the bias with `{site.where}`, but the rule for "
+            f"{type_name(module)} does not say which bias goes with {site.tensor_name!r}. Give the rule "
             "`bias=` (Rule(..., bias=lambda tensor_name: 'bias'), or lambda tensor_name: None for none), "
             "or leave the module out with `exclude=`.")
-    bias = rule.bias(tensor_name)
+    bias = rule.bias(site.tensor_name)
     if bias is None or bias not in module._parameters and bias not in parametrized(module) or (
             bias in module._parameters and module._parameters[bias] is None):
         return None
@@ -304,83 +512,111 @@ def _bias_name(kind: str, qualname: str, module: nn.Module, rule: Rule, tensor_n
         why = (f"has shape {tuple(b.shape)}, not the {want} of the tensor's outputs" if tuple(b.shape) != want
                else "is parametrized by another parametrization")
         raise ValueError(
-            f"inject(kind={kind!r}): {kind!r} changes the bias with `{where}`, and its bias "
-            f"`{qualified(qualname, bias)}` {why}, so it cannot be changed with it. Leave the module out "
+            f"inject(kind={kind!r}): {kind!r} changes the bias with `{site.where}`, and its bias "
+            f"`{qualified(site.path, bias)}` {why}, so it cannot be changed with it. Leave the module out "
             "with `exclude=`, or use another kind.")
     return bias
 
 
-def _attach_plan(model, plan, adapter, dtype, make, share=lambda view: None, kind: Kind | None = None) -> None:
-    """Add adapter ``adapter`` on every site of ``plan``, ``make(qualname, module, rule, view)`` its
-    record there, and ``share(view)`` its part of the shared tensors; all or nothing."""
-    done: list[tuple[nn.Module, str, LoRA, bool]] = []
-    linked: list[tuple[nn.Module, str]] = []  # the biases this call parametrized
-    # The tensors LoRA adapts stop training (an optimizer over the parameters that require
-    # grad trains the factors only); every other parameter stays as it was.
-    frozen = [t for _, module, _, tensor_name, _ in plan for t in stored_tensors(module, tensor_name)
-              if isinstance(t, nn.Parameter) and t.requires_grad]
-    try:
-        for t in frozen:
-            t.requires_grad_(False)
-        for qualname, module, rule, tensor_name, shape in plan:
-            lora = find_lora(module, tensor_name)
-            fresh = lora is None
-            if fresh:
-                lora = LoRA(shape, transpose=rule.transpose, experts=rule.experts,
-                            factored=rule.is_factored(module))
-                # The module's order before any of our parametrizations, so that removing its
-                # tensors in any order restores it (a later LoRA sees the earlier tensors gone).
-                ours = [p for p in module_loras(module) if hasattr(p, "param_order")]
-                lora.param_order = ours[0].param_order if ours else list(module._parameters)
-                # parametrize registers the original as a persistent buffer: keep a
-                # non-persistent one out of the state dict, as it was.
-                lora.non_persistent = tensor_name in module._non_persistent_buffers_set and (
-                    tensor_name not in parametrized(module))
-            done.append((module, tensor_name, lora, fresh))
-            if fresh:
-                # A quantized weight carries its whole state while LoRA holds it (bitsandbytes'
-                # Linear8bitLt moves its scales to the module in a forward): DoRA, PiSSA, the
-                # weight's value and remove(merge=True) read the weight alone.
-                quant.adopt(module, source(module, tensor_name))
-                # Registered while empty, so parametrize's check runs the identity; filled below.
-                # parametrize reads the tensor through the ones already there: keep their state
-                with kept(list(parametrized(module).get(tensor_name, ()))):
-                    _register(module, tensor_name, lora)
-                if lora.non_persistent:
-                    module.parametrizations[tensor_name]._non_persistent_buffers_set.add("original")
-                own_class(module)
-                own_setter(module, tensor_name)
-                if getattr(quant.scheme(source(module, tensor_name)), "own_forward", False):
-                    own_forward(module, tensor_name)
-                hook(module)
-            original = source(module, tensor_name)
-            settings = make(qualname, module, rule, lora.view)
-            lora.add(adapter, settings, dtype=dtype or quant.dtype(original), device=original.device,
-                     shared=share(lora.view))
-            if kind is not None and kind.apply_bias is not None and "bias_link" not in lora.__dict__:
-                bias = _bias_name(kind.name, qualname, module, rule, tensor_name, lora.view)
-                if bias is not None:
-                    parametrize.register_parametrization(module, bias, Bias(lora, tensor_name))
-                    lora.__dict__["bias_link"] = bias
-                    linked.append((module, tensor_name))
-        for module, tensor_name, lora, _ in done:  # these read the weight that LoRA receives
-            a = lora.adapter(adapter)
-            if a.dora or a.init in WEIGHT_INITS:
-                lora.init_from_weight(adapter, lora_input(module, tensor_name, lora))
-    except BaseException:
-        for module, tensor_name in reversed(linked):
-            _unlink_bias(module, find_lora(module, tensor_name))
-        for module, tensor_name, lora, fresh in reversed(done):
-            if adapter in lora.adapters:
-                lora.drop(adapter)
-            if fresh and find_lora(module, tensor_name) is lora:
-                _detach(module, tensor_name, lora)
-        for t in frozen:
-            t.requires_grad_(True)
-        raise
-    ids = {id(t) for t in frozen}
-    for module, tensor_name, lora, _ in done:  # remove() lets them train again
-        lora.froze = lora.froze or any(id(t) in ids for t in stored_tensors(module, tensor_name))
+# -- attach, fill, roll back ------------------------------------------------------------------------
+def _attach(site: _Planned, adapter: str, spec: _Spec, dtype: torch.dtype | None) -> None:
+    """Add adapter ``adapter`` on ``site``: a LoRA parametrization first where the tensor has none,
+    then the adapter's record and tensors, then (for a kind that changes it) the bias's link."""
+    module, tensor_name = site.module, site.tensor_name
+    if site.lora is None:
+        site.lora, site.fresh = _new_lora(site), True
+        _register(site)
+    lora, stored = site.lora, site.stored
+    lora.add(adapter, spec.record(site), dtype=dtype or quant.dtype(stored), device=stored.device,
+             shared=spec.share(lora.view))
+    if spec.kind is not None and spec.kind.apply_bias is not None and "bias_link" not in lora.__dict__:
+        bias = _bias_name(spec.kind.name, site)
+        if bias is not None:
+            parametrize.register_parametrization(module, bias, Bias(lora, tensor_name))
+            lora.__dict__["bias_link"] = bias
+            site.linked = True
+
+
+def _new_lora(site: _Planned) -> LoRA:
+    """An empty LoRA for ``site``, with what :func:`_detach` needs to put the module back."""
+    module, view = site.module, site.view
+    # A tied tensor's users run their own ops on it: the fast path where every one has it.
+    factored = site.rule.is_factored(module) and all(
+        (rule := find_rule(m)) is not None and rule.is_factored(m) for _, m, _ in site.tied)
+    lora = LoRA(view.shape, transpose=view.transpose, experts=view.experts, factored=factored)
+    # The module's order before any of our parametrizations, so that removing its
+    # tensors in any order restores it (a later LoRA sees the earlier tensors gone).
+    ours = [p for p in module_loras(module) if hasattr(p, "param_order")]
+    lora.param_order = ours[0].param_order if ours else list(module._parameters)
+    # parametrize registers the original as a persistent buffer: keep a
+    # non-persistent one out of the state dict, as it was.
+    lora.non_persistent = site.tensor_name in module._non_persistent_buffers_set and (
+        site.tensor_name not in parametrized(module))
+    return lora
+
+
+def _register(site: _Planned) -> None:
+    """Register the site's new LoRA on its tensor, and give the module what an adapted one needs
+    (see :mod:`lora_inject._module_class` and :mod:`lora_inject._hooks`)."""
+    module, tensor_name, lora = site.module, site.tensor_name, site.lora
+    # A quantized weight carries its whole state while LoRA holds it (bitsandbytes'
+    # Linear8bitLt moves its scales to the module in a forward): DoRA, PiSSA, the
+    # weight's value and remove(merge=True) read the weight alone.
+    quant.adopt(module, site.stored)
+    # Registered while empty, so parametrize's check runs the identity; filled below.
+    # parametrize reads the tensor through the ones already there: keep their state
+    with kept(list(parametrized(module).get(tensor_name, ()))):
+        _register_parametrization(module, tensor_name, lora)
+    if lora.non_persistent:
+        module.parametrizations[tensor_name]._non_persistent_buffers_set.add("original")
+    own_class(module)
+    own_setter(module, tensor_name)
+    if getattr(quant.scheme(site.stored), "own_forward", False):
+        own_forward(module, tensor_name)
+    hook(module)
+    tie(lora, site.where, site.tied)  # the tensor's other users read this LoRA
+
+
+def _starts(sites: list[_Planned], spec: _Spec, dense) -> dict[str, tuple[Tensor, Tensor]] | None:
+    """LoftQ's starting factors for each site, by its path (``init="loftq"``; see
+    :func:`~lora_inject.inits.loftq_factors`), or None for the other inits."""
+    if dense is None:
+        return None
+    return loftq_factors([(site.where, site.stored, site.view) for site in sites], dense, spec.r,
+                         lora_scaling(spec.r, spec.alpha, spec.rslora))
+
+
+def _fill(sites: list[_Planned], adapter: str, starts: dict[str, tuple[Tensor, Tensor]] | None = None) -> None:
+    """Give the new adapters what they read from the weight they receive: PiSSA/OLoRA factors,
+    DoRA's magnitudes, another kind's :attr:`~lora_inject.Kind.fill` (once every site is attached),
+    LoftQ's ``starts``."""
+    for site in sites:
+        if starts is not None:
+            A, B = starts[site.where]
+            with torch.no_grad():
+                site.lora.lora_A[adapter].copy_(A)
+                site.lora.lora_B[adapter].copy_(B)
+            continue
+        a = site.lora.adapter(adapter)
+        if a.dora or a.init in WEIGHT_INITS or a.kind != "lora" and find_kind(a.kind).fill is not None:
+            site.lora.init_from_weight(adapter, site.received)
+
+
+def _roll_back(sites: list[_Planned], adapter: str, frozen: list[Tensor]) -> None:
+    """Undo what ``inject`` did on ``sites`` so far, last first: the model is as it was."""
+    for site in reversed(sites):
+        if site.linked:
+            _unlink_bias(site.module, find_lora(site.module, site.tensor_name))
+    for site in reversed(sites):
+        lora = site.lora
+        if lora is None:
+            continue
+        if adapter in lora.adapters:
+            lora.drop(adapter)
+        if site.fresh and find_lora(site.module, site.tensor_name) is lora:
+            _detach(site)
+    for t in frozen:
+        t.requires_grad_(True)
 
 
 def _unlink_bias(module: nn.Module, lora: LoRA | None) -> None:
@@ -390,7 +626,7 @@ def _unlink_bias(module: nn.Module, lora: LoRA | None) -> None:
         parametrize.remove_parametrizations(module, bias, leave_parametrized=False)
 
 
-def _register(module: nn.Module, tensor_name: str, lora: LoRA) -> None:
+def _register_parametrization(module: nn.Module, tensor_name: str, lora: LoRA) -> None:
     """``register_parametrization``, also where the tensor is a wrapper subclass (a torchao weight)
     that an earlier forward's autograd graph still references.
 
@@ -411,16 +647,6 @@ def _register(module: nn.Module, tensor_name: str, lora: LoRA) -> None:
     module.parametrizations[tensor_name].original = original
 
 
-def stored_tensors(module: nn.Module, tensor_name: str) -> list[Tensor]:
-    """What ``module.<tensor_name>`` is stored as: the tensor itself, or its parametrization's originals."""
-    plist = parametrized(module).get(tensor_name)
-    return [getattr(module, tensor_name)] if plist is None else originals(plist)
-
-
-def rule_view(shape, rule: Rule) -> View:
-    return View(tuple(shape), rule.transpose, rule.experts)
-
-
 @contextmanager
 def _gc_paused() -> Iterator[None]:
     enabled = gc.isenabled()
@@ -432,6 +658,26 @@ def _gc_paused() -> Iterator[None]:
             gc.enable()
 
 
+def _nothing_matched(no_rule: list[tuple[str, str]], targets, model: nn.Module) -> ValueError:
+    how = ("Register a rule with lora_inject.register_rule(MyType, lora_inject.Rule(('weight',))), "
+           "or pass `rules=`.")
+    if not no_rule:
+        names = itertools.islice(((q, type_name(m)) for q, m in named_modules(model) if q), 5)
+        some = ", ".join(f"{q} ({t})" for q, t in names)
+        return ValueError(
+            f"inject(): `targets`={targets!r} matched no module name (after `exclude`). Names are "
+            f"searched with re.search in model.named_modules(), such as {some}; check them with "
+            "[n for n, _ in model.named_modules()]."
+        )
+    shown = ", ".join(f"{q or '<root>'} ({t})" for q, t in no_rule[:5])
+    more = f" and {len(no_rule) - 5} more" if len(no_rule) > 5 else ""
+    return ValueError(
+        f"inject(): `targets`={targets!r} matched only modules whose types have no rule: "
+        f"{shown}{more}. {how}"
+    )
+
+
+# -- remove ---------------------------------------------------------------------------------------
 def remove(model: M, *, merge: bool = True, adapter: str | Sequence[str] | None = None,
            dequantize: bool = False) -> M:
     r"""Remove LoRA adapters from ``model`` in place, merging them into ``W0`` or not.
@@ -486,69 +732,10 @@ def remove(model: M, *, merge: bool = True, adapter: str | Sequence[str] | None 
     names = adapter_names("remove", entries, adapter)
     # Two phases: every site is checked, and every quantized weight's requantization decided,
     # before anything is written; a refusal leaves the model unchanged.
-    plans = []
-    for qualname, module, tensor_name, lora in entries:
-        mine = [n for n in lora.adapters if names is None or n in names]
-        if not mine:
-            continue
-        where = qualified(qualname, tensor_name)
-        merge_now = [n for n in mine if n in lora.active] if merge else []
-        staying = [n for n in lora.active if n not in mine]
-        if merge_now and staying and any(lora.adapter(n).dora for n in merge_now + staying):
-            raise ValueError(
-                f"remove(): merging {merge_now} into `{where}` while {staying} stay "
-                "active would change the outputs: a DoRA adapter's norm is taken over W0, which the merge "
-                f"rewrites. The model is unchanged; remove them together (adapter={merge_now + staying}), "
-                "turn the others off first with li.activate(), or use merge=False.")
-        if merge_now and staying:
-            order = list(lora.records)
-            late = [n for n in merge_now if order.index(n) > min(order.index(m) for m in staying)]
-            turns = [n for n in merge_now + staying if lora.adapter(n).kind != "lora"
-                     and not find_kind(lora.adapter(n).kind).additive]
-            if late and turns:
-                raise ValueError(
-                    f"remove(): merging {late} into `{where}` while {staying} stay active would change the "
-                    f"outputs: {turns} change(s) the weight by more than a sum (kind "
-                    f"{lora.adapter(turns[0]).kind!r}), and the adapters apply in the order they were injected, "
-                    f"so {late} cannot go under the earlier {staying} into W0. The model is unchanged; remove them "
-                    "together, turn the others off first with li.activate(), or use merge=False.")
-        if merge_now:
-            _merge_into_originals(qualname, module, tensor_name, lora, merge_now, write=False)
-        plist = module.parametrizations[tensor_name]
-        scheme = quant.scheme(plist.original) if list(plist).index(lora) == 0 else None
-        # A quantized W0 is rewritten when merged into, or written dense once its last adapter goes.
-        rewrite = scheme is not None and bool(merge_now or dequantize and len(mine) == len(lora.adapters))
-        build = None
-        if rewrite and not dequantize:
-            try:
-                build = quant.requantizer(plist.original)
-            except ValueError as e:
-                raise ValueError(f"remove(): cannot merge into `{where}`: {e} The model is unchanged; pass "
-                                 "dequantize=True for a dense merged weight, or use merge=False.") from None
-        plans.append((qualname, module, tensor_name, lora, mine, merge_now, scheme, rewrite, build))
+    plans = [plan for site in entries if (plan := _removal(site, names, merge, dequantize)) is not None]
     rounding: list[tuple[float, str]] = []  # requantized: (largest relative change, where)
-    for qualname, module, tensor_name, lora, mine, merge_now, scheme, rewrite, build in plans:
-        plist = module.parametrizations[tensor_name]
-        if rewrite:
-            with torch.no_grad():
-                target = lora.merged(plist.original, merge_now) if merge_now else quant.dense(plist.original)
-            plist.original = _quantized_as(target, build, qualified(qualname, tensor_name), rounding)
-        elif merge_now:
-            _merge_into_originals(qualname, module, tensor_name, lora, merge_now, write=True)
-        bias = lora.__dict__.get("bias_link")
-        if bias is not None and merge_now:  # IA³ scaled the bias with the weight: fold that in too
-            with torch.no_grad():
-                b = module.parametrizations[bias].original
-                b.copy_(lora.bias_of(b, merge_now))
-        for name in mine:
-            lora.drop(name)
-        if bias is not None and not any(find_kind(a.kind).apply_bias for a in lora.records.values()
-                                        if a.kind != "lora"):
-            _unlink_bias(module, lora)
-        if not lora.adapters:
-            _detach(module, tensor_name, lora)
-            if scheme is not None and scheme.own_forward and dequantize and not parametrize.is_parametrized(module):
-                module.__class__ = nn.Linear  # its weight is dense now: the plain layer's forward
+    for plan in plans:
+        _take_off(plan, dequantize, rounding)
     if rounding:
         worst, where = max(rounding)
         warnings.warn(f"remove(): merged into {len(rounding)} quantized weight(s) and requantized them; "
@@ -558,9 +745,95 @@ def remove(model: M, *, merge: bool = True, adapter: str | Sequence[str] | None 
     return model
 
 
+@dataclass
+class _Removal:
+    """What ``remove`` does on one site, decided before anything is written."""
+
+    site: Site
+    names: list[str]  # the adapters it takes off
+    merged: list[str]  # those it folds into the stored tensor first
+    scheme: object  # the stored tensor's quantization scheme (see lora_inject._quant), or None
+    rewrite: bool  # the stored tensor is quantized and is replaced (merged into, or written dense)
+    build: Callable[[Tensor], Tensor] | None  # requantizes a rewritten tensor; None: written dense
+
+
+def _removal(site: Site, names: set[str] | None, merge: bool, dequantize: bool) -> _Removal | None:
+    """What ``remove`` would do on ``site`` (None: nothing), once it is checked that it can.
+
+    Raises:
+        ValueError, RuntimeError: as :func:`remove` says; nothing has been written.
+    """
+    lora, where = site.lora, site.where
+    mine = [n for n in lora.adapters if names is None or n in names]
+    if not mine:
+        return None
+    merge_now = [n for n in mine if n in lora.active] if merge else []
+    staying = [n for n in lora.active if n not in mine]
+    if merge_now and staying and any(lora.adapter(n).dora for n in merge_now + staying):
+        raise ValueError(
+            f"remove(): merging {merge_now} into `{where}` while {staying} stay "
+            "active would change the outputs: a DoRA adapter's norm is taken over W0, which the merge "
+            f"rewrites. The model is unchanged; remove them together (adapter={merge_now + staying}), "
+            "turn the others off first with li.activate(), or use merge=False.")
+    if merge_now and staying:
+        order = list(lora.records)
+        late = [n for n in merge_now if order.index(n) > min(order.index(m) for m in staying)]
+        turns = [n for n in merge_now + staying if lora.adapter(n).kind != "lora"
+                 and not find_kind(lora.adapter(n).kind).additive]
+        if late and turns:
+            raise ValueError(
+                f"remove(): merging {late} into `{where}` while {staying} stay active would change the "
+                f"outputs: {turns} change(s) the weight by more than a sum (kind "
+                f"{lora.adapter(turns[0]).kind!r}), and the adapters apply in the order they were injected, "
+                f"so {late} cannot go under the earlier {staying} into W0. The model is unchanged; remove them "
+                "together, turn the others off first with li.activate(), or use merge=False.")
+    if merge_now:
+        _merge_into_originals(site, merge_now, write=False)
+    plist = site.plist
+    scheme = quant.scheme(plist.original) if list(plist).index(lora) == 0 else None
+    # A quantized W0 is rewritten when merged into, or written dense once its last adapter goes.
+    rewrite = scheme is not None and bool(merge_now or dequantize and len(mine) == len(lora.adapters))
+    build = None
+    if rewrite and not dequantize:
+        try:
+            build = quant.requantizer(plist.original)
+        except ValueError as e:
+            raise ValueError(f"remove(): cannot merge into `{where}`: {e} The model is unchanged; pass "
+                             "dequantize=True for a dense merged weight, or use merge=False.") from None
+    return _Removal(site, mine, merge_now, scheme, rewrite, build)
+
+
+def _take_off(plan: _Removal, dequantize: bool, rounding: list) -> None:
+    """Do what ``plan`` says: merge, drop the adapters, and detach a LoRA left with none."""
+    site, merge_now = plan.site, plan.merged
+    module, lora = site.module, site.lora
+    plist = site.plist
+    if plan.rewrite:
+        with torch.no_grad():
+            target = lora.merged(plist.original, merge_now) if merge_now else quant.dense(plist.original)
+        plist.original = _quantized_as(target, plan.build, site.where, rounding)
+    elif merge_now:
+        _merge_into_originals(site, merge_now, write=True)
+    bias = lora.__dict__.get("bias_link")
+    if bias is not None and merge_now:  # IA³ scaled the bias with the weight: fold that in too
+        with torch.no_grad():
+            b = module.parametrizations[bias].original
+            b.copy_(lora.bias_of(b, merge_now))
+    for name in plan.names:
+        lora.drop(name)
+    if bias is not None and not any(find_kind(a.kind).apply_bias for a in lora.records.values()
+                                    if a.kind != "lora"):
+        _unlink_bias(module, lora)
+    if not lora.adapters:
+        _detach(site)
+        scheme = plan.scheme
+        if scheme is not None and scheme.own_forward and dequantize and not parametrize.is_parametrized(module):
+            module.__class__ = nn.Linear  # its weight is dense now: the plain layer's forward
+
+
 def _quantized_as(target: Tensor, build, where: str, rounding: list) -> nn.Parameter:
     """``target`` as a weight's new stored tensor: dense (``build`` None), or requantized by
-    ``build`` (see :func:`lora_inject.quant.requantizer`), its rounding recorded in ``rounding``."""
+    ``build`` (see :func:`lora_inject._quant.requantizer`), its rounding recorded in ``rounding``."""
     if build is None:
         return nn.Parameter(target, requires_grad=False)
     new = build(target)
@@ -569,107 +842,13 @@ def _quantized_as(target: Tensor, build, where: str, rounding: list) -> nn.Param
     return new if isinstance(new, nn.Parameter) else nn.Parameter(new, requires_grad=False)
 
 
-def _plan(model, select, leave, rules, adapter, dropout, targets=None):
-    plan, no_rule, names_seen = [], [], []
-    owners = _tensor_owners(model)
-    for qualname, module in named_modules(model):
-        if isinstance(module, LoRA) or not select(qualname, module):
-            continue
-        if leave is not None and leave(qualname, module):
-            continue
-        rule = find_rule(module, rules)
-        if rule is None:
-            no_rule.append((qualname, type_name(module)))
-            continue
-        names_seen.append(qualname)
-        for tensor_name in rule.tensor_names(module):
-            where = qualified(qualname, tensor_name)
-            stored = source(module, tensor_name)
-            if isinstance(stored, nn.parameter.UninitializedTensorMixin):
-                raise ValueError(
-                    f"inject(): `{where}` of {type_name(module)} `{qualname}` is an uninitialised lazy tensor, with "
-                    "no shape yet. Run one forward through the model first (it sets the shapes), then inject; "
-                    "or leave the module out with `exclude=`.")
-            if not stored.is_floating_point() and quant.scheme(stored) is None:
-                raise TypeError(
-                    f"inject(): `{where}` has dtype {stored.dtype}; LoRA needs a floating-point "
-                    f"tensor. Leave {type_name(module)} `{qualname}` out with `exclude=`."
-                )
-            shared = owners.get(id(stored), [])
-            if len(shared) > 1:
-                raise ValueError(
-                    f"inject(): `{where}` is one tensor shared by {shared}. An adapter on it "
-                    "would change the other modules too, and merging would change them "
-                    "silently. Untie the weights, or leave these modules out with `exclude=`."
-                )
-            lora = find_lora(module, tensor_name)
-            if lora is not None and adapter in lora.adapters:
-                raise ValueError(
-                    f"inject(): the adapter {adapter!r} already exists on `{where}`. Pass another "
-                    f"`adapter` name, or take it out first with remove(model, adapter={adapter!r})."
-                )
-            if getattr(module, "sparse", False) is True and not rule.is_factored(module):
-                raise ValueError(
-                    f"inject(): {type_name(module)} `{qualname}` has sparse=True, but its lookup has no factored "
-                    "form (max_norm, scale_grad_by_freq or mode='max'), so LoRA merges its weight first, and a "
-                    "sparse gradient cannot flow from a merged weight into the factors. Set sparse=False on "
-                    "that layer, or leave it out with `exclude=`."
-                )
-            if dropout and not rule.is_factored(module):
-                raise ValueError(
-                    f"inject(): `dropout`={dropout} needs a layer with a factored form, and "
-                    f"{type_name(module)} `{qualname}` has none (its weight is merged before its "
-                    "forward). Use dropout=0.0, or leave it out with `exclude=`."
-                )
-            plist = parametrized(module).get(tensor_name)
-            if plist is None:
-                shape = quant.shape(stored)
-            else:  # what the parametrizations give, read without changing their state
-                with torch.no_grad(), kept(list(plist)):
-                    shape = getattr(module, tensor_name).shape
-            plan.append((qualname, module, rule, tensor_name, shape))
-    if not plan:
-        raise _nothing_matched(no_rule, targets, model)
-    return plan
-
-
-def _nothing_matched(no_rule: list[tuple[str, str]], targets, model: nn.Module) -> ValueError:
-    how = ("Register a rule with lora_inject.register_rule(MyType, lora_inject.Rule(('weight',))), "
-           "or pass `rules=`.")
-    if not no_rule:
-        names = itertools.islice(((q, type_name(m)) for q, m in named_modules(model) if q), 5)
-        some = ", ".join(f"{q} ({t})" for q, t in names)
-        return ValueError(
-            f"inject(): `targets`={targets!r} matched no module name (after `exclude`). Names are "
-            f"searched with re.search in model.named_modules(), such as {some}; check them with "
-            "[n for n, _ in model.named_modules()]."
-        )
-    shown = ", ".join(f"{q or '<root>'} ({t})" for q, t in no_rule[:5])
-    more = f" and {len(no_rule) - 5} more" if len(no_rule) > 5 else ""
-    return ValueError(
-        f"inject(): `targets`={targets!r} matched only modules whose types have no rule: "
-        f"{shown}{more}. {how}"
-    )
-
-
-def _tensor_owners(model: nn.Module) -> dict[int, list[str]]:
-    """Map each tensor's id to the qualified names it is stored under (once per module)."""
-    owners: dict[int, list[str]] = {}
-    for qualname, module in model.named_modules():
-        for n, t in list(module._parameters.items()) + list(module._buffers.items()):
-            if t is not None:
-                owners.setdefault(id(t), []).append(qualified(qualname, n))
-    return owners
-
-
-def _merge_into_originals(qualname, module, tensor_name, lora, names, *, write: bool) -> None:
-    """Fold ``names`` of ``lora`` into the originals of ``module.<tensor_name>``.
+def _merge_into_originals(site: Site, names: list[str], *, write: bool) -> None:
+    """Fold ``names`` of the site's LoRA into the originals of its tensor.
 
     With ``write=False`` only check that it can be done: a finite result, and, when other
     parametrizations come before ours, that they can represent it.
     """
-    where = qualified(qualname, tensor_name)
-    plist = module.parametrizations[tensor_name]
+    lora, where, plist = site.lora, site.where, site.plist
     index = list(plist).index(lora)
     non_finite = ValueError(
         f"remove(): merging adapter(s) {names} into `{where}` gives non-finite values "
@@ -688,7 +867,7 @@ def _merge_into_originals(qualname, module, tensor_name, lora, names, *, write: 
                 raise non_finite
             return
         stored = originals(plist)
-        target = lora.merged(lora_input(module, tensor_name, lora), names)
+        target = lora.merged(site.received, names)
         if target.device.type != "meta" and not torch.isfinite(target).all():
             raise non_finite
         # A right_inverse may set its own tensors (orthogonal's `base`): a check must not keep them.
@@ -709,10 +888,11 @@ def _merge_into_originals(qualname, module, tensor_name, lora, names, *, write: 
                 o.copy_(n)
 
 
-def _detach(module: nn.Module, tensor_name: str, lora: LoRA) -> None:
-    """Take ``lora`` off ``module.<tensor_name>``, leaving the originals' values as they are (and
-    letting them train again where inject froze them)."""
-    thaw = stored_tensors(module, tensor_name) if lora.froze else []
+def _detach(site: Site) -> None:
+    """Take the site's LoRA off its tensor, leaving the originals' values as they are (and letting
+    them train again where inject froze them)."""
+    module, tensor_name, lora = site.module, site.tensor_name, site.lora
+    thaw = site.originals if lora.froze else []
     _unlink_bias(module, lora)
     plist = module.parametrizations[tensor_name]
     if len(plist) == 1:
@@ -728,10 +908,11 @@ def _detach(module: nn.Module, tensor_name: str, lora: LoRA) -> None:
         kept.update({k: v for k, v in params.items() if k not in kept})
         params.clear()
         params.update(kept)
+    untie(lora, site.stored)  # its tied users store the very same tensor again
     for t in thaw:
         if isinstance(t, nn.Parameter):
             t.requires_grad_(True)
-    if not any(find_lora(module, t) for t in parametrized(module)):
+    if not module_loras(module):
         unhook(module)
         if parametrize.is_parametrized(module):  # by others, whose class it keeps
             disown_class(module)

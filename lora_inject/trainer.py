@@ -11,11 +11,12 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 import torch
+import transformers.trainer
 from transformers import Trainer
 
+from ._sites import loras
 from .io import load_adapter, save_adapter
-from .lookup import loras
-from .state import lora_parameters
+from .params import lora_parameters
 
 __all__ = ["AdapterTrainer"]
 
@@ -62,9 +63,18 @@ class AdapterTrainer(Trainer):
     BitsAndBytesConfig(...))``) trains too: ``Trainer`` refuses a "purely quantized" model, and
     this one is told that adapters are attached, as peft's are.
 
+    Under FSDP (accelerate's FSDP2: ``fully_shard`` per block and the root), ``Trainer`` would
+    write each checkpoint as a sharded copy of the whole model (``pytorch_model_fsdp_0/``) and
+    never call the save above. Here every rank unshards the adapted modules, the main one writes
+    the adapter as it does without FSDP, and the optimizer's shards are written as accelerate
+    writes them (``optimizer_0/``); a resumed run loads the adapter into the sharded factors, each
+    rank its own shard, so it matches an uninterrupted run as under DDP.
+
     A checkpoint holds the adapter only, so only the adapter may train: :meth:`train` refuses a
     model with any other parameter that requires grad (call
-    :func:`lora_inject.mark_only_lora_as_trainable` first). The optimizer that ``Trainer``
+    :func:`lora_inject.mark_only_lora_as_trainable` first). A module that trains whole, such as a
+    new classification head, is part of the adapter with ``inject(..., modules_to_save=[...])``:
+    it trains, and every checkpoint holds it. The optimizer that ``Trainer``
     builds then holds the factors alone, and its ``optimizer.pt`` stays small.
 
     Args:
@@ -102,7 +112,7 @@ class AdapterTrainer(Trainer):
 
     def train(self, *args, **kwargs):
         model = self.accelerator.unwrap_model(self.model, keep_torch_compile=False)
-        if not any(self.adapter in lora.adapters for *_, lora in loras(model)):
+        if not any(self.adapter in site.lora.adapters for site in loras(model)):
             raise ValueError(f"AdapterTrainer.train(): the model has no adapter {self.adapter!r} to train. Adapt it "
                              "with lora_inject.inject(), or pass `adapter=` with the name it has.")
         ours = {id(p) for p in lora_parameters(model, self.adapter)}
@@ -110,8 +120,10 @@ class AdapterTrainer(Trainer):
         if loose:
             raise ValueError(f"AdapterTrainer.train(): {len(loose)} parameters outside adapter {self.adapter!r} "
                              f"require grad ({loose[:3]}...), but a checkpoint holds the adapter alone, so "
-                             "resuming would lose what they learnt. Call "
-                             "lora_inject.mark_only_lora_as_trainable(model) first, or freeze them.")
+                             "resuming would lose what they learnt. To train a module whole (a new task head), "
+                             "make it part of the adapter: inject(..., modules_to_save=['classifier']), as peft's "
+                             "modules_to_save; else call lora_inject.mark_only_lora_as_trainable(model) first, "
+                             "or freeze them.")
         if self.adapter_format == "peft":  # a checkpoint peft's format cannot write: refused before any step
             with tempfile.TemporaryDirectory() as tmp:
                 try:
@@ -121,6 +133,35 @@ class AdapterTrainer(Trainer):
                                      f"cannot be written with adapter_format='peft': {e} Or pass "
                                      "adapter_format='lora_inject'.") from e
         return super().train(*args, **kwargs)
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        if not self.is_fsdp_enabled:
+            return super().save_model(output_dir, _internal_call)
+        # FSDP: Trainer would gather the whole model (FULL_STATE_DICT) or write nothing here
+        # (SHARDED_STATE_DICT, whose model shards go with the optimizer's). Every rank gathers the
+        # adapted modules' tensors, the main one writes the adapter, every rank frees them again.
+        from torch.distributed.fsdp import FSDPModule
+
+        shards = [m for m in self.model.modules() if isinstance(m, FSDPModule)]
+        for m in shards:
+            m.unshard()
+        try:
+            self._save(output_dir)
+        finally:
+            for m in shards:
+                m.reshard()
+
+    def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
+        if not self.is_fsdp_enabled:
+            return super()._save_optimizer_and_scheduler(output_dir)
+        # The optimizer, scheduler and RNG states as Trainer writes them, without its sharded copy
+        # of the whole model (save_model has written the adapter).
+        save_fsdp_model = transformers.trainer.save_fsdp_model
+        transformers.trainer.save_fsdp_model = lambda *args, **kwargs: None
+        try:
+            super()._save_optimizer_and_scheduler(output_dir)
+        finally:
+            transformers.trainer.save_fsdp_model = save_fsdp_model
 
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
         output_dir = output_dir if output_dir is not None else self.args.output_dir

@@ -1,5 +1,6 @@
-"""Helpers the test files share: random adapter factors, what "the model is unchanged" means, and
-running a case of ``strategies.py`` in a dtype.
+"""Helpers the test files share: random adapter tensors (LoRA's factors, or any kind's), a LoRA
+update as a tensor, what "the model is unchanged" means, and running a case of ``strategies.py``
+in a dtype.
 
 A plain module rather than fixtures: hypothesis tests and state machines use these too, where a
 function-scoped fixture cannot reach.
@@ -46,6 +47,34 @@ def randomize(model: nn.Module, adapter: str | None = None, seed: int | None = N
             if magnitude:
                 m = lora.lora_magnitude[adapter]
                 m.mul_(1 + std * torch.randn(m.shape, generator=gen, dtype=m.dtype))
+
+
+def delta(lora: li.LoRA, dtype: torch.dtype = torch.float32) -> Tensor:
+    """The update ``sum_i s_i * B_i @ A_i`` of ``lora``'s active (plain LoRA) adapters, in the
+    adapted tensor's stored shape, computed in ``dtype``."""
+    total = sum(lora.adapter(n).scaling * (lora.lora_B[n].to(dtype) @ lora.lora_A[n].to(dtype))
+                for n in lora.active)
+    return lora.view.stored(total)
+
+
+def noise(t: Tensor, gen: torch.Generator, name: str) -> Tensor:
+    """A random value for the adapter tensor ``name`` (of any kind) like ``t``, from ``gen``: IA³'s
+    scales ``ia3_l`` near 1, OFT's ``oft_R`` small (``0.1 n``), every other ``0.3 n``; ``n`` is drawn in
+    float64, so that one seed gives the same values in every dtype and to peft's tensors too."""
+    n = torch.randn(t.shape, generator=gen, dtype=torch.float64).to(t.dtype)
+    return 1 + 0.3 * n if name == "ia3_l" else (0.1 if name == "oft_R" else 0.3) * n
+
+
+def randomize_kind(model: nn.Module, adapter: str, seed: int) -> None:
+    """Give every trained tensor of ``adapter`` (of any kind) a :func:`noise` value, from a
+    generator seeded with ``seed``, in the order of the adapted tensors' names, then of the
+    tensors' own, so that its update is not trivial."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for _, lora in sorted(li.named_loras(model), key=lambda kv: kv[0]):
+            for name, t in sorted(lora.tensors(adapter).items()):
+                if isinstance(t, nn.Parameter):
+                    t.copy_(noise(t, gen, name))
 
 
 def snapshot(model: nn.Module) -> dict:

@@ -9,14 +9,15 @@ import copy
 import os
 import shutil
 import warnings
+from functools import partial
 
 import peft
 import pytest
 import torch
 from _helpers import assert_unchanged, snapshot
+from _models import llama
 from safetensors.torch import load_file
 from torch import nn
-from transformers import LlamaConfig, LlamaForCausalLM
 
 import lora_inject as li
 from lora_inject import inject, load_adapter, named_loras, save_adapter
@@ -302,14 +303,10 @@ def test_an_integer_factor_is_still_refused(tmp_path):
     assert_unchanged(plain, snap)
 
 
-def tiny_llama() -> LlamaForCausalLM:
-    cfg = LlamaConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
-                      num_key_value_heads=1, vocab_size=40, max_position_embeddings=32)
-    return LlamaForCausalLM(cfg)
-
-
 def test_an_exact_target_is_taken_beside_layers_to_transform_as_peft_does(tmp_path):
     config = dict(r=2, target_modules=["q_proj", "lm_head"], layers_to_transform=[1], layers_pattern="layers")
+    tiny_llama = partial(llama, head=True, width=16, intermediate_size=32, num_attention_heads=2,
+                         num_key_value_heads=1, vocab_size=40)  # vocabulary 40, as x below
     plain, theirs = peft_saved(tiny_llama, config, tmp_path / "peft")
     keys = load_file(tmp_path / "peft/adapter_model.safetensors")
     assert "base_model.model.lm_head.lora_A.weight" in keys  # peft took lm_head despite the layer filter

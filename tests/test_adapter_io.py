@@ -17,6 +17,7 @@ from hypothesis import strategies as st
 from safetensors.torch import save_file
 from strategies import CASES
 from torch import nn
+from torch.nn.utils import parametrize
 
 import lora_inject as li
 from lora_inject import inject, load_adapter, named_loras, save_adapter
@@ -83,7 +84,7 @@ def test_round_trip_into_fresh_model_is_exact(name, tmp_path):
         assert torch.equal(other.lora_A["default"], lora.lora_A["default"])
         assert torch.equal(other.lora_B["default"], lora.lora_B["default"])
         assert other.config == lora.config and other.scaling == lora.scaling
-        assert (other.transpose, other.experts, other.factored) == (lora.transpose, lora.experts, lora.factored)
+        assert (other.view, other.factored) == (lora.view, lora.factored)
 
 
 def test_config_records_what_reinjection_needs(tmp_path):
@@ -97,8 +98,8 @@ def test_config_records_what_reinjection_needs(tmp_path):
     for key, lora in loras.items():
         t, c = config["tensors"][key], lora.config["task"]
         assert (t["r"], t["alpha"], t["rslora"], t["targets"]) == (c["r"], c["alpha"], c["rslora"], c["targets"])
-        assert t["shape"] == list(lora.shape)
-        assert t["rule"] == {"transpose": lora.transpose, "experts": lora.experts, "factored": lora.factored}
+        assert t["shape"] == list(lora.view.shape)
+        assert t["rule"] == {"transpose": lora.view.transpose, "experts": lora.view.experts, "factored": lora.factored}
 
 
 def _flat(out) -> list[torch.Tensor]:
@@ -317,8 +318,9 @@ def test_failure_while_injecting_rolls_back(tmp_path):
     model = inject(inject(net(), "^0$", r=2), "^1$", r=3)  # two inject calls when loading
     save_adapter(model, tmp_path)
     tied = net()
-    tied[2].weight = tied[1].weight  # layer 1 now shares its weight: the second call must fail
-    _refused(tied, tmp_path, ValueError, r"one tensor shared by")
+    tied[2].weight = tied[1].weight  # layer 1 now shares its weight with a user that has a parametrization
+    parametrize.register_parametrization(tied[2], "weight", nn.Identity())  # of its own: the second call fails
+    _refused(tied, tmp_path, ValueError, r"one tensor shared with `2\.weight`, which has a parametrization")
 
 
 @pytest.mark.parametrize("call, error, match", [
@@ -363,7 +365,7 @@ def _edit(path, change, *, redigest=True):
     config = json.loads(file.read_text())
     change(config)
     if redigest:  # as a careful hand edit would: the digest then no longer catches it
-        from lora_inject.io.ours import config_digest
+        from lora_inject.io._ours import config_digest
 
         config["config_sha256"] = config_digest(config)
     file.write_text(json.dumps(config))

@@ -17,6 +17,7 @@ from _helpers import assert_unchanged, snapshot
 from hypothesis import given
 from hypothesis import strategies as st
 from torch import nn
+from torch.nn.utils import parametrize
 
 import lora_inject as li
 
@@ -33,9 +34,16 @@ def mlp_a() -> nn.Sequential:
     return model
 
 
-def tied() -> nn.Sequential:
+class Half(nn.Module):
+    def forward(self, W):
+        return W / 2
+
+
+def tied_elsewhere() -> nn.Sequential:
+    """A tied embedding whose head has a parametrization of its own on the shared tensor."""
     model = nn.Sequential(OrderedDict(emb=nn.Embedding(10, 4), head=nn.Linear(4, 10, bias=False)))
     model.head.weight = model.emb.weight
+    parametrize.register_parametrization(model.head, "weight", Half())
     return model
 
 
@@ -91,7 +99,8 @@ INJECT = [
                  r"`exclude` must be a regex str, .*got set\.", id="exclude-set"),
     # init, adapter, dtype, dropout, rslora
     pytest.param(mlp_a, dict(targets="fc", init="xavier"), ValueError,
-                 r"`init` must be one of \('default', 'gaussian', 'pissa', 'olora'\), got 'xavier'\.", id="init"),
+                 r"`init` must be one of \('default', 'gaussian', 'pissa', 'olora', 'loftq'\), got 'xavier'\.",
+                 id="init"),
     pytest.param(mlp_a, dict(targets="fc", adapter="a.b"), ValueError,
                  r"`adapter` must be a Python identifier .*got 'a\.b'\.", id="adapter='a.b'"),
     pytest.param(mlp_a, dict(targets="fc", adapter=""), ValueError,
@@ -112,9 +121,9 @@ INJECT = [
                  r"`dropout`=0\.1 needs a layer with a factored form, and MultiheadAttention `attn` has none",
                  id="dropout-on-MHA"),
     # what the model holds
-    pytest.param(tied, dict(targets="head"), ValueError,
-                 r"`head\.weight` is one tensor shared by \['emb\.weight', 'head\.weight'\]\. .*Untie",
-                 id="tied-weight"),
+    pytest.param(tied_elsewhere, dict(targets="emb", r=2), ValueError,
+                 r"`emb\.weight` is one tensor shared with `head\.weight`, which has a parametrization of its own "
+                 r"\(Half\).*Remove that parametrization, untie the weights", id="tied-weight"),
     pytest.param(counter, dict(targets="", rules=rules_with(Counter, li.Rule(("weight",)))), TypeError,
                  r"`0\.weight` has dtype torch\.int64; LoRA needs a floating-point tensor\. "
                  r"Leave Counter `0` out with `exclude=`", id="integer-tensor"),

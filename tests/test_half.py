@@ -6,6 +6,7 @@ import copy
 
 import pytest
 import torch
+from _helpers import delta as lora_delta
 from _models import gpt2
 from torch import nn
 from transformers import GPT2LMHeadModel
@@ -36,7 +37,7 @@ def test_trained_fp32_adapters_merge_into_a_half_model_within_its_precision(dtyp
         with li.disabled(model):
             base = model(ids).logits
         exact = copy.deepcopy(model).double()(ids).logits  # the same weights, in float64
-        updates = {name: (lora.delta(dtype=torch.float64), lora_w0(model, name).double())
+        updates = {name: (lora_delta(lora, torch.float64), lora_w0(model, name).double())
                    for name, lora in li.named_loras(model)}
         merged_model = li.remove(copy.deepcopy(model), merge=True)
         merged = merged_model(ids).logits
@@ -84,7 +85,7 @@ def test_w0_stays_bit_identical_over_1000_forwards_and_backwards(dtype, factored
                 layer(x)
     assert torch.equal(w0, before)
     assert w0.dtype == dtype and w0.grad is None
-    delta = lora.delta().detach()
+    delta = lora_delta(lora).detach()
     assert delta.abs().max() > 1e-3  # the adapter did train
 
     # What the test would catch: adding the update to W0 and subtracting it again in the half
@@ -108,7 +109,7 @@ def test_unmerged_fast_path_keeps_small_updates_that_merging_into_half_rounds_aw
         lora.lora_A["default"].normal_(std=1.0)
         lora.lora_B["default"].normal_(std=spacing / 5)  # ΔW ~ N(0, (0.4 spacing)^2): mostly under half
     w0 = layer.parametrizations.weight.original.detach().double()
-    delta = lora.delta(dtype=torch.float64).detach()
+    delta = lora_delta(lora, torch.float64).detach()
     assert float(((w0 + delta).to(dtype).double() == w0).double().mean()) > 0.5  # lost when rounded
 
     x = torch.randn(16384, 64).to(dtype)
@@ -128,3 +129,49 @@ def test_unmerged_fast_path_keeps_small_updates_that_merging_into_half_rounds_aw
     # where |x @ W0.T| is large; but most of it survives, and most of the merged one does not.
     assert update_error(unmerged) < 0.3
     assert update_error(merged) > 0.5
+
+
+@pytest.mark.parametrize("dtype", HALF)
+@pytest.mark.parametrize("layer", ["linear", "conv1d", "embedding", "conv2d"])
+def test_half_factors_on_a_float32_base_run_in_float32(layer, dtype):
+    """The branch runs in the wider dtype: half factors are upcast, not the input cast down to them,
+    so the output and the gradients equal those of the float32 copies of the same factors."""
+    torch.manual_seed(0)
+    make = {"linear": lambda: nn.Linear(32, 16), "conv2d": lambda: nn.Conv2d(4, 8, 3),
+            "embedding": lambda: nn.Embedding(20, 16), "conv1d": lambda: gpt2().h[0].attn.c_attn}[layer]
+    x = {"linear": torch.randn(8, 32), "conv2d": torch.randn(2, 4, 6, 6),
+         "embedding": torch.randint(0, 20, (8,)), "conv1d": torch.randn(8, 16)}[layer]
+    half, wide = make(), None
+    li.inject(half, "", r=4, alpha=8, dtype=dtype)
+    with torch.no_grad():
+        for p in li.lora_parameters(half):
+            p.normal_(0, 0.5)
+    wide = copy.deepcopy(half)
+    for p in li.lora_parameters(wide):
+        p.data = p.data.float()
+    out, ref = half(x), wide(x)
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(out, ref, rtol=1e-6, atol=1e-6)
+    out.square().sum().backward()
+    ref.square().sum().backward()
+    for p, q in zip(li.lora_parameters(half), li.lora_parameters(wide), strict=True):
+        assert p.grad.dtype == dtype
+        torch.testing.assert_close(p.grad, q.grad.to(dtype))
+
+
+@pytest.mark.parametrize("dtype", HALF)
+def test_half_factors_on_a_float32_base_give_peft_outputs(dtype, tmp_path):
+    """peft upcasts half factors on load and computes in the base's float32: our export read by
+    peft gives our outputs (they were 1e-3 apart while our branch ran in the factors' dtype)."""
+    peft = pytest.importorskip("peft")
+    base = gpt2(head=True)
+    model = li.inject(copy.deepcopy(base), "c_attn|c_fc|wpe", r=4, alpha=8, dtype=dtype)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for p in li.lora_parameters(model):
+            p.normal_(0, 0.3)
+    li.save_adapter(model, tmp_path, format="peft")
+    theirs = peft.PeftModel.from_pretrained(copy.deepcopy(base), str(tmp_path)).eval()
+    x = torch.randint(1, 40, (2, 7))
+    with torch.no_grad():
+        torch.testing.assert_close(model.eval()(x).logits, theirs(x).logits, rtol=1e-6, atol=1e-6)

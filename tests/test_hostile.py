@@ -17,7 +17,6 @@ from _helpers import assert_unchanged, snapshot
 from hypothesis import Phase, event, given, settings
 from hypothesis import strategies as st
 from torch import nn
-from transformers import GPT2Config, GPT2LMHeadModel
 
 import lora_inject as li
 
@@ -25,34 +24,6 @@ SMALL_R = "exceeds min(out, in)"
 
 
 # -- shared weights, shared modules, non-float and zero-size tensors -----------------------------------
-class Tied(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.emb = nn.Embedding(10, 4)
-        self.head = nn.Linear(4, 10, bias=False)
-        self.head.weight = self.emb.weight
-
-
-def tiny_gpt2() -> GPT2LMHeadModel:
-    return GPT2LMHeadModel(GPT2Config(n_embd=8, n_layer=1, n_head=2, vocab_size=16, n_positions=8,
-                                      bos_token_id=None, eos_token_id=None))
-
-
-@pytest.mark.parametrize("make, targets, shared", [
-    pytest.param(Tied, "head", "['emb.weight', 'head.weight']", id="one-of-the-two"),
-    pytest.param(Tied, "emb|head", "['emb.weight', 'head.weight']", id="both"),
-    pytest.param(tiny_gpt2, "lm_head|c_attn", "['transformer.wte.weight', 'lm_head.weight']", id="gpt2-tied"),
-])
-def test_a_tied_weight_is_refused_clearly_and_nothing_changes(make, targets, shared):
-    model = make()
-    before = snapshot(model)
-    with pytest.raises(ValueError, match=r"inject\(\): `(head|emb|lm_head)\.weight` is one tensor shared by "
-                                         + re.escape(shared) + r"\. .*Untie the weights, or leave these "
-                                         r"modules out with `exclude=`"):
-        li.inject(model, targets, r=2)
-    assert_unchanged(model, before)
-
-
 def test_a_module_that_appears_twice_is_adapted_once_and_used_twice():
     shared = nn.Linear(4, 4).double()
     model = nn.Sequential(shared, nn.Tanh(), nn.Sequential(shared))  # "0" and "2.0"

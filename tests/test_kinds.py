@@ -17,9 +17,9 @@ from hypothesis import given
 from hypothesis import strategies as st
 from torch import nn
 
+from lora_inject._view import View
 from lora_inject.kind import Kind, Option, default_kinds, factored, find_kind, merged, register_kind
 from lora_inject.kinds import oft as oft_module
-from lora_inject.view import View
 
 peft = pytest.importorskip("peft")
 Conv1D = pytest.importorskip("transformers.pytorch_utils").Conv1D

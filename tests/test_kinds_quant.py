@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 import lora_inject as li
-from lora_inject import quant
+from lora_inject import _quant as quant
 from lora_inject.kind import find_kind, merged
 
 pytest.importorskip("torchao", reason="torchao is not installed (pip install lora_inject[quant])")

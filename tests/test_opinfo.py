@@ -24,8 +24,8 @@ import pytest
 import torch
 from torch.utils._pytree import tree_flatten
 
+from lora_inject._view import View
 from lora_inject.factored import REFUSED, FactoredWeight, Term, merge
-from lora_inject.view import View
 
 pytest.importorskip("expecttest")  # torch.testing._internal imports it
 from torch.testing._internal.common_methods_invocations import op_db  # noqa: E402

@@ -244,7 +244,8 @@ def peft_dir(tmp_path):
     pytest.param({"peft_type": "BOFT"}, r"uses peft_type 'BOFT'", id="other-type"),
     # a LoRA file relabelled as a kind that is read: its LoRA fields are not IA³'s
     pytest.param({"peft_type": "IA3"}, r"uses the field '\w+' = .* with peft_type 'IA3'", id="lora-as-ia3"),
-    pytest.param({"lora_bias": True}, r"`lora_bias`", id="lora-bias"),
+    pytest.param({"lora_bias": True}, r"has lora_bias=True, but .* lacks "
+                 r"`base_model\.model\.h\.0\.attn\.c_attn\.lora_B\.bias`", id="lora-bias-without-bias"),
     # peft's default layer pattern needs a module before the layer list, which GPT2Model lacks
     pytest.param({"layers_to_transform": [0]}, r"do not select `h\.0\.attn\.c_attn`", id="layers-to-transform"),
     pytest.param({"init_lora_weights": "pissa"}, r"init_lora_weights='pissa', which changes the base", id="pissa"),
@@ -449,3 +450,95 @@ def test_auto_peft_model_opens_our_peft_output(tmp_path):
     x = torch.randint(0, 50, (2, 7))
     with torch.no_grad():
         torch.testing.assert_close(theirs(x).logits, model(x).logits, rtol=1e-5, atol=1e-5)
+
+
+# -- lora_bias and adapter_model.bin -----------------------------------------------------------
+def test_our_bias_update_exports_as_peft_lora_bias(tmp_path):
+    """A bias update beside a LoRA on the same layer, written as peft's lora_B.bias: peft gives our
+    outputs, its merge gives our merged model, and reading it back gives the same adapter."""
+    base = gpt2()
+    model = inject(copy.deepcopy(base), "c_attn|c_fc", r=2, alpha=6)
+    inject(model, "c_attn", r=1, rules={nn.Module: li.Rule(("bias",))})
+    with torch.no_grad():
+        for p in li.lora_parameters(model):
+            p.normal_(0, 0.3)
+    save_adapter(model, tmp_path / "p", format="peft", lora_bias=True)
+    config = json.loads((tmp_path / "p" / "adapter_config.json").read_text())
+    assert config["lora_bias"] is True and config["bias"] == "none"
+    x = inputs(base)
+    theirs = peft.PeftModel.from_pretrained(copy.deepcopy(base), str(tmp_path / "p")).eval()
+    torch.testing.assert_close(outputs(theirs, x), outputs(model, x), rtol=1e-5, atol=1e-5)
+    assert not theirs.base_model.model.h[0].mlp.c_fc.lora_B["default"].bias.any()  # no update there: zeros
+    merged = li.remove(copy.deepcopy(model), merge=True)
+    theirs_merged = theirs.merge_and_unload()
+    for (n, a), (m, b) in zip(theirs_merged.named_parameters(), merged.named_parameters(), strict=True):
+        assert n == m
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
+    again = load_adapter(copy.deepcopy(base), tmp_path / "p")
+    torch.testing.assert_close(outputs(again, x), outputs(model, x), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    pytest.param(dict(format="lora_inject", lora_bias=True), r"`lora_bias=True` is an option of peft's format",
+                 id="ours-lora-bias"),
+    pytest.param(dict(format="lora_inject", safe_serialization=False),
+                 r"`safe_serialization=False` is an option of peft's format", id="ours-pickle"),
+])
+def test_peft_only_save_options_are_refused_for_our_format(kwargs, match, tmp_path):
+    with pytest.raises(ValueError, match=match):
+        save_adapter(inject(gpt2(), "c_attn", r=2), tmp_path / "out", **kwargs)
+    assert not (tmp_path / "out").exists()
+
+
+def test_lora_bias_is_refused_for_another_kind_and_a_flag_must_be_a_bool(tmp_path):
+    with pytest.raises(ValueError, match=r"`lora_bias=True` is a setting of peft's LoRA, but adapter 'default' is of "
+                                         r"kind 'ia3'"):
+        save_adapter(inject(gpt2(), "c_attn", kind="ia3", feedforward=False), tmp_path / "out", format="peft",
+                     lora_bias=True)
+    with pytest.raises(TypeError, match=r"`safe_serialization` must be a bool, got str"):
+        save_adapter(inject(gpt2(), "c_attn", r=2), tmp_path / "out", format="peft", safe_serialization="no")
+    assert not (tmp_path / "out").exists()
+
+
+def test_lora_bias_is_refused_where_peft_has_no_bias_on_lora_b(tmp_path):
+    model = inject(gpt2(), "wte|c_attn", r=2)
+    with pytest.raises(ValueError, match=r"`lora_bias=True` gives every LoRA layer .* but `wte\.weight` is a "
+                                         r"Embedding \(embedding\)"):
+        save_adapter(model, tmp_path / "out", format="peft", lora_bias=True)
+    assert not (tmp_path / "out").exists()
+
+
+class _Payload:
+    """A pickle that would run code as it is read."""
+
+    def __init__(self, marker: str) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.mkdir, (self.marker,))
+
+
+@pytest.mark.parametrize("what", ["object", "in-a-dict"])
+def test_a_pickle_that_asks_for_an_object_is_refused_and_never_run(what, peft_dir, tmp_path):
+    base, path = peft_dir
+    marker = str(tmp_path / "ran")
+    good = torch.load(path / "adapter_model.bin", weights_only=True) if (path / "adapter_model.bin").exists() else None
+    assert good is None
+    from safetensors.torch import load_file
+
+    tensors = load_file(path / "adapter_model.safetensors")
+    os.unlink(path / "adapter_model.safetensors")
+    torch.save(_Payload(marker) if what == "object" else {**tensors, "x": _Payload(marker)},
+               path / "adapter_model.bin")
+    _refused(copy.deepcopy(base), path, r"adapter_model\.bin is a pickle that asks for objects other than "
+                                        r"tensors, so it is refused and nothing in it was run")
+    assert not os.path.exists(marker)
+
+
+def test_a_pickle_of_something_else_than_tensors_is_refused(peft_dir):
+    base, path = peft_dir
+    os.unlink(path / "adapter_model.safetensors")
+    torch.save([torch.ones(2)], path / "adapter_model.bin")
+    _refused(copy.deepcopy(base), path, r"adapter_model\.bin must hold a dict of str to tensors .*, got list")
+    (path / "adapter_model.bin").write_bytes(b"garbage")
+    _refused(copy.deepcopy(base), path, r"adapter_model\.bin is truncated or corrupt")

@@ -16,9 +16,9 @@ import warnings
 import peft
 import pytest
 import torch
-from test_adapter_io import assert_unchanged, snapshot
+from _helpers import assert_unchanged, noise, randomize_kind, snapshot
+from _models import gpt2
 from torch import nn
-from transformers import GPT2Config, GPT2Model
 
 import lora_inject as li
 
@@ -50,13 +50,6 @@ def net() -> Net:
     return Net().eval()
 
 
-def gpt2() -> GPT2Model:
-    torch.manual_seed(0)
-    cfg = GPT2Config(n_layer=2, n_embd=16, n_head=2, vocab_size=50, n_positions=32, bos_token_id=0,
-                     eos_token_id=0)
-    return GPT2Model(cfg).eval()
-
-
 IDS = torch.randint(0, 50, (2, 7), generator=torch.Generator().manual_seed(2))
 
 
@@ -66,26 +59,12 @@ def run(model: nn.Module, x) -> torch.Tensor:
     return out.last_hidden_state if hasattr(out, "last_hidden_state") else out
 
 
-def noise(t: torch.Tensor, gen, name: str) -> torch.Tensor:
-    n = torch.randn(t.shape, generator=gen, dtype=torch.float64).to(t.dtype)
-    return 1 + 0.3 * n if name == "ia3_l" else (0.1 if name == "oft_R" else 0.3) * n
-
-
 def randomize_peft(model: nn.Module, seed: int) -> None:
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in sorted(model.named_parameters()):
             if p.requires_grad:
                 p.copy_(noise(p, gen, "oft_R" if ".oft_R." in name else name.rsplit(".", 2)[-2]))
-
-
-def randomize_ours(model: nn.Module, seed: int) -> None:
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for _, lora in sorted(li.named_loras(model)):
-            for name, t in sorted(lora.tensors("default").items()):
-                if isinstance(t, nn.Parameter):
-                    t.copy_(noise(t, gen, name))
 
 
 # kind, peft config, our inject arguments (targets, kw): the same adapter both ways
@@ -167,7 +146,7 @@ def test_ours_to_peft(case, tmp_path):
     make, kw = CASES[case]
     targets = quiet(make).target_modules
     ours = li.inject(net(), sorted(targets), kind=kind_of(case), **kw)
-    randomize_ours(ours, 5)
+    randomize_kind(ours, "default", 5)
     want = run(ours, X)
     li.save_adapter(ours, tmp_path, format="peft")
     config = json.loads((tmp_path / "adapter_config.json").read_text())
@@ -187,19 +166,19 @@ def test_ours_to_peft(case, tmp_path):
 @pytest.mark.parametrize("case", list(GPT2))
 def test_gpt2_conv1d_both_ways(case, tmp_path):
     make, kw = GPT2[case]
-    theirs = peft_model(gpt2(), quiet(make))
+    theirs = peft_model(gpt2(seed=0), quiet(make))
     theirs.save_pretrained(tmp_path / "peft")
-    ours = li.load_adapter(gpt2(), tmp_path / "peft")
+    ours = li.load_adapter(gpt2(seed=0), tmp_path / "peft")
     torch.testing.assert_close(run(ours, IDS), run(theirs, IDS), **TOL)
 
-    mine = li.inject(gpt2(), sorted(quiet(make).target_modules), kind=case, **kw)
-    randomize_ours(mine, 6)
+    mine = li.inject(gpt2(seed=0), sorted(quiet(make).target_modules), kind=case, **kw)
+    randomize_kind(mine, "default", 6)
     li.save_adapter(mine, tmp_path / "ours", format="peft")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        back = peft.PeftModel.from_pretrained(gpt2(), tmp_path / "ours").eval()
+        back = peft.PeftModel.from_pretrained(gpt2(seed=0), tmp_path / "ours").eval()
     torch.testing.assert_close(run(back, IDS), run(mine, IDS), **TOL)
-    base = run(gpt2(), IDS)
+    base = run(gpt2(seed=0), IDS)
     li.remove(mine, merge=False)
     assert torch.equal(run(mine, IDS), base)
 
@@ -216,7 +195,7 @@ def test_oft_on_a_larger_kernel_is_peft_merge(tmp_path):
     assert not torch.allclose(run(theirs, X), run(merged, X), **TOL)  # peft's forward is not its merge
 
     mine = li.inject(net(), ["conv3", "lin"], kind="oft", oft_block_size=4)
-    randomize_ours(mine, 8)
+    randomize_kind(mine, "default", 8)
     li.save_adapter(mine, tmp_path / "ours", format="peft")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -259,7 +238,7 @@ def test_export_refuses_what_peft_cannot_hold(kind, target, kw, match, tmp_path)
 
 @pytest.mark.parametrize("kind, kw", [("loha", {}), ("lokr", {}), ("oft", {"oft_block_size": 4})])
 def test_export_refuses_gpt2_conv1d_for_lycoris_and_oft(kind, kw, tmp_path):
-    model = li.inject(gpt2(), ["c_fc"], kind=kind, **kw)
+    model = li.inject(gpt2(seed=0), ["c_fc"], kind=kind, **kw)
     with pytest.raises(ValueError, match=rf"is a Conv1D, and peft's {kind.upper()} wraps only"):
         li.save_adapter(model, tmp_path, format="peft")
 

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 import lora_inject as li
-from lora_inject import quant
+from lora_inject import _quant as quant
 
 torchao = pytest.importorskip("torchao", reason="torchao is not installed (pip install lora_inject[quant])")
 bnb = pytest.importorskip("bitsandbytes", reason="bitsandbytes is not installed (pip install lora_inject[quant])")

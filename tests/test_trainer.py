@@ -79,6 +79,32 @@ def test_checkpoints_hold_the_adapter_and_resume_is_exact(format, tmp_path):
             torch.testing.assert_close(theirs(x).logits, at3.eval()(x).logits, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("format", ["lora_inject", "peft"])
+def test_a_new_head_trains_whole_and_reloads_both_ways(format, tmp_path):
+    """A classifier whose head is new (peft's modules_to_save): it trains, the checkpoint holds it,
+    and both lora_inject and peft read it back to the trained model's outputs."""
+    base = base_model()
+    torch.manual_seed(2)
+    model = li.inject(copy.deepcopy(base), ["query", "value"], r=4, alpha=8, modules_to_save=["classifier"])
+    li.mark_only_lora_as_trainable(model)  # leaves the head's copy trainable: it is the adapter's
+    train(trainer(model, tmp_path / "run", format))
+    head = model.classifier.parametrizations.weight[0].full["default"]
+    assert not torch.equal(head, base.classifier.weight)  # the head trained
+    for name, p in base.state_dict().items():  # and W0 did not
+        assert torch.equal(model.state_dict()[name], p)
+    x = torch.randint(1, 50, (3, 8))
+    want = model.eval()(x).logits.detach()
+    ckpt = tmp_path / "run" / "checkpoint-6"
+    ours = li.load_adapter(copy.deepcopy(base), ckpt).eval()
+    assert torch.equal(ours(x).logits, want)
+    if format == "peft":
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            theirs = peft.PeftModel.from_pretrained(copy.deepcopy(base), str(ckpt)).eval()
+        with torch.no_grad():
+            torch.testing.assert_close(theirs(x).logits, want, rtol=1e-5, atol=1e-5)
+
+
 def test_save_model_writes_the_adapter(tmp_path):
     base = base_model()
     model = adapted(base)
@@ -92,7 +118,7 @@ def test_save_model_writes_the_adapter(tmp_path):
 def test_training_what_a_checkpoint_would_not_hold_is_refused(tmp_path):
     model = li.inject(base_model(), ["query", "value"], r=4)  # the rest stays trainable
     with pytest.raises(ValueError, match=r"parameters outside adapter 'default' require grad .*"
-                                         r"mark_only_lora_as_trainable"):
+                                         r"modules_to_save=\['classifier'\].*mark_only_lora_as_trainable"):
         trainer(model, tmp_path).train()
     with pytest.raises(ValueError, match=r"no adapter 'default' to train"):
         trainer(base_model(), tmp_path).train()

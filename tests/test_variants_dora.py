@@ -71,7 +71,7 @@ def test_unchanged_at_init(kind, data):
     model = inject(copy.deepcopy(case.model), case)
     for _, lora in li.named_loras(model):
         W = lora.lora_magnitude["default"]
-        assert W.shape == (lora.out_features,) and W.requires_grad
+        assert W.shape == (lora.view.out_features,) and W.requires_grad
     for factored in (True, False):
         set_factored(model, factored) if not factored else None
         for got, want in zip(run(model, case, torch.float32), base):

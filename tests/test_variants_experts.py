@@ -60,7 +60,7 @@ def expert_weight(lora: li.LoRA, W0: torch.Tensor, e: int) -> torch.Tensor:
     """Expert ``e``'s adapted weight, from its own factors only."""
     name = "default"
     d = lora.scaling[name] * lora.lora_B[name][e] @ lora.lora_A[name][e]  # (out, r) @ (r, in)
-    return W0[e] + (d.T if lora.transpose else d)
+    return W0[e] + (d.T if lora.view.transpose else d)
 
 
 def build(kind: str):

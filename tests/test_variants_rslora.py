@@ -60,6 +60,23 @@ def test_scaling_is_alpha_over_root_r(r, alpha):
     torch.testing.assert_close(layer.weight, want)
 
 
+def test_set_scaling_sets_the_record_and_the_compiled_copy_together():
+    layer = li.inject(nn.Linear(12, 10), "", r=4, alpha=4.0)
+    lora = layer.parametrizations.weight[0]
+    with torch.no_grad():
+        lora.lora_B["default"].normal_()
+    lora.set_scaling("default", alpha=6.0, rslora=True)
+    a = lora.adapter("default")
+    assert (a.alpha, a.rslora, a.scaling) == (6.0, True, 3.0)
+    assert float(lora.scale_default) == 3.0
+    W0 = layer.parametrizations.weight.original
+    torch.testing.assert_close(layer.weight, W0 + 3.0 * lora.lora_B["default"] @ lora.lora_A["default"])
+    a.alpha = 8.0  # a plain field: only set_scaling touches the tensor copy
+    assert float(lora.scale_default) == 3.0
+    lora.set_scaling("default")
+    assert float(lora.scale_default) == a.scaling == 4.0
+
+
 def test_outputs_and_gradients_match_peft_use_rslora():
     base = MLP().double()
     theirs = peft_model(base, r=4, lora_alpha=6, use_rslora=True, rank_pattern={"down": 2})

@@ -27,23 +27,24 @@ from typing import TypeVar
 import torch
 from torch import nn
 
-from .. import quant
+from .. import _quant as quant
 from ..lora import LoRA, check_adapter_name
 from ..rule import own_tensor_names, type_name
-from . import ours, peft
-from .entries import Entry, apply, collect, tensor_shape
-from .files import write_atomic, write_safetensors
-from .wrappers import placed, unwrapped
+from . import _ours as ours
+from . import peft
+from ._entries import Entry, apply, collect, tensor_shape
+from ._wrappers import placed, unwrapped
+from .files import write_atomic, write_pickled, write_safetensors
 
 __all__ = ["load_adapter", "save_adapter"]
 
 M = TypeVar("M", bound=nn.Module)
 FORMATS = ("lora_inject", "peft")
-_ADAPTER_FILES = (ours.CONFIG, peft.CONFIG, "adapter_model.bin", ours.WEIGHTS, peft.WEIGHTS)
+_ADAPTER_FILES = (ours.CONFIG, peft.CONFIG, peft.PICKLE, ours.WEIGHTS, peft.WEIGHTS)
 
 
 def save_adapter(model: nn.Module, path: str | os.PathLike, *, adapter: str = "default",
-                 format: str = "lora_inject") -> None:
+                 format: str = "lora_inject", safe_serialization: bool = True, lora_bias: bool = False) -> None:
     r"""Write adapter ``adapter`` of ``model`` to the directory ``path``.
 
     With ``format="lora_inject"`` the directory gets ``adapter.safetensors`` (the factors) and
@@ -56,11 +57,19 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, *, adapter: str = "d
     ``Embedding``, ``Conv1d/2d/3d`` with ``groups=1``, ``MultiheadAttention`` (packed
     ``in_proj_weight`` and its out_proj) and expert weights (``target_parameters``); an update of
     full rank on any other tensor is written whole (``bias="all"``, or the module in
-    ``modules_to_save``). Per-tensor r and alpha go to ``rank_pattern``/``alpha_pattern``.
+    ``modules_to_save``), and so is an adapter's kind ``"full"``; kind ``"tokens"`` is peft's
+    ``trainable_token_indices``, and a tied tensor's update is written at each module that reads it.
+    Per-tensor r and alpha go to ``rank_pattern``/``alpha_pattern``.
     An adapter of kind ``"loha"``, ``"lokr"``, ``"oft"``, ``"ia3"`` or ``"vera"`` is written as
     peft's ``LOHA``, ``LOKR``, ``OFT``, ``IA3`` or ``VERA`` adapter, on the layers peft's tuner
     for it wraps (LoHa and LoKr: Linear, Conv1d, Conv2d; OFT: Linear, Conv2d; IA³: Linear,
     Conv1D, Conv2d, Conv3d; VeRA: Linear, Conv1D; convs with groups=1), and refused elsewhere.
+
+    With ``format="peft"``, ``safe_serialization=False`` writes the weights as
+    ``adapter_model.bin`` (``torch.save``), as peft's ``save_pretrained(safe_serialization=False)``
+    does, and ``lora_bias=True`` writes peft's ``lora_bias``: the update of each LoRA layer's bias
+    becomes ``lora_B.bias`` (``b`` with ``s * b`` the update, ``s`` the layer's LoRA scaling; zeros
+    where the bias has none), where by default the updated bias is written whole (``bias="lora_only"``).
 
     Each file is written to a temporary file in ``path`` and renamed into place, so an
     interrupted save never leaves a half-written file under the final name (and the weights'
@@ -77,11 +86,17 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, *, adapter: str = "d
         path (str or os.PathLike): the directory to write; it is created if needed.
         adapter (str): the adapter to save. Default: ``"default"``.
         format (str): ``"lora_inject"`` or ``"peft"``. Default: ``"lora_inject"``.
+        safe_serialization (bool): with ``format="peft"``, ``False`` writes ``adapter_model.bin``
+            instead of ``adapter_model.safetensors``. Default: ``True``.
+        lora_bias (bool): with ``format="peft"``, write bias updates as peft's ``lora_B.bias``
+            (``lora_bias=True``; Linear, Conv1D and Conv LoRA layers only). Default: ``False``.
 
     Raises:
         TypeError: if ``model`` is not an ``nn.Module``, ``path`` is not a str or
-            ``os.PathLike`` of str, ``format`` or ``adapter`` is not a str.
-        ValueError: if ``format`` is unknown, ``path`` is empty, ``path`` exists and is not a directory (a file, a
+            ``os.PathLike`` of str, ``format`` or ``adapter`` is not a str, or
+            ``safe_serialization`` or ``lora_bias`` is not a bool.
+        ValueError: if ``format`` is unknown, ``safe_serialization=False`` or ``lora_bias=True`` is
+            given with ``format="lora_inject"``, ``path`` is empty, ``path`` exists and is not a directory (a file, a
             dangling symlink), the model has no adapter ``adapter``, or (for ``format="peft"``)
             a tensor has no equivalent in peft's format.
         RuntimeError: if the factors are sharded (flattened by FSDP1, or DTensors under FSDP2:
@@ -100,6 +115,13 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, *, adapter: str = "d
         raise TypeError(f"{fn}(): `format` must be a str, one of {FORMATS}, got {type(format).__name__}.")
     if format not in FORMATS:
         raise ValueError(f"{fn}(): `format` must be one of {FORMATS}, got {format!r}.")
+    for flag, value, default in (("safe_serialization", safe_serialization, True), ("lora_bias", lora_bias, False)):
+        if not isinstance(value, bool):
+            raise TypeError(f"{fn}(): `{flag}` must be a bool, got {type(value).__name__}.")
+        if value != default and format != "peft":
+            raise ValueError(f"{fn}(): `{flag}={value}` is an option of peft's format, but `format` is {format!r} "
+                             "(always safetensors, bias updates as they are). Pass format='peft', or leave "
+                             f"{flag} out.")
     path = _check_path(fn, path)
     if os.path.lexists(path) and not os.path.isdir(path):
         what = "a symlink to nothing" if os.path.islink(path) and not os.path.exists(path) else "not a directory"
@@ -112,15 +134,21 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, *, adapter: str = "d
         raise RuntimeError(f"{fn}(): the factors of `{meta}` are on the meta device, so they have no values "
                            "to save. Materialise the model first (model.to_empty(device=...), then "
                            "li.init_lora(model) or load the factors), then save.")
-    if format == "peft" and any(e.kind != "lora" for e in entries):
+    if format == "peft" and any(e.kind not in peft.COMPANIONS for e in entries):
+        if lora_bias:
+            other = next(e.kind for e in entries if e.kind not in peft.COMPANIONS)
+            raise ValueError(f"{fn}(): `lora_bias=True` is a setting of peft's LoRA, but adapter {adapter!r} is of "
+                             f"kind {other!r}. Leave lora_bias out.")
         config, tensors = peft.kinds_to_peft(fn, model, entries)
     elif format == "peft":
-        config, tensors = peft.to_peft(fn, model, entries)
+        config, tensors = peft.to_peft(fn, model, entries, lora_bias=lora_bias)
     else:
         config, tensors = ours.to_ours(entries, adapter)
     weights, config_name = (
-        (peft.WEIGHTS, peft.CONFIG) if format == "peft" else (ours.WEIGHTS, ours.CONFIG))
-    blob = write_safetensors(tensors, {"format": "pt"}, integers=format == "peft")
+        (peft.WEIGHTS if safe_serialization else peft.PICKLE, peft.CONFIG) if format == "peft"
+        else (ours.WEIGHTS, ours.CONFIG))
+    blob = write_safetensors(tensors, {"format": "pt"}, integers=format == "peft") if safe_serialization \
+        else write_pickled(tensors)
     os.makedirs(path, exist_ok=True)  # only once everything to write is ready
     if format != "peft":
         config["sha256"] = hashlib.sha256(blob).hexdigest()
@@ -158,20 +186,27 @@ def load_adapter(model: M, path: str | os.PathLike, *, adapter: str | None = Non
     that must fully match), ``exclude_modules``, ``layers_to_transform``/``layers_pattern``,
     ``rank_pattern``, ``alpha_pattern``, ``use_rslora``, ``use_dora``, ``lora_dropout`` and
     ``target_parameters`` (onto expert weights ``(E, out, in)``, or ``(E, in, out)`` where the
-    module says ``is_transposed``); ``fan_in_fan_out`` follows the layer type, as in peft. Full
-    tensors (``modules_to_save`` copies, so ``task_type="SEQ_CLS"`` heads; ``bias="all"`` or
-    ``"lora_only"``; ``save_embedding_layers``) that equal the base are skipped, and the others
-    become the exact update ``W_saved - W0``, a LoRA of full rank with an identity factor: then
-    ``remove(merge=False)`` restores the base tensor and ``merge=True`` writes the saved one.
+    module says ``is_transposed``); ``fan_in_fan_out`` follows the layer type, as in peft. The
+    tensors of ``modules_to_save`` modules (so ``task_type="SEQ_CLS"`` heads) load as kind
+    ``"full"``, the saved copies, and ``trainable_token_indices`` (or a ``TRAINABLE_TOKENS``
+    adapter) as kind ``"tokens"``; other full
+    tensors (``bias="all"`` or ``"lora_only"``; ``save_embedding_layers``) that equal the base are
+    skipped, and the others become the exact update ``W_saved - W0``, a LoRA of full rank with an
+    identity factor: then ``remove(merge=False)`` restores the base tensor and ``merge=True``
+    writes the saved one. A tied embedding and head take one adapter, which both read; peft's
+    updates of the two must agree (peft's ``ensure_weight_tying``, or an adapter saved here).
     An integer tensor of such a copy (a BatchNorm's ``num_batches_tracked``) has no update: where
     it differs from the model's, it is copied into it exactly (``remove`` does not undo that).
     A ``MultiheadAttention`` gets peft's semantics, in which out_proj's update counts twice.
     peft's ``LOHA``, ``LOKR``, ``OFT``, ``IA3`` and ``VERA`` adapters load as adapters of the
     kinds ``"loha"``, ``"lokr"``, ``"oft"``, ``"ia3"`` and ``"vera"``, their structure (LoKr's
     full or low-rank factors, OFT's block size) checked against the saved shapes.
-    What cannot be reproduced (other peft types, ``lora_bias``, ``trainable_token_indices``,
-    inits that change the base weights, a pickled ``adapter_model.bin``, grouped conv, ...) is
-    refused.
+    ``lora_bias`` (a bias on ``lora_B``) becomes the exact update ``s * b`` of the layer's bias,
+    so a merge adds it to the bias as peft's does. ``adapter_model.bin`` (peft's
+    ``safe_serialization=False``) is read with ``torch.load(weights_only=True)``: a pickle that
+    asks for any object but tensors is refused, never run.
+    What cannot be reproduced (other peft types, an update on one user of a tied tensor only,
+    inits that change the base weights, grouped conv, ...) is refused.
 
     Args:
         model (nn.Module): the base model, or a model that already carries the adapter.

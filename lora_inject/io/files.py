@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import os
+import pickle
 import tempfile
 
 import torch
@@ -73,6 +75,56 @@ def read_safetensors(fn: str, file: str, *, integers: bool = False) -> tuple[dic
                             f"{list(t.shape)}; LoRA factors must be floating point ({', '.join(DTYPES)}). "
                             "Cast them and save again.")
     return tensors, blob
+
+
+def read_pickled(fn: str, file: str, *, integers: bool = False) -> dict[str, Tensor]:
+    """Read a ``torch.save`` file of a dict of tensors (peft's ``adapter_model.bin``) with
+    ``torch.load(weights_only=True)``, which unpickles tensors and plain containers only: a file
+    that asks for any other object (a ``__reduce__`` that runs code) is refused, unrun.
+
+    Raises:
+        ValueError: if the file is missing, corrupt, holds anything but a dict of str to
+            tensors, or asks to unpickle an object that is not a tensor.
+        TypeError: if a tensor is not floating point (or integer, with ``integers``).
+    """
+    try:
+        with open(file, "rb") as f:
+            blob = f.read()
+    except FileNotFoundError:
+        raise ValueError(f"{fn}(): the adapter's weights {file} are missing; save it again.") from None
+    try:
+        tensors = torch.load(io.BytesIO(blob), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        # torch names what it blocked ("Trying to load unsupported GLOBAL posix.mkdir ..."); other
+        # unpickling errors are a broken file
+        asked = next((line.strip() for line in str(e).splitlines() if "GLOBAL" in line), None)
+        if asked is None:
+            raise ValueError(f"{fn}(): {file} is truncated or corrupt ({str(e).strip().splitlines()[-3:][0]}). "
+                             "Save the adapter again.") from None
+        raise ValueError(f"{fn}(): {file} is a pickle that asks for objects other than tensors, so it is "
+                         f"refused and nothing in it was run ({asked}). Save the adapter with safetensors "
+                         "(peft's save_pretrained(..., safe_serialization=True)).") from None
+    except Exception as e:  # a truncated or garbage file: zipfile's, pickle's or torch's own errors
+        raise ValueError(f"{fn}(): {file} is truncated or corrupt ({type(e).__name__}: {e}). Save the "
+                         "adapter again.") from None
+    if not isinstance(tensors, dict) or not all(
+            isinstance(k, str) and isinstance(t, Tensor) for k, t in tensors.items()):
+        raise ValueError(f"{fn}(): {file} must hold a dict of str to tensors (a state dict), got "
+                         f"{type(tensors).__name__}. It is not an adapter's weights.")
+    for key, t in tensors.items():
+        if t.dtype not in DTYPES.values() and not (integers and is_integer(t.dtype)):
+            raise TypeError(f"{fn}(): `{key}` in {file} has dtype {dtype_name(t.dtype)} and shape "
+                            f"{list(t.shape)}; LoRA factors must be floating point ({', '.join(DTYPES)}). "
+                            "Cast them and save again.")
+    return tensors
+
+
+def write_pickled(tensors: dict[str, Tensor]) -> bytes:
+    """Encode ``tensors`` with ``torch.save``, as peft's ``save_pretrained(safe_serialization=False)``
+    writes ``adapter_model.bin``: plain contiguous CPU tensors, each with its own storage."""
+    buffer = io.BytesIO()
+    torch.save({k: tensors[k].detach().to("cpu").contiguous().clone() for k in sorted(tensors)}, buffer)
+    return buffer.getvalue()
 
 
 def is_integer(dtype: torch.dtype) -> bool:

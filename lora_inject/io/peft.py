@@ -16,7 +16,13 @@ expert Parameter ``q``      ``p[.base_layer]*.lora_A.weight``       ``(E*r, in)`
 (``target_parameters``)     (one ``base_layer`` per later param)
 full copies                 ``p.bias``/``p.base_layer.bias``; a     the tensor's own
                             ``modules_to_save`` module's tensors
+trainable tokens            ``p.token_adapter.trainable_tokens_     ``(n, dim)``
+                            delta``
 ==========================  ======================================  ==========================
+
+A ``modules_to_save`` module's tensors are kind ``"full"`` here, ``trainable_token_indices`` kind
+``"tokens"``. A tied embedding and head (one tensor, :mod:`lora_inject._tied`) hold one adapter;
+peft holds one per module, so it is written at each, and read back as one where they agree.
 
 peft scales by ``lora_alpha / r`` (or ``/ sqrt(r)`` with ``use_rslora``), with per-module
 overrides in ``rank_pattern``/``alpha_pattern`` (regexes, matched as ``(.*\\.)?(key)$``).
@@ -38,23 +44,26 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils.parametrize import type_before_parametrizations
 
+from .._chain import find_lora, parametrized, source
+from .._selection import named_modules
+from .._tied import tensor_users, users_of
+from .._view import View, compute_dtype
 from ..kind import find_kind, kernel
 from ..kinds.oft import block_size
-from ..lookup import named_modules, parametrized, source
 from ..lora import LoRA, lora_scaling
 from ..rule import find_rule, own_tensor_names, type_name
-from ..view import View, compute_dtype
-from .entries import Copy, Entry, tensor_shape
-from .files import dtype_name, is_integer, read_json, read_safetensors
+from ._entries import Copy, Entry, tensor_shape
+from .files import dtype_name, is_integer, read_json, read_pickled, read_safetensors
 
 CONFIG = "adapter_config.json"
 WEIGHTS = "adapter_model.safetensors"
+PICKLE = "adapter_model.bin"  # peft's save_pretrained(safe_serialization=False)
 PREFIX = "base_model.model."
 _SUFFIXES = {".lora_A.weight": "A", ".lora_B.weight": "B", ".lora_embedding_A": "A", ".lora_embedding_B": "B",
-             ".lora_magnitude_vector": "m"}
+             ".lora_magnitude_vector": "m", ".lora_B.bias": "b"}
+_BIASED = ("linear", "conv", "conv1d")  # the layers where peft's lora_B has a bias (lora_bias=True)
 _INITS = (True, False, "gaussian", "eva", "orthogonal")  # inits that leave the base weights alone
 _UNSUPPORTED = {
-    "lora_bias": "`lora_bias`", "trainable_token_indices": "`trainable_token_indices`",
     "layer_replication": "`layer_replication`", "megatron_config": "Megatron layers",
     "use_qalora": "QALoRA", "alora_invocation_tokens": "aLoRA", "velora_config": "VeLoRA",
     "monteclora_config": "MonteCLoRA", "arrow_config": "Arrow", "kasa_config": "KaSA", "use_bdlora": "BD-LoRA",
@@ -65,8 +74,14 @@ _KNOWN = {
     "alpha_pattern", "use_rslora", "fan_in_fan_out", "bias", "init_lora_weights", "layers_pattern",
     "megatron_core", "loftq_config", "modules_to_save", "target_parameters", "layers_to_transform",
     "eva_config", "corda_config", "lora_ga_config", "qalora_group_size",
-    "runtime_config", "ensure_weight_tying", "target_modules_to_tie", "use_dora", *_UNSUPPORTED,
+    "runtime_config", "ensure_weight_tying", "target_modules_to_tie", "use_dora", "lora_bias",
+    "trainable_token_indices", *_UNSUPPORTED,
 }
+_TOKENS_KNOWN = {"peft_type", "task_type", "base_model_name_or_path", "revision", "inference_mode", "auto_mapping",
+                 "peft_version", "target_modules", "token_indices", "init_weights"}
+TOKENS = ".token_adapter.trainable_tokens_delta"  # trainable_token_indices: the rows' values, below the module
+COMPANIONS = ("lora", "full", "tokens")  # the kinds a LORA adapter holds: LoRA, modules_to_save, tokens
+EMBEDDING_NAMES = ("embed_tokens",)  # the input embeddings peft ties its head to (EMBEDDING_LAYER_NAMES)
 
 
 def peft_kind(module: nn.Module, parent: nn.Module | None) -> tuple[str | None, str]:
@@ -145,6 +160,14 @@ def _export_kind(fn: str, e: Entry, module: nn.Module, parent: nn.Module | None,
     would differ from the entry's.
     """
     kind, why = peft_kind(module, parent)
+    if e.kind == "full":  # a module saved whole, or a bias alone (peft's `bias`)
+        return "full"
+    if e.kind == "tokens":
+        if kind not in ("embedding", "linear") or e.tensor != "weight":
+            raise ValueError(f"{fn}(): `{e.key}` has trainable tokens, but peft's trainable_token_indices "
+                             f"covers the weight of an Embedding or a Linear head, not {why or 'this tensor'}. "
+                             "Save with format='lora_inject'.")
+        return "tokens"
     view = View(tuple(e.shape), e.transpose, e.experts)
     if e.module and not e.experts and not e.dora and e.r >= min(view.out_features, view.in_features) and (
             dora or kind not in _LORA_KINDS or e.tensor != "weight"):
@@ -167,17 +190,24 @@ def _export_kind(fn: str, e: Entry, module: nn.Module, parent: nn.Module | None,
 
 
 def _merged(module: nn.Module, e: Entry) -> Tensor:
-    """``W0 + s * B @ A`` of entry ``e`` alone, in the base's dtype."""
+    """``W0 + s * B @ A`` of entry ``e`` alone (a full copy: the copy), in the base's dtype."""
     base = source(module, e.tensor).detach()
+    if e.kind == "full":
+        return e.extra["full"].to(base.dtype)
     view = View(tuple(e.shape), e.transpose, e.experts)
     dtype = compute_dtype(base.dtype, e.A.dtype)
     delta = lora_scaling(e.r, e.alpha, e.rslora) * (e.B.to(dtype) @ e.A.to(dtype))
     return (base.to(dtype) + view.stored(delta)).to(base.dtype)
 
 
-def to_peft(fn: str, model: nn.Module, entries: list[Entry]) -> tuple[dict, dict[str, Tensor]]:
-    """Translate our entries to peft's config and tensors, or raise if one has no equivalent."""
+def to_peft(fn: str, model: nn.Module, entries: list[Entry], lora_bias: bool = False) -> tuple[dict, dict[str, Tensor]]:
+    """Translate our entries to peft's config and tensors, or raise if one has no equivalent.
+
+    With ``lora_bias``, the update of each LoRA layer's bias is written as peft's ``lora_B.bias``
+    (``b = delta / s``, zeros where the bias has no update) instead of a copy of the whole bias.
+    """
     entries = [_from_w0(e) for e in entries]
+    entries, tie = _untied(fn, model, entries)
     modules = dict(named_modules(model))
     parents = _parents(modules)
     dora = any(e.dora for e in entries)
@@ -192,8 +222,9 @@ def to_peft(fn: str, model: nn.Module, entries: list[Entry]) -> tuple[dict, dict
                              "peft would apply the adapter at one of them only, so "
                              "it would not give this model's outputs. Save with format='lora_inject', or untie "
                              "the module.")
-    lora = [e for e in entries if kinds[e.key] != "full"]
+    lora = [e for e in entries if kinds[e.key] not in ("full", "tokens")]
     full = [e for e in entries if kinds[e.key] == "full"]
+    tokens = [e for e in entries if kinds[e.key] == "tokens"]
     wrapped = {e.module for e in lora if kinds[e.key] in _LORA_KINDS}
     # modules_to_save (a bias alone is peft's `bias`): the outermost module of each, whose copy holds
     # its submodules' tensors too, as peft wraps and saves it (a MultiheadAttention with its out_proj)
@@ -207,6 +238,20 @@ def to_peft(fn: str, model: nn.Module, entries: list[Entry]) -> tuple[dict, dict
     if clash is not None:
         raise ValueError(f"{fn}(): `{clash.module}` would be both a full copy (modules_to_save) and a LoRA "
                          "layer in peft's format, which peft cannot hold. Save with format='lora_inject'.")
+    if lora_bias:
+        odd = next((e for e in lora if kinds[e.key] not in _BIASED or e.dora), None)
+        if odd is not None:
+            why = "DoRA" if odd.dora else f"a {odd.type} ({kinds[odd.key]})"
+            raise ValueError(f"{fn}(): `lora_bias=True` gives every LoRA layer a bias on lora_B, which peft has on "
+                             f"Linear, Conv1D and Conv layers without DoRA only, but `{odd.key}` is {why}. Save "
+                             "with lora_bias=False (the bias is then written whole).")
+    scalings = {e.module: lora_scaling(e.r, e.alpha, e.rslora) for e in lora}
+    own_bias = {e.module: e for e in full if lora_bias and e.tensor == "bias" and e.module in wrapped
+                and not copied(e.module)}  # written as lora_B.bias
+    zero = next((m for m in own_bias if scalings[m] == 0), None)
+    if zero is not None:
+        raise ValueError(f"{fn}(): `{zero}` has a bias update but a LoRA scaling of 0, so no lora_B.bias gives it. "
+                         "Save with lora_bias=False.")
     mha: dict[str, dict[str, Entry]] = {}  # MultiheadAttention path -> its in_proj and out_proj entries
     for e in lora:
         if kinds[e.key] in ("mha", "mha_out"):
@@ -235,7 +280,7 @@ def to_peft(fn: str, model: nn.Module, entries: list[Entry]) -> tuple[dict, dict
     ranks = {pkey[e.key]: e.r for e in lora}
     r0 = Counter(ranks.values()).most_common(1)[0][0] if lora else 8
     a0 = Counter(alphas.values()).most_common(1)[0][0] if lora else 8
-    biases = {e.module for e in full if e.tensor == "bias" and not copied(e.module)}
+    biases = {e.module for e in full if e.tensor == "bias" and not copied(e.module) and e.module not in own_bias}
     names = [n for n in modules if n]
     targets = sorted({pkey[e.key] for e in lora if kinds[e.key] != "param"}, key=list(modules).index)
     exact = {p: ("^" if any(n != p and n.endswith("." + p) for n in names) else "") + re.escape(p)
@@ -255,12 +300,14 @@ def to_peft(fn: str, model: nn.Module, entries: list[Entry]) -> tuple[dict, dict
         "alpha_pattern": {exact[p]: a for p, a in alphas.items() if a != a0},
         "use_rslora": rslora,
         "fan_in_fan_out": "conv1d" in kinds.values() and "linear" not in kinds.values(),
-        "lora_dropout": dropouts[0], "lora_bias": False, "use_dora": doras[0],
+        "lora_dropout": dropouts[0], "lora_bias": lora_bias, "use_dora": doras[0],
         "bias": "none" if not biases else "lora_only" if biases <= wrapped else "all",
         "modules_to_save": sorted(copies, key=list(modules).index) or None,
         "init_lora_weights": True, "layers_to_transform": None, "layers_pattern": None, "exclude_modules": None,
+        "trainable_token_indices": {e.module: list(e.options["token_indices"]) for e in tokens} or None,
+        "ensure_weight_tying": tie,
     }
-    tensors = {}
+    tensors = {PREFIX + e.module + TOKENS: e.extra["trainable_tokens_delta"] for e in tokens}
     for e in lora:
         p, kind = PREFIX + e.module, kinds[e.key]
         if e.dora:  # (out,); for Conv (1, out, 1, ..)
@@ -280,6 +327,11 @@ def to_peft(fn: str, model: nn.Module, entries: list[Entry]) -> tuple[dict, dict
             E, r = e.A.shape[0], e.r  # (E, r, in) -> (E*r, in); (E, out, r) -> (out, r*E), r-major
             A, B = A.reshape(E * r, -1), B.permute(1, 2, 0).reshape(B.shape[1], r * E)
         tensors[p + ".lora_A.weight"], tensors[p + ".lora_B.weight"] = A, B
+        if lora_bias:  # (out,): the bias gains s * b
+            b = own_bias.get(e.module)
+            b = (b.B.float() @ b.A.float()).reshape(-1) * (lora_scaling(b.r, b.alpha, b.rslora) / scalings[e.module]
+                                                         ) if b is not None else B.new_zeros(B.shape[0])
+            tensors[p + ".lora_B.bias"] = b.to(B.dtype)
     for owner, pair in mha.items():  # peft adapts in_proj and out_proj together: the missing one is zero
         e = next(iter(pair.values()))
         mod = modules[owner]
@@ -291,7 +343,7 @@ def to_peft(fn: str, model: nn.Module, entries: list[Entry]) -> tuple[dict, dict
                 tensors[p + ".lora_B.weight"] = e.B.new_zeros(out, e.r)
     by_key = {e.key: e for e in full}
     for e in full:
-        if copied(e.module):
+        if copied(e.module) or e.module in own_bias and e.tensor == "bias":
             continue
         tensors[f"{PREFIX}{e.module}{'.base_layer' if e.module in wrapped else ''}.{e.tensor}"] = \
             _merged(modules[e.module], e)
@@ -302,6 +354,42 @@ def to_peft(fn: str, model: nn.Module, entries: list[Entry]) -> tuple[dict, dict
                 e = by_key.get(f"{path}.{q}")
                 tensors[f"{PREFIX}{path}.{q}"] = _merged(module, e) if e else source(module, q).detach()
     return config, tensors
+
+
+def _untied(fn: str, model: nn.Module, entries: list[Entry]) -> tuple[list[Entry], bool]:
+    """``entries`` with each tied tensor's update also on its other users (see :mod:`lora_inject._tied`),
+    as peft needs it to give their outputs: the head's LoRA is the embedding's transposed, a saved
+    module is saved at each user. Trainable tokens stay on the input embeddings alone where peft
+    ties the head to them itself (a transformers model with ``_tied_weights_keys``). Also whether
+    peft ties them itself (``ensure_weight_tying``: an ``embed_tokens`` and its head)."""
+    modules = dict(named_modules(model))
+    get = getattr(model, "get_input_embeddings", None)
+    embeddings = get() if callable(get) and getattr(model, "_tied_weights_keys", None) else None
+    out, tie = [], False
+    for e in entries:
+        out.append(e)
+        lora = find_lora(modules[e.module], e.tensor)
+        users = users_of(lora) if lora is not None else []
+        if not users or e.kind == "tokens" and modules[e.module] is embeddings:
+            continue
+        for u in users:
+            rule = find_rule(u.module)
+            own = rule is not None and rule.adapts(u.tensor_name)
+            transpose = own and rule.transpose and len(e.shape) == 2
+            if e.kind == "lora" and transpose != e.transpose:
+                if e.dora or len(e.shape) != 2:
+                    raise ValueError(f"{fn}(): `{e.key}` is tied to `{u.qualname}.{u.tensor_name}`, which reads it in "
+                                     "another layout, and peft cannot give its DoRA there. Save with "
+                                     "format='lora_inject'.")
+                # the same stored update s * B @ A in the other layout: (B.T, A.T) as (A', B')
+                e_u = dataclasses.replace(e, A=e.B.mT.contiguous(), B=e.A.mT.contiguous(), transpose=transpose)
+            else:
+                e_u = dataclasses.replace(e, transpose=transpose)
+            out.append(dataclasses.replace(e_u, module=u.qualname, tensor=u.tensor_name, type=type_name(u.module),
+                                           factored=own and rule.is_factored(u.module)))
+            tie = tie or (e.kind in ("lora", "full") and embeddings is modules[e.module]
+                          and e.module.rpartition(".")[2] in EMBEDDING_NAMES)
+    return out, tie
 
 
 def _state_names(module: nn.Module) -> list[str]:
@@ -345,19 +433,24 @@ class Saved:
                 if rest != key and end is not None:
                     paths.append(rest[: -len(end)])
                 continue
+            if rest.endswith(TOKENS):
+                paths.append(rest[: -len(TOKENS)])
+                continue
             suffix = next((s for s in _SUFFIXES if rest.endswith(s)), None)
             paths.append(_unwrap(rest[: -len(suffix)] if suffix else rest.rpartition(".")[0])[0])
         return paths
 
 
 def read_peft(fn: str, path: str) -> Saved:
-    """Read peft's adapter in the directory ``path``, checking its config."""
+    """Read peft's adapter in the directory ``path``, checking its config. The weights are
+    ``adapter_model.safetensors``, or else ``adapter_model.bin``, read with
+    ``torch.load(weights_only=True)``: tensors only, never an arbitrary object."""
     file, weights = os.path.join(path, CONFIG), os.path.join(path, WEIGHTS)
     config = read_json(fn, file)
     _check_config(fn, file, config)
-    if not os.path.exists(weights) and os.path.exists(os.path.join(path, "adapter_model.bin")):
-        raise ValueError(f"{fn}(): {path} holds adapter_model.bin (a pickle), which is not read; save it "
-                         "with peft's save_pretrained(..., safe_serialization=True).")
+    if not os.path.exists(weights) and os.path.exists(os.path.join(path, PICKLE)):
+        weights = os.path.join(path, PICKLE)
+        return Saved(file, weights, config, read_pickled(fn, weights, integers=True))
     tensors, _ = read_safetensors(fn, weights, integers=True)
     return Saved(file, weights, config, tensors)
 
@@ -373,12 +466,18 @@ def from_peft(fn: str, model: nn.Module, saved: Saved) -> tuple[list[Entry], lis
     """
     if kind_of(saved.config) is not None:
         return kinds_from_peft(fn, model, saved), []
+    if saved.config.get("peft_type") == "TRAINABLE_TOKENS":  # peft's tokens alone: `p.trainable_tokens_delta`
+        return _tied_once(fn, saved.file, model, _token_entries(fn, model, dict(named_modules(model)), saved),
+                          saved.config), []
     file, weights, config, tensors = saved.file, saved.weights, saved.config, saved.tensors
     modules = dict(named_modules(model))
     factors: dict[tuple[str, int], dict[str, tuple[str, Tensor]]] = {}
     full: dict[tuple[str, str], tuple[str, Tensor]] = {}
+    entries = _token_entries(fn, model, modules, saved)
     for key, t in sorted(tensors.items()):
         rest = key.removeprefix(PREFIX)
+        if rest.endswith(TOKENS):
+            continue  # read above
         suffix = next((s for s in _SUFFIXES if rest.endswith(s)), None)
         where, _, tensor = (rest[: -len(suffix)], "", "") if suffix else rest.rpartition(".")
         module, depth = _unwrap(where)
@@ -400,14 +499,24 @@ def from_peft(fn: str, model: nn.Module, saved: Saved) -> tuple[list[Entry], lis
         else:
             factors.setdefault((module, depth), {})[_SUFFIXES[suffix]] = (key, t)
     claims = _claims(fn, file, config, modules)
+    if config.get("ensure_weight_tying"):  # peft gives the head tied to a targeted embed_tokens its LoRA too
+        users = tensor_users(model)
+        for (name, _), (_, tensor, kind, _, _) in list(claims.items()):
+            if kind == "embedding" and name.rpartition(".")[2] in EMBEDDING_NAMES:
+                for q, m, t in users.get(id(source(modules[name], tensor)), []):
+                    if q != name and t == "weight" and peft_kind(m, None)[0] == "linear":
+                        claims.setdefault((q, 0), (q, t, "linear", q, PREFIX + q))
     stray = next((g for g in factors if g not in claims), None)
     if stray is not None:
         first = min(k for k, _ in factors[stray].values())
         raise ValueError(f"{fn}(): {weights} holds `{first}`, but `target_modules`/`target_parameters` in {file} "
                          f"do not select `{stray[0]}`, so peft would not load it.")
-    entries = [_lora_entry(fn, file, weights, config, modules[c[0]], *c, factors.get(g, {}))
-               for g, c in claims.items()]
+    lora_entries = [_lora_entry(fn, file, weights, config, modules[c[0]], *c, factors.get(g, {}))
+                    for g, c in claims.items()]
+    biases = _lora_biases(fn, file, weights, config, modules, claims, factors, lora_entries)
+    entries += lora_entries
     adapted = {(e.module, e.tensor) for e in entries}
+    whole = config.get("modules_to_save") or []
     copies = []
     for (name, tensor), (key, t) in full.items():
         base = source(modules[name], tensor).detach()
@@ -419,10 +528,157 @@ def from_peft(fn: str, model: nn.Module, saved: Saved) -> tuple[list[Entry], lis
             if not torch.equal(t.to(base.device), base):  # a counter: carried exactly, never a LoRA
                 copies.append(Copy(name, tensor, t))
             continue
-        e = _update_entry(fn, weights, name, modules[name], tensor, key, t, (name, tensor) in adapted)
+        if any(re.match(rf"(^|.*\.){re.escape(m)}($|\..*)", name) for m in whole):  # peft trains it whole
+            entries.append(_full_entry(fn, weights, name, modules[name], tensor, key, t))
+            continue
+        e = _update_entry(fn, weights, name, modules[name], tensor, key, t, (name, tensor) in adapted,
+                          biases.pop((name, tensor), None))
         if e is not None:
             entries.append(e)
-    return entries, copies
+    for (name, tensor), delta in biases.items():  # lora_bias alone: the bias gains s * b
+        entries.append(_exact_entry(name, modules[name], tensor, delta))
+    return _tied_once(fn, file, model, entries, config), copies
+
+
+def _full_entry(fn: str, weights: str, name: str, module: nn.Module, tensor: str, key: str, saved: Tensor) -> Entry:
+    """A tensor of a ``modules_to_save`` module: kind ``"full"``, the saved copy."""
+    base = source(module, tensor).detach()
+    if tuple(saved.shape) != tuple(base.shape):
+        raise ValueError(f"{fn}(): {weights} holds `{key}` {tuple(saved.shape)}, the copy of `{name}.{tensor}` "
+                         f"{tuple(base.shape)} in modules_to_save, of another shape (a resized vocabulary?). It was "
+                         "saved from another model; nothing was loaded.")
+    rule = find_rule(module)
+    ours = rule is not None and rule.adapts(tensor)
+    return Entry(module=name, tensor=tensor, type=type_name(module), shape=tuple(base.shape), A=None, B=None,
+                 r=None, alpha=None, transpose=ours and rule.transpose, experts=ours and rule.experts,
+                 factored=bool(ours and rule.is_factored(module)), extra={"full": saved}, kind="full")
+
+
+def _token_entries(fn: str, model: nn.Module, modules: dict[str, nn.Module], saved: Saved) -> list[Entry]:
+    """The trainable tokens of peft's ``trainable_token_indices``, as entries of kind ``"tokens"``."""
+    spec = saved.config.get("trainable_token_indices")
+    end = TOKENS
+    if saved.config.get("peft_type") == "TRAINABLE_TOKENS":  # its target_modules, each with its token_indices
+        end, targets = ".trainable_tokens_delta", saved.config["target_modules"]
+        spec = {p: saved.config.get("token_indices") for p in modules if p and _matches(targets, p)}
+    keys = {k.removeprefix(PREFIX)[: -len(end)]: (k, t) for k, t in saved.tensors.items() if k.endswith(end)}
+    if not spec and not keys:
+        return []
+    if not spec:
+        first = min(k for k, _ in keys.values())
+        raise ValueError(f"{fn}(): {saved.weights} holds `{first}`, but `trainable_token_indices` in {saved.file} "
+                         "is empty, so peft would not load it.")
+    if isinstance(spec, dict):
+        chosen = {}
+        for name, ids in spec.items():
+            for path in keys:
+                if path.endswith(name):
+                    chosen[path] = ids
+        if saved.config.get("peft_type") == "TRAINABLE_TOKENS":  # peft wraps the tied head too, and saves it
+            chosen.update({p: saved.config.get("token_indices") for p in keys if p not in chosen})
+    else:
+        get = getattr(model, "get_input_embeddings", None)
+        emb = get() if callable(get) else None
+        chosen = {p: spec for p, m in modules.items() if m is emb}
+    entries = []
+    for path, (key, t) in keys.items():
+        module = modules.get(path)
+        if module is None or path not in chosen:
+            raise ValueError(f"{fn}(): {saved.weights} holds `{key}`, but the model has no module `{path}` that "
+                             f"`trainable_token_indices` in {saved.file} selects. It was saved from another model.")
+        ids = tuple(chosen[path])
+        shape = tensor_shape(module, "weight")
+        if tuple(t.shape) != (len(ids), *shape[1:]):
+            raise ValueError(f"{fn}(): `{key}` has shape {tuple(t.shape)}, but {len(ids)} tokens of `{path}.weight` "
+                             f"{shape} need {(len(ids), *shape[1:])}. It was saved from another model.")
+        rule = find_rule(module)
+        ours = rule is not None and rule.adapts("weight")
+        entries.append(Entry(module=path, tensor="weight", type=type_name(module), shape=shape, A=None, B=None,
+                             r=None, alpha=None, transpose=ours and rule.transpose,
+                             factored=bool(ours and rule.is_factored(module)),
+                             extra={"trainable_tokens_delta": t}, kind="tokens", options={"token_indices": ids}))
+    missing = [p for p in chosen if p not in keys]
+    if missing:
+        raise ValueError(f"{fn}(): `trainable_token_indices` in {saved.file} selects `{missing[0]}`, but "
+                         f"{saved.weights} lacks `{PREFIX}{missing[0]}{TOKENS}`. The file is corrupt.")
+    return entries
+
+
+def _result(e: Entry, base: Tensor) -> Tensor:
+    """The stored tensor that entry ``e`` makes of ``base``, in float32: to compare two users' updates."""
+    base = base.detach().float()
+    if e.kind == "full":
+        return e.extra["full"].float()
+    if e.kind == "tokens":
+        return base.index_copy(0, torch.tensor(e.options["token_indices"]), e.extra["trainable_tokens_delta"].float())
+    view = View(tuple(e.shape), e.transpose, e.experts)
+    return base + view.stored(lora_scaling(e.r, e.alpha, e.rslora) * (e.B.float() @ e.A.float()))
+
+
+def _tied_once(fn: str, file: str, model: nn.Module, entries: list[Entry], config: dict) -> list[Entry]:
+    """``entries`` with one entry per tied tensor (see :mod:`lora_inject._tied`): peft's adapter for a tied
+    embedding and head gives them one update, saved at each (the first is kept), or at the embedding alone
+    where peft ties the head itself. Raises where the users would read different tensors."""
+    modules = dict(named_modules(model))
+    users = tensor_users(model)
+    get = getattr(model, "get_input_embeddings", None)
+    embeddings = get() if callable(get) and getattr(model, "_tied_weights_keys", None) else None
+    groups: dict[int, list[Entry]] = {}
+    order = {name: i for i, name in enumerate(modules)}
+    for e in sorted(entries, key=lambda e: order[e.module]):  # a tied tensor at its first user, as inject
+        groups.setdefault(id(source(modules[e.module], e.tensor)), []).append(e)
+    out = []
+    for key, group in groups.items():
+        first, sharing = group[0], users.get(key, [])
+        if len(sharing) < 2:
+            out += group
+            continue
+        base = source(modules[first.module], first.tensor)
+        want = _result(first, base)
+        odd = next((e for e in group[1:] if not torch.allclose(_result(e, base), want, rtol=1e-5, atol=1e-6)), None)
+        tied_by_peft = modules[first.module] is embeddings and (
+            first.kind == "tokens" or config.get("ensure_weight_tying") and first.module.rpartition(".")[2]
+            in EMBEDDING_NAMES)
+        held = {e.module for e in group}
+        unheld = [q for q, _, _ in sharing if q not in held]
+        if odd is not None or unheld and not tied_by_peft:
+            other = f"`{odd.key}`" if odd is not None else ", ".join(f"`{q}`" for q in unheld)
+            raise ValueError(
+                f"{fn}(): {file} gives `{first.key}` and {other} different values, but they are one tied tensor "
+                "of this model, which lora_inject adapts once for all its users (peft applies it at one of them "
+                "only). Load it into an untied model (transformers: tie_word_embeddings=False); nothing was loaded.")
+        out.append(first)
+    return out
+
+
+def _lora_biases(fn: str, file: str, weights: str, config: dict, modules: dict[str, nn.Module], claims: dict,
+                 factors: dict, entries: list[Entry]) -> dict[tuple[str, str], Tensor]:
+    """peft's ``lora_bias``: ``(module path, "bias")`` to the update ``s * lora_B.bias`` that each
+    LoRA adds to its layer's output, and so to its bias (where peft's merge adds it)."""
+    on = bool(config.get("lora_bias"))
+    out = {}
+    for (g, (name, tensor, kind, pkey, base)), e in zip(claims.items(), entries):
+        got = factors.get(g, {})
+        key = f"{base}.lora_B.bias"
+        if not on and "b" not in got:
+            continue
+        if kind not in _BIASED or tensor != "weight":
+            raise ValueError(f"{fn}(): {file} has lora_bias=True on `{name}` ({kind}), where peft's lora_B has no "
+                             "bias (only Linear, Conv1D and Conv layers); nothing was loaded.")
+        if "b" not in got or not on:
+            raise ValueError(f"{fn}(): {file} has lora_bias={on}, but {weights} {'holds' if 'b' in got else 'lacks'}"
+                             f" `{key}`. It was saved from another adapter.")
+        b = got["b"][1]
+        module = modules[name]
+        if tuple(b.shape) != (e.B.shape[-2],):
+            raise ValueError(f"{fn}(): `{key}` has shape {tuple(b.shape)}, but `{name}.weight` of shape {e.shape} "
+                             f"needs {(e.B.shape[-2],)}. It was saved from another model.")
+        if "bias" not in own_tensor_names(module) or source(module, "bias") is None:
+            raise ValueError(f"{fn}(): {weights} holds `{key}`, but `{name}` ({type_name(module)}) has no bias to "
+                             "carry it (peft cannot merge it either); nothing was loaded. Load it into a model "
+                             "whose layer has a bias.")
+        out[(name, "bias")] = lora_scaling(e.r, e.alpha, e.rslora) * b.to(torch.float32)
+    return out
 
 
 def _copy_rank(key: str) -> int:
@@ -528,22 +784,31 @@ def _lora_entry(fn: str, file: str, weights: str, config: dict, module: nn.Modul
 
 
 def _update_entry(fn: str, weights: str, name: str, module: nn.Module, tensor: str, key: str, saved: Tensor,
-                  adapted: bool) -> Entry | None:
-    """A full saved tensor as the exact update ``saved - W0``; None where it equals the base."""
+                  adapted: bool, more: Tensor | None = None) -> Entry | None:
+    """A full saved tensor as the exact update ``saved - W0`` (plus ``more``, a lora_bias's
+    ``s * b``); None where it equals the base and there is no more."""
     base = source(module, tensor).detach()
     if tuple(saved.shape) != tuple(base.shape):
         raise ValueError(f"{fn}(): {weights} holds `{key}` {tuple(saved.shape)}, a copy of the base tensor "
                          f"`{name}.{tensor}` {tuple(base.shape)} of another shape (a resized vocabulary?). Load "
                          "it into the base model first; nothing was loaded.")
     if torch.equal(saved.to(base.device, base.dtype), base):
-        return None
+        return None if more is None else _exact_entry(name, module, tensor, more)
     if adapted:
         raise ValueError(f"{fn}(): {weights} holds `{key}`, a changed copy of the base tensor `{name}.{tensor}`, "
                          "beside LoRA factors on it. Load the copy into the base model first; nothing was loaded.")
+    delta = saved.to(base.device, torch.float32) - base.to(torch.float32)
+    return _exact_entry(name, module, tensor, delta if more is None else delta + more.to(delta.device))
+
+
+def _exact_entry(name: str, module: nn.Module, tensor: str, delta: Tensor) -> Entry:
+    """The update ``delta`` (in the tensor's stored layout) of ``module.<tensor>`` exactly: a LoRA
+    of full rank with an identity factor."""
+    base = source(module, tensor).detach()
     rule = find_rule(module)
     ours = rule is not None and rule.adapts(tensor)
     view = View(tuple(base.shape), transpose=ours and rule.transpose and base.dim() == 2)
-    delta = view.rows(saved.to(base.device, torch.float32) - base.to(torch.float32))
+    delta = view.rows(delta.to(base.device, torch.float32))
     out, inn = delta.shape
     eye = torch.eye(min(out, inn), dtype=torch.float32, device=base.device)
     A, B = (delta, eye) if out <= inn else (eye, delta)
@@ -560,6 +825,14 @@ def _check_config(fn: str, file: str, config: dict) -> None:
 
     if kind_of(config) is not None:
         _check_kind_config(fn, file, config, kind_of(config))
+        return
+    if config.get("peft_type") == "TRAINABLE_TOKENS":
+        unknown = next((k for k, v in config.items() if k not in _TOKENS_KNOWN and v not in (None, False, [], {}, "")),
+                       None)
+        if unknown is not None:
+            raise refuse(f"the field {unknown!r} = {config[unknown]!r} with peft_type 'TRAINABLE_TOKENS'")
+        if not isinstance(config.get("target_modules"), (str, list)):
+            raise refuse(f"target_modules={config.get('target_modules')!r} (a list of names or a regex is needed)")
         return
     if config.get("peft_type") != "LORA":
         raise refuse(f"peft_type {config.get('peft_type')!r} (only {['LORA', *_TYPE_KINDS]} translate)")

@@ -21,8 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .._view import View
 from ..kind import Kind, Option, boolean, channels, kernel, register_kind
-from ..view import View
 
 __all__: list[str] = []
 

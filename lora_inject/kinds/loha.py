@@ -27,6 +27,7 @@ import torch
 from torch import Tensor
 
 from .._kernels import plain_eager
+from .._view import View
 from ..kind import (
     LYCORIS_OPTIONS,
     Kind,
@@ -36,7 +37,6 @@ from ..kind import (
     positive_rank,
     register_kind,
 )
-from ..view import View
 
 __all__: list[str] = []
 

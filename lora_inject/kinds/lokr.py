@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .._view import View
 from ..kind import (
     LYCORIS_OPTIONS,
     Kind,
@@ -42,7 +43,6 @@ from ..kind import (
     positive_rank,
     register_kind,
 )
-from ..view import View
 
 __all__: list[str] = []
 

@@ -38,8 +38,8 @@ import warnings
 import torch
 from torch import Tensor
 
+from .._view import View
 from ..kind import Kind, Option, boolean, integer, probability, real, register_kind
-from ..view import View
 
 __all__: list[str] = []
 

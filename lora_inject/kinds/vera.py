@@ -26,8 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .._view import View
 from ..kind import Kind, Option, boolean, integer, kernel, pointwise, positive_rank, real, register_kind
-from ..view import View
 
 __all__: list[str] = []
 

@@ -11,15 +11,17 @@ from dataclasses import dataclass, field, replace
 import torch
 from torch import Tensor, nn
 
-from .. import quant
+from .. import _quant as quant
+from .._chain import find_lora, kept, parametrized, source
+from .._selection import named_modules
+from .._sites import loras
+from .._view import View
 from ..inits import WEIGHT_INITS
 from ..kind import find_kind
-from ..lookup import find_lora, kept, loras, named_modules, parametrized, source
 from ..lora import LoRA, check_adapter_name, lora_scaling
+from ..params import refuse_flat_params
 from ..rule import Rule, find_rule, own_tensor_names, type_name
-from ..state import refuse_flat_params
 from ..surgery import inject, remove
-from ..view import View
 
 __all__: list[str] = []
 
@@ -91,7 +93,7 @@ def tensor_shape(module: nn.Module, tensor_name: str) -> tuple[int, ...]:
     """The shape ``module.<tensor_name>`` reads as, without computing a parametrization if avoidable."""
     lora = find_lora(module, tensor_name)
     if lora is not None:
-        return tuple(lora.shape)
+        return tuple(lora.view.shape)
     if tensor_name in parametrized(module):
         with torch.no_grad(), kept(list(parametrized(module)[tensor_name])):
             return tuple(getattr(module, tensor_name).shape)
@@ -124,9 +126,9 @@ def check_entries(fn: str, model: nn.Module, entries: Sequence[Entry]) -> None:
         else:
             _check_lora_entry(fn, e, view, shape)
         lora = find_lora(module, e.tensor)
-        if lora is not None and (lora.transpose, lora.experts) != (e.transpose, e.experts):
-            raise ValueError(f"{fn}(): `{e.key}` carries LoRA with transpose={lora.transpose}, "
-                             f"experts={lora.experts}, but the adapter was saved with "
+        if lora is not None and (lora.view.transpose, lora.view.experts) != (e.transpose, e.experts):
+            raise ValueError(f"{fn}(): `{e.key}` carries LoRA with transpose={lora.view.transpose}, "
+                             f"experts={lora.view.experts}, but the adapter was saved with "
                              f"transpose={e.transpose}, experts={e.experts}.")
         rule = find_rule(module) if lora is None else None
         if rule is not None and rule.adapts(e.tensor) and (rule.transpose, rule.experts) != (e.transpose, e.experts):
@@ -174,7 +176,8 @@ def collect(fn: str, model: nn.Module, adapter: str) -> list[Entry]:
     entries, present = [], set()
     found = list(loras(model))
     refuse_flat_params(fn, model, found)  # FSDP1
-    for qualname, module, tensor_name, lora in found:
+    for site in found:
+        qualname, module, tensor_name, lora = site.path, site.module, site.tensor_name, site.lora
         present.update(lora.adapters)
         if adapter not in lora.adapters:
             continue
@@ -187,17 +190,17 @@ def collect(fn: str, model: nn.Module, adapter: str) -> list[Entry]:
         c = lora.adapter(adapter)
         if c.kind != "lora":
             entries.append(Entry(
-                module=qualname, tensor=tensor_name, type=type_name(module), shape=tuple(lora.shape), A=None,
+                module=qualname, tensor=tensor_name, type=type_name(module), shape=tuple(lora.view.shape), A=None,
                 B=None, r=c.r, alpha=None if c.alpha is None else float(c.alpha), targets=c.targets,
-                transpose=lora.transpose, experts=lora.experts, factored=bool(lora.factored),
+                transpose=lora.view.transpose, experts=lora.view.experts, factored=bool(lora.factored),
                 extra={k: t.detach() for k, t in lora.tensors(adapter).items()}, kind=c.kind,
                 options=dict(c.options)))
             continue
         entries.append(Entry(
-            module=qualname, tensor=tensor_name, type=type_name(module), shape=tuple(lora.shape),
+            module=qualname, tensor=tensor_name, type=type_name(module), shape=tuple(lora.view.shape),
             A=lora.lora_A[adapter].detach(), B=lora.lora_B[adapter].detach(), r=c.r,
             alpha=float(c.alpha), rslora=c.rslora, dropout=float(c.dropout),
-            init=c.init, targets=c.targets, transpose=lora.transpose, experts=lora.experts,
+            init=c.init, targets=c.targets, transpose=lora.view.transpose, experts=lora.view.experts,
             factored=bool(lora.factored), dora=c.dora,
             extra={k: t.detach() for k, t in lora.tensors(adapter).items() if k not in FACTORS},
         ))
@@ -239,14 +242,15 @@ def apply(fn: str, model: nn.Module, entries: Sequence[Entry], name: str, copies
 
 def _apply(fn: str, model: nn.Module, modules: dict[str, nn.Module], entries: Sequence[Entry], name: str) -> None:
     keys = {e.key for e in entries}
-    existing = {f"{q}.{t}" if q else t: lora for q, _, t, lora in loras(model) if name in lora.adapters}
+    existing = {site.where: site.lora for site in loras(model) if name in site.lora.adapters}
     if existing:
         _update(fn, entries, name, existing, keys)
         return
     groups: dict[tuple, list[Entry]] = {}
     for e in entries:
         groups.setdefault((e.module, e.r, e.alpha, e.rslora, e.dora, e.dropout, e.init, e.dtype, e.transpose,
-                           e.experts, e.factored, e.kind, tuple(sorted(e.options.items())),
+                           e.experts, e.factored, e.kind,
+                           _options_key(e.options),
                            e.type if e.kind != "lora" else None), []).append(e)
     calls: dict[tuple, set[str]] = {}  # (settings, tensors) -> modules, one inject call each
     for (module, *settings), group in groups.items():
@@ -270,9 +274,14 @@ def _apply(fn: str, model: nn.Module, modules: dict[str, nn.Module], entries: Se
                 _fill(lora, name, e)
                 lora.adapter(name).targets = e.targets
     except BaseException:
-        if any(name in lora.adapters for *_, lora in loras(model)):
+        if any(name in site.lora.adapters for site in loras(model)):
             remove(model, adapter=name, merge=False)
         raise
+
+
+def _options_key(options: dict) -> tuple:
+    """A kind's options as a hashable key, a list as the tuple it is when read back from JSON."""
+    return tuple(sorted((k, tuple(v) if isinstance(v, list) else v) for k, v in options.items()))
 
 
 def _fill(lora: LoRA, name: str, e: Entry) -> None:
@@ -282,8 +291,13 @@ def _fill(lora: LoRA, name: str, e: Entry) -> None:
         if mine[k].shape != t.shape:
             raise ValueError(f"load_adapter(): `{e.key}.{k}` has shape {tuple(t.shape)} in the saved adapter but "
                              f"{tuple(mine[k].shape)} in the model. The file is corrupt; save the adapter again.")
+        if hasattr(mine[k], "device_mesh"):  # a DTensor (FSDP2's shard): this rank's part of the full tensor
+            from torch.distributed.tensor import distribute_tensor
+
+            t = distribute_tensor(t.to(mine[k].device, mine[k].dtype), mine[k].device_mesh, mine[k].placements,
+                                  src_data_rank=None)  # every rank holds the full tensor: no communication
         mine[k].copy_(t)
-    lora.refresh_scaling(name)
+    lora.set_scaling(name)
 
 
 def _update(fn: str, entries: Sequence[Entry], name: str, existing: dict[str, LoRA], keys: set[str]):
@@ -306,7 +320,8 @@ def _update(fn: str, entries: Sequence[Entry], name: str, existing: dict[str, Lo
                              f"model's adapter {name!r}; a slot holds one kind. Nothing was loaded. Load it "
                              "under another name with `adapter=`.")
         if e.kind != "lora":
-            if e.r != lora.adapter(name).r or e.options != lora.adapter(name).options or any(
+            same = e.r == lora.adapter(name).r and _options_key(e.options) == _options_key(lora.adapter(name).options)
+            if not same or any(
                     mine.get(k) is None or mine[k].shape != t.shape for k, t in e.extra.items()) or set(mine) != set(
                     e.extra):
                 raise ValueError(f"{fn}(): `{e.key}` of kind {e.kind!r} has r={e.r} and options {e.options} in the "
@@ -343,7 +358,8 @@ def _update(fn: str, entries: Sequence[Entry], name: str, existing: dict[str, Lo
             if e.kind != "lora":
                 record.targets = e.targets
                 continue
-            record.alpha, record.rslora, record.dropout, record.targets = e.alpha, e.rslora, e.dropout, e.targets
+            record.dropout, record.targets = e.dropout, e.targets
+            lora.set_scaling(name, alpha=e.alpha, rslora=e.rslora)
 
 
 def _padded(t: Tensor, r: int, dim: int) -> Tensor:

@@ -22,7 +22,7 @@ from collections.abc import Callable, Iterable
 
 from torch import nn
 
-from ..lookup import named_modules
+from .._selection import named_modules
 
 __all__: list[str] = []
 

@@ -10,7 +10,7 @@ import os
 from ..inits import INITS
 from ..lora import check_adapter_name
 from ..version import __version__
-from .entries import EXTRAS, Entry
+from ._entries import EXTRAS, Entry
 from .files import DTYPES, dtype_name, read_json, read_safetensors
 
 __all__: list[str] = []

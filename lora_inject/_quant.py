@@ -122,7 +122,7 @@ def _bnb_4bit_dense(w: Tensor) -> Tensor:
 def _bnb_int8_dense(w: Tensor) -> Tensor:
     if w.SCB is None:
         raise RuntimeError("an Int8Params weight without its scales (SCB): its Linear8bitLt keeps them in "
-                           "`module.state` after a forward; lora_inject.quant.adopt(module, weight) puts them back.")
+                           "`module.state` after a forward; lora_inject._quant.adopt(module, weight) puts them back.")
     cb = w.CB if w.CB is not None else w.data
     return cb.float() * (w.SCB.float().unsqueeze(1) / 127)
 
