@@ -2,7 +2,8 @@
 
 Run: ``python benchmarks/bench.py`` (``--quick`` for a smoke run, ``--device cuda`` on a GPU,
 ``--dora`` to add DoRA from both libraries to the training and eval figures; ``--only qlora
-qlora_memory`` for QLoRA on bitsandbytes NF4 against peft's and against our fp32 LoRA).
+qlora_memory`` for QLoRA on bitsandbytes NF4 against peft's and against our fp32 LoRA; ``--only
+sdxl_load`` for loading a full-size SDXL LoRA file against diffusers' ``load_lora_weights``).
 Every figure is measured in one run, alternating the contenders, and reported as medians. Peak
 memory on CPU is measured in a fresh subprocess per contender, with glibc told to return every
 large block at once, so that the peak resident set tracks live tensors; on CUDA it is
@@ -353,6 +354,104 @@ def _memory_child(args):
     print(json.dumps(peak / 2**20))
 
 
+# -- loading a full-size SDXL LoRA file -------------------------------------------------------------
+SDXL_UNET = dict(  # SDXL base 1.0's UNet, as its config.json has it
+    sample_size=128, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(320, 640, 1280),
+    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"), attention_head_dim=(5, 10, 20),
+    transformer_layers_per_block=(1, 2, 10), cross_attention_dim=2048, use_linear_projection=True,
+    addition_embed_type="text_time", addition_time_embed_dim=256, projection_class_embeddings_input_dim=2816)
+SDXL_TARGETS = r"attn[12]\.(to_q|to_k|to_v|to_out\.0)$|ff\.net\.(0\.proj|2)$"  # every attention and FF projection
+
+
+def sdxl_unet(dtype=torch.float16):
+    """SDXL's UNet at full size, built on meta and given uninitialised storage in ``dtype`` (a load
+    only writes the adapters; the base values do not matter to it)."""
+    from diffusers import UNet2DConditionModel
+
+    with torch.device("meta"):
+        unet = UNet2DConditionModel(**SDXL_UNET)
+    return unet.to(dtype).to_empty(device="cpu").eval().requires_grad_(False)
+
+
+def sdxl_file(path, r=32):
+    """A kohya-ss SDXL LoRA (original block names, as kohya-ss writes SDXL), rank ``r`` on every
+    attention and feed-forward projection, synthetic float16 weights; returns its module count."""
+    import re
+
+    from diffusers import UNet2DConditionModel
+    from safetensors.torch import save_file
+
+    from lora_inject.io.aliases import _unet_blocks
+
+    with torch.device("meta"):
+        unet = UNet2DConditionModel(**SDXL_UNET)
+    original = {p: n for n, p in _unet_blocks(unet).items()}
+    g = torch.Generator().manual_seed(0)
+    sd = {}
+    for name, m in unet.named_modules():
+        if isinstance(m, nn.Linear) and re.search(SDXL_TARGETS, name):
+            k = "lora_unet_" + original[name].replace(".", "_")
+            sd[f"{k}.lora_down.weight"] = (torch.randn(r, m.in_features, generator=g) * 0.01).half()
+            sd[f"{k}.lora_up.weight"] = (torch.randn(m.out_features, r, generator=g) * 0.01).half()
+            sd[f"{k}.alpha"] = torch.tensor(float(r)).half()
+    save_file(sd, path)
+    return len(sd) // 3
+
+
+def _sdxl_load_child(args):
+    """One load in this fresh process: ``(seconds, peak resident bytes it added)``."""
+    import warnings
+
+    torch.set_num_threads(args.threads)
+    unet = sdxl_unet()
+    if args._sdxl == "diffusers":
+        from diffusers import DDIMScheduler, StableDiffusionXLPipeline
+
+        pipe = StableDiffusionXLPipeline(vae=None, text_encoder=None, text_encoder_2=None, tokenizer=None,
+                                         tokenizer_2=None, unet=unet, scheduler=DDIMScheduler())
+        load = lambda: pipe.load_lora_weights(args._file)  # noqa: E731
+    else:
+        load = lambda: li.load_adapter(unet, args._file)  # noqa: E731
+    gc.collect()
+    before = _rss("VmRSS")
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        t = time.perf_counter()
+        load()
+        seconds = time.perf_counter() - t
+    peak = _rss("VmHWM") - before
+    adapted = sum(1 for _ in li.named_loras(unet)) if args._sdxl != "diffusers" else sum(
+        1 for m in unet.modules() if hasattr(m, "lora_A"))
+    print(json.dumps({"seconds": seconds, "peak": peak / 2**20, "modules": adapted}))
+
+
+def sdxl_load(args):
+    """Loading a full-size SDXL LoRA file (rank 32 on every attention and feed-forward projection of
+    its UNet, 700 modules, kohya-ss layout) into SDXL's float16 UNet: ours against diffusers'
+    ``load_lora_weights``, each run in a fresh process (alternating), medians of the time and of
+    the peak resident memory the load adds."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as d:
+        file = os.path.join(d, "sdxl_lora.safetensors")
+        modules = sdxl_file(file)
+        runs = {"lora_inject": [], "diffusers": []}
+        env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="0")
+        for _ in range(max(1, args.inject_reps)):
+            for name in runs:
+                cmd = [sys.executable, __file__, "--_sdxl", name, "--_file", file, "--threads", str(args.threads)]
+                res = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True)
+                runs[name].append(json.loads(res.stdout.strip().splitlines()[-1]))
+        for name, rs in runs.items():
+            if any(r["modules"] != modules for r in rs):
+                raise RuntimeError(f"sdxl_load: {name} adapted {rs[0]['modules']} modules, not the file's {modules}")
+    return {name: {"seconds": statistics.median(r["seconds"] for r in rs),
+                   "peak MiB": statistics.median(r["peak"] for r in rs)} for name, rs in runs.items()}
+
+
 MIXED = 4  # adapters in the mixed batch, two samples each
 
 
@@ -508,9 +607,13 @@ def main():
     p.add_argument("--json", default="benchmarks/results.json")
     p.add_argument("--only", nargs="*", default=["train", "train_bf16", "memory", "eval", "inject", "merge", "small"])
     p.add_argument("--_memory", help=argparse.SUPPRESS)
+    p.add_argument("--_sdxl", help=argparse.SUPPRESS)
+    p.add_argument("--_file", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args._memory:
         return _memory_child(args)
+    if args._sdxl:
+        return _sdxl_load_child(args)
     if args.quick:
         args.shape, args.seq, args.reps, args.inject_reps = [256, 704, 2, 4, 500], 128, 3, 1
     torch.set_num_threads(args.threads)
@@ -527,7 +630,7 @@ def main():
                     "qlora_memory": lambda a: peak_memory(a, which=QLORA),
                     "qlora_weights": weight_bytes, "mixed": mixed_times, "kinds_check": check_kinds,
                     "kinds": lambda a: train_times(a, which=KINDS),
-                    "kinds_memory": lambda a: peak_memory(a, which=KINDS)}[fig](args)
+                    "kinds_memory": lambda a: peak_memory(a, which=KINDS), "sdxl_load": sdxl_load}[fig](args)
         print(f"# {fig}: {json.dumps(res[fig])} ({time.perf_counter() - t:.0f} s)", file=sys.stderr)
     print(table(res))
     with open(args.json, "w") as f:
@@ -602,6 +705,13 @@ def table(res):
                     if fig == "kinds" and kind in ("ia3", "vera"):
                         goal += ", ≤ 1.05× our LoRA"
                 rows.append(f"| {label} | {n} | {shown} | {ratio} | {goal} |")
+    if "sdxl_load" in res:
+        d = res["sdxl_load"]
+        for n, v in d.items():
+            t, m = v["seconds"] / d["diffusers"]["seconds"], v["peak MiB"] / d["diffusers"]["peak MiB"]
+            goal = "≤ 0.5× diffusers, memory ≤ 1.0×" if n == "lora_inject" else ""
+            rows.append(f"| SDXL LoRA load (r=32, 700 modules), float16 UNet | {n} | {v['seconds'] * 1e3:.0f} ms, "
+                        f"{v['peak MiB']:.0f} MiB | {t:.3f}× diffusers, memory {m:.3f}× | {goal} |")
     for label, d in res.get("small", {}).items():
         for n, v in d.items():
             rows.append(f"| {label} | {n} | {v * 1e6:.1f} µs | {v / d['peft']:.3f}× peft |  |")

@@ -1,4 +1,4 @@
-"""The command line: ``lora-inject inspect``, ``lora-inject merge`` and ``lora-inject demo``.
+"""The command line: ``lora-inject inspect``, ``convert``, ``merge`` and ``demo``.
 
 ``MODEL`` is the same for every command: a Hugging Face model directory, or ``default`` (the
 demo's all-MiniLM-L6-v2); ``inspect`` also reads a bare ``config.json``.
@@ -109,6 +109,12 @@ def _inspect(args: argparse.Namespace) -> None:
     if args.model is not None and args.base is not None:
         raise UsageError(f"give MODEL once: as --base or as the positional argument, not both "
                          f"(got {args.base!r} and {args.model!r})")
+    if args.model is not None and args.model.endswith(".safetensors"):
+        _inspect_file(args.model)
+        return
+    if args.targets is None:
+        raise UsageError("the following arguments are required: --targets (a REGEX, for a model; a .safetensors "
+                         "FILE needs none)")
     model = _model_from_config(args.base if args.base is not None else args.model)
     s = survey(model, args.targets, exclude=args.exclude, r=args.r, alpha=args.alpha)
     alpha = args.r if args.alpha is None else args.alpha
@@ -130,6 +136,85 @@ def _inspect(args: argparse.Namespace) -> None:
     print()
     print(f"Total: {len(s.rows)} tensors, {s.added:,} LoRA parameters added to {s.base_parameters:,}; "
           f"trainable {s.trainable_percent:.3f}% of {s.base_parameters + s.added:,}")
+
+
+def _inspect_file(file: str) -> None:
+    from .io import diffusion
+
+    if not Path(file).is_file():
+        raise UsageError(f"FILE must be a .safetensors LoRA file, got {file!r}, which does not exist")
+    d = diffusion.summary("inspect", file)
+    modules = sum(p["modules"] for p in d["parts"].values())
+    print(f"{file}: {d['layout']} layout, {modules} modules, {d['tensors']} tensors")
+    print()
+
+    def counts(c) -> str:
+        return ", ".join(f"{k} ({n})" for k, n in sorted(c.items(), key=lambda kv: (-kv[1], str(kv[0]))))
+
+    rows = [(part, str(p["modules"]), counts(p["kinds"]), counts(p["ranks"]), counts(p["alphas"]))
+            for part, p in d["parts"].items()]
+    _print_table(("component", "modules", "kinds", "ranks", "alphas"), rows, right=(1,))
+
+
+# -- convert -----------------------------------------------------------------------------------
+def _convert(args: argparse.Namespace) -> None:
+    import torch
+
+    from .io import _ours as ours
+    from .io import diffusion, peft, write_entries
+    from .io._entries import Entry
+
+    src, dst = args.input, args.output
+    if os.path.exists(dst) and (args.to == "kohya" or not os.path.isdir(dst) or any(os.scandir(dst))):
+        raise UsageError(f"OUT {dst!r} exists; pick a new path")
+    is_dir = os.path.isdir(src)
+    has_ours = is_dir and os.path.isfile(os.path.join(src, ours.CONFIG))
+    has_peft = is_dir and os.path.isfile(os.path.join(src, peft.CONFIG))
+    file = None if has_ours or has_peft else diffusion.find_file(src)
+    if not (has_ours or has_peft or file):
+        raise UsageError(f"IN must be an adapter directory (save_adapter's or peft's) or a .safetensors file of "
+                         f"the kohya-ss, LyCORIS or diffusers layout, got {src!r}")
+    model: nn.Module | None = None
+    if args.base is not None:
+        model = _any_model_from_config(args.base)
+    elif not has_ours or args.to == "peft":
+        raise UsageError("convert needs --base MODEL (a model directory or config .json, built on the meta "
+                         "device) to name the modules of a kohya-ss, LyCORIS, diffusers or peft file")
+    entries: list[Entry]
+    if has_ours:
+        _, entries = ours.from_ours("convert", src)
+    elif has_peft:
+        entries, copies = peft.from_peft("convert", model, peft.read_peft("convert", src))
+        if copies:
+            raise ValueError(f"convert: {src} holds integer tensors ({[c.key for c in copies][:3]}), which only a "
+                             "load into the model can carry")
+    else:
+        model, entries = diffusion.resolve("convert", model, file, strict=not args.skip_unmatched)
+    if model is None:
+        with torch.device("meta"):
+            model = nn.Module()
+    write_entries("convert", model, entries, dst, format=args.to, adapter=args.adapter)
+    _say(f"wrote {len(entries)} tensors' adapter as {args.to} to {dst}")
+
+
+def _any_model_from_config(model: str) -> nn.Module:
+    """A diffusers model (its config names `_class_name`) or a transformers one, on the meta device."""
+    import json
+
+    import torch
+
+    path = _config_path(model)
+    config = json.loads(path.read_text())
+    name = config.get("_class_name")
+    if name is None:
+        return _model_from_config(model)
+    import diffusers
+
+    cls = getattr(diffusers, name, None)
+    if not isinstance(cls, type):
+        raise UsageError(f"--base {model!r}: its config names the class {name!r}, which diffusers lacks")
+    with torch.device("meta"):
+        return cls.from_config(config)
 
 
 def _print_table(header: Sequence[str], rows: Sequence[Sequence[str]], right: Sequence[int] = ()) -> None:
@@ -264,6 +349,7 @@ class _Parser(argparse.ArgumentParser):
 
 EXAMPLES = {  # each subcommand's example, shown by `lora-inject --help` and by its own --help
     "inspect": "lora-inject inspect --base default --targets 'attention\\.self\\.(query|value)$' --r 8 --alpha 16",
+    "convert": "lora-inject convert style.safetensors style_peft --to peft --base unet/config.json",
     "merge": "lora-inject merge --base default --adapter lora_inject_demo/adapter --out merged",
     "demo": "lora-inject demo --fast --out lora_inject_demo",
 }
@@ -296,8 +382,10 @@ def _parser() -> argparse.ArgumentParser:
                 "no weights are loaded.")
     i.add_argument("--base", metavar="MODEL", help=MODEL_HELP + "; a config .json file works too "
                    "(default: 'default')")
-    i.add_argument("model", nargs="?", metavar="MODEL", help="the same as --base (kept for older scripts)")
-    i.add_argument("--targets", required=True, metavar="REGEX", help="regex searched in module names")
+    i.add_argument("model", nargs="?", metavar="MODEL", help="the same as --base (kept for older scripts); or a "
+                   ".safetensors LoRA FILE (kohya-ss, LyCORIS, diffusers) to describe: its layout, kinds, ranks, "
+                   "alphas and module count")
+    i.add_argument("--targets", metavar="REGEX", help="regex searched in module names (needed for a model)")
     i.add_argument("--exclude", metavar="REGEX", help="regex of module names to leave out")
     i.add_argument("--r", type=int, default=8, metavar="N", help="rank (default: 8)")
     i.add_argument("--alpha", type=float, metavar="A", help="scaling numerator: the update is alpha / r "
@@ -313,6 +401,20 @@ def _parser() -> argparse.ArgumentParser:
                    help="adapter directory (save_adapter's, in either format, or peft's)")
     m.add_argument("--out", required=True, metavar="OUT_DIR", help="new directory for the merged model")
     m.set_defaults(func=_merge)
+
+    c = command("convert", "convert an adapter between the kohya-ss, peft and lora_inject layouts",
+                "Read an adapter (a kohya-ss, LyCORIS or diffusers .safetensors file, or a save_adapter or peft "
+                "directory)\nand write it in another layout. The module names come from --base, built on the "
+                "meta device.")
+    c.add_argument("input", metavar="IN", help="the adapter: a .safetensors file, or an adapter directory")
+    c.add_argument("output", metavar="OUT", help="the new file (kohya) or directory (peft, lora_inject)")
+    c.add_argument("--to", required=True, choices=("kohya", "peft", "lora_inject"), help="the layout to write")
+    c.add_argument("--base", metavar="MODEL", help="the model the adapter is for: a model directory or config .json "
+                   "(diffusers or transformers); needed unless IN is lora_inject's")
+    c.add_argument("--adapter", default="default", metavar="NAME", help="the adapter's name (default: default)")
+    c.add_argument("--skip-unmatched", action="store_true", help="skip the modules of the model's component that "
+                   "match none of its modules (load_adapter's strict=False)")
+    c.set_defaults(func=_convert)
 
     d = command("demo", "fine-tune all-MiniLM-L6-v2 with LoRA, end to end",
                 "Fine-tune the pretrained all-MiniLM-L6-v2 with LoRA on a small text-classification set "

@@ -32,6 +32,7 @@ The decomposition runs in float32 (float64 for a float64 weight), batched over e
 
 from __future__ import annotations
 
+import contextvars
 import math
 from collections.abc import Mapping, Sequence
 
@@ -43,6 +44,9 @@ from ._view import View, compute_dtype
 
 __all__: list[str] = []
 
+# Set while a load injects factors it overwrites next: they are left unfilled (torch.empty).
+OVERWRITTEN = contextvars.ContextVar("lora_inject_factors_overwritten", default=False)
+
 INITS = ("default", "gaussian", "pissa", "olora", "loftq")
 WEIGHT_INITS = ("pissa", "olora")  # the inits that read W0
 RANDOM_INITS = ("default", "gaussian")
@@ -53,8 +57,8 @@ def init_factors(A: Tensor, B: Tensor, init: str) -> None:
     """Initialise ``A`` and ``B`` in place so that ``B @ A == 0`` (the weight inits: both zero,
     until :func:`decompose` fills them)."""
     with torch.no_grad():
-        if A.is_meta:
-            return  # nothing to fill; initialise after materialising
+        if A.is_meta or OVERWRITTEN.get():
+            return  # nothing to fill; initialise after materialising (or the caller fills them)
         if A.numel() == 0 or B.numel() == 0 or init in WEIGHT_INITS:
             A.zero_(), B.zero_()
             return

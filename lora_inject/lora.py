@@ -46,13 +46,15 @@ class Adapter:
     kind: str = "lora"  # the kind of update (see lora_inject.kind)
     options: dict = field(default_factory=dict)  # the kind's options, resolved for this tensor
     held: tuple[str, ...] = ()  # a kind other than LoRA: the names of its tensors, set by LoRA.add
+    strength: float = 1.0  # a multiplier of the update, set by activate(model, {name: strength})
 
     @property
     def scaling(self) -> float:
-        """``alpha / r``, or ``alpha / sqrt(r)`` for rsLoRA; another kind's own scaling."""
+        """``alpha / r``, or ``alpha / sqrt(r)`` for rsLoRA; another kind's own scaling; times
+        :attr:`strength`."""
         if self.kind != "lora":
-            return find_kind(self.kind).scaling(self.r, self.alpha, self.options)
-        return lora_scaling(self.r, self.alpha, self.rslora)
+            return find_kind(self.kind).scaling(self.r, self.alpha, self.options) * self.strength
+        return lora_scaling(self.r, self.alpha, self.rslora) * self.strength
 
     @property
     def tensor_names(self) -> tuple[str, ...]:
@@ -205,10 +207,11 @@ class LoRA(nn.Module):
         self.records[name] = settings
         self.active.append(name)
 
-    def set_scaling(self, name: str, *, alpha: float | None = None, rslora: bool | None = None) -> None:
-        """Set adapter ``name``'s ``alpha`` and ``rslora`` (those given) on its record, and the tensor
-        copy of its scaling (``scale_<name>``, which compiled code reads) to match. With neither
-        given, it only refreshes that copy from the record (after ``to_empty()``;
+    def set_scaling(self, name: str, *, alpha: float | None = None, rslora: bool | None = None,
+                    strength: float | None = None) -> None:
+        """Set adapter ``name``'s ``alpha``, ``rslora`` and ``strength`` (those given) on its record,
+        and the tensor copy of its scaling (``scale_<name>``, which compiled code reads) to match.
+        With none given, it only refreshes that copy from the record (after ``to_empty()``;
         :func:`lora_inject.init_lora` and loading the factors do it).
 
         Change a scaling with this, not by setting the record's fields: a compiled graph would go on
@@ -219,6 +222,8 @@ class LoRA(nn.Module):
             a.alpha = alpha
         if rslora is not None:
             a.rslora = rslora
+        if strength is not None:
+            a.strength = strength
         with torch.no_grad():
             self._buffers[SCALE + name].fill_(a.scaling)
 
@@ -258,11 +263,11 @@ class LoRA(nn.Module):
     def steps(self, names) -> list[tuple]:
         """``(kind, params, scaling, options)`` of each adapter in ``names`` of a kind other than
         LoRA, as :func:`lora_inject.kind.merged` takes them (``None`` for a LoRA adapter)."""
-        out = []
+        out, compiling = [], torch.compiler.is_compiling()
         for name in names:
             a = self.records[name]
-            out.append(None if a.kind == "lora" else
-                       (find_kind(a.kind), self.tensors(name), a.scaling, a.options))
+            s = self._buffers[SCALE + name] if compiling else a.scaling  # compiled: no guard on its value
+            out.append(None if a.kind == "lora" else (find_kind(a.kind), self.tensors(name), s, a.options))
         return out
 
     def composed(self, W: Tensor, names: list[str]) -> Tensor:

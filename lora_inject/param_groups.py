@@ -116,13 +116,14 @@ def _adapter_sorts(fn: str, model: nn.Module) -> dict[int, str]:
             for lora in plist:
                 if not isinstance(lora, LoRA):
                     continue
-                conv = len(lora.shape) > 2 and not lora.experts and not lora.transpose
+                view = lora.view
+                conv = len(view.shape) > 2 and not view.experts and not view.transpose
                 for adapter in lora.adapters:
                     kind = lora.adapter(adapter).kind
                     trained = {k: t for k, t in lora.tensors(adapter).items() if t.requires_grad}
                     sorts = {}
                     for k, t in trained.items():
-                        ndim = len(lora.shape) if k == "lora_magnitude" and conv else t.ndim  # peft's (1, out, 1, ..)
+                        ndim = len(view.shape) if k == "lora_magnitude" and conv else t.ndim  # peft's (1, out, 1, ..)
                         # peft's DoRA magnitude sits one level below its Embedding layer, out of the rule
                         sorts[k] = "embedding" if embedding and k != "lora_magnitude" else \
                             "B" if "lora_B" in k or ndim == 1 else "A"

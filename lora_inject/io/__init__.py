@@ -31,15 +31,15 @@ from .. import _quant as quant
 from ..lora import LoRA, check_adapter_name
 from ..rule import own_tensor_names, type_name
 from . import _ours as ours
-from . import peft
+from . import diffusion, peft
 from ._entries import Entry, apply, collect, tensor_shape
 from ._wrappers import placed, unwrapped
 from .files import write_atomic, write_pickled, write_safetensors
 
-__all__ = ["load_adapter", "save_adapter"]
+__all__ = ["load_adapter", "save_adapter"]  # write_entries: for the command line
 
 M = TypeVar("M", bound=nn.Module)
-FORMATS = ("lora_inject", "peft")
+FORMATS = ("lora_inject", "peft", "kohya")
 _ADAPTER_FILES = (ours.CONFIG, peft.CONFIG, peft.PICKLE, ours.WEIGHTS, peft.WEIGHTS)
 
 
@@ -71,6 +71,13 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, *, adapter: str = "d
     becomes ``lora_B.bias`` (``b`` with ``s * b`` the update, ``s`` the layer's LoRA scaling; zeros
     where the bias has none), where by default the updated bias is written whole (``bias="lora_only"``).
 
+    With ``format="kohya"``, ``path`` is the ``.safetensors`` file to write, in the kohya-ss
+    layout that diffusers' ``load_lora_weights`` and LyCORIS read: LoRA as
+    ``lora_down``/``lora_up``/``alpha`` (``dora_scale`` for DoRA), LoHa and LoKr as LyCORIS'
+    tensors, each module named by its path flattened with ``_`` behind ``lora_unet_`` (a UNet,
+    a transformer or another module) or ``lora_te_`` (a text encoder); ``model`` may be a
+    pipeline, whose text encoders get ``lora_te1_``/``lora_te2_`` beside a second one.
+
     Each file is written to a temporary file in ``path`` and renamed into place, so an
     interrupted save never leaves a half-written file under the final name (and the weights'
     sha256 in ``adapter.json`` catches a weights file from another save). A directory holds one
@@ -85,7 +92,7 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, *, adapter: str = "d
         model (nn.Module): a model that carries ``adapter``.
         path (str or os.PathLike): the directory to write; it is created if needed.
         adapter (str): the adapter to save. Default: ``"default"``.
-        format (str): ``"lora_inject"`` or ``"peft"``. Default: ``"lora_inject"``.
+        format (str): ``"lora_inject"``, ``"peft"`` or ``"kohya"``. Default: ``"lora_inject"``.
         safe_serialization (bool): with ``format="peft"``, ``False`` writes ``adapter_model.bin``
             instead of ``adapter_model.safetensors``. Default: ``True``.
         lora_bias (bool): with ``format="peft"``, write bias updates as peft's ``lora_B.bias``
@@ -110,7 +117,8 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, *, adapter: str = "d
         >>> load_adapter(fresh_model, "my_adapter")
     """
     fn = "save_adapter"
-    _check_model(fn, model)
+    if not (format == "kohya" and diffusion.is_pipeline(model)):
+        _check_model(fn, model)
     if not isinstance(format, str):
         raise TypeError(f"{fn}(): `format` must be a str, one of {FORMATS}, got {type(format).__name__}.")
     if format not in FORMATS:
@@ -123,12 +131,32 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, *, adapter: str = "d
                              "(always safetensors, bias updates as they are). Pass format='peft', or leave "
                              f"{flag} out.")
     path = _check_path(fn, path)
+    if format == "kohya":
+        if os.path.isdir(path):
+            raise ValueError(f"{fn}(): with format='kohya', `path` is the .safetensors file to write, got {path!r}, "
+                             "which is a directory. Pass a file name inside it.")
+        target = model if diffusion.is_pipeline(model) else unwrapped(model)
+        blob = write_safetensors(diffusion.to_kohya(fn, target, adapter), {"format": "pt"})
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        write_atomic(path, blob)
+        return
     if os.path.lexists(path) and not os.path.isdir(path):
         what = "a symlink to nothing" if os.path.islink(path) and not os.path.exists(path) else "not a directory"
         raise ValueError(f"{fn}(): `path` {path!r} exists and is {what}; an adapter is a directory. "
                          "Pass a new path, or remove that one first.")
     model = unwrapped(model)  # paths as in the bare model, not under compile's or DDP's wrapper
-    entries = collect(fn, model, adapter)
+    write_entries(fn, model, collect(fn, model, adapter), path, format=format, adapter=adapter,
+                  safe_serialization=safe_serialization, lora_bias=lora_bias)
+
+
+def write_entries(fn: str, model: nn.Module, entries: list[Entry], path: str, *, format: str, adapter: str,
+                  safe_serialization: bool = True, lora_bias: bool = False) -> None:
+    """Write ``entries`` (with paths in ``model``) to ``path`` in ``format``, as :func:`save_adapter` does."""
+    if format == "kohya":
+        blob = write_safetensors(diffusion.to_kohya(fn, model, adapter, entries), {"format": "pt"})
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        write_atomic(path, blob)
+        return
     meta = next((e.key for e in entries if any(t.is_meta for t in e.tensors.values())), None)
     if meta is not None:
         raise RuntimeError(f"{fn}(): the factors of `{meta}` are on the meta device, so they have no values "
@@ -164,7 +192,7 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, *, adapter: str = "d
 
 
 def load_adapter(model: M, path: str | os.PathLike, *, adapter: str | None = None,
-                 dtype: torch.dtype | None = None) -> M:
+                 dtype: torch.dtype | None = None, strict: bool = True) -> M:
     r"""Load the adapter saved in the directory ``path`` into ``model``, in place.
 
     The format is detected: ``adapter.json`` is ours, ``adapter_config.json`` is peft's. If the
@@ -208,15 +236,34 @@ def load_adapter(model: M, path: str | os.PathLike, *, adapter: str | None = Non
     What cannot be reproduced (other peft types, an update on one user of a tied tensor only,
     inits that change the base weights, grouped conv, ...) is refused.
 
+    A ``.safetensors`` file (or a folder holding one, and no config) is read in the layout its
+    keys say (see :mod:`lora_inject.io.kohya`): kohya-ss (``lora_unet_``, ``lora_te_``,
+    ``lora_te1_``, ``lora_te2_``; ``lora_down``/``lora_up``/``alpha``, LoCon, Tucker's
+    ``lora_mid``, ``dora_scale``), LyCORIS (LoHa ``hada_*`` and LoKr ``lokr_*`` as adapters of
+    the kinds ``"loha"`` and ``"lokr"``, full ``diff``/``diff_b``) and diffusers (``unet.``,
+    ``transformer.``, ``text_encoder.`` with ``lora_A``/``lora_B``, alphas from its metadata).
+    ``model`` may then be a diffusers pipeline, each component taking its own keys; given a
+    single module, a file of several components loads the one that fits the module and warns
+    naming the others. The file's names are matched against the live model's (paths flattened
+    with ``_``; a UNet's original ``input_blocks``/``middle_block``/``output_blocks`` names;
+    Flux's original names, with its fused q/k/v projections split onto the model's). Keys that
+    match no module are refused, listing them and the nearest module names; with
+    ``strict=False`` they are skipped with a warning.
+
     Args:
-        model (nn.Module): the base model, or a model that already carries the adapter.
+        model (nn.Module or a diffusers pipeline): the base model, or a model that already
+            carries the adapter; a pipeline for a diffusion file only.
         path (str or os.PathLike): a directory written by :func:`save_adapter` or by peft's
-            ``save_pretrained``.
+            ``save_pretrained``, or a diffusion ``.safetensors`` file (or a folder holding one).
         adapter (str, optional): the name to load it under. Default: the saved name for our
             format, ``"default"`` for peft's.
         dtype (torch.dtype, optional): the factors' dtype in the model. Default: as saved for
             our format; for peft's, float16 and bfloat16 factors are upcast to float32, as
-            peft does by default (``autocast_adapter_dtype=True``).
+            peft does by default (``autocast_adapter_dtype=True``); for a diffusion file, the
+            adapted weight's dtype, as diffusers gives them.
+        strict (bool): a diffusion file only: whether a key of the model's own component that
+            matches none of its modules is refused (``True``), or skipped with a warning.
+            Default: ``True``.
 
     Returns:
         ``model``, changed in place.
@@ -226,21 +273,36 @@ def load_adapter(model: M, path: str | os.PathLike, *, adapter: str | None = Non
             ``os.PathLike`` of str, ``adapter`` is not a str, ``dtype`` is not a floating
             ``torch.dtype``, or a saved tensor has a dtype that LoRA factors cannot have.
         ValueError: if ``path`` is empty or holds no adapter, or two (both formats' configs),
+            a diffusion file's keys match no module (or only some, with ``strict=True``),
             a file is missing, truncated or corrupt, the adapter was saved from another model
             (unknown module paths, other types or shapes), it does not match the adapter the
             model already carries (other tensors, a rank above the slot's), or peft's config
             uses a feature that cannot be translated.
     """
     fn = "load_adapter"
-    _check_model(fn, model)
+    if not diffusion.is_pipeline(model):
+        _check_model(fn, model)
     path = _check_path(fn, path)
     if adapter is not None:
         check_adapter_name(fn, adapter)
     if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
         raise TypeError(f"{fn}(): `dtype` must be a floating torch.dtype or None, got {dtype!r}.")
+    if not isinstance(strict, bool):
+        raise TypeError(f"{fn}(): `strict` must be a bool, got {type(strict).__name__}.")
+    has_config = os.path.isdir(path) and any(
+        os.path.exists(os.path.join(path, c)) for c in (ours.CONFIG, peft.CONFIG))
+    file = None if has_config else diffusion.find_file(path)
+    if file is not None or diffusion.is_pipeline(model):
+        if file is None:
+            raise ValueError(f"{fn}(): `path` must be a .safetensors file of the kohya-ss, LyCORIS or diffusers "
+                             f"layout (or a folder holding one) to load into a pipeline, got {path!r}.")
+        diffusion.load(fn, model if diffusion.is_pipeline(model) else unwrapped(model), file,
+                       adapter=adapter or "default", dtype=dtype, strict=strict)
+        return model
     if not os.path.isdir(path):
         raise ValueError(f"{fn}(): `path` must be a directory written by save_adapter() or by "
-                         f"peft's save_pretrained(), got {path!r}, which is not a directory.")
+                         f"peft's save_pretrained(), or a .safetensors file of the kohya-ss, LyCORIS or diffusers "
+                         f"layout, got {path!r}, which is not a directory.")
     has_ours, has_peft = (os.path.exists(os.path.join(path, c)) for c in (ours.CONFIG, peft.CONFIG))
     if has_ours and has_peft:
         raise ValueError(

@@ -16,7 +16,7 @@ from .._chain import find_lora, kept, parametrized, source
 from .._selection import named_modules
 from .._sites import loras
 from .._view import View
-from ..inits import WEIGHT_INITS
+from ..inits import OVERWRITTEN, WEIGHT_INITS
 from ..kind import find_kind
 from ..lora import LoRA, check_adapter_name, lora_scaling
 from ..params import refuse_flat_params
@@ -255,6 +255,8 @@ def _apply(fn: str, model: nn.Module, modules: dict[str, nn.Module], entries: Se
     calls: dict[tuple, set[str]] = {}  # (settings, tensors) -> modules, one inject call each
     for (module, *settings), group in groups.items():
         calls.setdefault((*settings, tuple(e.tensor for e in group)), set()).add(module)
+    lora_only = all(e.kind == "lora" and e.init not in WEIGHT_INITS and not e.dora for e in entries)
+    unfilled = OVERWRITTEN.set(lora_only)  # every factor is written below: no random init to throw away
     try:
         for (r, alpha, rslora, dora, dropout, init, dtype, transpose, experts, factored, kind, options, _,
              tensors), paths in calls.items():
@@ -268,12 +270,17 @@ def _apply(fn: str, model: nn.Module, modules: dict[str, nn.Module], entries: Se
             inject(model, lambda q, m, paths=paths: q in paths, r=r, alpha=alpha, adapter=name,
                    dropout=dropout, init=init, rules={nn.Module: rule},
                    dtype=dtype, rslora=rslora, dora=dora)
+        OVERWRITTEN.reset(unfilled)
+        unfilled = None
+        seen: set[int] = set()  # storages already given to a factor: a second one gets a copy
         with torch.no_grad():
             for e in entries:
                 lora = find_lora(modules[e.module], e.tensor)
-                _fill(lora, name, e)
+                _fill(lora, name, e, assign=seen if lora_only else None)
                 lora.adapter(name).targets = e.targets
     except BaseException:
+        if unfilled is not None:
+            OVERWRITTEN.reset(unfilled)
         if any(name in site.lora.adapters for site in loras(model)):
             remove(model, adapter=name, merge=False)
         raise
@@ -284,19 +291,28 @@ def _options_key(options: dict) -> tuple:
     return tuple(sorted((k, tuple(v) if isinstance(v, list) else v) for k, v in options.items()))
 
 
-def _fill(lora: LoRA, name: str, e: Entry) -> None:
-    """Copy the saved tensors of ``e`` into adapter ``name`` of ``lora``, in place."""
+def _fill(lora: LoRA, name: str, e: Entry, assign: set[int] | None = None) -> None:
+    """Copy the saved tensors of ``e`` into adapter ``name`` of ``lora``, in place; with ``assign``
+    (fresh factors, never read yet: the storages given so far), a saved tensor of the same dtype
+    and device whose storage no factor has yet becomes the factor's storage instead of a copy."""
     mine = lora.tensors(name)
     for k, t in e.tensors.items():
         if mine[k].shape != t.shape:
             raise ValueError(f"load_adapter(): `{e.key}.{k}` has shape {tuple(t.shape)} in the saved adapter but "
                              f"{tuple(mine[k].shape)} in the model. The file is corrupt; save the adapter again.")
+        ptr = t.untyped_storage().data_ptr()
         if hasattr(mine[k], "device_mesh"):  # a DTensor (FSDP2's shard): this rank's part of the full tensor
             from torch.distributed.tensor import distribute_tensor
 
             t = distribute_tensor(t.to(mine[k].device, mine[k].dtype), mine[k].device_mesh, mine[k].placements,
                                   src_data_rank=None)  # every rank holds the full tensor: no communication
-        mine[k].copy_(t)
+            mine[k].copy_(t)
+        elif (assign is not None and ptr not in assign and (t.dtype, t.device) == (mine[k].dtype, mine[k].device)
+                and t.is_contiguous() and not t.requires_grad):
+            assign.add(ptr)
+            mine[k].data = t
+        else:
+            mine[k].copy_(t)
     lora.set_scaling(name)
 
 
