@@ -283,12 +283,13 @@ class LoRA(nn.Module):
         another kind; the terms of a LoRA-only list keep the order of ``names``."""
         if self.only_lora(names):
             return self.terms(names)
-        chosen = set(names)
+        chosen, compiling = set(names), torch.compiler.is_compiling()
         out = []
         for name in [n for n in self.records if n in chosen]:
             a = self.records[name]
-            out.append(self.terms([name])[0] if a.kind == "lora" else
-                       Step(find_kind(a.kind), self.tensors(name), a.scaling, a.options, name))
+            s = self._buffers[SCALE + name] if compiling else a.scaling  # compiled: no guard on its value
+            out.append(self.terms([name], compiling)[0] if a.kind == "lora" else
+                       Step(find_kind(a.kind), self.tensors(name), s, a.options, name))
         return out
 
     def bias_of(self, b: Tensor, names: list[str] | None = None) -> Tensor:
@@ -331,7 +332,7 @@ class LoRA(nn.Module):
             else:  # factor_pair's plain case, inline: this runs on every forward
                 A, B = modules["lora_A"]._parameters[name], modules["lora_B"]._parameters[name]
             # compiled: a 0-d tensor, with no guard on its value
-            s = self._buffers[SCALE + name] if compiling else lora_scaling(a.r, a.alpha, a.rslora)
+            s = self._buffers[SCALE + name] if compiling else a.scaling
             out.append(tuple.__new__(Term, (A, B, s, a.dropout if training else 0.0, m, name)))
         return out
 
