@@ -10,6 +10,8 @@ import sys
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.modules import module as _module
+from torch.nn.utils import parametrize as _parametrize
 from torch.nn.utils._named_member_accessor import swap_tensor
 from torch.nn.utils.parametrize import type_before_parametrizations
 
@@ -90,9 +92,16 @@ def own_setter(module: nn.Module, tensor_name: str) -> None:
         return plist if len(plist) == 1 and isinstance(plist[0], LoRA) and plist.is_tensor else None
 
     def read(self) -> Tensor:
-        if not torch.compiler.is_compiling() and sys._getframe(1).f_code is _SWAP \
-                and (plist := only_lora(self)) is not None:
+        if torch.compiler.is_compiling():
+            return prop.fget(self)
+        if sys._getframe(1).f_code is _SWAP and (plist := only_lora(self)) is not None:
             return plist.original  # functional_call's swap: the state dict's tensor, W0
+        plist = self._modules["parametrizations"]._modules[tensor_name]
+        lora = plist._modules.get("0")
+        if len(plist._modules) == 1 and isinstance(lora, LoRA) and plist.is_tensor and _plain_call(plist, lora):
+            # What parametrize's getter and the two module calls come to, without their Python frames.
+            W = plist._parameters.get("original")
+            return lora.forward(plist._buffers["original"] if W is None else W)
         return prop.fget(self)
 
     def assign(self, value: Tensor) -> None:
@@ -159,6 +168,22 @@ def own_forward(module: nn.Module, tensor_name: str) -> None:
         return beside(input, weight, out, self.bias)
 
     cls.forward = forward
+
+
+_GLOBAL_HOOKS = (_module._global_backward_pre_hooks, _module._global_backward_hooks, _module._global_forward_hooks,
+                 _module._global_forward_pre_hooks)
+
+
+def _plain_call(*modules: nn.Module) -> bool:
+    """Whether calling each of ``modules`` is its ``forward`` and nothing more, and parametrize's
+    getter computes the tensor afresh: no hooks (theirs or global), no JIT tracing, no
+    ``parametrize.cached()``."""
+    if _parametrize._cache_enabled or torch._C._get_tracing_state() is not None or any(_GLOBAL_HOOKS):
+        return False
+    for m in modules:
+        if m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks:
+            return False
+    return True
 
 
 class _Stored:

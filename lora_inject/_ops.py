@@ -22,10 +22,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from . import _quant as quant
-from ._kernels import NoGradAt, frozen_linear, fused, plain_eager
+from ._kernels import FUSED_MIN, NoGradAt, frozen_linear, fused, plain_eager
 from ._rows import Slots, gather, gathered, in_place, keep, scatter, select, served, some
-from .factored import FactoredWeight, implements
+from .factored import RAW_BIAS, FactoredWeight, Term, implements
+from .kind import Base, Kind, factored, kernel, pointwise
 
 
 def fits(weight, x, out_dim: int, quantized: bool = False) -> bool:
@@ -34,8 +34,60 @@ def fits(weight, x, out_dim: int, quantized: bool = False) -> bool:
     F.linear, which the backend dispatches, except for weights read only by their module's own
     forward). A leaf has no factored form: every op runs on it as on a dense tensor."""
     return (type(weight) is FactoredWeight and not weight._leaf and type(x) is not FactoredWeight
-            and not weight._view.experts and (not weight._has_dora() or weight._view.out_dim == out_dim)
-            and ((s := quant.scheme(weight._w0)) is None or quantized and not s.own_forward))
+            and not weight._view.experts and (not weight._dora or weight._view.out_dim == out_dim)
+            and ((s := weight._scheme) is None or quantized and not s.own_forward))
+
+
+# -- a weight with kinds of update: their factored forms, composed in order -----------------------
+def _lora_linear(x, base, params, view, scaling, options):
+    p = options["dropout"]
+    y = base(x)
+    h = F.linear(F.dropout(x, p) if p else x, params["A"].to(x.dtype))  # (.., r)
+    return y + (F.linear(h, params["B"].to(h.dtype)) * scaling).to(y.dtype)
+
+
+def _lora_conv(x, base, params, view, scaling, options):
+    p = options["dropout"]
+    y = base(x)
+    h = base.using(F.dropout(x, p) if p else x, params["A"].to(x.dtype))  # r channels
+    return y + (pointwise(h, params["B"].to(h.dtype), len(kernel(view))) * scaling).to(y.dtype)
+
+
+def _lora_embedding(x, base, params, view, scaling, options):
+    p = options["dropout"]
+    y = base(x)
+    h = F.embedding(x, params["A"].mT)  # (.., r)
+    return y + (F.linear(F.dropout(h, p) if p else h, params["B"]) * scaling).to(y.dtype)
+
+
+# A LoRA term as a kind's step, where it shares a weight with other kinds: ``s * B @ A`` (A and B
+# as the Term holds them, in the (.., out, in) view), its dropout on the input of the branch.
+LORA_STEP = Kind("lora", create=lambda view, r, alpha, options: {},
+                 delta=lambda params, view, scaling, options: params["B"] @ params["A"] * scaling,
+                 factored={"linear": _lora_linear, "conv": _lora_conv, "embedding": _lora_embedding})
+
+
+def stacked(op: str, x: Tensor, weight: FactoredWeight, bias: Tensor | None, call: Callable,
+            using: Callable) -> Tensor:
+    """``op`` on ``x`` with ``weight``'s terms applied in order through their factored forms
+    (see :func:`lora_inject.kind.factored`), around ``call(x, b)``, the op with ``W0`` and the
+    bias ``b`` as it was before the adapters; NotImplemented where a term has no form for ``op``
+    (a DoRA term has none), a form does not fit, or the bias before the adapters is unknown (see
+    :data:`lora_inject.factored.RAW_BIAS`): the op then gets the merged weight."""
+    steps = []
+    for t in weight._terms:
+        if type(t) is Term:
+            if t.magnitude is not None:
+                return NotImplemented
+            steps.append((LORA_STEP, {"A": t.A, "B": t.B}, t.scaling, {"dropout": t.dropout}))
+        else:
+            steps.append((t.kind, t.params, t.scaling, t.options))
+    if bias is not None and any(k.apply_bias is not None for k, *_ in steps):
+        bias = bias.__dict__.get(RAW_BIAS)
+        if bias is None:
+            return NotImplemented
+    out = factored(op, x, Base(lambda z: call(z, bias), using, bias), steps, weight._view)
+    return NotImplemented if out is None else out
 
 
 def one_plain_term(weight: FactoredWeight, x: Tensor):
@@ -44,7 +96,12 @@ def one_plain_term(weight: FactoredWeight, x: Tensor):
     if weight._rows is not None or len(weight._terms) != 1 or x.dim() < 1:
         return None
     term = weight._terms[0]
-    if term.dropout or term.magnitude is not None or not plain_eager():
+    if term.dropout or term.magnitude is not None:
+        return None
+    if torch.is_grad_enabled() and x.numel() < FUSED_MIN and (x.requires_grad or term.A.requires_grad
+                                                                 or term.B.requires_grad):
+        return None  # the kernel would not pay (see fused): decided before building its factors
+    if not plain_eager():
         return None
     L, R = weight._view.stored_factors(term.A, term.B)
     return L, R, term.scaling
@@ -67,9 +124,10 @@ def branch(x: Tensor, weight: FactoredWeight, out: Tensor, transposed: bool) -> 
         result = gathered(x, weight, out, transposed)
         if result is not None:
             return result
+    chosen = weight._rows  # per_sample()'s assignment, or None
     for L, R, s, p, name in weight._factors():
         first, second = (R.t(), L.t()) if transposed else (L, R)  # x @ (s L R).T = s (x R.T) L.T
-        idx = select(weight._rows, name, x)
+        idx = None if chosen is None else select(chosen, name, x)
         if idx is not None:  # per_sample(): this adapter's samples only, gathered and added back
             if some(idx):
                 h = gather(x, idx).to(first.dtype)
@@ -101,9 +159,13 @@ def beside(x: Tensor, weight: FactoredWeight, base: Tensor, bias: Tensor | None)
 def linear(input, weight, bias):
     if not fits(weight, input, 0, quantized=True):
         return NotImplemented
+    if weight._kinds:
+        w0 = weight._w0
+        call = frozen_linear if weight._scheme is not None else F.linear
+        return stacked("linear", input, weight, bias, lambda z, b: call(z, w0, b), F.linear)
     if weight._rows is not None and input.dim() == 1:  # per_sample(): an unbatched input is one sample
         return linear(input.unsqueeze(0), weight, bias).squeeze(0)
-    if quant.scheme(weight._w0) is not None:  # the backend's kernel, and the branch beside it
+    if weight._scheme is not None:  # the backend's kernel, and the branch beside it
         return beside(input, weight, frozen_linear(input, weight._w0, bias), bias)
     plain = one_plain_term(weight, input)
     if plain is not None:  # x @ W0.T + s * (x @ R.T) @ L.T
@@ -119,6 +181,11 @@ def linear(input, weight, bias):
 def addmm(input, mat1, mat2, beta, alpha, out):
     if out is not None or beta != 1 or alpha != 1 or not fits(mat2, mat1, 1) or type(input) is FactoredWeight:
         return NotImplemented
+    if mat2._kinds:  # x @ W is the linear op of a transposed tensor's rows
+        w0 = mat2._w0
+        if not mat2._view.transpose:
+            return NotImplemented
+        return stacked("linear", mat1, mat2, input, lambda z, b: torch.addmm(b, z, w0), F.linear)
     plain = one_plain_term(mat2, mat1)
     if plain is not None and input.dim() == 1:  # a bias, as in Conv1D: x @ W0 + s * (x @ L) @ R
         L, R, s = plain
@@ -134,6 +201,11 @@ def addmm(input, mat1, mat2, beta, alpha, out):
 def matmul(input, other, out):
     if out is not None or not fits(other, input, 1) or input.dim() == 0:
         return NotImplemented
+    if other._kinds:
+        w0 = other._w0
+        if not other._view.transpose or input.dim() == 1:
+            return NotImplemented
+        return stacked("linear", input, other, None, lambda z, b: torch.matmul(z, w0), F.linear)
     if other._rows is not None and input.dim() == 1:  # per_sample(): an unbatched input is one sample
         return matmul(input.unsqueeze(0), other, None).squeeze(0)
     plain = one_plain_term(other, input)
@@ -152,6 +224,16 @@ def embedding(input, weight, padding_idx, max_norm, norm_type, scale_grad_by_fre
     # W's rows, so of B too: both need the merged weight.
     if max_norm is not None or scale_grad_by_freq or not fits(weight, input, 1):
         return NotImplemented
+    if weight._kinds:
+        w0 = weight._w0
+        if not weight._view.transpose:
+            return NotImplemented
+        out = stacked("embedding", input, weight, None,
+                      lambda i, b: F.embedding(i, w0, padding_idx, None, norm_type, False, sparse),
+                      lambda i, M: F.embedding(i, M.mT))
+        if out is not NotImplemented and padding_idx is not None:  # the padding row gets no gradient
+            out = NoGradAt.apply(out, (input == padding_idx % w0.shape[0]).unsqueeze(-1))
+        return out
     base = F.embedding(input, weight._w0, padding_idx, None, norm_type, False, sparse)
     out = weight._rescaling(base)  # DoRA: (c - 1) * base
     for L, R, s, p, name in weight._factors():
@@ -176,7 +258,8 @@ def embedding(input, weight, padding_idx, max_norm, norm_type, scale_grad_by_fre
     defaults=(None, None, 2, False, "mean", False, None, False, None))
 def embedding_bag(input, weight, offsets, max_norm, norm_type, scale_grad_by_freq, mode, sparse,
                   per_sample_weights, include_last_offset, padding_idx):
-    if max_norm is not None or mode == "max" or scale_grad_by_freq or not fits(weight, input, 1):
+    if max_norm is not None or mode == "max" or scale_grad_by_freq or not fits(weight, input, 1) \
+            or weight._kinds:
         return NotImplemented
     rest = dict(offsets=offsets, mode=mode, per_sample_weights=per_sample_weights,
                 include_last_offset=include_last_offset, padding_idx=padding_idx)
@@ -202,20 +285,25 @@ def conv_form(op: Callable) -> Callable:
         if groups != 1 or not fits(weight, input, 0) or weight._view.transpose:
             return NotImplemented
         shape = weight._w0.shape
+        if weight._kinds:
+            w0, kernel = weight._w0, shape[2:]
+            return stacked("conv", input, weight, bias, lambda z, b: op(z, w0, b, stride, padding, dilation, groups),
+                           lambda z, M: op(z, M.reshape(M.shape[0], -1, *kernel), None, stride, padding, dilation))
         if weight._rows is not None and input.dim() == len(shape) - 1:  # per_sample(): unbatched, one sample
             return conv(input.unsqueeze(0), weight, bias, stride, padding, dilation, groups).squeeze(0)
         kernel, ones = shape[2:], (1,) * (len(shape) - 2)
         out = op(input, weight._w0, bias, stride, padding, dilation, groups)
         out = weight._rescale(out, bias, dim=-len(kernel) - 1)  # the channel dim
+        chosen = weight._rows  # per_sample()'s assignment, or None
         for L, R, s, p, name in weight._factors():
-            idx = select(weight._rows, name, input) if input.dim() == len(shape) else None
+            idx = select(chosen, name, input) if chosen is not None and input.dim() == len(shape) else None
             if idx is not None and not some(idx):
                 continue
             x = (input if idx is None else gather(input, idx)).to(R.dtype)
             h = op(F.dropout(x, p) if p else x, R.view(-1, shape[1], *kernel), None,
                    stride, padding, dilation)  # r output channels
-            if idx is None:
-                h = keep(weight._rows, name, h)  # per_sample() on an unbatched input: masked
+            if idx is None and chosen is not None:
+                h = keep(chosen, name, h)  # per_sample() on an unbatched input: masked
             y = op(h, L.reshape(*L.shape, *ones))  # 1x1 conv: r -> out
             out = add(out, y, s) if idx is None else scatter(out, idx, y, s)
         return out

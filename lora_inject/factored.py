@@ -36,8 +36,8 @@ differentiate, the same sums run without an autograd node.
 from __future__ import annotations
 
 import sys
-from collections.abc import Callable
-from typing import NamedTuple
+from collections.abc import Callable, Mapping
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
@@ -47,6 +47,7 @@ from . import _dora as dora
 from . import _quant as quant
 from ._rows import mask
 from ._view import View, compute_dtype
+from .kind import Kind, find_kind
 
 __all__: list[str] = []
 
@@ -68,6 +69,17 @@ class Term(NamedTuple):
         return self._replace(A=self.A.detach(), B=self.B.detach(), magnitude=m)
 
 
+class Step(NamedTuple):
+    """One active adapter of a kind other than LoRA (see :mod:`lora_inject.kind`): the kind, its
+    tensors by name, its scaling and its options, as :func:`lora_inject.kind.merged` applies it."""
+
+    kind: Kind
+    params: dict[str, Tensor]
+    scaling: float
+    options: Mapping[str, Any]
+    name: str = ""
+
+
 class FactoredWeight(Tensor):
     """``W0 + sum_i s_i * view(B_i @ A_i)`` (DoRA: see :mod:`lora_inject._dora`), kept factored.
 
@@ -84,7 +96,10 @@ class FactoredWeight(Tensor):
     """
 
     _w0: Tensor  # W0; for a leaf, the merged value
-    _terms: tuple[Term, ...]
+    _terms: tuple[Term | Step, ...]  # one per active adapter, in order
+    _kinds: bool  # whether a term is a Step (a kind other than LoRA)
+    _dora: bool  # whether a term has DoRA's magnitude
+    _scheme: object  # W0's quantization scheme (lora_inject.quant), or None
     _view: View
     _rows: tuple[str | None, ...] | None
     _leaf: bool
@@ -92,24 +107,31 @@ class FactoredWeight(Tensor):
 
     @staticmethod
     def __new__(cls, w0: Tensor, terms, view: View, rows=None, owner=None):
-        if quant.scheme(w0) is None:
+        scheme = quant.scheme(w0)
+        if scheme is None:
             shape, strides, dtype = w0.shape, w0.stride(), w0.dtype
         else:  # a quantized W0 reads as the dense weight it stands for
             shape, dtype = quant.shape(w0), quant.dtype(w0)
             strides = torch.empty(shape, device="meta").stride()
         out = Tensor._make_wrapper_subclass(cls, shape, strides=strides, dtype=dtype,
                                             device=w0.device, requires_grad=False)
-        # The branch runs in the wider of W0's dtype and the factors': half factors on a float32
-        # base are upcast (as peft upcasts them), float32 factors on a half base stay float32.
-        terms = [t if t.A.dtype == t.B.dtype == torch.promote_types(dtype, t.A.dtype) else t._replace(
-            A=t.A.to(torch.promote_types(dtype, t.A.dtype)), B=t.B.to(torch.promote_types(dtype, t.B.dtype)))
-            for t in terms]
-        out._w0, out._terms, out._view, out._rows, out._gains = w0, tuple(terms), view, rows, None
-        out._leaf, out._owner = False, owner  # owner: the LoRA whose forward made it (see LoRA.right_inverse)
+        # A LoRA term's branch runs in the wider of W0's dtype and the factors': half factors on a
+        # float32 base are upcast (as peft upcasts them), float32 factors on a half base stay float32.
+        terms = list(terms)
+        kinds = dora = False
+        for i, t in enumerate(terms):  # a loop, not comprehensions: this runs on every forward
+            if type(t) is Step:
+                kinds = True
+                continue
+            if t.magnitude is not None:
+                dora = True
+            if not t.A.dtype == t.B.dtype == dtype:
+                a, b = torch.promote_types(dtype, t.A.dtype), torch.promote_types(dtype, t.B.dtype)
+                if not t.A.dtype == t.B.dtype == a:
+                    terms[i] = t._replace(A=t.A.to(a), B=t.B.to(b))
+        out.__dict__.update(_w0=w0, _terms=tuple(terms), _view=view, _rows=rows, _gains=None, _kinds=kinds,
+                            _dora=dora, _scheme=scheme, _leaf=False, _owner=owner)  # owner: see LoRA.right_inverse
         return out
-
-    def __init__(self, *args, **kwargs):
-        pass
 
     def __repr__(self, *, tensor_contents=None) -> str:
         return f"FactoredWeight({self._merged()!r}, adapters={[t.name for t in self._terms]})"
@@ -117,26 +139,38 @@ class FactoredWeight(Tensor):
     # -- compile: the inner tensors and the rest -------------------------------------------------
     def __tensor_flatten__(self):
         # Literal attribute names, as torchao's tensor_data_names: ``_w0``, then ``_A<i>``,
-        # ``_B<i>``, ``_m<i>`` (DoRA) and ``_s<i>`` (a 0-d scaling) for each term. They are set
-        # here, where compile asks for them, and cost nothing per forward.
+        # ``_B<i>``, ``_m<i>`` (DoRA) and ``_s<i>`` (a 0-d scaling) for each LoRA term, and
+        # ``_p<i>_<tensor>`` for each tensor of a kind's step. They are set here, where compile
+        # asks for them, and cost nothing per forward.
         inner = {"_w0": self._w0}
+        meta = []
         for i, t in enumerate(self._terms):
+            if type(t) is Step:
+                inner.update({f"_p{i}_{k}": v for k, v in t.params.items()})
+                meta.append(("step", t.kind.name, tuple(t.params), t.scaling, tuple(t.options.items()), t.name))
+                continue
             inner[f"_A{i}"], inner[f"_B{i}"] = t.A, t.B
             if t.magnitude is not None:
                 inner[f"_m{i}"] = t.magnitude
             if isinstance(t.scaling, Tensor):
                 inner[f"_s{i}"] = t.scaling
+            meta.append((None if isinstance(t.scaling, Tensor) else t.scaling, t.dropout, t.name,
+                         t.magnitude is not None))
         self.__dict__.update(inner)
-        meta = tuple((None if isinstance(t.scaling, Tensor) else t.scaling, t.dropout, t.name,
-                      t.magnitude is not None) for t in self._terms)
-        return list(inner), (self._view, self._rows, meta, self._owner)
+        return list(inner), (self._view, self._rows, tuple(meta), self._owner)
 
     @staticmethod
     def __tensor_unflatten__(inner, ctx, outer_size, outer_stride):
         view, rows, meta, owner = ctx
-        terms = [Term(inner[f"_A{i}"], inner[f"_B{i}"], inner[f"_s{i}"] if s is None else s, p,
-                      inner.get(f"_m{i}") if has_m else None, name)
-                 for i, (s, p, name, has_m) in enumerate(meta)]
+        terms = []
+        for i, m in enumerate(meta):
+            if m[0] == "step":
+                _, kind, keys, s, options, name = m
+                terms.append(Step(find_kind(kind), {k: inner[f"_p{i}_{k}"] for k in keys}, s, dict(options), name))
+                continue
+            s, p, name, has_m = m
+            terms.append(Term(inner[f"_A{i}"], inner[f"_B{i}"], inner[f"_s{i}"] if s is None else s, p,
+                              inner.get(f"_m{i}") if has_m else None, name))
         return FactoredWeight(inner["_w0"], terms, view, rows, owner)
 
     def __getattr__(self, name: str):  # a quantized W0's own state (bitsandbytes' quant_state, CB, SCB)
@@ -181,10 +215,12 @@ class FactoredWeight(Tensor):
         return any(t.requires_grad for t in self._inner_tensors())
 
     def _inner_tensors(self) -> list[Tensor]:
-        return [self._w0] + [x for t in self._terms for x in (t.A, t.B, t.magnitude) if x is not None]
+        return [self._w0] + [x for t in self._terms
+                             for x in (t.params.values() if type(t) is Step else (t.A, t.B, t.magnitude))
+                             if x is not None]
 
     def _has_dora(self) -> bool:
-        return any(t.magnitude is not None for t in self._terms)
+        return self._dora
 
     def _scales(self) -> tuple[Tensor | None, list[Tensor | None]]:
         """DoRA's ``(c, k)`` (see :func:`lora_inject._dora.scales`), computed on first use.
@@ -205,12 +241,14 @@ class FactoredWeight(Tensor):
         """DoRA: the base output ``out = op(x, W0) + bias`` scaled by ``c`` along its output units
         (``dim``), as ``out + (c - 1) * (out - bias)``, which is ``out`` exactly where ``c`` is 1
         (at init); ``out`` itself without DoRA."""
+        if not self._dora:
+            return out
         extra = self._rescaling(out, bias, dim)
-        return out if extra is None else out + extra.to(out.dtype)
+        return out + extra.to(out.dtype)
 
     def _rescaling(self, out: Tensor, bias: Tensor | None = None, dim: int = -1) -> Tensor | None:
         """``(c - 1) * (out - bias)`` (see :meth:`rescale`), or None without DoRA."""
-        if not self._has_dora():
+        if not self._dora:
             return None
         c, k = self._scales()
         shape = [1] * out.dim()
@@ -224,16 +262,21 @@ class FactoredWeight(Tensor):
             bias = bias.view(shape)
         return (out if bias is None else out - bias).to(c1.dtype) * c1
 
-    def _factors(self):
-        """Yield ``(L, R, s, p, name)`` per term: the stored update is ``s * L @ R``.
+    def _factors(self) -> list[tuple]:
+        """``(L, R, s, p, name)`` per term: the stored update is ``s * L @ R``.
 
         For a rows layout that is ``B @ A``; for a transposed one ``A.T @ B.T``. With DoRA, ``B``
         is scaled per output unit by ``k`` (see :meth:`scales`)."""
-        k = self._scales()[1] if self._has_dora() else [None] * len(self._terms)
-        for term, ki in zip(self._terms, k):
+        if not self._dora:
+            transpose = self._view.transpose
+            return [(t.A.mT, t.B.mT, t.scaling, t.dropout, t.name) if transpose else
+                    (t.B, t.A, t.scaling, t.dropout, t.name) for t in self._terms]
+        out = []
+        for term, ki in zip(self._terms, self._scales()[1]):
             B = term.B if ki is None else term.B * ki.unsqueeze(-1).to(term.B.dtype)  # (out, r)
             L, R = self._view.stored_factors(term.A, B)
-            yield L, R, term.scaling, term.dropout, term.name
+            out.append((L, R, term.scaling, term.dropout, term.name))
+        return out
 
     # -- dispatch: a lookup in the table, and one fallback ---------------------------------------
     @classmethod
@@ -297,6 +340,8 @@ def merge(w0: Tensor, terms, view: View) -> Tensor:
     w0 = quant.dense(w0)  # a quantized W0 merges from its dense value
     if not terms:  # a fresh tensor all the same: a layer that writes its weight must not write W0
         return w0.clone()
+    if any(type(t) is Step for t in terms):
+        return composed(w0, terms, view)
     ct = compute_dtype(w0.dtype, *(t.A.dtype for t in terms))
     if any(t.magnitude is not None for t in terms):
         return view.stored(dora.merged(view.rows(w0), terms, ct)).to(w0.dtype)
@@ -306,6 +351,35 @@ def merge(w0: Tensor, terms, view: View) -> Tensor:
         update = torch.matmul(L.to(ct), R.to(ct)) * t.scaling  # (.., rows, r) @ (.., r, cols)
         total = total + (update if update.dim() == total.dim() else update.reshape(total.shape))
     return total.to(w0.dtype)
+
+
+def composed(w0: Tensor, terms, view: View) -> Tensor:
+    """``W0`` with ``terms`` applied in order, LoRA terms and kinds' steps alike (a LoRA term as an
+    additive step, DoRA on the weight so far, a kind through its ``delta`` or ``apply``), in the
+    ``(.., out, in)`` view, summed in float32 (or wider) and cast back once, in ``W0``'s layout."""
+    w0 = quant.dense(w0)
+    ct = compute_dtype(w0.dtype, *(x.dtype for t in terms
+                                   for x in (t.params.values() if type(t) is Step else (t.A, t.B))))
+    M = view.rows(w0).to(ct)
+    for t in terms:
+        if type(t) is Term:
+            if t.magnitude is not None:
+                M = dora.merged(M, [t], ct)
+            else:
+                M = M + torch.matmul(t.B.to(ct), t.A.to(ct)) * t.scaling
+            continue
+        params = {k: v.to(ct) for k, v in t.params.items()}
+        M = (M + t.kind.delta(params, view, t.scaling, t.options) if t.kind.additive
+             else t.kind.apply(M, params, view, t.scaling, t.options))
+    # In W0's own layout, so that the layer runs the kernels it runs on W0 (a transposed view's
+    # product would come back strided otherwise).
+    return view.stored(M).to(w0.dtype).contiguous()
+
+
+# On the bias a layer's op receives where a kind adapts it too (IA³, see Kind.apply_bias): the bias
+# before the adapters, set by the bias's parametrization (lora_inject.lora.Bias), so that the
+# factored forms start from it and adapt it as they adapt the weight.
+RAW_BIAS = "_lora_inject_raw_bias"
 
 
 # Ops of PyTorch's OpInfo database that an adapted weight refuses, as (name, reason), each with an

@@ -15,10 +15,22 @@ in/groups * k..)`` (its kernel read from ``view.shape``), a transposed ``(in, ou
 such as GPT-2's ``Conv1D`` or an ``Embedding``, and experts with a leading ``E``.
 
 Where the update can run without building a weight-sized tensor, ``factored`` maps an op's
-name to ``form(x, base, params, view, scaling, options)``: ``base`` computes the op with the
-weight so far (``x -> op(x, W) + bias``), and the form returns the op with the adapted weight.
-Composed in order, each adapter's form wraps the previous one's ``base``. The op ``"linear"``
-is ``y = x @ rows(W).T (+ bias)``, which covers ``F.linear`` and ``Conv1D``'s ``addmm``.
+name to ``form(x, base, params, view, scaling, options)``: ``base(x)`` computes the op with the
+weight so far, and the form returns the op with the adapted weight (a form that does not fit
+its arguments returns ``NotImplemented``; the op then gets the merged weight). Composed in
+order, each adapter's form wraps the previous one's ``base``. The ops:
+
+* ``"linear"``: ``y = x @ rows(W).T``, which covers ``F.linear``, ``Conv1D``'s ``addmm`` and
+  ``x @ W`` on a transposed tensor;
+* ``"conv"``: ``F.conv1d/2d/3d`` on a row-stored kernel, channels at dim ``-len(kernel) - 1``;
+* ``"embedding"``: ``F.embedding`` on a transposed ``(num, dim)`` table, ``x`` the indices.
+
+``base(x)`` adds the layer's bias as it was before the adapters (``base.bias``, or None), and
+the form returns the output with the bias that goes with the adapted weight: a kind with
+:attr:`Kind.apply_bias` adapts it as that does (IA³'s ``base(x) * l`` scales both). So an
+additive kind at init returns ``base(x)`` itself, bit for bit. ``base`` is a :class:`Base`:
+``base.using(x, M)`` runs the same op (its stride, padding..) with the ``(out', in)`` matrix
+``M`` in place of the weight and no bias, as a conv form needs.
 
 Kinds are registered by name, as rules are by module type: :func:`register_kind`,
 :func:`find_kind`, :func:`default_kinds`.
@@ -40,7 +52,26 @@ __all__ = ["Kind", "Option", "default_kinds", "find_kind", "register_kind"]
 
 Params = Mapping[str, Tensor]
 Options = Mapping[str, Any]
-Base = Callable[[Tensor], Tensor]
+
+
+class Base:
+    """The op with the weight so far, as a factored form receives it: ``base(x)``;
+    ``base.using(x, M)``, the same op on ``x`` with the ``(out', in)`` matrix ``M`` (the view's
+    rows layout) in place of the weight and no bias (None where the caller gives none); and
+    ``base.bias``, the bias ``base(x)`` adds as it was before the adapters, or None."""
+
+    __slots__ = ("call", "using", "bias")
+
+    def __init__(self, call: Callable[[Tensor], Tensor],
+                 using: Callable[[Tensor, Tensor], Tensor] | None = None, bias: Tensor | None = None) -> None:
+        self.call, self.using, self.bias = call, using, bias
+
+    def __call__(self, x: Tensor) -> Tensor:
+        return self.call(x)
+
+
+class _Unfit(Exception):
+    """A form returned NotImplemented: the composed op falls back to the merged weight."""
 
 
 @dataclass(frozen=True)
@@ -205,23 +236,42 @@ def merged(W: Tensor, steps: Sequence[tuple[Kind, Params, float, Options]], view
     return W
 
 
-def factored(op: str, x: Tensor, base: Base, steps: Sequence[tuple[Kind, Params, float, Options]],
+def factored(op: str, x: Tensor, base, steps: Sequence[tuple[Kind, Params, float, Options]],
              view: View) -> Tensor | None:
     """Return ``op``'s output with the weight that ``steps`` make, through each kind's factored
-    form, or None where a step's kind has no factored form for ``op``.
+    form, or None where a step's kind has no factored form for ``op`` or a form does not fit.
 
-    ``base(x)`` computes ``op`` with the weight before the steps (bias included).
+    ``base(x)`` (a callable, or a :class:`Base`) computes ``op`` with the weight before the steps.
     """
+    if not isinstance(base, Base):
+        base = Base(base)
     for kind, params, scaling, options in steps:
         form = kind.factored.get(op)
         if form is None:
             return None
-        base = _bind(form, base, params, view, scaling, options)
-    return base(x)
+        base = Base(_bind(form, base, params, view, scaling, options), base.using, base.bias)
+    try:
+        return base(x)
+    except _Unfit:
+        return None
 
 
-def _bind(form, base: Base, params: Params, view: View, scaling: float, options: Options) -> Base:
-    return lambda x: form(x, base, params, view, scaling, options)
+def _bind(form, base: Base, params: Params, view: View, scaling: float, options: Options):
+    def call(x: Tensor) -> Tensor:
+        out = form(x, base, params, view, scaling, options)
+        if out is NotImplemented:
+            raise _Unfit
+        return out
+    return call
+
+
+def pointwise(h: Tensor, M: Tensor, dims: int) -> Tensor:
+    """``M`` ``(out', r)`` applied to the channels of ``h`` ``(.., r, *spatial)`` with ``dims``
+    spatial dimensions: a 1x1 conv (a plain matmul for ``dims == 0``)."""
+    if dims == 0:
+        return torch.nn.functional.linear(h, M)
+    conv = (torch.nn.functional.conv1d, torch.nn.functional.conv2d, torch.nn.functional.conv3d)[dims - 1]
+    return conv(h, M.reshape(*M.shape, *(1,) * dims))
 
 
 # -- shapes every kind reads from the view ------------------------------------------------------

@@ -14,7 +14,7 @@ from . import _dora as dora
 from . import _quant as quant
 from ._rows import Slots, enabled
 from ._view import View, compute_dtype
-from .factored import FactoredWeight, Term, merge
+from .factored import RAW_BIAS, FactoredWeight, Step, Term, composed, merge
 from .inits import WEIGHT_INITS, decompose, init_factors
 from .kind import find_kind
 
@@ -167,7 +167,10 @@ class LoRA(nn.Module):
     def only_lora(self, names) -> bool:
         """Whether every adapter in ``names`` is of kind ``"lora"`` (the factored fast path's)."""
         records = self.records
-        return all(records[n].kind == "lora" for n in names)
+        for n in names:  # a loop, not all(): this runs on every forward
+            if records[n].kind != "lora":
+                return False
+        return True
 
     # -- adapters -----------------------------------------------------------------------------
     def add(self, name: str, settings: Adapter, *, dtype: torch.dtype, device: torch.device,
@@ -277,27 +280,24 @@ class LoRA(nn.Module):
     def composed(self, W: Tensor, names: list[str]) -> Tensor:
         """``W`` with the adapters ``names`` applied in the order they were added (LoRA terms as
         additive steps, DoRA on the weight so far, other kinds through their ``delta``/``apply``),
-        in the ``(.., out, in)`` view, summed in float32 (or wider) and cast back once."""
-        w = quant.dense(W)
-        chosen = set(names)
-        ordered = [n for n in self.records if n in chosen]
-        ct = compute_dtype(w.dtype, *(t.dtype for n in ordered for t in self.tensors(n).values()))
-        M = self.view.rows(w).to(ct)
-        for name, step in zip(ordered, self.steps(ordered)):
-            if step is None:
-                term = self.terms([name])[0]
-                if term.magnitude is not None:
-                    M = dora.merged(M, [term], ct)
-                else:
-                    M = M + torch.matmul(term.B.to(ct), term.A.to(ct)) * term.scaling
-                continue
-            kind, params, scaling, options = step
-            params = {k: v.to(ct) for k, v in params.items()}
-            M = (M + kind.delta(params, self.view, scaling, options) if kind.additive
-                 else kind.apply(M, params, self.view, scaling, options))
-        # In W0's own layout, so that the layer runs the kernels it runs on W0 (a transposed view's
-        # product would come back strided otherwise).
-        return self.view.stored(M).to(w.dtype).contiguous()
+        in the ``(.., out, in)`` view, summed in float32 (or wider) and cast back once (see
+        :func:`lora_inject.factored.composed`)."""
+        return composed(W, self.parts(names), self.view)
+
+    def parts(self, names) -> list[Term | Step]:
+        """Each adapter in ``names``, in the order they were added: a
+        :class:`~lora_inject.factored.Term` for LoRA, a :class:`~lora_inject.factored.Step` for
+        another kind; the terms of a LoRA-only list keep the order of ``names``."""
+        if self.only_lora(names):
+            return self.terms(names)
+        chosen, compiling = set(names), torch.compiler.is_compiling()
+        out = []
+        for name in [n for n in self.records if n in chosen]:
+            a = self.records[name]
+            s = self._buffers[SCALE + name] if compiling else a.scaling  # compiled: no guard on its value
+            out.append(self.terms([name], compiling)[0] if a.kind == "lora" else
+                       Step(find_kind(a.kind), self.tensors(name), s, a.options, name))
+        return out
 
     def bias_of(self, b: Tensor, names: list[str] | None = None) -> Tensor:
         """The bias that goes with the adapted weight: ``b`` through each adapter in ``names``
@@ -325,15 +325,22 @@ class LoRA(nn.Module):
             B = torch.cat([B, -self.lora_B0[name]], dim=-1)  # (.., out, 2r)
         return A, B
 
-    def terms(self, names) -> list[Term]:
-        """The :class:`~lora_inject.factored.Term` of each adapter in ``names``, in order."""
-        out, training, compiling = [], self.training, torch.compiler.is_compiling()
+    def terms(self, names, compiling: bool | None = None) -> list[Term]:
+        """The :class:`~lora_inject.factored.Term` of each adapter in ``names``, in order
+        (``compiling``: whether under ``torch.compile``, if the caller knows)."""
+        out, training = [], self.training
+        compiling = torch.compiler.is_compiling() if compiling is None else compiling
+        modules, records = self._modules, self.records
         for name in names:
-            a = self.records[name]
-            m = self._modules["lora_magnitude"]._parameters[name] if a.dora else None
-            A, B = self.factor_pair(name)
-            s = self._buffers[SCALE + name] if compiling else a.scaling  # compiled: no guard on its value
-            out.append(Term(A, B, s, a.dropout if training else 0.0, m, name))
+            a = records[name]
+            m = modules["lora_magnitude"]._parameters[name] if a.dora else None
+            if a.init in WEIGHT_INITS:
+                A, B = self.factor_pair(name)
+            else:  # factor_pair's plain case, inline: this runs on every forward
+                A, B = modules["lora_A"]._parameters[name], modules["lora_B"]._parameters[name]
+            # compiled: a 0-d tensor, with no guard on its value
+            s = self._buffers[SCALE + name] if compiling else a.scaling
+            out.append(tuple.__new__(Term, (A, B, s, a.dropout if training else 0.0, m, name)))
         return out
 
     # -- the update -----------------------------------------------------------------------------
@@ -433,13 +440,17 @@ class LoRA(nn.Module):
                                "cannot differ per sample (their update is merged into one weight for the "
                                "batch); per_sample() takes LoRA adapters only. Run one forward per adapter "
                                "with li.activate() instead.")
-        if self.factored and self.only_lora(names) and (
-                cell is None or rows is not None or torch.is_grad_enabled()
-                or torch.compiler.is_compiling() or quant.scheme(W) is not None):
-            owner = None if torch.compiler.is_compiling() else self  # for right_inverse; a graph needs none
-            return FactoredWeight(W, self.terms(names), self.view, rows, owner)
+        compiling = torch.compiler.is_compiling()
+        if self.factored and (cell is None or rows is not None or torch.is_grad_enabled()
+                              or compiling or quant.scheme(W) is not None):
+            only = self.only_lora(names)
+            # Other kinds merge when compiled, and on a weight only its module's forward reads (bitsandbytes').
+            if only or not (compiling or (scheme := quant.scheme(W)) is not None and scheme.own_forward):
+                owner = None if compiling else self  # for right_inverse; a graph needs none
+                terms = self.terms(names, compiling) if only else self.parts(names)
+                return FactoredWeight(W, terms, self.view, rows, owner)
         if rows is not None and names:
-            raise RuntimeError(f"per_sample(): a LoRA of shape {self.shape} is on the merged path, where "
+            raise RuntimeError(f"per_sample(): a LoRA of shape {self.view.shape} is on the merged path, where "
                                "one weight serves the whole batch; per-sample adapters need the fast path.")
         out = self.merged_once(W, names, cell)
         if not torch.compiler.is_compiling():  # a value handed out: assigning it back restores W
@@ -543,7 +554,10 @@ class Bias(nn.Module):
             if lora.serving and lora.active:  # this call's state, read as data (see LoRA._served)
                 return torch.where(enabled(b, id(lora)), lora.bias_of(b), b)
             return lora.bias_of(b)
-        return lora.bias_of(b, _call.names(lora)[1])
+        out = lora.bias_of(b, _call.names(lora)[1])
+        out = out.view_as(out) if out is b else out  # not b itself, which keeps no mark
+        out.__dict__[RAW_BIAS] = b  # the factored forms start from b
+        return out
 
     def right_inverse(self, value: Tensor) -> Tensor:
         return value

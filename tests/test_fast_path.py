@@ -188,3 +188,38 @@ def test_every_gradient_of_the_fast_path_matches_the_merged_path(make, dropout):
     assert len(g_fast) == len(g_merged) >= 4
     for a, b in zip(g_fast, g_merged):
         torch.testing.assert_close(a, b)
+
+
+# -- the parametrization call: reading the weight skips parametrize's frames only where that changes nothing --
+def test_reading_the_weight_runs_the_parametrization_s_hooks():
+    # Hooks on the parametrization list, on LoRA, and global module hooks are all called, as
+    # parametrize's own getter calls them.
+    layer = li.inject(nn.Linear(5, 7), "", r=2)
+    plist = layer.parametrizations.weight
+    seen = []
+    handles = [plist.register_forward_pre_hook(lambda m, args: seen.append("list")),
+               plist[0].register_forward_hook(lambda m, args, out: seen.append("lora"))]
+    layer(torch.randn(2, 5))
+    assert seen == ["list", "lora"]
+    for h in handles:
+        h.remove()
+    seen.clear()
+    handle = torch.nn.modules.module.register_module_forward_hook(lambda m, args, out: seen.append(type(m).__name__))
+    try:
+        layer(torch.randn(2, 5))
+    finally:
+        handle.remove()
+    assert "LoRA" in seen and "ParametrizationList" in seen
+    seen.clear()
+    layer(torch.randn(2, 5))
+    assert seen == []
+
+
+def test_reading_the_weight_inside_parametrize_cached_reads_it_once():
+    from torch.nn.utils import parametrize
+
+    layer = li.inject(nn.Linear(5, 7), "", r=2)
+    with parametrize.cached():
+        first, second = layer.weight, layer.weight
+        assert first is second
+    assert layer.weight is not layer.weight

@@ -10,13 +10,15 @@ peft's shapes: ``(out, 1)`` or ``(1, in)`` for a matrix (Linear, GPT-2's Conv1D)
 output scales the bias too, as peft's forward and merge do: :attr:`Kind.apply_bias`. peft's init:
 ones, the identity. There is no rank and no alpha.
 
-On a linear op the factored form scales the op's output (``base(x) * l``, bias included) or its
-input (``base(x * scale)``): no weight-sized tensor.
+The factored forms scale the op's output (``base(x) * l``) or its input (``base(x * l)``): the
+features of a linear op, the channels of a conv, and for an embedding each looked-up vector (by
+its row's gain, looked up, for ``feedforward``). None builds a weight-sized tensor.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from .._view import View
@@ -58,8 +60,30 @@ def apply_bias(b: Tensor, params, view: View, options) -> Tensor:
 
 
 def linear(x: Tensor, base, params, view: View, scaling: float, options) -> Tensor:
-    scale = _vector(params, view).to(x.dtype)
-    return base(x * scale) if options["feedforward"] else base(x) * scale
+    scale = _vector(params, view)
+    if options["feedforward"]:
+        return base(x * scale.to(x.dtype))
+    y = base(x)
+    return y * scale.to(y.dtype)
+
+
+def conv(x: Tensor, base, params, view: View, scaling: float, options) -> Tensor:
+    """The input channels scaled before the conv, or its output channels after it."""
+    shape = (-1, *(1,) * len(kernel(view)))  # the channel dim, for a batched input or not
+    scale = _vector(params, view).view(shape)
+    if options["feedforward"]:
+        return base(x * scale.to(x.dtype))
+    y = base(x)
+    return y * scale.to(y.dtype)
+
+
+def embedding(x: Tensor, base, params, view: View, scaling: float, options) -> Tensor:
+    """Each looked-up vector scaled (its row's gain, looked up too, for ``feedforward``)."""
+    scale = _vector(params, view)
+    y = base(x)
+    if options["feedforward"]:  # the inputs are the table's rows: one gain per index
+        return y * F.embedding(x, scale.view(-1, 1)).to(y.dtype)
+    return y * scale.to(y.dtype)
 
 
 IA3 = Kind(
@@ -71,6 +95,6 @@ IA3 = Kind(
     scaling=lambda r, alpha, options: 1.0,
     default_r=None,
     default_alpha=None,
-    factored={"linear": linear},
+    factored={"linear": linear, "conv": conv, "embedding": embedding},
 )
 register_kind("ia3", IA3)

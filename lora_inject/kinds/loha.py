@@ -12,6 +12,9 @@ off for 1x1), each factor is a Tucker (CP) product over the kernel: ``hada_t1``/
 
     W_i[p, c, kernel] = sum_ij t_i[i, j, kernel] * w_i_b[j, c] * w_i_a[i, p]
 
+In plain eager mode the matrix form is :class:`Hadamard`, which saves only the factors for
+backward and builds the products again there, as peft's ``HadaWeight``.
+
 peft's init: the ``a`` factors and ``hada_w1_b`` Kaiming-uniform (``a = sqrt(5)``), the ``t``
 cores too, and ``hada_w2_b`` zero, so the update is exactly zero.
 """
@@ -23,6 +26,7 @@ import math
 import torch
 from torch import Tensor
 
+from .._kernels import plain_eager
 from .._view import View
 from ..kind import (
     LYCORIS_OPTIONS,
@@ -78,9 +82,40 @@ def delta(params, view: View, scaling: float, options) -> Tensor:
         w1 = _cp(params["hada_t1"], params["hada_w1_a"], params["hada_w1_b"])
         w2 = _cp(params["hada_t2"], params["hada_w2_a"], params["hada_w2_b"])
         return w1 * w2 * scaling
-    w1 = params["hada_w1_a"] @ params["hada_w1_b"]  # (.., out, r) @ (.., r, in)
-    w2 = params["hada_w2_a"] @ params["hada_w2_b"]
+    factors = params["hada_w1_a"], params["hada_w1_b"], params["hada_w2_a"], params["hada_w2_b"]
+    if plain_eager() and factors[0].dim() == 2:
+        return Hadamard.apply(*factors, scaling)
+    w1 = factors[0] @ factors[1]  # (.., out, r) @ (.., r, in)
+    w2 = factors[2] @ factors[3]
     return (w1 * w2) * scaling
+
+
+class Hadamard(torch.autograd.Function):
+    """``s * (w1a @ w1b) * (w2a @ w2b)``, saving only the four factors: its backward builds the
+    two products again, as peft's ``HadaWeight`` does, so that no weight-sized tensor is kept for
+    it (autograd on the plain ops would keep both products)."""
+
+    @staticmethod
+    def forward(ctx, w1a, w1b, w2a, w2b, s):
+        ctx.save_for_backward(w1a, w1b, w2a, w2b)
+        ctx.s = s
+        return (w1a @ w1b).mul_(w2a @ w2b).mul_(s)
+
+    @staticmethod
+    def backward(ctx, g):
+        w1a, w1b, w2a, w2b = ctx.saved_tensors
+        g = g * ctx.s
+        grads = [None] * 4
+        if ctx.needs_input_grad[0] or ctx.needs_input_grad[1]:
+            t = g * (w2a @ w2b)
+            grads[0] = t @ w1b.T if ctx.needs_input_grad[0] else None
+            grads[1] = w1a.T @ t if ctx.needs_input_grad[1] else None
+            del t
+        if ctx.needs_input_grad[2] or ctx.needs_input_grad[3]:
+            t = g * (w1a @ w1b)
+            grads[2] = t @ w2b.T if ctx.needs_input_grad[2] else None
+            grads[3] = w2a.T @ t if ctx.needs_input_grad[3] else None
+        return *grads, None
 
 
 LOHA = Kind(

@@ -28,6 +28,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from .._view import View
@@ -125,12 +126,53 @@ def delta(params, view: View, scaling: float, options) -> Tensor:
     return kron(w1, w2) * scaling
 
 
+def _worth_it(x: Tensor, w1: Tensor, w2: Tensor, rows: int) -> bool:
+    """Whether reshaping costs less than the merged weight: always where a gradient is wanted (the
+    merged weight's gradient is a weight-sized product); without one, where the ``rows`` inputs'
+    two thin products cost less than building the Kronecker product."""
+    if torch.is_grad_enabled() and (x.requires_grad or w1.requires_grad or w2.requires_grad):
+        return True
+    (a, c), (b, d) = w1.shape[-2:], w2.shape[-2:]
+    return rows * (a * c * d + a * d * b) < 2 * a * b * c * d
+
+
 def linear(x: Tensor, base, params, view: View, scaling: float, options) -> Tensor:
     """``base(x) + s * x @ kron(w1, w2).T``, as ``w1 @ X @ w2.T`` with ``X`` ``(.., c, d)``."""
     w1, w2 = factors(params)  # (a, c), (b, d)
-    X = x.reshape(*x.shape[:-1], w1.shape[-1], w2.shape[-1])
+    if not _worth_it(x, w1, w2, x.shape[:-1].numel()):
+        return NotImplemented
+    y = base(x)
+    X = x.reshape(*x.shape[:-1], w1.shape[-1], w2.shape[-1]).to(w1.dtype)
     Y = w1 @ X @ w2.mT  # (a, c) @ (.., c, d) @ (d, b) -> (.., a, b)
-    return base(x) + Y.reshape(*x.shape[:-1], -1) * scaling
+    return y + (Y.reshape(*x.shape[:-1], -1) * scaling).to(y.dtype)
+
+
+def conv(x: Tensor, base, params, view: View, scaling: float, options) -> Tensor:
+    """The conv with ``w2`` on each of the ``c`` groups of ``d`` input channels, as one batch, then
+    ``w1`` across the groups: ``y[(i, j)] = sum_k w1[i, k] conv(x[k], w2[j])``."""
+    w1, w2 = factors(params)  # (a, c), (b, d * K)
+    (a, c), b = w1.shape, w2.shape[0]
+    unbatched = x.dim() == len(kernel(view)) + 1
+    xb = x.unsqueeze(0) if unbatched else x
+    n, spatial = xb.shape[0], xb.shape[2:]
+    if not _worth_it(xb, w1, w2, n * math.prod(spatial)):
+        return NotImplemented
+    y = base(x)
+    h = base.using(xb.reshape(n * c, -1, *spatial).to(w2.dtype), w2)  # (n c, b, *out_spatial)
+    Y = (w1 @ h.reshape(n, c, -1)).reshape(n, a * b, *h.shape[2:])  # (n, a, b ..) -> (n, a b, ..)
+    Y = Y.squeeze(0) if unbatched else Y
+    return y + (Y * scaling).to(y.dtype)
+
+
+def embedding(x: Tensor, base, params, view: View, scaling: float, options) -> Tensor:
+    """Thin lookups: index ``k * d + l`` reads ``w1[:, k]`` and ``w2[:, l]``, and their outer
+    product is its ``(a * b)`` vector."""
+    w1, w2 = factors(params)  # (a, c), (b, d): dim = a b, num = c d
+    d = w2.shape[-1]
+    y = base(x)
+    u, v = F.embedding(torch.div(x, d, rounding_mode="floor"), w1.mT), F.embedding(x % d, w2.mT)
+    Y = (u[..., :, None] * v[..., None, :]).reshape(*x.shape, -1)  # (.., a, b) -> (.., a b)
+    return y + (Y * scaling).to(y.dtype)
 
 
 def _factor(v) -> bool:
@@ -148,6 +190,6 @@ LOKR = Kind(
         Option("decompose_factor", -1, _factor, "a positive int, or -1 for near the square root"),
         Option("rank_dropout_scale", False, boolean, "a bool"),
     ),
-    factored={"linear": linear},
+    factored={"linear": linear, "conv": conv, "embedding": embedding},
 )
 register_kind("lokr", LOKR)

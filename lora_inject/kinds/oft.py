@@ -161,19 +161,28 @@ def apply(W: Tensor, params, view: View, scaling: float, options) -> Tensor:
     return torch.einsum("...nkc,...nki->...nci", R.to(W.dtype), Wb).reshape(W.shape)
 
 
+def _rotate(y: Tensor, R: Tensor, dim: int) -> Tensor:
+    """``y``'s last dimension turned block by block: ``y @ block_diag(R)``."""
+    R = _expand(R, dim)
+    yb = y.reshape(*y.shape[:-1], R.shape[-3], R.shape[-1])
+    return torch.einsum("...rk,rkc->...rc", yb, R.to(y.dtype)).reshape(y.shape)
+
+
 def linear(x: Tensor, base, params, view: View, scaling: float, options) -> Tensor:
     """``base(x @ R)`` for ``rotate="in"``, the input rotated block by block as peft's forward
     does; ``base(x) @ R`` for ``rotate="out"``."""
-    R = rotation(params, options)
-    b = R.shape[-1]
     if options["rotate"] == "in":
-        R = _expand(R, view.in_features)
-        xb = x.reshape(*x.shape[:-1], R.shape[-3], b)
-        return base(torch.einsum("...rk,rkc->...rc", xb, R.to(x.dtype)).reshape(x.shape))
-    y = base(x)
-    R = _expand(R, view.out_features)
-    yb = y.reshape(*y.shape[:-1], R.shape[-3], b)
-    return torch.einsum("...rk,rkc->...rc", yb, R.to(y.dtype)).reshape(y.shape)
+        return base(_rotate(x, rotation(params, options), view.in_features))
+    if base.bias is not None:  # the bias is not turned: the merged weight
+        return NotImplemented
+    return _rotate(base(x), rotation(params, options), view.out_features)
+
+
+def embedding(x: Tensor, base, params, view: View, scaling: float, options) -> Tensor:
+    """``rotate="out"`` (peft's OFT on an Embedding): each looked-up vector rotated."""
+    if options["rotate"] != "out" or base.bias is not None:
+        return NotImplemented  # the table's rows mixed: the merged weight
+    return _rotate(base(x), rotation(params, options), view.out_features)
 
 
 def validate(r: int, alpha, options) -> None:
@@ -208,7 +217,7 @@ OFT = Kind(
     scaling=lambda r, alpha, options: 1.0,
     default_r=0,
     default_alpha=None,
-    factored={"linear": linear},
+    factored={"linear": linear, "embedding": embedding},
     peft_key=lambda tensor_name: f"{tensor_name}.weight",
 )
 register_kind("oft", OFT)

@@ -14,7 +14,8 @@ adapted tensors (:attr:`Kind.shared`). With ``save_projection`` they go into the
 files; without, they are rebuilt from the key. There is no alpha; peft's default ``r`` is 256.
 
 On a linear op the factored form is peft's forward,
-``base(x) + b * ((x @ A.T) * d) @ B.T``: no weight-sized tensor.
+``base(x) + b * ((x @ A.T) * d) @ B.T``; on a conv, a conv to ``r`` channels with ``A`` then a
+1x1 conv with ``B``; on an embedding, thin lookups in ``A``. None builds a weight-sized tensor.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .._view import View
-from ..kind import Kind, Option, boolean, integer, positive_rank, real, register_kind
+from ..kind import Kind, Option, boolean, integer, kernel, pointwise, positive_rank, real, register_kind
 
 __all__: list[str] = []
 
@@ -80,7 +81,29 @@ def delta(params, view: View, scaling: float, options) -> Tensor:
 def linear(x: Tensor, base, params, view: View, scaling: float, options) -> Tensor:
     A, B = _sliced(params, view)
     b, d = params["vera_lambda_b"], params["vera_lambda_d"]
-    return base(x) + b * F.linear(d * F.linear(x, A.to(x.dtype)), B.to(x.dtype))
+    y = base(x)
+    return y + (b * F.linear(d * F.linear(x, A.to(x.dtype)), B.to(x.dtype))).to(y.dtype)
+
+
+def conv(x: Tensor, base, params, view: View, scaling: float, options) -> Tensor:
+    """A conv to ``r`` channels with ``vera_A``, scaled by ``d``, then a 1x1 conv with ``vera_B``,
+    scaled by ``b``."""
+    A, B = _sliced(params, view)
+    dims = len(kernel(view))
+    ones = (1,) * dims
+    b, d = params["vera_lambda_b"].view(-1, *ones), params["vera_lambda_d"].view(-1, *ones)
+    y = base(x)
+    h = d * base.using(x, A.to(x.dtype))  # (.., r, *spatial)
+    return y + (b * pointwise(h, B.to(h.dtype), dims)).to(y.dtype)
+
+
+def embedding(x: Tensor, base, params, view: View, scaling: float, options) -> Tensor:
+    """Thin lookups: ``vera_A``'s columns at the indices, scaled by ``d``, through ``vera_B``."""
+    A, B = _sliced(params, view)  # A (r, num), B (dim, r)
+    b, d = params["vera_lambda_b"], params["vera_lambda_d"]
+    y = base(x)
+    h = d * F.embedding(x, A.mT)  # (.., r)
+    return y + (b * F.linear(h, B.to(h.dtype))).to(y.dtype)
 
 
 VERA = Kind(
@@ -99,6 +122,6 @@ VERA = Kind(
     shared=shared,
     share=share,
     frozen=("vera_A", "vera_B"),
-    factored={"linear": linear},
+    factored={"linear": linear, "conv": conv, "embedding": embedding},
 )
 register_kind("vera", VERA)
