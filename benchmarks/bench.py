@@ -382,7 +382,7 @@ def sdxl_file(path, r=32):
     from diffusers import UNet2DConditionModel
     from safetensors.torch import save_file
 
-    from lora_inject.io.aliases import _unet_blocks
+    from lora_inject.io._aliases import _unet_blocks
 
     with torch.device("meta"):
         unet = UNet2DConditionModel(**SDXL_UNET)

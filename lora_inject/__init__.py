@@ -30,7 +30,7 @@ how it works, the promises, the command line), with an API reference built by ``
 Each public name has its own ``help()``.
 """
 
-from . import _ops as _ops  # its import registers the factored forms in the op table (lora_inject.factored.OPS)
+from . import _ops as _ops  # its import registers the factored forms in the op table (lora_inject._factored.OPS)
 from .adapter_store import AdapterStore
 from .arithmetic import combine
 from .io import load_adapter, save_adapter

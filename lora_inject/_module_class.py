@@ -16,8 +16,8 @@ from torch.nn.utils._named_member_accessor import swap_tensor
 from torch.nn.utils.parametrize import type_before_parametrizations
 
 from . import _quant as quant
+from ._factored import FactoredWeight
 from ._ops import beside
-from .factored import FactoredWeight
 from .lora import LoRA
 from .rule import type_name
 

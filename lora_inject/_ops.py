@@ -1,6 +1,6 @@
-r"""The op table's factored forms: one small function per op, registered with :func:`~lora_inject.factored.implements`.
+r"""The op table's factored forms: one small function per op, registered with :func:`~lora_inject._factored.implements`.
 
-Each computes ``op(x, W0) + s * op'(op''(x, A), B)`` for a :class:`~lora_inject.factored.FactoredWeight`,
+Each computes ``op(x, W0) + s * op'(op''(x, A), B)`` for a :class:`~lora_inject._factored.FactoredWeight`,
 so that no weight-sized update is built, saved for backward or differentiated, or returns
 NotImplemented where its arguments do not fit (see :func:`fits`): the op then gets the merged weight.
 
@@ -22,9 +22,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ._factored import RAW_BIAS, FactoredWeight, Term, implements
 from ._kernels import FUSED_MIN, NoGradAt, frozen_linear, fused, plain_eager
 from ._rows import Slots, gather, gathered, in_place, keep, scatter, select, served, some
-from .factored import RAW_BIAS, FactoredWeight, Term, implements
 from .kind import Base, Kind, factored, kernel, pointwise
 
 
@@ -73,7 +73,7 @@ def stacked(op: str, x: Tensor, weight: FactoredWeight, bias: Tensor | None, cal
     (see :func:`lora_inject.kind.factored`), around ``call(x, b)``, the op with ``W0`` and the
     bias ``b`` as it was before the adapters; NotImplemented where a term has no form for ``op``
     (a DoRA term has none), a form does not fit, or the bias before the adapters is unknown (see
-    :data:`lora_inject.factored.RAW_BIAS`): the op then gets the merged weight."""
+    :data:`lora_inject._factored.RAW_BIAS`): the op then gets the merged weight."""
     steps = []
     for t in weight._terms:
         if type(t) is Term:

@@ -1,6 +1,6 @@
 r"""The per-sample rows: which rows of a batch each adapter acts on inside :func:`lora_inject.per_sample`.
 
-A :class:`~lora_inject.factored.FactoredWeight` made inside ``per_sample()`` holds ``rows``: each
+A :class:`~lora_inject._factored.FactoredWeight` made inside ``per_sample()`` holds ``rows``: each
 sample's adapter name, or None. Each term of its factored forms then runs on its own samples' rows
 only: :func:`select` finds them (a slice where they are contiguous, else their indices),
 :func:`gather` takes them and :func:`scatter` adds that term's part back into the op's output.

@@ -139,7 +139,7 @@ def _inspect(args: argparse.Namespace) -> None:
 
 
 def _inspect_file(file: str) -> None:
-    from .io import diffusion
+    from .io import _diffusion as diffusion
 
     if not Path(file).is_file():
         raise UsageError(f"FILE must be a .safetensors LoRA file, got {file!r}, which does not exist")
@@ -160,8 +160,10 @@ def _inspect_file(file: str) -> None:
 def _convert(args: argparse.Namespace) -> None:
     import torch
 
+    from .io import _diffusion as diffusion
     from .io import _ours as ours
-    from .io import diffusion, peft, write_entries
+    from .io import _peft as peft
+    from .io import write_entries
     from .io._entries import Entry
 
     src, dst = args.input, args.output
@@ -264,7 +266,8 @@ def _merge(args: argparse.Namespace) -> None:
 
     from . import load_adapter
     from ._sites import loras
-    from .io import ours, peft
+    from .io import _ours as ours
+    from .io import _peft as peft
     from .surgery import remove
 
     base, out = _model_dir(args.base), Path(args.out)

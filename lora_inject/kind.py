@@ -359,7 +359,7 @@ def register_kind(name: str, kind: Kind) -> None:
 
 
 def _load_builtin() -> None:
-    from . import kinds  # noqa: F401  (each module of the package registers its kind)
+    from . import _kinds  # noqa: F401  (each module of the package registers its kind)
 
 
 def default_kinds() -> dict[str, Kind]:

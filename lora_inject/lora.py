@@ -12,10 +12,10 @@ from torch import Tensor, nn
 from . import _call
 from . import _dora as dora
 from . import _quant as quant
+from ._factored import RAW_BIAS, FactoredWeight, Step, Term, composed, merge
+from ._inits import WEIGHT_INITS, decompose, init_factors
 from ._rows import Slots, enabled
 from ._view import View, compute_dtype
-from .factored import RAW_BIAS, FactoredWeight, Step, Term, composed, merge
-from .inits import WEIGHT_INITS, decompose, init_factors
 from .kind import find_kind
 
 __all__ = ["Adapter", "LoRA"]
@@ -102,9 +102,9 @@ class LoRA(nn.Module):
     Variants change this parametrization only, so they work for every rule: a DoRA adapter
     (``dora=True``) also holds ``lora_magnitude[name]`` of shape ``(out,)`` (see
     :mod:`lora_inject._dora`); the ``"pissa"``/``"olora"`` inits keep their initial factors
-    as buffers ``lora_A0[name]``/``lora_B0[name]`` (see :mod:`lora_inject.inits`).
+    as buffers ``lora_A0[name]``/``lora_B0[name]`` (see :mod:`lora_inject._inits`).
 
-    Its forward gives a :class:`~lora_inject.factored.FactoredWeight` where the rule is
+    Its forward gives a :class:`~lora_inject._factored.FactoredWeight` where the rule is
     factored, and the merged weight elsewhere. ``right_inverse`` is the identity: assigning
     ``module.weight = X`` sets ``W0`` to ``X``.
     """
@@ -281,12 +281,12 @@ class LoRA(nn.Module):
         """``W`` with the adapters ``names`` applied in the order they were added (LoRA terms as
         additive steps, DoRA on the weight so far, other kinds through their ``delta``/``apply``),
         in the ``(.., out, in)`` view, summed in float32 (or wider) and cast back once (see
-        :func:`lora_inject.factored.composed`)."""
+        :func:`lora_inject._factored.composed`)."""
         return composed(W, self.parts(names), self.view)
 
     def parts(self, names) -> list[Term | Step]:
         """Each adapter in ``names``, in the order they were added: a
-        :class:`~lora_inject.factored.Term` for LoRA, a :class:`~lora_inject.factored.Step` for
+        :class:`~lora_inject._factored.Term` for LoRA, a :class:`~lora_inject._factored.Step` for
         another kind; the terms of a LoRA-only list keep the order of ``names``."""
         if self.only_lora(names):
             return self.terms(names)
@@ -326,7 +326,7 @@ class LoRA(nn.Module):
         return A, B
 
     def terms(self, names, compiling: bool | None = None) -> list[Term]:
-        """The :class:`~lora_inject.factored.Term` of each adapter in ``names``, in order
+        """The :class:`~lora_inject._factored.Term` of each adapter in ``names``, in order
         (``compiling``: whether under ``torch.compile``, if the caller knows)."""
         out, training = [], self.training
         compiling = torch.compiler.is_compiling() if compiling is None else compiling
@@ -346,7 +346,7 @@ class LoRA(nn.Module):
     # -- the update -----------------------------------------------------------------------------
     def merged(self, W: Tensor, names: list[str] | None = None) -> Tensor:
         """Return the weight ``W`` takes with ``names`` (default: the active ones), in ``W``'s dtype
-        (see :func:`lora_inject.factored.merge`, and :meth:`composed` for other kinds)."""
+        (see :func:`lora_inject._factored.merge`, and :meth:`composed` for other kinds)."""
         names = self.active if names is None else names
         if not self.only_lora(names):
             return self.composed(W, names)

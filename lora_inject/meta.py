@@ -8,8 +8,8 @@ from typing import TypeVar
 
 from torch import nn
 
+from ._inits import INITS, RANDOM_INITS, WEIGHT_INITS, init_factors
 from ._sites import adapter_names, loras
-from .inits import INITS, RANDOM_INITS, WEIGHT_INITS, init_factors
 
 __all__ = [
     "init_lora",

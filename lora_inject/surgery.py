@@ -26,12 +26,12 @@ from . import _quant as quant
 from ._chain import find_lora, forward_to, inverse, kept, originals, parametrized, source
 from ._copies import full_groups, saved_modules, token_sites, within
 from ._hooks import hook, unhook
+from ._inits import INITS, START_INITS, WEIGHT_INITS, loftq_factors
 from ._module_class import disown_class, own_class, own_forward, own_setter
 from ._selection import matcher, named_modules, qualified
 from ._sites import Site, adapter_names, loras, module_loras
 from ._tied import others, tensor_users, tie, tied_to, untie
 from ._view import View
-from .inits import INITS, START_INITS, WEIGHT_INITS, loftq_factors
 from .kind import Kind, find_kind
 from .lora import Adapter, Bias, LoRA, check_adapter_name, lora_scaling
 from .rule import Rule, RuleKey, find_rule, type_name
@@ -107,7 +107,7 @@ def inject(
         init (str): ``"default"`` or ``"gaussian"`` (``A ~ N(0, 1/r)``), with ``B`` zero in both;
             or ``"pissa"``/``"olora"``: ``A`` and ``B`` from the SVD/QR of ``W0``, as in peft,
             with the initial factors kept frozen so that the weight is unchanged at init and
-            ``W0`` is never written (see :mod:`lora_inject.inits`); or ``"loftq"`` on quantized
+            ``W0`` is never written (see :mod:`lora_inject._inits`); or ``"loftq"`` on quantized
             targets, with ``dense``: ``s * B @ A`` starts as the best rank-``r`` approximation of
             ``dense - dequantize(W0)``, so the quantized model starts close to the dense one.
         rules (mapping, optional): a registry to use instead of the default one
@@ -579,7 +579,7 @@ def _register(site: _Planned) -> None:
 
 def _starts(sites: list[_Planned], spec: _Spec, dense) -> dict[str, tuple[Tensor, Tensor]] | None:
     """LoftQ's starting factors for each site, by its path (``init="loftq"``; see
-    :func:`~lora_inject.inits.loftq_factors`), or None for the other inits."""
+    :func:`~lora_inject._inits.loftq_factors`), or None for the other inits."""
     if dense is None:
         return None
     return loftq_factors([(site.where, site.stored, site.view) for site in sites], dense, spec.r,

@@ -21,7 +21,7 @@ from torch import nn
 
 import lora_inject as li
 from lora_inject import inject, load_adapter, named_loras, save_adapter
-from lora_inject.io import files
+from lora_inject.io import _files as files
 
 FORMATS = ["lora_inject", "peft"]
 OTHER = {"lora_inject": "peft", "peft": "lora_inject"}

@@ -18,7 +18,7 @@ diffusers = pytest.importorskip("diffusers")
 st = pytest.importorskip("safetensors.torch")
 transformers = pytest.importorskip("transformers")
 
-from lora_inject.io.aliases import _flux_blocks, _unet_blocks  # noqa: E402
+from lora_inject.io._aliases import _flux_blocks, _unet_blocks  # noqa: E402
 
 
 # -- tiny models, built from configs ------------------------------------------------------------

@@ -12,7 +12,7 @@ from test_grid import LAYERS, adapted, params_of, reference
 from torch import nn
 
 import lora_inject as li
-from lora_inject.factored import FactoredWeight
+from lora_inject._factored import FactoredWeight
 
 
 def _linear():

@@ -11,7 +11,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 import lora_inject as li
-from lora_inject.factored import FactoredWeight as LoraWeight
+from lora_inject._factored import FactoredWeight as LoraWeight
 
 
 def _conv1d_hf():

@@ -6,7 +6,7 @@ import pytest
 import torch
 from safetensors.torch import load, save
 
-from lora_inject.io.files import read_safetensors, write_atomic, write_safetensors
+from lora_inject.io._files import read_safetensors, write_atomic, write_safetensors
 
 DTYPES = [torch.float64, torch.float32, torch.float16, torch.bfloat16]
 

@@ -1,4 +1,4 @@
-"""The kinds of update (lora_inject.kind, lora_inject.kinds) against peft 0.21, the oracle.
+"""The kinds of update (lora_inject.kind, lora_inject._kinds) against peft 0.21, the oracle.
 
 For each kind on each layer peft supports, peft's adapter tensors (randomised, so the update is
 not trivial) are copied into the kind's parameters by name, and the weight the kind makes of W0
@@ -17,9 +17,9 @@ from hypothesis import given
 from hypothesis import strategies as st
 from torch import nn
 
+from lora_inject._kinds import oft as oft_module
 from lora_inject._view import View
 from lora_inject.kind import Kind, Option, default_kinds, factored, find_kind, merged, register_kind
-from lora_inject.kinds import oft as oft_module
 
 peft = pytest.importorskip("peft")
 Conv1D = pytest.importorskip("transformers.pytorch_utils").Conv1D

@@ -20,8 +20,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 import lora_inject as li
+from lora_inject._kinds.loha import Hadamard
 from lora_inject.kind import find_kind
-from lora_inject.kinds.loha import Hadamard
 
 Conv1D = pytest.importorskip("transformers.pytorch_utils").Conv1D
 

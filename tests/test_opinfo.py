@@ -1,7 +1,7 @@
 """The adapted weight against PyTorch's OpInfo database, as PyTorch and torchao test their tensor
 subclasses: for every op whose samples take a float matrix first, the op on a FactoredWeight equals
 the op on the merged dense weight, in value and in the gradients to the factors A and B; or the op
-is on `lora_inject.factored.REFUSED` and raises an error that names lora_inject.
+is on `lora_inject._factored.REFUSED` and raises an error that names lora_inject.
 
 Which ops are out of scope is decided by category, never by name:
 
@@ -24,8 +24,8 @@ import pytest
 import torch
 from torch.utils._pytree import tree_flatten
 
+from lora_inject._factored import REFUSED, FactoredWeight, Term, merge
 from lora_inject._view import View
-from lora_inject.factored import REFUSED, FactoredWeight, Term, merge
 
 pytest.importorskip("expecttest")  # torch.testing._internal imports it
 from torch.testing._internal.common_methods_invocations import op_db  # noqa: E402

@@ -12,7 +12,7 @@ Our format is a directory that holds two files:
   alpha, rslora, dora, dropout, init and rule (``transpose``, ``experts``, ``factored``).
 
 peft's format (``adapter_model.safetensors`` and ``adapter_config.json``) is translated by
-:mod:`lora_inject.io.peft`.
+:mod:`lora_inject.io._peft`.
 """
 
 from __future__ import annotations
@@ -30,11 +30,12 @@ from torch import nn
 from .. import _quant as quant
 from ..lora import LoRA, check_adapter_name
 from ..rule import own_tensor_names, type_name
+from . import _diffusion as diffusion
 from . import _ours as ours
-from . import diffusion, peft
+from . import _peft as peft
 from ._entries import Entry, apply, collect, tensor_shape
+from ._files import write_atomic, write_pickled, write_safetensors
 from ._wrappers import placed, unwrapped
-from .files import write_atomic, write_pickled, write_safetensors
 
 __all__ = ["load_adapter", "save_adapter"]  # write_entries: for the command line
 
@@ -237,7 +238,7 @@ def load_adapter(model: M, path: str | os.PathLike, *, adapter: str | None = Non
     inits that change the base weights, grouped conv, ...) is refused.
 
     A ``.safetensors`` file (or a folder holding one, and no config) is read in the layout its
-    keys say (see :mod:`lora_inject.io.kohya`): kohya-ss (``lora_unet_``, ``lora_te_``,
+    keys say (see :mod:`lora_inject.io._kohya`): kohya-ss (``lora_unet_``, ``lora_te_``,
     ``lora_te1_``, ``lora_te2_``; ``lora_down``/``lora_up``/``alpha``, LoCon, Tucker's
     ``lora_mid``, ``dora_scale``), LyCORIS (LoHa ``hada_*`` and LoKr ``lokr_*`` as adapters of
     the kinds ``"loha"`` and ``"lokr"``, full ``diff``/``diff_b``) and diffusers (``unet.``,

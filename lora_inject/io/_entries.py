@@ -13,10 +13,10 @@ from torch import Tensor, nn
 
 from .. import _quant as quant
 from .._chain import find_lora, kept, parametrized, source
+from .._inits import OVERWRITTEN, WEIGHT_INITS
 from .._selection import named_modules
 from .._sites import loras
 from .._view import View
-from ..inits import OVERWRITTEN, WEIGHT_INITS
 from ..kind import find_kind
 from ..lora import LoRA, check_adapter_name, lora_scaling
 from ..params import refuse_flat_params

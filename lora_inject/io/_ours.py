@@ -7,11 +7,11 @@ import json
 import math
 import os
 
-from ..inits import INITS
+from .._inits import INITS
 from ..lora import check_adapter_name
 from ..version import __version__
 from ._entries import EXTRAS, Entry
-from .files import DTYPES, dtype_name, read_json, read_safetensors
+from ._files import DTYPES, dtype_name, read_json, read_safetensors
 
 __all__: list[str] = []
 

@@ -31,9 +31,9 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
+from .._kinds.lokr import factorization
+from .._kinds.lokr import shapes as lokr_shapes
 from .._view import View
-from ..kinds.lokr import factorization
-from ..kinds.lokr import shapes as lokr_shapes
 from ..rule import find_rule, type_name
 from ._entries import Entry
 

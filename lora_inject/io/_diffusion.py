@@ -3,8 +3,8 @@
 The target is a module (a diffusers UNet or transformer, a text encoder, any ``nn.Module``) or a
 diffusers pipeline, whose components (``unet``, ``transformer``, ``text_encoder``, ..) each take
 their own keys. The file's module names are matched against names built from the live model
-(:mod:`lora_inject.io.aliases`), and each matched module's tensors become entries
-(:mod:`lora_inject.io.kohya`), applied all at once: a refused load changes nothing.
+(:mod:`lora_inject.io._aliases`), and each matched module's tensors become entries
+(:mod:`lora_inject.io._kohya`), applied all at once: a refused load changes nothing.
 """
 
 from __future__ import annotations
@@ -19,10 +19,10 @@ from dataclasses import replace
 import torch
 from torch import nn
 
+from ._aliases import flat, names
 from ._entries import Entry, apply
-from .aliases import flat, names
-from .files import DTYPES, dtype_name, safetensors_torch
-from .kohya import Saved, group, to_entries
+from ._files import DTYPES, dtype_name, safetensors_torch
+from ._kohya import Saved, group, to_entries
 
 __all__: list[str] = []
 
@@ -299,7 +299,7 @@ def to_kohya(fn: str, target, adapter: str, entries: list[Entry] | None = None) 
     """The kohya-layout tensors of adapter ``adapter`` of ``target`` (a module or a pipeline), or
     of ``entries`` (with paths in ``target``, or in its components under their names)."""
     from ._entries import collect
-    from .kohya import from_entry
+    from ._kohya import from_entry
 
     roots = components(target) if is_pipeline(target) else {"": target}
     out: dict[str, torch.Tensor] = {}

@@ -45,15 +45,15 @@ from torch import Tensor, nn
 from torch.nn.utils.parametrize import type_before_parametrizations
 
 from .._chain import find_lora, parametrized, source
+from .._kinds.oft import block_size
 from .._selection import named_modules
 from .._tied import tensor_users, users_of
 from .._view import View, compute_dtype
 from ..kind import find_kind, kernel
-from ..kinds.oft import block_size
 from ..lora import LoRA, lora_scaling
 from ..rule import find_rule, own_tensor_names, type_name
 from ._entries import Copy, Entry, tensor_shape
-from .files import dtype_name, is_integer, read_json, read_pickled, read_safetensors
+from ._files import dtype_name, is_integer, read_json, read_pickled, read_safetensors
 
 CONFIG = "adapter_config.json"
 WEIGHTS = "adapter_model.safetensors"
