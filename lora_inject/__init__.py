@@ -19,13 +19,16 @@ The main verbs::
 Also: ``activate`` and ``disabled`` choose the active adapters, ``cached`` merges for fast
 unmerged inference, ``per_sample`` runs one adapter per sample of a batch, ``combine`` adds
 weighted adapters, ``lora_state_dict`` and ``named_loras`` read them, ``Rule`` and
-``register_rule`` teach it a layer type; ``inject``'s options give DoRA, rsLoRA, PiSSA and OLoRA;
-``loraplus_param_groups`` gives LoRA+'s optimizer groups.
+``register_rule`` teach it a layer type; ``inject``'s options give DoRA, rsLoRA, PiSSA, OLoRA,
+LoftQ, peft's ``modules_to_save`` and ``trainable_token_indices``, and other kinds of update
+(``kind="loha"``, ``"lokr"``, ``"oft"``, ``"ia3"``, ``"vera"``); ``loraplus_param_groups`` gives
+LoRA+'s optimizer groups; ``AdapterStore`` serves many adapters from disk through a few slots;
+``load_adapter`` also reads kohya-ss, LyCORIS and diffusers files into diffusers models.
 ``lora_inject.trainer.AdapterTrainer`` is a ``transformers.Trainer`` whose checkpoints hold the
-adapter; ``lora-inject`` is the command line (``inspect``, ``merge``, ``demo``).
+adapter; ``lora-inject`` is the command line (``inspect``, ``convert``, ``merge``, ``demo``).
 
 Read more: the README, and one guide per topic in ``docs/`` (training, files and peft, Hugging
-Face and the Trainer, quantized bases, variants, serving, distributed training, performance,
+Face and the Trainer, quantized bases, diffusion files, variants, serving, distributed training, performance,
 how it works, the promises, the command line), with an API reference built by ``mkdocs build``.
 Each public name has its own ``help()``.
 """
