@@ -59,21 +59,13 @@ def read_safetensors(fn: str, file: str, *, integers: bool = False) -> tuple[dic
         TypeError: if a tensor is not floating point (or integer, with ``integers``).
     """
     st = safetensors_torch(fn)
-    try:
-        with open(file, "rb") as f:
-            blob = f.read()
-    except FileNotFoundError:
-        raise ValueError(f"{fn}(): the adapter's weights {file} are missing; save it again.") from None
+    blob = _read_bytes(fn, file)
     try:
         tensors = st.load(blob)
     except Exception as e:  # SafetensorError, and what a hostile header makes the parser raise
         raise ValueError(f"{fn}(): {file} is truncated or corrupt{first_cut(blob)} "
                          f"({type(e).__name__}: {e}). Save the adapter again.") from None
-    for key, t in tensors.items():
-        if t.dtype not in DTYPES.values() and not (integers and is_integer(t.dtype)):
-            raise TypeError(f"{fn}(): `{key}` in {file} has dtype {dtype_name(t.dtype)} and shape "
-                            f"{list(t.shape)}; LoRA factors must be floating point ({', '.join(DTYPES)}). "
-                            "Cast them and save again.")
+    _check_dtypes(fn, file, tensors, integers)
     return tensors, blob
 
 
@@ -87,11 +79,7 @@ def read_pickled(fn: str, file: str, *, integers: bool = False) -> dict[str, Ten
             tensors, or asks to unpickle an object that is not a tensor.
         TypeError: if a tensor is not floating point (or integer, with ``integers``).
     """
-    try:
-        with open(file, "rb") as f:
-            blob = f.read()
-    except FileNotFoundError:
-        raise ValueError(f"{fn}(): the adapter's weights {file} are missing; save it again.") from None
+    blob = _read_bytes(fn, file)
     try:
         tensors = torch.load(io.BytesIO(blob), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
@@ -111,13 +99,28 @@ def read_pickled(fn: str, file: str, *, integers: bool = False) -> dict[str, Ten
             isinstance(k, str) and isinstance(t, Tensor) for k, t in tensors.items()):
         raise ValueError(f"{fn}(): {file} must hold a dict of str to tensors (a state dict), got "
                          f"{type(tensors).__name__}. It is not an adapter's weights.")
+    _check_dtypes(fn, file, tensors, integers)
+    return tensors
+
+
+
+def _read_bytes(fn: str, file: str) -> bytes:
+    """The bytes of an adapter's weights file; raises ``ValueError`` if it is missing."""
+    try:
+        with open(file, "rb") as f:
+            return f.read()
+    except FileNotFoundError:
+        raise ValueError(f"{fn}(): the adapter's weights {file} are missing; save it again.") from None
+
+
+def _check_dtypes(fn: str, file: str, tensors: dict[str, Tensor], integers: bool) -> None:
+    """Raise ``TypeError`` for a tensor of ``file`` that is not floating point (nor integer, with
+    ``integers``)."""
     for key, t in tensors.items():
         if t.dtype not in DTYPES.values() and not (integers and is_integer(t.dtype)):
             raise TypeError(f"{fn}(): `{key}` in {file} has dtype {dtype_name(t.dtype)} and shape "
                             f"{list(t.shape)}; LoRA factors must be floating point ({', '.join(DTYPES)}). "
                             "Cast them and save again.")
-    return tensors
-
 
 def write_pickled(tensors: dict[str, Tensor]) -> bytes:
     """Encode ``tensors`` with ``torch.save``, as peft's ``save_pretrained(safe_serialization=False)``
