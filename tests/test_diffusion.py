@@ -327,6 +327,42 @@ def test_lycoris_files_match_lycoris(algo, options, tmp_path):
     torch.testing.assert_close(run_unet(ours), run_unet(ref), rtol=1e-5, atol=1e-5)
 
 
+# LyCORIS's factorization puts the smaller factor first for a factor above the square root (peft's does
+# not), and unbalanced_factorization swaps the output's two: the saved shapes give the split
+LOKR_SPLITS = [{"factor": 8}, {"factor": 8, "unbalanced_factorization": True}, {"unbalanced_factorization": True}]
+
+
+@pytest.mark.slow
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
+@pytest.mark.parametrize("options", LOKR_SPLITS, ids=["factor8", "factor8-unbalanced", "unbalanced"])
+def test_lycoris_lokr_with_splits_peft_does_not_make_matches_lycoris(options, tmp_path):
+    lycoris = pytest.importorskip("lycoris")
+    ref = unet()
+    net = lycoris.create_lycoris(ref, 1.0, linear_dim=4, linear_alpha=2, conv_dim=2, conv_alpha=1, algo="lokr",
+                                 **options)
+    net.apply_to()
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for _, p in net.named_parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+    path = str(tmp_path / "lycoris.safetensors")
+    net.save_weights(path, torch.float32, None)
+    ours = unet()
+    before, base = snapshot(ours), run_unet(ours)
+    li.load_adapter(ours, path)
+    splits = [lora.adapter("default").options["factors"] for _, lora in li.named_loras(ours)]
+    assert any(s is not None for s in splits)  # some layers' split is not peft's
+    torch.testing.assert_close(run_unet(ours), run_unet(ref), rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match=r"factors=.*peft's factorization gives for no decompose_factor"):
+        li.save_adapter(ours, tmp_path / "peft", format="peft")
+    li.save_adapter(ours, tmp_path / "ours", format="lora_inject")  # the split survives our format
+    again = li.load_adapter(unet(), tmp_path / "ours")
+    assert torch.equal(run_unet(again), run_unet(ours))
+    li.remove(ours, merge=False)
+    assert torch.equal(run_unet(ours), base)
+    assert_unchanged(ours, before)
+
+
 # -- bad input ---------------------------------------------------------------------------------
 def test_a_unet_file_given_to_a_text_encoder_is_refused_naming_keys(tmp_path):
     te = text_encoder()

@@ -307,3 +307,22 @@ def test_lokr_full_w2_on_conv1d_is_refused_both_ways(tmp_path):
     ours = li.inject(net(), ["c1d"], kind="lokr", r=2)
     with pytest.raises(ValueError, match=r"`c1d` is a Conv1d with LoKr's full `lokr_w2`"):
         li.save_adapter(ours, tmp_path / "ours", format="peft")
+
+
+def test_lokr_explicit_factors_export_as_peft_where_its_factorization_gives_them(tmp_path):
+    # out (16 -> 12): decompose_factor=4 gives peft w1 (4, 4), w2 (3, 4); w1 (2, 4) no factor gives
+    ours = li.inject(net(), ["out"], kind="lokr", r=1, alpha=2, factors=[4, 3, 4, 4])
+    randomize_kind(ours, "default", 5)
+    want = run(ours, X)
+    li.save_adapter(ours, tmp_path / "a", format="peft")
+    assert json.loads((tmp_path / "a" / "adapter_config.json").read_text())["decompose_factor"] == 4
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        theirs = peft.PeftModel.from_pretrained(net(), tmp_path / "a").eval()
+    torch.testing.assert_close(run(theirs, X), want, **TOL)
+    other = li.inject(net(), ["out"], kind="lokr", r=1, alpha=2, factors=[2, 6, 4, 4])
+    with pytest.raises(ValueError, match=r"`out.weight` is LoKr with factors=\[2, 6, 4, 4\].*format='kohya'"):
+        li.save_adapter(other, tmp_path / "b", format="peft")
+    assert not (tmp_path / "b").exists()
+    with pytest.raises(ValueError, match=r"`factors` must be \[a, b, c, d\] with a \* b == out \(12\)"):
+        li.inject(net(), ["out"], kind="lokr", factors=[2, 2, 4, 4])

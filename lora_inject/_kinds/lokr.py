@@ -5,7 +5,10 @@ The update is a Kronecker product, in the ``(.., out, in)`` view::
     delta = (alpha / r) * kron(w1, w2)
 
 ``out = a * b`` and ``in_channels = c * d`` are split by peft's ``factorization`` (the factor
-near ``decompose_factor``, or near the square root for ``-1``); ``w1`` is ``(a, c)`` and ``w2``
+near ``decompose_factor``, or near the square root for ``-1``), or as the option ``factors``
+``[a, b, c, d]`` says where it is set (LyCORIS's splits: its ``factorization`` puts the smaller
+factor first where ``decompose_factor`` exceeds the square root, and ``unbalanced_factorization``
+swaps ``a`` and ``b``; a LyCORIS file's shapes give the split); ``w1`` is ``(a, c)`` and ``w2``
 ``(b, d * K)`` for a kernel of ``K`` elements. Each factor is full or low-rank, by peft's rule:
 
 * ``lokr_w1`` ``(a, c)`` unless ``decompose_both`` and ``r < max(a, c) / 2``, then
@@ -48,9 +51,10 @@ __all__: list[str] = []
 
 
 def factorization(dimension: int, factor: int = -1) -> tuple[int, int]:
-    """``(m, n)`` with ``m * n == dimension`` and ``m <= n``, as peft's (and LyCORIS')
-    ``factorization``: ``m = factor`` where it divides, else the pair nearest the square root
-    with ``m <= factor``."""
+    """``(m, n)`` with ``m * n == dimension``, as peft's ``factorization``: ``(factor,
+    dimension // factor)`` where ``factor`` divides (even above the square root, where LyCORIS's
+    ``factorization`` swaps the two), else the pair nearest the square root with ``m <= factor``
+    and ``m <= n``."""
     if factor > 0 and dimension % factor == 0:
         return factor, dimension // factor
     if factor == -1:
@@ -73,8 +77,14 @@ def factorization(dimension: int, factor: int = -1) -> tuple[int, int]:
 def shapes(view: View, r: int, options) -> dict[str, tuple[int, ...]]:
     """The shape of each tensor LoKr holds for ``view`` (lead dimensions left out)."""
     k = kernel(view)
-    (a, b), (c, d) = (factorization(view.out_features, options["decompose_factor"]),
-                      factorization(channels(view), options["decompose_factor"]))
+    if options.get("factors") is not None:
+        a, b, c, d = options["factors"]
+        if (a * b, c * d) != (view.out_features, channels(view)):
+            raise ValueError(f"inject(kind='lokr'): `factors` must be [a, b, c, d] with a * b == out "
+                             f"({view.out_features}) and c * d == in ({channels(view)}), got {options['factors']!r}.")
+    else:
+        (a, b), (c, d) = (factorization(view.out_features, options["decompose_factor"]),
+                          factorization(channels(view), options["decompose_factor"]))
     out: dict[str, tuple[int, ...]] = {}
     if options["decompose_both"] and r < max(a, c) / 2:
         out["lokr_w1_a"], out["lokr_w1_b"] = (a, r), (r, c)
@@ -88,6 +98,25 @@ def shapes(view: View, r: int, options) -> dict[str, tuple[int, ...]]:
     else:
         out["lokr_w2_a"], out["lokr_w2_b"] = (b, r), (r, d * math.prod(k))
     return out
+
+
+def peft_factor(view: View, r: int, options) -> int | None:
+    """The ``decompose_factor`` with which peft's ``factorization`` gives the tensors ``options``
+    gives for ``view`` (its ``factors`` included), or ``None`` where none does."""
+    want = shapes(view, r, options)
+    w1 = want.get("lokr_w1", (want.get("lokr_w1_a", (0,))[0], want.get("lokr_w1_b", (0, 0))[-1]))
+    a, c = w1[0], w1[-1]
+    out, in_ = view.out_features, channels(view)
+    likely = (-1, a, c, out // max(a, 1), in_ // max(c, 1))
+    # a factor's split changes only at a divisor of either dimension: each divisor and the one above
+    # it stand for every factor
+    divisors = sorted({n for dim in (out, in_) for n in range(1, dim + 1) if dim % n == 0})
+    for factor in dict.fromkeys((*likely, *(f for n in divisors for f in (n, n + 1)))):
+        if factor == -1 or factor > 0:
+            opts = {**options, "factors": None, "decompose_factor": factor}
+            if shapes(view, r, opts) == want:
+                return factor
+    return None
 
 
 def create(view: View, r: int, alpha: float, options) -> dict[str, Tensor]:
@@ -179,6 +208,11 @@ def _factor(v) -> bool:
     return isinstance(v, int) and not isinstance(v, bool) and (v == -1 or v > 0)
 
 
+def _factors(v) -> bool:
+    return v is None or (isinstance(v, (list, tuple)) and len(v) == 4
+                         and all(isinstance(n, int) and not isinstance(n, bool) and n > 0 for n in v))
+
+
 LOKR = Kind(
     name="lokr",
     create=create,
@@ -189,6 +223,8 @@ LOKR = Kind(
         Option("decompose_both", False, boolean, "a bool"),
         Option("decompose_factor", -1, _factor, "a positive int, or -1 for near the square root"),
         Option("rank_dropout_scale", False, boolean, "a bool"),
+        Option("factors", None, _factors, "None (peft's factorization), or a list [a, b, c, d] of positive "
+               "ints with out = a * b and in = c * d: w1 is (a, c), w2 (b, d)"),
     ),
     factored={"linear": linear, "conv": conv, "embedding": embedding},
 )

@@ -31,8 +31,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from .._kinds.lokr import factorization
-from .._kinds.lokr import shapes as lokr_shapes
+from .._kinds.lokr import peft_factor
 from .._view import View
 from ..rule import find_rule, type_name
 from ._entries import Entry
@@ -227,17 +226,16 @@ def to_entries(fn: str, saved: Saved, path: str, module: nn.Module, rows: slice 
         r = int(low.shape[0])
     options = {"use_effective_conv2d": "lokr_t2" in params, "decompose_both": "lokr_w1_a" in params}
     channels = shape[1] if len(shape) > 1 else 1
-    for factor in dict.fromkeys((-1, a, c, out // a, channels // c)):
-        if factor != -1 and factor <= 0:
-            continue
-        if (factorization(out, factor)[0], factorization(channels, factor)[0]) != (a, c):
-            continue
-        opts = {**options, "decompose_factor": factor}
-        want = lokr_shapes(view, r, {**opts, "decompose_factor": factor})
-        if set(want) == set(params) and all(tuple(params[k].shape) == want[k] for k in want):
-            return [_kind_entry(base, "lokr", r, alpha, opts, params, view, wrong)]
-    raise wrong(f"holds LoKr factors {({k: tuple(v.shape) for k, v in params.items()})} that no factorization "
-                f"of {shape} gives (an unbalanced factorization?)")
+    if min(a, c) < 1 or out % a or channels % c:
+        raise wrong(f"holds LoKr factors {({k: tuple(v.shape) for k, v in params.items()})} that do not "
+                    f"split {shape}")
+    # the saved shapes give the split (LyCORIS's differs from peft's for a large factor and with
+    # unbalanced_factorization); peft's decompose_factor where one gives it
+    options["factors"] = [a, out // a, c, channels // c]
+    factor = peft_factor(view, r, options)
+    if factor is not None:
+        options.update(factors=None, decompose_factor=factor)
+    return [_kind_entry(base, "lokr", r, alpha, options, params, view, wrong)]
 
 
 def _kind_entry(base: dict, kind: str, r: int, alpha: float | None, options: dict, params: dict, view: View,

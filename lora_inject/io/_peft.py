@@ -39,12 +39,14 @@ import math
 import os
 import re
 from collections import Counter
+from dataclasses import replace
 
 import torch
 from torch import Tensor, nn
 from torch.nn.utils.parametrize import type_before_parametrizations
 
 from .._chain import find_lora, parametrized, source
+from .._kinds.lokr import peft_factor
 from .._kinds.oft import block_size
 from .._selection import named_modules
 from .._tied import tensor_users, users_of
@@ -980,6 +982,21 @@ def _lokr_conv1d(fn: str, kind: str, name: str, view: View, names) -> None:
                          "format='lora_inject'.")
 
 
+def _peft_split(fn: str, e: Entry, view: View) -> Entry:
+    """``e`` with peft's ``decompose_factor`` for its explicit LoKr ``factors``, or raise where peft's
+    factorization gives none of that split."""
+    if e.options.get("factors") is None:
+        return e
+    factor = peft_factor(view, e.r, e.options)
+    if factor is None:
+        raise ValueError(f"{fn}(): `{e.key}` is LoKr with factors={list(e.options['factors'])} (w1 "
+                         f"{tuple(e.options['factors'][::2])}, w2 {tuple(e.options['factors'][1::2])}), a split that "
+                         "peft's factorization gives for no decompose_factor (LyCORIS's large factors and "
+                         "unbalanced_factorization give such splits), so peft could not read it. Save with "
+                         "format='kohya' or 'lora_inject'.")
+    return replace(e, options={**e.options, "factors": None, "decompose_factor": factor})
+
+
 def _target_spec(modules: dict[str, nn.Module], targets: list[str]) -> list[str] | str:
     """peft's ``target_modules`` that select exactly ``targets``: the list, or a regex where a list
     entry would also match another module (peft matches an entry at the end of a path)."""
@@ -1028,6 +1045,8 @@ def kinds_to_peft(fn: str, model: nn.Module, entries: list[Entry]) -> tuple[dict
         if kind == "oft" and e.options.get("rotate", "in") != "in":
             raise ValueError(f"{fn}(): `{e.key}` is OFT with rotate={e.options['rotate']!r}; peft's OFT on a "
                              f"{e.type} rotates the input. Save with format='lora_inject'.")
+    if kind == "lokr":
+        entries = [_peft_split(fn, e, views[e.key]) for e in entries]
     fields = _KIND_FIELDS[kind]
     shared = {tuple((f, e.options[f]) for f in fields) for e in entries}
     if kind == "oft":  # the rank is OFT's block count, part of its structure: one per adapter in peft
