@@ -21,6 +21,12 @@ units, the fast path computes ``c * op(x, W0) + bias + sum_i op(op(x, A_i), k_i 
 op's output carries the output units; other ops get the merged weight. Only ``||V||`` is
 computed, without gradient, once per forward.
 
+LyCORIS also writes DoRA with the norm per *input* unit (its ``wd_on_out=False``; the record's
+``dora_axis="in"``): ``||V||`` over the output units (and a ``Conv``'s kernel) for each input
+channel, ``m`` of shape ``(in,)``, and the gain scales the columns of the view. No op's output
+carries those, so such a weight always takes the merged path, and its adapters apply one after
+the other as above, each gain on the weight so far.
+
 Dropout, as for any adapter, acts on the input of the low-rank branch only. peft and the DoRA
 reference code also pass the dropped input through the ``(g - 1) * W0`` term; the two agree
 without dropout and in eval mode, and in expectation in training.
@@ -40,14 +46,30 @@ from torch import Tensor
 __all__: list[str] = []
 
 
-def norms(M: Tensor, A: Tensor, B: Tensor, s: float, dtype: torch.dtype) -> Tensor:
-    """``||M + s B A||`` over ``in`` for each output unit, ``(.., out)``, in ``dtype``, no gradient.
+def _units(M: Tensor, units: int) -> Tensor:
+    """The view ``(.., out, in)`` as ``(.., out, units, in / units)``: its columns by input unit."""
+    return M.unflatten(-1, (units, -1))
 
-    It is ``sqrt(||M||^2 + 2 s <M A^T, B> + s^2 <B (A A^T), B>)`` per row: two reads of ``M`` and
+
+def scaled(M: Tensor, g: Tensor, axis: str) -> Tensor:
+    """The view ``M`` with its output units (``axis="out"``) or input units (``"in"``) times ``g``."""
+    if axis == "out":
+        return M * g.unsqueeze(-1)
+    return (_units(M, g.shape[-1]) * g.unsqueeze(-1)).flatten(-2)
+
+
+def norms(M: Tensor, A: Tensor, B: Tensor, s: float, dtype: torch.dtype, axis: str = "out",
+          units: int = 0) -> Tensor:
+    """``||M + s B A||`` over ``in`` for each output unit, ``(.., out)``, in ``dtype``, no gradient;
+    for ``axis="in"`` over ``out`` (and the kernel) for each input unit, ``(.., units)``.
+
+    By rows it is ``sqrt(||M||^2 + 2 s <M A^T, B> + s^2 <B (A A^T), B>)`` per row: two reads of ``M`` and
     no weight-sized temporary, where building ``M + s B A`` would take several.
     """
     with torch.no_grad():
         M, A, B = M.detach().to(dtype), A.detach().to(dtype), B.detach().to(dtype)
+        if axis != "out":
+            return _units(M + s * (B @ A), units).square().sum((-3, -1)).sqrt()
         sq = torch.linalg.vector_norm(M, dim=-1).square()
         sq = sq + (2 * s) * ((M @ A.mT) * B).sum(-1)  # (.., out, in) @ (.., in, r) -> (.., out, r)
         sq = sq + (s * s) * ((B @ (A @ A.mT)) * B).sum(-1)
@@ -62,7 +84,7 @@ def gain(M: Tensor, term, dtype: torch.dtype) -> Tensor:
     """
     m = term.magnitude
     # Round the norm as m is stored, so that g is exactly 1 at init in any precision.
-    n = norms(M, term.A, term.B, term.scaling, dtype).to(m.dtype).to(dtype)
+    n = norms(M, term.A, term.B, term.scaling, dtype, term.axis, m.shape[-1]).to(m.dtype).to(dtype)
     m = m.to(dtype)
     zero = n == 0
     return torch.where(zero, torch.ones_like(m), m / n.masked_fill(zero, 1))
@@ -82,7 +104,15 @@ def scales(M: Tensor, terms: Sequence, dtype: torch.dtype) -> tuple[Tensor | Non
 
 
 def merged(M: Tensor, terms: Sequence, dtype: torch.dtype) -> Tensor:
-    """``c * M + sum_i k_i * s_i B_i A_i`` in the matrix view, in ``dtype``, with gradients."""
+    """``c * M + sum_i k_i * s_i B_i A_i`` in the matrix view, in ``dtype``, with gradients (with a
+    DoRA term of axis ``"in"``, the terms one after the other, each gain on the weight so far)."""
+    if any(t.magnitude is not None and t.axis != "out" for t in terms):
+        total = M.to(dtype)
+        for term in terms:
+            total = total + torch.matmul(term.B.to(dtype), term.A.to(dtype)) * term.scaling
+            if term.magnitude is not None:
+                total = scaled(total, gain(M, term, dtype), term.axis)
+        return total
     c, k = scales(M, terms, dtype)
     total = M.to(dtype)
     total = total if c is None else total * c.unsqueeze(-1)

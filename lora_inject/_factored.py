@@ -61,8 +61,9 @@ class Term(NamedTuple):
     B: Tensor  # (out, r)
     scaling: float | Tensor  # a 0-d tensor under torch.compile (see LoRA.terms)
     dropout: float = 0.0  # the probability at work: 0 in eval mode
-    magnitude: Tensor | None = None  # DoRA's m, (out,)
+    magnitude: Tensor | None = None  # DoRA's m, (out,); (in,) for axis "in"
     name: str = ""
+    axis: str = "out"  # DoRA's norm per output unit ("out", as peft) or per input unit ("in", LyCORIS')
 
     def _detached(self) -> Term:
         m = None if self.magnitude is None else self.magnitude.detach()
@@ -99,6 +100,7 @@ class FactoredWeight(Tensor):
     _terms: tuple[Term | Step, ...]  # one per active adapter, in order
     _kinds: bool  # whether a term is a Step (a kind other than LoRA)
     _dora: bool  # whether a term has DoRA's magnitude
+    _across: bool  # whether a DoRA term takes its norm per input unit: no op's output carries its gain
     _scheme: object  # W0's quantization scheme (lora_inject.quant), or None
     _view: View
     _rows: tuple[str | None, ...] | None
@@ -118,19 +120,20 @@ class FactoredWeight(Tensor):
         # A LoRA term's branch runs in the wider of W0's dtype and the factors': half factors on a
         # float32 base are upcast (as peft upcasts them), float32 factors on a half base stay float32.
         terms = list(terms)
-        kinds = dora = False
+        kinds = dora = across = False
         for i, t in enumerate(terms):  # a loop, not comprehensions: this runs on every forward
             if type(t) is Step:
                 kinds = True
                 continue
             if t.magnitude is not None:
-                dora = True
+                dora, across = True, across or t.axis != "out"
             if not t.A.dtype == t.B.dtype == dtype:
                 a, b = torch.promote_types(dtype, t.A.dtype), torch.promote_types(dtype, t.B.dtype)
                 if not t.A.dtype == t.B.dtype == a:
                     terms[i] = t._replace(A=t.A.to(a), B=t.B.to(b))
         out.__dict__.update(_w0=w0, _terms=tuple(terms), _view=view, _rows=rows, _gains=None, _kinds=kinds,
-                            _dora=dora, _scheme=scheme, _leaf=False, _owner=owner)  # owner: see LoRA.right_inverse
+                            _dora=dora, _across=across, _scheme=scheme, _leaf=False,
+                            _owner=owner)  # owner: see LoRA.right_inverse
         return out
 
     def __repr__(self, *, tensor_contents=None) -> str:
@@ -155,7 +158,7 @@ class FactoredWeight(Tensor):
             if isinstance(t.scaling, Tensor):
                 inner[f"_s{i}"] = t.scaling
             meta.append((None if isinstance(t.scaling, Tensor) else t.scaling, t.dropout, t.name,
-                         t.magnitude is not None))
+                         None if t.magnitude is None else t.axis))
         self.__dict__.update(inner)
         return list(inner), (self._view, self._rows, tuple(meta), self._owner)
 
@@ -168,9 +171,9 @@ class FactoredWeight(Tensor):
                 _, kind, keys, s, options, name = m
                 terms.append(Step(find_kind(kind), {k: inner[f"_p{i}_{k}"] for k in keys}, s, dict(options), name))
                 continue
-            s, p, name, has_m = m
+            s, p, name, axis = m
             terms.append(Term(inner[f"_A{i}"], inner[f"_B{i}"], inner[f"_s{i}"] if s is None else s, p,
-                              inner.get(f"_m{i}") if has_m else None, name))
+                              None if axis is None else inner[f"_m{i}"], name, axis or "out"))
         return FactoredWeight(inner["_w0"], terms, view, rows, owner)
 
     def __getattr__(self, name: str):  # a quantized W0's own state (bitsandbytes' quant_state, CB, SCB)

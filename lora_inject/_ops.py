@@ -30,11 +30,13 @@ from .kind import Base, Kind, factored, kernel, pointwise
 
 def fits(weight, x, out_dim: int, quantized: bool = False) -> bool:
     """Whether ``weight`` is ours and not a leaf, 2-D and not an input too, DoRA (if any) scales
-    ``out_dim``, and its ``W0`` is dense unless the op takes a quantized one (``quantized``:
-    F.linear, which the backend dispatches, except for weights read only by their module's own
-    forward). A leaf has no factored form: every op runs on it as on a dense tensor."""
+    ``out_dim`` (its output units, not its input units), and its ``W0`` is dense unless the op
+    takes a quantized one (``quantized``: F.linear, which the backend dispatches, except for
+    weights read only by their module's own forward). A leaf has no factored form: every op runs
+    on it as on a dense tensor."""
     return (type(weight) is FactoredWeight and not weight._leaf and type(x) is not FactoredWeight
-            and not weight._view.experts and (not weight._dora or weight._view.out_dim == out_dim)
+            and not weight._view.experts
+            and (not weight._dora or not weight._across and weight._view.out_dim == out_dim)
             and ((s := weight._scheme) is None or quantized and not s.own_forward))
 
 

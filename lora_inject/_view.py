@@ -52,9 +52,12 @@ class View:
         """The shapes of ``A`` ``(.., r, in)`` and ``B`` ``(.., out, r)``."""
         return (*self.lead, r, self.in_features), (*self.lead, self.out_features, r)
 
-    def magnitude_shape(self) -> tuple[int, ...]:
-        """The shape of DoRA's magnitude: one entry per output unit, ``(.., out)``."""
-        return (*self.lead, self.out_features)
+    def magnitude_shape(self, axis: str = "out") -> tuple[int, ...]:
+        """The shape of DoRA's magnitude: one entry per output unit, ``(.., out)``; for ``axis="in"``
+        one per input unit of the stored tensor (an input channel of a ``Conv``, its kernel within)."""
+        if axis == "out":
+            return (*self.lead, self.out_features)
+        return (*self.lead, self.shape[len(self.lead) + 1 - self.out_dim])
 
     def stored_factors(self, A: Tensor, B: Tensor) -> tuple[Tensor, Tensor]:
         """``(L, R)`` such that the update ``s * B @ A`` is ``s * L @ R`` in the stored layout:

@@ -42,6 +42,7 @@ class Adapter:
     init: str = "default"
     rslora: bool = False
     dora: bool = False
+    dora_axis: str = "out"  # DoRA's norm per output unit ("out", as peft) or per input unit ("in", LyCORIS')
     targets: str | None = None
     error: float | None = None  # combine(rank=k): the relative error of the truncation
     combined: dict[str, float] | None = field(default=None)  # combine(): the weights it was made from
@@ -203,7 +204,7 @@ class LoRA(nn.Module):
             self.extra("lora_A0", BufferDict)[name] = torch.zeros_like(A)
             self.extra("lora_B0", BufferDict)[name] = torch.zeros_like(B)
         if settings.dora:
-            m = torch.ones(self.view.magnitude_shape(), dtype=dtype, device=device)
+            m = torch.ones(self.view.magnitude_shape(settings.dora_axis), dtype=dtype, device=device)
             self.extra("lora_magnitude", nn.ParameterDict)[name] = nn.Parameter(m)
         self._attach(name, settings, device)
 
@@ -340,8 +341,21 @@ class LoRA(nn.Module):
                 A, B = modules["lora_A"]._parameters[name], modules["lora_B"]._parameters[name]
             # compiled: a 0-d tensor, with no guard on its value
             s = self._buffers[SCALE + name] if compiling else a.scaling
-            out.append(tuple.__new__(Term, (A, B, s, a.dropout if training else 0.0, m, name)))
+            out.append(tuple.__new__(Term, (A, B, s, a.dropout if training else 0.0, m, name, a.dora_axis)))
         return out
+
+    def set_dora_axis(self, name: str, axis: str) -> None:
+        """Take DoRA adapter ``name``'s norm per output unit (``axis="out"``) or per input unit
+        (``"in"``, LyCORIS' ``wd_on_out=False``; see :mod:`lora_inject._dora`), with a magnitude
+        of ones of the shape that goes with it, for a loader to write next."""
+        a = self.records[name]
+        if not a.dora or axis not in ("out", "in") or axis == "in" and self.view.experts:
+            raise ValueError(f"set_dora_axis(): adapter {name!r} (dora={a.dora}) on a tensor of shape "
+                             f"{self.view.shape} takes `axis` 'out' or 'in' (not on experts), got {axis!r}.")
+        old = self.lora_magnitude[name]
+        a.dora_axis = axis
+        m = torch.ones(self.view.magnitude_shape(axis), dtype=old.dtype, device=old.device)
+        self.lora_magnitude[name] = nn.Parameter(m, requires_grad=old.requires_grad)
 
     # -- the update -----------------------------------------------------------------------------
     def merged(self, W: Tensor, names: list[str] | None = None) -> Tensor:
@@ -418,7 +432,7 @@ class LoRA(nn.Module):
             if a.dora:
                 A, B = self.factor_pair(name)
                 m = self.lora_magnitude[name]
-                m.copy_(dora.norms(M, A, B, a.scaling, compute_dtype(W.dtype)))
+                m.copy_(dora.norms(M, A, B, a.scaling, compute_dtype(W.dtype), a.dora_axis, m.shape[-1]))
 
     # -- the parametrization --------------------------------------------------------------------
     def forward(self, W: Tensor) -> Tensor:

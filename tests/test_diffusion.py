@@ -233,15 +233,38 @@ def test_locon_tucker_and_dora_in_kohya_files(tmp_path):
     torch.testing.assert_close(torch.as_tensor(ours["lin"].weight), merged * (m / merged.norm(dim=1))[:, None])
 
 
-def test_dora_along_the_input_axis_is_refused_with_the_model_unchanged(tmp_path):
-    lin = nn.Linear(5, 7)
-    sd = {"lycoris_lin.lora_down.weight": torch.randn(2, 5), "lycoris_lin.lora_up.weight": torch.randn(7, 2),
-          "lycoris_lin.dora_scale": torch.ones(1, 5)}
-    model = nn.ModuleDict({"lin": lin})
-    before = snapshot(model)
+def test_dora_along_the_input_axis_against_the_formula_and_read_back(tmp_path):
+    """LyCORIS' dora_scale (1, in, ..) (wd_on_out=False): W = m * V / ||V|| with the norm over the output
+    units (and a Conv's kernel) for each input unit; it saves back as it came, and peft refuses it."""
+    conv, lin = nn.Conv2d(4, 6, 3, padding=1), nn.Linear(5, 5)  # square: (1, 5) is the input axis
+    model = nn.ModuleDict({"conv": conv, "lin": lin})
+    g = torch.Generator().manual_seed(0)
+    cd, cu, ld, lu = (torch.randn(2, 4, 3, 3, generator=g), torch.randn(6, 2, 1, 1, generator=g),
+                      torch.randn(2, 5, generator=g), torch.randn(5, 2, generator=g))
+    cm, lm = torch.rand(1, 4, 1, 1, generator=g) + 1, torch.rand(1, 5, generator=g) + 1
+    sd = {"lycoris_conv.lora_down.weight": cd, "lycoris_conv.lora_up.weight": cu,
+          "lycoris_conv.alpha": torch.tensor(1.0), "lycoris_conv.dora_scale": cm,
+          "lycoris_lin.lora_down.weight": ld, "lycoris_lin.lora_up.weight": lu,
+          "lycoris_lin.alpha": torch.tensor(1.0), "lycoris_lin.dora_scale": lm}
+    ours = li.load_adapter(copy.deepcopy(model), save(tmp_path, sd))
+    V = conv.weight + torch.einsum("oa,aihw->oihw", cu[:, :, 0, 0], cd) * 0.5
+    norm = torch.linalg.vector_norm(V, dim=(0, 2, 3), keepdim=True)
+    torch.testing.assert_close(torch.as_tensor(ours["conv"].weight), V * cm / norm)
+    V = lin.weight + lu @ ld * 0.5
+    torch.testing.assert_close(torch.as_tensor(ours["lin"].weight), V * lm / V.norm(dim=0, keepdim=True))
+    x = torch.randn(2, 5)
+    torch.testing.assert_close(ours["lin"](x), x @ (V * lm / V.norm(dim=0, keepdim=True)).T + lin.bias)
+    li.save_adapter(ours, tmp_path / "ours")
+    back = li.load_adapter(copy.deepcopy(model), tmp_path / "ours")
+    assert torch.equal(torch.as_tensor(back["conv"].weight), torch.as_tensor(ours["conv"].weight))
+    li.save_adapter(ours, tmp_path / "kohya.safetensors", format="kohya")
+    written = st.load_file(tmp_path / "kohya.safetensors")
+    assert torch.equal(written["lora_unet_conv.dora_scale"], cm)
+    assert torch.equal(written["lora_unet_lin.dora_scale"], lm)
     with pytest.raises(ValueError, match="per input unit"):
-        li.load_adapter(model, save(tmp_path, sd))
-    assert_unchanged(model, before)
+        li.save_adapter(ours, tmp_path / "peft", format="peft")
+    li.remove(ours, merge=False)
+    assert torch.equal(ours["conv"].weight, conv.weight) and torch.equal(ours["lin"].weight, lin.weight)
 
 
 @pytest.mark.slow
@@ -303,7 +326,8 @@ def test_diffusers_layout_saved_by_diffusers_matches(tmp_path):
 
 # -- LyCORIS, against LyCORIS itself --------------------------------------------------------------
 LYCORIS = [("loha", {}), ("loha", {"use_tucker": True}), ("lokr", {}), ("lokr", {"factor": 2}),
-           ("lokr", {"decompose_both": True, "use_tucker": True}), ("full", {}), ("lora", {"dora_wd": True})]
+           ("lokr", {"decompose_both": True, "use_tucker": True}), ("full", {}), ("lora", {"dora_wd": True}),
+           ("lora", {"dora_wd": True, "wd_on_output": False})]
 
 
 @pytest.mark.slow

@@ -49,6 +49,7 @@ class Entry:
     experts: bool = False
     factored: bool = False
     dora: bool = False
+    dora_axis: str = "out"  # DoRA's norm per output unit, or per input unit ("in": LyCORIS' wd_on_out=False)
     # lora_magnitude (DoRA), lora_A0/lora_B0 (pissa/olora); another kind: all its tensors, by name
     extra: dict[str, Tensor] = field(default_factory=dict)
     kind: str = "lora"
@@ -142,7 +143,7 @@ def _check_lora_entry(fn: str, e: Entry, view: View, shape) -> None:
     shape_A, shape_B = view.factor_shapes(e.r)
     needs = {"lora_A": shape_A, "lora_B": shape_B}
     if e.dora:
-        needs["lora_magnitude"] = view.magnitude_shape()
+        needs["lora_magnitude"] = view.magnitude_shape(e.dora_axis)
     if e.init in WEIGHT_INITS:
         needs.update(lora_A0=needs["lora_A"], lora_B0=needs["lora_B"])
     if set(e.extra) != set(needs) - set(FACTORS):
@@ -201,7 +202,7 @@ def collect(fn: str, model: nn.Module, adapter: str) -> list[Entry]:
             A=lora.lora_A[adapter].detach(), B=lora.lora_B[adapter].detach(), r=c.r,
             alpha=float(c.alpha), rslora=c.rslora, dropout=float(c.dropout),
             init=c.init, targets=c.targets, transpose=lora.view.transpose, experts=lora.view.experts,
-            factored=bool(lora.factored), dora=c.dora,
+            factored=bool(lora.factored), dora=c.dora, dora_axis=c.dora_axis,
             extra={k: t.detach() for k, t in lora.tensors(adapter).items() if k not in FACTORS},
         ))
     if not entries:
@@ -276,6 +277,8 @@ def _apply(fn: str, model: nn.Module, modules: dict[str, nn.Module], entries: Se
         with torch.no_grad():
             for e in entries:
                 lora = find_lora(modules[e.module], e.tensor)
+                if e.dora_axis != "out":
+                    lora.set_dora_axis(name, e.dora_axis)
                 _fill(lora, name, e, assign=seen if lora_only else None)
                 lora.adapter(name).targets = e.targets
     except BaseException:

@@ -190,9 +190,9 @@ def to_entries(fn: str, saved: Saved, path: str, module: nn.Module, rows: slice 
         extra = {}
         scale = t.get("dora_scale", t.get("lora_magnitude_vector"))
         if scale is not None:
-            extra["lora_magnitude"] = _magnitude(fn, saved, scale, shape)
+            extra["lora_magnitude"], axis = _magnitude(fn, saved, scale, shape)
         return [Entry(**base, A=A, B=B, r=r, alpha=float(r if not alpha else alpha), dora=bool(extra),
-                      extra=extra)]
+                      dora_axis=axis if extra else "out", extra=extra)]
     if "dora_scale" in t:
         raise ValueError(f"{fn}(): `{saved.name}` is a {kind.upper()} with DoRA (dora_scale); lora_inject's "
                          f"{kind} kind has no DoRA, so it cannot be loaded unmerged. Nothing was loaded.")
@@ -267,14 +267,14 @@ def _full(base: dict, diff: Tensor, shape: tuple[int, ...], wrong) -> Entry:
     return Entry(**base, A=A.to(diff.dtype), B=B.to(diff.dtype), r=r, alpha=float(r))
 
 
-def _magnitude(fn: str, saved: Saved, scale: Tensor, shape: tuple[int, ...]) -> Tensor:
-    """DoRA's magnitude ``(out,)`` from a ``dora_scale`` ``(out, 1, ..)`` (or peft's ``(out,)``)."""
+def _magnitude(fn: str, saved: Saved, scale: Tensor, shape: tuple[int, ...]) -> tuple[Tensor, str]:
+    """DoRA's magnitude and its axis: ``(out,)`` from a ``dora_scale`` ``(out, 1, ..)`` (or peft's
+    ``(out,)``), ``(in,)`` from LyCORIS' ``(1, in, ..)`` (``wd_on_out=False``), told by the shape as
+    ComfyUI does (a square ``Linear``'s ``(1, n)`` is the input axis, its ``(n, 1)`` the output)."""
     if scale.numel() == shape[0] and (scale.dim() == 1 or scale.shape[0] == shape[0]):
-        return scale.reshape(shape[0])
-    if len(shape) > 1 and scale.dim() > 1 and scale.shape[0] == 1 and scale.shape[1] == shape[1]:
-        raise ValueError(f"{fn}(): `{saved.name}.dora_scale` {tuple(scale.shape)} holds DoRA's norm per input unit "
-                         "(LyCORIS' wd_on_output=False); lora_inject's DoRA takes the norm per output unit, as "
-                         "peft, so it cannot be loaded unmerged. Nothing was loaded.")
+        return scale.reshape(shape[0]), "out"
+    if len(shape) > 1 and scale.dim() > 1 and scale.shape[0] == 1 and scale.numel() == shape[1]:
+        return scale.reshape(shape[1]), "in"
     raise ValueError(f"{fn}(): `{saved.name}.dora_scale` has shape {tuple(scale.shape)}, which fits neither axis of "
                      f"a weight of shape {shape}. The file is corrupt. Nothing was loaded.")
 
@@ -308,7 +308,9 @@ def from_entry(name: str, e: Entry) -> dict[str, Tensor]:
                f"{name}.lora_up.weight": e.B.reshape(shape[0], e.r, *[1] * (len(shape) - 2)),
                f"{name}.alpha": torch.tensor(float(s * e.r))}
         if "lora_magnitude" in e.extra:
-            out[f"{name}.dora_scale"] = e.extra["lora_magnitude"].reshape(shape[0], *[1] * (len(shape) - 1))
+            m = e.extra["lora_magnitude"]
+            out[f"{name}.dora_scale"] = (m.reshape(shape[0], *[1] * (len(shape) - 1)) if e.dora_axis == "out"
+                                         else m.reshape(1, shape[1], *[1] * (len(shape) - 2)))
         return out
     if e.kind not in ("loha", "lokr"):
         raise ValueError(f"save_adapter(): `{e.key}` is of kind {e.kind!r}; the kohya-ss/LyCORIS layout holds "

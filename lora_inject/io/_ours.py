@@ -38,6 +38,7 @@ FIELDS = {
     "alpha": (is_number, "a finite number"),
     "rslora": (lambda v: isinstance(v, bool), "true or false"),
     "dora": (lambda v: isinstance(v, bool), "true or false"),
+    "dora_axis": (lambda v: v in ("out", "in"), '"out" or "in"'),
     "dropout": (lambda v: is_number(v) and 0 <= v < 1, "a number in [0, 1)"),
     "init": (lambda v: v in INITS, f"one of {list(INITS)}"),
     "targets": (lambda v: v is None or isinstance(v, str), "a str or null"),
@@ -46,7 +47,7 @@ FIELDS = {
              and all(isinstance(x, bool) for x in v.values()),
              'an object of three bools: "transpose", "experts", "factored"'),
 }
-OPTIONAL = {"dora": False, "kind": "lora"}  # fields that files of an earlier version may lack
+OPTIONAL = {"dora": False, "dora_axis": "out", "kind": "lora"}  # fields that files of an earlier version may lack
 # An entry of another kind than LoRA: its own rank and alpha (None where it has none), its options,
 # and the names of its tensors.
 KIND_FIELDS = {
@@ -94,8 +95,8 @@ def to_ours(entries: list[Entry], adapter: str) -> tuple[dict, dict]:
         "targets": list(dict.fromkeys(e.targets for e in entries)), "weights": WEIGHTS,
         "tensors": {e.key: {
             "module": e.module, "tensor": e.tensor, "type": e.type, "shape": list(e.shape), "r": e.r,
-            "alpha": e.alpha, "rslora": e.rslora, "dora": e.dora, "dropout": e.dropout, "init": e.init,
-            "targets": e.targets, "dtype": dtype_name(e.dtype),
+            "alpha": e.alpha, "rslora": e.rslora, "dora": e.dora, "dora_axis": e.dora_axis, "dropout": e.dropout,
+            "init": e.init, "targets": e.targets, "dtype": dtype_name(e.dtype),
             "rule": {"transpose": e.transpose, "experts": e.experts, "factored": e.factored},
             **({} if e.kind == "lora" else {"kind": e.kind, "options": e.options, "held": list(e.extra)}),
         } for e in entries},
@@ -161,7 +162,7 @@ def from_ours(fn: str, path: str) -> tuple[str, list[Entry]]:
             module=t["module"], tensor=t["tensor"], type=t["type"], shape=tuple(t["shape"]), A=A, B=B,
             r=t["r"], alpha=float(t["alpha"]), rslora=t["rslora"], dropout=float(t["dropout"]),
             init=t["init"], targets=t["targets"], transpose=rule["transpose"], experts=rule["experts"],
-            factored=rule["factored"], dora=t["dora"],
+            factored=rule["factored"], dora=t["dora"], dora_axis=t["dora_axis"],
             extra={k: tensors.pop(f"{key}.{k}") for k in EXTRAS if f"{key}.{k}" in tensors})
         if t.get("dtype") != dtype_name(A.dtype) or B.dtype != A.dtype:
             raise TypeError(f"{fn}(): `{key}` is saved as {dtype_name(A.dtype)}/{dtype_name(B.dtype)} "

@@ -270,6 +270,11 @@ def to_peft(fn: str, model: nn.Module, entries: list[Entry], lora_bias: bool = F
                          "(and peft's target_parameters take none). Save with format='lora_inject', or set one "
                          "dropout in each LoRA's config.")
     doras = sorted({e.dora for e in lora}) or [False]
+    across = [e.key for e in lora if e.dora and e.dora_axis != "out"]
+    if across:
+        raise ValueError(f"{fn}(): `{across[0]}` is DoRA with the norm per input unit (dora_axis='in', LyCORIS' "
+                         "wd_on_out=False); peft's DoRA takes it per output unit only. Save with "
+                         "format='lora_inject' or 'kohya'.")
     if len(doras) > 1:
         raise ValueError(f"{fn}(): peft has one `use_dora` per adapter, but this adapter is DoRA on some tensors "
                          "only. Save with format='lora_inject'.")
