@@ -330,21 +330,28 @@ LYCORIS = [("loha", {}), ("loha", {"use_tucker": True}), ("lokr", {}), ("lokr", 
            ("lora", {"dora_wd": True, "wd_on_output": False})]
 
 
-@pytest.mark.slow
-@pytest.mark.filterwarnings("ignore::DeprecationWarning")
-@pytest.mark.parametrize(("algo", "options"), LYCORIS, ids=[f"{a}-{'-'.join(o) or 'plain'}" for a, o in LYCORIS])
-def test_lycoris_files_match_lycoris(algo, options, tmp_path):
+def lycoris_file(tmp_path, algo: str, seed: int, **options) -> tuple[nn.Module, str]:
+    """A tiny UNet with LyCORIS's ``algo`` applied, its tensors random (``seed``), and the file LyCORIS
+    saved of them: (that UNet, the file's path)."""
     lycoris = pytest.importorskip("lycoris")
     ref = unet()
     net = lycoris.create_lycoris(ref, 1.0, linear_dim=4, linear_alpha=2, conv_dim=2, conv_alpha=1, algo=algo,
                                  **options)
     net.apply_to()
-    g = torch.Generator().manual_seed(2)
+    g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for _, p in net.named_parameters():
             p.copy_(torch.randn(p.shape, generator=g) * 0.3)
     path = str(tmp_path / "lycoris.safetensors")
     net.save_weights(path, torch.float32, None)
+    return ref, path
+
+
+@pytest.mark.slow
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
+@pytest.mark.parametrize(("algo", "options"), LYCORIS, ids=[f"{a}-{'-'.join(o) or 'plain'}" for a, o in LYCORIS])
+def test_lycoris_files_match_lycoris(algo, options, tmp_path):
+    ref, path = lycoris_file(tmp_path, algo, 2, **options)
     ours = li.load_adapter(unet(), path)
     kinds = {lora.adapter("default").kind for _, lora in li.named_loras(ours)}
     assert kinds == {{"loha": "loha", "lokr": "lokr"}.get(algo, "lora")}
@@ -360,17 +367,7 @@ LOKR_SPLITS = [{"factor": 8}, {"factor": 8, "unbalanced_factorization": True}, {
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")
 @pytest.mark.parametrize("options", LOKR_SPLITS, ids=["factor8", "factor8-unbalanced", "unbalanced"])
 def test_lycoris_lokr_with_splits_peft_does_not_make_matches_lycoris(options, tmp_path):
-    lycoris = pytest.importorskip("lycoris")
-    ref = unet()
-    net = lycoris.create_lycoris(ref, 1.0, linear_dim=4, linear_alpha=2, conv_dim=2, conv_alpha=1, algo="lokr",
-                                 **options)
-    net.apply_to()
-    g = torch.Generator().manual_seed(3)
-    with torch.no_grad():
-        for _, p in net.named_parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * 0.3)
-    path = str(tmp_path / "lycoris.safetensors")
-    net.save_weights(path, torch.float32, None)
+    ref, path = lycoris_file(tmp_path, "lokr", 3, **options)
     ours = unet()
     before, base = snapshot(ours), run_unet(ours)
     li.load_adapter(ours, path)
