@@ -795,18 +795,12 @@ def table(res):
                 goal = {"qlora": "≤ 0.97× peft", "qlora_memory": "≤ 1.0× peft"}.get(fig, "") \
                     if n == "lora_inject qlora" else ""
                 rows.append(f"| {label} | {n} | {shown} | {ratio} | {goal} |")
-    if "mixed" in res:
-        d = res["mixed"]
+    for fig, label, target in (("mixed", "8×64 tokens, 4 adapters", "≤ 1.05× one adapter, ≤ 0.8× peft"),
+                               ("many", "32×16 tokens, 32 of 128 adapters", "≤ 1.1× one adapter")):
+        d = res.get(fig, {})
         for n, v in d.items():
-            goal = "≤ 1.05× one adapter, ≤ 0.8× peft" if n == "lora_inject per_sample" else ""
-            rows.append(f"| mixed batch, 8×64 tokens, 4 adapters | {n} | {v * 1e3:.0f} ms | "
-                        f"{v / d['one adapter, whole batch']:.3f}× one adapter, {v / d['peft adapter_names']:.3f}× "
-                        f"peft | {goal} |")
-    if "many" in res:
-        d = res["many"]
-        for n, v in d.items():
-            goal = "≤ 1.1× one adapter" if n == "lora_inject per_sample" else ""
-            rows.append(f"| mixed batch, 32×16 tokens, 32 of 128 adapters | {n} | {v * 1e3:.0f} ms | "
+            goal = target if n == "lora_inject per_sample" else ""
+            rows.append(f"| mixed batch, {label} | {n} | {v * 1e3:.0f} ms | "
                         f"{v / d['one adapter, whole batch']:.3f}× one adapter, {v / d['peft adapter_names']:.3f}× "
                         f"peft | {goal} |")
     for n, v in res.get("store", {}).items():
