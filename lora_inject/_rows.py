@@ -184,11 +184,13 @@ def gathered(x: Tensor, weight, out: Tensor, transposed: bool) -> Tensor | None:
     """Eager mode inside per_sample(): ``out`` plus each row's own adapter, from every LoRA
     adapter of the weight's tensor stacked once and kept until one of them changes
     (:func:`stacked`), by :func:`gathered_matmul`: a fixed number of ops however many adapters
-    the batch mixes. None where it does not apply (DoRA, or a weight not made by a LoRA): the
-    terms then run one by one on their own rows."""
+    the batch mixes. None where it does not apply (DoRA, a weight not made by a LoRA, or a
+    gradient to reach the factors): the terms then run one by one on their own rows."""
     lora, rows = weight._owner, weight._rows
     if lora is None or weight._has_dora():
         return None
+    if torch.is_grad_enabled() and any(t.A.requires_grad or t.B.requires_grad for t in weight._terms):
+        return None  # the stack is built without a gradient: the terms' own rows carry one
     names, first, second = stacked(lora, transposed)
     key = (rows, names, x.shape[0], x.device)
     slot = _SLOTS.get(key)

@@ -330,3 +330,25 @@ def test_a_compiled_model_serves_concurrent_threads_from_their_own_contexts(fres
     for t in threads:
         t.join()
     assert not wrong, wrong[:3]
+
+
+def test_per_sample_gradients_reach_each_samples_own_adapter():
+    """With a gradient wanted (an eval-mode model outside no_grad, as per-sample gradient analysis
+    runs it), each adapter's factors get the gradient of its own samples' loss, as one forward per
+    sample with that adapter alone gives it."""
+    model = li.inject(base(), TARGETS, r=2, alpha=4, adapter="a")
+    li.inject(model, TARGETS, r=4, alpha=4, adapter="b")
+    randomize(model)
+    ids = torch.randint(0, 64, (3, 8))
+    choice = ["a", "b", "a"]
+    with li.per_sample(model, choice):
+        model(input_ids=ids).logits.square().sum().backward()
+    got = {n: p.grad.clone() for n, p in model.named_parameters() if "lora_" in n}
+    model.zero_grad(set_to_none=True)
+    for i, name in enumerate(choice):
+        li.activate(model, name)
+        model(input_ids=ids[i:i + 1]).logits.square().sum().backward()
+    want = {n: p.grad for n, p in model.named_parameters() if "lora_" in n}
+    assert got.keys() == want.keys() and len(got) == 4 * len(list(li.named_loras(model)))
+    for n in want:
+        torch.testing.assert_close(got[n], want[n], rtol=1e-4, atol=1e-6)
