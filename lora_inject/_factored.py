@@ -106,6 +106,7 @@ class FactoredWeight(Tensor):
     _rows: tuple[str | None, ...] | None
     _leaf: bool
     _owner: object  # the LoRA that made it, or None
+    _simple: bool  # its terms are plain LoRA (no DoRA) in W0's dtype, W0 is dense, no rows: see _ops.plain_form
 
     @staticmethod
     def __new__(cls, w0: Tensor, terms, view: View, rows=None, owner=None):
@@ -120,7 +121,7 @@ class FactoredWeight(Tensor):
         # A LoRA term's branch runs in the wider of W0's dtype and the factors': half factors on a
         # float32 base are upcast (as peft upcasts them), float32 factors on a half base stay float32.
         terms = list(terms)
-        kinds = dora = across = False
+        kinds = dora = across = mixed = False
         for i, t in enumerate(terms):  # a loop, not comprehensions: this runs on every forward
             if type(t) is Step:
                 kinds = True
@@ -130,9 +131,11 @@ class FactoredWeight(Tensor):
             if not t.A.dtype == t.B.dtype == dtype:
                 a, b = torch.promote_types(dtype, t.A.dtype), torch.promote_types(dtype, t.B.dtype)
                 if not t.A.dtype == t.B.dtype == a:
-                    terms[i] = t._replace(A=t.A.to(a), B=t.B.to(b))
+                    terms[i] = t = t._replace(A=t.A.to(a), B=t.B.to(b))
+                mixed = mixed or not t.A.dtype == t.B.dtype == dtype
+        simple = bool(terms) and not (kinds or dora or mixed or view.experts) and rows is None and scheme is None
         out.__dict__.update(_w0=w0, _terms=tuple(terms), _view=view, _rows=rows, _gains=None, _kinds=kinds,
-                            _dora=dora, _across=across, _scheme=scheme, _leaf=False,
+                            _dora=dora, _across=across, _scheme=scheme, _leaf=False, _simple=simple,
                             _owner=owner)  # owner: see LoRA.right_inverse
         return out
 

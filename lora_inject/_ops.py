@@ -16,6 +16,7 @@ samples' rows (see :mod:`lora_inject._rows`); one plain adapter runs the fused k
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import torch
@@ -26,6 +27,10 @@ from ._factored import RAW_BIAS, FactoredWeight, Term, implements
 from ._kernels import FUSED_MIN, NoGradAt, frozen_linear, fused, plain_eager
 from ._rows import Slots, gather, gathered, in_place, keep, scatter, select, served, some
 from .kind import Base, Kind, factored, kernel, pointwise
+
+
+def _ntuple(v, n: int) -> tuple[int, ...]:
+    return tuple(v) if isinstance(v, (tuple, list)) else (v,) * n
 
 
 def fits(weight, x, out_dim: int, quantized: bool = False) -> bool:
@@ -157,8 +162,100 @@ def beside(x: Tensor, weight: FactoredWeight, base: Tensor, bias: Tensor | None)
     return branch(x, weight, weight._rescale(base, bias), transposed=True)
 
 
+def plain_form(op: Callable, x: Tensor, weight: FactoredWeight, bias: Tensor | None, first: Callable,
+               second: Callable) -> Tensor:
+    """``op(x, W0, bias) + s * second(first(x', R), L)``, summed over the terms of a weight whose
+    terms are all plain LoRA (``weight._simple``), the stored update being ``s * L @ R`` and ``x'``
+    ``x`` through the term's dropout: the common case, in as few Python steps as it takes.
+
+    ``second(h, L, s, out)`` gives ``out + s * op'(h, L)``: in place into ``out`` where nothing
+    is to be differentiated, and for one dtype and a float ``s`` (else ``out`` is None, and the
+    sum is taken here)."""
+    out = op(x, weight._w0, bias)
+    in_place = not torch.is_grad_enabled()
+    transpose = weight._view.transpose
+    for A, B, s, p, *_ in weight._terms:
+        L, R = (A.mT, B.mT) if transpose else (B, A)
+        h = first(F.dropout(x, p) if p else x, R)
+        if type(s) is float and h.dtype == L.dtype == out.dtype:
+            out = second(h, L, s, out, in_place)
+        else:  # mixed dtypes, or a 0-d scaling under compile
+            out = add(out, second(h, L, 1.0, None, False), s)
+    return out
+
+
+def _linear_second(h: Tensor, L: Tensor, s: float, out: Tensor | None, in_place: bool) -> Tensor:
+    """``out + s * F.linear(h, L)`` (see :func:`plain_form`): ``(.., r) @ (r, out)``, one ``addmm``
+    where it can."""
+    if out is None:
+        return F.linear(h, L)
+    if h.dim() == 2:
+        return out.addmm_(h, L.t(), alpha=s) if in_place else torch.addmm(out, h, L.t(), alpha=s)
+    if not in_place:
+        return torch.add(out, F.linear(h, L), alpha=s)
+    n = h.shape[:-1].numel()  # no -1 in the views: `out` may have 0 features
+    out.view(n, out.shape[-1]).addmm_(h.view(n, h.shape[-1]), L.t(), alpha=s)
+    return out
+
+
+def _sum(y: Tensor, s: float, out: Tensor | None, in_place: bool) -> Tensor:
+    """``out + s * y`` (see :func:`plain_form`), or ``y`` where ``out`` is None."""
+    if out is None:
+        return y
+    return out.add_(y, alpha=s) if in_place else torch.add(out, y, alpha=s)
+
+
+def merge_pays(weight: FactoredWeight, x: Tensor, positions: int) -> bool:
+    """Whether an op applied at ``positions`` output positions (rows of ``F.linear``, a conv's
+    output pixels) costs fewer multiply-adds on the merged weight ``W0 + s * L @ R`` than in the
+    factored form, for a ``_simple`` weight with no dropout at work and a ``W0`` of float32 or
+    wider (in half precision the merged weight would round small updates away: the factored form
+    keeps them).
+
+    The factored form adds ``positions * r * (in + out)`` to the forward; the merged one
+    ``out * in * r``. In grad mode the merged weight's gradient costs ``positions * out * in``
+    more, each factored product two more of its own, and the merged weight is taken only where it
+    is no larger than the input and output it sits between: training never holds a weight-sized
+    tensor that the activations would not dwarf. Grad mode decides, not which tensors require a
+    gradient, so that ``functional_call`` with the model's own (detached) state dict computes the
+    forward's very bits."""
+    w0 = weight._w0
+    if w0.dtype.itemsize < 4:  # a half-precision merged weight would round small updates away
+        return False
+    r = 0
+    for t in weight._terms:
+        if t.dropout:
+            return False
+        r += t.A.shape[-2]
+    shape, size = w0.shape, w0.numel()
+    merged, branch = size * r, positions * r * (shape[0] + size // max(shape[0], 1))
+    if merged >= branch:  # the common case, and never cheaper with a gradient either
+        return False
+    if torch.is_grad_enabled():  # grad mode alone decides, so that the same call computes the same bits
+        if size > x.numel() + positions * weight._view.out_features:
+            return False
+        merged, branch = merged * 3 + positions * size, branch * 3
+    return merged < branch
+
+
+def plain_merged(weight: FactoredWeight) -> Tensor:
+    """The merged weight ``W0 + sum s * L @ R`` of a ``_simple`` weight, in its stored layout, one
+    ``addmm`` per term (see :func:`merge_pays`)."""
+    w0, view = weight._w0, weight._view
+    M = w0.reshape(w0.shape[0], -1)  # the stored layout as a matrix: (out, in..) by rows, (in, out) transposed
+    for A, B, s, *_ in weight._terms:
+        L, R = (A.mT, B.mT) if view.transpose else (B, A)
+        M = torch.addmm(M, L, R, alpha=s) if type(s) is float else M + (L @ R) * s
+    return M.view(w0.shape)
+
+
 @implements(F.linear, names=("input", "weight", "bias"), defaults=(None,))
 def linear(input, weight, bias):
+    if type(weight) is FactoredWeight and weight._simple and type(input) is not FactoredWeight:
+        if merge_pays(weight, input, input.numel() // max(input.shape[-1], 1)):
+            return F.linear(input, plain_merged(weight), bias)
+        if not torch.is_grad_enabled() or input.numel() < FUSED_MIN or len(weight._terms) > 1:
+            return plain_form(F.linear, input, weight, bias, F.linear, _linear_second)
     if not fits(weight, input, 0, quantized=True):
         return NotImplemented
     if weight._kinds:
@@ -287,6 +384,15 @@ def conv_form(op: Callable) -> Callable:
         if groups != 1 or not fits(weight, input, 0) or weight._view.transpose:
             return NotImplemented
         shape = weight._w0.shape
+        if weight._simple:  # A (r, in * k..) as a conv to r channels, B (out, r) as a 1x1 conv
+            kernel, ones = shape[2:], (1,) * (len(shape) - 2)
+            n = len(kernel)
+            positions = input.numel() // max(shape[1], 1) // math.prod(_ntuple(stride, n))
+            if merge_pays(weight, input, positions):
+                return op(input, plain_merged(weight), bias, stride, padding, dilation)
+            return plain_form(lambda z, w, b: op(z, w, b, stride, padding, dilation), input, weight, bias,
+                              lambda z, A: op(z, A.view(-1, shape[1], *kernel), None, stride, padding, dilation),
+                              lambda h, B, s, out, in_place: _sum(op(h, B.view(*B.shape, *ones)), s, out, in_place))
         if weight._kinds:
             w0, kernel = weight._w0, shape[2:]
             return stacked("conv", input, weight, bias, lambda z, b: op(z, w0, b, stride, padding, dilation, groups),

@@ -127,6 +127,7 @@ class LoRA(nn.Module):
             serving=False,  # opens > 0: a compiled graph reads this call's state as data
             non_persistent=False,  # the adapted tensor is a buffer kept out of the state dict
             froze=False,  # inject stopped the adapted tensor's training; remove restarts it
+            made=None,  # the FactoredWeight the last common-case forward made (see _made_weight)
         )
         self.register_load_state_dict_post_hook(LoRA._materialize_scalings)
 
@@ -326,6 +327,20 @@ class LoRA(nn.Module):
             B = torch.cat([B, -self.lora_B0[name]], dim=-1)  # (.., out, 2r)
         return A, B
 
+    def plain_terms(self) -> list[Term] | None:
+        """:meth:`terms` of the active adapters in eager mode where each is a LoRA adapter with
+        plain factors (no DoRA, no PiSSA/OLoRA init), else None: the common case, in one loop."""
+        out, training, records = [], self.training, self.records
+        lora_A, lora_B = self._modules["lora_A"]._parameters, self._modules["lora_B"]._parameters
+        for name in self.active:
+            a = records[name]
+            if a.kind != "lora" or a.dora or a.init in WEIGHT_INITS:
+                return None
+            s = (a.alpha / math.sqrt(a.r) if a.rslora else a.alpha / a.r) * a.strength  # Adapter.scaling
+            out.append(tuple.__new__(Term, (lora_A[name], lora_B[name], s, a.dropout if training else 0.0,
+                                            None, name, a.dora_axis)))
+        return out
+
     def terms(self, names, compiling: bool | None = None) -> list[Term]:
         """The :class:`~lora_inject._factored.Term` of each adapter in ``names``, in order
         (``compiling``: whether under ``torch.compile``, if the caller knows)."""
@@ -436,6 +451,11 @@ class LoRA(nn.Module):
 
     # -- the parametrization --------------------------------------------------------------------
     def forward(self, W: Tensor) -> Tensor:
+        if not torch.compiler.is_compiling() and self.factored and _call.CURRENT.get() is None:
+            # The common case, first and in few steps: the model's active adapters, no block open.
+            terms = self.plain_terms()
+            if terms:
+                return self._made_weight(W, terms)
         if torch.compiler.is_compiling():  # a graph cannot read this call's state: see _served
             if self.serving:
                 return self._served(W)
@@ -470,6 +490,43 @@ class LoRA(nn.Module):
         if not torch.compiler.is_compiling():  # a value handed out: assigning it back restores W
             out.__dict__[GIVEN] = (self, W)
         return out
+
+    def _made_weight(self, W: Tensor, terms: list[Term]) -> FactoredWeight:
+        """The :class:`FactoredWeight` of ``W`` and ``terms``: the one made last time where it holds
+        the very same tensors, scalings and dropouts, in the same inference mode, else a new one.
+
+        A FactoredWeight reads its tensors when an op runs, so one made before an optimizer step
+        is still the adapted weight after it: making it again each forward would only add the cost
+        of a wrapper tensor, its allocation and its release. Only a weight made of the module's own
+        ``nn.Parameter`` objects is kept, so that no tensor swapped in for one call (by
+        ``functional_call``, a ``torch.func`` transform) outlives it; ``_apply`` (``.to()``,
+        ``.half()``, ``to_empty()``) forgets it."""
+        made, inference = self.made, torch.is_inference_mode_enabled()
+        if made is not None and made._w0 is W and made._made_as == (W.dtype, inference):
+            old = made._terms
+            if len(old) == len(terms):
+                for a, b in zip(old, terms):
+                    if a.A is not b.A or a.B is not b.B or a.scaling != b.scaling or a.dropout != b.dropout \
+                            or a.name != b.name:
+                        break
+                else:
+                    return made
+        out = FactoredWeight(W, terms, self.view, None, self)
+        keep = type(W) is nn.Parameter and not torch._C._are_functorch_transforms_active()
+        for t in terms:
+            keep = keep and type(t.A) is nn.Parameter and type(t.B) is nn.Parameter
+        out.__dict__["_made_as"] = (W.dtype, inference)  # not out.dtype: a wrapper's metadata costs a dispatch
+        self.__dict__["made"] = out if keep else None
+        return out
+
+    def _apply(self, fn, recurse=True):
+        self.__dict__["made"] = None  # its wrapper's dtype and device are W0's before the move
+        return super()._apply(fn, recurse)
+
+    def __getstate__(self):
+        state = super().__getstate__()
+        state["made"] = None  # a copy makes its own
+        return state
 
     def _served(self, W: Tensor) -> Tensor:
         """The compiled forward while some call may have per-sample rows or adapters off here

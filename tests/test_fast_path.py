@@ -222,4 +222,7 @@ def test_reading_the_weight_inside_parametrize_cached_reads_it_once():
     with parametrize.cached():
         first, second = layer.weight, layer.weight
         assert first is second
-    assert layer.weight is not layer.weight
+    before = layer.weight.detach()
+    with torch.no_grad():  # outside the block, a read sees the adapter as it is now
+        layer.parametrizations.weight[0].lora_B["default"].add_(1.0)
+    assert not torch.equal(layer.weight.detach(), before)

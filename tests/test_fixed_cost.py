@@ -1,0 +1,203 @@
+"""The fixed cost of an adapted layer: the adapted weight kept between forwards, and the cheaper of
+the factored and merged forms chosen per call. Each is a shortcut, so each test checks that it
+never changes what a forward computes: after an optimizer step, a new scaling, a swapped factor,
+a move to another dtype, a copy, a ``functional_call`` and inference mode."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from _helpers import delta, randomize
+from torch import nn
+from torch.func import functional_call
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import lora_inject as li
+
+
+def _layer(make=lambda: nn.Linear(6, 5), r=2, **kwargs):
+    layer = make()
+    li.inject(layer, "", r=r, alpha=2 * r, **kwargs)
+    li.mark_only_lora_as_trainable(layer)
+    randomize(layer)
+    return layer
+
+
+def _lora(layer):
+    return next(lora for _, lora in li.named_loras(layer))
+
+
+def _merged_reference(layer, x):
+    """The plain layer with the hand-merged weight, on ``x``."""
+    lora = _lora(layer)
+    plain = copy.deepcopy(li.remove(copy.deepcopy(layer), merge=False))
+    with torch.no_grad():
+        plain.weight.add_(delta(lora, plain.weight.dtype).to(plain.weight.dtype))
+    return plain(x)
+
+
+def test_the_weight_is_kept_between_forwards_and_follows_an_optimizer_step():
+    layer = _layer()
+    assert layer.weight is layer.weight  # the same value object while nothing it holds changed
+    x = torch.randn(4, 6)
+    opt = torch.optim.SGD(li.lora_parameters(layer), lr=0.5)
+    for _ in range(3):
+        layer(x).square().sum().backward()
+        opt.step()
+        opt.zero_grad()
+        torch.testing.assert_close(layer(x), _merged_reference(layer, x))
+
+
+def test_a_kept_weight_is_made_again_when_an_adapter_changes():
+    layer = _layer(make=lambda: nn.Linear(6, 5))
+    lora = _lora(layer)
+    x = torch.randn(4, 6)
+    first = layer.weight
+    lora.set_scaling("default", alpha=9.0)  # a new scaling
+    assert layer.weight is not first
+    torch.testing.assert_close(layer(x), _merged_reference(layer, x))
+    lora.lora_B["default"] = nn.Parameter(torch.randn(5, 2))  # a factor swapped for another tensor
+    torch.testing.assert_close(layer(x), _merged_reference(layer, x))
+    li.inject(layer, "", r=3, alpha=3, adapter="other")  # a second adapter, active with the first
+    randomize(layer)
+    torch.testing.assert_close(layer(x), _merged_reference(layer, x))
+    li.activate(layer, "other")
+    torch.testing.assert_close(layer(x), _merged_reference(layer, x))
+    with li.disabled(layer):
+        torch.testing.assert_close(layer(x), li.remove(copy.deepcopy(layer), merge=False)(x))
+
+
+def test_a_kept_weight_follows_dropout_and_the_dtype():
+    layer = _layer(dropout=0.5)
+    x = torch.randn(64, 6)
+    layer.eval()
+    want = _merged_reference(layer, x)
+    torch.testing.assert_close(layer(x), want)
+    layer.train()  # dropout at work now: the branch differs from the merged weight's
+    assert not torch.allclose(layer(x), want)
+    layer.eval()
+    layer.double()  # W0 and the factors change dtype in place
+    assert layer.weight.dtype == torch.float64
+    torch.testing.assert_close(layer(x.double()), _merged_reference(layer, x.double()))
+
+
+def test_a_copy_makes_its_own_weight():
+    layer = _layer()
+    layer(torch.randn(2, 6))
+    twin = copy.deepcopy(layer)
+    assert twin.weight is not layer.weight
+    with torch.no_grad():
+        _lora(twin).lora_B["default"].zero_()
+    x = torch.randn(3, 6)
+    torch.testing.assert_close(layer(x), _merged_reference(layer, x))
+    torch.testing.assert_close(twin(x), li.remove(copy.deepcopy(twin), merge=False)(x))
+
+
+def test_a_weight_of_swapped_in_tensors_is_not_kept():
+    """functional_call swaps other tensors in for one call: a weight holding them is not kept, so
+    that none of them outlives the call, and the next forward reads the module's own again."""
+    layer = _layer()
+    x = torch.randn(3, 6)
+    state = {k: v.detach().clone() * 2 for k, v in layer.state_dict().items()}
+    out = functional_call(layer, state, (x,))
+    lora = _lora(layer)
+    kept = lora.made
+    held = [] if kept is None else [kept._w0, *(t for term in kept._terms for t in (term.A, term.B))]
+    assert not any(t is v for t in held for v in state.values())
+    twice = copy.deepcopy(layer)
+    twice.load_state_dict(state)
+    torch.testing.assert_close(out, twice(x))
+    torch.testing.assert_close(layer(x), _merged_reference(layer, x))
+
+
+def test_a_weight_made_in_inference_mode_does_not_serve_training():
+    layer = _layer()
+    x = torch.randn(3, 6)
+    with torch.inference_mode():
+        layer(x)
+    layer(x).sum().backward()  # would fail on an inference tensor kept from the block
+    assert all(p.grad is not None for p in li.lora_parameters(layer))
+
+
+class _Ops(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.names = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names.append(func.__name__)
+        return func(*args, **(kwargs or {}))
+
+
+def _convolutions(layer, x, grad):
+    with torch.set_grad_enabled(grad), _Ops() as ops:
+        out = layer(x)
+        if grad:
+            out.sum().backward()
+    return sum(n.startswith("convolution.") for n in ops.names), out
+
+
+@pytest.mark.parametrize("grad", [False, True], ids=["no-grad", "grad"])
+def test_a_small_conv_runs_once_on_the_merged_weight(grad):
+    """A conv on a small image costs fewer multiply-adds on ``W0 + s * B @ A`` than in three convs,
+    in training too: it runs once, and equals the plain layer with the merged weight."""
+    layer = _layer(make=lambda: nn.Conv2d(8, 8, 3, padding=1), r=4)
+    x = torch.randn(1, 8, 8, 8)
+    count, out = _convolutions(layer, x, grad)
+    assert count == 1
+    torch.testing.assert_close(out, _merged_reference(layer, x))
+
+
+def test_a_conv_on_one_pixel_stays_factored():
+    """On one output pixel the factored form is cheaper than merging a weight."""
+    layer = _layer(make=lambda: nn.Conv2d(8, 8, 3, padding=1), r=4)
+    x = torch.randn(1, 8, 1, 1)
+    count, out = _convolutions(layer, x, False)
+    assert count == 3
+    torch.testing.assert_close(out, _merged_reference(layer, x))
+
+
+def test_training_never_merges_a_weight_larger_than_the_activations():
+    """In training the merged weight would be kept for backward: where it is larger than the
+    layer's input and output together, the factored form runs, whatever it costs."""
+    layer = _layer(make=lambda: nn.Conv2d(64, 64, 3, padding=1), r=16)
+    x = torch.randn(1, 64, 8, 8)
+    count, out = _convolutions(layer, x, True)
+    assert count == 3
+    count, _ = _convolutions(layer, x, False)  # without a gradient, merging pays here
+    assert count == 1
+
+
+def test_a_half_precision_conv_stays_factored():
+    """In bfloat16 the merged weight would round the update away: the factored form keeps it."""
+    layer = _layer(make=lambda: nn.Conv2d(8, 8, 3, padding=1).to(torch.bfloat16), r=4, dtype=torch.bfloat16)
+    count, _ = _convolutions(layer, torch.randn(1, 8, 8, 8, dtype=torch.bfloat16), False)
+    assert count == 3
+
+
+def test_a_linear_on_a_small_batch_stays_factored():
+    layer = _layer(make=lambda: nn.Linear(64, 64))
+    x = torch.randn(4, 64)
+    with torch.no_grad(), _Ops() as ops:
+        out = layer(x)
+    assert sum(n.startswith(("addmm", "mm", "linear")) for n in ops.names) == 3  # W0, then A, then B
+    torch.testing.assert_close(out, _merged_reference(layer, x))
+
+
+def test_merged_and_factored_forms_give_the_same_gradients():
+    torch.manual_seed(0)
+    small = _layer(make=lambda: nn.Conv2d(4, 6, 3, padding=1))
+    x = torch.randn(1, 4, 5, 5)
+    small(x).square().sum().backward()
+    merged_grads = [p.grad.clone() for p in li.lora_parameters(small)]
+    lora = _lora(small)
+    A, B, s = lora.lora_A["default"].detach(), lora.lora_B["default"].detach(), lora.adapter("default").scaling
+    A, B = A.clone().requires_grad_(), B.clone().requires_grad_()
+    w0 = small.parametrizations.weight.original
+    h = F.conv2d(x, A.view(2, 4, 3, 3), padding=1)  # the factored form, by hand
+    out = F.conv2d(x, w0, small.bias, padding=1) + s * F.conv2d(h, B.view(6, 2, 1, 1))
+    out.square().sum().backward()
+    torch.testing.assert_close(merged_grads, [A.grad, B.grad])
