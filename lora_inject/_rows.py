@@ -191,7 +191,7 @@ def gathered(x: Tensor, weight, out: Tensor, transposed: bool) -> Tensor | None:
         return None
     if torch.is_grad_enabled() and any(t.A.requires_grad or t.B.requires_grad for t in weight._terms):
         return None  # the stack is built without a gradient: the terms' own rows carry one
-    names, first, second = stacked(lora, transposed)
+    names, first, second = stacked(lora, transposed, _used(rows))
     key = (rows, names, x.shape[0], x.device)
     slot = _SLOTS.get(key)
     if slot is None:
@@ -205,30 +205,53 @@ def gathered(x: Tensor, weight, out: Tensor, transposed: bool) -> Tensor | None:
 
 
 _SLOTS: dict[tuple, Tensor] = {}  # (rows, names, rows of x, device) -> each row's slot
-_STACKS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # LoRA -> (key, names, first, second)
+_STACKS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # LoRA -> (key, first, second, stamps)
 
 
-def stacked(lora, transposed: bool) -> tuple[tuple[str, ...], Tensor, Tensor]:
+def _used(rows: tuple[str | None, ...]) -> tuple[str, ...]:
+    """The adapters ``rows`` names, each once."""
+    return tuple(n for n in dict.fromkeys(rows) if n is not None)
+
+
+def stacked(lora, transposed: bool, used=()) -> tuple[tuple[str, ...], Tensor, Tensor]:
     """The names of ``lora``'s plain LoRA adapters and their factors stacked by :func:`stack`,
     kept for the LoRA (not in it: a copy or a pickle of the model leaves it out) and built again
-    when one of them changes: their storage, version counter
-    or scaling (a hot swap, an optimizer step, ``load_state_dict``)."""
+    when one that this call ``used`` has changed since: its tensors, their storage or version
+    counter, or its scaling (a hot swap, an optimizer step, ``load_state_dict``). An adapter the
+    call does not use is not looked at: its slot is not read, and it is checked when a call uses
+    it."""
     names = tuple(n for n, a in lora.records.items() if a.kind == "lora" and not a.dora)
-    tensors = [t for n in names for t in lora.tensors(n).values()]
-    key = (names, transposed, tuple((t.data_ptr(), t._version) for t in tensors),
-           tuple(lora.records[n].scaling for n in names))
     held = _STACKS.get(lora)
-    if held is None or held[0] != key:
-        with torch.no_grad():
-            firsts, seconds = [], []
-            for n in names:
-                L, R = lora.view.stored_factors(*lora.factor_pair(n))
-                first, second = (R.t(), L.t()) if transposed else (L, R)
-                firsts.append(first)
-                seconds.append(second * lora.records[n].scaling)
-            held = (key, names, *stack(firsts, seconds))
-        _STACKS[lora] = held
-    return held[1], held[2], held[3]
+    if held is not None and held[0] == (names, transposed):
+        stamps = held[3]
+        for n in used:
+            if n in stamps and not _same(stamps[n], _stamp(lora, n)):
+                break
+        else:
+            return names, held[1], held[2]
+    stamps = {n: _stamp(lora, n) for n in names}  # before stacking: a write that comes between stacks again
+    with torch.no_grad():
+        firsts, seconds = [], []
+        for n in names:
+            L, R = lora.view.stored_factors(*lora.factor_pair(n))
+            first, second = (R.t(), L.t()) if transposed else (L, R)
+            firsts.append(first)
+            seconds.append(second * lora.records[n].scaling)
+        first, second = stack(firsts, seconds)
+    _STACKS[lora] = ((names, transposed), first, second, stamps)
+    return names, first, second
+
+
+def _stamp(lora, name: str) -> tuple:
+    """What adapter ``name``'s slot of the stack was built from: its scaling, then each tensor
+    with its storage and version counter."""
+    return (lora.records[name].scaling, *((t, t.data_ptr(), t._version) for t in lora.tensors(name).values()))
+
+
+def _same(a: tuple, b: tuple) -> bool:
+    """Whether two stamps agree, the tensors by identity (``==`` on tensors compares values)."""
+    return len(a) == len(b) and a[0] == b[0] and all(
+        x[0] is y[0] and x[1:] == y[1:] for x, y in zip(a[1:], b[1:]))
 
 
 def gather(t: Tensor, idx: Tensor | slice) -> Tensor:
