@@ -79,8 +79,10 @@ def stacked(op: str, x: Tensor, weight: FactoredWeight, bias: Tensor | None, cal
     """``op`` on ``x`` with ``weight``'s terms applied in order through their factored forms
     (see :func:`lora_inject.kind.factored`), around ``call(x, b)``, the op with ``W0`` and the
     bias ``b`` as it was before the adapters; NotImplemented where a term has no form for ``op``
-    (a DoRA term has none), a form does not fit, or the bias before the adapters is unknown (see
-    :data:`lora_inject._factored.RAW_BIAS`): the op then gets the merged weight."""
+    (a DoRA term has none), a form does not fit, a step's scaling is a tensor of one factor per
+    output unit (a kind's dropout: see :attr:`lora_inject.Kind.dropout`), or the bias before the
+    adapters is unknown (see :data:`lora_inject._factored.RAW_BIAS`): the op then gets the merged
+    weight."""
     steps = []
     for t in weight._terms:
         if type(t) is Term:
@@ -88,6 +90,8 @@ def stacked(op: str, x: Tensor, weight: FactoredWeight, bias: Tensor | None, cal
                 return NotImplemented
             steps.append((LORA_STEP, {"A": t.A, "B": t.B}, t.scaling, {"dropout": t.dropout}))
         else:
+            if isinstance(t.scaling, Tensor) and t.scaling.dim():  # a kind's dropout of output units
+                return NotImplemented
             steps.append((t.kind, t.params, t.scaling, t.options))
     if bias is not None and any(k.apply_bias is not None for k, *_ in steps):
         bias = bias.__dict__.get(RAW_BIAS)

@@ -139,6 +139,11 @@ class Kind:
             start from the weight they adapt (a full copy, chosen rows): set them in place from
             ``W``, the stored tensor the kind receives, so that the update is the identity.
             ``None``: ``create`` alone makes the identity.
+        dropout (callable or None): ``dropout(view, scaling, options, like) -> scaling or None``,
+            drawn once per forward in training mode: the scaling this forward uses (a ``(out, 1)``
+            tensor drops output units of the update: the adapter then runs on the merged weight),
+            or ``None`` to leave the adapter out of this forward; ``like`` is a tensor of the
+            adapter's (its dtype and device). ``None``: the kind has no dropout of its own.
 
     Example::
 
@@ -167,6 +172,7 @@ class Kind:
     factored: Mapping[str, Callable[..., Tensor]] = field(default_factory=dict)
     peft_key: Callable[[str], str] = field(default=lambda tensor_name: tensor_name)
     fill: Callable[[Params, Tensor, View, Options], None] | None = None
+    dropout: Callable[[View, float | Tensor, Options, Tensor], float | Tensor | None] | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not self.name.isidentifier():
@@ -329,6 +335,25 @@ LYCORIS_OPTIONS = (
     Option("module_dropout", 0.0, probability, "a float in [0, 1)"),
     Option("use_effective_conv2d", False, boolean, "a bool"),
 )
+
+
+def lycoris_dropout(view: View, scaling, options: Options, like: Tensor):
+    """LoHa's and LoKr's dropouts for one training forward (a :attr:`Kind.dropout`), as peft 0.21
+    draws them, draw for draw from torch's default generator: ``torch.rand(1)`` leaves the
+    adapter out unless it exceeds ``module_dropout``; then each output unit of the update is
+    kept where ``torch.rand(out)`` exceeds ``rank_dropout``, the kept ones divided by their share
+    (``rank_dropout_scale``, which LoHa always does). With both at 0 nothing is drawn."""
+    module, rank = options["module_dropout"], options["rank_dropout"]
+    if not (module or rank):
+        return scaling
+    if not torch.rand(1) > module:
+        return None
+    if not rank:
+        return scaling
+    drop = (torch.rand(view.out_features) > rank).to(like.dtype)
+    if options.get("rank_dropout_scale", True):
+        drop /= drop.mean()
+    return drop.to(like.device).view(-1, 1) * scaling  # (out, 1): one factor per row of (.., out, in)
 
 
 # -- the registry -------------------------------------------------------------------------------

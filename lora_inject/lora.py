@@ -279,17 +279,19 @@ class LoRA(nn.Module):
             out.append(None if a.kind == "lora" else (find_kind(a.kind), self.tensors(name), s, a.options))
         return out
 
-    def composed(self, W: Tensor, names: list[str]) -> Tensor:
+    def composed(self, W: Tensor, names: list[str], dropout: bool = False) -> Tensor:
         """``W`` with the adapters ``names`` applied in the order they were added (LoRA terms as
         additive steps, DoRA on the weight so far, other kinds through their ``delta``/``apply``),
         in the ``(.., out, in)`` view, summed in float32 (or wider) and cast back once (see
         :func:`lora_inject._factored.composed`)."""
-        return composed(W, self.parts(names), self.view)
+        return composed(W, self.parts(names, dropout), self.view)
 
-    def parts(self, names) -> list[Term | Step]:
+    def parts(self, names, dropout: bool = False) -> list[Term | Step]:
         """Each adapter in ``names``, in the order they were added: a
         :class:`~lora_inject._factored.Term` for LoRA, a :class:`~lora_inject._factored.Step` for
-        another kind; the terms of a LoRA-only list keep the order of ``names``."""
+        another kind; the terms of a LoRA-only list keep the order of ``names``. With ``dropout``
+        (a training forward), a kind's own dropout (:attr:`Kind.dropout`) is drawn: it may give
+        the step another scaling, or leave the adapter out."""
         if self.only_lora(names):
             return self.terms(names)
         chosen, compiling = set(names), torch.compiler.is_compiling()
@@ -297,8 +299,15 @@ class LoRA(nn.Module):
         for name in [n for n in self.records if n in chosen]:
             a = self.records[name]
             s = self._buffers[SCALE + name] if compiling else a.scaling  # compiled: no guard on its value
-            out.append(self.terms([name], compiling)[0] if a.kind == "lora" else
-                       Step(find_kind(a.kind), self.tensors(name), s, a.options, name))
+            if a.kind == "lora":
+                out.append(self.terms([name], compiling)[0])
+                continue
+            kind, params = find_kind(a.kind), self.tensors(name)
+            if dropout and kind.dropout is not None:
+                s = kind.dropout(self.view, s, a.options, next(iter(params.values())))
+                if s is None:
+                    continue
+            out.append(Step(kind, params, s, a.options, name))
         return out
 
     def bias_of(self, b: Tensor, names: list[str] | None = None) -> Tensor:
@@ -373,12 +382,13 @@ class LoRA(nn.Module):
         self.lora_magnitude[name] = nn.Parameter(m, requires_grad=old.requires_grad)
 
     # -- the update -----------------------------------------------------------------------------
-    def merged(self, W: Tensor, names: list[str] | None = None) -> Tensor:
+    def merged(self, W: Tensor, names: list[str] | None = None, dropout: bool = False) -> Tensor:
         """Return the weight ``W`` takes with ``names`` (default: the active ones), in ``W``'s dtype
-        (see :func:`lora_inject._factored.merge`, and :meth:`composed` for other kinds)."""
+        (see :func:`lora_inject._factored.merge`, and :meth:`composed` for other kinds; ``dropout``:
+        a training forward's, see :meth:`parts`)."""
         names = self.active if names is None else names
         if not self.only_lora(names):
-            return self.composed(W, names)
+            return self.composed(W, names, dropout)
         return merge(W, self.terms(names), self.view)
 
     def merge_(self, W: Tensor, names: list[str]) -> None:
@@ -481,12 +491,12 @@ class LoRA(nn.Module):
             # Other kinds merge when compiled, and on a weight only its module's forward reads (bitsandbytes').
             if only or not (compiling or (scheme := quant.scheme(W)) is not None and scheme.own_forward):
                 owner = None if compiling else self  # for right_inverse; a graph needs none
-                terms = self.terms(names, compiling) if only else self.parts(names)
+                terms = self.terms(names, compiling) if only else self.parts(names, self.training)
                 return FactoredWeight(W, terms, self.view, rows, owner)
         if rows is not None and names:
             raise RuntimeError(f"per_sample(): a LoRA of shape {self.view.shape} is on the merged path, where "
                                "one weight serves the whole batch; per-sample adapters need the fast path.")
-        out = self.merged_once(W, names, cell)
+        out = self.merged_once(W, names, cell, self.training)
         if not torch.compiler.is_compiling():  # a value handed out: assigning it back restores W
             out.__dict__[GIVEN] = (self, W)
         return out
@@ -549,13 +559,14 @@ class LoRA(nn.Module):
         merged = self.merged_once(W, names, None)
         return torch.where(enabled(W, id(self)), merged, quant.dense(W))
 
-    def merged_once(self, W: Tensor, names: list[str], cell: list | None = None) -> Tensor:
+    def merged_once(self, W: Tensor, names: list[str], cell: list | None = None, dropout: bool = False) -> Tensor:
         """The merged weight, built once per forward of the adapted module (RNNs and
         MultiheadAttention read it several times), or once for as long as it stays the same
         inside :func:`lora_inject.cached` (``cell``, this call's: it watches the storage and
         version counter of ``W`` and of every factor). It is a fresh tensor even with no adapter
         active, so that a layer that writes its weight in place (``Embedding(max_norm=...)``)
-        never writes ``W0``."""
+        never writes ``W0``. ``dropout``: a training forward's (see :meth:`parts`), drawn once per
+        forward of the module."""
         if cell is not None and not torch.is_grad_enabled() and not torch.compiler.is_compiling():
             tensors = [W, *(t for n in names for t in self.tensors(n).values())]
             key = (tuple(names), tuple((t.data_ptr(), t._version) for t in tensors),
@@ -567,7 +578,7 @@ class LoRA(nn.Module):
         memo, key = self.memo, tuple(names)
         if memo is not None and memo[0] is W and memo[1] == key:  # keyed by the adapters: calls differ
             return memo[2]
-        out = self.merged(W, names)
+        out = self.merged(W, names, dropout)
         if self.memo_depth:
             self.memo = (W, key, out)
         return out

@@ -340,10 +340,10 @@ def _checked_kind(model, kind: Kind, spec, *, r, alpha, adapter, dropout, init, 
         if opt.selector and opt.name in options and not isinstance(options[opt.name], bool):
             selectors[opt.name] = matcher(f"inject(kind={name!r})", opt.name, options.pop(opt.name))
     r, alpha, resolved = kind.resolve(r, alpha, **options)
-    unsupported = [f"{k}={resolved[k]!r}" for k in ("rank_dropout", "module_dropout") if resolved.get(k)]
-    if unsupported:
-        raise ValueError(f"inject(kind={name!r}): {', '.join(unsupported)} is not supported yet; the update "
-                         "would be computed without it. Leave it out (0.0).")
+    if kind.name == "oft" and resolved.get("module_dropout"):
+        warnings.warn(f"inject(kind='oft'): module_dropout={resolved['module_dropout']!r} has no effect: peft 0.21's "
+                      "OFT layers make its dropout layer but never apply it, and lora_inject does peft's math. "
+                      "Leave it out (0.0) to silence this.", UserWarning, stacklevel=3)
     return _Spec(kind, r, alpha, spec, options=resolved, selectors=selectors)
 
 

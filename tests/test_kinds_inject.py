@@ -247,8 +247,6 @@ def test_mark_only_adapters_train():
     (dict(kind="ia3", alpha=2.0), r"'ia3' has no `alpha`"),
     (dict(kind="vera", alpha=2.0), r"'vera' has no `alpha`"),
     (dict(kind="ia3", r=4), r"'ia3' has no rank"),
-    (dict(kind="loha", rank_dropout=0.1), r"rank_dropout=0.1 is not supported"),
-    (dict(kind="oft", module_dropout=0.1), r"module_dropout=0.1 is not supported"),
     (dict(kind="nope"), r"unknown `kind` 'nope'"),
 ])
 def test_refusals(kw, match):
@@ -258,6 +256,23 @@ def test_refusals(kw, match):
         li.inject(model, "0", **kw)
     assert not hasattr(model[0], "parametrizations") and all(torch.equal(model.state_dict()[k], v)
                                                             for k, v in before.items())
+
+
+def test_oft_module_dropout_warns_and_does_what_peft_does():
+    """peft 0.21's OFT layers build the dropout layer of ``module_dropout`` but never call it: the
+    option is taken (so peft's files load), does nothing, and says so."""
+    torch.manual_seed(0)
+    plain = nn.Sequential(nn.Linear(8, 8))
+    with pytest.warns(UserWarning, match=r"module_dropout=0.1 has no effect"):
+        dropped = li.inject(copy.deepcopy(plain), "0", kind="oft", oft_block_size=4, module_dropout=0.1)
+    kept = li.inject(copy.deepcopy(plain), "0", kind="oft", oft_block_size=4)
+    with torch.no_grad():
+        for p in li.lora_parameters(dropped):
+            p.normal_()
+    kept.load_state_dict(dropped.state_dict())
+    dropped.train(), kept.train()
+    x = torch.randn(5, 8)
+    assert torch.equal(dropped(x), kept(x))
 
 
 def test_refuses_unknown_options():

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 import warnings
 
 import peft
@@ -326,3 +327,46 @@ def test_lokr_explicit_factors_export_as_peft_where_its_factorization_gives_them
     assert not (tmp_path / "b").exists()
     with pytest.raises(ValueError, match=r"`factors` must be \[a, b, c, d\] with a \* b == out \(12\)"):
         li.inject(net(), ["out"], kind="lokr", factors=[2, 2, 4, 4])
+
+
+DROPOUTS = {
+    "loha": lambda: peft.LoHaConfig(r=2, alpha=4, target_modules=T, rank_dropout=0.5, module_dropout=0.3),
+    "lokr": lambda: peft.LoKrConfig(r=2, alpha=4, target_modules=TK, rank_dropout=0.4, module_dropout=0.25),
+    "lokr-scaled": lambda: peft.LoKrConfig(r=2, alpha=4, target_modules=TK, rank_dropout=0.4,
+                                           rank_dropout_scale=True),
+    "loha-rank-only": lambda: peft.LoHaConfig(r=2, alpha=4, target_modules=T, rank_dropout=0.5),
+}
+
+
+@pytest.mark.parametrize("case", list(DROPOUTS))
+def test_rank_and_module_dropout_match_peft_draw_for_draw(case, tmp_path):
+    """In training mode, LoHa's and LoKr's ``rank_dropout`` and ``module_dropout`` drop what peft's
+    drop, from the same draws of torch's generator: outputs and gradients equal peft's, forward
+    after forward; in eval mode neither is at work."""
+    theirs = peft.get_peft_model(net(), DROPOUTS[case]())
+    randomize_peft(theirs, seed=3)
+    theirs.save_pretrained(tmp_path)
+    ours = li.load_adapter(net(), str(tmp_path))
+    li.mark_only_lora_as_trainable(ours)
+    theirs.train(), ours.train()
+    skipped = []
+    for step in range(6):
+        outs = []
+        for model in (theirs, ours):
+            torch.manual_seed(100 + step)
+            out = model(X)
+            out.square().sum().backward()
+            outs.append(out)
+        torch.testing.assert_close(outs[1], outs[0], **TOL)
+        skipped.append(not torch.allclose(outs[1], run(ours.eval(), X)))
+        ours.train()
+    theirs_grads = {n.removeprefix("base_model.model."): p.grad for n, p in theirs.named_parameters()
+                    if p.grad is not None}
+    ours_grads = {re.sub(r"\.parametrizations\.weight\.0", "", n): p.grad for n, p in ours.named_parameters()
+                  if p.grad is not None}
+    assert ours_grads.keys() == theirs_grads.keys()
+    for n, g in theirs_grads.items():
+        torch.testing.assert_close(ours_grads[n], g, rtol=1e-4, atol=1e-6)
+    assert any(skipped)  # the dropouts were at work in training
+    theirs.eval(), ours.eval()
+    torch.testing.assert_close(run(ours, X), run(theirs, X), **TOL)

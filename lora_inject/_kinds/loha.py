@@ -34,6 +34,7 @@ from ..kind import (
     channels,
     kaiming_,
     kernel,
+    lycoris_dropout,
     positive_rank,
     register_kind,
 )
@@ -124,5 +125,6 @@ LOHA = Kind(
     delta=delta,
     validate=positive_rank('loha'),
     options=LYCORIS_OPTIONS,
+    dropout=lycoris_dropout,
 )
 register_kind("loha", LOHA)

@@ -43,6 +43,7 @@ from ..kind import (
     channels,
     kaiming_,
     kernel,
+    lycoris_dropout,
     positive_rank,
     register_kind,
 )
@@ -227,5 +228,6 @@ LOKR = Kind(
                "ints with out = a * b and in = c * d: w1 is (a, c), w2 (b, d)"),
     ),
     factored={"linear": linear, "conv": conv, "embedding": embedding},
+    dropout=lycoris_dropout,
 )
 register_kind("lokr", LOKR)
