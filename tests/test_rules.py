@@ -438,9 +438,9 @@ def test_mha_inference_paths_match_reference(target, data):
     counted = {}
     real = LoRA.merged
 
-    def counting(self, W, names=None):
+    def counting(self, W, names=None, *rest):
         counted[id(self)] = counted.get(id(self), 0) + 1
-        return real(self, W, names)
+        return real(self, W, names, *rest)
 
     def spy(*args, **kwargs):
         calls.append(1)
@@ -475,9 +475,9 @@ def test_merged_weight_built_once_per_forward(strategy, data):
     calls: dict[int, int] = {}
     real = LoRA.merged
 
-    def counting(self, W, names=None):
+    def counting(self, W, names=None, *rest):
         calls[id(self)] = calls.get(id(self), 0) + 1
-        return real(self, W, names)
+        return real(self, W, names, *rest)
 
     base = plain(case, F64)
     model = inject(copy.deepcopy(base), case)
