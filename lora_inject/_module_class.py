@@ -109,6 +109,7 @@ def own_setter(module: nn.Module, tensor_name: str) -> None:
         if plist is None:
             prop.fset(self, value)
             return
+        plist[0].__dict__["made"] = None  # a kept weight holds the W0 that is being replaced
         old = plist.original
         with torch.no_grad():
             new = plist[0].right_inverse(value)

@@ -176,7 +176,7 @@ def plain_form(op: Callable, x: Tensor, weight: FactoredWeight, bias: Tensor | N
     is to be differentiated, and for one dtype and a float ``s`` (else ``out`` is None, and the
     sum is taken here)."""
     out = op(x, weight._w0, bias)
-    in_place = not torch.is_grad_enabled()
+    in_place = not torch.is_grad_enabled() and plain_eager()  # under vmap, out may lack the batch dim of h
     transpose = weight._view.transpose
     for A, B, s, p, *_ in weight._terms:
         L, R = (A.mT, B.mT) if transpose else (B, A)
@@ -213,8 +213,8 @@ def merge_pays(weight: FactoredWeight, x: Tensor, positions: int) -> bool:
     """Whether an op applied at ``positions`` output positions (rows of ``F.linear``, a conv's
     output pixels) costs fewer multiply-adds on the merged weight ``W0 + s * L @ R`` than in the
     factored form, for a ``_simple`` weight with no dropout at work and a ``W0`` of float32 or
-    wider (in half precision the merged weight would round small updates away: the factored form
-    keeps them).
+    wider, outside autocast (in half precision the merged weight would round small updates away:
+    the factored form keeps them).
 
     The factored form adds ``positions * r * (in + out)`` to the forward; the merged one
     ``out * in * r``. In grad mode the merged weight's gradient costs ``positions * out * in``
@@ -234,6 +234,8 @@ def merge_pays(weight: FactoredWeight, x: Tensor, positions: int) -> bool:
     shape, size = w0.shape, w0.numel()
     merged, branch = size * r, positions * r * (shape[0] + size // max(shape[0], 1))
     if merged >= branch:  # the common case, and never cheaper with a gradient either
+        return False
+    if torch.is_autocast_enabled(x.device.type):  # autocast would build the merged weight in half precision
         return False
     if torch.is_grad_enabled():  # grad mode alone decides, so that the same call computes the same bits
         if size > x.numel() + positions * weight._view.out_features:

@@ -466,6 +466,7 @@ class LoRA(nn.Module):
             terms = self.plain_terms()
             if terms:
                 return self._made_weight(W, terms)
+            self.__dict__["made"] = None  # no adapter active: hold no tensor for the next one
         if torch.compiler.is_compiling():  # a graph cannot read this call's state: see _served
             if self.serving:
                 return self._served(W)
@@ -503,29 +504,33 @@ class LoRA(nn.Module):
 
     def _made_weight(self, W: Tensor, terms: list[Term]) -> FactoredWeight:
         """The :class:`FactoredWeight` of ``W`` and ``terms``: the one made last time where it holds
-        the very same tensors, scalings and dropouts, in the same inference mode, else a new one.
+        the very same tensors, on the same storage (a ``.data`` swap changes dtype, device or
+        shape), with the same scalings and dropouts, in the same inference mode; else a new one.
 
         A FactoredWeight reads its tensors when an op runs, so one made before an optimizer step
         is still the adapted weight after it: making it again each forward would only add the cost
-        of a wrapper tensor, its allocation and its release. Only a weight made of the module's own
-        ``nn.Parameter`` objects is kept, so that no tensor swapped in for one call (by
-        ``functional_call``, a ``torch.func`` transform) outlives it; ``_apply`` (``.to()``,
-        ``.half()``, ``to_empty()``) forgets it."""
+        of a wrapper tensor, its allocation and its release. Only a weight made of ``nn.Parameter``
+        objects as they are (no cast copy, no tensor of a ``torch.func`` transform) is kept. A kept
+        weight holds its tensors until the next forward reads the weight again; assigning the
+        adapted tensor (``functional_call``'s swaps, ``load_state_dict(assign=True)``), ``_apply``
+        (``.to()``, ``.half()``, ``to_empty()``) and a forward with no adapter active forget it."""
         made, inference = self.made, torch.is_inference_mode_enabled()
-        if made is not None and made._w0 is W and made._made_as == (W.dtype, inference):
-            old = made._terms
-            if len(old) == len(terms):
-                for a, b in zip(old, terms):
-                    if a.A is not b.A or a.B is not b.B or a.scaling != b.scaling or a.dropout != b.dropout \
-                            or a.name != b.name:
+        if made is not None:
+            w, mode, ptr, held = made._made_as
+            if w is W and mode is inference and ptr == W.data_ptr() and len(held) == len(terms):
+                for (A, B, a, b, s, p, n), t in zip(held, terms):
+                    if A is not t.A or B is not t.B or s != t.scaling or p != t.dropout or n != t.name \
+                            or a != A.data_ptr() or b != B.data_ptr():
                         break
                 else:
                     return made
         out = FactoredWeight(W, terms, self.view, None, self)
         keep = type(W) is nn.Parameter and not torch._C._are_functorch_transforms_active()
-        for t in terms:
-            keep = keep and type(t.A) is nn.Parameter and type(t.B) is nn.Parameter
-        out.__dict__["_made_as"] = (W.dtype, inference)  # not out.dtype: a wrapper's metadata costs a dispatch
+        for t, kept in zip(terms, out._terms):
+            keep = keep and type(t.A) is nn.Parameter and type(t.B) is nn.Parameter and kept.A is t.A
+        if keep:  # not out.dtype and the like: a wrapper's metadata costs a dispatch
+            out.__dict__["_made_as"] = (W, inference, W.data_ptr(), tuple(
+                (t.A, t.B, t.A.data_ptr(), t.B.data_ptr(), t.scaling, t.dropout, t.name) for t in terms))
         self.__dict__["made"] = out if keep else None
         return out
 

@@ -6,6 +6,8 @@ a move to another dtype, a copy, a ``functional_call`` and inference mode."""
 from __future__ import annotations
 
 import copy
+import gc
+import weakref
 
 import pytest
 import torch
@@ -201,3 +203,56 @@ def test_merged_and_factored_forms_give_the_same_gradients():
     out = F.conv2d(x, w0, small.bias, padding=1) + s * F.conv2d(h, B.view(6, 2, 1, 1))
     out.square().sum().backward()
     torch.testing.assert_close(merged_grads, [A.grad, B.grad])
+
+
+@pytest.mark.parametrize("make, x", [(lambda: nn.Linear(16, 16), torch.randn(5, 16)),
+                                     (lambda: nn.Conv2d(16, 16, 3), torch.randn(1, 16, 3, 3))],
+                         ids=["linear", "conv2d"])
+def test_vmap_over_the_factors_without_a_gradient(make, x):
+    """An ensemble of adapters on one shared W0, vmapped under no_grad: nothing is added in place
+    into an output that lacks the batch dimension of the branch."""
+    layer = make()
+    li.inject(layer, "", r=2, alpha=4)
+    ensemble = {k: torch.randn(3, *v.shape) for k, v in layer.named_parameters() if "lora_" in k}
+    with torch.no_grad():
+        got = torch.func.vmap(lambda p: functional_call(layer, p, (x,)))(ensemble)
+    for i in range(3):
+        want = functional_call(layer, {k: v[i] for k, v in ensemble.items()}, (x,))
+        torch.testing.assert_close(got[i], want)
+
+
+def test_a_kept_weight_follows_a_data_swap_of_its_tensors():
+    """Casting the factors through ``.data`` (as mixed-precision recipes do) keeps the objects but
+    changes their storage: the kept weight is made again."""
+    layer = li.inject(nn.Linear(16, 16).to(torch.bfloat16), "", r=4, alpha=8)
+    randomize(layer)
+    x = torch.randn(3, 16, dtype=torch.bfloat16)
+    layer(x)
+    for p in li.lora_parameters(layer):
+        p.data = p.data.float()
+    out = layer(x)
+    assert out.dtype == torch.bfloat16
+    with torch.no_grad():
+        plain = li.remove(copy.deepcopy(layer), merge=True)
+    torch.testing.assert_close(out, plain(x), rtol=2e-2, atol=2e-2)
+
+
+def test_no_tensor_outlives_its_place_in_the_module():
+    """A kept weight holds no W0 that was assigned away, and no tensor that a ``functional_call``
+    swapped in for one call once the layer has run again (until then it may: the documented
+    limit of keeping the value)."""
+    layer = li.inject(nn.Linear(64, 64), "", r=2, alpha=4)
+    x = torch.randn(3, 64)
+    layer(x)
+    old = weakref.ref(layer.parametrizations.weight.original)
+    layer.weight = torch.randn(64, 64)  # a new W0
+    gc.collect()
+    assert old() is None
+    other = li.inject(nn.Linear(64, 64), "", r=2, alpha=4)
+    params = dict(other.named_parameters())
+    refs = [weakref.ref(p) for p in params.values()]
+    functional_call(layer, params, (x,))
+    del other, params
+    layer(x)
+    gc.collect()
+    assert [r() for r in refs] == [None] * len(refs)
