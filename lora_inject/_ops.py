@@ -33,6 +33,20 @@ def _ntuple(v, n: int) -> tuple[int, ...]:
     return tuple(v) if isinstance(v, (tuple, list)) else (v,) * n
 
 
+def _positions(x: Tensor, kernel, stride, padding, dilation) -> int:
+    """The output positions of a conv of ``kernel`` on ``x`` (batch included): the pixels its
+    output has, each a product of the kernel with the input."""
+    n = len(kernel)
+    sizes = x.shape[-n:]
+    batch = x.shape[:-n - 1].numel()
+    stride, dilation = _ntuple(stride, n), _ntuple(dilation, n)
+    if padding == "same":
+        return batch * math.prod(sizes)
+    pad = (0,) * n if padding == "valid" else _ntuple(padding, n)
+    return batch * math.prod(max((i + 2 * p - d * (k - 1) - 1) // s + 1, 0)
+                             for i, k, s, p, d in zip(sizes, kernel, stride, pad, dilation))
+
+
 def fits(weight, x, out_dim: int, quantized: bool = False) -> bool:
     """Whether ``weight`` is ours and not a leaf, 2-D and not an input too, DoRA (if any) scales
     ``out_dim`` (its output units, not its input units), and its ``W0`` is dense unless the op
@@ -238,7 +252,7 @@ def merge_pays(weight: FactoredWeight, x: Tensor, positions: int) -> bool:
     if torch.is_autocast_enabled(x.device.type):  # autocast would build the merged weight in half precision
         return False
     if torch.is_grad_enabled():  # grad mode alone decides, so that the same call computes the same bits
-        if size > x.numel() + positions * weight._view.out_features:
+        if size > x.numel() + positions * shape[0]:  # F.linear's and a conv's outputs: stored dim 0
             return False
         merged, branch = merged * 3 + positions * size, branch * 3
     return merged < branch
@@ -392,9 +406,7 @@ def conv_form(op: Callable) -> Callable:
         shape = weight._w0.shape
         if weight._simple:  # A (r, in * k..) as a conv to r channels, B (out, r) as a 1x1 conv
             kernel, ones = shape[2:], (1,) * (len(shape) - 2)
-            n = len(kernel)
-            positions = input.numel() // max(shape[1], 1) // math.prod(_ntuple(stride, n))
-            if merge_pays(weight, input, positions):
+            if merge_pays(weight, input, _positions(input, kernel, stride, padding, dilation)):
                 return op(input, plain_merged(weight), bias, stride, padding, dilation)
             return plain_form(lambda z, w, b: op(z, w, b, stride, padding, dilation), input, weight, bias,
                               lambda z, A: op(z, A.view(-1, shape[1], *kernel), None, stride, padding, dilation),

@@ -218,7 +218,7 @@ def test_vmap_over_the_factors_without_a_gradient(make, x):
         got = torch.func.vmap(lambda p: functional_call(layer, p, (x,)))(ensemble)
     for i in range(3):
         want = functional_call(layer, {k: v[i] for k, v in ensemble.items()}, (x,))
-        torch.testing.assert_close(got[i], want)
+        torch.testing.assert_close(got[i], want, rtol=1e-5, atol=1e-5)  # batched kernels: other last bits
 
 
 def test_a_kept_weight_follows_a_data_swap_of_its_tensors():
