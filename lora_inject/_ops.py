@@ -35,16 +35,23 @@ def _ntuple(v, n: int) -> tuple[int, ...]:
 
 def _positions(x: Tensor, kernel, stride, padding, dilation) -> int:
     """The output positions of a conv of ``kernel`` on ``x`` (batch included): the pixels its
-    output has, each a product of the kernel with the input."""
-    n = len(kernel)
-    sizes = x.shape[-n:]
-    batch = x.shape[:-n - 1].numel()
-    stride, dilation = _ntuple(stride, n), _ntuple(dilation, n)
-    if padding == "same":
-        return batch * math.prod(sizes)
-    pad = (0,) * n if padding == "valid" else _ntuple(padding, n)
-    return batch * math.prod(max((i + 2 * p - d * (k - 1) - 1) // s + 1, 0)
-                             for i, k, s, p, d in zip(sizes, kernel, stride, pad, dilation))
+    output has, each a product of the kernel with the input. A plain loop: this runs on every
+    forward of a conv."""
+    shape, n = x.shape, len(kernel)
+    total = 1
+    for i in range(len(shape) - n - 1):
+        total *= shape[i]
+    same = padding == "same"
+    for j in range(n):
+        size = shape[len(shape) - n + j]
+        if same:
+            total *= size
+            continue
+        s = stride[j] if type(stride) is tuple else stride
+        p = 0 if padding == "valid" else padding[j] if type(padding) is tuple else padding
+        d = dilation[j] if type(dilation) is tuple else dilation
+        total *= max((size + 2 * p - d * (kernel[j] - 1) - 1) // s + 1, 0)
+    return total
 
 
 def fits(weight, x, out_dim: int, quantized: bool = False) -> bool:
@@ -223,6 +230,9 @@ def _sum(y: Tensor, s: float, out: Tensor | None, in_place: bool) -> Tensor:
     return out.add_(y, alpha=s) if in_place else torch.add(out, y, alpha=s)
 
 
+THIN = 2  # what a multiply-add of the factored form's thin products costs, in the op's own (see merge_pays)
+
+
 def merge_pays(weight: FactoredWeight, x: Tensor, positions: int) -> bool:
     """Whether an op applied at ``positions`` output positions (rows of ``F.linear``, a conv's
     output pixels) costs fewer multiply-adds on the merged weight ``W0 + s * L @ R`` than in the
@@ -230,8 +240,9 @@ def merge_pays(weight: FactoredWeight, x: Tensor, positions: int) -> bool:
     wider, outside autocast (in half precision the merged weight would round small updates away:
     the factored form keeps them).
 
-    The factored form adds ``positions * r * (in + out)`` to the forward; the merged one
-    ``out * in * r``. In grad mode the merged weight's gradient costs ``positions * out * in``
+    The factored form adds ``positions * r * (in + out)`` to the forward, each counted
+    :data:`THIN` times (its products have ``r`` outputs or inputs, and run at about half the rate
+    of the op's own on CPU BLAS and oneDNN); the merged one ``out * in * r``. In grad mode the merged weight's gradient costs ``positions * out * in``
     more, each factored product two more of its own, and the merged weight is taken only where it
     is no larger than the input and output it sits between: training never holds a weight-sized
     tensor that the activations would not dwarf. Grad mode decides, not which tensors require a
@@ -246,7 +257,7 @@ def merge_pays(weight: FactoredWeight, x: Tensor, positions: int) -> bool:
             return False
         r += t.A.shape[-2]
     shape, size = w0.shape, w0.numel()
-    merged, branch = size * r, positions * r * (shape[0] + size // max(shape[0], 1))
+    merged, branch = size * r, THIN * positions * r * (shape[0] + size // max(shape[0], 1))
     if merged >= branch:  # the common case, and never cheaper with a gradient either
         return False
     if torch.is_autocast_enabled(x.device.type):  # autocast would build the merged weight in half precision

@@ -190,18 +190,21 @@ def test_a_linear_on_a_small_batch_stays_factored():
 
 
 def test_merged_and_factored_forms_give_the_same_gradients():
+    """In float64, where the two sums differ only in their last bits."""
     torch.manual_seed(0)
-    small = _layer(make=lambda: nn.Conv2d(4, 6, 3, padding=1))
-    x = torch.randn(1, 4, 5, 5)
-    small(x).square().sum().backward()
+    small = _layer(make=lambda: nn.Conv2d(4, 6, 3, padding=1)).double()
+    x = torch.randn(1, 4, 5, 5, dtype=torch.float64)
+    count, out = _convolutions(small, x, True)  # the merged weight: one conv forward
+    assert count == 1
     merged_grads = [p.grad.clone() for p in li.lora_parameters(small)]
     lora = _lora(small)
     A, B, s = lora.lora_A["default"].detach(), lora.lora_B["default"].detach(), lora.adapter("default").scaling
     A, B = A.clone().requires_grad_(), B.clone().requires_grad_()
     w0 = small.parametrizations.weight.original
     h = F.conv2d(x, A.view(2, 4, 3, 3), padding=1)  # the factored form, by hand
-    out = F.conv2d(x, w0, small.bias, padding=1) + s * F.conv2d(h, B.view(6, 2, 1, 1))
-    out.square().sum().backward()
+    want = F.conv2d(x, w0, small.bias, padding=1) + s * F.conv2d(h, B.view(6, 2, 1, 1))
+    want.sum().backward()
+    torch.testing.assert_close(out, want)
     torch.testing.assert_close(merged_grads, [A.grad, B.grad])
 
 
