@@ -197,7 +197,8 @@ def plain_form(op: Callable, x: Tensor, weight: FactoredWeight, bias: Tensor | N
     is to be differentiated, and for one dtype and a float ``s`` (else ``out`` is None, and the
     sum is taken here)."""
     out = op(x, weight._w0, bias)
-    in_place = not torch.is_grad_enabled() and plain_eager()  # under vmap, out may lack the batch dim of h
+    # Not under vmap: out may lack the batch dimension that h has.
+    in_place = not torch.is_grad_enabled() and not torch._C._are_functorch_transforms_active()
     transpose = weight._view.transpose
     for A, B, s, p, *_ in weight._terms:
         L, R = (A.mT, B.mT) if transpose else (B, A)

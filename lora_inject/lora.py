@@ -504,8 +504,8 @@ class LoRA(nn.Module):
 
     def _made_weight(self, W: Tensor, terms: list[Term]) -> FactoredWeight:
         """The :class:`FactoredWeight` of ``W`` and ``terms``: the one made last time where it holds
-        the very same tensors, on the same storage (a ``.data`` swap changes dtype, device or
-        shape), with the same scalings and dropouts, in the same inference mode; else a new one.
+        the very same tensors, of the same dtypes and device (a ``.data`` swap can change them),
+        with the same scalings and dropouts, in the same inference mode; else a new one.
 
         A FactoredWeight reads its tensors when an op runs, so one made before an optimizer step
         is still the adapted weight after it: making it again each forward would only add the cost
@@ -516,11 +516,11 @@ class LoRA(nn.Module):
         (``.to()``, ``.half()``, ``to_empty()``) and a forward with no adapter active forget it."""
         made, inference = self.made, torch.is_inference_mode_enabled()
         if made is not None:
-            w, mode, ptr, held = made._made_as
-            if w is W and mode is inference and ptr == W.data_ptr() and len(held) == len(terms):
+            w, mode, dtype, device, held = made._made_as
+            if w is W and mode is inference and dtype is W.dtype and device == W.device and len(held) == len(terms):
                 for (A, B, a, b, s, p, n), t in zip(held, terms):
                     if A is not t.A or B is not t.B or s != t.scaling or p != t.dropout or n != t.name \
-                            or a != A.data_ptr() or b != B.data_ptr():
+                            or a is not A.dtype or b is not B.dtype:
                         break
                 else:
                     return made
@@ -529,8 +529,8 @@ class LoRA(nn.Module):
         for t, kept in zip(terms, out._terms):
             keep = keep and type(t.A) is nn.Parameter and type(t.B) is nn.Parameter and kept.A is t.A
         if keep:  # not out.dtype and the like: a wrapper's metadata costs a dispatch
-            out.__dict__["_made_as"] = (W, inference, W.data_ptr(), tuple(
-                (t.A, t.B, t.A.data_ptr(), t.B.data_ptr(), t.scaling, t.dropout, t.name) for t in terms))
+            out.__dict__["_made_as"] = (W, inference, W.dtype, W.device, tuple(
+                (t.A, t.B, t.A.dtype, t.B.dtype, t.scaling, t.dropout, t.name) for t in terms))
         self.__dict__["made"] = out if keep else None
         return out
 
