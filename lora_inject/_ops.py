@@ -16,7 +16,6 @@ samples' rows (see :mod:`lora_inject._rows`); one plain adapter runs the fused k
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 
 import torch
@@ -243,10 +242,11 @@ def merge_pays(weight: FactoredWeight, x: Tensor, positions: int) -> bool:
 
     The factored form adds ``positions * r * (in + out)`` to the forward, each counted
     :data:`THIN` times (its products have ``r`` outputs or inputs, and run at about half the rate
-    of the op's own on CPU BLAS and oneDNN); the merged one ``out * in * r``. In grad mode the merged weight's gradient costs ``positions * out * in``
-    more, each factored product two more of its own, and the merged weight is taken only where it
-    is no larger than the input and output it sits between: training never holds a weight-sized
-    tensor that the activations would not dwarf. Grad mode decides, not which tensors require a
+    of the op's own on CPU BLAS and oneDNN); the merged one ``out * in * r``. In grad mode the
+    merged weight's gradient costs ``positions * out * in`` more, each factored product two more
+    of its own, and the merged weight is taken only where it is no larger than the input and
+    output it sits between: training never holds a weight-sized tensor that the activations
+    would not dwarf. Grad mode decides, not which tensors require a
     gradient, so that ``functional_call`` with the model's own (detached) state dict computes the
     forward's very bits."""
     w0 = weight._w0
