@@ -142,23 +142,16 @@ def _convolutions(layer, x, grad):
     return sum(n.startswith("convolution.") for n in ops.names), out
 
 
-@pytest.mark.parametrize("grad", [False, True], ids=["no-grad", "grad"])
-def test_a_small_conv_runs_once_on_the_merged_weight(grad):
-    """A conv on a small image costs fewer multiply-adds on ``W0 + s * B @ A`` than in three convs,
-    in training too: it runs once, and equals the plain layer with the merged weight."""
+@pytest.mark.parametrize("side, grad, count", [(8, False, 1), (8, True, 1), (1, False, 3)],
+                         ids=["8x8-no-grad", "8x8-grad", "one-pixel"])
+def test_a_conv_runs_in_its_cheaper_form(side, grad, count):
+    """On an 8x8 image a small conv costs fewer multiply-adds on ``W0 + s * B @ A`` than in three
+    convs, in training too: it runs once. On one output pixel the factored form is cheaper: three
+    convs. Either way it equals the plain layer with the merged weight."""
     layer = _layer(make=lambda: nn.Conv2d(8, 8, 3, padding=1), r=4)
-    x = torch.randn(1, 8, 8, 8)
-    count, out = _convolutions(layer, x, grad)
-    assert count == 1
-    torch.testing.assert_close(out, _merged_reference(layer, x))
-
-
-def test_a_conv_on_one_pixel_stays_factored():
-    """On one output pixel the factored form is cheaper than merging a weight."""
-    layer = _layer(make=lambda: nn.Conv2d(8, 8, 3, padding=1), r=4)
-    x = torch.randn(1, 8, 1, 1)
-    count, out = _convolutions(layer, x, False)
-    assert count == 3
+    x = torch.randn(1, 8, side, side)
+    convolutions, out = _convolutions(layer, x, grad)
+    assert convolutions == count
     torch.testing.assert_close(out, _merged_reference(layer, x))
 
 
