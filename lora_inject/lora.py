@@ -345,7 +345,7 @@ class LoRA(nn.Module):
             a = records[name]
             if a.kind != "lora" or a.dora or a.init in WEIGHT_INITS:
                 return None
-            s = (a.alpha / math.sqrt(a.r) if a.rslora else a.alpha / a.r) * a.strength  # Adapter.scaling
+            s = lora_scaling(a.r, a.alpha, a.rslora) * a.strength  # Adapter.scaling, without its kind lookup
             out.append(tuple.__new__(Term, (lora_A[name], lora_B[name], s, a.dropout if training else 0.0,
                                             None, name, a.dora_axis)))
         return out
@@ -512,8 +512,9 @@ class LoRA(nn.Module):
         of a wrapper tensor, its allocation and its release. Only a weight made of ``nn.Parameter``
         objects as they are (no cast copy, no tensor of a ``torch.func`` transform) is kept. A kept
         weight holds its tensors until the next forward reads the weight again; assigning the
-        adapted tensor (``functional_call``'s swaps, ``load_state_dict(assign=True)``), ``_apply``
-        (``.to()``, ``.half()``, ``to_empty()``) and a forward with no adapter active forget it."""
+        adapted tensor (``layer.weight = t``, ``functional_call`` by the state dict's keys),
+        ``_apply`` (``.to()``, ``.half()``, ``to_empty()``) and a forward with no adapter active
+        forget it."""
         made, inference = self.made, torch.is_inference_mode_enabled()
         if made is not None:
             w, mode, dtype, device, held = made._made_as
