@@ -28,10 +28,6 @@ from ._rows import Slots, gather, gathered, in_place, keep, scatter, select, ser
 from .kind import Base, Kind, factored, kernel, pointwise
 
 
-def _ntuple(v, n: int) -> tuple[int, ...]:
-    return tuple(v) if isinstance(v, (tuple, list)) else (v,) * n
-
-
 def _positions(x: Tensor, kernel, stride, padding, dilation) -> int:
     """The output positions of a conv of ``kernel`` on ``x`` (batch included): the pixels its
     output has, each a product of the kernel with the input. A plain loop: this runs on every
@@ -192,9 +188,9 @@ def plain_form(op: Callable, x: Tensor, weight: FactoredWeight, bias: Tensor | N
     terms are all plain LoRA (``weight._simple``), the stored update being ``s * L @ R`` and ``x'``
     ``x`` through the term's dropout: the common case, in as few Python steps as it takes.
 
-    ``second(h, L, s, out)`` gives ``out + s * op'(h, L)``: in place into ``out`` where nothing
-    is to be differentiated, and for one dtype and a float ``s`` (else ``out`` is None, and the
-    sum is taken here)."""
+    ``second(h, L, s, out, in_place)`` gives ``out + s * op'(h, L)``, in place into ``out`` with
+    ``in_place`` (nothing to differentiate, no ``torch.func`` transform); for mixed dtypes or a
+    0-d scaling it is called with ``out=None`` and gives ``op'(h, L)``, and the sum is taken here."""
     out = op(x, weight._w0, bias)
     # Not under vmap: out may lack the batch dimension that h has.
     in_place = not torch.is_grad_enabled() and not torch._C._are_functorch_transforms_active()
@@ -246,9 +242,9 @@ def merge_pays(weight: FactoredWeight, x: Tensor, positions: int) -> bool:
     merged weight's gradient costs ``positions * out * in`` more, each factored product two more
     of its own, and the merged weight is taken only where it is no larger than the input and
     output it sits between: training never holds a weight-sized tensor that the activations
-    would not dwarf. Grad mode decides, not which tensors require a
-    gradient, so that ``functional_call`` with the model's own (detached) state dict computes the
-    forward's very bits."""
+    would not dwarf. Grad mode decides, not which tensors require a gradient, so that
+    ``functional_call`` with the model's own (detached) state dict computes the forward's very
+    bits."""
     w0 = weight._w0
     if w0.dtype.itemsize < 4:  # a half-precision merged weight would round small updates away
         return False
