@@ -145,14 +145,14 @@ QLORA = {"lora_inject qlora": c_qlora_ours, "peft qlora": c_qlora_peft, "lora_in
 # LoHa and LoKr: r=16, alpha=32, as our LoRA. OFT: peft's defaults for both (r=0 and
 # oft_block_size=32, the Cayley-Neumann series of 5 terms). IA3: down_proj's input scaled, the
 # others' output, as peft's defaults for Llama (feedforward_modules=["down_proj"]). VeRA: peft's
-# default r=256 (one pair of shared projections), d_initial=0.1.
+# default r=256 (one pair of shared projections), d_initial=0.1; "vera-r16" is VeRA at our LoRA's rank.
 VERA_R = 256
 KIND_OPTIONS = {"loha": dict(r=R, alpha=ALPHA), "lokr": dict(r=R, alpha=ALPHA), "oft": {},
                 "ia3": dict(feedforward=r"down_proj$"), "vera": dict(r=VERA_R)}
 
 
-def peft_kind_config(kind, random=False):
-    """peft's config of ``kind`` matching KIND_OPTIONS; ``random``: non-identity init."""
+def peft_kind_config(kind, random=False, **options):
+    """peft's config of ``kind`` matching KIND_OPTIONS, updated by ``options``; ``random``: non-identity init."""
     import peft
 
     if kind == "ia3":
@@ -160,20 +160,20 @@ def peft_kind_config(kind, random=False):
                               init_ia3_weights=not random)
     config = {"loha": peft.LoHaConfig, "lokr": peft.LoKrConfig, "oft": peft.OFTConfig,
               "vera": peft.VeraConfig}[kind]
-    return config(target_modules=TARGETS, init_weights=not random, **KIND_OPTIONS[kind])
+    return config(target_modules=TARGETS, init_weights=not random, **{**KIND_OPTIONS[kind], **options})
 
 
-def c_kind_ours(base, kind):
+def c_kind_ours(base, kind, **options):
     m = copy.deepcopy(base)
-    li.inject(m, REGEX, kind=kind, **KIND_OPTIONS[kind])
+    li.inject(m, REGEX, kind=kind, **{**KIND_OPTIONS[kind], **options})
     li.mark_only_lora_as_trainable(m)
     return m
 
 
-def c_kind_peft(base, kind, random=False):
+def c_kind_peft(base, kind, random=False, **options):
     from peft import get_peft_model
 
-    return get_peft_model(copy.deepcopy(base), peft_kind_config(kind, random))
+    return get_peft_model(copy.deepcopy(base), peft_kind_config(kind, random, **options))
 
 
 KIND_NAMES = ("loha", "lokr", "oft", "ia3", "vera")
@@ -181,6 +181,9 @@ KINDS = {"lora_inject lora": c_lora_inject}
 for _k in KIND_NAMES:
     KINDS[f"lora_inject {_k}"] = lambda base, k=_k: c_kind_ours(base, k)
     KINDS[f"peft {_k}"] = lambda base, k=_k: c_kind_peft(base, k)
+KINDS["lora_inject vera-r16"] = lambda base: c_kind_ours(base, "vera", r=R)
+KINDS["peft vera-r16"] = lambda base: c_kind_peft(base, "vera", r=R)
+KINDS["frozen floor"] = c_floor  # no adapter; the gradient still flows to the embedding
 ALL = {**CONTENDERS, **DORA, **QLORA, **KINDS}
 
 
@@ -875,12 +878,14 @@ def table(res):
                 shown = f"{v * 1e3:.0f} ms" if fig == "kinds" else f"{v:.0f} MiB"
                 kind = n.split()[-1]
                 ours = n.startswith("lora_inject")
-                ratio = "" if kind == "lora" else f"{v / d[f'peft {kind}']:.3f}× peft {kind}, "
+                ratio = "" if kind in ("lora", "floor") else f"{v / d[f'peft {kind}']:.3f}× peft {kind}, "
                 ratio += f"{v / d['lora_inject lora']:.3f}× our LoRA"
+                if "frozen floor" in d:
+                    ratio += f", {v / d['frozen floor']:.3f}× floor"
                 goal = ""
                 if ours and kind != "lora":
                     goal = "≤ 0.9× peft" if fig == "kinds" else "≤ 1.0× peft"
-                    if fig == "kinds" and kind in ("ia3", "vera"):
+                    if fig == "kinds" and kind.startswith(("ia3", "vera")):
                         goal += ", ≤ 1.05× our LoRA"
                 rows.append(f"| {label} | {n} | {shown} | {ratio} | {goal} |")
     if "sdxl_load" in res:
