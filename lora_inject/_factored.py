@@ -47,7 +47,7 @@ from . import _dora as dora
 from . import _quant as quant
 from ._rows import mask
 from ._view import View, compute_dtype
-from .kind import Kind, find_kind
+from .kind import find_kind
 
 __all__: list[str] = []
 
@@ -71,10 +71,12 @@ class Term(NamedTuple):
 
 
 class Step(NamedTuple):
-    """One active adapter of a kind other than LoRA (see :mod:`lora_inject.kind`): the kind, its
-    tensors by name, its scaling and its options, as :func:`lora_inject.kind.merged` applies it."""
+    """One active adapter of a kind other than LoRA (see :mod:`lora_inject.kind`): the name its
+    kind is registered under (a string, which ``torch.compile`` can put in a graph; a
+    :class:`~lora_inject.kind.Kind` holds functions), its tensors by name, its scaling and its
+    options, as :func:`lora_inject.kind.merged` applies it."""
 
-    kind: Kind
+    kind: str
     params: dict[str, Tensor]
     scaling: float
     options: Mapping[str, Any]
@@ -153,7 +155,7 @@ class FactoredWeight(Tensor):
         for i, t in enumerate(self._terms):
             if type(t) is Step:
                 inner.update({f"_p{i}_{k}": v for k, v in t.params.items()})
-                meta.append(("step", t.kind.name, tuple(t.params), t.scaling, tuple(t.options.items()), t.name))
+                meta.append(("step", t.kind, tuple(t.params), t.scaling, tuple(t.options.items()), t.name))
                 continue
             inner[f"_A{i}"], inner[f"_B{i}"] = t.A, t.B
             if t.magnitude is not None:
@@ -172,7 +174,7 @@ class FactoredWeight(Tensor):
         for i, m in enumerate(meta):
             if m[0] == "step":
                 _, kind, keys, s, options, name = m
-                terms.append(Step(find_kind(kind), {k: inner[f"_p{i}_{k}"] for k in keys}, s, dict(options), name))
+                terms.append(Step(kind, {k: inner[f"_p{i}_{k}"] for k in keys}, s, dict(options), name))
                 continue
             s, p, name, axis = m
             terms.append(Term(inner[f"_A{i}"], inner[f"_B{i}"], inner[f"_s{i}"] if s is None else s, p,
@@ -374,9 +376,9 @@ def composed(w0: Tensor, terms, view: View) -> Tensor:
             else:
                 M = M + torch.matmul(t.B.to(ct), t.A.to(ct)) * t.scaling
             continue
-        params = {k: v.to(ct) for k, v in t.params.items()}
-        M = (M + t.kind.delta(params, view, t.scaling, t.options) if t.kind.additive
-             else t.kind.apply(M, params, view, t.scaling, t.options))
+        params, kind = {k: v.to(ct) for k, v in t.params.items()}, find_kind(t.kind)
+        M = (M + kind.delta(params, view, t.scaling, t.options) if kind.additive
+             else kind.apply(M, params, view, t.scaling, t.options))
     # In W0's own layout, so that the layer runs the kernels it runs on W0 (a transposed view's
     # product would come back strided otherwise).
     return view.stored(M).to(w0.dtype).contiguous()

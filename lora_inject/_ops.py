@@ -25,7 +25,7 @@ from torch import Tensor
 from ._factored import RAW_BIAS, FactoredWeight, Term, implements
 from ._kernels import FUSED_MIN, NoGradAt, frozen_linear, fused, plain_eager
 from ._rows import Slots, gather, gathered, in_place, keep, scatter, select, served, some
-from .kind import Base, Kind, factored, kernel, pointwise
+from .kind import Base, Kind, factored, find_kind, kernel, pointwise
 
 
 def _positions(x: Tensor, kernel, stride, padding, dilation) -> int:
@@ -95,10 +95,14 @@ def stacked(op: str, x: Tensor, weight: FactoredWeight, bias: Tensor | None, cal
     """``op`` on ``x`` with ``weight``'s terms applied in order through their factored forms
     (see :func:`lora_inject.kind.factored`), around ``call(x, b)``, the op with ``W0`` and the
     bias ``b`` as it was before the adapters; NotImplemented where a term has no form for ``op``
-    (a DoRA term has none), a form does not fit, a step's scaling is a tensor of one factor per
-    output unit (a kind's dropout: see :attr:`lora_inject.Kind.dropout`), or the bias before the
-    adapters is unknown (see :data:`lora_inject._factored.RAW_BIAS`): the op then gets the merged
-    weight."""
+    (a DoRA term has none), a form does not fit, or a step's scaling is a tensor of one factor per
+    output unit (a kind's dropout: see :attr:`lora_inject.Kind.dropout`): the op then gets the
+    merged weight.
+
+    Where a kind adapts the bias too (:attr:`lora_inject.Kind.apply_bias`), the forms start from
+    the bias before the adapters (see :data:`lora_inject._factored.RAW_BIAS`). Where that is not
+    known (under ``torch.compile``, or a bias that is not the layer's), they run with no bias and
+    the bias the op was given is added to their output, as the merged weight's op adds it."""
     steps = []
     for t in weight._terms:
         if type(t) is Term:
@@ -108,13 +112,17 @@ def stacked(op: str, x: Tensor, weight: FactoredWeight, bias: Tensor | None, cal
         else:
             if isinstance(t.scaling, Tensor) and t.scaling.dim():  # a kind's dropout of output units
                 return NotImplemented
-            steps.append((t.kind, t.params, t.scaling, t.options))
+            steps.append((find_kind(t.kind), t.params, t.scaling, t.options))
+    given = None
     if bias is not None and any(k.apply_bias is not None for k, *_ in steps):
-        bias = bias.__dict__.get(RAW_BIAS)
-        if bias is None:
-            return NotImplemented
+        raw = bias.__dict__.get(RAW_BIAS)
+        if raw is None:  # the forms without a bias; the given one added after them
+            given = bias if op == "linear" else bias.view(-1, *(1,) * len(kernel(weight._view)))
+        bias = raw
     out = factored(op, x, Base(lambda z: call(z, bias), using, bias), steps, weight._view)
-    return NotImplemented if out is None else out
+    if out is None:
+        return NotImplemented
+    return out if given is None else out + given
 
 
 def one_plain_term(weight: FactoredWeight, x: Tensor):
@@ -312,7 +320,8 @@ def addmm(input, mat1, mat2, beta, alpha, out):
         w0 = mat2._w0
         if not mat2._view.transpose:
             return NotImplemented
-        return stacked("linear", mat1, mat2, input, lambda z, b: torch.addmm(b, z, w0), F.linear)
+        return stacked("linear", mat1, mat2, input,
+                       lambda z, b: torch.mm(z, w0) if b is None else torch.addmm(b, z, w0), F.linear)
     plain = one_plain_term(mat2, mat1)
     if plain is not None and input.dim() == 1:  # a bias, as in Conv1D: x @ W0 + s * (x @ L) @ R
         L, R, s = plain

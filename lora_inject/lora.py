@@ -307,7 +307,7 @@ class LoRA(nn.Module):
                 s = kind.dropout(self.view, s, a.options, next(iter(params.values())))
                 if s is None:
                     continue
-            out.append(Step(kind, params, s, a.options, name))
+            out.append(Step(a.kind, params, s, a.options, name))
         return out
 
     def bias_of(self, b: Tensor, names: list[str] | None = None) -> Tensor:
@@ -489,8 +489,8 @@ class LoRA(nn.Module):
         if self.factored and (cell is None or rows is not None or torch.is_grad_enabled()
                               or compiling or quant.scheme(W) is not None):
             only = self.only_lora(names)
-            # Other kinds merge when compiled, and on a weight only its module's forward reads (bitsandbytes').
-            if only or not (compiling or (scheme := quant.scheme(W)) is not None and scheme.own_forward):
+            # Other kinds merge on a weight only its module's forward reads (bitsandbytes').
+            if only or not ((scheme := quant.scheme(W)) is not None and scheme.own_forward):
                 owner = None if compiling else self  # for right_inverse; a graph needs none
                 terms = self.terms(names, compiling) if only else self.parts(names, self.training)
                 return FactoredWeight(W, terms, self.view, rows, owner)

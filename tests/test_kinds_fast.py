@@ -13,6 +13,7 @@ import copy
 
 import pytest
 import torch
+import torch.nn.functional as F
 from _helpers import randomize
 from torch import nn
 from torch.func import functional_call
@@ -129,6 +130,22 @@ def test_forms_build_no_weight_sized_tensor(case):
         out = model(x.requires_grad_() if x.is_floating_point() else x)
         grads(out, x, model)
     assert sizes.big == []
+
+
+@pytest.mark.parametrize("layer", ["linear", "conv2d", "hf_conv1d"])
+def test_a_bias_not_the_layers_is_added_after_the_forms(layer):
+    # IA3 scaling the output adapts the bias too; given a bias of the caller's own, the op adds it
+    # as given, as the merged weight's op does, and the forms still run: nothing weight-sized.
+    plain, model, x = build("ia3", 0, layer)
+    W = model.parametrizations.weight[0].merged(model.parametrizations.weight.original).detach()
+    mine = torch.randn(W.shape[1] if layer == "hf_conv1d" else W.shape[0])
+    op = {"linear": lambda w: F.linear(x, w, mine),
+          "conv2d": lambda w: F.conv2d(x, w, mine, padding=1),
+          "hf_conv1d": lambda w: torch.addmm(mine, x.flatten(0, 1), w)}[layer]
+    with Sizes(W.numel()) as sizes:
+        got = op(model.weight)
+    assert sizes.big == []
+    torch.testing.assert_close(got, op(W), rtol=1e-5, atol=1e-5)
 
 
 def test_forms_are_the_kinds_own(monkeypatch):

@@ -129,6 +129,57 @@ def test_compiled_model_follows_disabled(kind, fresh_dynamo):
     assert not torch.allclose(on, off)  # the kind changed the output
 
 
+# Where a kind has a factored form: LoHa's update has none, and OFT's rotation of a conv's
+# (channel, kernel position) inputs none on a conv; both merge, compiled or not.
+FACTORED = [(k, layer) for k in KIND_NAMES for layer in ("linear", "conv")
+            if k != "loha" and (k, layer) != ("oft", "conv")]
+
+
+def _built(limit: int):
+    """An AOT backend that records each op of the forward and backward graphs that makes a new
+    tensor (not a view) of ``limit`` elements or more."""
+    from functorch.compile import make_boxed_func
+    from torch._dynamo.backends.common import aot_autograd
+
+    seen = []
+
+    def record(gm, example_inputs):
+        for node in gm.graph.nodes:
+            val = node.meta.get("val")
+            is_view = isinstance(node.target, torch._ops.OpOverload) and node.target.is_view
+            if node.op == "call_function" and isinstance(val, Tensor) and val.numel() >= limit and not is_view:
+                seen.append(str(node.target))
+        return make_boxed_func(gm)
+
+    return aot_autograd(fw_compiler=record, bw_compiler=record), seen
+
+
+@pytest.mark.parametrize(("kind", "layer"), FACTORED)
+def test_compiled_kinds_build_no_weight_sized_tensor(kind, layer, fresh_dynamo):
+    # Compiled, each kind runs its factored form, as in eager mode: neither the forward nor the
+    # backward graph makes the adapted weight, its gradient, or anything of their size, on a layer
+    # with a bias (which IA3 scaling the output adapts too).
+    torch.manual_seed(0)
+    if layer == "linear":
+        model, x = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 64)), torch.randn(3, 64)
+    else:
+        model, x = nn.Sequential(nn.Conv2d(16, 16, 3), nn.ReLU(), nn.Conv2d(16, 16, 3)), torch.randn(1, 16, 6, 6)
+    options = {**KINDS[kind], "feedforward": r"^2$"} if kind == "ia3" else KINDS[kind]
+    li.inject(model, r"^(0|2)$", kind=kind, **options)
+    li.mark_only_lora_as_trainable(model)
+    randomize(model)
+    eager = copy.deepcopy(model)
+    backend, seen = _built(model[0].parametrizations.weight.original.numel())
+    compiled = torch.compile(model, backend=backend, fullgraph=True)
+    got = compiled(x)
+    got.square().sum().backward()
+    assert seen == []
+    want = eager(x)
+    want.square().sum().backward()
+    torch.testing.assert_close(got, want)
+    torch.testing.assert_close(grads(model), grads(eager))
+
+
 # -- autocast -----------------------------------------------------------------------------------
 @pytest.mark.parametrize("kind", KIND_NAMES)
 def test_autocast_matches_the_merged_plain_layer(kind):
