@@ -41,7 +41,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 __all__: list[str] = []
 
@@ -120,3 +120,22 @@ def merged(M: Tensor, terms: Sequence, dtype: torch.dtype) -> Tensor:
         update = torch.matmul(term.B.to(dtype), term.A.to(dtype)) * term.scaling  # (.., out, r) @ (.., r, in)
         total = total + (update if ki is None else update * ki.unsqueeze(-1))
     return total
+
+
+def set_axis(lora, name: str, axis: str) -> None:
+    """Take DoRA adapter ``name`` of ``lora`` (a :class:`~lora_inject.LoRA`) with its norm per
+    output unit (``axis="out"``) or per input unit (``"in"``, LyCORIS' ``wd_on_out=False``), with
+    a magnitude of ones of the shape that goes with it, for a loader to write next.
+
+    Raises:
+        ValueError: if the adapter is not DoRA, or ``axis`` is neither ``"out"`` nor ``"in"``
+            (``"in"`` on expert weights).
+    """
+    a = lora.records[name]
+    if not a.dora or axis not in ("out", "in") or axis == "in" and lora.view.experts:
+        raise ValueError(f"DoRA axis: adapter {name!r} (dora={a.dora}) on a tensor of shape {lora.view.shape} "
+                         f"takes `axis` 'out' or 'in' (not on experts), got {axis!r}.")
+    old = lora.lora_magnitude[name]
+    a.dora_axis = axis
+    m = torch.ones(lora.view.magnitude_shape(axis), dtype=old.dtype, device=old.device)
+    lora.lora_magnitude[name] = nn.Parameter(m, requires_grad=old.requires_grad)

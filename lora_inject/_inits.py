@@ -39,8 +39,10 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import Tensor, nn
 
+from . import _dora as dora
 from . import _quant as quant
 from ._view import View, compute_dtype
+from .kind import find_kind
 
 __all__: list[str] = []
 
@@ -137,3 +139,36 @@ def loftq_factors(sites: Sequence[tuple[str, Tensor, View]], dense: object, r: i
             D = view.rows(t.detach().to(w0.device, ct)) - view.rows(quant.dense(w0).detach().to(ct))  # (.., out, in)
             out[key] = decompose("pissa", D, r, scaling)  # s * B @ A: the top r singular triplets of D
     return out
+
+
+def init_from_weight(lora, name: str, W: Tensor) -> None:
+    """Initialise what adapter ``name`` of ``lora`` (a :class:`~lora_inject.LoRA`) reads from the
+    weight ``W`` that ``lora`` receives: PiSSA/OLoRA factors (and their frozen copies), then
+    DoRA's magnitude; for another kind, what its :attr:`~lora_inject.Kind.fill` sets. ``inject``
+    and ``init_lora`` call it once the adapter's tensors exist.
+
+    Raises:
+        ValueError: if a PiSSA/OLoRA init meets a weight that is not finite.
+    """
+    a = lora.records[name]
+    if W.is_meta:
+        return  # nothing to read; initialise after materialising the weight
+    if a.kind != "lora":
+        fill = find_kind(a.kind).fill
+        if fill is not None:
+            with torch.no_grad():
+                fill(lora.tensors(name), quant.dense(W).detach(), lora.view, a.options)
+        return
+    with torch.no_grad():
+        W = quant.dense(W)  # a quantized weight is read as the dense one it stands for
+        M = lora.view.rows(W.detach())
+        if a.init in WEIGHT_INITS:
+            A, B = decompose(a.init, M.to(compute_dtype(W.dtype)), a.r, a.scaling)
+            lora.lora_A[name].copy_(A)
+            lora.lora_B[name].copy_(B)
+            lora.lora_A0[name].copy_(lora.lora_A[name])
+            lora.lora_B0[name].copy_(lora.lora_B[name])
+        if a.dora:
+            A, B = lora.factor_pair(name)
+            m = lora.lora_magnitude[name]
+            m.copy_(dora.norms(M, A, B, a.scaling, compute_dtype(W.dtype), a.dora_axis, m.shape[-1]))

@@ -10,10 +10,9 @@ import torch
 from torch import Tensor, nn
 
 from . import _call
-from . import _dora as dora
 from . import _quant as quant
 from ._factored import RAW_BIAS, FactoredWeight, Step, Term, composed, merge
-from ._inits import WEIGHT_INITS, decompose, init_factors
+from ._inits import WEIGHT_INITS, init_factors
 from ._rows import Slots, enabled
 from ._view import View, compute_dtype
 from .kind import find_kind
@@ -180,7 +179,7 @@ class LoRA(nn.Module):
         """Create adapter ``name`` with fresh factors, and make it active.
 
         The ``"pissa"``/``"olora"`` factors and DoRA's magnitude depend on ``W0``: they are set by
-        :meth:`init_from_weight` (``inject`` calls it). A kind other than LoRA makes its tensors with
+        :func:`lora_inject._inits.init_from_weight` (``inject`` calls it). A kind other than LoRA makes its tensors with
         its ``create``, and holds this tensor's part of ``shared`` (see :attr:`Kind.shared`) too,
         each in a dict named after the tensor (a ``BufferDict`` for its ``frozen`` ones)."""
         if settings.kind != "lora":
@@ -268,16 +267,6 @@ class LoRA(nn.Module):
         """Adapter ``name``'s tensors by their names (see :attr:`Adapter.tensor_names`). The
         state-dict key of each is ``<this module's prefix>.<tensor>.<name>``."""
         return {k: self._modules[k][name] for k in self.records[name].tensor_names}
-
-    def steps(self, names) -> list[tuple]:
-        """``(kind, params, scaling, options)`` of each adapter in ``names`` of a kind other than
-        LoRA, as :func:`lora_inject.kind.merged` takes them (``None`` for a LoRA adapter)."""
-        out, compiling = [], torch.compiler.is_compiling()
-        for name in names:
-            a = self.records[name]
-            s = self._buffers[SCALE + name] if compiling else a.scaling  # compiled: no guard on its value
-            out.append(None if a.kind == "lora" else (find_kind(a.kind), self.tensors(name), s, a.options))
-        return out
 
     def composed(self, W: Tensor, names: list[str], dropout: bool = False) -> Tensor:
         """``W`` with the adapters ``names`` applied in the order they were added (LoRA terms as
@@ -368,19 +357,6 @@ class LoRA(nn.Module):
             out.append(tuple.__new__(Term, (A, B, s, a.dropout if training else 0.0, m, name, a.dora_axis)))
         return out
 
-    def set_dora_axis(self, name: str, axis: str) -> None:
-        """Take DoRA adapter ``name``'s norm per output unit (``axis="out"``) or per input unit
-        (``"in"``, LyCORIS' ``wd_on_out=False``; see :mod:`lora_inject._dora`), with a magnitude
-        of ones of the shape that goes with it, for a loader to write next."""
-        a = self.records[name]
-        if not a.dora or axis not in ("out", "in") or axis == "in" and self.view.experts:
-            raise ValueError(f"set_dora_axis(): adapter {name!r} (dora={a.dora}) on a tensor of shape "
-                             f"{self.view.shape} takes `axis` 'out' or 'in' (not on experts), got {axis!r}.")
-        old = self.lora_magnitude[name]
-        a.dora_axis = axis
-        m = torch.ones(self.view.magnitude_shape(axis), dtype=old.dtype, device=old.device)
-        self.lora_magnitude[name] = nn.Parameter(m, requires_grad=old.requires_grad)
-
     # -- the update -----------------------------------------------------------------------------
     def merged(self, W: Tensor, names: list[str] | None = None, dropout: bool = False) -> Tensor:
         """Return the weight ``W`` takes with ``names`` (default: the active ones), in ``W``'s dtype
@@ -427,37 +403,6 @@ class LoRA(nn.Module):
             if bound < torch.finfo(W.dtype).max / 2:  # NaN compares False, and falls through
                 return True
         return bool(torch.isfinite(self.merged(W, names)).all())
-
-    def init_from_weight(self, name: str, W: Tensor) -> None:
-        """Initialise what adapter ``name`` reads from the weight ``W`` that this LoRA receives:
-        PiSSA/OLoRA factors (and their frozen copies), then DoRA's magnitude; for another kind,
-        what its :attr:`~lora_inject.Kind.fill` sets.
-
-        Raises:
-            ValueError: if a PiSSA/OLoRA init meets a weight that is not finite.
-        """
-        a = self.records[name]
-        if W.is_meta:
-            return  # nothing to read; initialise after materialising the weight
-        if a.kind != "lora":
-            fill = find_kind(a.kind).fill
-            if fill is not None:
-                with torch.no_grad():
-                    fill(self.tensors(name), quant.dense(W).detach(), self.view, a.options)
-            return
-        with torch.no_grad():
-            W = quant.dense(W)  # a quantized weight is read as the dense one it stands for
-            M = self.view.rows(W.detach())
-            if a.init in WEIGHT_INITS:
-                A, B = decompose(a.init, M.to(compute_dtype(W.dtype)), a.r, a.scaling)
-                self.lora_A[name].copy_(A)
-                self.lora_B[name].copy_(B)
-                self.lora_A0[name].copy_(self.lora_A[name])
-                self.lora_B0[name].copy_(self.lora_B[name])
-            if a.dora:
-                A, B = self.factor_pair(name)
-                m = self.lora_magnitude[name]
-                m.copy_(dora.norms(M, A, B, a.scaling, compute_dtype(W.dtype), a.dora_axis, m.shape[-1]))
 
     # -- the parametrization --------------------------------------------------------------------
     def forward(self, W: Tensor) -> Tensor:

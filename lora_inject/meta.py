@@ -8,7 +8,7 @@ from typing import TypeVar
 
 from torch import nn
 
-from ._inits import INITS, RANDOM_INITS, WEIGHT_INITS, init_factors
+from ._inits import INITS, RANDOM_INITS, WEIGHT_INITS, init_factors, init_from_weight
 from ._sites import adapter_names, loras
 
 __all__ = [
@@ -102,5 +102,5 @@ def init_lora(model: M, adapter: str | Sequence[str] | None = None, *, init: str
         init_factors(lora.lora_A[name], lora.lora_B[name], how)
         lora.set_scaling(name)  # to_empty() left its tensor copy unset
         if weight is not None:
-            lora.init_from_weight(name, weight)
+            init_from_weight(lora, name, weight)
     return model

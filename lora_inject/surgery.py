@@ -26,7 +26,7 @@ from . import _quant as quant
 from ._chain import find_lora, forward_to, inverse, kept, originals, parametrized, source
 from ._copies import full_groups, saved_modules, token_sites, within
 from ._hooks import hook, unhook
-from ._inits import INITS, START_INITS, WEIGHT_INITS, loftq_factors
+from ._inits import INITS, START_INITS, WEIGHT_INITS, init_from_weight, loftq_factors
 from ._module_class import disown_class, own_class, own_forward, own_setter
 from ._selection import matcher, named_modules, qualified
 from ._sites import Site, adapter_names, loras, module_loras
@@ -599,7 +599,7 @@ def _fill(sites: list[_Planned], adapter: str, starts: dict[str, tuple[Tensor, T
             continue
         a = site.lora.adapter(adapter)
         if a.dora or a.init in WEIGHT_INITS or a.kind != "lora" and find_kind(a.kind).fill is not None:
-            site.lora.init_from_weight(adapter, site.received)
+            init_from_weight(site.lora, adapter, site.received)
 
 
 def _roll_back(sites: list[_Planned], adapter: str, frozen: list[Tensor]) -> None:

@@ -13,6 +13,7 @@ from torch import Tensor, nn
 
 from .. import _quant as quant
 from .._chain import find_lora, kept, parametrized, source
+from .._dora import set_axis
 from .._inits import OVERWRITTEN, WEIGHT_INITS
 from .._selection import named_modules
 from .._sites import loras
@@ -278,7 +279,7 @@ def _apply(fn: str, model: nn.Module, modules: dict[str, nn.Module], entries: Se
             for e in entries:
                 lora = find_lora(modules[e.module], e.tensor)
                 if e.dora_axis != "out":
-                    lora.set_dora_axis(name, e.dora_axis)
+                    set_axis(lora, name, e.dora_axis)
                 _fill(lora, name, e, assign=seen if lora_only else None)
                 lora.adapter(name).targets = e.targets
     except BaseException:
