@@ -122,7 +122,7 @@ def stacked(op: str, x: Tensor, weight: FactoredWeight, bias: Tensor | None, cal
     out = factored(op, x, Base(lambda z: call(z, bias), using, bias), steps, weight._view)
     if out is None:
         return NotImplemented
-    return out if given is None else out + given
+    return out if given is None else out + given.to(out.dtype)  # as autocast casts the merged op's bias
 
 
 def one_plain_term(weight: FactoredWeight, x: Tensor):

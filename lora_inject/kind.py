@@ -88,6 +88,8 @@ class Option:
             (a regex, a list of names, a callable), and gives each tensor ``True`` where its
             module is selected (IA³'s ``feedforward``, peft's ``feedforward_modules``); a bool
             applies to every tensor. Default: ``False``.
+        dropout (bool): a probability of the kind's own dropout (:attr:`Kind.dropout`), which
+            draws nothing while every such option is 0. Default: ``False``.
     """
 
     name: str
@@ -95,6 +97,7 @@ class Option:
     check: Callable[[Any], bool]
     expect: str
     selector: bool = False
+    dropout: bool = False
 
 
 @dataclass(frozen=True)
@@ -331,8 +334,8 @@ def boolean(v) -> bool:
 
 # The options LoHa and LoKr share, as peft's LycorisConfig holds them for both.
 LYCORIS_OPTIONS = (
-    Option("rank_dropout", 0.0, probability, "a float in [0, 1)"),
-    Option("module_dropout", 0.0, probability, "a float in [0, 1)"),
+    Option("rank_dropout", 0.0, probability, "a float in [0, 1)", dropout=True),
+    Option("module_dropout", 0.0, probability, "a float in [0, 1)", dropout=True),
     Option("use_effective_conv2d", False, boolean, "a bool"),
 )
 

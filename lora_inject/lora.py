@@ -434,8 +434,14 @@ class LoRA(nn.Module):
         if self.factored and (cell is None or rows is not None or torch.is_grad_enabled()
                               or compiling or quant.scheme(W) is not None):
             only = self.only_lora(names)
-            # Other kinds merge on a weight only its module's forward reads (bitsandbytes').
-            if only or not ((scheme := quant.scheme(W)) is not None and scheme.own_forward):
+            # Other kinds merge on a weight only its module's forward reads (bitsandbytes'), and
+            # compiled in training where a kind's dropout draws (Kind.dropout, an Option with
+            # dropout=True above 0): the draw branches in Python on a random tensor, which breaks
+            # the graph, and an adapted weight cannot cross from one graph into the next.
+            draws = compiling and self.training and any(
+                a.options.get(o.name) for a in map(self.records.__getitem__, names) if a.kind != "lora"
+                for o in find_kind(a.kind).options if o.dropout)
+            if only or not (draws or (scheme := quant.scheme(W)) is not None and scheme.own_forward):
                 owner = None if compiling else self  # for right_inverse; a graph needs none
                 terms = self.terms(names, compiling) if only else self.parts(names, self.training)
                 return FactoredWeight(W, terms, self.view, rows, owner)

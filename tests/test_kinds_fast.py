@@ -148,6 +148,14 @@ def test_a_bias_not_the_layers_is_added_after_the_forms(layer):
     torch.testing.assert_close(got, op(W), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("kind", list(OPTIONS))
+def test_an_empty_batch_gives_an_empty_output(kind):
+    # A batch of no rows runs, as it does on the plain layer (LoKr's reshape could not infer a size).
+    plain, model, _ = build(kind, 0, "linear")
+    x = torch.randn(0, 48)
+    assert model(x).shape == plain(x).shape == (0, 40)
+
+
 def test_forms_are_the_kinds_own(monkeypatch):
     # The op table composes the kind's registered form: a spy in its place is called, once per forward.
     kind = find_kind("vera")

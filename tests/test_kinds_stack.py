@@ -180,6 +180,52 @@ def test_compiled_kinds_build_no_weight_sized_tensor(kind, layer, fresh_dynamo):
     torch.testing.assert_close(grads(model), grads(eager))
 
 
+@pytest.mark.filterwarnings("ignore:The .grad attribute of a Tensor that is not a leaf:UserWarning")
+@pytest.mark.parametrize("kind", ["loha", "lokr"])
+def test_compiled_dropout_draws_as_eager(kind, fresh_dynamo):
+    # LoHa's and LoKr's dropouts branch in Python on a random draw: the graph breaks there, and
+    # the adapted weight must not cross from one graph into the next (it crashed the backend).
+    # From the same seed, the compiled training forward draws what the eager one draws.
+    model = mlp(kind)
+    li.remove(model, merge=False)
+    li.inject(model, r"^(0|2)$", kind=kind, r=2, alpha=4.0, rank_dropout=0.5, module_dropout=0.2)
+    li.mark_only_lora_as_trainable(model)
+    randomize(model)
+    eager = copy.deepcopy(model)
+    compiled = torch.compile(model, backend="aot_eager")
+    x = torch.randn(3, 8)
+    for seed in range(3):
+        torch.manual_seed(seed)
+        want = eager(x)
+        want.square().sum().backward()
+        torch.manual_seed(seed)
+        got = compiled(x)
+        got.square().sum().backward()
+        torch.testing.assert_close(got, want)
+        torch.testing.assert_close(grads(model), grads(eager))
+
+
+@pytest.mark.parametrize("layer", ["linear", "conv"])
+def test_compiled_ia3_keeps_autocasts_dtype(layer, fresh_dynamo):
+    # Compiled, IA3 scaling the output runs its form without the bias and adds the bias after it:
+    # in the autocast dtype, as the eager forward and the merged op give it.
+    torch.manual_seed(0)
+    if layer == "linear":
+        model, x = nn.Linear(8, 8), torch.randn(2, 8)
+    else:
+        model, x = nn.Conv2d(4, 4, 3), torch.randn(1, 4, 5, 5)
+    li.inject(model, "", kind="ia3")
+    randomize(model)
+    compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        want, got = model(x), compiled(x)
+    assert want.dtype == got.dtype == torch.bfloat16
+    # Eager scales the sum with the bias, compiled adds the scaled bias: within one bfloat16 step
+    # at the output's scale.
+    step = 2.0 ** -8
+    torch.testing.assert_close(got, want, rtol=step, atol=step * float(want.detach().abs().max()))
+
+
 # -- autocast -----------------------------------------------------------------------------------
 @pytest.mark.parametrize("kind", KIND_NAMES)
 def test_autocast_matches_the_merged_plain_layer(kind):
