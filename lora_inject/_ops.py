@@ -252,7 +252,10 @@ def merge_pays(weight: FactoredWeight, x: Tensor, positions: int) -> bool:
     output it sits between: training never holds a weight-sized tensor that the activations
     would not dwarf. Grad mode decides, not which tensors require a gradient, so that
     ``functional_call`` with the model's own (detached) state dict computes the forward's very
-    bits."""
+    bits. A symbolic size (``torch.compile(dynamic=True)``) keeps the factored form: a choice by
+    size would guard the graph on the batch size and recompile it for each new one."""
+    if not isinstance(positions, int):
+        return False
     w0 = weight._w0
     if w0.dtype.itemsize < 4:  # a half-precision merged weight would round small updates away
         return False

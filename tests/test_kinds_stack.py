@@ -226,6 +226,29 @@ def test_compiled_ia3_keeps_autocasts_dtype(layer, fresh_dynamo):
     torch.testing.assert_close(got, want, rtol=step, atol=step * float(want.detach().abs().max()))
 
 
+@pytest.mark.filterwarnings("ignore:The .grad attribute of a Tensor that is not a leaf:UserWarning")
+@pytest.mark.parametrize("layer", ["linear", "conv"])
+@pytest.mark.parametrize("kind", ["lora", *KIND_NAMES])
+def test_dynamic_batch_compiles_once(kind, layer, fresh_dynamo):
+    # With dynamic=True a new batch size recompiles nothing: no form chooses its path by the size
+    # (LoRA's merged-or-factored choice, LoKr's reshape or merge), which would guard the graph on it.
+    torch.manual_seed(0)
+    if layer == "linear":
+        model, shape = nn.Sequential(nn.Linear(8, 8)), (8,)
+    else:
+        model, shape = nn.Sequential(nn.Conv2d(4, 4, 3, padding=1)), (4, 5, 5)
+    options = dict(r=2, alpha=4.0) if kind == "lora" else KINDS[kind]
+    li.inject(model, "^0$", kind=kind, **({k: v for k, v in options.items() if k != "feedforward"}))
+    li.mark_only_lora_as_trainable(model)
+    randomize(model)
+    compiled = torch.compile(model, backend="aot_eager", fullgraph=True, dynamic=True)
+    compiled(torch.randn(3, *shape)).sum().backward()
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        for n in (5, 7):
+            x = torch.randn(n, *shape)
+            torch.testing.assert_close(compiled(x), model(x))
+
+
 # -- autocast -----------------------------------------------------------------------------------
 @pytest.mark.parametrize("kind", KIND_NAMES)
 def test_autocast_matches_the_merged_plain_layer(kind):

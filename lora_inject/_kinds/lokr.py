@@ -169,7 +169,7 @@ def _worth_it(x: Tensor, w1: Tensor, w2: Tensor, rows: int) -> bool:
 def linear(x: Tensor, base, params, view: View, scaling: float, options) -> Tensor:
     """``base(x) + s * x @ kron(w1, w2).T``, as ``w1 @ X @ w2.T`` with ``X`` ``(.., c, d)``."""
     w1, w2 = factors(params)  # (a, c), (b, d)
-    if not _worth_it(x, w1, w2, x.shape[:-1].numel()):
+    if not _worth_it(x, w1, w2, math.prod(x.shape[:-1])):  # not Size.numel(): it fixes a symbolic size
         return NotImplemented
     y = base(x)
     X = x.reshape(*x.shape[:-1], w1.shape[-1], w2.shape[-1]).to(w1.dtype)
