@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ._factored import RAW_BIAS, FactoredWeight, Term, implements
+from ._factored import RAW_BIAS, FactoredWeight, Step, Term, implements
 from ._kernels import FUSED_MIN, NoGradAt, frozen_linear, fused, plain_eager
 from ._rows import Slots, gather, gathered, in_place, keep, scatter, select, served, some
 from .kind import Base, Kind, factored, find_kind, kernel, pointwise
@@ -121,8 +121,24 @@ def stacked(op: str, x: Tensor, weight: FactoredWeight, bias: Tensor | None, cal
         bias = raw
     out = factored(op, x, Base(lambda z: call(z, bias), using, bias), steps, weight._view)
     if out is None:
+        if not torch.compiler.is_compiling():  # compiled, an error would only send the frame back to eager
+            _no_lora_dropout(weight, op)
         return NotImplemented
     return out if given is None else out + given.to(out.dtype)  # as autocast casts the merged op's bias
+
+
+def _no_lora_dropout(weight: FactoredWeight, op: str) -> None:
+    """Refuse the merged weight for a layer's op where a LoRA term's dropout is at work (a training
+    forward): it acts on the input of the LoRA branch, which a merged weight has not."""
+    for t in weight._terms:
+        if type(t) is Term and t.dropout:
+            kinds = sorted({s.kind for s in weight._terms if type(s) is Step})
+            raise RuntimeError(
+                f"lora_inject: LoRA adapter {t.name!r}'s dropout ({t.dropout}) cannot act in this training forward: "
+                f"an adapter of kind {kinds} on the same tensor has no factored form for this {op} op (or it does "
+                "not fit), so the update is merged into one weight, and LoRA's dropout acts on the input of its "
+                "branch only. Inject the LoRA adapter with dropout=0, or train the adapters one at a time "
+                "(li.activate).")
 
 
 def one_plain_term(weight: FactoredWeight, x: Tensor):
@@ -133,11 +149,11 @@ def one_plain_term(weight: FactoredWeight, x: Tensor):
     term = weight._terms[0]
     if term.dropout or term.magnitude is not None:
         return None
+    if not plain_eager():  # first: compiled, no choice by size, which would guard the graph on it
+        return None
     if torch.is_grad_enabled() and x.numel() < FUSED_MIN and (x.requires_grad or term.A.requires_grad
                                                                  or term.B.requires_grad):
         return None  # the kernel would not pay (see fused): decided before building its factors
-    if not plain_eager():
-        return None
     L, R = weight._view.stored_factors(term.A, term.B)
     return L, R, term.scaling
 
@@ -293,7 +309,8 @@ def linear(input, weight, bias):
     if type(weight) is FactoredWeight and weight._simple and type(input) is not FactoredWeight:
         if merge_pays(weight, input, input.numel() // max(input.shape[-1], 1)):
             return F.linear(input, plain_merged(weight), bias)
-        if not torch.is_grad_enabled() or input.numel() < FUSED_MIN or len(weight._terms) > 1:
+        if not torch.is_grad_enabled() or torch.compiler.is_compiling() or input.numel() < FUSED_MIN \
+                or len(weight._terms) > 1:  # compiled: no choice by size, which would guard the graph on it
             return plain_form(F.linear, input, weight, bias, F.linear, _linear_second)
     if not fits(weight, input, 0, quantized=True):
         return NotImplemented
@@ -386,6 +403,8 @@ def embedding(input, weight, padding_idx, max_norm, norm_type, scale_grad_by_fre
         h = keep(weight._rows, name, F.embedding(input, L, padding_idx))  # (.., r); compiled per sample: masked
         extra = (F.dropout(h, p) if p else h) @ R * s  # (.., r) @ (r, dim) -> (.., dim)
         out = extra if out is None else out + extra.to(out.dtype)
+    if out is None:  # no term: every adapter left out of this forward (a kind's module_dropout)
+        return base
     if padding_idx is not None:  # as for the merged weight, the padding row gets no gradient
         out = NoGradAt.apply(out, (input == padding_idx % weight._w0.shape[0]).unsqueeze(-1))
     return add(base, out)

@@ -146,7 +146,11 @@ class Kind:
             drawn once per forward in training mode: the scaling this forward uses (a ``(out, 1)``
             tensor drops output units of the update: the adapter then runs on the merged weight),
             or ``None`` to leave the adapter out of this forward; ``like`` is a tensor of the
-            adapter's (its dtype and device). ``None``: the kind has no dropout of its own.
+            adapter's (its dtype and device). ``None``: the kind has no dropout of its own. Mark
+            its probabilities ``Option(..., dropout=True)``: while all are 0 nothing is drawn, and
+            compiled code keeps the kind's factored forms (a draw branches in Python, which breaks
+            the graph, so a forward that draws runs on the merged weight there; a kind that marks
+            no option is taken to draw in every training forward).
 
     Example::
 

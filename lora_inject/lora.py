@@ -435,12 +435,10 @@ class LoRA(nn.Module):
                               or compiling or quant.scheme(W) is not None):
             only = self.only_lora(names)
             # Other kinds merge on a weight only its module's forward reads (bitsandbytes'), and
-            # compiled in training where a kind's dropout draws (Kind.dropout, an Option with
-            # dropout=True above 0): the draw branches in Python on a random tensor, which breaks
-            # the graph, and an adapted weight cannot cross from one graph into the next.
-            draws = compiling and self.training and any(
-                a.options.get(o.name) for a in map(self.records.__getitem__, names) if a.kind != "lora"
-                for o in find_kind(a.kind).options if o.dropout)
+            # compiled in training where a kind's dropout draws (see _draws): the draw branches in
+            # Python on a random tensor, which breaks the graph, and an adapted weight cannot
+            # cross from one graph into the next.
+            draws = compiling and self.training and self._draws(names)
             if only or not (draws or (scheme := quant.scheme(W)) is not None and scheme.own_forward):
                 owner = None if compiling else self  # for right_inverse; a graph needs none
                 terms = self.terms(names, compiling) if only else self.parts(names, self.training)
@@ -448,10 +446,39 @@ class LoRA(nn.Module):
         if rows is not None and names:
             raise RuntimeError(f"per_sample(): a LoRA of shape {self.view.shape} is on the merged path, where "
                                "one weight serves the whole batch; per-sample adapters need the fast path.")
+        if self.training and not compiling and not self.only_lora(names):  # compiled, an error would
+            self._check_no_lora_dropout(names)  # only send the frame back to eager: a known limit
         out = self.merged_once(W, names, cell, self.training)
         if not torch.compiler.is_compiling():  # a value handed out: assigning it back restores W
             out.__dict__[GIVEN] = (self, W)
         return out
+
+    def _check_no_lora_dropout(self, names) -> None:
+        """Refuse a training forward on the merged weight of a stack where a LoRA adapter has a
+        dropout: it acts on the input of the LoRA branch, which a merged weight has not."""
+        for name in names:
+            a = self.records[name]
+            if a.kind == "lora" and a.dropout:
+                other = sorted({self.records[n].kind for n in names} - {"lora"})
+                raise RuntimeError(
+                    f"lora_inject: LoRA adapter {name!r}'s dropout ({a.dropout}) cannot act in this training "
+                    f"forward of a tensor of shape {self.view.shape}: with the adapters of kind {other} on it, its "
+                    "update is merged into one weight here (a weight only its module's forward reads, as "
+                    "bitsandbytes'), and LoRA's dropout acts on the input of its branch only. Inject the LoRA "
+                    "adapter with dropout=0, or train the adapters one at a time (li.activate).")
+
+    def _draws(self, names) -> bool:
+        """Whether a kind's own dropout (:attr:`~lora_inject.Kind.dropout`) draws for an adapter in
+        ``names`` in a training forward: where one of its options with ``dropout=True`` is above 0,
+        or always for a kind that marks no option so."""
+        for name in names:
+            a = self.records[name]
+            kind = find_kind(a.kind) if a.kind != "lora" else None
+            if kind is not None and kind.dropout is not None:
+                marked = [o.name for o in kind.options if o.dropout]
+                if not marked or any(a.options.get(o) for o in marked):
+                    return True
+        return False
 
     def _made_weight(self, W: Tensor, terms: list[Term]) -> FactoredWeight:
         """The :class:`FactoredWeight` of ``W`` and ``terms``: the one made last time where it holds

@@ -148,12 +148,47 @@ def test_a_bias_not_the_layers_is_added_after_the_forms(layer):
     torch.testing.assert_close(got, op(W), rtol=1e-5, atol=1e-5)
 
 
+EMPTY = {"linear": torch.randn(0, 48), "conv2d": torch.randn(0, 8, 4, 4), "conv1d": torch.randn(0, 4, 9),
+         "embedding": torch.zeros(0, 3, dtype=torch.long), "hf_conv1d": torch.randn(0, 3, 48)}
+
+
+@pytest.mark.parametrize("layer", list(EMPTY))
 @pytest.mark.parametrize("kind", list(OPTIONS))
-def test_an_empty_batch_gives_an_empty_output(kind):
-    # A batch of no rows runs, as it does on the plain layer (LoKr's reshape could not infer a size).
-    plain, model, _ = build(kind, 0, "linear")
-    x = torch.randn(0, 48)
-    assert model(x).shape == plain(x).shape == (0, 40)
+def test_an_empty_batch_gives_an_empty_output(kind, layer):
+    # A batch of no samples runs, as it does on the plain layer (LoKr's reshapes could not infer a size).
+    plain, model, _ = build(kind, 0, layer)
+    x = EMPTY[layer]
+    assert model(x).shape == plain(x).shape
+
+
+@pytest.mark.parametrize("kind", ["loha", "lokr"])
+def test_an_embedding_whose_adapter_is_dropped_is_the_plain_one(kind):
+    # module_dropout leaves the only adapter out of a training forward: the lookup is the plain
+    # table's (it crashed on an adapted weight with no term left).
+    torch.manual_seed(0)
+    plain = nn.Embedding(40, 36)
+    model = li.inject(copy.deepcopy(plain), "", kind=kind, r=2, alpha=3.0, module_dropout=0.99)
+    randomize(model, every=True, std=0.3)
+    x = torch.tensor([[1, 3, 7], [39, 0, 3]])
+    for seed in range(3):  # torch.rand(1) > 0.99 at none of these seeds: dropped each time
+        torch.manual_seed(seed)
+        assert torch.rand(1) <= 0.99
+        torch.manual_seed(seed)
+        torch.testing.assert_close(model(x), plain(x), rtol=0, atol=0)
+
+
+def test_a_lora_dropout_on_a_merged_stack_is_refused():
+    # LoRA's dropout acts on the input of its branch; stacked with LoHa (no factored form) the
+    # update is merged, where it cannot act: a training forward refuses, rather than drop it silently.
+    torch.manual_seed(0)
+    model = li.inject(nn.Linear(8, 8), "", r=2, dropout=0.5, adapter="a")
+    li.inject(model, "", kind="loha", r=2, alpha=2.0, adapter="b")
+    x = torch.randn(3, 8)
+    with pytest.raises(RuntimeError, match=r"LoRA adapter 'a''s dropout \(0.5\).*kind \['loha'\]"):
+        model(x)
+    model.eval()  # no dropout at work: the merged weight is the adapted layer
+    W = model.parametrizations.weight[0].merged(model.parametrizations.weight.original)
+    torch.testing.assert_close(model(x), F.linear(x, W, model.bias))
 
 
 def test_forms_are_the_kinds_own(monkeypatch):

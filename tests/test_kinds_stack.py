@@ -205,6 +205,34 @@ def test_compiled_dropout_draws_as_eager(kind, fresh_dynamo):
         torch.testing.assert_close(grads(model), grads(eager))
 
 
+@pytest.mark.filterwarnings("ignore:The .grad attribute of a Tensor that is not a leaf:UserWarning")
+def test_compiled_user_kind_with_an_unmarked_dropout_merges(fresh_dynamo):
+    # A kind whose dropout marks no option as its probability may draw on every training forward:
+    # compiled, it merges as LoHa's and LoKr's do where theirs draw (it crashed the backend).
+    import dataclasses
+
+    from lora_inject import kind as kind_module
+
+    lokr = find_kind("lokr")
+    options = tuple(dataclasses.replace(o, dropout=False) for o in lokr.options)
+    li.register_kind("lokr_unmarked", dataclasses.replace(lokr, name="lokr_unmarked", options=options))
+    try:
+        model = nn.Sequential(nn.Linear(8, 8))
+        li.inject(model, "^0$", kind="lokr_unmarked", r=2, alpha=4.0, module_dropout=0.2)
+        li.mark_only_lora_as_trainable(model)
+        randomize(model)
+        eager = copy.deepcopy(model)
+        compiled = torch.compile(model, backend="aot_eager")
+        x = torch.randn(3, 8)
+        for seed in range(3):
+            torch.manual_seed(seed)
+            want = eager(x)
+            torch.manual_seed(seed)
+            torch.testing.assert_close(compiled(x), want)
+    finally:
+        del kind_module._KINDS["lokr_unmarked"]
+
+
 @pytest.mark.parametrize("layer", ["linear", "conv"])
 def test_compiled_ia3_keeps_autocasts_dtype(layer, fresh_dynamo):
     # Compiled, IA3 scaling the output runs its form without the bias and adds the bias after it:
@@ -227,26 +255,31 @@ def test_compiled_ia3_keeps_autocasts_dtype(layer, fresh_dynamo):
 
 
 @pytest.mark.filterwarnings("ignore:The .grad attribute of a Tensor that is not a leaf:UserWarning")
+@pytest.mark.parametrize("grad", [True, False], ids=["grad", "no_grad"])
 @pytest.mark.parametrize("layer", ["linear", "conv"])
 @pytest.mark.parametrize("kind", ["lora", *KIND_NAMES])
-def test_dynamic_batch_compiles_once(kind, layer, fresh_dynamo):
+def test_dynamic_batch_compiles_once(kind, layer, grad, fresh_dynamo):
     # With dynamic=True a new batch size recompiles nothing: no form chooses its path by the size
-    # (LoRA's merged-or-factored choice, LoKr's reshape or merge), which would guard the graph on it.
+    # (LoRA's merged-or-factored choice and its fused kernel's threshold, LoKr's reshape or merge),
+    # which would guard the graph on it. The last batch crosses those thresholds.
     torch.manual_seed(0)
     if layer == "linear":
-        model, shape = nn.Sequential(nn.Linear(8, 8)), (8,)
+        model, shape, sizes = nn.Sequential(nn.Linear(64, 64)), (64,), (5, 7, 40, 2000)
     else:
-        model, shape = nn.Sequential(nn.Conv2d(4, 4, 3, padding=1)), (4, 5, 5)
+        # Small: torch's own conv guards its batch size at 16, on the plain layer too, and LoKr's
+        # form runs it on a batch of n * c (here c = 2), so it meets that guard from n = 8.
+        model, shape, sizes = nn.Sequential(nn.Conv2d(4, 4, 3, padding=1)), (4, 5, 5), (5, 7)
     options = dict(r=2, alpha=4.0) if kind == "lora" else KINDS[kind]
     li.inject(model, "^0$", kind=kind, **({k: v for k, v in options.items() if k != "feedforward"}))
     li.mark_only_lora_as_trainable(model)
     randomize(model)
     compiled = torch.compile(model, backend="aot_eager", fullgraph=True, dynamic=True)
-    compiled(torch.randn(3, *shape)).sum().backward()
-    with torch._dynamo.config.patch(error_on_recompile=True):
-        for n in (5, 7):
-            x = torch.randn(n, *shape)
-            torch.testing.assert_close(compiled(x), model(x))
+    with torch.set_grad_enabled(grad):
+        compiled(torch.randn(3, *shape))
+        with torch._dynamo.config.patch(error_on_recompile=True):
+            for n in sizes:
+                x = torch.randn(n, *shape)
+                torch.testing.assert_close(compiled(x), model(x))
 
 
 # -- autocast -----------------------------------------------------------------------------------

@@ -159,8 +159,11 @@ def delta(params, view: View, scaling: float, options) -> Tensor:
 def _worth_it(x: Tensor, w1: Tensor, w2: Tensor, rows: int) -> bool:
     """Whether reshaping costs less than the merged weight: always where a gradient is wanted (the
     merged weight's gradient is a weight-sized product); without one, where the ``rows`` inputs'
-    two thin products cost less than building the Kronecker product."""
+    two thin products cost less than building the Kronecker product. A symbolic ``rows``
+    (``torch.compile(dynamic=True)``) reshapes: a choice by size would guard the graph on it."""
     if torch.is_grad_enabled() and (x.requires_grad or w1.requires_grad or w2.requires_grad):
+        return True
+    if not isinstance(rows, int):
         return True
     (a, c), (b, d) = w1.shape[-2:], w2.shape[-2:]
     return rows * (a * c * d + a * d * b) < 2 * a * b * c * d
@@ -188,8 +191,9 @@ def conv(x: Tensor, base, params, view: View, scaling: float, options) -> Tensor
     if not _worth_it(xb, w1, w2, n * math.prod(spatial)):
         return NotImplemented
     y = base(x)
-    h = base.using(xb.reshape(n * c, -1, *spatial).to(w2.dtype), w2)  # (n c, b, *out_spatial)
-    Y = (w1 @ h.reshape(n, c, -1)).reshape(n, a * b, *h.shape[2:])  # (n, a, b ..) -> (n, a b, ..)
+    # No -1 in the reshapes: an empty batch has no size to infer.
+    h = base.using(xb.reshape(n * c, xb.shape[1] // c, *spatial).to(w2.dtype), w2)  # (n c, b, *out_spatial)
+    Y = (w1 @ h.reshape(n, c, b * math.prod(h.shape[2:]))).reshape(n, a * b, *h.shape[2:])  # (n, a b, ..)
     Y = Y.squeeze(0) if unbatched else Y
     return y + (Y * scaling).to(y.dtype)
 
@@ -201,7 +205,7 @@ def embedding(x: Tensor, base, params, view: View, scaling: float, options) -> T
     d = w2.shape[-1]
     y = base(x)
     u, v = F.embedding(torch.div(x, d, rounding_mode="floor"), w1.mT), F.embedding(x % d, w2.mT)
-    Y = (u[..., :, None] * v[..., None, :]).reshape(*x.shape, -1)  # (.., a, b) -> (.., a b)
+    Y = (u[..., :, None] * v[..., None, :]).flatten(-2)  # (.., a, b) -> (.., a b)
     return y + (Y * scaling).to(y.dtype)
 
 
