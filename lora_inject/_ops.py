@@ -107,19 +107,20 @@ def stacked(op: str, x: Tensor, weight: FactoredWeight, bias: Tensor | None, cal
     for t in weight._terms:
         if type(t) is Term:
             if t.magnitude is not None:
-                return NotImplemented
+                break
             steps.append((LORA_STEP, {"A": t.A, "B": t.B}, t.scaling, {"dropout": t.dropout}))
         else:
             if isinstance(t.scaling, Tensor) and t.scaling.dim():  # a kind's dropout of output units
-                return NotImplemented
+                break
             steps.append((find_kind(t.kind), t.params, t.scaling, t.options))
-    given = None
-    if bias is not None and any(k.apply_bias is not None for k, *_ in steps):
-        raw = bias.__dict__.get(RAW_BIAS)
-        if raw is None:  # the forms without a bias; the given one added after them
-            given = bias if op == "linear" else bias.view(-1, *(1,) * len(kernel(weight._view)))
-        bias = raw
-    out = factored(op, x, Base(lambda z: call(z, bias), using, bias), steps, weight._view)
+    out = given = None
+    if len(steps) == len(weight._terms):
+        if bias is not None and any(k.apply_bias is not None for k, *_ in steps):
+            raw = bias.__dict__.get(RAW_BIAS)
+            if raw is None:  # the forms without a bias; the given one added after them
+                given = bias if op == "linear" else bias.view(-1, *(1,) * len(kernel(weight._view)))
+            bias = raw
+        out = factored(op, x, Base(lambda z: call(z, bias), using, bias), steps, weight._view)
     if out is None:
         if not torch.compiler.is_compiling():  # compiled, an error would only send the frame back to eager
             _no_lora_dropout(weight, op)
@@ -135,10 +136,10 @@ def _no_lora_dropout(weight: FactoredWeight, op: str) -> None:
             kinds = sorted({s.kind for s in weight._terms if type(s) is Step})
             raise RuntimeError(
                 f"lora_inject: LoRA adapter {t.name!r}'s dropout ({t.dropout}) cannot act in this training forward: "
-                f"an adapter of kind {kinds} on the same tensor has no factored form for this {op} op (or it does "
-                "not fit), so the update is merged into one weight, and LoRA's dropout acts on the input of its "
-                "branch only. Inject the LoRA adapter with dropout=0, or train the adapters one at a time "
-                "(li.activate).")
+                f"with the adapters of kind {kinds} on the same tensor, this {op} op takes the merged weight (a kind "
+                "with no factored form for it, a form that does not fit, DoRA, or a kind's dropout of output "
+                "units), and LoRA's dropout acts on the input of its branch only. Inject the LoRA adapter with "
+                "dropout=0, or train the adapters one at a time (li.activate).")
 
 
 def one_plain_term(weight: FactoredWeight, x: Tensor):

@@ -177,14 +177,16 @@ def test_an_embedding_whose_adapter_is_dropped_is_the_plain_one(kind):
         torch.testing.assert_close(model(x), plain(x), rtol=0, atol=0)
 
 
-def test_a_lora_dropout_on_a_merged_stack_is_refused():
-    # LoRA's dropout acts on the input of its branch; stacked with LoHa (no factored form) the
-    # update is merged, where it cannot act: a training forward refuses, rather than drop it silently.
+@pytest.mark.parametrize("kind, options", [("loha", {}), ("lokr", dict(rank_dropout=0.5))], ids=["loha", "lokr"])
+def test_a_lora_dropout_on_a_merged_stack_is_refused(kind, options):
+    # LoRA's dropout acts on the input of its branch; stacked with LoHa (no factored form) or with
+    # LoKr dropping output units of its update, the update is merged, where it cannot act: a
+    # training forward refuses, rather than drop it silently.
     torch.manual_seed(0)
     model = li.inject(nn.Linear(8, 8), "", r=2, dropout=0.5, adapter="a")
-    li.inject(model, "", kind="loha", r=2, alpha=2.0, adapter="b")
+    li.inject(model, "", kind=kind, r=2, alpha=2.0, adapter="b", **options)
     x = torch.randn(3, 8)
-    with pytest.raises(RuntimeError, match=r"LoRA adapter 'a''s dropout \(0.5\).*kind \['loha'\]"):
+    with pytest.raises(RuntimeError, match=rf"LoRA adapter 'a''s dropout \(0.5\).*kind \['{kind}'\]"):
         model(x)
     model.eval()  # no dropout at work: the merged weight is the adapted layer
     W = model.parametrizations.weight[0].merged(model.parametrizations.weight.original)
