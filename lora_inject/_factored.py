@@ -338,6 +338,16 @@ def _value(w: FactoredWeight) -> Tensor:
     return w._w0 if w._leaf else w._merged()
 
 
+def lora_dropout_refused(name: str, p: float, kinds, why: str) -> RuntimeError:
+    """The error for a training forward where LoRA adapter ``name``'s dropout ``p`` would meet the
+    merged weight of a stack with adapters of ``kinds``, for the reason ``why``: the dropout acts
+    on the input of the LoRA branch, which a merged weight has not."""
+    return RuntimeError(
+        f"lora_inject: LoRA adapter {name!r}'s dropout ({p}) cannot act in this training forward: with the "
+        f"adapters of kind {sorted(kinds)} on the same tensor, {why}, and LoRA's dropout acts on the input of its "
+        "branch only. Inject the LoRA adapter with dropout=0, or train the adapters one at a time (li.activate).")
+
+
 def merge(w0: Tensor, terms, view: View) -> Tensor:
     """``W0`` with ``terms`` applied, in ``W0``'s shape and dtype: summed in float32 (or wider, as
     the factors are) and cast back once, with gradients to every tensor.

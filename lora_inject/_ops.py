@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ._factored import RAW_BIAS, FactoredWeight, Step, Term, implements
+from ._factored import RAW_BIAS, FactoredWeight, Step, Term, implements, lora_dropout_refused
 from ._kernels import FUSED_MIN, NoGradAt, frozen_linear, fused, plain_eager
 from ._rows import Slots, gather, gathered, in_place, keep, scatter, select, served, some
 from .kind import Base, Kind, factored, find_kind, kernel, pointwise
@@ -133,13 +133,10 @@ def _no_lora_dropout(weight: FactoredWeight, op: str) -> None:
     forward): it acts on the input of the LoRA branch, which a merged weight has not."""
     for t in weight._terms:
         if type(t) is Term and t.dropout:
-            kinds = sorted({s.kind for s in weight._terms if type(s) is Step})
-            raise RuntimeError(
-                f"lora_inject: LoRA adapter {t.name!r}'s dropout ({t.dropout}) cannot act in this training forward: "
-                f"with the adapters of kind {kinds} on the same tensor, this {op} op takes the merged weight (a kind "
-                "with no factored form for it, a form that does not fit, DoRA, or a kind's dropout of output "
-                "units), and LoRA's dropout acts on the input of its branch only. Inject the LoRA adapter with "
-                "dropout=0, or train the adapters one at a time (li.activate).")
+            raise lora_dropout_refused(
+                t.name, t.dropout, {s.kind for s in weight._terms if type(s) is Step},
+                f"this {op} op takes the merged weight (a kind with no factored form for it, a form that does not "
+                "fit, DoRA, or a kind's dropout of output units)")
 
 
 def one_plain_term(weight: FactoredWeight, x: Tensor):

@@ -11,7 +11,7 @@ from torch import Tensor, nn
 
 from . import _call
 from . import _quant as quant
-from ._factored import RAW_BIAS, FactoredWeight, Step, Term, composed, merge
+from ._factored import RAW_BIAS, FactoredWeight, Step, Term, composed, lora_dropout_refused, merge
 from ._inits import WEIGHT_INITS, init_factors
 from ._rows import Slots, enabled
 from ._view import View, compute_dtype
@@ -459,13 +459,10 @@ class LoRA(nn.Module):
         for name in names:
             a = self.records[name]
             if a.kind == "lora" and a.dropout:
-                other = sorted({self.records[n].kind for n in names} - {"lora"})
-                raise RuntimeError(
-                    f"lora_inject: LoRA adapter {name!r}'s dropout ({a.dropout}) cannot act in this training "
-                    f"forward of a tensor of shape {self.view.shape}: with the adapters of kind {other} on it, its "
-                    "update is merged into one weight here (a weight only its module's forward reads, as "
-                    "bitsandbytes'), and LoRA's dropout acts on the input of its branch only. Inject the LoRA "
-                    "adapter with dropout=0, or train the adapters one at a time (li.activate).")
+                raise lora_dropout_refused(
+                    name, a.dropout, {self.records[n].kind for n in names} - {"lora"},
+                    f"the update of this tensor of shape {self.view.shape} is merged into one weight (a weight only "
+                    "its module's forward reads, as bitsandbytes')")
 
     def _draws(self, names) -> bool:
         """Whether a kind's own dropout (:attr:`~lora_inject.Kind.dropout`) draws for an adapter in

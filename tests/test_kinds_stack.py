@@ -180,6 +180,22 @@ def test_compiled_kinds_build_no_weight_sized_tensor(kind, layer, fresh_dynamo):
     torch.testing.assert_close(grads(model), grads(eager))
 
 
+def assert_draws_as_eager(model: nn.Module, x: Tensor) -> None:
+    """``model`` compiled (graph breaks allowed) gives, from each of three seeds, the outputs and
+    gradients of an eager copy: a training forward's random draws are the same."""
+    eager = copy.deepcopy(model)
+    compiled = torch.compile(model, backend="aot_eager")
+    for seed in range(3):
+        torch.manual_seed(seed)
+        want = eager(x)
+        want.square().sum().backward()
+        torch.manual_seed(seed)
+        got = compiled(x)
+        got.square().sum().backward()
+        torch.testing.assert_close(got, want)
+        torch.testing.assert_close(grads(model), grads(eager))
+
+
 @pytest.mark.filterwarnings("ignore:The .grad attribute of a Tensor that is not a leaf:UserWarning")
 @pytest.mark.parametrize("kind", ["loha", "lokr"])
 def test_compiled_dropout_draws_as_eager(kind, fresh_dynamo):
@@ -191,18 +207,7 @@ def test_compiled_dropout_draws_as_eager(kind, fresh_dynamo):
     li.inject(model, r"^(0|2)$", kind=kind, r=2, alpha=4.0, rank_dropout=0.5, module_dropout=0.2)
     li.mark_only_lora_as_trainable(model)
     randomize(model)
-    eager = copy.deepcopy(model)
-    compiled = torch.compile(model, backend="aot_eager")
-    x = torch.randn(3, 8)
-    for seed in range(3):
-        torch.manual_seed(seed)
-        want = eager(x)
-        want.square().sum().backward()
-        torch.manual_seed(seed)
-        got = compiled(x)
-        got.square().sum().backward()
-        torch.testing.assert_close(got, want)
-        torch.testing.assert_close(grads(model), grads(eager))
+    assert_draws_as_eager(model, torch.randn(3, 8))
 
 
 @pytest.mark.filterwarnings("ignore:The .grad attribute of a Tensor that is not a leaf:UserWarning")
@@ -221,14 +226,7 @@ def test_compiled_user_kind_with_an_unmarked_dropout_merges(fresh_dynamo):
         li.inject(model, "^0$", kind="lokr_unmarked", r=2, alpha=4.0, module_dropout=0.2)
         li.mark_only_lora_as_trainable(model)
         randomize(model)
-        eager = copy.deepcopy(model)
-        compiled = torch.compile(model, backend="aot_eager")
-        x = torch.randn(3, 8)
-        for seed in range(3):
-            torch.manual_seed(seed)
-            want = eager(x)
-            torch.manual_seed(seed)
-            torch.testing.assert_close(compiled(x), want)
+        assert_draws_as_eager(model, torch.randn(3, 8))
     finally:
         del kind_module._KINDS["lokr_unmarked"]
 
