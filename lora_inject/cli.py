@@ -163,6 +163,7 @@ def _convert(args: argparse.Namespace) -> None:
     from .io import _diffusion as diffusion
     from .io import _ours as ours
     from .io import _peft as peft
+    from .io import _peft_config as peft_config
     from .io import write_entries
     from .io._entries import Entry
 
@@ -171,7 +172,7 @@ def _convert(args: argparse.Namespace) -> None:
         raise UsageError(f"OUT {dst!r} exists; pick a new path")
     is_dir = os.path.isdir(src)
     has_ours = is_dir and os.path.isfile(os.path.join(src, ours.CONFIG))
-    has_peft = is_dir and os.path.isfile(os.path.join(src, peft.CONFIG))
+    has_peft = is_dir and os.path.isfile(os.path.join(src, peft_config.CONFIG))
     file = None if has_ours or has_peft else diffusion.find_file(src)
     if not (has_ours or has_peft or file):
         raise UsageError(f"IN must be an adapter directory (save_adapter's or peft's) or a .safetensors file of "
@@ -186,7 +187,7 @@ def _convert(args: argparse.Namespace) -> None:
     if has_ours:
         _, entries = ours.from_ours("convert", src)
     elif has_peft:
-        entries, copies = peft.from_peft("convert", model, peft.read_peft("convert", src))
+        entries, copies = peft.from_peft("convert", model, peft_config.read_peft("convert", src))
         if copies:
             raise ValueError(f"convert: {src} holds integer tensors ({[c.key for c in copies][:3]}), which only a "
                              "load into the model can carry")
@@ -267,7 +268,7 @@ def _merge(args: argparse.Namespace) -> None:
     from . import load_adapter
     from ._sites import loras
     from .io import _ours as ours
-    from .io import _peft as peft
+    from .io import _peft_config as peft_config
     from .surgery import remove
 
     base, out = _model_dir(args.base), Path(args.out)
@@ -278,7 +279,7 @@ def _merge(args: argparse.Namespace) -> None:
     if not Path(args.adapter).is_dir():
         raise UsageError(
             f"--adapter must be a directory written by save_adapter (or peft), got {args.adapter!r}")
-    configs = (ours.CONFIG, peft.CONFIG)
+    configs = (ours.CONFIG, peft_config.CONFIG)
     if not any((Path(args.adapter) / name).is_file() for name in configs):  # before a long load
         raise UsageError(f"--adapter {args.adapter!r} holds no adapter config ({' or '.join(configs)})")
     if out.resolve() == base.resolve() or base.resolve() in out.resolve().parents:

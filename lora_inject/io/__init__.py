@@ -33,15 +33,17 @@ from ..rule import own_tensor_names, type_name
 from . import _diffusion as diffusion
 from . import _ours as ours
 from . import _peft as peft
+from . import _peft_config as peft_config
 from ._entries import Entry, apply, collect, tensor_shape
 from ._files import write_atomic, write_pickled, write_safetensors
+from ._peft_kinds import kinds_to_peft
 from ._wrappers import placed, unwrapped
 
 __all__ = ["load_adapter", "save_adapter"]  # write_entries: for the command line
 
 M = TypeVar("M", bound=nn.Module)
 FORMATS = ("lora_inject", "peft", "kohya")
-_ADAPTER_FILES = (ours.CONFIG, peft.CONFIG, peft.PICKLE, ours.WEIGHTS, peft.WEIGHTS)
+_ADAPTER_FILES = (ours.CONFIG, peft_config.CONFIG, peft_config.PICKLE, ours.WEIGHTS, peft_config.WEIGHTS)
 
 
 def save_adapter(model: nn.Module, path: str | os.PathLike, *, adapter: str = "default",
@@ -168,13 +170,13 @@ def write_entries(fn: str, model: nn.Module, entries: list[Entry], path: str, *,
             other = next(e.kind for e in entries if e.kind not in peft.COMPANIONS)
             raise ValueError(f"{fn}(): `lora_bias=True` is a setting of peft's LoRA, but adapter {adapter!r} is of "
                              f"kind {other!r}. Leave lora_bias out.")
-        config, tensors = peft.kinds_to_peft(fn, model, entries)
+        config, tensors = kinds_to_peft(fn, model, entries)
     elif format == "peft":
         config, tensors = peft.to_peft(fn, model, entries, lora_bias=lora_bias)
     else:
         config, tensors = ours.to_ours(entries, adapter)
     weights, config_name = (
-        (peft.WEIGHTS if safe_serialization else peft.PICKLE, peft.CONFIG) if format == "peft"
+        (peft_config.WEIGHTS if safe_serialization else peft_config.PICKLE, peft_config.CONFIG) if format == "peft"
         else (ours.WEIGHTS, ours.CONFIG))
     blob = write_safetensors(tensors, {"format": "pt"}, integers=format == "peft") if safe_serialization \
         else write_pickled(tensors)
@@ -291,7 +293,7 @@ def load_adapter(model: M, path: str | os.PathLike, *, adapter: str | None = Non
     if not isinstance(strict, bool):
         raise TypeError(f"{fn}(): `strict` must be a bool, got {type(strict).__name__}.")
     has_config = os.path.isdir(path) and any(
-        os.path.exists(os.path.join(path, c)) for c in (ours.CONFIG, peft.CONFIG))
+        os.path.exists(os.path.join(path, c)) for c in (ours.CONFIG, peft_config.CONFIG))
     file = None if has_config else diffusion.find_file(path)
     if file is not None or diffusion.is_pipeline(model):
         if file is None:
@@ -304,12 +306,12 @@ def load_adapter(model: M, path: str | os.PathLike, *, adapter: str | None = Non
         raise ValueError(f"{fn}(): `path` must be a directory written by save_adapter() or by "
                          f"peft's save_pretrained(), or a .safetensors file of the kohya-ss, LyCORIS or diffusers "
                          f"layout, got {path!r}, which is not a directory.")
-    has_ours, has_peft = (os.path.exists(os.path.join(path, c)) for c in (ours.CONFIG, peft.CONFIG))
+    has_ours, has_peft = (os.path.exists(os.path.join(path, c)) for c in (ours.CONFIG, peft_config.CONFIG))
     if has_ours and has_peft:
         raise ValueError(
             f"{fn}(): {path!r} holds two adapters: {ours.CONFIG} + {ours.WEIGHTS} (lora_inject's format) and "
-            f"{peft.CONFIG} + {peft.WEIGHTS} (peft's), so which one is meant is unclear. Delete the files of "
-            "the one you do not want, or save the adapter again (save_adapter() leaves one adapter in a "
+            f"{peft_config.CONFIG} + {peft_config.WEIGHTS} (peft's), so which one is meant is unclear. Delete the "
+            "files of the one you do not want, or save the adapter again (save_adapter() leaves one adapter in a "
             "directory)."
         )
     copies = []
@@ -321,14 +323,14 @@ def load_adapter(model: M, path: str | os.PathLike, *, adapter: str | None = Non
         model_root, prefix = placed(model, by_module, lambda m, p: _fits(m, by_module[p]))
         entries = [dataclasses.replace(e, module=e.module[len(prefix):]) for e in entries]
     elif has_peft:
-        saved = peft.read_peft(fn, path)
+        saved = peft_config.read_peft(fn, path)
         model_root, _ = placed(model, saved.module_paths(),
                                lambda m, p: m is not None and not isinstance(m, LoRA))
         saved_name, (entries, copies) = "default", peft.from_peft(fn, model_root, saved)
     else:
-        lone = [f for f in (ours.WEIGHTS, peft.WEIGHTS) if os.path.exists(os.path.join(path, f))]
+        lone = [f for f in (ours.WEIGHTS, peft_config.WEIGHTS) if os.path.exists(os.path.join(path, f))]
         below = sorted(d for d in os.listdir(path) if any(  # peft saves a named adapter in a subfolder
-            os.path.isfile(os.path.join(path, d, c)) for c in (ours.CONFIG, peft.CONFIG)))
+            os.path.isfile(os.path.join(path, d, c)) for c in (ours.CONFIG, peft_config.CONFIG)))
         if lone:
             what = f"it has {lone[0]} but its config is missing"
         elif below:
@@ -338,7 +340,7 @@ def load_adapter(model: M, path: str | os.PathLike, *, adapter: str | None = Non
             what = "it holds no adapter files"
         raise ValueError(
             f"{fn}(): {path!r} is not an adapter directory: {what}. Expected {ours.CONFIG} + {ours.WEIGHTS} "
-            f"(save_adapter) or {peft.CONFIG} + {peft.WEIGHTS} (peft)."
+            f"(save_adapter) or {peft_config.CONFIG} + {peft_config.WEIGHTS} (peft)."
         )
     if dtype is None and has_peft:
         half = (torch.float16, torch.bfloat16)  # peft's autocast_adapter_dtype

@@ -1,5 +1,6 @@
-"""peft's adapter format, both ways: our adapters to ``adapter_model.safetensors`` +
-``adapter_config.json``, and those files back to our adapters.
+"""peft's LoRA format, both ways: our adapters to ``adapter_model.safetensors`` +
+``adapter_config.json``, and those files back to our adapters (the other kinds peft has are
+:mod:`lora_inject.io._peft_kinds`; the files and the config, :mod:`lora_inject.io._peft_config`).
 
 Keys carry the prefix ``base_model.model.`` and the module path, without the adapter name:
 
@@ -36,52 +37,37 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
 import re
 from collections import Counter
-from dataclasses import replace
 
 import torch
 from torch import Tensor, nn
 from torch.nn.utils.parametrize import type_before_parametrizations
 
 from .._chain import find_lora, parametrized, source
-from .._kinds.lokr import peft_factor
-from .._kinds.oft import block_size
 from .._selection import named_modules
 from .._tied import tensor_users, users_of
 from .._view import View, compute_dtype
-from ..kind import find_kind, kernel
 from ..lora import LoRA, lora_scaling
 from ..rule import find_rule, own_tensor_names, type_name
 from ._entries import Copy, Entry, tensor_shape
-from ._files import dtype_name, is_integer, read_json, read_pickled, read_safetensors
+from ._files import dtype_name, is_integer
+from ._peft_config import (
+    MHA_OUT,
+    PREFIX,
+    SUFFIXES,
+    TOKENS,
+    Saved,
+    kind_of,
+    matches,
+    parents_of,
+    pattern,
+    targeted,
+    unwrap,
+)
+from ._peft_kinds import kinds_from_peft
 
-CONFIG = "adapter_config.json"
-WEIGHTS = "adapter_model.safetensors"
-PICKLE = "adapter_model.bin"  # peft's save_pretrained(safe_serialization=False)
-PREFIX = "base_model.model."
-_SUFFIXES = {".lora_A.weight": "A", ".lora_B.weight": "B", ".lora_embedding_A": "A", ".lora_embedding_B": "B",
-             ".lora_magnitude_vector": "m", ".lora_B.bias": "b"}
 _BIASED = ("linear", "conv", "conv1d")  # the layers where peft's lora_B has a bias (lora_bias=True)
-_INITS = (True, False, "gaussian", "eva", "orthogonal")  # inits that leave the base weights alone
-_UNSUPPORTED = {
-    "layer_replication": "`layer_replication`", "megatron_config": "Megatron layers",
-    "use_qalora": "QALoRA", "alora_invocation_tokens": "aLoRA", "velora_config": "VeLoRA",
-    "monteclora_config": "MonteCLoRA", "arrow_config": "Arrow", "kasa_config": "KaSA", "use_bdlora": "BD-LoRA",
-}
-_KNOWN = {
-    "peft_type", "task_type", "base_model_name_or_path", "revision", "inference_mode", "auto_mapping",
-    "peft_version", "r", "lora_alpha", "lora_dropout", "target_modules", "exclude_modules", "rank_pattern",
-    "alpha_pattern", "use_rslora", "fan_in_fan_out", "bias", "init_lora_weights", "layers_pattern",
-    "megatron_core", "loftq_config", "modules_to_save", "target_parameters", "layers_to_transform",
-    "eva_config", "corda_config", "lora_ga_config", "qalora_group_size",
-    "runtime_config", "ensure_weight_tying", "target_modules_to_tie", "use_dora", "lora_bias",
-    "trainable_token_indices", *_UNSUPPORTED,
-}
-_TOKENS_KNOWN = {"peft_type", "task_type", "base_model_name_or_path", "revision", "inference_mode", "auto_mapping",
-                 "peft_version", "target_modules", "token_indices", "init_weights"}
-TOKENS = ".token_adapter.trainable_tokens_delta"  # trainable_token_indices: the rows' values, below the module
 COMPANIONS = ("lora", "full", "tokens")  # the kinds a LORA adapter holds: LoRA, modules_to_save, tokens
 EMBEDDING_NAMES = ("embed_tokens",)  # the input embeddings peft ties its head to (EMBEDDING_LAYER_NAMES)
 
@@ -115,13 +101,6 @@ def peft_kind(module: nn.Module, parent: nn.Module | None) -> tuple[str | None, 
 
 
 _LORA_KINDS = ("linear", "conv", "embedding", "conv1d")
-_MHA_OUT = ("a MultiheadAttention's out_proj targeted on its own: MultiheadAttention reads out_proj.weight "
-            "without calling out_proj, so peft's LoRA there has no effect (peft merges out_proj's LoRA only when "
-            "the MultiheadAttention itself is targeted)")
-
-
-def _parents(modules: dict[str, nn.Module]) -> dict[str, nn.Module | None]:
-    return {n: modules.get(n.rpartition(".")[0]) if n else None for n in modules}
 
 
 def _param_names(module: nn.Module) -> list[str]:
@@ -133,23 +112,6 @@ def _param_names(module: nn.Module) -> list[str]:
 def _is_transposed(module: nn.Module) -> bool:
     """transformers' expert modules store ``(E, in, out)`` where they say ``is_transposed``."""
     return bool(getattr(module, "is_transposed", False))
-
-
-def _unwrap(path: str) -> tuple[str, int]:
-    """peft's path of a wrapped module to ``(our module path, how many trailing base_layer)``.
-
-    peft nests one ``ParamWrapper`` per targeted parameter (``experts.base_layer.lora_A``) and
-    keeps MultiheadAttention's out_proj under its ``base_layer`` (``mha.base_layer.out_proj``);
-    with ``bias="all"`` the bias of a ``modules_to_save`` module is saved inside its wrapper
-    (``classifier.modules_to_save.bias``).
-    """
-    parts = path.split(".")
-    depth = 0
-    while parts and parts[-1] == "base_layer":
-        parts.pop()
-        depth += 1
-    # modules_to_save: peft's trained copy and the original sit inside a wrapper of the module
-    return ".".join(p for p in parts if p not in ("base_layer", "modules_to_save", "original_module")), depth
 
 
 # -- ours -> peft ----------------------------------------------------------------------------
@@ -211,7 +173,7 @@ def to_peft(fn: str, model: nn.Module, entries: list[Entry], lora_bias: bool = F
     entries = [_from_w0(e) for e in entries]
     entries, tie = _untied(fn, model, entries)
     modules = dict(named_modules(model))
-    parents = _parents(modules)
+    parents = parents_of(modules)
     dora = any(e.dora for e in entries)
     kinds = {e.key: _export_kind(fn, e, modules[e.module], parents[e.module], dora) for e in entries}
     at: dict[int, list[str]] = {}  # every path of each module, as peft walks them
@@ -420,48 +382,6 @@ def _from_w0(e: Entry) -> Entry:
 
 
 # -- peft -> ours ----------------------------------------------------------------------------
-@dataclasses.dataclass
-class Saved:
-    """peft's adapter as read from its directory: the two files' paths, the config and the tensors."""
-
-    file: str
-    weights: str
-    config: dict
-    tensors: dict[str, Tensor]
-
-    def module_paths(self) -> list[str]:
-        """The paths in the user's model of the modules the saved tensors belong to."""
-        paths, kind = [], kind_of(self.config)
-        for key in self.tensors:
-            rest = key.removeprefix(PREFIX)
-            if kind is not None:  # a kind's tensors below the module; VeRA's shared ones at the root
-                ends = [f".{find_kind(kind).peft_key(n)}" for n in _KIND_TENSORS[kind]]
-                end = next((e for e in ends if rest.endswith(e)), None)
-                if rest != key and end is not None:
-                    paths.append(rest[: -len(end)])
-                continue
-            if rest.endswith(TOKENS):
-                paths.append(rest[: -len(TOKENS)])
-                continue
-            suffix = next((s for s in _SUFFIXES if rest.endswith(s)), None)
-            paths.append(_unwrap(rest[: -len(suffix)] if suffix else rest.rpartition(".")[0])[0])
-        return paths
-
-
-def read_peft(fn: str, path: str) -> Saved:
-    """Read peft's adapter in the directory ``path``, checking its config. The weights are
-    ``adapter_model.safetensors``, or else ``adapter_model.bin``, read with
-    ``torch.load(weights_only=True)``: tensors only, never an arbitrary object."""
-    file, weights = os.path.join(path, CONFIG), os.path.join(path, WEIGHTS)
-    config = read_json(fn, file)
-    _check_config(fn, file, config)
-    if not os.path.exists(weights) and os.path.exists(os.path.join(path, PICKLE)):
-        weights = os.path.join(path, PICKLE)
-        return Saved(file, weights, config, read_pickled(fn, weights, integers=True))
-    tensors, _ = read_safetensors(fn, weights, integers=True)
-    return Saved(file, weights, config, tensors)
-
-
 def from_peft(fn: str, model: nn.Module, saved: Saved) -> tuple[list[Entry], list[Copy]]:
     """Translate peft's adapter ``saved`` into entries and exact copies for ``model``, or raise if it
     cannot be reproduced.
@@ -485,9 +405,9 @@ def from_peft(fn: str, model: nn.Module, saved: Saved) -> tuple[list[Entry], lis
         rest = key.removeprefix(PREFIX)
         if rest.endswith(TOKENS):
             continue  # read above
-        suffix = next((s for s in _SUFFIXES if rest.endswith(s)), None)
+        suffix = next((s for s in SUFFIXES if rest.endswith(s)), None)
         where, _, tensor = (rest[: -len(suffix)], "", "") if suffix else rest.rpartition(".")
-        module, depth = _unwrap(where)
+        module, depth = unwrap(where)
         if rest == key:
             raise ValueError(f"{fn}(): {weights} holds `{key}` {tuple(t.shape)}, which is not a key of peft's "
                              f"format (they start with {PREFIX!r}); nothing was loaded.")
@@ -504,7 +424,7 @@ def from_peft(fn: str, model: nn.Module, saved: Saved) -> tuple[list[Entry], lis
             if held is None or _copy_rank(key) > _copy_rank(held[0]):
                 full[(module, tensor)] = (key, t)
         else:
-            factors.setdefault((module, depth), {})[_SUFFIXES[suffix]] = (key, t)
+            factors.setdefault((module, depth), {})[SUFFIXES[suffix]] = (key, t)
     claims = _claims(fn, file, config, modules)
     if config.get("ensure_weight_tying"):  # peft gives the head tied to a targeted embed_tokens its LoRA too
         users = tensor_users(model)
@@ -567,7 +487,7 @@ def _token_entries(fn: str, model: nn.Module, modules: dict[str, nn.Module], sav
     end = TOKENS
     if saved.config.get("peft_type") == "TRAINABLE_TOKENS":  # its target_modules, each with its token_indices
         end, targets = ".trainable_tokens_delta", saved.config["target_modules"]
-        spec = {p: saved.config.get("token_indices") for p in modules if p and _matches(targets, p)}
+        spec = {p: saved.config.get("token_indices") for p in modules if p and matches(targets, p)}
     keys = {k.removeprefix(PREFIX)[: -len(end)]: (k, t) for k, t in saved.tensors.items() if k.endswith(end)}
     if not spec and not keys:
         return []
@@ -697,13 +617,13 @@ def _copy_rank(key: str) -> int:
 def _claims(fn: str, file: str, config: dict, modules: dict[str, nn.Module]) -> dict[tuple[str, int], tuple]:
     """What peft would have adapted: ``(module path, base_layer depth)`` to ``(module, tensor, kind,
     pattern key, key prefix)``."""
-    parents, claims = _parents(modules), {}
+    parents, claims = parents_of(modules), {}
     for name, module in modules.items():
         if not name:
             continue
-        if _targeted(config, name):
+        if targeted(config, name):
             kind, why = peft_kind(module, parents[name])
-            why = _MHA_OUT if kind == "mha_out" else why
+            why = MHA_OUT if kind == "mha_out" else why
             if kind is None or kind == "mha_out":
                 raise ValueError(f"{fn}(): {file} targets `{name}`, which is {why}; lora_inject cannot "
                                  "reproduce peft's outputs there, so nothing was loaded.")
@@ -729,8 +649,8 @@ def _claims(fn: str, file: str, config: dict, modules: dict[str, nn.Module]) -> 
 def _lora_entry(fn: str, file: str, weights: str, config: dict, module: nn.Module, name: str, tensor: str,
                 kind: str, pkey: str, base: str, got: dict[str, tuple[str, Tensor]]) -> Entry:
     """The entry of one LoRA that peft saved, checked against the model."""
-    r = _pattern(fn, config, "rank_pattern", pkey, config.get("r", 8))
-    alpha = _pattern(fn, config, "alpha_pattern", pkey, config.get("lora_alpha", 8))
+    r = pattern(fn, config, "rank_pattern", pkey, config.get("r", 8))
+    alpha = pattern(fn, config, "alpha_pattern", pkey, config.get("lora_alpha", 8))
     shape = tensor_shape(module, tensor)
     emb = kind == "embedding"
     if kind == "param" and len(shape) == 3:
@@ -823,443 +743,3 @@ def _exact_entry(name: str, module: nn.Module, tensor: str, delta: Tensor) -> En
     return Entry(module=name, tensor=tensor, type=type_name(module), shape=tuple(base.shape), A=A, B=B, r=r,
                  alpha=float(r), transpose=view.transpose,
                  factored=rule.is_factored(module) if ours else False)
-
-
-def _check_config(fn: str, file: str, config: dict) -> None:
-    def refuse(what: str) -> ValueError:
-        return ValueError(f"{fn}(): {file} uses {what}, which lora_inject cannot reproduce; nothing was "
-                          "loaded. Merge the adapter with peft (merge_and_unload()) instead.")
-
-    if kind_of(config) is not None:
-        _check_kind_config(fn, file, config, kind_of(config))
-        return
-    if config.get("peft_type") == "TRAINABLE_TOKENS":
-        unknown = next((k for k, v in config.items() if k not in _TOKENS_KNOWN and v not in (None, False, [], {}, "")),
-                       None)
-        if unknown is not None:
-            raise refuse(f"the field {unknown!r} = {config[unknown]!r} with peft_type 'TRAINABLE_TOKENS'")
-        if not isinstance(config.get("target_modules"), (str, list)):
-            raise refuse(f"target_modules={config.get('target_modules')!r} (a list of names or a regex is needed)")
-        return
-    if config.get("peft_type") != "LORA":
-        raise refuse(f"peft_type {config.get('peft_type')!r} (only {['LORA', *_TYPE_KINDS]} translate)")
-    for field, what in _UNSUPPORTED.items():
-        if config.get(field):
-            raise refuse(f"{what} = {config[field]!r}")
-    if config.get("init_lora_weights", True) not in _INITS:
-        raise refuse(f"init_lora_weights={config['init_lora_weights']!r}, which changes the base weights")
-    unknown = next((k for k, v in config.items() if k not in _KNOWN and v not in (None, False, [], {}, "")), None)
-    if unknown is not None:
-        raise refuse(f"the field {unknown!r} = {config[unknown]!r}, unknown to lora_inject")
-    targets = config.get("target_modules")
-    if targets is None and config.get("target_parameters"):
-        targets = []
-    if not isinstance(targets, (str, list)) or targets == "all-linear":
-        raise refuse(f"target_modules={targets!r} (a list of names or a regex is needed)")
-    for field in ("target_modules", "exclude_modules"):
-        if isinstance(config.get(field), str):
-            try:
-                re.compile(config[field])
-            except re.error as e:
-                raise ValueError(f"{fn}(): `{field}` in {file} is not a valid regex: {e}.") from None
-
-
-def _matches(spec: str | list | None, name: str) -> bool:
-    """peft's rule: a str must fully match; a list entry must equal the name or end it after a dot."""
-    if not spec:
-        return False
-    if isinstance(spec, str):
-        return re.fullmatch(spec, name) is not None
-    return name in spec or any(name.endswith(f".{s}") for s in spec)
-
-
-def _targeted(config: dict, name: str) -> bool:
-    """peft's ``check_target_module_exists``: excluded modules and ``modules_to_save`` never match,
-    and with a list of targets ``layers_to_transform`` keeps only the layers it names, except for a
-    module whose whole path is in the list (``lm_head``), which peft takes before any layer filter."""
-    if _matches(config.get("exclude_modules"), name) or any(
-            re.match(rf"(^|.*\.){m}($|\..*)", name) for m in config.get("modules_to_save") or []):
-        return False
-    targets = config.get("target_modules")
-    if not _matches(targets, name):
-        return False
-    layers = config.get("layers_to_transform")
-    if isinstance(targets, str) or name in targets or layers is None or layers == []:
-        return True
-    patterns = config.get("layers_pattern") or None
-    patterns = [patterns] if isinstance(patterns, str) else patterns
-    found = (re.match(r".*?\.[^.]*\.(?P<idx>\d+)\.", name) if patterns is None else next(
-        (m for m in (re.match(rf"(?:^|.*?\.){p}\.(?P<idx>\d+)\.", name) for p in patterns) if m), None))
-    if found is None:
-        return False
-    index = int(found["idx"])
-    return index == layers if isinstance(layers, int) else index in layers
-
-
-def _pattern(fn: str, config: dict, field: str, name: str, default):
-    """peft's ``get_pattern_key``: the first key with ``re.match(rf"(.*\\.)?({key})$", name)``."""
-    for key, value in (config.get(field) or {}).items():
-        try:
-            if re.match(rf"(.*\.)?({key})$", name):
-                return value
-        except re.error as e:
-            raise ValueError(f"{fn}(): the key {key!r} of `{field}` is not a valid regex: {e}.") from None
-    return default
-
-
-# -- the other kinds peft has: LoHa, LoKr, OFT, IA³, VeRA -------------------------------------
-KIND_TYPES = {"loha": "LOHA", "lokr": "LOKR", "oft": "OFT", "ia3": "IA3", "vera": "VERA"}
-_TYPE_KINDS = {t: k for k, t in KIND_TYPES.items()}
-# The layers each kind's peft tuner wraps (its layers_mapping / _create_new_module)
-_KIND_LAYERS = {"loha": ("Linear", "Conv1d", "Conv2d"), "lokr": ("Linear", "Conv1d", "Conv2d"),
-                "oft": ("Linear", "Conv2d"), "ia3": ("Linear", "Conv1D", "Conv2d", "Conv3d"),
-                "vera": ("Linear", "Conv1D")}
-# The tensors of each kind in peft's files, by our name (the key below the module is its peft_key)
-_KIND_TENSORS = {"loha": ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2"),
-                 "lokr": ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2"),
-                 "oft": ("oft_R",), "ia3": ("ia3_l",), "vera": ("vera_lambda_b", "vera_lambda_d")}
-_VERA_SHARED = ("vera_A", "vera_B")
-# The kind's options that are fields of peft's config of the same name (IA³'s feedforward is per module)
-_KIND_FIELDS = {"loha": ("rank_dropout", "module_dropout", "use_effective_conv2d"),
-                "lokr": ("rank_dropout", "module_dropout", "use_effective_conv2d", "decompose_both",
-                         "decompose_factor", "rank_dropout_scale"),
-                "oft": ("use_cayley_neumann", "num_cayley_neumann_terms", "coft", "eps", "block_share",
-                        "module_dropout"),
-                "ia3": (), "vera": ("d_initial", "projection_prng_key", "save_projection")}
-_COMMON = {"peft_type", "task_type", "base_model_name_or_path", "revision", "inference_mode", "auto_mapping",
-           "peft_version", "target_modules", "exclude_modules", "layers_to_transform", "layers_pattern"}
-_KIND_KNOWN = {  # the rest of each config's fields that are read, or have no effect on the outputs
-    "loha": {"r", "alpha", "rank_pattern", "alpha_pattern", "init_weights"},
-    "lokr": {"r", "alpha", "rank_pattern", "alpha_pattern", "init_weights"},
-    "oft": {"r", "oft_block_size", "fan_in_fan_out", "bias", "init_weights"},
-    "ia3": {"feedforward_modules", "fan_in_fan_out", "init_ia3_weights"},
-    "vera": {"r", "fan_in_fan_out", "bias", "init_weights"},
-}
-PEFT_VERSION = "0.21.2"  # the peft whose files these are (OFT reads its Cayley-Neumann form from 0.18 on)
-
-
-def _kind_layer(kind: str, module: nn.Module, parent: nn.Module | None) -> str:
-    """Why peft's ``kind`` tuner cannot wrap ``module``, or ``""`` where it can."""
-    cls = type_before_parametrizations(module)
-    layer = None
-    if issubclass(cls, nn.Linear):
-        layer = "Linear"
-    elif issubclass(cls, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
-        layer = cls.__mro__[[c in (nn.Conv1d, nn.Conv2d, nn.Conv3d) for c in cls.__mro__].index(True)].__name__
-    elif any(f"{c.__module__}.{c.__qualname__}" == "transformers.pytorch_utils.Conv1D" for c in cls.__mro__):
-        layer = "Conv1D"
-    if layer is None or layer not in _KIND_LAYERS[kind]:
-        return (f"a {cls.__name__}, and peft's {KIND_TYPES[kind]} wraps only "
-                f"{', '.join(_KIND_LAYERS[kind])}")
-    if layer == "Linear" and isinstance(parent, nn.MultiheadAttention):
-        return _MHA_OUT.replace("LoRA", KIND_TYPES[kind])
-    if layer.startswith("Conv") and layer != "Conv1D":
-        if module.groups != 1:
-            return f"a {cls.__name__} with groups={module.groups} (lora_inject writes {kind} on groups=1 only)"
-        if module.padding_mode != "zeros":
-            return f"a {cls.__name__} with padding_mode={module.padding_mode!r} (peft's update ignores it)"
-        if kind == "oft" and any(d != 1 for d in module.dilation):
-            return f"a {cls.__name__} with dilation {module.dilation} (peft's OFT refuses it)"
-    return ""
-
-
-def _site(fn: str, kind: str, name: str, module: nn.Module, parent: nn.Module | None) -> View:
-    """The view of ``module.weight`` as the rule for its type sees it, or raise where peft's
-    ``kind`` cannot adapt it."""
-    why = _kind_layer(kind, module, parent)
-    rule = find_rule(module)
-    if not why and (rule is None or not rule.adapts("weight")):
-        why = f"a {type_name(module)} without a rule that adapts its weight"
-    if why:
-        raise ValueError(f"{fn}(): `{name}` is {why}; peft's format cannot hold kind {kind!r} there.")
-    return View(tensor_shape(module, "weight"), rule.transpose, False)
-
-
-def _lokr_conv1d(fn: str, kind: str, name: str, view: View, names) -> None:
-    """Raise for LoKr with a full ``lokr_w2`` on a Conv1d: peft's ``make_kron`` then takes
-    ``torch.kron`` of a 2-D and a 3-D tensor and reshapes it, which is not the Kronecker product
-    of the update (LyCORIS's) that lora_inject computes, so neither side would give the other's
-    outputs."""
-    if kind == "lokr" and "lokr_w2" in names and len(kernel(view)) == 1:
-        raise ValueError(f"{fn}(): `{name}` is a Conv1d with LoKr's full `lokr_w2`, where peft's update is not "
-                         "the Kronecker product of its factors (its make_kron misses the kernel dimension), so "
-                         "the outputs would differ. Use r < max(out, in) factors / 2 (low-rank lokr_w2) or "
-                         "format='lora_inject'.")
-
-
-def _peft_split(fn: str, e: Entry, view: View) -> Entry:
-    """``e`` with peft's ``decompose_factor`` for its explicit LoKr ``factors``, or raise where peft's
-    factorization gives none of that split."""
-    if e.options.get("factors") is None:
-        return e
-    factor = peft_factor(view, e.r, e.options)
-    if factor is None:
-        raise ValueError(f"{fn}(): `{e.key}` is LoKr with factors={list(e.options['factors'])} (w1 "
-                         f"{tuple(e.options['factors'][::2])}, w2 {tuple(e.options['factors'][1::2])}), a split that "
-                         "peft's factorization gives for no decompose_factor (LyCORIS's large factors and "
-                         "unbalanced_factorization give such splits), so peft could not read it. Save with "
-                         "format='kohya' or 'lora_inject'.")
-    return replace(e, options={**e.options, "factors": None, "decompose_factor": factor})
-
-
-def _target_spec(modules: dict[str, nn.Module], targets: list[str]) -> list[str] | str:
-    """peft's ``target_modules`` that select exactly ``targets``: the list, or a regex where a list
-    entry would also match another module (peft matches an entry at the end of a path)."""
-    names = [n for n in modules if n]
-    if any(n not in targets and any(n.endswith("." + p) for p in targets) for n in names):
-        return "|".join(f"(?:{re.escape(p)})" for p in targets)
-    return targets
-
-
-def kinds_to_peft(fn: str, model: nn.Module, entries: list[Entry]) -> tuple[dict, dict[str, Tensor]]:
-    """Translate entries of one kind other than LoRA to peft's config and tensors, or raise where
-    peft's format cannot hold them."""
-    kinds = sorted({e.kind for e in entries})
-    if len(kinds) > 1:
-        raise ValueError(f"{fn}(): the adapter mixes the kinds {kinds}; peft's format holds one peft_type per "
-                         "adapter. Save with format='lora_inject', or save each kind as its own adapter.")
-    kind = kinds[0]
-    if kind not in KIND_TYPES:
-        raise ValueError(f"{fn}(): the adapter is of kind {kind!r}, which peft has no type for (peft's format "
-                         f"holds {['lora', *KIND_TYPES]}). Save with format='lora_inject'.")
-    K = find_kind(kind)
-    modules = dict(named_modules(model))
-    parents = _parents(modules)
-    at: dict[int, list[str]] = {}
-    for name, m in model.named_modules(remove_duplicate=False):
-        at.setdefault(id(m), []).append(name)
-    views = {}
-    for e in entries:
-        if e.module:
-            _site(fn, kind, e.module, modules[e.module], parents[e.module])
-        if not e.module or e.tensor != "weight" or e.experts:
-            raise ValueError(f"{fn}(): `{e.key}` ({e.type}) has no equivalent in peft's format: peft's "
-                             f"{KIND_TYPES[kind]} adapts the `weight` of a submodule. Save with "
-                             "format='lora_inject'.")
-        views[e.key] = _site(fn, kind, e.module, modules[e.module], parents[e.module])
-        if (views[e.key].transpose, tuple(views[e.key].shape)) != (e.transpose, tuple(e.shape)):
-            raise ValueError(f"{fn}(): `{e.key}` was adapted with transpose={e.transpose} (a custom rule), but peft "
-                             f"reads a {e.type} with transpose={views[e.key].transpose}. Save with "
-                             "format='lora_inject'.")
-        _lokr_conv1d(fn, kind, e.module, views[e.key], e.extra)
-        where = at.get(id(modules[e.module]), [])
-        if len(where) > 1:
-            raise ValueError(f"{fn}(): {e.type} `{e.module}` sits at {len(where)} paths in the model ({where}); "
-                             "peft would adapt it at each, so it would not give this model's outputs. Save with "
-                             "format='lora_inject', or untie the module.")
-        if kind == "oft" and e.options.get("rotate", "in") != "in":
-            raise ValueError(f"{fn}(): `{e.key}` is OFT with rotate={e.options['rotate']!r}; peft's OFT on a "
-                             f"{e.type} rotates the input. Save with format='lora_inject'.")
-    if kind == "lokr":
-        entries = [_peft_split(fn, e, views[e.key]) for e in entries]
-    fields = _KIND_FIELDS[kind]
-    shared = {tuple((f, e.options[f]) for f in fields) for e in entries}
-    if kind == "oft":  # the rank is OFT's block count, part of its structure: one per adapter in peft
-        shared = {(*s, ("r", e.r), ("oft_block_size", e.options["oft_block_size"])) for s, e in
-                  zip([tuple((f, e.options[f]) for f in fields) for e in entries], entries)}
-    if kind == "vera":
-        shared = {(*tuple((f, e.options[f]) for f in fields), ("r", e.r)) for e in entries}
-    if len(shared) > 1:
-        raise ValueError(f"{fn}(): peft's {KIND_TYPES[kind]} has one setting per adapter for "
-                         f"{sorted({f for s in shared for f, _ in s})}, but this adapter's tensors differ in them "
-                         f"({sorted(shared)}). Save with format='lora_inject'.")
-    options = dict(next(iter(shared)))
-    targets = [e.module for e in sorted(entries, key=lambda e: list(modules).index(e.module))]
-    cls = type_before_parametrizations(model)
-    config = {
-        "peft_type": KIND_TYPES[kind], "task_type": None, "inference_mode": True, "revision": None,
-        "peft_version": PEFT_VERSION,
-        "base_model_name_or_path": getattr(getattr(model, "config", None), "name_or_path", None) or None,
-        "auto_mapping": {"base_model_class": cls.__name__, "parent_library": cls.__module__}
-        if hasattr(cls, "from_pretrained") else None,
-        "target_modules": _target_spec(modules, targets), "exclude_modules": None, "modules_to_save": None,
-        **{f: options[f] for f in fields},
-    }
-    if kind in ("loha", "lokr"):
-        ranks, alphas = {e.module: e.r for e in entries}, {e.module: e.alpha for e in entries}
-        r0 = Counter(ranks.values()).most_common(1)[0][0]
-        a0 = Counter(alphas.values()).most_common(1)[0][0]
-        names = [n for n in modules if n]
-        exact = {p: ("^" if any(n != p and n.endswith("." + p) for n in names) else "") + re.escape(p)
-                 for p in ranks}
-        config.update(r=r0, alpha=a0, rank_pattern={exact[p]: r for p, r in ranks.items() if r != r0},
-                      alpha_pattern={exact[p]: a for p, a in alphas.items() if a != a0}, init_weights=True,
-                      layers_to_transform=None, layers_pattern=None)
-    conv1d = any(v.transpose for v in views.values()) and not any(not v.transpose for v in views.values())
-    if kind == "oft":
-        config.update(r=options["r"], oft_block_size=options["oft_block_size"], fan_in_fan_out=False,
-                      bias="none", init_weights=True, layers_to_transform=None, layers_pattern=None)
-    if kind == "ia3":
-        ff = [e.module for e in entries if e.options["feedforward"]]
-        by_list = all(any(t.endswith(f) for f in ff) == (t in ff) for t in targets)
-        config.update(feedforward_modules=ff if by_list else "|".join(f"(?:{re.escape(p)})" for p in ff) or [],
-                      fan_in_fan_out=conv1d, init_ia3_weights=True)
-    if kind == "vera":
-        config.update(r=options["r"], fan_in_fan_out=conv1d, bias="none", init_weights=True, vera_dropout=0.0,
-                      layers_to_transform=None, layers_pattern=None)
-    tensors = {}
-    for e in entries:
-        for name, t in e.extra.items():
-            if name not in _VERA_SHARED:
-                tensors[f"{PREFIX}{e.module}.{K.peft_key(name)}"] = t.contiguous()
-    if kind == "vera":
-        A, B = _vera_projections(fn, K, entries, views, options)
-        if options["save_projection"]:
-            tensors["base_model.vera_A"], tensors["base_model.vera_B"] = A, B
-    return config, tensors
-
-
-def _vera_projections(fn: str, K, entries: list[Entry], views: dict[str, View], options: dict):
-    """VeRA's shared ``vera_A`` ``(r, in_max)`` and ``vera_B`` ``(out_max, r)``, from the slices the
-    sites hold; raise unless the slices are of one projection, the one peft rebuilds from the key
-    where it is not saved."""
-    wide = max(entries, key=lambda e: views[e.key].in_features)
-    tall = max(entries, key=lambda e: views[e.key].out_features)
-    A, B = wide.extra["vera_A"], tall.extra["vera_B"]
-    for e in entries:
-        v = views[e.key]
-        if not (torch.equal(e.extra["vera_A"], A[:, :v.in_features].to(e.extra["vera_A"]))
-                and torch.equal(e.extra["vera_B"], B[:v.out_features].to(e.extra["vera_B"]))):
-            raise ValueError(f"{fn}(): VeRA's projections on `{e.key}` are not slices of those of `{wide.key}` "
-                             f"and `{tall.key}`; peft shares one pair per adapter. Save with "
-                             "format='lora_inject'.")
-    if not options["save_projection"]:
-        made = K.shared(list(views.values()), options["r"], options)
-        if not (torch.equal(made["vera_A"].to(A), A) and torch.equal(made["vera_B"].to(B), B)):
-            raise ValueError(f"{fn}(): VeRA's projections differ from those projection_prng_key="
-                             f"{options['projection_prng_key']} gives, and save_projection=False would have peft "
-                             "rebuild them from the key. Inject with save_projection=True, or save with "
-                             "format='lora_inject'.")
-    return A.contiguous(), B.contiguous()
-
-
-def _check_kind_config(fn: str, file: str, config: dict, kind: str) -> None:
-    def refuse(what: str) -> ValueError:
-        return ValueError(f"{fn}(): {file} uses {what}, which lora_inject cannot reproduce; nothing was "
-                          "loaded. Merge the adapter with peft (merge_and_unload()) instead.")
-
-    known = _COMMON | _KIND_KNOWN[kind] | set(_KIND_FIELDS[kind])
-    unknown = next((k for k, v in config.items() if k not in known and v not in (None, False, [], {}, "", 0, 0.0)),
-                   None)
-    if unknown is not None:
-        raise refuse(f"the field {unknown!r} = {config[unknown]!r} with peft_type {config['peft_type']!r}")
-    if config.get("bias", "none") != "none":
-        raise refuse(f"bias={config['bias']!r} with peft_type {config['peft_type']!r}")
-    targets = config.get("target_modules")
-    if not isinstance(targets, (str, list)) or targets == "all-linear":
-        raise refuse(f"target_modules={targets!r} (a list of names or a regex is needed)")
-    if kind == "ia3" and not isinstance(config.get("feedforward_modules") or [], (str, list)):
-        raise refuse(f"feedforward_modules={config['feedforward_modules']!r} (a list of names or a regex)")
-    for field in ("target_modules", "exclude_modules") + (("feedforward_modules",) if kind == "ia3" else ()):
-        if isinstance(config.get(field), str):
-            try:
-                re.compile(config[field])
-            except re.error as e:
-                raise ValueError(f"{fn}(): `{field}` in {file} is not a valid regex: {e}.") from None
-
-
-def kind_of(config: dict) -> str | None:
-    """Our kind for peft's ``peft_type`` of ``config``, or None for LoRA."""
-    return _TYPE_KINDS.get(config.get("peft_type"))
-
-
-def _feedforward(config: dict, name: str) -> bool:
-    """peft's IA³ ``_check_target_module_feedforward``: a regex fully matches, a list entry ends the path."""
-    spec = config.get("feedforward_modules") or []
-    if isinstance(spec, str):
-        return re.fullmatch(spec, name) is not None
-    return any(name.endswith(s) for s in spec)
-
-
-def kinds_from_peft(fn: str, model: nn.Module, saved: Saved) -> list[Entry]:
-    """Translate peft's LoHa, LoKr, OFT, IA³ or VeRA adapter ``saved`` into entries for ``model``,
-    or raise where it cannot be reproduced."""
-    file, weights, config, tensors = saved.file, saved.weights, saved.config, dict(saved.tensors)
-    kind = kind_of(config)
-    K = find_kind(kind)
-    modules = dict(named_modules(model))
-    parents = _parents(modules)
-    sites = {}
-    for name, module in modules.items():
-        if name and _targeted(config, name) and not isinstance(module, LoRA):
-            try:
-                sites[name] = _site(fn, kind, name, module, parents[name])
-            except ValueError as e:
-                raise ValueError(f"{str(e).rstrip('.')}; {file} targets it, so nothing was loaded.") from None
-    if not sites:
-        raise ValueError(f"{fn}(): `target_modules` in {file} selects no module of the model; it was saved from "
-                         "another model.")
-    shared = {}
-    if kind == "vera":
-        r = config.get("r", 256)
-        options = {o.name: config.get(o.name, o.default) for o in K.options}
-        if config.get("vera_dropout"):
-            raise ValueError(f"{fn}(): {file} has vera_dropout={config['vera_dropout']!r}; lora_inject's VeRA has "
-                             "no dropout, so nothing was loaded.")
-        want = K.shared([View(tuple(v.shape), v.transpose, False) for v in sites.values()], r, options)
-        if any(k in tensors for k in ("base_model.vera_A", "base_model.vera_B")):
-            for x in _VERA_SHARED:
-                t = tensors.pop(f"base_model.{x}", None)
-                if t is None or tuple(t.shape) != tuple(want[x].shape):
-                    raise ValueError(f"{fn}(): {weights} holds `base_model.{x}` of shape "
-                                     f"{None if t is None else tuple(t.shape)}, but VeRA with r={r} on the modules "
-                                     f"{file} targets needs {tuple(want[x].shape)}. It was saved from another model.")
-                shared[x] = t
-        else:
-            shared = want
-    entries = []
-    for name, view in sites.items():
-        module = modules[name]
-        opts = {f: config[f] for f in _KIND_FIELDS[kind] if f in config}
-        r, alpha = None, None
-        if kind in ("loha", "lokr"):
-            r = _pattern(fn, config, "rank_pattern", name, config.get("r", 8))
-            alpha = float(_pattern(fn, config, "alpha_pattern", name, config.get("alpha", 8)))
-        elif kind == "vera":
-            r = config.get("r", 256)
-        elif kind == "ia3":
-            opts["feedforward"] = _feedforward(config, name)
-        got = {n: tensors.pop(f"{PREFIX}{name}.{K.peft_key(n)}") for n in _KIND_TENSORS[kind]
-               if f"{PREFIX}{name}.{K.peft_key(n)}" in tensors}
-        if kind == "oft":  # the block size, from oft_R's shape (peft may have adjusted the config's)
-            if "oft_R" not in got:
-                raise ValueError(f"{fn}(): {file} targets `{name}`, but {weights} lacks `{PREFIX}{name}.oft_R.weight`. "
-                                 "It was saved from another model.")
-            try:
-                b = block_size(got["oft_R"].shape[-1]) if got["oft_R"].dim() == 2 else 0
-            except ValueError:
-                b = 0
-            if b < 2 or view.in_features % b:
-                raise ValueError(f"{fn}(): `{PREFIX}{name}.oft_R.weight` has shape {tuple(got['oft_R'].shape)}, "
-                                 f"which is no OFT block of the {view.in_features} inputs of `{name}`. It was saved "
-                                 "from another model.")
-            r, opts["oft_block_size"], opts["rotate"] = 0, b, "in"
-        r, alpha, opts = K.resolve(r, alpha, **opts)
-        with torch.device("meta"):
-            made = K.create(view, r, alpha, opts)
-        shapes = {n: tuple(t.shape) for n, t in made.items()}
-        if set(got) != set(shapes) or any(tuple(got[n].shape) != s for n, s in shapes.items()):
-            have = {f"{K.peft_key(n)}": tuple(t.shape) for n, t in got.items()}
-            need = {f"{K.peft_key(n)}": s for n, s in shapes.items()}
-            raise ValueError(f"{fn}(): {weights} holds {have or 'nothing'} for `{name}`, but "
-                             f"{KIND_TYPES[kind]} with r={r} and {file}'s options on its weight of shape "
-                             f"{tuple(view.shape)} makes {need}. It was saved from another model or config.")
-        _lokr_conv1d(fn, kind, name, view, got)
-        bad = next((n for n, t in got.items() if not t.dtype.is_floating_point), None)
-        if bad is not None:
-            raise TypeError(f"{fn}(): `{PREFIX}{name}.{K.peft_key(bad)}` in {weights} has dtype "
-                            f"{dtype_name(got[bad].dtype)}; an adapter's tensors are floating point. The file is "
-                            "corrupt.")
-        if shared:
-            got.update(K.share(shared, view, r, opts))
-            got = {n: t.to(got["vera_lambda_b"].dtype) for n, t in got.items()}
-        rule = find_rule(module)
-        entries.append(Entry(module=name, tensor="weight", type=type_name(module), shape=tuple(view.shape), A=None,
-                             B=None, r=r, alpha=alpha, transpose=view.transpose, factored=rule.is_factored(module),
-                             extra=got, kind=kind, options=opts))
-    if tensors:
-        key = sorted(tensors)[0]
-        raise ValueError(f"{fn}(): {weights} holds `{key}` {tuple(tensors[key].shape)}, which no module that "
-                         f"`target_modules` in {file} selects takes; it was saved from another model, so nothing "
-                         "was loaded.")
-    return entries

@@ -1,0 +1,337 @@
+"""peft's files of the kinds besides LoRA (LoHa, LoKr, OFT, IA³, VeRA), both ways: our adapters of
+one such kind to peft's config and tensors, and peft's back to entries.
+
+peft's tuner of each kind wraps a few layer types (``_KIND_LAYERS``); an adapter elsewhere is
+refused with the reason, since peft could not load it. The tensors keep peft's names below the
+module (each kind's ``peft_key``), and VeRA's shared projections sit at the root
+(``base_model.vera_A``/``vera_B``) where ``save_projection`` keeps them.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import Counter
+from dataclasses import replace
+
+import torch
+from torch import Tensor, nn
+from torch.nn.utils.parametrize import type_before_parametrizations
+
+from .._kinds.lokr import peft_factor
+from .._kinds.oft import block_size
+from .._selection import named_modules
+from .._view import View
+from ..kind import find_kind, kernel
+from ..lora import LoRA
+from ..rule import find_rule, type_name
+from ._entries import Entry, tensor_shape
+from ._files import dtype_name
+from ._peft_config import (
+    KIND_FIELDS,
+    KIND_TENSORS,
+    KIND_TYPES,
+    MHA_OUT,
+    PREFIX,
+    Saved,
+    feedforward,
+    kind_of,
+    parents_of,
+    pattern,
+    targeted,
+)
+
+# The layers each kind's peft tuner wraps (its layers_mapping / _create_new_module)
+_KIND_LAYERS = {"loha": ("Linear", "Conv1d", "Conv2d"), "lokr": ("Linear", "Conv1d", "Conv2d"),
+                "oft": ("Linear", "Conv2d"), "ia3": ("Linear", "Conv1D", "Conv2d", "Conv3d"),
+                "vera": ("Linear", "Conv1D")}
+_VERA_SHARED = ("vera_A", "vera_B")
+PEFT_VERSION = "0.21.2"  # the peft whose files these are (OFT reads its Cayley-Neumann form from 0.18 on)
+
+
+def _kind_layer(kind: str, module: nn.Module, parent: nn.Module | None) -> str:
+    """Why peft's ``kind`` tuner cannot wrap ``module``, or ``""`` where it can."""
+    cls = type_before_parametrizations(module)
+    layer = None
+    if issubclass(cls, nn.Linear):
+        layer = "Linear"
+    elif issubclass(cls, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+        layer = cls.__mro__[[c in (nn.Conv1d, nn.Conv2d, nn.Conv3d) for c in cls.__mro__].index(True)].__name__
+    elif any(f"{c.__module__}.{c.__qualname__}" == "transformers.pytorch_utils.Conv1D" for c in cls.__mro__):
+        layer = "Conv1D"
+    if layer is None or layer not in _KIND_LAYERS[kind]:
+        return (f"a {cls.__name__}, and peft's {KIND_TYPES[kind]} wraps only "
+                f"{', '.join(_KIND_LAYERS[kind])}")
+    if layer == "Linear" and isinstance(parent, nn.MultiheadAttention):
+        return MHA_OUT.replace("LoRA", KIND_TYPES[kind])
+    if layer.startswith("Conv") and layer != "Conv1D":
+        if module.groups != 1:
+            return f"a {cls.__name__} with groups={module.groups} (lora_inject writes {kind} on groups=1 only)"
+        if module.padding_mode != "zeros":
+            return f"a {cls.__name__} with padding_mode={module.padding_mode!r} (peft's update ignores it)"
+        if kind == "oft" and any(d != 1 for d in module.dilation):
+            return f"a {cls.__name__} with dilation {module.dilation} (peft's OFT refuses it)"
+    return ""
+
+
+def _site(fn: str, kind: str, name: str, module: nn.Module, parent: nn.Module | None) -> View:
+    """The view of ``module.weight`` as the rule for its type sees it, or raise where peft's
+    ``kind`` cannot adapt it."""
+    why = _kind_layer(kind, module, parent)
+    rule = find_rule(module)
+    if not why and (rule is None or not rule.adapts("weight")):
+        why = f"a {type_name(module)} without a rule that adapts its weight"
+    if why:
+        raise ValueError(f"{fn}(): `{name}` is {why}; peft's format cannot hold kind {kind!r} there.")
+    return View(tensor_shape(module, "weight"), rule.transpose, False)
+
+
+def _lokr_conv1d(fn: str, kind: str, name: str, view: View, names) -> None:
+    """Raise for LoKr with a full ``lokr_w2`` on a Conv1d: peft's ``make_kron`` then takes
+    ``torch.kron`` of a 2-D and a 3-D tensor and reshapes it, which is not the Kronecker product
+    of the update (LyCORIS's) that lora_inject computes, so neither side would give the other's
+    outputs."""
+    if kind == "lokr" and "lokr_w2" in names and len(kernel(view)) == 1:
+        raise ValueError(f"{fn}(): `{name}` is a Conv1d with LoKr's full `lokr_w2`, where peft's update is not "
+                         "the Kronecker product of its factors (its make_kron misses the kernel dimension), so "
+                         "the outputs would differ. Use r < max(out, in) factors / 2 (low-rank lokr_w2) or "
+                         "format='lora_inject'.")
+
+
+def _peft_split(fn: str, e: Entry, view: View) -> Entry:
+    """``e`` with peft's ``decompose_factor`` for its explicit LoKr ``factors``, or raise where peft's
+    factorization gives none of that split."""
+    if e.options.get("factors") is None:
+        return e
+    factor = peft_factor(view, e.r, e.options)
+    if factor is None:
+        raise ValueError(f"{fn}(): `{e.key}` is LoKr with factors={list(e.options['factors'])} (w1 "
+                         f"{tuple(e.options['factors'][::2])}, w2 {tuple(e.options['factors'][1::2])}), a split that "
+                         "peft's factorization gives for no decompose_factor (LyCORIS's large factors and "
+                         "unbalanced_factorization give such splits), so peft could not read it. Save with "
+                         "format='kohya' or 'lora_inject'.")
+    return replace(e, options={**e.options, "factors": None, "decompose_factor": factor})
+
+
+def _target_spec(modules: dict[str, nn.Module], targets: list[str]) -> list[str] | str:
+    """peft's ``target_modules`` that select exactly ``targets``: the list, or a regex where a list
+    entry would also match another module (peft matches an entry at the end of a path)."""
+    names = [n for n in modules if n]
+    if any(n not in targets and any(n.endswith("." + p) for p in targets) for n in names):
+        return "|".join(f"(?:{re.escape(p)})" for p in targets)
+    return targets
+
+
+def kinds_to_peft(fn: str, model: nn.Module, entries: list[Entry]) -> tuple[dict, dict[str, Tensor]]:
+    """Translate entries of one kind other than LoRA to peft's config and tensors, or raise where
+    peft's format cannot hold them."""
+    kinds = sorted({e.kind for e in entries})
+    if len(kinds) > 1:
+        raise ValueError(f"{fn}(): the adapter mixes the kinds {kinds}; peft's format holds one peft_type per "
+                         "adapter. Save with format='lora_inject', or save each kind as its own adapter.")
+    kind = kinds[0]
+    if kind not in KIND_TYPES:
+        raise ValueError(f"{fn}(): the adapter is of kind {kind!r}, which peft has no type for (peft's format "
+                         f"holds {['lora', *KIND_TYPES]}). Save with format='lora_inject'.")
+    K = find_kind(kind)
+    modules = dict(named_modules(model))
+    parents = parents_of(modules)
+    at: dict[int, list[str]] = {}
+    for name, m in model.named_modules(remove_duplicate=False):
+        at.setdefault(id(m), []).append(name)
+    views = {}
+    for e in entries:
+        if e.module:
+            _site(fn, kind, e.module, modules[e.module], parents[e.module])
+        if not e.module or e.tensor != "weight" or e.experts:
+            raise ValueError(f"{fn}(): `{e.key}` ({e.type}) has no equivalent in peft's format: peft's "
+                             f"{KIND_TYPES[kind]} adapts the `weight` of a submodule. Save with "
+                             "format='lora_inject'.")
+        views[e.key] = _site(fn, kind, e.module, modules[e.module], parents[e.module])
+        if (views[e.key].transpose, tuple(views[e.key].shape)) != (e.transpose, tuple(e.shape)):
+            raise ValueError(f"{fn}(): `{e.key}` was adapted with transpose={e.transpose} (a custom rule), but peft "
+                             f"reads a {e.type} with transpose={views[e.key].transpose}. Save with "
+                             "format='lora_inject'.")
+        _lokr_conv1d(fn, kind, e.module, views[e.key], e.extra)
+        where = at.get(id(modules[e.module]), [])
+        if len(where) > 1:
+            raise ValueError(f"{fn}(): {e.type} `{e.module}` sits at {len(where)} paths in the model ({where}); "
+                             "peft would adapt it at each, so it would not give this model's outputs. Save with "
+                             "format='lora_inject', or untie the module.")
+        if kind == "oft" and e.options.get("rotate", "in") != "in":
+            raise ValueError(f"{fn}(): `{e.key}` is OFT with rotate={e.options['rotate']!r}; peft's OFT on a "
+                             f"{e.type} rotates the input. Save with format='lora_inject'.")
+    if kind == "lokr":
+        entries = [_peft_split(fn, e, views[e.key]) for e in entries]
+    fields = KIND_FIELDS[kind]
+    shared = {tuple((f, e.options[f]) for f in fields) for e in entries}
+    if kind == "oft":  # the rank is OFT's block count, part of its structure: one per adapter in peft
+        shared = {(*s, ("r", e.r), ("oft_block_size", e.options["oft_block_size"])) for s, e in
+                  zip([tuple((f, e.options[f]) for f in fields) for e in entries], entries)}
+    if kind == "vera":
+        shared = {(*tuple((f, e.options[f]) for f in fields), ("r", e.r)) for e in entries}
+    if len(shared) > 1:
+        raise ValueError(f"{fn}(): peft's {KIND_TYPES[kind]} has one setting per adapter for "
+                         f"{sorted({f for s in shared for f, _ in s})}, but this adapter's tensors differ in them "
+                         f"({sorted(shared)}). Save with format='lora_inject'.")
+    options = dict(next(iter(shared)))
+    targets = [e.module for e in sorted(entries, key=lambda e: list(modules).index(e.module))]
+    cls = type_before_parametrizations(model)
+    config = {
+        "peft_type": KIND_TYPES[kind], "task_type": None, "inference_mode": True, "revision": None,
+        "peft_version": PEFT_VERSION,
+        "base_model_name_or_path": getattr(getattr(model, "config", None), "name_or_path", None) or None,
+        "auto_mapping": {"base_model_class": cls.__name__, "parent_library": cls.__module__}
+        if hasattr(cls, "from_pretrained") else None,
+        "target_modules": _target_spec(modules, targets), "exclude_modules": None, "modules_to_save": None,
+        **{f: options[f] for f in fields},
+    }
+    if kind in ("loha", "lokr"):
+        ranks, alphas = {e.module: e.r for e in entries}, {e.module: e.alpha for e in entries}
+        r0 = Counter(ranks.values()).most_common(1)[0][0]
+        a0 = Counter(alphas.values()).most_common(1)[0][0]
+        names = [n for n in modules if n]
+        exact = {p: ("^" if any(n != p and n.endswith("." + p) for n in names) else "") + re.escape(p)
+                 for p in ranks}
+        config.update(r=r0, alpha=a0, rank_pattern={exact[p]: r for p, r in ranks.items() if r != r0},
+                      alpha_pattern={exact[p]: a for p, a in alphas.items() if a != a0}, init_weights=True,
+                      layers_to_transform=None, layers_pattern=None)
+    conv1d = any(v.transpose for v in views.values()) and not any(not v.transpose for v in views.values())
+    if kind == "oft":
+        config.update(r=options["r"], oft_block_size=options["oft_block_size"], fan_in_fan_out=False,
+                      bias="none", init_weights=True, layers_to_transform=None, layers_pattern=None)
+    if kind == "ia3":
+        ff = [e.module for e in entries if e.options["feedforward"]]
+        by_list = all(any(t.endswith(f) for f in ff) == (t in ff) for t in targets)
+        config.update(feedforward_modules=ff if by_list else "|".join(f"(?:{re.escape(p)})" for p in ff) or [],
+                      fan_in_fan_out=conv1d, init_ia3_weights=True)
+    if kind == "vera":
+        config.update(r=options["r"], fan_in_fan_out=conv1d, bias="none", init_weights=True, vera_dropout=0.0,
+                      layers_to_transform=None, layers_pattern=None)
+    tensors = {}
+    for e in entries:
+        for name, t in e.extra.items():
+            if name not in _VERA_SHARED:
+                tensors[f"{PREFIX}{e.module}.{K.peft_key(name)}"] = t.contiguous()
+    if kind == "vera":
+        A, B = _vera_projections(fn, K, entries, views, options)
+        if options["save_projection"]:
+            tensors["base_model.vera_A"], tensors["base_model.vera_B"] = A, B
+    return config, tensors
+
+
+def _vera_projections(fn: str, K, entries: list[Entry], views: dict[str, View], options: dict):
+    """VeRA's shared ``vera_A`` ``(r, in_max)`` and ``vera_B`` ``(out_max, r)``, from the slices the
+    sites hold; raise unless the slices are of one projection, the one peft rebuilds from the key
+    where it is not saved."""
+    wide = max(entries, key=lambda e: views[e.key].in_features)
+    tall = max(entries, key=lambda e: views[e.key].out_features)
+    A, B = wide.extra["vera_A"], tall.extra["vera_B"]
+    for e in entries:
+        v = views[e.key]
+        if not (torch.equal(e.extra["vera_A"], A[:, :v.in_features].to(e.extra["vera_A"]))
+                and torch.equal(e.extra["vera_B"], B[:v.out_features].to(e.extra["vera_B"]))):
+            raise ValueError(f"{fn}(): VeRA's projections on `{e.key}` are not slices of those of `{wide.key}` "
+                             f"and `{tall.key}`; peft shares one pair per adapter. Save with "
+                             "format='lora_inject'.")
+    if not options["save_projection"]:
+        made = K.shared(list(views.values()), options["r"], options)
+        if not (torch.equal(made["vera_A"].to(A), A) and torch.equal(made["vera_B"].to(B), B)):
+            raise ValueError(f"{fn}(): VeRA's projections differ from those projection_prng_key="
+                             f"{options['projection_prng_key']} gives, and save_projection=False would have peft "
+                             "rebuild them from the key. Inject with save_projection=True, or save with "
+                             "format='lora_inject'.")
+    return A.contiguous(), B.contiguous()
+
+
+def kinds_from_peft(fn: str, model: nn.Module, saved: Saved) -> list[Entry]:
+    """Translate peft's LoHa, LoKr, OFT, IA³ or VeRA adapter ``saved`` into entries for ``model``,
+    or raise where it cannot be reproduced."""
+    file, weights, config, tensors = saved.file, saved.weights, saved.config, dict(saved.tensors)
+    kind = kind_of(config)
+    K = find_kind(kind)
+    modules = dict(named_modules(model))
+    parents = parents_of(modules)
+    sites = {}
+    for name, module in modules.items():
+        if name and targeted(config, name) and not isinstance(module, LoRA):
+            try:
+                sites[name] = _site(fn, kind, name, module, parents[name])
+            except ValueError as e:
+                raise ValueError(f"{str(e).rstrip('.')}; {file} targets it, so nothing was loaded.") from None
+    if not sites:
+        raise ValueError(f"{fn}(): `target_modules` in {file} selects no module of the model; it was saved from "
+                         "another model.")
+    shared = {}
+    if kind == "vera":
+        r = config.get("r", 256)
+        options = {o.name: config.get(o.name, o.default) for o in K.options}
+        if config.get("vera_dropout"):
+            raise ValueError(f"{fn}(): {file} has vera_dropout={config['vera_dropout']!r}; lora_inject's VeRA has "
+                             "no dropout, so nothing was loaded.")
+        want = K.shared([View(tuple(v.shape), v.transpose, False) for v in sites.values()], r, options)
+        if any(k in tensors for k in ("base_model.vera_A", "base_model.vera_B")):
+            for x in _VERA_SHARED:
+                t = tensors.pop(f"base_model.{x}", None)
+                if t is None or tuple(t.shape) != tuple(want[x].shape):
+                    raise ValueError(f"{fn}(): {weights} holds `base_model.{x}` of shape "
+                                     f"{None if t is None else tuple(t.shape)}, but VeRA with r={r} on the modules "
+                                     f"{file} targets needs {tuple(want[x].shape)}. It was saved from another model.")
+                shared[x] = t
+        else:
+            shared = want
+    entries = []
+    for name, view in sites.items():
+        module = modules[name]
+        opts = {f: config[f] for f in KIND_FIELDS[kind] if f in config}
+        r, alpha = None, None
+        if kind in ("loha", "lokr"):
+            r = pattern(fn, config, "rank_pattern", name, config.get("r", 8))
+            alpha = float(pattern(fn, config, "alpha_pattern", name, config.get("alpha", 8)))
+        elif kind == "vera":
+            r = config.get("r", 256)
+        elif kind == "ia3":
+            opts["feedforward"] = feedforward(config, name)
+        got = {n: tensors.pop(f"{PREFIX}{name}.{K.peft_key(n)}") for n in KIND_TENSORS[kind]
+               if f"{PREFIX}{name}.{K.peft_key(n)}" in tensors}
+        if kind == "oft":  # the block size, from oft_R's shape (peft may have adjusted the config's)
+            if "oft_R" not in got:
+                raise ValueError(f"{fn}(): {file} targets `{name}`, but {weights} lacks `{PREFIX}{name}.oft_R.weight`. "
+                                 "It was saved from another model.")
+            try:
+                b = block_size(got["oft_R"].shape[-1]) if got["oft_R"].dim() == 2 else 0
+            except ValueError:
+                b = 0
+            if b < 2 or view.in_features % b:
+                raise ValueError(f"{fn}(): `{PREFIX}{name}.oft_R.weight` has shape {tuple(got['oft_R'].shape)}, "
+                                 f"which is no OFT block of the {view.in_features} inputs of `{name}`. It was saved "
+                                 "from another model.")
+            r, opts["oft_block_size"], opts["rotate"] = 0, b, "in"
+        r, alpha, opts = K.resolve(r, alpha, **opts)
+        with torch.device("meta"):
+            made = K.create(view, r, alpha, opts)
+        shapes = {n: tuple(t.shape) for n, t in made.items()}
+        if set(got) != set(shapes) or any(tuple(got[n].shape) != s for n, s in shapes.items()):
+            have = {f"{K.peft_key(n)}": tuple(t.shape) for n, t in got.items()}
+            need = {f"{K.peft_key(n)}": s for n, s in shapes.items()}
+            raise ValueError(f"{fn}(): {weights} holds {have or 'nothing'} for `{name}`, but "
+                             f"{KIND_TYPES[kind]} with r={r} and {file}'s options on its weight of shape "
+                             f"{tuple(view.shape)} makes {need}. It was saved from another model or config.")
+        _lokr_conv1d(fn, kind, name, view, got)
+        bad = next((n for n, t in got.items() if not t.dtype.is_floating_point), None)
+        if bad is not None:
+            raise TypeError(f"{fn}(): `{PREFIX}{name}.{K.peft_key(bad)}` in {weights} has dtype "
+                            f"{dtype_name(got[bad].dtype)}; an adapter's tensors are floating point. The file is "
+                            "corrupt.")
+        if shared:
+            got.update(K.share(shared, view, r, opts))
+            got = {n: t.to(got["vera_lambda_b"].dtype) for n, t in got.items()}
+        rule = find_rule(module)
+        entries.append(Entry(module=name, tensor="weight", type=type_name(module), shape=tuple(view.shape), A=None,
+                             B=None, r=r, alpha=alpha, transpose=view.transpose, factored=rule.is_factored(module),
+                             extra=got, kind=kind, options=opts))
+    if tensors:
+        key = sorted(tensors)[0]
+        raise ValueError(f"{fn}(): {weights} holds `{key}` {tuple(tensors[key].shape)}, which no module that "
+                         f"`target_modules` in {file} selects takes; it was saved from another model, so nothing "
+                         "was loaded.")
+    return entries
