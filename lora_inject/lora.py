@@ -367,43 +367,6 @@ class LoRA(nn.Module):
             return self.composed(W, names, dropout)
         return merge(W, self.terms(names), self.view)
 
-    def merge_(self, W: Tensor, names: list[str]) -> None:
-        """Write the merged weight into ``W`` in place: with ``addmm_`` where ``W`` is already in the
-        compute dtype and no adapter is DoRA, else through :meth:`merged` (float32 sum, cast back)."""
-        ct = compute_dtype(W.dtype, self.factor_dtype())
-        if (W.dtype != ct or not W.is_contiguous() or any(self.records[n].dora for n in names)
-                or not self.only_lora(names)):
-            W.copy_(self.merged(W, names))
-            return
-        view = self.view
-        rows, cols = (view.in_features, view.out_features) if view.transpose else (
-            view.out_features, view.in_features)
-        M = W.view(*view.lead, rows, cols)
-        for name in names:
-            A, B = (t.to(ct) for t in self.factor_pair(name))
-            L, R = self.view.stored_factors(A, B)  # stored update = s * L @ R
-            (M.baddbmm_ if view.experts else M.addmm_)(L, R, alpha=self.records[name].scaling)
-
-    def merge_is_finite(self, W: Tensor, names: list[str]) -> bool:
-        """Whether ``merged(W, names)`` is finite, from a cheap bound where it suffices."""
-        if W.is_meta:
-            return True
-        if any(self.records[n].dora for n in names) or not self.only_lora(names):
-            return bool(torch.isfinite(self.merged(W, names)).all())
-        factors = [t for n in names for t in self.factor_pair(n)]
-        if not all(bool(torch.isfinite(t).all()) for t in factors):
-            return False
-        if W.numel():
-            lo, hi = W.aminmax()
-            bound = max(abs(float(lo)), abs(float(hi)))
-            for n in names:
-                A, B = self.factor_pair(n)
-                a, b = (float(t.abs().max()) if t.numel() else 0.0 for t in (A, B))
-                bound += abs(self.records[n].scaling) * A.shape[-2] * a * b
-            if bound < torch.finfo(W.dtype).max / 2:  # NaN compares False, and falls through
-                return True
-        return bool(torch.isfinite(self.merged(W, names)).all())
-
     # -- the parametrization --------------------------------------------------------------------
     def forward(self, W: Tensor) -> Tensor:
         if not torch.compiler.is_compiling() and self.factored and _call.CURRENT.get() is None:

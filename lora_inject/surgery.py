@@ -1,19 +1,18 @@
 """Model surgery: ``inject`` adapters into a model in place, and ``remove`` them again.
 
-``inject`` reads as its steps: check the arguments (:class:`_Spec`), plan the sites
+``inject`` reads as its steps: check the arguments (:class:`Spec`), plan the sites
 (:class:`_Planned`, each a :class:`~lora_inject._sites.Site`), attach, fill, and roll back if
-anything raises. ``remove`` decides every site's :class:`_Removal` before it writes any.
+anything raises. ``remove`` decides every site's :class:`Removal` before it writes any.
 """
 
 from __future__ import annotations
 
 import gc
 import itertools
-import math
 import re
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import TypeVar, Union
 
@@ -23,17 +22,19 @@ from torch.nn.utils import parametrize
 from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 
 from . import _quant as quant
-from ._chain import find_lora, forward_to, inverse, kept, originals, parametrized, source
+from ._chain import find_lora, kept, parametrized, source
 from ._copies import full_groups, saved_modules, token_sites, within
-from ._hooks import hook, unhook
-from ._inits import INITS, START_INITS, WEIGHT_INITS, init_from_weight, loftq_factors
-from ._module_class import disown_class, own_class, own_forward, own_setter
+from ._hooks import hook
+from ._inits import WEIGHT_INITS, init_from_weight, loftq_factors
+from ._module_class import own_class, own_forward, own_setter
+from ._removal import detach, removal, take_off, unlink_bias
 from ._selection import matcher, named_modules, qualified
 from ._sites import Site, adapter_names, loras, module_loras
-from ._tied import others, tensor_users, tie, tied_to, untie
+from ._spec import Spec, check_model, checked
+from ._tied import others, tensor_users, tie, tied_to
 from ._view import View
-from .kind import Kind, find_kind
-from .lora import Adapter, Bias, LoRA, check_adapter_name, lora_scaling
+from .kind import find_kind
+from .lora import Bias, LoRA, lora_scaling
 from .rule import Rule, RuleKey, find_rule, type_name
 
 __all__ = ["RequantizationWarning", "inject", "remove"]
@@ -177,7 +178,7 @@ def inject(
         return _inject_with_copies(model, targets, modules_to_save, trainable_token_indices, dict(
             kind=kind, r=r, alpha=alpha, adapter=adapter, exclude=exclude, dropout=dropout, init=init, rules=rules,
             dtype=dtype, rslora=rslora, dora=dora, dense=dense, **options))
-    spec = _checked(model, targets, kind, r=r, alpha=alpha, adapter=adapter, dropout=dropout, init=init,
+    spec = checked(model, targets, kind, r=r, alpha=alpha, adapter=adapter, dropout=dropout, init=init,
                     rules=rules, dtype=dtype, rslora=rslora, dora=dora, dense=dense, options=options)
     # Bulk surgery makes thousands of small objects; a cyclic collection set off midway would
     # walk the whole model (hundreds of ms on a 7B one), so it waits until the end.
@@ -203,12 +204,12 @@ def inject(
     return model
 
 
-# -- check the arguments ------------------------------------------------------------------------
+# -- whole tensors and token rows in the same adapter ----------------------------------------------
 def _inject_with_copies(model, targets, modules_to_save, trainable_token_indices, kwargs) -> nn.Module:
     """``inject`` on ``targets``, then the whole tensors of ``modules_to_save`` (kind ``"full"``) and
     the rows of ``trainable_token_indices`` (kind ``"tokens"``) as part of the same adapter; all or
     nothing."""
-    _check_model(model)
+    check_model(model)
     saved = [] if modules_to_save is None else saved_modules("inject", model, modules_to_save)
     tokens = [] if trainable_token_indices is None else token_sites("inject", model, trainable_token_indices)
     groups = full_groups(model, saved)
@@ -235,132 +236,6 @@ def _inject_with_copies(model, targets, modules_to_save, trainable_token_indices
         remove(model, adapter=adapter, merge=False)
         raise
     return model
-
-
-@dataclass
-class _Spec:
-    """What ``inject`` adds on each site, from its checked arguments."""
-
-    kind: Kind | None  # None: LoRA itself
-    r: int | None
-    alpha: float | None
-    targets: str | None  # the selector as the records keep it: a regex's pattern, or None
-    dropout: float = 0.0
-    init: str = "default"  # as the records keep it: LoftQ's start is recorded as "default"
-    rslora: bool = False
-    dora: bool = False
-    options: dict = field(default_factory=dict)  # another kind's options, resolved
-    selectors: dict = field(default_factory=dict)  # its options that select modules: name -> predicate
-    shared: dict = field(default_factory=dict)  # its tensors that every site shares (VeRA's projections)
-
-    def record(self, site: Site) -> Adapter:
-        """The :class:`Adapter` record of the new adapter on ``site``."""
-        if self.kind is None:
-            return Adapter(r=self.r, alpha=self.alpha, dropout=self.dropout, init=self.init, rslora=self.rslora,
-                           dora=self.dora, targets=self.targets)
-        options = {**self.options, **{k: bool(f(site.path, site.module)) for k, f in self.selectors.items()}}
-        return Adapter(r=self.r, alpha=self.alpha, targets=self.targets, kind=self.kind.name, options=options)
-
-    def share(self, view: View) -> dict[str, Tensor] | None:
-        """The part of the shared tensors that a site seen as ``view`` holds, or None."""
-        if not self.shared:
-            return None
-        kind = self.kind
-        return kind.share(self.shared, view, self.r, self.options) if kind.share is not None else dict(self.shared)
-
-
-def _checked(model, targets, kind, *, r, alpha, adapter, dropout, init, rules, dtype, rslora, dora, dense,
-             options) -> _Spec:
-    """``inject``'s arguments, checked, as a :class:`_Spec`."""
-    if not isinstance(kind, str):
-        raise TypeError(f"inject(): `kind` must be a str such as 'lora' or 'loha', got {type(kind).__name__}.")
-    if (dense is None) != (init != "loftq") or (init == "loftq" and (dora or kind != "lora")):
-        raise ValueError(f"inject(): `dense` goes with init='loftq' on a plain LoRA (kind='lora', dora=False), got "
-                         f"init={init!r}, dense={'None' if dense is None else type(dense).__name__}, kind={kind!r}, "
-                         f"dora={dora}.")
-    spec = targets if isinstance(targets, str) else getattr(targets, "pattern", None)
-    if kind != "lora":
-        return _checked_kind(model, find_kind(kind), spec, r=r, alpha=alpha, adapter=adapter, dropout=dropout,
-                             init=init, rules=rules, dtype=dtype, rslora=rslora, dora=dora, options=options)
-    if options:
-        raise TypeError(f"inject(): unexpected keyword argument(s) {sorted(options)}; kind='lora' takes none "
-                        "besides inject's own. Options such as these belong to another `kind=`.")
-    r = 8 if r is None else r
-    if isinstance(r, bool) or not isinstance(r, int):
-        raise TypeError(f"inject(): `r` must be a positive int, got {r!r}.")
-    if r <= 0:
-        raise ValueError(f"inject(): `r` must be a positive int, got {r}. Try r=8.")
-    alpha = float(r) if alpha is None else alpha
-    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)):
-        raise TypeError(f"inject(): `alpha` must be a finite number, got {alpha!r}. Try alpha={2 * r}.")
-    if not math.isfinite(alpha):
-        raise ValueError(f"inject(): `alpha` must be a finite number, got {alpha!r}. Try alpha={2 * r}.")
-    check_adapter_name("inject", adapter)
-    if init not in INITS:
-        raise ValueError(f"inject(): `init` must be one of {INITS}, got {init!r}.")
-    if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0 <= dropout < 1:
-        raise ValueError(f"inject(): `dropout` must be a number in [0, 1), got {dropout!r}.")
-    _check_dtype(dtype)
-    if not isinstance(rslora, bool):
-        raise TypeError(f"inject(): `rslora` must be a bool, got {type(rslora).__name__}.")
-    if not isinstance(dora, bool):
-        raise TypeError(f"inject(): `dora` must be a bool, got {type(dora).__name__}.")
-    _check_rules(rules)
-    if init in ("pissa", "loftq") and alpha <= 0:
-        raise ValueError(f"inject(): init={init!r} splits singular values by the scaling, so `alpha` "
-                         f"must be positive, got {alpha}.")
-    _check_model(model)
-    return _Spec(None, r, alpha, spec, dropout=dropout, init="default" if init in START_INITS else init,
-                 rslora=rslora, dora=dora)
-
-
-def _checked_kind(model, kind: Kind, spec, *, r, alpha, adapter, dropout, init, rules, dtype, rslora, dora,
-                  options) -> _Spec:
-    """``inject``'s arguments for a kind other than LoRA, checked, with the kind's options resolved."""
-    name = kind.name
-    lora_only = [f"{k}={v!r}" for k, v, default in (("dora", dora, False), ("init", init, "default"),
-                                                     ("rslora", rslora, False), ("dropout", dropout, 0.0))
-                 if v != default]
-    if lora_only:
-        raise ValueError(f"inject(kind={name!r}): {', '.join(lora_only)} belong(s) to LoRA, not to {name!r}. "
-                         f"Leave them out, or inject kind='lora'.")
-    if alpha is not None and kind.default_alpha is None:
-        raise ValueError(f"inject(kind={name!r}): {name!r} has no `alpha` (its update has no scaling "
-                         f"numerator), got alpha={alpha!r}. Leave `alpha` out.")
-    if r is not None and kind.default_r is None:
-        raise ValueError(f"inject(kind={name!r}): {name!r} has no rank `r`, got r={r!r}. Leave `r` out.")
-    if isinstance(r, bool) or (r is not None and not isinstance(r, int)):
-        raise TypeError(f"inject(kind={name!r}): `r` must be an int, got {r!r}.")
-    check_adapter_name("inject", adapter)
-    _check_dtype(dtype)
-    _check_rules(rules)
-    _check_model(model)
-    selectors = {}
-    for opt in kind.options:  # a selector of modules, resolved per site
-        if opt.selector and opt.name in options and not isinstance(options[opt.name], bool):
-            selectors[opt.name] = matcher(f"inject(kind={name!r})", opt.name, options.pop(opt.name))
-    r, alpha, resolved = kind.resolve(r, alpha, **options)
-    if kind.name == "oft" and resolved.get("module_dropout"):
-        warnings.warn(f"inject(kind='oft'): module_dropout={resolved['module_dropout']!r} has no effect: peft 0.21's "
-                      "OFT layers make its dropout layer but never apply it, and lora_inject does peft's math. "
-                      "Leave it out (0.0) to silence this.", UserWarning, stacklevel=3)
-    return _Spec(kind, r, alpha, spec, options=resolved, selectors=selectors)
-
-
-def _check_dtype(dtype) -> None:
-    if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
-        raise TypeError(f"inject(): `dtype` must be a floating torch.dtype or None, got {dtype!r}.")
-
-
-def _check_rules(rules) -> None:
-    if rules is not None and not (isinstance(rules, Mapping) and all(isinstance(v, Rule) for v in rules.values())):
-        raise TypeError(f"inject(): `rules` must be None or a mapping from module types to lora_inject.Rule, "
-                        f"such as lora_inject.default_rules(), got {type(rules).__name__}.")
-
-
-def _check_model(model) -> None:
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"inject(): `model` must be an nn.Module, got {type(model).__name__}.")
 
 
 # -- plan -----------------------------------------------------------------------------------------
@@ -457,7 +332,7 @@ def _planned(path: str, module: nn.Module, rule: Rule, tensor_name: str, users: 
                     tied=[] if lora is not None else rest)
 
 
-def _prepare(model: nn.Module, sites: list[_Planned], spec: _Spec) -> None:
+def _prepare(model: nn.Module, sites: list[_Planned], spec: Spec) -> None:
     """Check the plan as a whole, and make what its sites share: LoRA's warning for a rank above a
     tensor's; another kind's refusals (a sparse lookup, a bias it cannot change with the weight)
     and its shared tensors."""
@@ -519,7 +394,7 @@ def _bias_name(kind: str, site: _Planned) -> str | None:
 
 
 # -- attach, fill, roll back ------------------------------------------------------------------------
-def _attach(site: _Planned, adapter: str, spec: _Spec, dtype: torch.dtype | None) -> None:
+def _attach(site: _Planned, adapter: str, spec: Spec, dtype: torch.dtype | None) -> None:
     """Add adapter ``adapter`` on ``site``: a LoRA parametrization first where the tensor has none,
     then the adapter's record and tensors, then (for a kind that changes it) the bias's link."""
     module, tensor_name = site.module, site.tensor_name
@@ -538,7 +413,7 @@ def _attach(site: _Planned, adapter: str, spec: _Spec, dtype: torch.dtype | None
 
 
 def _new_lora(site: _Planned) -> LoRA:
-    """An empty LoRA for ``site``, with what :func:`_detach` needs to put the module back."""
+    """An empty LoRA for ``site``, with what :func:`detach` needs to put the module back."""
     module, view = site.module, site.view
     # A tied tensor's users run their own ops on it: the fast path where every one has it.
     factored = site.rule.is_factored(module) and all(
@@ -577,7 +452,7 @@ def _register(site: _Planned) -> None:
     tie(lora, site.where, site.tied)  # the tensor's other users read this LoRA
 
 
-def _starts(sites: list[_Planned], spec: _Spec, dense) -> dict[str, tuple[Tensor, Tensor]] | None:
+def _starts(sites: list[_Planned], spec: Spec, dense) -> dict[str, tuple[Tensor, Tensor]] | None:
     """LoftQ's starting factors for each site, by its path (``init="loftq"``; see
     :func:`~lora_inject._inits.loftq_factors`), or None for the other inits."""
     if dense is None:
@@ -606,7 +481,7 @@ def _roll_back(sites: list[_Planned], adapter: str, frozen: list[Tensor]) -> Non
     """Undo what ``inject`` did on ``sites`` so far, last first: the model is as it was."""
     for site in reversed(sites):
         if site.linked:
-            _unlink_bias(site.module, find_lora(site.module, site.tensor_name))
+            unlink_bias(site.module, find_lora(site.module, site.tensor_name))
     for site in reversed(sites):
         lora = site.lora
         if lora is None:
@@ -614,16 +489,9 @@ def _roll_back(sites: list[_Planned], adapter: str, frozen: list[Tensor]) -> Non
         if adapter in lora.adapters:
             lora.drop(adapter)
         if site.fresh and find_lora(site.module, site.tensor_name) is lora:
-            _detach(site)
+            detach(site)
     for t in frozen:
         t.requires_grad_(True)
-
-
-def _unlink_bias(module: nn.Module, lora: LoRA | None) -> None:
-    """Take the :class:`~lora_inject.lora.Bias` parametrization off the bias linked to ``lora``."""
-    bias = None if lora is None else lora.__dict__.pop("bias_link", None)
-    if bias is not None:
-        parametrize.remove_parametrizations(module, bias, leave_parametrized=False)
 
 
 def _register_parametrization(module: nn.Module, tensor_name: str, lora: LoRA) -> None:
@@ -732,10 +600,10 @@ def remove(model: M, *, merge: bool = True, adapter: str | Sequence[str] | None 
     names = adapter_names("remove", entries, adapter)
     # Two phases: every site is checked, and every quantized weight's requantization decided,
     # before anything is written; a refusal leaves the model unchanged.
-    plans = [plan for site in entries if (plan := _removal(site, names, merge, dequantize)) is not None]
+    plans = [plan for site in entries if (plan := removal(site, names, merge, dequantize)) is not None]
     rounding: list[tuple[float, str]] = []  # requantized: (largest relative change, where)
     for plan in plans:
-        _take_off(plan, dequantize, rounding)
+        take_off(plan, dequantize, rounding)
     if rounding:
         worst, where = max(rounding)
         warnings.warn(f"remove(): merged into {len(rounding)} quantized weight(s) and requantized them; "
@@ -745,174 +613,3 @@ def remove(model: M, *, merge: bool = True, adapter: str | Sequence[str] | None 
     return model
 
 
-@dataclass
-class _Removal:
-    """What ``remove`` does on one site, decided before anything is written."""
-
-    site: Site
-    names: list[str]  # the adapters it takes off
-    merged: list[str]  # those it folds into the stored tensor first
-    scheme: object  # the stored tensor's quantization scheme (see lora_inject._quant), or None
-    rewrite: bool  # the stored tensor is quantized and is replaced (merged into, or written dense)
-    build: Callable[[Tensor], Tensor] | None  # requantizes a rewritten tensor; None: written dense
-
-
-def _removal(site: Site, names: set[str] | None, merge: bool, dequantize: bool) -> _Removal | None:
-    """What ``remove`` would do on ``site`` (None: nothing), once it is checked that it can.
-
-    Raises:
-        ValueError, RuntimeError: as :func:`remove` says; nothing has been written.
-    """
-    lora, where = site.lora, site.where
-    mine = [n for n in lora.adapters if names is None or n in names]
-    if not mine:
-        return None
-    merge_now = [n for n in mine if n in lora.active] if merge else []
-    staying = [n for n in lora.active if n not in mine]
-    if merge_now and staying and any(lora.adapter(n).dora for n in merge_now + staying):
-        raise ValueError(
-            f"remove(): merging {merge_now} into `{where}` while {staying} stay "
-            "active would change the outputs: a DoRA adapter's norm is taken over W0, which the merge "
-            f"rewrites. The model is unchanged; remove them together (adapter={merge_now + staying}), "
-            "turn the others off first with li.activate(), or use merge=False.")
-    if merge_now and staying:
-        order = list(lora.records)
-        late = [n for n in merge_now if order.index(n) > min(order.index(m) for m in staying)]
-        turns = [n for n in merge_now + staying if lora.adapter(n).kind != "lora"
-                 and not find_kind(lora.adapter(n).kind).additive]
-        if late and turns:
-            raise ValueError(
-                f"remove(): merging {late} into `{where}` while {staying} stay active would change the "
-                f"outputs: {turns} change(s) the weight by more than a sum (kind "
-                f"{lora.adapter(turns[0]).kind!r}), and the adapters apply in the order they were injected, "
-                f"so {late} cannot go under the earlier {staying} into W0. The model is unchanged; remove them "
-                "together, turn the others off first with li.activate(), or use merge=False.")
-    if merge_now:
-        _merge_into_originals(site, merge_now, write=False)
-    plist = site.plist
-    scheme = quant.scheme(plist.original) if list(plist).index(lora) == 0 else None
-    # A quantized W0 is rewritten when merged into, or written dense once its last adapter goes.
-    rewrite = scheme is not None and bool(merge_now or dequantize and len(mine) == len(lora.adapters))
-    build = None
-    if rewrite and not dequantize:
-        try:
-            build = quant.requantizer(plist.original)
-        except ValueError as e:
-            raise ValueError(f"remove(): cannot merge into `{where}`: {e} The model is unchanged; pass "
-                             "dequantize=True for a dense merged weight, or use merge=False.") from None
-    return _Removal(site, mine, merge_now, scheme, rewrite, build)
-
-
-def _take_off(plan: _Removal, dequantize: bool, rounding: list) -> None:
-    """Do what ``plan`` says: merge, drop the adapters, and detach a LoRA left with none."""
-    site, merge_now = plan.site, plan.merged
-    module, lora = site.module, site.lora
-    plist = site.plist
-    if plan.rewrite:
-        with torch.no_grad():
-            target = lora.merged(plist.original, merge_now) if merge_now else quant.dense(plist.original)
-        plist.original = _quantized_as(target, plan.build, site.where, rounding)
-    elif merge_now:
-        _merge_into_originals(site, merge_now, write=True)
-    bias = lora.__dict__.get("bias_link")
-    if bias is not None and merge_now:  # IA³ scaled the bias with the weight: fold that in too
-        with torch.no_grad():
-            b = module.parametrizations[bias].original
-            b.copy_(lora.bias_of(b, merge_now))
-    for name in plan.names:
-        lora.drop(name)
-    if bias is not None and not any(find_kind(a.kind).apply_bias for a in lora.records.values()
-                                    if a.kind != "lora"):
-        _unlink_bias(module, lora)
-    if not lora.adapters:
-        _detach(site)
-        scheme = plan.scheme
-        if scheme is not None and scheme.own_forward and dequantize and not parametrize.is_parametrized(module):
-            module.__class__ = nn.Linear  # its weight is dense now: the plain layer's forward
-
-
-def _quantized_as(target: Tensor, build, where: str, rounding: list) -> nn.Parameter:
-    """``target`` as a weight's new stored tensor: dense (``build`` None), or requantized by
-    ``build`` (see :func:`lora_inject._quant.requantizer`), its rounding recorded in ``rounding``."""
-    if build is None:
-        return nn.Parameter(target, requires_grad=False)
-    new = build(target)
-    scale = float(target.abs().max()) or 1.0
-    rounding.append((float((quant.dense(new).float() - target.float()).abs().max()) / scale, where))
-    return new if isinstance(new, nn.Parameter) else nn.Parameter(new, requires_grad=False)
-
-
-def _merge_into_originals(site: Site, names: list[str], *, write: bool) -> None:
-    """Fold ``names`` of the site's LoRA into the originals of its tensor.
-
-    With ``write=False`` only check that it can be done: a finite result, and, when other
-    parametrizations come before ours, that they can represent it.
-    """
-    lora, where, plist = site.lora, site.where, site.plist
-    index = list(plist).index(lora)
-    non_finite = ValueError(
-        f"remove(): merging adapter(s) {names} into `{where}` gives non-finite values "
-        "(NaN or inf in lora_A/lora_B or in the weight, or overflow in the weight's dtype). "
-        "The model is unchanged; fix the factors, or remove with merge=False."
-    )
-    with torch.no_grad():
-        if index == 0 and quant.scheme(plist.original) is not None:  # checked here, written by remove()
-            if not torch.isfinite(lora.merged(plist.original, names)).all():
-                raise non_finite
-            return
-        if index == 0:  # ours comes first: the originals are W0 itself
-            if write:
-                lora.merge_(plist.original, names)
-            elif not lora.merge_is_finite(plist.original, names):
-                raise non_finite
-            return
-        stored = originals(plist)
-        target = lora.merged(site.received, names)
-        if target.device.type != "meta" and not torch.isfinite(target).all():
-            raise non_finite
-        # A right_inverse may set its own tensors (orthogonal's `base`): a check must not keep them.
-        with nullcontext() if write else kept(list(plist)[:index]):
-            new = inverse(list(plist)[:index], target)
-            new = [new] if isinstance(new, Tensor) else list(new)
-            check = forward_to(plist, new, index)
-        tol = 1e-3 if target.dtype in (torch.float16, torch.bfloat16) else 1e-5
-        if check.shape != target.shape or not torch.allclose(check, target, rtol=tol, atol=tol):
-            raise RuntimeError(
-                f"remove(): cannot merge into `{where}`: the parametrization "
-                f"{type(plist[index - 1]).__name__} registered before LoRA cannot represent "
-                "W + ΔW, so merging is ill-defined. The model is unchanged; use merge=False, "
-                "or remove that parametrization first."
-            )
-        if write:
-            for o, n in zip(stored, new):
-                o.copy_(n)
-
-
-def _detach(site: Site) -> None:
-    """Take the site's LoRA off its tensor, leaving the originals' values as they are (and letting
-    them train again where inject froze them)."""
-    module, tensor_name, lora = site.module, site.tensor_name, site.lora
-    thaw = site.originals if lora.froze else []
-    _unlink_bias(module, lora)
-    plist = module.parametrizations[tensor_name]
-    if len(plist) == 1:
-        parametrize.remove_parametrizations(module, tensor_name, leave_parametrized=False)
-        if lora.non_persistent:
-            module._non_persistent_buffers_set.add(tensor_name)
-    else:
-        del plist[list(plist).index(lora)]
-    order = getattr(lora, "param_order", None)
-    if order is not None and tensor_name in module._parameters:
-        params = module._parameters
-        kept = {k: params[k] for k in order if k in params}
-        kept.update({k: v for k, v in params.items() if k not in kept})
-        params.clear()
-        params.update(kept)
-    untie(lora, site.stored)  # its tied users store the very same tensor again
-    for t in thaw:
-        if isinstance(t, nn.Parameter):
-            t.requires_grad_(True)
-    if not module_loras(module):
-        unhook(module)
-        if parametrize.is_parametrized(module):  # by others, whose class it keeps
-            disown_class(module)
