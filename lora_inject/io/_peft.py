@@ -172,6 +172,35 @@ def to_peft(fn: str, model: nn.Module, entries: list[Entry], lora_bias: bool = F
     """
     entries = [_from_w0(e) for e in entries]
     entries, tie = _untied(fn, model, entries)
+    x = _grouped(fn, model, entries, lora_bias)
+    return _lora_config(fn, model, x, lora_bias, tie), _lora_tensors(x, lora_bias)
+
+
+@dataclasses.dataclass
+class _Export:
+    """One adapter's entries grouped as peft's LoRA format writes them (see :func:`_grouped`)."""
+
+    modules: dict[str, nn.Module]  # the model's modules by path
+    kinds: dict[str, str]  # entry key -> how it is written (see _export_kind)
+    lora: list[Entry]  # the LoRA layers
+    full: list[Entry]  # the full copies: modules_to_save, or a bias alone (peft's `bias`)
+    tokens: list[Entry]  # trainable token rows
+    copies: set[str]  # modules_to_save: the outermost module of each full copy
+    wrapped: set[str]  # the modules peft wraps in a LoRA layer of its own
+    own_bias: dict[str, Entry]  # with lora_bias: the bias updates written as lora_B.bias, by module
+    scalings: dict[str, float]  # each LoRA layer's scaling, by module
+    mha: dict[str, dict[str, Entry]]  # MultiheadAttention path -> its in_proj and out_proj entries
+    pkey: dict[str, str]  # entry key -> peft's pattern key: the module, the MultiheadAttention, or module.param
+
+    def copied(self, path: str) -> bool:
+        """Whether ``path`` is inside a module that is saved whole."""
+        return any(path == c or path.startswith(f"{c}.") for c in self.copies)
+
+
+def _grouped(fn: str, model: nn.Module, entries: list[Entry], lora_bias: bool) -> _Export:
+    """``entries`` grouped for peft's LoRA format, or raise where peft could not give the model's
+    outputs with them (a module at several paths, a LoRA inside a full copy, a bias peft's
+    ``lora_B.bias`` cannot hold, a MultiheadAttention with two ranks)."""
     modules = dict(named_modules(model))
     parents = parents_of(modules)
     dora = any(e.dora for e in entries)
@@ -188,17 +217,17 @@ def to_peft(fn: str, model: nn.Module, entries: list[Entry], lora_bias: bool = F
                              "the module.")
     lora = [e for e in entries if kinds[e.key] not in ("full", "tokens")]
     full = [e for e in entries if kinds[e.key] == "full"]
-    tokens = [e for e in entries if kinds[e.key] == "tokens"]
-    wrapped = {e.module for e in lora if kinds[e.key] in _LORA_KINDS}
     # modules_to_save (a bias alone is peft's `bias`): the outermost module of each, whose copy holds
     # its submodules' tensors too, as peft wraps and saves it (a MultiheadAttention with its out_proj)
     copies = {e.module for e in full if e.tensor != "bias"}
     copies = {c for c in copies if not any(c.startswith(f"{o}.") for o in copies)}
-
-    def copied(path: str) -> bool:
-        return any(path == c or path.startswith(f"{c}.") for c in copies)
-
-    clash = next((e for e in lora if copied(e.module)), None)
+    x = _Export(modules, kinds, lora, full, [e for e in entries if kinds[e.key] == "tokens"], copies,
+                {e.module for e in lora if kinds[e.key] in _LORA_KINDS}, {},
+                {e.module: lora_scaling(e.r, e.alpha, e.rslora) for e in lora}, {},
+                # peft names each LoRA by a pattern key: the module, the MultiheadAttention, or module.parameter.
+                {e.key: e.key if kinds[e.key] == "param" else
+                 e.module.rpartition(".")[0] if kinds[e.key] == "mha_out" else e.module for e in lora})
+    clash = next((e for e in lora if x.copied(e.module)), None)
     if clash is not None:
         raise ValueError(f"{fn}(): `{clash.module}` would be both a full copy (modules_to_save) and a LoRA "
                          "layer in peft's format, which peft cannot hold. Save with format='lora_inject'.")
@@ -209,23 +238,28 @@ def to_peft(fn: str, model: nn.Module, entries: list[Entry], lora_bias: bool = F
             raise ValueError(f"{fn}(): `lora_bias=True` gives every LoRA layer a bias on lora_B, which peft has on "
                              f"Linear, Conv1D and Conv layers without DoRA only, but `{odd.key}` is {why}. Save "
                              "with lora_bias=False (the bias is then written whole).")
-    scalings = {e.module: lora_scaling(e.r, e.alpha, e.rslora) for e in lora}
-    own_bias = {e.module: e for e in full if lora_bias and e.tensor == "bias" and e.module in wrapped
-                and not copied(e.module)}  # written as lora_B.bias
-    zero = next((m for m in own_bias if scalings[m] == 0), None)
+        x.own_bias = {e.module: e for e in full if e.tensor == "bias" and e.module in x.wrapped
+                      and not x.copied(e.module)}
+    zero = next((m for m in x.own_bias if x.scalings[m] == 0), None)
     if zero is not None:
         raise ValueError(f"{fn}(): `{zero}` has a bias update but a LoRA scaling of 0, so no lora_B.bias gives it. "
                          "Save with lora_bias=False.")
-    mha: dict[str, dict[str, Entry]] = {}  # MultiheadAttention path -> its in_proj and out_proj entries
     for e in lora:
         if kinds[e.key] in ("mha", "mha_out"):
             owner = e.module if kinds[e.key] == "mha" else e.module.rpartition(".")[0]
-            mha.setdefault(owner, {})[kinds[e.key]] = e
-    for owner, pair in mha.items():
+            x.mha.setdefault(owner, {})[kinds[e.key]] = e
+    for owner, pair in x.mha.items():
         if len({(e.r, e.alpha, e.rslora) for e in pair.values()}) > 1:
             raise ValueError(f"{fn}(): peft gives MultiheadAttention `{owner}` one r and alpha for in_proj and "
                              f"out_proj, but this adapter has {[(e.key, e.r, e.alpha) for e in pair.values()]}. "
                              "Save with format='lora_inject'.")
+    return x
+
+
+def _lora_config(fn: str, model: nn.Module, x: _Export, lora_bias: bool, tie: bool) -> dict:
+    """peft's ``adapter_config.json`` for ``x``, or raise where peft has one setting per adapter
+    (``lora_dropout``, ``use_dora``) and the entries differ in it."""
+    lora, kinds, modules, pkey = x.lora, x.kinds, x.modules, x.pkey
     dropouts = sorted({e.dropout for e in lora if kinds[e.key] in _LORA_KINDS}) or [0.0]
     if len(dropouts) > 1 or dropouts[0] and any(kinds[e.key] == "param" for e in lora):
         raise ValueError(f"{fn}(): peft has one `lora_dropout` per adapter, but this adapter uses {dropouts} "
@@ -241,15 +275,12 @@ def to_peft(fn: str, model: nn.Module, entries: list[Entry], lora_bias: bool = F
         raise ValueError(f"{fn}(): peft has one `use_dora` per adapter, but this adapter is DoRA on some tensors "
                          "only. Save with format='lora_inject'.")
     rslora = bool(lora) and all(e.rslora for e in lora)
-    # peft names each LoRA by a pattern key: the module, the MultiheadAttention, or module.parameter.
-    pkey = {e.key: e.key if kinds[e.key] == "param" else
-            e.module.rpartition(".")[0] if kinds[e.key] == "mha_out" else e.module for e in lora}
     # peft has one use_rslora: fold any other scaling into alpha, as alpha' / r == alpha / sqrt(r).
     alphas = {pkey[e.key]: e.alpha * math.sqrt(e.r) if e.rslora and not rslora else e.alpha for e in lora}
     ranks = {pkey[e.key]: e.r for e in lora}
     r0 = Counter(ranks.values()).most_common(1)[0][0] if lora else 8
     a0 = Counter(alphas.values()).most_common(1)[0][0] if lora else 8
-    biases = {e.module for e in full if e.tensor == "bias" and not copied(e.module) and e.module not in own_bias}
+    biases = {e.module for e in x.full if e.tensor == "bias" and not x.copied(e.module) and e.module not in x.own_bias}
     names = [n for n in modules if n]
     targets = sorted({pkey[e.key] for e in lora if kinds[e.key] != "param"}, key=list(modules).index)
     exact = {p: ("^" if any(n != p and n.endswith("." + p) for n in names) else "") + re.escape(p)
@@ -257,7 +288,7 @@ def to_peft(fn: str, model: nn.Module, entries: list[Entry], lora_bias: bool = F
     overmatch = any(n not in targets and any(n.endswith("." + p) for p in targets) for n in names)
     params = [e for e in lora if kinds[e.key] == "param"]
     cls = type_before_parametrizations(model)
-    config = {
+    return {
         "peft_type": "LORA", "task_type": None, "inference_mode": True,
         "base_model_name_or_path": getattr(getattr(model, "config", None), "name_or_path", None) or None,
         "auto_mapping": {"base_model_class": cls.__name__, "parent_library": cls.__module__}
@@ -270,14 +301,20 @@ def to_peft(fn: str, model: nn.Module, entries: list[Entry], lora_bias: bool = F
         "use_rslora": rslora,
         "fan_in_fan_out": "conv1d" in kinds.values() and "linear" not in kinds.values(),
         "lora_dropout": dropouts[0], "lora_bias": lora_bias, "use_dora": doras[0],
-        "bias": "none" if not biases else "lora_only" if biases <= wrapped else "all",
-        "modules_to_save": sorted(copies, key=list(modules).index) or None,
+        "bias": "none" if not biases else "lora_only" if biases <= x.wrapped else "all",
+        "modules_to_save": sorted(x.copies, key=list(modules).index) or None,
         "init_lora_weights": True, "layers_to_transform": None, "layers_pattern": None, "exclude_modules": None,
-        "trainable_token_indices": {e.module: list(e.options["token_indices"]) for e in tokens} or None,
+        "trainable_token_indices": {e.module: list(e.options["token_indices"]) for e in x.tokens} or None,
         "ensure_weight_tying": tie,
     }
-    tensors = {PREFIX + e.module + TOKENS: e.extra["trainable_tokens_delta"] for e in tokens}
-    for e in lora:
+
+
+def _lora_tensors(x: _Export, lora_bias: bool) -> dict[str, Tensor]:
+    """peft's ``adapter_model.safetensors`` for ``x``: the LoRA layers' factors in peft's shapes,
+    the full copies, and the token rows."""
+    kinds, modules, pkey = x.kinds, x.modules, x.pkey
+    tensors = {PREFIX + e.module + TOKENS: e.extra["trainable_tokens_delta"] for e in x.tokens}
+    for e in x.lora:
         p, kind = PREFIX + e.module, kinds[e.key]
         if e.dora:  # (out,); for Conv (1, out, 1, ..)
             m = e.extra["lora_magnitude"]
@@ -297,11 +334,11 @@ def to_peft(fn: str, model: nn.Module, entries: list[Entry], lora_bias: bool = F
             A, B = A.reshape(E * r, -1), B.permute(1, 2, 0).reshape(B.shape[1], r * E)
         tensors[p + ".lora_A.weight"], tensors[p + ".lora_B.weight"] = A, B
         if lora_bias:  # (out,): the bias gains s * b
-            b = own_bias.get(e.module)
-            b = (b.B.float() @ b.A.float()).reshape(-1) * (lora_scaling(b.r, b.alpha, b.rslora) / scalings[e.module]
+            b = x.own_bias.get(e.module)
+            b = (b.B.float() @ b.A.float()).reshape(-1) * (lora_scaling(b.r, b.alpha, b.rslora) / x.scalings[e.module]
                                                          ) if b is not None else B.new_zeros(B.shape[0])
             tensors[p + ".lora_B.bias"] = b.to(B.dtype)
-    for owner, pair in mha.items():  # peft adapts in_proj and out_proj together: the missing one is zero
+    for owner, pair in x.mha.items():  # peft adapts in_proj and out_proj together: the missing one is zero
         e = next(iter(pair.values()))
         mod = modules[owner]
         zeros = {"mha": (f"{PREFIX}{owner}", mod.in_proj_weight.shape),
@@ -310,19 +347,19 @@ def to_peft(fn: str, model: nn.Module, entries: list[Entry], lora_bias: bool = F
             if kind not in pair:
                 tensors[p + ".lora_A.weight"] = e.A.new_zeros(e.r, inn)
                 tensors[p + ".lora_B.weight"] = e.B.new_zeros(out, e.r)
-    by_key = {e.key: e for e in full}
-    for e in full:
-        if copied(e.module) or e.module in own_bias and e.tensor == "bias":
+    by_key = {e.key: e for e in x.full}
+    for e in x.full:
+        if x.copied(e.module) or e.module in x.own_bias and e.tensor == "bias":
             continue
-        tensors[f"{PREFIX}{e.module}{'.base_layer' if e.module in wrapped else ''}.{e.tensor}"] = \
+        tensors[f"{PREFIX}{e.module}{'.base_layer' if e.module in x.wrapped else ''}.{e.tensor}"] = \
             _merged(modules[e.module], e)
-    for name in copies:  # the module's state dict, as peft saves it: updated where the adapter has it
+    for name in x.copies:  # the module's state dict, as peft saves it: updated where the adapter has it
         for sub, module in named_modules(modules[name]):
             path = f"{name}.{sub}" if sub else name
             for q in _state_names(module):
                 e = by_key.get(f"{path}.{q}")
                 tensors[f"{PREFIX}{path}.{q}"] = _merged(module, e) if e else source(module, q).detach()
-    return config, tensors
+    return tensors
 
 
 def _untied(fn: str, model: nn.Module, entries: list[Entry]) -> tuple[list[Entry], bool]:
