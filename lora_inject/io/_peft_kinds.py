@@ -132,8 +132,30 @@ def kinds_to_peft(fn: str, model: nn.Module, entries: list[Entry]) -> tuple[dict
     if kind not in KIND_TYPES:
         raise ValueError(f"{fn}(): the adapter is of kind {kind!r}, which peft has no type for (peft's format "
                          f"holds {['lora', *KIND_TYPES]}). Save with format='lora_inject'.")
-    K = find_kind(kind)
     modules = dict(named_modules(model))
+    views = _kind_views(fn, model, modules, kind, entries)
+    if kind == "lokr":
+        entries = [_peft_split(fn, e, views[e.key]) for e in entries]
+    options = _one_setting(fn, kind, entries)
+    config = _kind_config(model, modules, kind, entries, views, options)
+    K = find_kind(kind)
+    tensors = {}
+    for e in entries:
+        for name, t in e.extra.items():
+            if name not in _VERA_SHARED:
+                tensors[f"{PREFIX}{e.module}.{K.peft_key(name)}"] = t.contiguous()
+    if kind == "vera":
+        A, B = _vera_projections(fn, K, entries, views, options)
+        if options["save_projection"]:
+            tensors["base_model.vera_A"], tensors["base_model.vera_B"] = A, B
+    return config, tensors
+
+
+def _kind_views(fn: str, model: nn.Module, modules: dict[str, nn.Module], kind: str,
+                entries: list[Entry]) -> dict[str, View]:
+    """The view of each entry's weight as peft's ``kind`` tuner sees it, by entry key, or raise
+    where peft could not give the model's outputs (a tensor other than a submodule's weight, a
+    custom rule's transpose, a module at several paths, OFT rotating the output)."""
     parents = parents_of(modules)
     at: dict[int, list[str]] = {}
     for name, m in model.named_modules(remove_duplicate=False):
@@ -160,8 +182,12 @@ def kinds_to_peft(fn: str, model: nn.Module, entries: list[Entry]) -> tuple[dict
         if kind == "oft" and e.options.get("rotate", "in") != "in":
             raise ValueError(f"{fn}(): `{e.key}` is OFT with rotate={e.options['rotate']!r}; peft's OFT on a "
                              f"{e.type} rotates the input. Save with format='lora_inject'.")
-    if kind == "lokr":
-        entries = [_peft_split(fn, e, views[e.key]) for e in entries]
+    return views
+
+
+def _one_setting(fn: str, kind: str, entries: list[Entry]) -> dict:
+    """The options peft's config holds once per adapter (:data:`KIND_FIELDS`; OFT's and VeRA's rank
+    too), the same on every entry, or raise where the entries differ in them."""
     fields = KIND_FIELDS[kind]
     shared = {tuple((f, e.options[f]) for f in fields) for e in entries}
     if kind == "oft":  # the rank is OFT's block count, part of its structure: one per adapter in peft
@@ -173,7 +199,14 @@ def kinds_to_peft(fn: str, model: nn.Module, entries: list[Entry]) -> tuple[dict
         raise ValueError(f"{fn}(): peft's {KIND_TYPES[kind]} has one setting per adapter for "
                          f"{sorted({f for s in shared for f, _ in s})}, but this adapter's tensors differ in them "
                          f"({sorted(shared)}). Save with format='lora_inject'.")
-    options = dict(next(iter(shared)))
+    return dict(next(iter(shared)))
+
+
+def _kind_config(model: nn.Module, modules: dict[str, nn.Module], kind: str, entries: list[Entry],
+                 views: dict[str, View], options: dict) -> dict:
+    """peft's ``adapter_config.json`` for ``entries`` of ``kind``: the targets, the options of
+    :func:`_one_setting`, LoHa's and LoKr's ranks and alphas by pattern, IA³'s feedforward modules."""
+    fields = KIND_FIELDS[kind]
     targets = [e.module for e in sorted(entries, key=lambda e: list(modules).index(e.module))]
     cls = type_before_parametrizations(model)
     config = {
@@ -207,16 +240,7 @@ def kinds_to_peft(fn: str, model: nn.Module, entries: list[Entry]) -> tuple[dict
     if kind == "vera":
         config.update(r=options["r"], fan_in_fan_out=conv1d, bias="none", init_weights=True, vera_dropout=0.0,
                       layers_to_transform=None, layers_pattern=None)
-    tensors = {}
-    for e in entries:
-        for name, t in e.extra.items():
-            if name not in _VERA_SHARED:
-                tensors[f"{PREFIX}{e.module}.{K.peft_key(name)}"] = t.contiguous()
-    if kind == "vera":
-        A, B = _vera_projections(fn, K, entries, views, options)
-        if options["save_projection"]:
-            tensors["base_model.vera_A"], tensors["base_model.vera_B"] = A, B
-    return config, tensors
+    return config
 
 
 def _vera_projections(fn: str, K, entries: list[Entry], views: dict[str, View], options: dict):
