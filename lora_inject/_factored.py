@@ -244,7 +244,6 @@ class FactoredWeight(Tensor):
                 self._gains = (None, [None if t.magnitude is None else dora.gain(M, t, ct) for t in self._terms])
         return self._gains
 
-
     def _rescale(self, out: Tensor, bias: Tensor | None = None, dim: int = -1) -> Tensor:
         """DoRA: the base output ``out = op(x, W0) + bias`` scaled by ``c`` along its output units
         (``dim``), as ``out + (c - 1) * (out - bias)``, which is ``out`` exactly where ``c`` is 1

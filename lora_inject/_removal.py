@@ -1,7 +1,8 @@
 """Taking adapters off one adapted tensor, for ``remove``: what to do there (:class:`Removal`),
 decided and checked before anything is written; merging into the stored tensors (``W0``, a
 quantized weight requantized, or the originals of a parametrization that comes before ours); and
-detaching our parametrization, which gives the module its class, hooks and tied users back."""
+detaching our parametrization (:func:`detach`, which ``inject``'s roll-back uses too), which gives
+the module its class, hooks and tied users back."""
 
 from __future__ import annotations
 
@@ -21,9 +22,10 @@ from ._sites import Site, module_loras
 from ._tied import untie
 from ._view import compute_dtype
 from .kind import find_kind
-from .lora import LoRA
+from .lora import LoRA, unlink_bias
 
 
+# -- what to do, decided first ------------------------------------------------------------------
 @dataclass
 class Removal:
     """What ``remove`` does on one site, decided before anything is written."""
@@ -36,12 +38,11 @@ class Removal:
     build: Callable[[Tensor], Tensor] | None  # requantizes a rewritten tensor; None: written dense
 
 
-
 def removal(site: Site, names: set[str] | None, merge: bool, dequantize: bool) -> Removal | None:
     """What ``remove`` would do on ``site`` (None: nothing), once it is checked that it can.
 
     Raises:
-        ValueError, RuntimeError: as :func:`remove` says; nothing has been written.
+        ValueError, RuntimeError: as :func:`~lora_inject.surgery.remove` says; nothing has been written.
     """
     lora, where = site.lora, site.where
     mine = [n for n in lora.adapters if names is None or n in names]
@@ -83,7 +84,6 @@ def removal(site: Site, names: set[str] | None, merge: bool, dequantize: bool) -
     return Removal(site, mine, merge_now, scheme, rewrite, build)
 
 
-
 def take_off(plan: Removal, dequantize: bool, rounding: list) -> None:
     """Do what ``plan`` says: merge, drop the adapters, and detach a LoRA left with none."""
     site, merge_now = plan.site, plan.merged
@@ -112,7 +112,6 @@ def take_off(plan: Removal, dequantize: bool, rounding: list) -> None:
             module.__class__ = nn.Linear  # its weight is dense now: the plain layer's forward
 
 
-
 def _quantized_as(target: Tensor, build, where: str, rounding: list) -> nn.Parameter:
     """``target`` as a weight's new stored tensor: dense (``build`` None), or requantized by
     ``build`` (see :func:`lora_inject._quant.requantizer`), its rounding recorded in ``rounding``."""
@@ -124,7 +123,7 @@ def _quantized_as(target: Tensor, build, where: str, rounding: list) -> nn.Param
     return new if isinstance(new, nn.Parameter) else nn.Parameter(new, requires_grad=False)
 
 
-
+# -- merging into the stored tensors ------------------------------------------------------------
 def _merge_into_originals(site: Site, names: list[str], *, write: bool) -> None:
     """Fold ``names`` of the site's LoRA into the originals of its tensor.
 
@@ -145,7 +144,7 @@ def _merge_into_originals(site: Site, names: list[str], *, write: bool) -> None:
             return
         if index == 0:  # ours comes first: the originals are W0 itself
             if write:
-                _merge_into(lora, plist.original, names)
+                _merge_into_w0(lora, plist.original, names)
             elif not _merge_is_finite(lora, plist.original, names):
                 raise non_finite
             return
@@ -171,46 +170,7 @@ def _merge_into_originals(site: Site, names: list[str], *, write: bool) -> None:
                 o.copy_(n)
 
 
-
-def detach(site: Site) -> None:
-    """Take the site's LoRA off its tensor, leaving the originals' values as they are (and letting
-    them train again where inject froze them)."""
-    module, tensor_name, lora = site.module, site.tensor_name, site.lora
-    thaw = site.originals if lora.froze else []
-    unlink_bias(module, lora)
-    plist = module.parametrizations[tensor_name]
-    if len(plist) == 1:
-        parametrize.remove_parametrizations(module, tensor_name, leave_parametrized=False)
-        if lora.non_persistent:
-            module._non_persistent_buffers_set.add(tensor_name)
-    else:
-        del plist[list(plist).index(lora)]
-    order = getattr(lora, "param_order", None)
-    if order is not None and tensor_name in module._parameters:
-        params = module._parameters
-        kept = {k: params[k] for k in order if k in params}
-        kept.update({k: v for k, v in params.items() if k not in kept})
-        params.clear()
-        params.update(kept)
-    untie(lora, site.stored)  # its tied users store the very same tensor again
-    for t in thaw:
-        if isinstance(t, nn.Parameter):
-            t.requires_grad_(True)
-    if not module_loras(module):
-        unhook(module)
-        if parametrize.is_parametrized(module):  # by others, whose class it keeps
-            disown_class(module)
-
-
-
-def unlink_bias(module: nn.Module, lora: LoRA | None) -> None:
-    """Take the :class:`~lora_inject.lora.Bias` parametrization off the bias linked to ``lora``."""
-    bias = None if lora is None else lora.__dict__.pop("bias_link", None)
-    if bias is not None:
-        parametrize.remove_parametrizations(module, bias, leave_parametrized=False)
-
-
-def _merge_into(lora: LoRA, W: Tensor, names: list[str]) -> None:
+def _merge_into_w0(lora: LoRA, W: Tensor, names: list[str]) -> None:
     """Write the weight ``W`` takes with ``lora``'s adapters ``names`` into ``W`` in place: with
     ``addmm_`` where ``W`` is already in the compute dtype and every adapter is a plain LoRA, else
     through :meth:`LoRA.merged` (a float32 sum, cast back)."""
@@ -249,3 +209,34 @@ def _merge_is_finite(lora: LoRA, W: Tensor, names: list[str]) -> bool:
         if bound < torch.finfo(W.dtype).max / 2:  # NaN compares False, and falls through
             return True
     return bool(torch.isfinite(lora.merged(W, names)).all())
+
+
+# -- detaching ours -----------------------------------------------------------------------------
+def detach(site: Site) -> None:
+    """Take the site's LoRA off its tensor, leaving the originals' values as they are (and letting
+    them train again where inject froze them)."""
+    module, tensor_name, lora = site.module, site.tensor_name, site.lora
+    thaw = site.originals if lora.froze else []
+    unlink_bias(module, lora)
+    plist = module.parametrizations[tensor_name]
+    if len(plist) == 1:
+        parametrize.remove_parametrizations(module, tensor_name, leave_parametrized=False)
+        if lora.non_persistent:
+            module._non_persistent_buffers_set.add(tensor_name)
+    else:
+        del plist[list(plist).index(lora)]
+    order = getattr(lora, "param_order", None)
+    if order is not None and tensor_name in module._parameters:
+        params = module._parameters
+        kept = {k: params[k] for k in order if k in params}
+        kept.update({k: v for k, v in params.items() if k not in kept})
+        params.clear()
+        params.update(kept)
+    untie(lora, site.stored)  # its tied users store the very same tensor again
+    for t in thaw:
+        if isinstance(t, nn.Parameter):
+            t.requires_grad_(True)
+    if not module_loras(module):
+        unhook(module)
+        if parametrize.is_parametrized(module):  # by others, whose class it keeps
+            disown_class(module)

@@ -53,7 +53,6 @@ class Spec:
         return kind.share(self.shared, view, self.r, self.options) if kind.share is not None else dict(self.shared)
 
 
-
 def checked(model, targets, kind, *, r, alpha, adapter, dropout, init, rules, dtype, rslora, dora, dense,
              options) -> Spec:
     """``inject``'s arguments, checked, as a :class:`Spec`."""
@@ -99,7 +98,6 @@ def checked(model, targets, kind, *, r, alpha, adapter, dropout, init, rules, dt
                  rslora=rslora, dora=dora)
 
 
-
 def _checked_kind(model, kind: Kind, spec, *, r, alpha, adapter, dropout, init, rules, dtype, rslora, dora,
                   options) -> Spec:
     """``inject``'s arguments for a kind other than LoRA, checked, with the kind's options resolved."""
@@ -133,18 +131,15 @@ def _checked_kind(model, kind: Kind, spec, *, r, alpha, adapter, dropout, init, 
     return Spec(kind, r, alpha, spec, options=resolved, selectors=selectors)
 
 
-
 def check_dtype(dtype) -> None:
     if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
         raise TypeError(f"inject(): `dtype` must be a floating torch.dtype or None, got {dtype!r}.")
-
 
 
 def check_rules(rules) -> None:
     if rules is not None and not (isinstance(rules, Mapping) and all(isinstance(v, Rule) for v in rules.values())):
         raise TypeError(f"inject(): `rules` must be None or a mapping from module types to lora_inject.Rule, "
                         f"such as lora_inject.default_rules(), got {type(rules).__name__}.")
-
 
 
 def check_model(model) -> None:

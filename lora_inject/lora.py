@@ -8,6 +8,7 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 from torch import Tensor, nn
+from torch.nn.utils import parametrize
 
 from . import _call
 from . import _quant as quant
@@ -268,6 +269,7 @@ class LoRA(nn.Module):
         state-dict key of each is ``<this module's prefix>.<tensor>.<name>``."""
         return {k: self._modules[k][name] for k in self.records[name].tensor_names}
 
+    # -- the update -----------------------------------------------------------------------------
     def composed(self, W: Tensor, names: list[str], dropout: bool = False) -> Tensor:
         """``W`` with the adapters ``names`` applied in the order they were added (LoRA terms as
         additive steps, DoRA on the weight so far, other kinds through their ``delta``/``apply``),
@@ -357,7 +359,6 @@ class LoRA(nn.Module):
             out.append(tuple.__new__(Term, (A, B, s, a.dropout if training else 0.0, m, name, a.dora_axis)))
         return out
 
-    # -- the update -----------------------------------------------------------------------------
     def merged(self, W: Tensor, names: list[str] | None = None, dropout: bool = False) -> Tensor:
         """Return the weight ``W`` takes with ``names`` (default: the active ones), in ``W``'s dtype
         (see :func:`lora_inject._factored.merge`, and :meth:`composed` for other kinds; ``dropout``:
@@ -590,6 +591,14 @@ class Bias(nn.Module):
 
     def extra_repr(self) -> str:
         return f"of {self.weight_name}"
+
+
+def unlink_bias(module: nn.Module, lora: LoRA | None) -> None:
+    """Take the :class:`Bias` parametrization off the bias linked to ``lora`` (``inject`` links it
+    where a kind changes the bias, see :attr:`Kind.apply_bias`), if there is one."""
+    bias = None if lora is None else lora.__dict__.pop("bias_link", None)
+    if bias is not None:
+        parametrize.remove_parametrizations(module, bias, leave_parametrized=False)
 
 
 def lora_scaling(r: int, alpha: float, rslora: bool = False) -> float:

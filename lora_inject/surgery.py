@@ -1,8 +1,9 @@
 """Model surgery: ``inject`` adapters into a model in place, and ``remove`` them again.
 
-``inject`` reads as its steps: check the arguments (:class:`Spec`), plan the sites
-(:class:`_Planned`, each a :class:`~lora_inject._sites.Site`), attach, fill, and roll back if
-anything raises. ``remove`` decides every site's :class:`Removal` before it writes any.
+``inject`` reads as its steps: check the arguments (:class:`~lora_inject._spec.Spec`), plan the
+sites (:class:`_Planned`, each a :class:`~lora_inject._sites.Site`), attach, fill, and roll back if
+anything raises. ``remove`` decides every site's :class:`~lora_inject._removal.Removal` before it
+writes any.
 """
 
 from __future__ import annotations
@@ -27,14 +28,14 @@ from ._copies import full_groups, saved_modules, token_sites, within
 from ._hooks import hook
 from ._inits import WEIGHT_INITS, init_from_weight, loftq_factors
 from ._module_class import own_class, own_forward, own_setter
-from ._removal import detach, removal, take_off, unlink_bias
+from ._removal import detach, removal, take_off
 from ._selection import matcher, named_modules, qualified
 from ._sites import Site, adapter_names, loras, module_loras
 from ._spec import Spec, check_model, checked
 from ._tied import others, tensor_users, tie, tied_to
 from ._view import View
 from .kind import find_kind
-from .lora import Bias, LoRA, lora_scaling
+from .lora import Bias, LoRA, lora_scaling, unlink_bias
 from .rule import Rule, RuleKey, find_rule, type_name
 
 __all__ = ["RequantizationWarning", "inject", "remove"]

@@ -19,6 +19,7 @@ import pytest
 import torch
 from _helpers import assert_unchanged, noise, randomize_kind, snapshot
 from _models import gpt2
+from safetensors.torch import save_file
 from torch import nn
 
 import lora_inject as li
@@ -293,6 +294,17 @@ def test_load_refuses_and_leaves_the_model_unchanged(tmp_path):
         li.load_adapter(model, d)
     _edit_config(d, decompose_both=False, modules_to_save=["out"])
     with pytest.raises(ValueError, match=r"the field 'modules_to_save'"):
+        li.load_adapter(model, d)
+    assert_unchanged(model, snap)
+
+    d = _peft_dir(tmp_path / "d", peft.OFTConfig(oft_block_size=4, target_modules=["lin"]))
+    _edit_config(d, target_modules=["lin", "out"])  # the file holds no oft_R for `out`
+    with pytest.raises(ValueError, match=r"targets `out`, but .* lacks `base_model\.model\.out\.oft_R\.weight`"):
+        li.load_adapter(model, d)
+    _edit_config(d, target_modules=["lin"])
+    weights = d / "adapter_model.safetensors"
+    save_file({"base_model.model.lin.oft_R.weight": torch.zeros(32, 5)}, weights)  # 5: no block's triangle
+    with pytest.raises(ValueError, match=r"oft_R\.weight` has shape \(32, 5\), which is no OFT block"):
         li.load_adapter(model, d)
     assert_unchanged(model, snap)
 

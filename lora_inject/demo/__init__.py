@@ -52,7 +52,6 @@ def default_model_dir() -> Path:
     return Path(next(iter(spec.submodule_search_locations))) / "model"
 
 
-
 class _NoBar:
     """What :func:`progress` gives without tqdm: the same calls, and no bar."""
 

@@ -11,8 +11,9 @@ Our format is a directory that holds two files:
   sha256 of the weights file, and for each adapted tensor its module path and type, its shape, r,
   alpha, rslora, dora, dropout, init and rule (``transpose``, ``experts``, ``factored``).
 
-peft's format (``adapter_model.safetensors`` and ``adapter_config.json``) is translated by
-:mod:`lora_inject.io._peft`.
+peft's format (``adapter_model.safetensors`` and ``adapter_config.json``) is read and checked by
+:mod:`lora_inject.io._peft_config`, and translated by :mod:`lora_inject.io._peft` (LoRA) and
+:mod:`lora_inject.io._peft_kinds` (LoHa, LoKr, OFT, IA³, VeRA).
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ from . import _peft as peft
 from . import _peft_config as peft_config
 from ._entries import Entry, apply, collect, tensor_shape
 from ._files import write_atomic, write_pickled, write_safetensors
-from ._peft_kinds import kinds_to_peft
+from ._peft_kinds import kinds_from_peft, kinds_to_peft
 from ._wrappers import placed, unwrapped
 
 __all__ = ["load_adapter", "save_adapter"]  # write_entries: for the command line
@@ -326,7 +327,11 @@ def load_adapter(model: M, path: str | os.PathLike, *, adapter: str | None = Non
         saved = peft_config.read_peft(fn, path)
         model_root, _ = placed(model, saved.module_paths(),
                                lambda m, p: m is not None and not isinstance(m, LoRA))
-        saved_name, (entries, copies) = "default", peft.from_peft(fn, model_root, saved)
+        saved_name = "default"
+        if peft_config.kind_of(saved.config) is None:
+            entries, copies = peft.from_peft(fn, model_root, saved)
+        else:  # peft's LoHa, LoKr, OFT, IA³ or VeRA
+            entries = kinds_from_peft(fn, model_root, saved)
     else:
         lone = [f for f in (ours.WEIGHTS, peft_config.WEIGHTS) if os.path.exists(os.path.join(path, f))]
         below = sorted(d for d in os.listdir(path) if any(  # peft saves a named adapter in a subfolder

@@ -103,7 +103,6 @@ def read_pickled(fn: str, file: str, *, integers: bool = False) -> dict[str, Ten
     return tensors
 
 
-
 def _read_bytes(fn: str, file: str) -> bytes:
     """The bytes of an adapter's weights file; raises ``ValueError`` if it is missing."""
     try:

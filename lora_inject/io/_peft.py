@@ -58,14 +58,12 @@ from ._peft_config import (
     SUFFIXES,
     TOKENS,
     Saved,
-    kind_of,
     matches,
     parents_of,
     pattern,
     targeted,
     unwrap,
 )
-from ._peft_kinds import kinds_from_peft
 
 _BIASED = ("linear", "conv", "conv1d")  # the layers where peft's lora_B has a bias (lora_bias=True)
 COMPANIONS = ("lora", "full", "tokens")  # the kinds a LORA adapter holds: LoRA, modules_to_save, tokens
@@ -420,16 +418,15 @@ def _from_w0(e: Entry) -> Entry:
 
 # -- peft -> ours ----------------------------------------------------------------------------
 def from_peft(fn: str, model: nn.Module, saved: Saved) -> tuple[list[Entry], list[Copy]]:
-    """Translate peft's adapter ``saved`` into entries and exact copies for ``model``, or raise if it
-    cannot be reproduced.
+    """Translate peft's LoRA adapter ``saved`` (``peft_type`` ``"LORA"`` or ``"TRAINABLE_TOKENS"``; the
+    other kinds are :func:`~lora_inject.io._peft_kinds.kinds_from_peft`'s) into entries and exact
+    copies for ``model``, or raise if it cannot be reproduced.
 
     LoRA factors become LoRA entries. A full tensor (``modules_to_save``, ``bias="all"`` or
     ``"lora_only"``, ``save_embedding_layers``) that equals the base is dropped; a floating one
     that differs becomes the exact update ``W_saved - W0``, as a LoRA of full rank with an identity
     factor; an integer one that differs (a BatchNorm's ``num_batches_tracked``) is a copy.
     """
-    if kind_of(saved.config) is not None:
-        return kinds_from_peft(fn, model, saved), []
     if saved.config.get("peft_type") == "TRAINABLE_TOKENS":  # peft's tokens alone: `p.trainable_tokens_delta`
         return _tied_once(fn, saved.file, model, _token_entries(fn, model, dict(named_modules(model)), saved),
                           saved.config), []

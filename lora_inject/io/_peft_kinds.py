@@ -285,24 +285,7 @@ def kinds_from_peft(fn: str, model: nn.Module, saved: Saved) -> list[Entry]:
     if not sites:
         raise ValueError(f"{fn}(): `target_modules` in {file} selects no module of the model; it was saved from "
                          "another model.")
-    shared = {}
-    if kind == "vera":
-        r = config.get("r", 256)
-        options = {o.name: config.get(o.name, o.default) for o in K.options}
-        if config.get("vera_dropout"):
-            raise ValueError(f"{fn}(): {file} has vera_dropout={config['vera_dropout']!r}; lora_inject's VeRA has "
-                             "no dropout, so nothing was loaded.")
-        want = K.shared([View(tuple(v.shape), v.transpose, False) for v in sites.values()], r, options)
-        if any(k in tensors for k in ("base_model.vera_A", "base_model.vera_B")):
-            for x in _VERA_SHARED:
-                t = tensors.pop(f"base_model.{x}", None)
-                if t is None or tuple(t.shape) != tuple(want[x].shape):
-                    raise ValueError(f"{fn}(): {weights} holds `base_model.{x}` of shape "
-                                     f"{None if t is None else tuple(t.shape)}, but VeRA with r={r} on the modules "
-                                     f"{file} targets needs {tuple(want[x].shape)}. It was saved from another model.")
-                shared[x] = t
-        else:
-            shared = want
+    shared = _vera_shared(fn, saved, K, sites, tensors) if kind == "vera" else {}
     entries = []
     for name, view in sites.items():
         module = modules[name]
@@ -318,18 +301,7 @@ def kinds_from_peft(fn: str, model: nn.Module, saved: Saved) -> list[Entry]:
         got = {n: tensors.pop(f"{PREFIX}{name}.{K.peft_key(n)}") for n in KIND_TENSORS[kind]
                if f"{PREFIX}{name}.{K.peft_key(n)}" in tensors}
         if kind == "oft":  # the block size, from oft_R's shape (peft may have adjusted the config's)
-            if "oft_R" not in got:
-                raise ValueError(f"{fn}(): {file} targets `{name}`, but {weights} lacks `{PREFIX}{name}.oft_R.weight`. "
-                                 "It was saved from another model.")
-            try:
-                b = block_size(got["oft_R"].shape[-1]) if got["oft_R"].dim() == 2 else 0
-            except ValueError:
-                b = 0
-            if b < 2 or view.in_features % b:
-                raise ValueError(f"{fn}(): `{PREFIX}{name}.oft_R.weight` has shape {tuple(got['oft_R'].shape)}, "
-                                 f"which is no OFT block of the {view.in_features} inputs of `{name}`. It was saved "
-                                 "from another model.")
-            r, opts["oft_block_size"], opts["rotate"] = 0, b, "in"
+            r, opts["oft_block_size"], opts["rotate"] = 0, _oft_block(fn, saved, name, view, got), "in"
         r, alpha, opts = K.resolve(r, alpha, **opts)
         with torch.device("meta"):
             made = K.create(view, r, alpha, opts)
@@ -359,3 +331,43 @@ def kinds_from_peft(fn: str, model: nn.Module, saved: Saved) -> list[Entry]:
                          f"`target_modules` in {file} selects takes; it was saved from another model, so nothing "
                          "was loaded.")
     return entries
+
+
+def _vera_shared(fn: str, saved: Saved, K, sites: dict[str, View], tensors: dict[str, Tensor]) -> dict[str, Tensor]:
+    """VeRA's shared projections for ``sites``: those ``saved`` holds (taken out of ``tensors``), else
+    the ones its ``projection_prng_key`` gives; raise where the saved ones do not fit the model."""
+    file, weights, config = saved.file, saved.weights, saved.config
+    r = config.get("r", 256)
+    options = {o.name: config.get(o.name, o.default) for o in K.options}
+    if config.get("vera_dropout"):
+        raise ValueError(f"{fn}(): {file} has vera_dropout={config['vera_dropout']!r}; lora_inject's VeRA has "
+                         "no dropout, so nothing was loaded.")
+    want = K.shared([View(tuple(v.shape), v.transpose, False) for v in sites.values()], r, options)
+    if not any(k in tensors for k in ("base_model.vera_A", "base_model.vera_B")):
+        return want
+    shared = {}
+    for x in _VERA_SHARED:
+        t = tensors.pop(f"base_model.{x}", None)
+        if t is None or tuple(t.shape) != tuple(want[x].shape):
+            raise ValueError(f"{fn}(): {weights} holds `base_model.{x}` of shape "
+                             f"{None if t is None else tuple(t.shape)}, but VeRA with r={r} on the modules "
+                             f"{file} targets needs {tuple(want[x].shape)}. It was saved from another model.")
+        shared[x] = t
+    return shared
+
+
+def _oft_block(fn: str, saved: Saved, name: str, view: View, got: dict[str, Tensor]) -> int:
+    """OFT's block size on ``name``, from the shape of the ``oft_R`` that ``saved`` holds for it (peft
+    may have adjusted its config's), or raise where that is no block of the module's inputs."""
+    if "oft_R" not in got:
+        raise ValueError(f"{fn}(): {saved.file} targets `{name}`, but {saved.weights} lacks "
+                         f"`{PREFIX}{name}.oft_R.weight`. It was saved from another model.")
+    try:
+        b = block_size(got["oft_R"].shape[-1]) if got["oft_R"].dim() == 2 else 0
+    except ValueError:
+        b = 0
+    if b < 2 or view.in_features % b:
+        raise ValueError(f"{fn}(): `{PREFIX}{name}.oft_R.weight` has shape {tuple(got['oft_R'].shape)}, "
+                         f"which is no OFT block of the {view.in_features} inputs of `{name}`. It was saved "
+                         "from another model.")
+    return b
