@@ -15,6 +15,7 @@ import warnings
 import _models
 import pytest
 import torch
+from _helpers import randomize_kind
 from _models import bert_classifier, classification_data
 from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
@@ -32,21 +33,12 @@ KINDS = {
 KIND_NAMES = list(KINDS)
 
 
-def randomize(model: nn.Module, seed: int = 1) -> None:
-    """Random values for every trained tensor, so that the update is not the identity and every
-    tensor gets a gradient (VeRA's ``vera_lambda_b`` and LoHa's second factors start at zero)."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in li.lora_parameters(model):
-            p.add_(0.2 * torch.randn(p.shape, generator=gen, dtype=p.dtype))
-
-
 def mlp(kind: str) -> nn.Sequential:
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
     li.inject(model, r"^(0|2)$", kind=kind, **KINDS[kind])
     li.mark_only_lora_as_trainable(model)
-    randomize(model)
+    randomize_kind(model, "default", 1)  # not the identity: every tensor gets a gradient
     return model
 
 
@@ -167,7 +159,7 @@ def test_compiled_kinds_build_no_weight_sized_tensor(kind, layer, fresh_dynamo):
     options = {**KINDS[kind], "feedforward": r"^2$"} if kind == "ia3" else KINDS[kind]
     li.inject(model, r"^(0|2)$", kind=kind, **options)
     li.mark_only_lora_as_trainable(model)
-    randomize(model)
+    randomize_kind(model, "default", 1)
     eager = copy.deepcopy(model)
     backend, seen = _built(model[0].parametrizations.weight.original.numel())
     compiled = torch.compile(model, backend=backend, fullgraph=True)
@@ -206,7 +198,7 @@ def test_compiled_dropout_draws_as_eager(kind, fresh_dynamo):
     li.remove(model, merge=False)
     li.inject(model, r"^(0|2)$", kind=kind, r=2, alpha=4.0, rank_dropout=0.5, module_dropout=0.2)
     li.mark_only_lora_as_trainable(model)
-    randomize(model)
+    randomize_kind(model, "default", 1)
     assert_draws_as_eager(model, torch.randn(3, 8))
 
 
@@ -225,7 +217,7 @@ def test_compiled_user_kind_with_an_unmarked_dropout_merges(fresh_dynamo):
         model = nn.Sequential(nn.Linear(8, 8))
         li.inject(model, "^0$", kind="lokr_unmarked", r=2, alpha=4.0, module_dropout=0.2)
         li.mark_only_lora_as_trainable(model)
-        randomize(model)
+        randomize_kind(model, "default", 1)
         assert_draws_as_eager(model, torch.randn(3, 8))
     finally:
         del kind_module._KINDS["lokr_unmarked"]
@@ -241,7 +233,7 @@ def test_compiled_ia3_keeps_autocasts_dtype(layer, fresh_dynamo):
     else:
         model, x = nn.Conv2d(4, 4, 3), torch.randn(1, 4, 5, 5)
     li.inject(model, "", kind="ia3")
-    randomize(model)
+    randomize_kind(model, "default", 1)
     compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         want, got = model(x), compiled(x)
@@ -270,7 +262,7 @@ def test_dynamic_batch_compiles_once(kind, layer, grad, fresh_dynamo):
     options = dict(r=2, alpha=4.0) if kind == "lora" else KINDS[kind]
     li.inject(model, "^0$", kind=kind, **({k: v for k, v in options.items() if k != "feedforward"}))
     li.mark_only_lora_as_trainable(model)
-    randomize(model)
+    randomize_kind(model, "default", 1)
     compiled = torch.compile(model, backend="aot_eager", fullgraph=True, dynamic=True)
     with torch.set_grad_enabled(grad):
         compiled(torch.randn(3, *shape))
@@ -302,7 +294,7 @@ def gpt2(kind: str) -> nn.Module:
     kw = dict(KINDS[kind], feedforward=r"mlp\.c_proj") if kind == "ia3" else KINDS[kind]
     li.inject(model, "c_attn|c_proj|c_fc", kind=kind, **kw)
     li.mark_only_lora_as_trainable(model)
-    randomize(model)
+    randomize_kind(model, "default", 1)
     return model
 
 
@@ -388,7 +380,7 @@ def llama(kind: str) -> nn.Module:
     kw = dict(KINDS[kind], feedforward="down_proj") if kind == "ia3" else KINDS[kind]
     li.inject(model, r"(q|v|down)_proj", kind=kind, **kw)
     li.mark_only_lora_as_trainable(model)
-    randomize(model)
+    randomize_kind(model, "default", 1)
     return model
 
 
@@ -435,7 +427,7 @@ def adapted_bert(base, kind):
     kw = dict(KINDS[kind], feedforward="output.dense") if kind == "ia3" else KINDS[kind]
     li.inject(model, r"query|value|output\.dense", kind=kind, **kw)
     li.mark_only_lora_as_trainable(model)
-    randomize(model)
+    randomize_kind(model, "default", 1)
     return model
 
 
