@@ -144,7 +144,6 @@ def to_entries(fn: str, saved: Saved, path: str, module: nn.Module, rows: slice 
     """
     W = module.weight
     shape = tuple(W.shape)
-    out = shape[0]
     rule = find_rule(module)
     factored = rule is not None and rule.adapts("weight") and rule.is_factored(module)
     if rule is not None and rule.adapts("weight") and (rule.transpose or rule.experts):
@@ -160,53 +159,75 @@ def to_entries(fn: str, saved: Saved, path: str, module: nn.Module, rows: slice 
         return ValueError(f"{fn}(): `{saved.name}` {what}, which does not fit {type_name(module)} `{path}` of "
                           f"shape {shape}. The file was made for another model. Nothing was loaded.")
 
-    alpha = saved.alpha
     if kind == "full":
-        entries = []
-        if "diff" in t:
-            entries.append(_full(dict(base), t["diff"], shape, wrong))
-        if "diff_b" in t:
-            bias = getattr(module, "bias", None)
-            if bias is None:
-                raise wrong("holds a bias update `diff_b`, but the module has no bias")
-            entries.append(_full(dict(base, tensor="bias", shape=tuple(bias.shape), factored=False),
-                                 t["diff_b"], tuple(bias.shape), wrong))
-        return entries
+        return _full_entries(module, base, t, shape, wrong)
     if kind == "lora":
-        _need(fn, saved, *(keys := ("lora_down.weight", "lora_up.weight") if saved.flat else
-                           ("lora_A.weight", "lora_B.weight")))
-        down, up = (t[k] for k in keys)
-        r = int(down.shape[0])
-        if "lora_mid.weight" in t:  # Tucker: A[a, i, k] = sum_b mid[a, b, k] down[b, i]
-            mid = t["lora_mid.weight"]
-            if mid.dim() < 3 or tuple(mid.shape[:2]) != (r, r) or down.reshape(r, -1).shape[1] * math.prod(
-                    mid.shape[2:]) != math.prod(shape[1:]):
-                raise wrong(f"has lora_mid {tuple(mid.shape)} and lora_down {tuple(down.shape)}")
-            down = torch.einsum("ab...,bi->ai...", mid.float(), down.reshape(r, -1).float()).to(down.dtype)
-        A = down.reshape(r, -1)
-        B = up.reshape(up.shape[0], -1)
-        if B.shape[1] != r or (A.shape[1], B.shape[0]) != (math.prod(shape[1:]), out):
-            raise wrong(f"has a down {tuple(down.shape)} and an up {tuple(up.shape)}")
-        extra = {}
-        scale = t.get("dora_scale", t.get("lora_magnitude_vector"))
-        if scale is not None:
-            extra["lora_magnitude"], axis = _magnitude(fn, saved, scale, shape)
-        return [Entry(**base, A=A, B=B, r=r, alpha=float(r if not alpha else alpha), dora=bool(extra),
-                      dora_axis=axis if extra else "out", extra=extra)]
+        return [_lora_entry(fn, saved, base, t, shape, wrong)]
     if "dora_scale" in t:
         raise ValueError(f"{fn}(): `{saved.name}` is a {kind.upper()} with DoRA (dora_scale); lora_inject's "
                          f"{kind} kind has no DoRA, so it cannot be loaded unmerged. Nothing was loaded.")
-    view = View(shape)
     if kind == "loha":
-        w1a, w1b, w2a, w2b = _need(fn, saved, "hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b")
-        r = int(w1b.shape[0])
-        tucker = "hada_t1" in t
-        params = {k: t[k] for k in LOHA if k in t}
-        if tucker and len(shape) == 3:  # LyCORIS keeps a 1-D kernel as (r, r, k); the kind holds (r, r, k, 1)
-            params = {k: v[..., None] if k.startswith("hada_t") and v.dim() == 3 else v for k, v in params.items()}
-        options = {"use_effective_conv2d": tucker}
-        return [_kind_entry(base, "loha", r, alpha, options, params, view, wrong)]
-    # LoKr: the structure follows from which factors are there; r from the low-rank ones
+        return [_loha_entry(fn, saved, base, t, shape, wrong)]
+    return [_lokr_entry(fn, saved, base, t, shape, wrong)]
+
+
+def _full_entries(module: nn.Module, base: dict, t: dict[str, Tensor], shape: tuple, wrong) -> list[Entry]:
+    """A full update's entries: the weight's ``diff``, and the bias's ``diff_b`` where the file has it."""
+    entries = []
+    if "diff" in t:
+        entries.append(_full(dict(base), t["diff"], shape, wrong))
+    if "diff_b" in t:
+        bias = getattr(module, "bias", None)
+        if bias is None:
+            raise wrong("holds a bias update `diff_b`, but the module has no bias")
+        entries.append(_full(dict(base, tensor="bias", shape=tuple(bias.shape), factored=False),
+                             t["diff_b"], tuple(bias.shape), wrong))
+    return entries
+
+
+def _lora_entry(fn: str, saved: Saved, base: dict, t: dict[str, Tensor], shape: tuple, wrong) -> Entry:
+    """A LoRA's entry: its down and up factors (through ``lora_mid`` for LyCORIS's Tucker form), and
+    DoRA's magnitude where the file has one."""
+    out, alpha = shape[0], saved.alpha
+    _need(fn, saved, *(keys := ("lora_down.weight", "lora_up.weight") if saved.flat else
+                       ("lora_A.weight", "lora_B.weight")))
+    down, up = (t[k] for k in keys)
+    r = int(down.shape[0])
+    if "lora_mid.weight" in t:  # Tucker: A[a, i, k] = sum_b mid[a, b, k] down[b, i]
+        mid = t["lora_mid.weight"]
+        if mid.dim() < 3 or tuple(mid.shape[:2]) != (r, r) or down.reshape(r, -1).shape[1] * math.prod(
+                mid.shape[2:]) != math.prod(shape[1:]):
+            raise wrong(f"has lora_mid {tuple(mid.shape)} and lora_down {tuple(down.shape)}")
+        down = torch.einsum("ab...,bi->ai...", mid.float(), down.reshape(r, -1).float()).to(down.dtype)
+    A = down.reshape(r, -1)
+    B = up.reshape(up.shape[0], -1)
+    if B.shape[1] != r or (A.shape[1], B.shape[0]) != (math.prod(shape[1:]), out):
+        raise wrong(f"has a down {tuple(down.shape)} and an up {tuple(up.shape)}")
+    extra = {}
+    scale = t.get("dora_scale", t.get("lora_magnitude_vector"))
+    if scale is not None:
+        extra["lora_magnitude"], axis = _magnitude(fn, saved, scale, shape)
+    return Entry(**base, A=A, B=B, r=r, alpha=float(r if not alpha else alpha), dora=bool(extra),
+                 dora_axis=axis if extra else "out", extra=extra)
+
+
+def _loha_entry(fn: str, saved: Saved, base: dict, t: dict[str, Tensor], shape: tuple, wrong) -> Entry:
+    """A LoHa's entry: its four factors, and the Tucker cores of ``use_effective_conv2d`` where the
+    file has them."""
+    w1a, w1b, w2a, w2b = _need(fn, saved, "hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b")
+    r = int(w1b.shape[0])
+    tucker = "hada_t1" in t
+    params = {k: t[k] for k in LOHA if k in t}
+    if tucker and len(shape) == 3:  # LyCORIS keeps a 1-D kernel as (r, r, k); the kind holds (r, r, k, 1)
+        params = {k: v[..., None] if k.startswith("hada_t") and v.dim() == 3 else v for k, v in params.items()}
+    options = {"use_effective_conv2d": tucker}
+    return _kind_entry(base, "loha", r, saved.alpha, options, params, View(shape), wrong)
+
+
+def _lokr_entry(fn: str, saved: Saved, base: dict, t: dict[str, Tensor], shape: tuple, wrong) -> Entry:
+    """A LoKr's entry: the structure follows from which factors the file holds, its rank from the
+    low-rank ones, and the split from their shapes."""
+    out, alpha, view = shape[0], saved.alpha, View(shape)
     params = {k: t[k] for k in LOKR if k in t}
     if "lokr_w1" not in params:
         _need(fn, saved, "lokr_w1_a", "lokr_w1_b")
@@ -235,7 +256,7 @@ def to_entries(fn: str, saved: Saved, path: str, module: nn.Module, rows: slice 
     factor = peft_factor(view, r, options)
     if factor is not None:
         options.update(factors=None, decompose_factor=factor)
-    return [_kind_entry(base, "lokr", r, alpha, options, params, view, wrong)]
+    return _kind_entry(base, "lokr", r, alpha, options, params, view, wrong)
 
 
 def _kind_entry(base: dict, kind: str, r: int, alpha: float | None, options: dict, params: dict, view: View,
