@@ -24,8 +24,6 @@ from contextlib import contextmanager
 from contextvars import ContextVar
 from typing import NamedTuple
 
-__all__: list[str] = []
-
 
 class Call(NamedTuple):
     """What the blocks open in one context set, by ``id()`` of each :class:`LoRA` they cover."""

@@ -14,8 +14,6 @@ from ._selection import named_modules
 from .kind import integer
 from .rule import Rule, find_rule
 
-__all__: list[str] = []
-
 
 def saved_modules(fn: str, model: nn.Module, names: object) -> list[str]:
     """The paths of the modules that ``names`` selects as peft's ``modules_to_save`` does (a path

@@ -43,8 +43,6 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-__all__: list[str] = []
-
 
 def _units(M: Tensor, units: int) -> Tensor:
     """The view ``(.., out, in)`` as ``(.., out, units, in / units)``: its columns by input unit."""

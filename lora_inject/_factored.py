@@ -49,8 +49,6 @@ from ._rows import mask
 from ._view import View, compute_dtype
 from .kind import find_kind
 
-__all__: list[str] = []
-
 aten = torch.ops.aten
 
 

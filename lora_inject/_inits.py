@@ -44,8 +44,6 @@ from . import _quant as quant
 from ._view import View, compute_dtype
 from .kind import find_kind
 
-__all__: list[str] = []
-
 # Set while a load injects factors it overwrites next: they are left unfilled (torch.empty).
 OVERWRITTEN = contextvars.ContextVar("lora_inject_factors_overwritten", default=False)
 

@@ -31,8 +31,6 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-__all__: list[str] = []
-
 
 @dataclass(frozen=True)
 class Scheme:

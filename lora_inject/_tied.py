@@ -27,8 +27,6 @@ from ._module_class import disown_class, own_class
 from ._selection import named_modules, qualified
 from .lora import Bias, LoRA
 
-__all__: list[str] = []
-
 TIED = "tied"  # on a LoRA's __dict__: the users of its tensor besides its own module, as User records
 
 

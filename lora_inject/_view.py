@@ -12,8 +12,6 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-__all__: list[str] = []
-
 
 @dataclass(frozen=True)
 class View:

@@ -46,6 +46,7 @@ class RequantizationWarning(UserWarning):
     gives the largest change that requantizing made, relative to the weight's largest entry, and
     the tensor where it was largest."""
 
+
 M = TypeVar("M", bound=nn.Module)
 Target = Union[str, "re.Pattern[str]", Sequence[str], Callable[[str, nn.Module], bool]]
 

@@ -10,6 +10,4 @@ from __future__ import annotations
 
 from . import full, ia3, loha, lokr, oft, tokens, vera
 
-__all__: list[str] = []
-
 del full, ia3, loha, lokr, oft, tokens, vera

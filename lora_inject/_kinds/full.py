@@ -20,8 +20,6 @@ from torch import Tensor
 from .._view import View
 from ..kind import Kind, register_kind
 
-__all__: list[str] = []
-
 
 def create(view: View, r, alpha, options) -> dict[str, Tensor]:
     return {"full": torch.zeros(view.shape)}  # its values come from the weight (fill)

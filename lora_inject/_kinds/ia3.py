@@ -24,8 +24,6 @@ from torch import Tensor
 from .._view import View
 from ..kind import Kind, Option, boolean, channels, kernel, register_kind
 
-__all__: list[str] = []
-
 
 def create(view: View, r, alpha, options) -> dict[str, Tensor]:
     k = kernel(view)

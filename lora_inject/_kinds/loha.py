@@ -39,8 +39,6 @@ from ..kind import (
     register_kind,
 )
 
-__all__: list[str] = []
-
 
 def _core_kernel(view: View) -> tuple[int, ...] | None:
     """The kernel of the Tucker cores, or None where the update is a plain matrix."""

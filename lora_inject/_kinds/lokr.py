@@ -48,8 +48,6 @@ from ..kind import (
     register_kind,
 )
 
-__all__: list[str] = []
-
 
 def factorization(dimension: int, factor: int = -1) -> tuple[int, int]:
     """``(m, n)`` with ``m * n == dimension``, as peft's ``factorization``: ``(factor,

@@ -41,8 +41,6 @@ from torch import Tensor
 from .._view import View
 from ..kind import Kind, Option, boolean, integer, probability, real, register_kind
 
-__all__: list[str] = []
-
 
 def adjust(dim: int, value: int) -> int:
     """The divisor of ``dim`` nearest ``value`` (the lower on a tie), as peft's

@@ -21,8 +21,6 @@ from torch import Tensor
 from .._view import View
 from ..kind import Kind, Option, integer, register_kind
 
-__all__: list[str] = []
-
 
 def _indices(v) -> bool:
     return (isinstance(v, (list, tuple)) and len(v) > 0 and all(integer(i) and i >= 0 for i in v)

@@ -29,8 +29,6 @@ from torch import Tensor
 from .._view import View
 from ..kind import Kind, Option, boolean, integer, kernel, pointwise, positive_rank, real, register_kind
 
-__all__: list[str] = []
-
 
 def _kaiming(shape: tuple[int, ...], generator: torch.Generator) -> Tensor:
     # peft's vera._kaiming_init: fan_in of (rows, cols) is cols.

@@ -14,8 +14,6 @@ from __future__ import annotations
 
 from torch import nn
 
-__all__: list[str] = []
-
 Target = tuple[str, "slice | None"]  # a module path, and the rows of the saved update it takes (None: all)
 
 # a resnet's parts in the original UNet

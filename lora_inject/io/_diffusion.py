@@ -24,8 +24,6 @@ from ._entries import Entry, apply
 from ._files import DTYPES, dtype_name, safetensors_torch
 from ._kohya import Saved, group, to_entries
 
-__all__: list[str] = []
-
 WEIGHT_NAMES = ("pytorch_lora_weights.safetensors", "lora.safetensors")
 _DENOISERS = ("unet", "transformer", "prior", "decoder")
 _OURS_AND_PEFT = ("adapter.safetensors", "adapter_model.safetensors")  # their configs say their format

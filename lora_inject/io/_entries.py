@@ -24,8 +24,6 @@ from ..params import refuse_flat_params
 from ..rule import Rule, find_rule, own_tensor_names, type_name
 from ..surgery import inject, remove
 
-__all__: list[str] = []
-
 FACTORS = ("lora_A", "lora_B")
 EXTRAS = ("lora_magnitude", "lora_A0", "lora_B0")  # what an adapter may hold besides its factors
 

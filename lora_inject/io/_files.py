@@ -12,8 +12,6 @@ import tempfile
 import torch
 from torch import Tensor
 
-__all__: list[str] = []
-
 DTYPES = {"float64": torch.float64, "float32": torch.float32, "float16": torch.float16,
           "bfloat16": torch.bfloat16}
 
@@ -120,6 +118,7 @@ def _check_dtypes(fn: str, file: str, tensors: dict[str, Tensor], integers: bool
             raise TypeError(f"{fn}(): `{key}` in {file} has dtype {dtype_name(t.dtype)} and shape "
                             f"{list(t.shape)}; LoRA factors must be floating point ({', '.join(DTYPES)}). "
                             "Cast them and save again.")
+
 
 def write_pickled(tensors: dict[str, Tensor]) -> bytes:
     """Encode ``tensors`` with ``torch.save``, as peft's ``save_pretrained(safe_serialization=False)``

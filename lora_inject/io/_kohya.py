@@ -36,8 +36,6 @@ from .._view import View
 from ..rule import find_rule, type_name
 from ._entries import Entry
 
-__all__: list[str] = []
-
 # The component each kohya prefix names; "unet" is the denoiser, a pipeline's unet or transformer.
 PREFIXES = {"lora_unet": "unet", "lora_transformer": "unet", "lora_te1": "text_encoder",
             "lora_te2": "text_encoder_2", "lora_te3": "text_encoder_3", "lora_te": "text_encoder",

@@ -13,8 +13,6 @@ from ..version import __version__
 from ._entries import EXTRAS, Entry
 from ._files import DTYPES, dtype_name, read_json, read_safetensors
 
-__all__: list[str] = []
-
 CONFIG = "adapter.json"
 WEIGHTS = "adapter.safetensors"
 FORMAT_VERSION = 1

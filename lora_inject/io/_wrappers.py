@@ -24,8 +24,6 @@ from torch import nn
 
 from .._selection import named_modules
 
-__all__: list[str] = []
-
 _PREFIX_ONLY = ("_orig_mod", "module")  # the child names of wrappers that only add a prefix
 
 
