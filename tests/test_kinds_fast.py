@@ -263,6 +263,19 @@ def test_hadamard_matches_autograd_and_saves_only_the_factors():
     assert torch.autograd.gradcheck(lambda *f: Hadamard.apply(*f, 1.5), factors)
 
 
+def test_hadamard_gradients_with_rank_dropouts_scaling():
+    # Rank dropout scales each output row of the update: a (out, 1) tensor, which the backward
+    # applies to the weight-sized gradient, not to the factors' small ones.
+    factors = _hadamard_factors()
+    s = torch.tensor([[0.0], [2.0], [2.0], [0.0], [2.0], [2.0], [2.0]], dtype=torch.float64) * 1.5
+    got = Hadamard.apply(*factors, s)
+    want = (factors[0] @ factors[1]) * (factors[2] @ factors[3]) * s
+    torch.testing.assert_close(got, want)
+    g = torch.randn(7, 5, dtype=torch.float64)
+    for a, b in zip(torch.autograd.grad(got, factors, g), torch.autograd.grad(want, factors, g), strict=True):
+        torch.testing.assert_close(a, b)
+
+
 def test_loha_keeps_one_weight_sized_tensor_for_backward():
     # A LoHa Linear keeps the merged weight F.linear needs, and nothing else weight-sized, as peft
     # keeps its delta weight.

@@ -102,18 +102,20 @@ class Hadamard(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g):
+        # Two weight-sized tensors at most, each a fresh product taking g in place; a number's
+        # scaling goes on the factors' small gradients, not on g (a tensor's, rank dropout's rows, on t).
         w1a, w1b, w2a, w2b = ctx.saved_tensors
-        g = g * ctx.s
+        s, need = ctx.s, ctx.needs_input_grad
+        small = 1.0 if isinstance(s, Tensor) else s
         grads = [None] * 4
-        if ctx.needs_input_grad[0] or ctx.needs_input_grad[1]:
-            t = g * (w2a @ w2b)
-            grads[0] = t @ w1b.T if ctx.needs_input_grad[0] else None
-            grads[1] = w1a.T @ t if ctx.needs_input_grad[1] else None
-            del t
-        if ctx.needs_input_grad[2] or ctx.needs_input_grad[3]:
-            t = g * (w1a @ w1b)
-            grads[2] = t @ w2b.T if ctx.needs_input_grad[2] else None
-            grads[3] = w2a.T @ t if ctx.needs_input_grad[3] else None
+        for i, (a, b, other) in enumerate(((w1a, w1b, (w2a, w2b)), (w2a, w2b, (w1a, w1b)))):
+            if need[2 * i] or need[2 * i + 1]:
+                t = torch.mm(*other).mul_(g)  # g * the other product
+                if isinstance(s, Tensor):
+                    t.mul_(s)
+                grads[2 * i] = (t @ b.T).mul_(small) if need[2 * i] else None
+                grads[2 * i + 1] = (a.T @ t).mul_(small) if need[2 * i + 1] else None
+                del t
         return *grads, None
 
 
