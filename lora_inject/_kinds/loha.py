@@ -106,15 +106,17 @@ class Hadamard(torch.autograd.Function):
         # scaling goes on the factors' small gradients, not on g (a tensor's, rank dropout's rows, on t).
         w1a, w1b, w2a, w2b = ctx.saved_tensors
         s, need = ctx.s, ctx.needs_input_grad
-        small = 1.0 if isinstance(s, Tensor) else s
+        on_t = isinstance(s, Tensor)
         grads = [None] * 4
         for i, (a, b, other) in enumerate(((w1a, w1b, (w2a, w2b)), (w2a, w2b, (w1a, w1b)))):
             if need[2 * i] or need[2 * i + 1]:
                 t = torch.mm(*other).mul_(g)  # g * the other product
-                if isinstance(s, Tensor):
+                if on_t:
                     t.mul_(s)
-                grads[2 * i] = (t @ b.T).mul_(small) if need[2 * i] else None
-                grads[2 * i + 1] = (a.T @ t).mul_(small) if need[2 * i + 1] else None
+                if need[2 * i]:
+                    grads[2 * i] = t @ b.T if on_t else (t @ b.T).mul_(s)
+                if need[2 * i + 1]:
+                    grads[2 * i + 1] = a.T @ t if on_t else (a.T @ t).mul_(s)
                 del t
         return *grads, None
 
