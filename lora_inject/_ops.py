@@ -270,25 +270,40 @@ def merge_pays(weight: FactoredWeight, x: Tensor, positions: int) -> bool:
     size would guard the graph on the batch size and recompile it for each new one."""
     if not isinstance(positions, int):
         return False
-    w0 = weight._w0
-    if w0.dtype.itemsize < 4:  # a half-precision merged weight would round small updates away
+    if torch.compiler.is_compiling():  # a graph's weight is made inside it: nothing to keep
+        facts = _merge_facts(weight)
+    else:  # what the weight itself decides, read once: a kept weight serves many calls
+        facts = weight.__dict__.get("_pays")
+        if facts is None:
+            facts = weight.__dict__["_pays"] = _merge_facts(weight)
+    if not facts:
         return False
-    r = 0
-    for t in weight._terms:
-        if t.dropout:
-            return False
-        r += t.A.shape[-2]
-    shape, size = w0.shape, w0.numel()
-    merged, branch = size * r, THIN * positions * r * (shape[0] + size // max(shape[0], 1))
+    r, out, size, device = facts
+    merged, branch = size * r, THIN * positions * r * (out + size // max(out, 1))
     if merged >= branch:  # the common case, and never cheaper with a gradient either
         return False
-    if torch.is_autocast_enabled(x.device.type):  # autocast would build the merged weight in half precision
+    if torch.is_autocast_enabled(device):  # autocast would build the merged weight in half precision
         return False
     if torch.is_grad_enabled():  # grad mode alone decides, so that the same call computes the same bits
-        if size > x.numel() + positions * shape[0]:  # F.linear's and a conv's outputs: stored dim 0
+        if size > x.numel() + positions * out:  # F.linear's and a conv's outputs: stored dim 0
             return False
         merged, branch = merged * 3 + positions * size, branch * 3
     return merged < branch
+
+
+def _merge_facts(weight: FactoredWeight) -> tuple[int, int, int, str] | tuple[()]:
+    """What :func:`merge_pays` reads of the weight: ``(r, out, size, device type)``, its terms'
+    total rank, ``W0``'s stored dim 0 and size; or ``()`` where the merged weight never pays (a
+    ``W0`` in half precision, which would round small updates away, or a dropout at work)."""
+    w0 = weight._w0
+    if w0.dtype.itemsize < 4:
+        return ()
+    r = 0
+    for t in weight._terms:
+        if t.dropout:
+            return ()
+        r += t.A.shape[-2]
+    return r, w0.shape[0], w0.numel(), w0.device.type
 
 
 def plain_merged(weight: FactoredWeight) -> Tensor:
