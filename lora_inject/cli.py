@@ -162,10 +162,8 @@ def _convert(args: argparse.Namespace) -> None:
 
     from .io import _diffusion as diffusion
     from .io import _ours as ours
-    from .io import _peft as peft
     from .io import _peft_config as peft_config
-    from .io import _peft_kinds as peft_kinds
-    from .io import write_entries
+    from .io import peft_entries, write_entries
     from .io._entries import Entry
 
     src, dst = args.input, args.output
@@ -188,11 +186,7 @@ def _convert(args: argparse.Namespace) -> None:
     if has_ours:
         _, entries = ours.from_ours("convert", src)
     elif has_peft:
-        saved = peft_config.read_peft("convert", src)
-        if peft_config.kind_of(saved.config) is None:
-            entries, copies = peft.from_peft("convert", model, saved)
-        else:  # peft's LoHa, LoKr, OFT, IA³ or VeRA
-            entries, copies = peft_kinds.kinds_from_peft("convert", model, saved), []
+        entries, copies = peft_entries("convert", model, peft_config.read_peft("convert", src))
         if copies:
             raise ValueError(f"convert: {src} holds integer tensors ({[c.key for c in copies][:3]}), which only a "
                              "load into the model can carry")

@@ -35,12 +35,12 @@ from . import _diffusion as diffusion
 from . import _ours as ours
 from . import _peft as peft
 from . import _peft_config as peft_config
-from ._entries import Entry, apply, collect, tensor_shape
+from ._entries import Copy, Entry, apply, collect, tensor_shape
 from ._files import write_atomic, write_pickled, write_safetensors
 from ._peft_kinds import kinds_from_peft, kinds_to_peft
 from ._wrappers import placed, unwrapped
 
-__all__ = ["load_adapter", "save_adapter"]  # write_entries: for the command line
+__all__ = ["load_adapter", "save_adapter"]  # write_entries, peft_entries: for the command line
 
 M = TypeVar("M", bound=nn.Module)
 FORMATS = ("lora_inject", "peft", "kohya")
@@ -195,6 +195,14 @@ def write_entries(fn: str, model: nn.Module, entries: list[Entry], path: str, *,
                 os.unlink(os.path.join(path, stale))
 
 
+def peft_entries(fn: str, model: nn.Module, saved: peft_config.Saved) -> tuple[list[Entry], list[Copy]]:
+    """peft's adapter ``saved`` as entries and exact copies for ``model``, by its kind: LoRA's
+    (with its full copies and token rows) or another kind's, as :func:`load_adapter` reads it."""
+    if peft_config.kind_of(saved.config) is None:
+        return peft.from_peft(fn, model, saved)
+    return kinds_from_peft(fn, model, saved), []  # peft's LoHa, LoKr, OFT, IA³ or VeRA
+
+
 def load_adapter(model: M, path: str | os.PathLike, *, adapter: str | None = None,
                  dtype: torch.dtype | None = None, strict: bool = True) -> M:
     r"""Load the adapter saved in the directory ``path`` into ``model``, in place.
@@ -327,11 +335,7 @@ def load_adapter(model: M, path: str | os.PathLike, *, adapter: str | None = Non
         saved = peft_config.read_peft(fn, path)
         model_root, _ = placed(model, saved.module_paths(),
                                lambda m, p: m is not None and not isinstance(m, LoRA))
-        saved_name = "default"
-        if peft_config.kind_of(saved.config) is None:
-            entries, copies = peft.from_peft(fn, model_root, saved)
-        else:  # peft's LoHa, LoKr, OFT, IA³ or VeRA
-            entries = kinds_from_peft(fn, model_root, saved)
+        saved_name, (entries, copies) = "default", peft_entries(fn, model_root, saved)
     else:
         lone = [f for f in (ours.WEIGHTS, peft_config.WEIGHTS) if os.path.exists(os.path.join(path, f))]
         below = sorted(d for d in os.listdir(path) if any(  # peft saves a named adapter in a subfolder
