@@ -335,14 +335,22 @@ def _value(w: FactoredWeight) -> Tensor:
     return w._w0 if w._leaf else w._merged()
 
 
-def lora_dropout_refused(name: str, p: float, kinds, why: str) -> RuntimeError:
-    """The error for a training forward where LoRA adapter ``name``'s dropout ``p`` would meet the
-    merged weight of a stack with adapters of ``kinds``, for the reason ``why``: the dropout acts
-    on the input of the LoRA branch, which a merged weight has not."""
-    return RuntimeError(
-        f"lora_inject: LoRA adapter {name!r}'s dropout ({p}) cannot act in this training forward: with the "
-        f"adapters of kind {sorted(kinds)} on the same tensor, {why}, and LoRA's dropout acts on the input of its "
-        "branch only. Inject the LoRA adapter with dropout=0, or train the adapters one at a time (li.activate).")
+def refuse_lora_dropout(terms, why: str) -> None:
+    """Raise for a training forward where a LoRA term among ``terms`` has its dropout at work but
+    the op takes the merged weight of the stack, for the reason ``why``: the dropout acts on the
+    input of the LoRA branch, which a merged weight has not.
+
+    Raises:
+        RuntimeError: naming the first such adapter and the kinds beside it.
+    """
+    for t in terms:
+        if type(t) is Term and t.dropout:
+            kinds = sorted({s.kind for s in terms if type(s) is Step})
+            raise RuntimeError(
+                f"lora_inject: LoRA adapter {t.name!r}'s dropout ({t.dropout}) cannot act in this training forward: "
+                f"with the adapters of kind {kinds} on the same tensor, {why}, and LoRA's dropout acts on the "
+                "input of its branch only. Inject the LoRA adapter with dropout=0, or train the adapters one at a "
+                "time (li.activate).")
 
 
 def merge(w0: Tensor, terms, view: View) -> Tensor:

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ._factored import RAW_BIAS, FactoredWeight, Step, Term, implements, lora_dropout_refused
+from ._factored import RAW_BIAS, FactoredWeight, Term, implements, refuse_lora_dropout
 from ._kernels import FUSED_MIN, NoGradAt, frozen_linear, fused, plain_eager
 from ._rows import Slots, gather, gathered, in_place, keep, scatter, select, served, some
 from .kind import Base, Kind, factored, find_kind, kernel, pointwise
@@ -123,20 +123,10 @@ def stacked(op: str, x: Tensor, weight: FactoredWeight, bias: Tensor | None, cal
         out = factored(op, x, Base(lambda z: call(z, bias), using, bias), steps, weight._view)
     if out is None:
         if not torch.compiler.is_compiling():  # compiled, an error would only send the frame back to eager
-            _no_lora_dropout(weight, op)
+            refuse_lora_dropout(weight._terms, f"this {op} op takes the merged weight (a kind with no factored "
+                                "form for it, a form that does not fit, DoRA, or a kind's dropout of output units)")
         return NotImplemented
     return out if given is None else out + given.to(out.dtype)  # as autocast casts the merged op's bias
-
-
-def _no_lora_dropout(weight: FactoredWeight, op: str) -> None:
-    """Refuse the merged weight for a layer's op where a LoRA term's dropout is at work (a training
-    forward): it acts on the input of the LoRA branch, which a merged weight has not."""
-    for t in weight._terms:
-        if type(t) is Term and t.dropout:
-            raise lora_dropout_refused(
-                t.name, t.dropout, {s.kind for s in weight._terms if type(s) is Step},
-                f"this {op} op takes the merged weight (a kind with no factored form for it, a form that does not "
-                "fit, DoRA, or a kind's dropout of output units)")
 
 
 def one_plain_term(weight: FactoredWeight, x: Tensor):

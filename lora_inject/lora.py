@@ -12,7 +12,7 @@ from torch.nn.utils import parametrize
 
 from . import _call
 from . import _quant as quant
-from ._factored import RAW_BIAS, FactoredWeight, Step, Term, composed, lora_dropout_refused, merge
+from ._factored import RAW_BIAS, FactoredWeight, Step, Term, composed, merge, refuse_lora_dropout
 from ._inits import WEIGHT_INITS, init_factors
 from ._rows import Slots, enabled
 from ._view import View, compute_dtype
@@ -410,23 +410,14 @@ class LoRA(nn.Module):
         if rows is not None and names:
             raise RuntimeError(f"per_sample(): a LoRA of shape {self.view.shape} is on the merged path, where "
                                "one weight serves the whole batch; per-sample adapters need the fast path.")
-        if self.training and not compiling and not self.only_lora(names):  # compiled, an error would
-            self._check_no_lora_dropout(names)  # only send the frame back to eager: a known limit
+        # Compiled, an error would only send the frame back to eager: a known limit.
+        if self.training and not compiling and not self.only_lora(names):
+            refuse_lora_dropout(self.parts(names), f"the update of this tensor of shape {self.view.shape} is merged "
+                                "into one weight (a weight only its module's forward reads, as bitsandbytes')")
         out = self.merged_once(W, names, cell, self.training)
         if not torch.compiler.is_compiling():  # a value handed out: assigning it back restores W
             out.__dict__[GIVEN] = (self, W)
         return out
-
-    def _check_no_lora_dropout(self, names) -> None:
-        """Refuse a training forward on the merged weight of a stack where a LoRA adapter has a
-        dropout: it acts on the input of the LoRA branch, which a merged weight has not."""
-        for name in names:
-            a = self.records[name]
-            if a.kind == "lora" and a.dropout:
-                raise lora_dropout_refused(
-                    name, a.dropout, {self.records[n].kind for n in names} - {"lora"},
-                    f"the update of this tensor of shape {self.view.shape} is merged into one weight (a weight only "
-                    "its module's forward reads, as bitsandbytes')")
 
     def _draws(self, names) -> bool:
         """Whether a kind's own dropout (:attr:`~lora_inject.Kind.dropout`) draws for an adapter in
