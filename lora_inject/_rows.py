@@ -42,6 +42,7 @@ class Slots(NamedTuple):
     key: int  # id() of the LoRA: how the calling context names it
     names: tuple[str, ...]
     first: int
+    dora: str = ""  # the tensor's DoRA adapters, comma-separated: no row may choose one (see refuse_dora)
 
     @staticmethod
     def term(j: int) -> str:
@@ -50,38 +51,62 @@ class Slots(NamedTuple):
 
 
 @torch.library.custom_op("lora_inject::assignment", mutates_args=())
-def assignment(x: Tensor, key: int, names: str) -> tuple[Tensor, Tensor]:
+def assignment(x: Tensor, key: int, names: str, dora: str, flat: bool) -> tuple[Tensor, Tensor]:
     """For each row (dim 0) of ``x``, the input of the LoRA ``key``, in the calling context:
     ``(slot, active)``, the index among ``names`` (comma-separated) of the row's own adapter
     (their number: none), and whether the LoRA's active adapters apply to it (outside
-    per_sample and disabled)."""
+    per_sample and disabled). ``flat``: ``x`` may hold each sample's rows in turn (see
+    :func:`per_row`); else dim 0 is the batch. A row may not choose one of ``dora`` (see
+    :func:`refuse_dora`)."""
     slots = names.split(",") if names else []
     call = CURRENT.get() or EMPTY
     rows, n = call.rows.get(key), x.shape[0]
     if rows is None:
         slot = torch.full((n,), len(slots), dtype=torch.long, device=x.device)
         return slot, torch.full((n,), key not in call.off, dtype=torch.bool, device=x.device)
+    refuse_dora(rows, dora)
     index = {name: j for j, name in enumerate(slots)}
     slot = torch.tensor([index.get(name, len(slots)) for name in rows], dtype=torch.long, device=x.device)
-    return slot.repeat_interleave(per_row(rows, x)), torch.zeros(n, dtype=torch.bool, device=x.device)
+    return slot.repeat_interleave(per_row(rows, x, flat)), torch.zeros(n, dtype=torch.bool, device=x.device)
 
 
 @assignment.register_fake
-def _(x, key, names):
+def _(x, key, names, dora, flat):
     return x.new_empty(x.shape[0], dtype=torch.long), x.new_empty(x.shape[0], dtype=torch.bool)
 
 
 @torch.library.custom_op("lora_inject::enabled", mutates_args=())
-def enabled(like: Tensor, key: int) -> Tensor:
+def enabled(like: Tensor, key: int, dora: str) -> Tensor:
     """Whether the active adapters of the LoRA ``key`` apply in the calling context (a 0-d bool
-    on ``like``'s device): outside ``disabled`` and ``per_sample``."""
+    on ``like``'s device): outside ``disabled`` and ``per_sample``. No sample may choose one of
+    ``dora`` (see :func:`refuse_dora`)."""
     call = CURRENT.get() or EMPTY
-    return torch.tensor(key not in call.off and key not in call.rows, device=like.device)
+    rows = call.rows.get(key)
+    if rows is not None:
+        refuse_dora(rows, dora)
+    return torch.tensor(key not in call.off and rows is None, device=like.device)
 
 
 @enabled.register_fake
-def _(like, key):
+def _(like, key, dora):
     return like.new_empty((), dtype=torch.bool)
+
+
+def refuse_dora(rows: tuple[str | None, ...], dora: str) -> None:
+    """A compiled graph's refusal of a per-sample row that chooses a DoRA adapter (one of
+    ``dora``, comma-separated), whose rescaling of ``W0``'s output it does not apply per row,
+    at run time: which adapter a row chooses is data there.
+
+    Raises:
+        RuntimeError: if one of ``rows`` is in ``dora``.
+    """
+    if dora:
+        chosen = set(dora.split(",")).intersection(rows)
+        if chosen:
+            raise RuntimeError(
+                f"per_sample(): adapter {min(chosen)!r} is DoRA, which a compiled model cannot apply per sample "
+                "(its rescaling of the base output is per adapter). Run the model eagerly inside per_sample(), "
+                "where DoRA adapters can differ per sample, or merge it first with li.remove(model, merge=True).")
 
 
 def select(rows: tuple[str | None, ...] | None, name: str, t: Tensor) -> Tensor | slice | None:
@@ -105,20 +130,23 @@ def select(rows: tuple[str | None, ...] | None, name: str, t: Tensor) -> Tensor 
     return idx
 
 
-def per_row(rows: tuple[str | None, ...], t: Tensor) -> int:
+def per_row(rows: tuple[str | None, ...], t: Tensor, flat: bool = True) -> int:
     """How many rows of ``t`` (dim 0) each sample has: 1, or T where a 2-D input holds each
-    sample's T rows in turn (transformers' Conv1D flattens ``(batch, seq, in)``)."""
+    sample's T rows in turn (``flat``: transformers' Conv1D flattens ``(batch, seq, in)`` before
+    its ``addmm``; ``F.linear`` takes the batch as it is, so its dim 0 is the batch)."""
     n = t.shape[0]
-    if n != len(rows) and not (t.dim() == 2 and n % len(rows) == 0):
-        raise RuntimeError(f"per_sample(): a batch has {n} samples along dim 0 of the layer's input, but "
-                           f"{len(rows)} adapters were given, one per sample. Pass one per sample.")
+    if n != len(rows) and not (flat and t.dim() == 2 and n % len(rows) == 0):
+        raise ValueError(f"per_sample(): {len(rows)} adapter names were given, one per sample, but an adapted "
+                         f"layer's op received {n} along dim 0 of its input of shape {tuple(t.shape)}. Pass one "
+                         "name per sample; the batch is read from dim 0 of each adapted layer's input, never "
+                         "guessed from a flattened shape.")
     return n // len(rows)
 
 
 def mask(rows: tuple[str | None, ...] | Slots, name: str, t: Tensor) -> Tensor:
     """1 for the rows of ``t`` (dim 0) whose sample uses ``name``, else 0; shaped to broadcast."""
     if type(rows) is Slots:
-        slot, active = assignment(t, rows.key, ",".join(rows.names))
+        slot, active = assignment(t, rows.key, ",".join(rows.names), rows.dora, True)
         m = (slot == int(name[1:])) if name.startswith("#") else active
         return m.to(t.dtype).view(t.shape[0], *[1] * (t.dim() - 1))
     per = per_row(rows, t)
@@ -137,7 +165,7 @@ def served(x: Tensor, weight, out: Tensor, transposed: bool) -> Tensor:
     weight whose rows are :class:`Slots`: the active terms on the rows they apply to, then each
     row's own adapter by :func:`gathered_matmul` over the stacked factors (built in the graph)."""
     rows = weight._rows
-    slot, active = assignment(x, rows.key, ",".join(rows.names))
+    slot, active = assignment(x, rows.key, ",".join(rows.names), rows.dora, not transposed)
     firsts, seconds = [], []
     for i, (L, R, s, p, _) in enumerate(weight._factors()):
         first, second = (R.t(), L.t()) if transposed else (L, R)  # x @ first @ second: (in, r), (r, out)

@@ -477,23 +477,25 @@ class LoRA(nn.Module):
     def _served(self, W: Tensor) -> Tensor:
         """The compiled forward while some call may have per-sample rows or adapters off here
         (``serving``): the same graph for every assignment, which it reads as data at run time
-        (see :mod:`lora_inject._call`). A factored weight holds the active adapters' terms, then
-        one per LoRA adapter this tensor carries, for the samples that choose it (:class:`Slots`);
+        (see :mod:`lora_inject._call`). A factored weight holds the active adapters' terms (or,
+        where one is of another kind or DoRA, their merged weight as its base), then one term per
+        plain LoRA adapter this tensor carries, for the samples that choose it (:class:`Slots`);
         a merged weight is the adapted one where the call leaves the active adapters on, else ``W``."""
-        names = self.active
-        if self.factored and quant.scheme(W) is None and self.only_lora(names):
-            slots = tuple(n for n, a in self.records.items() if a.kind == "lora")
-            dora_names = [n for n in (*names, *slots) if self.records[n].dora]
-            if dora_names:
-                raise RuntimeError(
-                    f"per_sample()/disabled(): adapter {dora_names[0]!r} on a tensor of shape {self.view.shape} is "
-                    "DoRA, which a compiled graph cannot switch per call; run the model eagerly inside the block.")
+        names, key = self.active, id(self)
+        dora = ",".join(n for n, a in self.records.items() if a.dora)
+        slots = tuple(n for n, a in self.records.items() if a.kind == "lora" and not a.dora) if self.factored else ()
+        if slots and self.only_lora(names) and not any(self.records[n].dora for n in names):
             terms = self.terms(names) + [t._replace(name=Slots.term(j)) for j, t in enumerate(self.terms(slots))]
-            return FactoredWeight(W, terms, self.view, Slots(id(self), slots, len(names)), None)
-        if not names:
-            return W
-        merged = self.merged_once(W, names, None)
-        return torch.where(enabled(W, id(self)), merged, quant.dense(W))
+            return FactoredWeight(W, terms, self.view, Slots(key, slots, len(names), dora), None)
+        base = W
+        if names or dora and not slots:  # the active adapters, where the call leaves them on
+            dense = quant.dense(W)
+            merged = self.merged_once(W, names, None) if names else dense
+            base = torch.where(enabled(dense, key, dora), merged, dense)
+        if not slots:
+            return base
+        terms = [t._replace(name=Slots.term(j)) for j, t in enumerate(self.terms(slots))]
+        return FactoredWeight(base, terms, self.view, Slots(key, slots, 0, dora), None)
 
     def merged_once(self, W: Tensor, names: list[str], cell: list | None = None, dropout: bool = False) -> Tensor:
         """The merged weight, built once per forward of the adapted module (RNNs and

@@ -352,3 +352,90 @@ def test_per_sample_gradients_reach_each_samples_own_adapter():
     assert got.keys() == want.keys() and len(got) == 4 * len(list(li.named_loras(model)))
     for n in want:
         torch.testing.assert_close(got[n], want[n], rtol=1e-4, atol=1e-6)
+
+
+# -- a compiled graph beside what it cannot stack per sample ----------------------------------
+def mlp_beside(other: str) -> nn.Module:
+    """Two plain LoRA adapters, a and b, and a third, h, that a compiled graph cannot give a
+    sample of its own: a LoHa, a DoRA, or a plain LoRA on a torchao int8 base; all active."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 8)).eval()
+    if other == "int8":
+        from torchao.quantization import Int8WeightOnlyConfig, quantize_
+        quantize_(model, Int8WeightOnlyConfig())
+    for name in ("a", "b"):
+        li.inject(model, "0|2", r=2, adapter=name)
+    li.inject(model, "0|2", r=2, adapter="h", **{"loha": dict(kind="loha"), "dora": dict(dora=True)}.get(other, {}))
+    with torch.no_grad():
+        for p in li.adapter_parameters(model):
+            p.add_(torch.randn_like(p), alpha=0.3)
+    li.activate(model, ["a", "b", "h"])
+    return model
+
+
+@pytest.mark.parametrize("other", ["loha", "dora", "int8"])
+def test_a_compiled_mixed_batch_beside_an_adapter_it_cannot_stack(other, fresh_dynamo):
+    """Each sample gets its own adapter, the active ones apply outside the blocks and none
+    inside disabled(), as eagerly; a row choosing a DoRA adapter is refused at run time."""
+    model, x = mlp_beside(other), torch.randn(4, 16)
+    want = oracle(model, x, ("a", "b", "h"))
+    with torch.no_grad():
+        everything = model(x)
+    compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
+    choices = [["a", None, "b", "a"], [None] * 4, ["b", "h" if other == "int8" else "a", "a", None]]
+    with torch.no_grad():
+        for choice in choices:
+            with li.per_sample(model, choice):
+                torch.testing.assert_close(compiled(x), expected(want, choice), rtol=1e-5, atol=1e-5)
+        with li.disabled(model):
+            torch.testing.assert_close(compiled(x), want[None], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(compiled(x), everything, rtol=1e-5, atol=1e-5)
+        if other == "dora":
+            with li.per_sample(model, ["a", "h", None, "b"]), pytest.raises(RuntimeError, match="'h' is DoRA"):
+                compiled(x)
+
+
+def test_a_compiled_call_outside_a_block_ignores_another_threads_block(fresh_dynamo):
+    """One thread's open disabled() block makes every compiled call read the call's state as
+    data: a call with no block of its own, on a DoRA adapter, still gets the adapted output."""
+    model, x = mlp_beside("dora"), torch.randn(4, 16)
+    with torch.no_grad():
+        everything = model(x)
+    compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
+    opened, done = threading.Event(), threading.Event()
+
+    def hold():
+        with li.disabled(model):
+            opened.set()
+            done.wait(60)
+
+    holder = threading.Thread(target=hold)
+    holder.start()
+    try:
+        assert opened.wait(60)
+        with torch.no_grad():
+            torch.testing.assert_close(compiled(x), everything, rtol=1e-5, atol=1e-5)
+    finally:
+        done.set()
+        holder.join()
+
+
+class SeqFirst(nn.Module):
+    """Flattens (batch, seq, features) sequence-first before its Linear: rows no longer by sample."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(8, 8)
+
+    def forward(self, x):
+        return self.fc(x.transpose(0, 1).reshape(-1, x.shape[-1]))
+
+
+@pytest.mark.parametrize("compiled", [False, True])
+def test_a_linear_input_flattened_across_samples_is_refused(compiled, fresh_dynamo):
+    model = SeqFirst().eval()
+    for name in ("a", "b"):
+        li.inject(model, "fc", r=2, adapter=name)
+    run = torch.compile(model, backend="aot_eager") if compiled else model
+    with torch.no_grad(), li.per_sample(model, ["a", "b"]), pytest.raises(ValueError, match="one per sample"):
+        run(torch.randn(2, 3, 8))
