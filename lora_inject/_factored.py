@@ -79,6 +79,7 @@ class Step(NamedTuple):
     scaling: float
     options: Mapping[str, Any]
     name: str = ""
+    strength: float = 1.0  # a multiplicative kind's: W <- W + strength * (apply(W) - W); else in scaling
 
 
 class FactoredWeight(Tensor):
@@ -153,7 +154,8 @@ class FactoredWeight(Tensor):
         for i, t in enumerate(self._terms):
             if type(t) is Step:
                 inner.update({f"_p{i}_{k}": v for k, v in t.params.items()})
-                meta.append(("step", t.kind, tuple(t.params), t.scaling, tuple(t.options.items()), t.name))
+                meta.append(("step", t.kind, tuple(t.params), t.scaling, tuple(t.options.items()), t.name,
+                             t.strength))
                 continue
             inner[f"_A{i}"], inner[f"_B{i}"] = t.A, t.B
             if t.magnitude is not None:
@@ -171,8 +173,8 @@ class FactoredWeight(Tensor):
         terms = []
         for i, m in enumerate(meta):
             if m[0] == "step":
-                _, kind, keys, s, options, name = m
-                terms.append(Step(kind, {k: inner[f"_p{i}_{k}"] for k in keys}, s, dict(options), name))
+                _, kind, keys, s, options, name, strength = m
+                terms.append(Step(kind, {k: inner[f"_p{i}_{k}"] for k in keys}, s, dict(options), name, strength))
                 continue
             s, p, name, axis = m
             terms.append(Term(inner[f"_A{i}"], inner[f"_B{i}"], inner[f"_s{i}"] if s is None else s, p,
@@ -392,8 +394,11 @@ def composed(w0: Tensor, terms, view: View) -> Tensor:
                 M = M + torch.matmul(t.B.to(ct), t.A.to(ct)) * t.scaling
             continue
         params, kind = {k: v.to(ct) for k, v in t.params.items()}, find_kind(t.kind)
-        M = (M + kind.delta(params, view, t.scaling, t.options) if kind.additive
-             else kind.apply(M, params, view, t.scaling, t.options))
+        if kind.additive:
+            M = M + kind.delta(params, view, t.scaling, t.options)
+        else:
+            N = kind.apply(M, params, view, t.scaling, t.options)
+            M = N if t.strength == 1 else torch.lerp(M, N, t.strength)
     # In W0's own layout, so that the layer runs the kernels it runs on W0 (a transposed view's
     # product would come back strided otherwise).
     return view.stored(M).to(w0.dtype).contiguous()

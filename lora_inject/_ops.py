@@ -110,8 +110,8 @@ def stacked(op: str, x: Tensor, weight: FactoredWeight, bias: Tensor | None, cal
                 break
             steps.append((LORA_STEP, {"A": t.A, "B": t.B}, t.scaling, {"dropout": t.dropout}))
         else:
-            if isinstance(t.scaling, Tensor) and t.scaling.dim():  # a kind's dropout of output units
-                break
+            if isinstance(t.scaling, Tensor) and t.scaling.dim() or t.strength != 1:
+                break  # a kind's dropout of output units, or a multiplicative kind at a strength: merged
             steps.append((find_kind(t.kind), t.params, t.scaling, t.options))
     out = given = None
     if len(steps) == len(weight._terms):

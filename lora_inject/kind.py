@@ -9,6 +9,10 @@ and its update in that view's ``(.., out, in)`` matrix ("rows"):
 * **multiplicative** kinds give ``apply(W, params, view, scaling, options)``, the weight they
   turn the weight so far into: ``W <- apply(W)`` (OFT rotates, IA³ scales rows or columns).
 
+An adapter's strength (``activate(model, {name: strength})``) is part of an additive kind's
+``scaling``; a multiplicative kind takes ``W <- W + strength * (apply(W) - W)`` instead, on the
+merged weight (its factored forms run at full strength only).
+
 Several adapters on one tensor compose in the order given (:func:`merged`), as peft applies its
 layers' adapters. Every function works on any view: Linear ``(out, in)``, a conv ``(out,
 in/groups * k..)`` (its kernel read from ``view.shape``), a transposed ``(in, out)`` tensor

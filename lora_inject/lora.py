@@ -293,12 +293,14 @@ class LoRA(nn.Module):
             if a.kind == "lora":
                 out.append(self.terms([name], compiling)[0])
                 continue
-            kind, params = find_kind(a.kind), self.tensors(name)
+            kind, params, strength = find_kind(a.kind), self.tensors(name), 1.0
+            if not kind.additive:  # a strength moves W towards apply(W): not a scaling of it
+                s, strength = kind.scaling(a.r, a.alpha, a.options), a.strength
             if dropout and kind.dropout is not None:
                 s = kind.dropout(self.view, s, a.options, next(iter(params.values())))
                 if s is None:
                     continue
-            out.append(Step(a.kind, params, s, a.options, name))
+            out.append(Step(a.kind, params, s, a.options, name, strength))
         return out
 
     def bias_of(self, b: Tensor, names: list[str] | None = None) -> Tensor:
@@ -314,7 +316,9 @@ class LoRA(nn.Module):
             if kind.apply_bias is not None:
                 ct = compute_dtype(b.dtype)
                 params = {k: v.to(ct) for k, v in self.tensors(name).items()}
-                b = kind.apply_bias(b.to(ct), params, self.view, a.options).to(b.dtype)
+                b0 = b.to(ct)
+                b1 = kind.apply_bias(b0, params, self.view, a.options)
+                b = (b1 if a.strength == 1 else torch.lerp(b0, b1, a.strength)).to(b.dtype)
         return b
 
     def factor_pair(self, name: str) -> tuple[Tensor, Tensor]:
@@ -572,7 +576,7 @@ class Bias(nn.Module):
         lora = self.weight
         if torch.compiler.is_compiling():
             if lora.serving and lora.active:  # this call's state, read as data (see LoRA._served)
-                return torch.where(enabled(b, id(lora)), lora.bias_of(b), b)
+                return torch.where(enabled(b, id(lora), ""), lora.bias_of(b), b)
             return lora.bias_of(b)
         out = lora.bias_of(b, _call.names(lora)[1])
         out = out.view_as(out) if out is b else out  # not b itself, which keeps no mark

@@ -25,10 +25,15 @@ M = TypeVar("M", bound=nn.Module)
 def activate(model: M, adapters: str | Sequence[str] | Mapping[str, float]) -> M:
     """Make exactly ``adapters`` active on every tensor that carries them; others go inactive.
 
-    Given a mapping ``{name: strength}``, each adapter's update is also multiplied by its
-    strength (``Adapter.strength``, 1.0 until set; a str or a sequence keeps the strengths as
-    they are). A strength lives in the adapter's scaling buffer, so changing it recompiles
-    nothing under ``torch.compile``; ``remove(merge=True)`` merges at the strengths set.
+    Given a mapping ``{name: strength}``, each adapter moves its tensors that share of the way
+    from the weight before it, ``W``, to the weight it makes at full strength, ``W1``: ``W +
+    strength * (W1 - W)`` (``Adapter.strength``, 1.0 until set; a str or a sequence keeps the
+    strengths as they are). For an additive kind (LoRA, LoHa, LoKr, VeRA) that multiplies its
+    update; for a multiplicative one (OFT, IA³, and IA³'s bias with it) it is a step towards its
+    weight, which runs on the merged weight. An additive kind's strength lives in the adapter's
+    scaling buffer, so changing it recompiles nothing under ``torch.compile``; a multiplicative
+    kind's is read as a number, and a compiled graph compiles again when it changes.
+    ``remove(merge=True)`` merges at the strengths set.
 
     Args:
         model (nn.Module): the model to change in place.

@@ -147,6 +147,30 @@ def test_kind_on_layer(kind, layer, data):
     assert not any(True for _ in li.named_loras(restored))
 
 
+@pytest.mark.parametrize("layer", ["linear", "conv2d", "hf_conv1d", "embedding", "rnn"])
+@pytest.mark.parametrize("kind", KIND_NAMES)
+@FEW
+@given(data=st.data())
+def test_kind_at_a_strength(kind, layer, data):
+    """A strength s (``activate(model, {name: s})``) takes each adapted tensor from W0 to
+    W0 + s * (W1 - W0), W1 being what the adapter makes of it at full strength: a scaling of
+    an additive update, a step of that size towards a multiplicative kind's weight; the bias
+    that IA³ scales too moves the same way. ``remove(merge=True)`` merges at it."""
+    case = data.draw(CASES[layer], label="case")
+    s = data.draw(st.sampled_from([0.0, 0.5, -0.3, 1.7]), label="strength")
+    model = inject(copy.deepcopy(case.model), case, kind, options(data, kind, case))
+    randomize_kind(model, "default", case.seed)
+    base = copy.deepcopy(case.model).to(F64)
+    full = expected(model, base, case, ["default"])
+    plain = dict(base.named_parameters())
+    want = {k: torch.lerp(plain[k], w, s) for k, w in full.items()}
+    li.activate(model, {"default": s})
+    assert_all_close(run(model, case), run(base, case, F64, params=want))
+    got = li.remove(model, merge=True).state_dict()
+    for key, w in want.items():
+        torch.testing.assert_close(got[key], w.to(got[key].dtype))
+
+
 @pytest.mark.parametrize("layer", ["linear", "conv2d", "hf_conv1d", "rnn", "multihead_attention", "embedding"])
 @FEW
 @given(data=st.data())

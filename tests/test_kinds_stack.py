@@ -288,6 +288,21 @@ def test_autocast_matches_the_merged_plain_layer(kind):
         assert g.dtype == torch.float32 and torch.isfinite(g).all() and g.abs().sum() > 0, name
 
 
+@pytest.mark.parametrize("kind", KIND_NAMES)
+def test_float32_tensors_on_a_bf16_model_match_the_merged_plain_layer(kind):
+    """The half-precision recipe: a bf16 model, the adapter's tensors in float32 (``dtype=``)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4)).to(torch.bfloat16)
+    li.inject(model, r"^(0|2)$", kind=kind, dtype=torch.float32, **KINDS[kind])
+    randomize_kind(model, "default", 1)
+    assert {p.dtype for p in li.adapter_parameters(model)} == {torch.float32}
+    x = torch.randn(3, 8, dtype=torch.bfloat16)
+    plain = li.remove(copy.deepcopy(model), merge=True)
+    got, want = model(x), plain(x)
+    assert got.dtype == want.dtype == torch.bfloat16
+    torch.testing.assert_close(got, want, rtol=1.6e-2, atol=1e-2)  # bf16's own tolerance
+
+
 def gpt2(kind: str) -> nn.Module:
     model = _models.gpt2(layers=1, width=16, head=True, seed=0, vocab_size=32, n_positions=16,
                          attn_implementation="eager")

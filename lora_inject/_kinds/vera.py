@@ -73,14 +73,15 @@ def delta(params, view: View, scaling: float, options) -> Tensor:
     A, B = _sliced(params, view)
     b = params["vera_lambda_b"].unsqueeze(-1)
     d = params["vera_lambda_d"].unsqueeze(-1)
-    return (b * B.to(b.dtype)) @ (d * A.to(d.dtype))  # (.., out, r) @ (.., r, in)
+    return (b * scaling * B.to(b.dtype)) @ (d * A.to(d.dtype))  # (.., out, r) @ (.., r, in)
 
 
 def linear(x: Tensor, base, params, view: View, scaling: float, options) -> Tensor:
     A, B = _sliced(params, view)
-    b, d = params["vera_lambda_b"], params["vera_lambda_d"]
+    b, d = params["vera_lambda_b"] * scaling, params["vera_lambda_d"]  # scaling: 1, times a strength
     y = base(x)
-    return y + (b * F.linear(d * F.linear(x, A.to(x.dtype)), B.to(x.dtype))).to(y.dtype)
+    h = d * F.linear(x, A.to(x.dtype))  # (.., r), in the wider of x's and the vectors' dtypes
+    return y + (b * F.linear(h, B.to(h.dtype))).to(y.dtype)
 
 
 def conv(x: Tensor, base, params, view: View, scaling: float, options) -> Tensor:
@@ -89,7 +90,7 @@ def conv(x: Tensor, base, params, view: View, scaling: float, options) -> Tensor
     A, B = _sliced(params, view)
     dims = len(kernel(view))
     ones = (1,) * dims
-    b, d = params["vera_lambda_b"].view(-1, *ones), params["vera_lambda_d"].view(-1, *ones)
+    b, d = (params["vera_lambda_b"] * scaling).view(-1, *ones), params["vera_lambda_d"].view(-1, *ones)
     y = base(x)
     h = d * base.using(x, A.to(x.dtype))  # (.., r, *spatial)
     return y + (b * pointwise(h, B.to(h.dtype), dims)).to(y.dtype)
@@ -98,7 +99,7 @@ def conv(x: Tensor, base, params, view: View, scaling: float, options) -> Tensor
 def embedding(x: Tensor, base, params, view: View, scaling: float, options) -> Tensor:
     """Thin lookups: ``vera_A``'s columns at the indices, scaled by ``d``, through ``vera_B``."""
     A, B = _sliced(params, view)  # A (r, num), B (dim, r)
-    b, d = params["vera_lambda_b"], params["vera_lambda_d"]
+    b, d = params["vera_lambda_b"] * scaling, params["vera_lambda_d"]  # scaling: 1, times a strength
     y = base(x)
     h = d * F.embedding(x, A.mT)  # (.., r)
     return y + (b * F.linear(h, B.to(h.dtype))).to(y.dtype)
