@@ -378,6 +378,22 @@ def test_our_format_round_trip(tmp_path, kind, kw):
     assert torch.equal(forward(fresh, x), want)
 
 
+@pytest.mark.parametrize("fmt", ["lora_inject", "peft"])
+@pytest.mark.parametrize("kind", ["loha", "lokr"])
+def test_a_swap_takes_the_files_alpha(tmp_path, kind, fmt):
+    """A hot swap equals a fresh load: the swapped-in adapter's alpha / r, not the slot's."""
+    x = torch.randn(3, 4)
+    for alpha, seed in ((4.0, 1), (12.0, 2)):
+        model = small_model()[:2]
+        li.inject(model, "0", kind=kind, r=2, alpha=alpha)
+        randomize_kind(model, "default", seed)
+        li.save_adapter(model, tmp_path / str(alpha), format=fmt)
+    swapped = li.load_adapter(li.load_adapter(small_model()[:2], tmp_path / "4.0"), tmp_path / "12.0")
+    fresh = li.load_adapter(small_model()[:2], tmp_path / "12.0")
+    assert torch.equal(swapped(x), fresh(x))
+    assert next(lo for _, lo in li.named_loras(swapped)).adapter("default").alpha == 12.0
+
+
 def test_our_format_refuses_a_swap_into_another_kind(tmp_path):
     model = small_model()
     li.inject(model, r"^0$", kind="loha", r=2, adapter="a")

@@ -375,6 +375,7 @@ def _update(fn: str, entries: Sequence[Entry], name: str, existing: dict[str, Lo
             record = lora.adapter(name)
             if e.kind != "lora":
                 record.targets = e.targets
+                lora.set_scaling(name, alpha=e.alpha)  # LoHa's and LoKr's alpha / r: the file's
                 continue
             record.dropout, record.targets = e.dropout, e.targets
             lora.set_scaling(name, alpha=e.alpha, rslora=e.rslora)
