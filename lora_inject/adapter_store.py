@@ -90,7 +90,8 @@ class AdapterStore:
         self._resident: OrderedDict[str, str] = OrderedDict()  # adapter -> its slot, least recent first
         self._free = list(self.slot_names)
         self._uses = dict.fromkeys(self.slot_names, 0)  # open serve() blocks using each slot
-        self._reads: dict[str, Future] = {}
+        self._reads: OrderedDict[str, Future] = OrderedDict()  # prefetched, oldest first
+        self._closed = False
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="lora_inject-store")
         self._lock = threading.RLock()
         self.hits = self.misses = 0
@@ -98,7 +99,8 @@ class AdapterStore:
     # -- what it says -------------------------------------------------------------------------------
     @property
     def hit_rate(self) -> float:
-        """The share of requests (samples naming an adapter) whose adapter was resident already."""
+        """The share of requests (samples naming an adapter) whose adapter was resident before
+        their batch; a batch refused counts none."""
         total = self.hits + self.misses
         return self.hits / total if total else 0.0
 
@@ -111,25 +113,41 @@ class AdapterStore:
     # -- serving --------------------------------------------------------------------------------------
     def prefetch(self, names: Sequence[str | None]) -> None:
         """Start reading the files of the adapters in ``names`` that are not resident, in the
-        background; :meth:`serve` then only copies them into slots.
+        background; :meth:`serve` then only copies them into slots. At most as many reads as
+        there are slots are held: the oldest unused one is dropped first. A read holds the files
+        as they were when it ran.
 
         Raises:
+            TypeError: if ``names`` is not a sequence of str or None.
             KeyError: if a name is not in the store.
+            RuntimeError: if the store is closed.
         """
+        names = _names("prefetch", names)
         with self._lock:
+            if self._closed:
+                raise RuntimeError("AdapterStore.prefetch(): the store is closed; make a new AdapterStore.")
             for name in dict.fromkeys(names):
                 if name is not None and name not in self._resident and name not in self._reads:
                     self._reads[name] = self._pool.submit(self._read, self._path(name))
+                    while len(self._reads) > len(self.slot_names):
+                        self._reads.popitem(last=False)[1].cancel()
 
     def slots_for(self, names: Sequence[str | None]) -> list[str | None]:
         """Make every adapter in ``names`` resident, and return each one's slot (None stays None).
 
+        An adapter that cannot be loaded (its files unreadable, or not fitting the slots) is
+        refused before any slot changes: the resident adapters stay as they were.
+
         Raises:
+            TypeError: if ``names`` is not a sequence of str or None.
             KeyError: if a name is not in the store.
-            ValueError: if ``names`` holds more distinct adapters than there are slots.
+            ValueError: if ``names`` holds more distinct adapters than there are slots, or an
+                adapter does not fit the slots (saved on other tensors, of another kind, or of a
+                rank above ``r``); its files, if they cannot be read.
             RuntimeError: if every slot that could take a new adapter is in use by an open
                 :meth:`serve` block.
         """
+        names = _names("slots_for", names)
         wanted = [n for n in dict.fromkeys(names) if n is not None]
         if len(wanted) > len(self.slot_names):
             raise ValueError(f"AdapterStore.slots_for(): the batch names {len(wanted)} distinct adapters, "
@@ -138,21 +156,33 @@ class AdapterStore:
         with self._lock:
             for name in wanted:
                 self._path(name)
-            keep = {self._resident[n] for n in wanted if n in self._resident}
-            for name in names:
-                if name is None:
-                    continue
+            resident = [n for n in names if n is not None and n in self._resident]
+            keep = {self._resident[n] for n in resident}
+            for name in wanted:
                 if name in self._resident:
-                    self.hits += 1
-                    self._resident.move_to_end(name)
                     continue
-                self.misses += 1
-                slot = self._take(keep, name)
-                keep.add(slot)
                 read = self._reads.pop(name, None)
                 entries = read.result() if read is not None else self._read(self._path(name))
-                apply("AdapterStore", self.model, entries, slot)
+                slot, old = self._free_slot(keep, name)
+                try:
+                    apply("AdapterStore", self.model, entries, slot)
+                except (ValueError, RuntimeError) as e:
+                    raise type(e)(
+                        f"AdapterStore: adapter {name!r} (from {self.paths[name]!r}) does not fit the store's slots: "
+                        f"every adapter must be saved by save_adapter() from the same model, of kind 'lora', on "
+                        f"exactly the slots' tensors, with r at most {self.r}. No slot was changed. What the "
+                        f"check found: {e}") from e
+                if old is None:
+                    self._free.remove(slot)
+                else:
+                    del self._resident[old]
                 self._resident[name] = slot
+                keep.add(slot)
+            for name in names:  # the most recently used: the last request's
+                if name is not None:
+                    self._resident.move_to_end(name)
+            self.hits += len(resident)
+            self.misses += sum(n is not None for n in names) - len(resident)
             return [None if n is None else self._resident[n] for n in names]
 
     @contextmanager
@@ -163,6 +193,9 @@ class AdapterStore:
 
         Yields:
             the model.
+
+        Raises:
+            the errors of :meth:`slots_for` and :func:`~lora_inject.per_sample`.
         """
         with self._lock:
             slots = self.slots_for(names)
@@ -179,6 +212,9 @@ class AdapterStore:
 
     def close(self) -> None:
         """Stop the background reads (the model keeps its slots)."""
+        with self._lock:
+            self._closed = True
+            self._reads.clear()
         self._pool.shutdown(wait=True, cancel_futures=True)
 
     # -- inside -----------------------------------------------------------------------------------------
@@ -189,15 +225,15 @@ class AdapterStore:
             raise KeyError(f"AdapterStore: no adapter named {name!r} in the store of {len(self.paths)}; "
                            "add its directory to `adapters`.") from None
 
-    def _take(self, keep: set[str], name: str) -> str:
-        """A slot for ``name``: a free one, else the least recently used one that neither this batch
-        (``keep``) nor an open serve() block uses, its adapter evicted."""
+    def _free_slot(self, keep: set[str], name: str) -> tuple[str, str | None]:
+        """A slot for ``name`` and the adapter it would evict (None: a free slot): a free one, else
+        the least recently used one that neither this batch (``keep``) nor an open serve() block
+        uses. Nothing changes until the caller has loaded ``name`` into it."""
         if self._free:
-            return self._free.pop(0)
+            return self._free[0], None
         for old, slot in self._resident.items():
             if slot not in keep and not self._uses[slot]:
-                del self._resident[old]
-                return slot
+                return slot, old
         raise RuntimeError(f"AdapterStore: no slot can take {name!r}: all {len(self.slot_names)} are in use by "
                            "open serve() blocks or by this batch. Make a store with more slots.")
 
@@ -209,3 +245,12 @@ class AdapterStore:
             entries = [dataclasses.replace(e, A=pin(e.A), B=pin(e.B), extra={k: pin(v) for k, v in e.extra.items()})
                        for e in entries]
         return entries
+
+
+def _names(fn: str, names) -> Sequence[str | None]:
+    """``names`` if it is a sequence of str or None (not a str itself)."""
+    if isinstance(names, str) or not isinstance(names, Sequence) or not all(
+            n is None or isinstance(n, str) for n in names):
+        raise TypeError(f"AdapterStore.{fn}(): `names` must be a sequence of adapter names (str) or None, one "
+                        f"per sample, got {names!r}. For one sample, pass [name].")
+    return names

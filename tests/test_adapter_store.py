@@ -58,8 +58,10 @@ def test_a_stream_of_batches_gets_each_adapters_outputs_and_evicts_the_least_rec
         ["u1", "u0"], ["u1", "u0", "u2"], ["u0", "u2", "u3"],  # u3 evicts u1
         ["u4", "u3", "u0"],  # u4 evicts u2, not u0 or u3, which this batch uses
         ["u3", "u0", "u1"], ["u5", "u6", "u7"]]
-    assert (store.hits, store.misses) == (11, 9)
-    assert store.hit_rate == pytest.approx(11 / 20)
+    # a request is a hit where its adapter was resident before its batch: batch 2's u0, batch 4's
+    # u0, u0 and u3
+    assert (store.hits, store.misses) == (4, 16)
+    assert store.hit_rate == pytest.approx(4 / 20)
     store.close()
 
 
@@ -80,6 +82,40 @@ def test_the_store_refuses_what_it_cannot_serve(stored):
     with pytest.raises(ValueError, match=r"is not a directory"):
         li.AdapterStore(base(), root / "nowhere", slots=2, targets=TARGETS, r=4)
     store.close()
+
+
+def test_an_adapter_that_does_not_fit_is_refused_with_every_slot_as_it_was(stored, tmp_path_factory):
+    root, x, want = stored
+    big = li.inject(base(), TARGETS, r=8)
+    li.save_adapter(big, root / "big")
+    store = li.AdapterStore(base(), root, slots=2, targets=TARGETS, r=4)
+    with torch.no_grad():
+        for _ in range(3):  # each refusal leaves the slots and what they hold as they were
+            store.slots_for(["u0", "u1"])
+            with pytest.raises(ValueError, match=r"adapter 'big' \(from '.*big'\) does not fit the store's slots.*"
+                                                 r"r at most 4. No slot was changed.*r=8"):
+                store.slots_for(["big"])
+            assert store.resident == {"u0": "slot_0", "u1": "slot_1"}
+        with store.serve(["u2", "u0", None, "u2"]) as model:  # and every slot serves on
+            torch.testing.assert_close(model(x), expected(want, ["u2", "u0", None, "u2"]), rtol=1e-5, atol=1e-5)
+    assert (store.hits, store.misses) == (3 * 2 - 2 + 1, 2 + 2)  # the refused batches count nothing
+    store.close()
+
+
+def test_the_store_names_a_misuse(stored):
+    root, _, _ = stored
+    store = li.AdapterStore(base(), root, slots=2, targets=TARGETS, r=4)
+    misuse = r"`names` must be a sequence of adapter names.*got 'u0'. For one sample, pass \[name\]"
+    with pytest.raises(TypeError, match=misuse), store.serve("u0"):
+        pass
+    for call in (store.slots_for, store.prefetch):
+        with pytest.raises(TypeError, match=misuse):
+            call("u0")
+    store.prefetch([f"u{k}" for k in range(12)])
+    assert len(store._reads) <= 2  # the reads held are bounded by the slots
+    store.close()
+    with pytest.raises(RuntimeError, match=r"the store is closed"):
+        store.prefetch(["u3"])
 
 
 def test_threads_serving_from_one_store_each_get_their_own_adapters(stored):
