@@ -18,7 +18,7 @@ from torch.nn.utils.parametrize import type_before_parametrizations
 from . import _quant as quant
 from ._factored import FactoredWeight
 from ._ops import beside
-from .lora import LoRA
+from .lora import Bias, LoRA
 from .rule import type_name
 
 
@@ -82,20 +82,20 @@ def own_setter(module: nn.Module, tensor_name: str) -> None:
     its own tensors, the very objects, and the model gets its ``W0`` back."""
     cls = type(module)
     saved = cls._lora_inject_saved
-    if tensor_name in saved:
-        return
     prop = vars(cls)[tensor_name]
-    saved[tensor_name] = prop
+    if getattr(prop.fget, "_lora_inject", False):
+        return
+    saved[tensor_name] = prop  # parametrize's: a bias unlinked and linked again has a new one
 
-    def only_lora(self):
+    def only_ours(self):
         plist = self.parametrizations[tensor_name]
-        return plist if len(plist) == 1 and isinstance(plist[0], LoRA) and plist.is_tensor else None
+        return plist if len(plist) == 1 and isinstance(plist[0], (LoRA, Bias)) and plist.is_tensor else None
 
     def read(self) -> Tensor:
         if torch.compiler.is_compiling():
             return prop.fget(self)
-        if sys._getframe(1).f_code is _SWAP and (plist := only_lora(self)) is not None:
-            return plist.original  # functional_call's swap: the state dict's tensor, W0
+        if sys._getframe(1).f_code is _SWAP and (plist := only_ours(self)) is not None:
+            return plist.original  # functional_call's swap: the state dict's tensor, W0 (or the bias)
         plist = self._modules["parametrizations"]._modules[tensor_name]
         lora = plist._modules.get("0")
         if len(plist._modules) == 1 and isinstance(lora, LoRA) and plist.is_tensor and _plain_call(plist, lora):
@@ -105,7 +105,7 @@ def own_setter(module: nn.Module, tensor_name: str) -> None:
         return prop.fget(self)
 
     def assign(self, value: Tensor) -> None:
-        plist = only_lora(self)
+        plist = only_ours(self)
         if plist is None:
             prop.fset(self, value)
             return
@@ -116,8 +116,9 @@ def own_setter(module: nn.Module, tensor_name: str) -> None:
         if new is old:
             return
         if new.dtype != old.dtype:
+            what = "base weight W0" if isinstance(plist[0], LoRA) else "stored tensor"
             raise ValueError(
-                f"lora_inject: assigning {type_name(self)}.{tensor_name}: its base weight W0 is {old.dtype}, "
+                f"lora_inject: assigning {type_name(self)}.{tensor_name}: its {what} is {old.dtype}, "
                 f"got a tensor of {new.dtype}. Cast it first, e.g. `value.to({old.dtype})`.")
         swapped = _swapping()  # functional_call stores what it is given, as for a plain module's parameter
         if type(new) is Tensor and new.grad_fn is None and not torch._C._are_functorch_transforms_active() \
@@ -125,6 +126,7 @@ def own_setter(module: nn.Module, tensor_name: str) -> None:
             new = nn.Parameter(new, requires_grad=old.requires_grad) if isinstance(old, nn.Parameter) else new
         (plist._parameters if "original" in plist._parameters else plist._buffers)["original"] = new
 
+    read._lora_inject = True
     setattr(cls, tensor_name, property(read, assign))
 
 

@@ -581,10 +581,23 @@ class Bias(nn.Module):
         out = lora.bias_of(b, _call.names(lora)[1])
         out = out.view_as(out) if out is b else out  # not b itself, which keeps no mark
         out.__dict__[RAW_BIAS] = b  # the factored forms start from b
+        out.__dict__[GIVEN] = (self, b)
         return out
 
     def right_inverse(self, value: Tensor) -> Tensor:
-        return value
+        """What to store as ``b`` when ``value`` is assigned to the bias: a plain tensor itself, and
+        a bias this handed out the very ``b`` it came from (see :meth:`LoRA.right_inverse`).
+
+        Raises:
+            ValueError: if ``value`` is the adapted bias of another tensor.
+        """
+        owner, b = value.__dict__.get(GIVEN, (None, value))
+        if owner is not None and owner is not self:
+            raise ValueError(
+                f"lora_inject: assigning an adapted bias of shape {tuple(value.shape)} read from another adapted "
+                "layer would store its adapter's scaling as this layer's bias. Assign a plain tensor, e.g. "
+                "`other.bias.detach().clone()`.")
+        return b
 
     def extra_repr(self) -> str:
         return f"of {self.weight_name}"

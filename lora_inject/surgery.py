@@ -410,6 +410,7 @@ def _attach(site: _Planned, adapter: str, spec: Spec, dtype: torch.dtype | None)
         bias = _bias_name(spec.kind.name, site)
         if bias is not None:
             parametrize.register_parametrization(module, bias, Bias(lora, tensor_name))
+            own_setter(module, bias)  # functional_call swaps the stored bias, as it does W0
             lora.__dict__["bias_link"] = bias
             site.linked = True
 

@@ -17,13 +17,14 @@ import lora_inject as li
 
 def _model(kind: str) -> nn.Module:
     torch.manual_seed(0)
-    if kind == "linear":  # the factored path
-        model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3))
-    elif kind == "gru":  # the merged path
+    if kind in ("gru", "ia3_gru"):  # the merged path
         model = nn.GRU(4, 3)
-    else:
+    else:  # the factored path
         model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3))
-    li.inject(model, "", r=2, alpha=4, dora=kind == "dora")
+    if kind.startswith("ia3"):  # IA³ scales the outputs, and the bias with them: both parametrized
+        li.inject(model, "", kind="ia3")
+    else:
+        li.inject(model, "", r=2, alpha=4, dora=kind == "dora")
     with torch.no_grad():
         for p in li.lora_parameters(model):
             p.normal_()
@@ -52,7 +53,7 @@ def _merged_by_hand(model, base=None):
     return plain
 
 
-KINDS = ["linear", "gru", "dora"]
+KINDS = ["linear", "gru", "dora", "ia3", "ia3_gru"]
 
 
 @pytest.mark.parametrize("kind", KINDS)
