@@ -371,6 +371,19 @@ def test_vmap_matches_the_loop(kind):
     torch.testing.assert_close(got, want)
 
 
+@pytest.mark.parametrize("grad", [False, True])
+@pytest.mark.parametrize("kind", KIND_NAMES)
+def test_vmap_over_an_ensemble_of_adapters_matches_the_loop(kind, grad):
+    """Ensembling: each member's own adapter tensors, stacked, on one shared base."""
+    x = torch.randn(3, 8)
+    model = mlp(kind)
+    ensemble = {k: v + 0.1 * torch.randn(4, *v.shape) for k, v in trained(model).items()}
+    with torch.set_grad_enabled(grad):
+        got = vmap(lambda p: functional_call(model, p, (x,)))(ensemble)
+        want = torch.stack([functional_call(model, {k: v[i] for k, v in ensemble.items()}, (x,)) for i in range(4)])
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)  # batched kernels: other last bits
+
+
 @pytest.mark.parametrize("kind", KIND_NAMES)
 def test_vmap_of_grad_per_sample_matches_the_loop(kind):
     xs = torch.randn(4, 8)

@@ -113,20 +113,20 @@ def project(vec: Tensor, b: int, eps: float) -> Tensor:
 def cayley(vec: Tensor, b: int, neumann: bool, terms: int) -> Tensor:
     """The rotation blocks ``(.., n, b, b)`` from ``oft_R`` ``(.., n, m)``, as peft's ``_cayley_batch``."""
     Q = skew(vec, b)
-    if neumann:
-        R = torch.eye(b, device=vec.device, dtype=vec.dtype).expand_as(Q).clone()
+    if neumann:  # peft's sums, out of place: under vmap, Q is batched where the identity is not
+        R = torch.eye(b, device=vec.device, dtype=vec.dtype).expand_as(Q)
         if terms > 1:
-            R.add_(Q, alpha=2.0)
+            R = torch.add(R, Q, alpha=2.0)
             if terms > 2:
                 Q2 = Q @ Q
-                R.add_(Q2, alpha=2.0)
+                R = torch.add(R, Q2, alpha=2.0)
                 power = Q2
                 for _ in range(3, terms - 1):
                     power = power @ Q
-                    R.add_(power, alpha=2.0)
+                    R = torch.add(R, power, alpha=2.0)
                 power = power @ Q
-                R.add_(power)
-        return R
+                R = R + power
+        return R.clone() if terms == 1 else R
     eye = torch.eye(b, device=vec.device, dtype=vec.dtype).expand_as(Q)
     return torch.linalg.solve(eye + Q, eye - Q, left=False)
 
