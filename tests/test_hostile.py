@@ -198,6 +198,23 @@ def test_an_injected_rnn_deep_copies_after_training_steps(make):
     assert type(replica) is type(make()) and type(rnn) is not type(replica)
 
 
+@pytest.mark.parametrize("make", [pytest.param(lambda: nn.GRU(3, 4), id="GRU"),
+                                  pytest.param(lambda: nn.LSTM(3, 4, num_layers=2), id="LSTM")])
+def test_an_injected_rnn_deep_copies_after_torch_func_grad(make):
+    rnn = make()
+    li.inject(rnn, "", r=2)
+    with torch.no_grad():
+        for p in li.lora_parameters(rnn):
+            p.normal_()
+    x = torch.randn(5, 2, 3)
+    want = rnn(x)[0]
+    params = {n: p.detach() for n, p in rnn.named_parameters() if p.requires_grad}
+    torch.func.grad(lambda p: torch.func.functional_call(rnn, p, (x,))[0].sum())(params)
+    replica = copy.deepcopy(rnn)  # was: "Cannot access storage of TensorWrapper"
+    torch.testing.assert_close(replica(x)[0], want, rtol=0, atol=0)
+    torch.testing.assert_close(rnn(x)[0], want, rtol=0, atol=0)
+
+
 # -- pickling, copies, dtype and device ------------------------------------------------------------
 def test_torch_save_of_an_injected_model_says_how_to_save_it():
     model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2))
