@@ -115,7 +115,7 @@ def stacked(op: str, x: Tensor, weight: FactoredWeight, bias: Tensor | None, cal
             steps.append((find_kind(t.kind), t.params, t.scaling, t.options))
     out = given = None
     if len(steps) == len(weight._terms):
-        if bias is not None and any(k.apply_bias is not None for k, *_ in steps):
+        if bias is not None and any(k.biased(options) for k, _, _, options in steps):
             raw = bias.__dict__.get(RAW_BIAS)
             if raw is None:  # the forms without a bias; the given one added after them
                 given = bias if op == "linear" else bias.view(-1, *(1,) * len(kernel(weight._view)))

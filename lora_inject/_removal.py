@@ -102,7 +102,7 @@ def take_off(plan: Removal, dequantize: bool, rounding: list) -> None:
             b.copy_(lora.bias_of(b, merge_now))
     for name in plan.names:
         lora.drop(name)
-    if bias is not None and not any(find_kind(a.kind).apply_bias for a in lora.records.values()
+    if bias is not None and not any(find_kind(a.kind).biased(a.options) for a in lora.records.values()
                                     if a.kind != "lora"):
         unlink_bias(module, lora)
     if not lora.adapters:

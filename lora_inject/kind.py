@@ -131,6 +131,10 @@ class Kind:
         apply_bias (callable or None): ``apply_bias(b, params, view, options) -> Tensor``, the
             bias that goes with the adapted weight, for a kind that changes it too (IA³ scaling
             the output scales the bias). ``None``: the bias is left alone.
+        changes_bias (callable or None): ``changes_bias(options) -> bool``, whether
+            ``apply_bias`` changes the bias with these options (IA³: not where it scales the
+            input); ``None``: wherever ``apply_bias`` is set. Where it does not, ``inject``
+            neither checks nor links the module's bias.
         shared (callable or None): ``shared(views, r, options) -> dict[str, Tensor]``, tensors
             shared by every site of one adapter (VeRA's random projections), built once from
             all the sites' views. Each site's ``params`` holds them under the same names.
@@ -177,6 +181,7 @@ class Kind:
     default_r: int | None = 8
     default_alpha: float | None = 8.0
     apply_bias: Callable[[Tensor, Params, View, Options], Tensor] | None = None
+    changes_bias: Callable[[Options], bool] | None = None
     shared: Callable[[Sequence[View], int, Options], dict[str, Tensor]] | None = None
     share: Callable[[Mapping[str, Tensor], View, int, Options], dict[str, Tensor]] | None = None
     frozen: tuple[str, ...] = ()
@@ -201,6 +206,10 @@ class Kind:
     def additive(self) -> bool:
         """Whether the update adds ``delta`` (else it maps the weight with ``apply``)."""
         return self.delta is not None
+
+    def biased(self, options: Options) -> bool:
+        """Whether an adapter of this kind with ``options`` changes the bias too (see ``apply_bias``)."""
+        return self.apply_bias is not None and (self.changes_bias is None or bool(self.changes_bias(options)))
 
     def resolve(self, r: int | None = None, alpha: float | None = None,
                 **options: Any) -> tuple[int | None, float | None, dict[str, Any]]:

@@ -313,7 +313,7 @@ class LoRA(nn.Module):
             if a.kind == "lora":
                 continue
             kind = find_kind(a.kind)
-            if kind.apply_bias is not None:
+            if kind.biased(a.options):
                 ct = compute_dtype(b.dtype)
                 params = {k: v.to(ct) for k, v in self.tensors(name).items()}
                 b0 = b.to(ct)

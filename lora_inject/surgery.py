@@ -356,8 +356,8 @@ def _prepare(model: nn.Module, sites: list[_Planned], spec: Spec) -> None:
             f"sparse=True, but {name!r} merges its update into the weight before the lookup, and a sparse "
             "gradient cannot flow from a merged weight into its tensors. Set sparse=False on that layer, "
             "or leave it out with `exclude=`.")
-    if kind.apply_bias is not None:
-        for site in sites:
+    for site in sites:
+        if kind.biased(spec.record(site).options):
             _bias_name(name, site)
     if kind.shared is not None:
         spec.shared = kind.shared([site.view for site in sites], spec.r, spec.options)
@@ -406,7 +406,7 @@ def _attach(site: _Planned, adapter: str, spec: Spec, dtype: torch.dtype | None)
     lora, stored = site.lora, site.stored
     lora.add(adapter, spec.record(site), dtype=dtype or quant.dtype(stored), device=stored.device,
              shared=spec.share(lora.view))
-    if spec.kind is not None and spec.kind.apply_bias is not None and "bias_link" not in lora.__dict__:
+    if spec.kind is not None and spec.kind.biased(lora.adapter(adapter).options) and "bias_link" not in lora.__dict__:
         bias = _bias_name(spec.kind.name, site)
         if bias is not None:
             parametrize.register_parametrization(module, bias, Bias(lora, tensor_name))

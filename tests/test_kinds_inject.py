@@ -106,7 +106,7 @@ def test_kind_on_layer(kind, layer, data):
     before = state(case.model)
     mha = case.model if isinstance(case.model, nn.MultiheadAttention) else None
     separate = any(a.tensor in ("q_proj_weight", "k_proj_weight", "v_proj_weight") for a in case.adapted)
-    if kind == "ia3" and separate and mha.in_proj_bias is not None:
+    if kind == "ia3" and separate and mha.in_proj_bias is not None and not kw["feedforward"]:
         with pytest.raises(ValueError, match=r"kind='ia3'.*`in_proj_bias` has shape"):
             inject(case.model, case, kind, kw)  # q/k/v_proj_weight share one bias of 3 x their outputs
         assert not hasattr(case.model, "parametrizations")
@@ -322,6 +322,9 @@ def test_ia3_refuses_a_bias_the_rule_does_not_map():
     with pytest.raises(ValueError, match=r"kind='ia3'.*does not say which bias goes with 'kernel'"):
         li.inject(model, "0", kind="ia3", rules=rules)
     assert not hasattr(model[0], "parametrizations")
+    li.inject(model, "0", kind="ia3", rules=rules, feedforward=True)  # scaling the input: no bias to map
+    assert "bias" not in model[0].parametrizations
+    li.remove(model, merge=False)
     rules[Scaled] = li.Rule(("kernel",), bias=lambda name: "bias")
     li.inject(model, "0", kind="ia3", rules=rules)
     assert isinstance(model[0].parametrizations.bias[0], li.lora.Bias)
@@ -332,6 +335,8 @@ def test_ia3_refuses_mha_with_separate_projections():
     with pytest.raises(ValueError, match=r"kind='ia3'.*in_proj_bias.*has shape \(12,\)"):
         li.inject(mha, "", kind="ia3")
     assert not hasattr(mha, "parametrizations")
+    li.inject(mha, "", kind="ia3", feedforward=True)  # scaling the inputs leaves the bias alone
+    assert sorted(mha.parametrizations) == ["k_proj_weight", "q_proj_weight", "v_proj_weight"]
 
 
 def test_refusals_after_inject():

@@ -89,6 +89,7 @@ IA3 = Kind(
     create=create,
     apply=apply,
     apply_bias=apply_bias,
+    changes_bias=lambda options: not options["feedforward"],
     options=(Option("feedforward", False, boolean, "a bool (whether the input is scaled)", selector=True),),
     scaling=lambda r, alpha, options: 1.0,
     default_r=None,
