@@ -423,7 +423,7 @@ def find_kind(name: str) -> Kind:
     kind = _KINDS.get(name)
     if kind is None:
         raise ValueError(
-            f"inject(): unknown `kind` {name!r}; the registered kinds are {sorted(_KINDS)} "
+            f"inject(): unknown `kind` {name!r}; the kinds are {sorted({'lora', *_KINDS})} "
             "(register your own with lora_inject.register_kind)."
         )
     return kind

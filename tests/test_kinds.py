@@ -432,7 +432,8 @@ def test_unknown_option_names_the_kind_s_options():
 
 
 def test_unknown_kind():
-    with pytest.raises(ValueError, match=r"unknown `kind` 'boft'; the registered kinds are"):
+    with pytest.raises(ValueError, match=r"unknown `kind` 'boft'; the kinds are \['full', 'ia3', 'loha', 'lokr', "
+                                         r"'lora', 'oft', 'tokens', 'vera'\]"):
         find_kind("boft")
 
 

@@ -303,6 +303,22 @@ def test_float32_tensors_on_a_bf16_model_match_the_merged_plain_layer(kind):
     torch.testing.assert_close(got, want, rtol=1.6e-2, atol=1e-2)  # bf16's own tolerance
 
 
+@pytest.mark.parametrize("kind, kw", [*KINDS.items(), ("oft", dict(oft_block_size=2, rotate="out"))],
+                         ids=[*KINDS, "oft-out"])
+def test_autocast_embedding_keeps_the_tables_dtype(kind, kw):
+    """An embedding is not autocast: the adapted one returns what the merged table returns."""
+    torch.manual_seed(0)
+    model = nn.Embedding(10, 8)
+    li.inject(model, "", kind=kind, **{k: v for k, v in kw.items() if k != "feedforward"})
+    randomize_kind(model, "default", 1)
+    plain = li.remove(copy.deepcopy(model), merge=True)
+    x = torch.randint(0, 10, (3, 4))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got, want = model(x), plain(x)
+    assert got.dtype == want.dtype == torch.float32
+    torch.testing.assert_close(got, want, rtol=1.6e-2, atol=1e-2)  # the update's products run in bf16, as peft's
+
+
 def gpt2(kind: str) -> nn.Module:
     model = _models.gpt2(layers=1, width=16, head=True, seed=0, vocab_size=32, n_positions=16,
                          attn_implementation="eager")

@@ -160,10 +160,12 @@ def apply(W: Tensor, params, view: View, scaling: float, options) -> Tensor:
 
 
 def _rotate(y: Tensor, R: Tensor, dim: int) -> Tensor:
-    """``y``'s last dimension turned block by block: ``y @ block_diag(R)``."""
+    """``y``'s last dimension turned block by block: ``y @ block_diag(R)``, in ``y``'s dtype (under
+    autocast too: an embedding's output stays in its table's dtype, as the merged table's does)."""
     R = _expand(R, dim)
     yb = y.reshape(*y.shape[:-1], R.shape[-3], R.shape[-1])
-    return torch.einsum("...rk,rkc->...rc", yb, R.to(y.dtype)).reshape(y.shape)
+    with torch.autocast(y.device.type, enabled=False):
+        return torch.einsum("...rk,rkc->...rc", yb, R.to(y.dtype)).reshape(y.shape)
 
 
 def linear(x: Tensor, base, params, view: View, scaling: float, options) -> Tensor:
