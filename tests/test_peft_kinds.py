@@ -292,9 +292,6 @@ def test_load_refuses_and_leaves_the_model_unchanged(tmp_path):
     _edit_config(d, decompose_both=True)  # the file has a full lokr_w1
     with pytest.raises(ValueError, match=r"holds .*lokr_w1.* makes .*lokr_w1_a"):
         li.load_adapter(model, d)
-    _edit_config(d, decompose_both=False, modules_to_save=["out"])
-    with pytest.raises(ValueError, match=r"the field 'modules_to_save'"):
-        li.load_adapter(model, d)
     assert_unchanged(model, snap)
 
     d = _peft_dir(tmp_path / "d", peft.OFTConfig(oft_block_size=4, target_modules=["lin"]))
@@ -307,6 +304,95 @@ def test_load_refuses_and_leaves_the_model_unchanged(tmp_path):
     with pytest.raises(ValueError, match=r"oft_R\.weight` has shape \(32, 5\), which is no OFT block"):
         li.load_adapter(model, d)
     assert_unchanged(model, snap)
+
+
+HEAD_CASES = {
+    "ia3": lambda: peft.IA3Config(target_modules=["q_proj", "lm_head"], feedforward_modules=[]),
+    "vera": lambda: peft.VeraConfig(r=4, target_modules=["q_proj", "lm_head"]),
+    "loha": lambda: peft.LoHaConfig(r=2, alpha=4, target_modules=["q_proj", "lm_head"]),
+}
+
+
+@pytest.mark.parametrize("kind", list(HEAD_CASES))
+def test_a_kind_on_a_head_loads_beside_the_head_peft_saves_whole(kind, tmp_path):
+    """peft's save_pretrained also writes the base weight of a targeted head (save_embedding_layers
+    "auto"): a copy equal to the base, which loads as nothing."""
+    from _models import llama
+    base = llama(head=True, seed=0, tie_word_embeddings=False).eval()
+    theirs = peft_model(copy.deepcopy(base), HEAD_CASES[kind]())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # peft's note that it saves the head whole
+        theirs.save_pretrained(tmp_path)
+    from safetensors.torch import load_file
+    assert any(k.endswith("lm_head.base_layer.weight") for k in load_file(tmp_path / "adapter_model.safetensors"))
+    ids = torch.randint(0, 40, (2, 5))
+    ours = li.load_adapter(copy.deepcopy(base), tmp_path)
+    torch.testing.assert_close(ours(ids).logits, theirs(ids).logits, **TOL)
+
+
+def test_a_kind_on_a_tied_head_is_refused_both_ways(tmp_path):
+    """lora_inject adapts a tied tensor for all its users; peft's IA³ scales the head alone."""
+    tied = gpt2(head=True, seed=0).eval()
+    assert tied.lm_head.weight is tied.transformer.wte.weight
+    theirs = peft_model(copy.deepcopy(tied), peft.IA3Config(target_modules=["lm_head"], feedforward_modules=[]))
+    theirs.save_pretrained(tmp_path / "a", save_embedding_layers=False)
+    model = copy.deepcopy(tied)
+    snap = snapshot(model)
+    with pytest.raises(ValueError, match=r"adapts `lm_head.weight` with IA3, but in this model it is one tensor "
+                                         r"tied to `transformer.wte`"):
+        li.load_adapter(model, tmp_path / "a")
+    assert_unchanged(model, snap)
+    li.inject(model, "lm_head", kind="ia3")
+    with pytest.raises(ValueError, match=r"`lm_head.weight` is one tensor tied to `transformer.wte.weight`"):
+        li.save_adapter(model, tmp_path / "b", format="peft")
+
+
+def test_a_kind_with_modules_to_save_loads_the_trained_copy(tmp_path):
+    """peft's classifier heads (task_type SEQ_CLS and the like): the module saved whole beside the kind."""
+    theirs = peft_model(net(), peft.IA3Config(target_modules=["lin"], feedforward_modules=[],
+                                              modules_to_save=["out"]))
+    theirs.save_pretrained(tmp_path)
+    ours = li.load_adapter(net(), tmp_path)
+    torch.testing.assert_close(run(ours, X), run(theirs, X), **TOL)
+    assert not torch.allclose(run(ours, X), run(net(), X), **TOL)
+    assert {lora.adapter("default").kind for _, lora in li.named_loras(ours)} == {"ia3", "full"}
+    li.save_adapter(ours, tmp_path / "again", format="peft")  # and back, the copy under modules_to_save
+    config = json.loads((tmp_path / "again" / "adapter_config.json").read_text())
+    assert (config["peft_type"], config["modules_to_save"]) == ("IA3", ["out"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        again = peft.PeftModel.from_pretrained(net(), tmp_path / "again").eval()
+    torch.testing.assert_close(run(again, X), run(theirs, X), **TOL)
+
+
+def test_oft_blocks_of_one_load_as_peft_adjusts_them(tmp_path):
+    """Where no block size divides the inputs but 1, peft adjusts to blocks of 1: oft_R (n, 0), the identity."""
+    base = nn.Sequential(nn.Linear(6, 7), nn.ReLU(), nn.Linear(7, 3)).eval()
+    theirs = peft_model(copy.deepcopy(base), peft.OFTConfig(oft_block_size=2, target_modules=["0", "2"]))
+    theirs.save_pretrained(tmp_path)
+    x = torch.randn(4, 6)
+    assert theirs.base_model.model[2].oft_R["default"].weight.shape == (7, 0)
+    ours = li.load_adapter(copy.deepcopy(base), tmp_path)
+    torch.testing.assert_close(run(ours, x), run(theirs, x), **TOL)
+
+
+def test_vera_without_saved_projections_rebuilds_them_whatever_the_file_holds(tmp_path):
+    """save_projection=False: peft builds the projections from the key and ignores stored ones."""
+    d = _peft_dir(tmp_path, quiet(lambda: peft.VeraConfig(r=3, target_modules=["lin", "out"], save_projection=False,
+                                                         projection_prng_key=7)))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        theirs = peft.PeftModel.from_pretrained(net(), d).eval()
+    weights = d / "adapter_model.safetensors"
+    from safetensors.torch import load_file
+    held = load_file(weights)
+    held["base_model.vera_A"], held["base_model.vera_B"] = torch.randn(3, 128), torch.randn(16, 3)
+    save_file(held, weights)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        again = peft.PeftModel.from_pretrained(net(), d).eval()
+    torch.testing.assert_close(run(again, X), run(theirs, X), **TOL)  # peft: the key's, not the file's
+    torch.testing.assert_close(run(li.load_adapter(net(), d), X), run(theirs, X), **TOL)
 
 
 def test_lokr_full_w2_on_conv1d_is_refused_both_ways(tmp_path):

@@ -200,7 +200,7 @@ def peft_entries(fn: str, model: nn.Module, saved: peft_config.Saved) -> tuple[l
     (with its full copies and token rows) or another kind's, as :func:`load_adapter` reads it."""
     if peft_config.kind_of(saved.config) is None:
         return peft.from_peft(fn, model, saved)
-    return kinds_from_peft(fn, model, saved), []  # peft's LoHa, LoKr, OFT, IA³ or VeRA
+    return kinds_from_peft(fn, model, saved)  # peft's LoHa, LoKr, OFT, IA³ or VeRA
 
 
 def load_adapter(model: M, path: str | os.PathLike, *, adapter: str | None = None,

@@ -217,8 +217,7 @@ def _grouped(fn: str, model: nn.Module, entries: list[Entry], lora_bias: bool) -
     full = [e for e in entries if kinds[e.key] == "full"]
     # modules_to_save (a bias alone is peft's `bias`): the outermost module of each, whose copy holds
     # its submodules' tensors too, as peft wraps and saves it (a MultiheadAttention with its out_proj)
-    copies = {e.module for e in full if e.tensor != "bias"}
-    copies = {c for c in copies if not any(c.startswith(f"{o}.") for o in copies)}
+    copies = saved_whole(full)
     x = _Export(modules, kinds, lora, full, [e for e in entries if kinds[e.key] == "tokens"], copies,
                 {e.module for e in lora if kinds[e.key] in _LORA_KINDS}, {},
                 {e.module: lora_scaling(e.r, e.alpha, e.rslora) for e in lora}, {},
@@ -351,7 +350,23 @@ def _lora_tensors(x: _Export, lora_bias: bool) -> dict[str, Tensor]:
             continue
         tensors[f"{PREFIX}{e.module}{'.base_layer' if e.module in x.wrapped else ''}.{e.tensor}"] = \
             _merged(modules[e.module], e)
-    for name in x.copies:  # the module's state dict, as peft saves it: updated where the adapter has it
+    tensors.update(copy_tensors(modules, x.copies, by_key))
+    return tensors
+
+
+def saved_whole(full: list[Entry]) -> set[str]:
+    """peft's ``modules_to_save`` for the full copies ``full`` (a bias alone is peft's ``bias``):
+    the outermost module of each, whose copy holds its submodules' tensors too, as peft wraps and
+    saves it (a MultiheadAttention with its out_proj)."""
+    copies = {e.module for e in full if e.tensor != "bias"}
+    return {c for c in copies if not any(c.startswith(f"{o}.") for o in copies)}
+
+
+def copy_tensors(modules: dict[str, nn.Module], copies: set[str], by_key: dict[str, Entry]) -> dict[str, Tensor]:
+    """The state dict of each module saved whole (``copies``), as peft saves it: each tensor updated
+    where an entry of ``by_key`` (by ``path.tensor``) has it."""
+    tensors = {}
+    for name in copies:
         for sub, module in named_modules(modules[name]):
             path = f"{name}.{sub}" if sub else name
             for q in _state_names(module):
@@ -433,32 +448,22 @@ def from_peft(fn: str, model: nn.Module, saved: Saved) -> tuple[list[Entry], lis
     file, weights, config, tensors = saved.file, saved.weights, saved.config, saved.tensors
     modules = dict(named_modules(model))
     factors: dict[tuple[str, int], dict[str, tuple[str, Tensor]]] = {}
-    full: dict[tuple[str, str], tuple[str, Tensor]] = {}
+    others: dict[str, Tensor] = {}
     entries = _token_entries(fn, model, modules, saved)
     for key, t in sorted(tensors.items()):
         rest = key.removeprefix(PREFIX)
         if rest.endswith(TOKENS):
             continue  # read above
         suffix = next((s for s in SUFFIXES if rest.endswith(s)), None)
-        where, _, tensor = (rest[: -len(suffix)], "", "") if suffix else rest.rpartition(".")
-        module, depth = unwrap(where)
-        if rest == key:
-            raise ValueError(f"{fn}(): {weights} holds `{key}` {tuple(t.shape)}, which is not a key of peft's "
-                             f"format (they start with {PREFIX!r}); nothing was loaded.")
-        if module not in modules or isinstance(modules[module], LoRA) or (
-                suffix is None and tensor not in own_tensor_names(modules[module])):
-            what = f"no module `{module}`" if suffix or module not in modules else f"no tensor `{module}.{tensor}`"
-            raise ValueError(f"{fn}(): {weights} holds `{key}` {tuple(t.shape)}, but the model has {what}. "
-                             "It was saved from another model.")
-        if suffix is not None and is_integer(t.dtype):
+        if suffix is None:
+            others[key] = t
+            continue
+        module, depth = unwrap(rest[: -len(suffix)])
+        _check_key(fn, weights, modules, key, t, module)
+        if is_integer(t.dtype):
             raise TypeError(f"{fn}(): `{key}` in {weights} has dtype {dtype_name(t.dtype)}; LoRA factors must be "
                             "floating point. The file is corrupt.")
-        if suffix is None:  # the trained copy of a modules_to_save module wins over its original
-            held = full.get((module, tensor))
-            if held is None or _copy_rank(key) > _copy_rank(held[0]):
-                full[(module, tensor)] = (key, t)
-        else:
-            factors.setdefault((module, depth), {})[SUFFIXES[suffix]] = (key, t)
+        factors.setdefault((module, depth), {})[SUFFIXES[suffix]] = (key, t)
     claims = _claims(fn, file, config, modules)
     if config.get("ensure_weight_tying"):  # peft gives the head tied to a targeted embed_tokens its LoRA too
         users = tensor_users(model)
@@ -476,9 +481,41 @@ def from_peft(fn: str, model: nn.Module, saved: Saved) -> tuple[list[Entry], lis
                     for g, c in claims.items()]
     biases = _lora_biases(fn, file, weights, config, modules, claims, factors, lora_entries)
     entries += lora_entries
-    adapted = {(e.module, e.tensor) for e in entries}
+    more, copies = full_tensors(fn, saved, modules, others, {(e.module, e.tensor) for e in entries}, biases)
+    return _tied_once(fn, file, model, entries + more, config), copies
+
+
+def _check_key(fn: str, weights: str, modules: dict[str, nn.Module], key: str, t: Tensor, module: str,
+               tensor: str | None = None) -> None:
+    """Raise where ``key`` is not peft's, or names no module (or no tensor ``tensor``) of the model."""
+    if not key.startswith(PREFIX):
+        raise ValueError(f"{fn}(): {weights} holds `{key}` {tuple(t.shape)}, which is not a key of peft's "
+                         f"format (they start with {PREFIX!r}); nothing was loaded.")
+    if module not in modules or isinstance(modules[module], LoRA) or (
+            tensor is not None and tensor not in own_tensor_names(modules[module])):
+        what = f"no module `{module}`" if tensor is None or module not in modules else f"no tensor `{module}.{tensor}`"
+        raise ValueError(f"{fn}(): {weights} holds `{key}` {tuple(t.shape)}, but the model has {what}. "
+                         "It was saved from another model.")
+
+
+def full_tensors(fn: str, saved: Saved, modules: dict[str, nn.Module], tensors: dict[str, Tensor],
+                 adapted: set[tuple[str, str]], biases: dict | None = None) -> tuple[list[Entry], list[Copy]]:
+    """peft's full tensors ``tensors`` (keys and values; ``modules_to_save``, ``bias="all"`` or
+    ``"lora_only"``, ``save_embedding_layers``), beside an adapter on the tensors ``adapted``, as
+    entries and exact copies (see :func:`from_peft`); ``biases``: LoRA's ``lora_bias`` updates, by
+    ``(module path, "bias")``, taken out as they are used."""
+    weights, config = saved.weights, saved.config
+    biases = {} if biases is None else biases
+    full: dict[tuple[str, str], tuple[str, Tensor]] = {}
+    for key, t in tensors.items():
+        where, _, tensor = key.removeprefix(PREFIX).rpartition(".")
+        module, _ = unwrap(where)
+        _check_key(fn, weights, modules, key, t, module, tensor)
+        held = full.get((module, tensor))  # the trained copy of a modules_to_save module wins over its original
+        if held is None or _copy_rank(key) > _copy_rank(held[0]):
+            full[(module, tensor)] = (key, t)
     whole = config.get("modules_to_save") or []
-    copies = []
+    entries, copies = [], []
     for (name, tensor), (key, t) in full.items():
         base = source(modules[name], tensor).detach()
         if is_integer(t.dtype) or is_integer(base.dtype):
@@ -498,7 +535,7 @@ def from_peft(fn: str, model: nn.Module, saved: Saved) -> tuple[list[Entry], lis
             entries.append(e)
     for (name, tensor), delta in biases.items():  # lora_bias alone: the bias gains s * b
         entries.append(_exact_entry(name, modules[name], tensor, delta))
-    return _tied_once(fn, file, model, entries, config), copies
+    return entries, copies
 
 
 def _full_entry(fn: str, weights: str, name: str, module: nn.Module, tensor: str, key: str, saved: Tensor) -> Entry:

@@ -126,7 +126,8 @@ _KNOWN = {
 _TOKENS_KNOWN = {"peft_type", "task_type", "base_model_name_or_path", "revision", "inference_mode", "auto_mapping",
                  "peft_version", "target_modules", "token_indices", "init_weights"}
 _COMMON = {"peft_type", "task_type", "base_model_name_or_path", "revision", "inference_mode", "auto_mapping",
-           "peft_version", "target_modules", "exclude_modules", "layers_to_transform", "layers_pattern"}
+           "peft_version", "target_modules", "exclude_modules", "layers_to_transform", "layers_pattern",
+           "modules_to_save"}
 _KIND_KNOWN = {  # the rest of each config's fields that are read, or have no effect on the outputs
     "loha": {"r", "alpha", "rank_pattern", "alpha_pattern", "init_weights"},
     "lokr": {"r", "alpha", "rank_pattern", "alpha_pattern", "init_weights"},

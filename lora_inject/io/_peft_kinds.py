@@ -17,15 +17,18 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils.parametrize import type_before_parametrizations
 
+from .._chain import find_lora, source
 from .._kinds.lokr import peft_factor
 from .._kinds.oft import block_size
 from .._selection import named_modules
+from .._tied import tensor_users, users_of
 from .._view import View
 from ..kind import find_kind, kernel
 from ..lora import LoRA
 from ..rule import find_rule, type_name
-from ._entries import Entry, tensor_shape
+from ._entries import Copy, Entry, tensor_shape
 from ._files import dtype_name
+from ._peft import copy_tensors, full_tensors, saved_whole
 from ._peft_config import (
     KIND_FIELDS,
     KIND_TENSORS,
@@ -124,6 +127,14 @@ def _target_spec(modules: dict[str, nn.Module], targets: list[str]) -> list[str]
 def kinds_to_peft(fn: str, model: nn.Module, entries: list[Entry]) -> tuple[dict, dict[str, Tensor]]:
     """Translate entries of one kind other than LoRA to peft's config and tensors, or raise where
     peft's format cannot hold them."""
+    full = [e for e in entries if e.kind == "full"]  # modules saved whole: peft's modules_to_save
+    entries = [e for e in entries if e.kind != "full"]
+    copies = saved_whole(full)
+    bias = next((e for e in full if not any(e.module == c or e.module.startswith(f"{c}.") for c in copies)), None)
+    if bias is not None or not entries:
+        raise ValueError(f"{fn}(): `{(bias or full[0]).key}` is a full copy "
+                         f"{'of a bias alone' if bias is not None else 'with no adapter beside it'}, which peft's "
+                         "format holds beside a LoRA adapter only (peft's `bias`). Save with format='lora_inject'.")
     kinds = sorted({e.kind for e in entries})
     if len(kinds) > 1:
         raise ValueError(f"{fn}(): the adapter mixes the kinds {kinds}; peft's format holds one peft_type per "
@@ -133,6 +144,11 @@ def kinds_to_peft(fn: str, model: nn.Module, entries: list[Entry]) -> tuple[dict
         raise ValueError(f"{fn}(): the adapter is of kind {kind!r}, which peft has no type for (peft's format "
                          f"holds {['lora', *KIND_TYPES]}). Save with format='lora_inject'.")
     modules = dict(named_modules(model))
+    clash = next((e for e in entries if any(e.module == c or e.module.startswith(f"{c}.") for c in copies)), None)
+    if clash is not None:
+        raise ValueError(f"{fn}(): `{clash.module}` would be both a full copy (modules_to_save) and a "
+                         f"{KIND_TYPES[kind]} layer in peft's format, which peft cannot hold. Save with "
+                         "format='lora_inject'.")
     views = _kind_views(fn, model, modules, kind, entries)
     if kind == "lokr":
         entries = [_peft_split(fn, e, views[e.key]) for e in entries]
@@ -148,6 +164,9 @@ def kinds_to_peft(fn: str, model: nn.Module, entries: list[Entry]) -> tuple[dict
         A, B = _vera_projections(fn, K, entries, views, options)
         if options["save_projection"]:
             tensors["base_model.vera_A"], tensors["base_model.vera_B"] = A, B
+    if copies:
+        config["modules_to_save"] = sorted(copies, key=list(modules).index)
+        tensors.update(copy_tensors(modules, copies, {e.key: e for e in full}))
     return config, tensors
 
 
@@ -174,6 +193,13 @@ def _kind_views(fn: str, model: nn.Module, modules: dict[str, nn.Module], kind: 
                              f"reads a {e.type} with transpose={views[e.key].transpose}. Save with "
                              "format='lora_inject'.")
         _lokr_conv1d(fn, kind, e.module, views[e.key], e.extra)
+        lora = find_lora(modules[e.module], e.tensor)
+        tied = ", ".join(f"`{u.qualname}.{u.tensor_name}`" for u in (users_of(lora) if lora is not None else ()))
+        if tied:
+            raise ValueError(f"{fn}(): `{e.key}` is one tensor tied to {tied}, which read its update too; peft's "
+                             f"{KIND_TYPES[kind]} would adapt `{e.module}` alone, so it would not give this model's "
+                             "outputs. Save with format='lora_inject', or untie the tensors (transformers: "
+                             "tie_word_embeddings=False) before injecting.")
         where = at.get(id(modules[e.module]), [])
         if len(where) > 1:
             raise ValueError(f"{fn}(): {e.type} `{e.module}` sits at {len(where)} paths in the model ({where}); "
@@ -267,14 +293,16 @@ def _vera_projections(fn: str, K, entries: list[Entry], views: dict[str, View], 
     return A.contiguous(), B.contiguous()
 
 
-def kinds_from_peft(fn: str, model: nn.Module, saved: Saved) -> list[Entry]:
-    """Translate peft's LoHa, LoKr, OFT, IA³ or VeRA adapter ``saved`` into entries for ``model``,
-    or raise where it cannot be reproduced."""
+def kinds_from_peft(fn: str, model: nn.Module, saved: Saved) -> tuple[list[Entry], list[Copy]]:
+    """Translate peft's LoHa, LoKr, OFT, IA³ or VeRA adapter ``saved`` into entries and exact copies
+    for ``model`` (its full tensors as :func:`~lora_inject.io._peft.full_tensors` reads them), or
+    raise where it cannot be reproduced."""
     file, weights, config, tensors = saved.file, saved.weights, saved.config, dict(saved.tensors)
     kind = kind_of(config)
     K = find_kind(kind)
     modules = dict(named_modules(model))
     parents = parents_of(modules)
+    users = tensor_users(model)
     sites = {}
     for name, module in modules.items():
         if name and targeted(config, name) and not isinstance(module, LoRA):
@@ -282,6 +310,13 @@ def kinds_from_peft(fn: str, model: nn.Module, saved: Saved) -> list[Entry]:
                 sites[name] = _site(fn, kind, name, module, parents[name])
             except ValueError as e:
                 raise ValueError(f"{str(e).rstrip('.')}; {file} targets it, so nothing was loaded.") from None
+            other = [q for q, _, t in users.get(id(source(module, "weight")), []) if (q, t) != (name, "weight")]
+            if other:
+                tied = ", ".join(f"`{q}`" for q in other)
+                raise ValueError(f"{fn}(): {file} adapts `{name}.weight` with {KIND_TYPES[kind]}, but in this model "
+                                 f"it is one tensor tied to {tied}, which lora_inject adapts for all its users where "
+                                 "peft applies it at one only. Load it into an untied model (transformers: "
+                                 "tie_word_embeddings=False); nothing was loaded.")
     if not sites:
         raise ValueError(f"{fn}(): `target_modules` in {file} selects no module of the model; it was saved from "
                          "another model.")
@@ -325,12 +360,8 @@ def kinds_from_peft(fn: str, model: nn.Module, saved: Saved) -> list[Entry]:
         entries.append(Entry(module=name, tensor="weight", type=type_name(module), shape=tuple(view.shape), A=None,
                              B=None, r=r, alpha=alpha, transpose=view.transpose, factored=rule.is_factored(module),
                              extra=got, kind=kind, options=opts))
-    if tensors:
-        key = sorted(tensors)[0]
-        raise ValueError(f"{fn}(): {weights} holds `{key}` {tuple(tensors[key].shape)}, which no module that "
-                         f"`target_modules` in {file} selects takes; it was saved from another model, so nothing "
-                         "was loaded.")
-    return entries
+    more, copies = full_tensors(fn, saved, modules, tensors, {(e.module, e.tensor) for e in entries})
+    return entries + more, copies
 
 
 def _vera_shared(fn: str, saved: Saved, K, sites: dict[str, View], tensors: dict[str, Tensor]) -> dict[str, Tensor]:
@@ -343,6 +374,9 @@ def _vera_shared(fn: str, saved: Saved, K, sites: dict[str, View], tensors: dict
         raise ValueError(f"{fn}(): {file} has vera_dropout={config['vera_dropout']!r}; lora_inject's VeRA has "
                          "no dropout, so nothing was loaded.")
     want = K.shared([View(tuple(v.shape), v.transpose, False) for v in sites.values()], r, options)
+    if not options["save_projection"]:  # peft rebuilds them from the key, whatever the file holds
+        for x in _VERA_SHARED:
+            tensors.pop(f"base_model.{x}", None)
     if not any(k in tensors for k in ("base_model.vera_A", "base_model.vera_B")):
         return want
     shared = {}
@@ -366,7 +400,7 @@ def _oft_block(fn: str, saved: Saved, name: str, view: View, got: dict[str, Tens
         b = block_size(got["oft_R"].shape[-1]) if got["oft_R"].dim() == 2 else 0
     except ValueError:
         b = 0
-    if b < 2 or view.in_features % b:
+    if b < 1 or view.in_features % b:  # a block of 1: peft's adjustment where nothing else divides
         raise ValueError(f"{fn}(): `{PREFIX}{name}.oft_R.weight` has shape {tuple(got['oft_R'].shape)}, "
                          f"which is no OFT block of the {view.in_features} inputs of `{name}`. It was saved "
                          "from another model.")
