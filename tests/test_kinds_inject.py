@@ -416,7 +416,7 @@ def test_peft_format_refuses_kinds_where_peft_has_no_layer(tmp_path):
     and refuses the rest by kind and layer type."""
     model = small_model()
     li.inject(model, r"^3$", kind="oft", r=1, oft_block_size=0)
-    with pytest.raises(ValueError, match=r"`3` is a LSTM, and peft's OFT wraps only Linear, Conv2d"):
+    with pytest.raises(ValueError, match=r"`3` is of type LSTM, and lora_inject carries peft's OFT on Linear, Conv2d"):
         li.save_adapter(model, tmp_path, format="peft")
 
 

@@ -221,11 +221,12 @@ class Odd(nn.Module):
 
 
 @pytest.mark.parametrize("kind, target, kw, match", [
-    ("loha", "lstm", {}, r"`lstm` is a LSTM, and peft's LOHA wraps only Linear, Conv1d, Conv2d"),
-    ("lokr", "mha", {}, r"`mha` is a MultiheadAttention, and peft's LOKR wraps only"),
-    ("oft", "bil", {"oft_block_size": 4}, r"`bil` is a Bilinear, and peft's OFT wraps only Linear, Conv2d"),
-    ("vera", "emb", {"r": 2}, r"`emb` is a Embedding, and peft's VERA wraps only Linear, Conv1D"),
-    ("ia3", "grouped", {}, r"groups=2"),
+    ("loha", "lstm", {}, r"`lstm` is of type LSTM, and lora_inject carries peft's LOHA on Linear, Conv1d, Conv2d"),
+    ("lokr", "mha", {}, r"`mha` is of type MultiheadAttention, and lora_inject carries peft's LOKR on"),
+    ("oft", "bil", {"oft_block_size": 4}, r"`bil` is of type Bilinear, and lora_inject carries peft's OFT on "
+                                           r"Linear, Conv2d"),
+    ("vera", "emb", {"r": 2}, r"`emb` is of type Embedding, and lora_inject carries peft's VERA on Linear, Conv1D"),
+    ("loha", "grouped", {}, r"groups=2"),
     ("loha", "mha.out_proj", {}, r"out_proj targeted on its own"),
 ])
 def test_export_refuses_what_peft_cannot_hold(kind, target, kw, match, tmp_path):
@@ -238,10 +239,44 @@ def test_export_refuses_what_peft_cannot_hold(kind, target, kw, match, tmp_path)
     assert_unchanged(model, snap)
 
 
+class Convs(nn.Module):
+    """Convs whose groups or padding mode IA³ (a scale per channel) and OFT on a 1x1 kernel (a
+    rotation of channels) commute with, where LoHa's and LoKr's separate conv would not."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.grouped = nn.Conv2d(8, 8, 3, padding=1, groups=2)
+        self.reflect = nn.Conv2d(8, 8, 1, padding=1, padding_mode="reflect")
+
+    def forward(self, x):
+        return self.reflect(torch.relu(self.grouped(x)))
+
+
+@pytest.mark.parametrize("kind, targets, kw, cfg", [
+    ("ia3", ["grouped", "reflect"], dict(feedforward="reflect"),
+     lambda: peft.IA3Config(target_modules=["grouped", "reflect"], feedforward_modules=["reflect"])),
+    ("oft", ["reflect"], dict(oft_block_size=4), lambda: peft.OFTConfig(oft_block_size=4, target_modules=["reflect"])),
+])
+def test_kinds_on_convs_with_groups_or_a_padding_mode_both_ways(kind, targets, kw, cfg, tmp_path):
+    x = torch.randn(2, 8, 5, 5)
+    torch.manual_seed(0)
+    base = Convs().eval()
+    theirs = peft_model(copy.deepcopy(base), cfg())
+    theirs.save_pretrained(tmp_path / "peft")
+    torch.testing.assert_close(run(li.load_adapter(copy.deepcopy(base), tmp_path / "peft"), x), run(theirs, x), **TOL)
+    ours = li.inject(copy.deepcopy(base), targets, kind=kind, **kw)
+    randomize_kind(ours, "default", 5)
+    li.save_adapter(ours, tmp_path / "ours", format="peft")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        again = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "ours").eval()
+    torch.testing.assert_close(run(again, x), run(ours, x), **TOL)
+
+
 @pytest.mark.parametrize("kind, kw", [("loha", {}), ("lokr", {}), ("oft", {"oft_block_size": 4})])
 def test_export_refuses_gpt2_conv1d_for_lycoris_and_oft(kind, kw, tmp_path):
     model = li.inject(gpt2(seed=0), ["c_fc"], kind=kind, **kw)
-    with pytest.raises(ValueError, match=rf"is a Conv1D, and peft's {kind.upper()} wraps only"):
+    with pytest.raises(ValueError, match=rf"is of type Conv1D, and lora_inject carries peft's {kind.upper()} on"):
         li.save_adapter(model, tmp_path, format="peft")
 
 
@@ -274,7 +309,7 @@ def test_load_refuses_and_leaves_the_model_unchanged(tmp_path):
     model = Odd()
     snap = snapshot(model)
     _edit_config(d, target_modules=["lin", "lstm"])
-    with pytest.raises(ValueError, match=r"`lstm` is a LSTM.*targets it, so nothing was loaded"):
+    with pytest.raises(ValueError, match=r"`lstm` is of type LSTM.*targets it, so nothing was loaded"):
         li.load_adapter(model, d)
     assert_unchanged(model, snap)
 
@@ -406,6 +441,9 @@ def test_lokr_full_w2_on_conv1d_is_refused_both_ways(tmp_path):
     ours = li.inject(net(), ["c1d"], kind="lokr", r=2)
     with pytest.raises(ValueError, match=r"`c1d` is a Conv1d with LoKr's full `lokr_w2`"):
         li.save_adapter(ours, tmp_path / "ours", format="peft")
+    ours = li.inject(net(), ["c1d"], kind="lokr", r=1, use_effective_conv2d=True)  # peft's forward fails on it
+    with pytest.raises(ValueError, match=r"`c1d` is a Conv1d with LoKr's Tucker core `lokr_t2`"):
+        li.save_adapter(ours, tmp_path / "tucker", format="peft")
 
 
 def test_lokr_explicit_factors_export_as_peft_where_its_factorization_gives_them(tmp_path):

@@ -62,14 +62,15 @@ def _kind_layer(kind: str, module: nn.Module, parent: nn.Module | None) -> str:
     elif any(f"{c.__module__}.{c.__qualname__}" == "transformers.pytorch_utils.Conv1D" for c in cls.__mro__):
         layer = "Conv1D"
     if layer is None or layer not in _KIND_LAYERS[kind]:
-        return (f"a {cls.__name__}, and peft's {KIND_TYPES[kind]} wraps only "
-                f"{', '.join(_KIND_LAYERS[kind])}")
+        return (f"of type {cls.__name__}, and lora_inject carries peft's {KIND_TYPES[kind]} on "
+                f"{', '.join(_KIND_LAYERS[kind])} only")
     if layer == "Linear" and isinstance(parent, nn.MultiheadAttention):
         return MHA_OUT.replace("LoRA", KIND_TYPES[kind])
-    if layer.startswith("Conv") and layer != "Conv1D":
+    if layer.startswith("Conv") and layer != "Conv1D" and kind != "ia3":  # IA³ scales a whole channel: any conv
         if module.groups != 1:
             return f"a {cls.__name__} with groups={module.groups} (lora_inject writes {kind} on groups=1 only)"
-        if module.padding_mode != "zeros":
+        pointwise = all(k == 1 for k in module.kernel_size)  # OFT's rotation of channels alone
+        if module.padding_mode != "zeros" and not (kind == "oft" and pointwise):
             return f"a {cls.__name__} with padding_mode={module.padding_mode!r} (peft's update ignores it)"
         if kind == "oft" and any(d != 1 for d in module.dilation):
             return f"a {cls.__name__} with dilation {module.dilation} (peft's OFT refuses it)"
@@ -89,15 +90,21 @@ def _site(fn: str, kind: str, name: str, module: nn.Module, parent: nn.Module | 
 
 
 def _lokr_conv1d(fn: str, kind: str, name: str, view: View, names) -> None:
-    """Raise for LoKr with a full ``lokr_w2`` on a Conv1d: peft's ``make_kron`` then takes
-    ``torch.kron`` of a 2-D and a 3-D tensor and reshapes it, which is not the Kronecker product
-    of the update (LyCORIS's) that lora_inject computes, so neither side would give the other's
-    outputs."""
-    if kind == "lokr" and "lokr_w2" in names and len(kernel(view)) == 1:
+    """Raise for LoKr with a full ``lokr_w2`` or a Tucker core ``lokr_t2`` on a Conv1d: peft's
+    ``make_kron`` then takes ``torch.kron`` of a 2-D and a 3-D (or 4-D) tensor and reshapes it,
+    which is not the Kronecker product of the update (LyCORIS's) that lora_inject computes, so
+    neither side would give the other's outputs (with ``lokr_t2``, peft's forward fails)."""
+    if kind != "lokr" or len(kernel(view)) != 1:
+        return
+    if "lokr_w2" in names:
         raise ValueError(f"{fn}(): `{name}` is a Conv1d with LoKr's full `lokr_w2`, where peft's update is not "
                          "the Kronecker product of its factors (its make_kron misses the kernel dimension), so "
                          "the outputs would differ. Use r < max(out, in) factors / 2 (low-rank lokr_w2) or "
                          "format='lora_inject'.")
+    if "lokr_t2" in names:
+        raise ValueError(f"{fn}(): `{name}` is a Conv1d with LoKr's Tucker core `lokr_t2` (use_effective_conv2d), "
+                         "which peft's make_kron cannot combine with the kernel dimension (its forward fails). "
+                         "Use use_effective_conv2d=False or format='lora_inject'.")
 
 
 def _peft_split(fn: str, e: Entry, view: View) -> Entry:
@@ -345,7 +352,8 @@ def kinds_from_peft(fn: str, model: nn.Module, saved: Saved) -> tuple[list[Entry
             have = {f"{K.peft_key(n)}": tuple(t.shape) for n, t in got.items()}
             need = {f"{K.peft_key(n)}": s for n, s in shapes.items()}
             raise ValueError(f"{fn}(): {weights} holds {have or 'nothing'} for `{name}`, but "
-                             f"{KIND_TYPES[kind]} with r={r} and {file}'s options on its weight of shape "
+                             f"{KIND_TYPES[kind]}{'' if r is None else f' with r={r}'} and {file}'s options on its "
+                             f"weight of shape "
                              f"{tuple(view.shape)} makes {need}. It was saved from another model or config.")
         _lokr_conv1d(fn, kind, name, view, got)
         bad = next((n for n, t in got.items() if not t.dtype.is_floating_point), None)
