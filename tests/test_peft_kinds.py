@@ -189,7 +189,8 @@ def test_oft_on_a_larger_kernel_is_peft_merge(tmp_path):
     """peft's OFT forward on a 3x3 conv is not its merge; ours is its merge, both ways."""
     theirs = peft_model(net(), peft.OFTConfig(oft_block_size=4, target_modules=["conv3", "lin"]))
     theirs.save_pretrained(tmp_path)
-    ours = li.load_adapter(net(), tmp_path)
+    with pytest.warns(UserWarning, match=r"OFT on `conv3`, convs with a kernel larger than 1: peft's unmerged"):
+        ours = li.load_adapter(net(), tmp_path)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         merged = copy.deepcopy(theirs).merge_and_unload()
@@ -198,7 +199,8 @@ def test_oft_on_a_larger_kernel_is_peft_merge(tmp_path):
 
     mine = li.inject(net(), ["conv3", "lin"], kind="oft", oft_block_size=4)
     randomize_kind(mine, "default", 8)
-    li.save_adapter(mine, tmp_path / "ours", format="peft")
+    with pytest.warns(UserWarning, match=r"OFT on `conv3`, convs with a kernel larger than 1"):
+        li.save_adapter(mine, tmp_path / "ours", format="peft")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         back = peft.PeftModel.from_pretrained(net(), tmp_path / "ours").merge_and_unload()

@@ -10,6 +10,7 @@ module (each kind's ``peft_key``), and VeRA's shared projections sit at the root
 from __future__ import annotations
 
 import re
+import warnings
 from collections import Counter
 from dataclasses import replace
 
@@ -75,6 +76,18 @@ def _kind_layer(kind: str, module: nn.Module, parent: nn.Module | None) -> str:
         if kind == "oft" and any(d != 1 for d in module.dilation):
             return f"a {cls.__name__} with dilation {module.dilation} (peft's OFT refuses it)"
     return ""
+
+
+def _warn_oft_kernels(fn: str, kind: str, views: dict[str, View]) -> None:
+    """Warn where OFT sits on a conv with a kernel larger than 1: peft's own forward there is not
+    its merge (it folds overlapping patches); lora_inject follows the merge, as peft's
+    ``merge_and_unload()`` does."""
+    wide = [name for name, v in views.items() if kind == "oft" and any(k > 1 for k in kernel(v))]
+    if wide:
+        warnings.warn(f"{fn}(): OFT on {', '.join(f'`{n}`' for n in wide)}, convs with a kernel larger than 1: "
+                      "peft's unmerged forward there is not its own merge (it folds overlapping patches). "
+                      "lora_inject gives the merged outputs, as peft's merge_and_unload() does; peft's unmerged "
+                      "model gives others.", UserWarning, stacklevel=4)
 
 
 def _site(fn: str, kind: str, name: str, module: nn.Module, parent: nn.Module | None) -> View:
@@ -157,6 +170,7 @@ def kinds_to_peft(fn: str, model: nn.Module, entries: list[Entry]) -> tuple[dict
                          f"{KIND_TYPES[kind]} layer in peft's format, which peft cannot hold. Save with "
                          "format='lora_inject'.")
     views = _kind_views(fn, model, modules, kind, entries)
+    _warn_oft_kernels(fn, kind, {e.module: views[e.key] for e in entries})
     if kind == "lokr":
         entries = [_peft_split(fn, e, views[e.key]) for e in entries]
     options = _one_setting(fn, kind, entries)
@@ -369,6 +383,7 @@ def kinds_from_peft(fn: str, model: nn.Module, saved: Saved) -> tuple[list[Entry
                              B=None, r=r, alpha=alpha, transpose=view.transpose, factored=rule.is_factored(module),
                              extra=got, kind=kind, options=opts))
     more, copies = full_tensors(fn, saved, modules, tensors, {(e.module, e.tensor) for e in entries})
+    _warn_oft_kernels(fn, kind, sites)
     return entries + more, copies
 
 
