@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from .io import _ours as ours
-from .io._entries import Entry, apply
+from .io._entries import Entry, apply, check_swap
 from .per_sample import per_sample
 from .surgery import inject
 
@@ -158,26 +158,19 @@ class AdapterStore:
                 self._path(name)
             resident = [n for n in names if n is not None and n in self._resident]
             keep = {self._resident[n] for n in resident}
+            loads = {}  # every new adapter read and checked before any slot changes
             for name in wanted:
-                if name in self._resident:
-                    continue
-                read = self._reads.pop(name, None)
-                entries = read.result() if read is not None else self._read(self._path(name))
-                slot, old = self._free_slot(keep, name)
-                try:
-                    apply("AdapterStore", self.model, entries, slot)
-                except (ValueError, RuntimeError) as e:
-                    raise type(e)(
-                        f"AdapterStore: adapter {name!r} (from {self.paths[name]!r}) does not fit the store's slots: "
-                        f"every adapter must be saved by save_adapter() from the same model, of kind 'lora', on "
-                        f"exactly the slots' tensors, with r at most {self.r}. No slot was changed. What the "
-                        f"check found: {e}") from e
+                if name not in self._resident:
+                    read = self._reads.pop(name, None)
+                    loads[name] = read.result() if read is not None else self._read(self._path(name))
+                    self._check(name, loads[name])
+            for name, slot, old in self._plan(list(loads), keep):
+                apply("AdapterStore", self.model, loads[name], slot)
                 if old is None:
                     self._free.remove(slot)
                 else:
                     del self._resident[old]
                 self._resident[name] = slot
-                keep.add(slot)
             for name in names:  # the most recently used: the last request's
                 if name is not None:
                     self._resident.move_to_end(name)
@@ -225,17 +218,37 @@ class AdapterStore:
             raise KeyError(f"AdapterStore: no adapter named {name!r} in the store of {len(self.paths)}; "
                            "add its directory to `adapters`.") from None
 
-    def _free_slot(self, keep: set[str], name: str) -> tuple[str, str | None]:
-        """A slot for ``name`` and the adapter it would evict (None: a free slot): a free one, else
-        the least recently used one that neither this batch (``keep``) nor an open serve() block
-        uses. Nothing changes until the caller has loaded ``name`` into it."""
-        if self._free:
-            return self._free[0], None
-        for old, slot in self._resident.items():
-            if slot not in keep and not self._uses[slot]:
-                return slot, old
-        raise RuntimeError(f"AdapterStore: no slot can take {name!r}: all {len(self.slot_names)} are in use by "
-                           "open serve() blocks or by this batch. Make a store with more slots.")
+    def _check(self, name: str, entries: list[Entry]) -> None:
+        """Raise unless adapter ``name`` (its ``entries``) fits the slots, which all have one shape."""
+        try:
+            check_swap("AdapterStore", self.model, entries, self.slot_names[0])
+        except (ValueError, RuntimeError) as e:
+            raise type(e)(
+                f"AdapterStore: adapter {name!r} (from {self.paths[name]!r}) does not fit the store's slots: "
+                f"every adapter must be saved by save_adapter() from the same model, of kind 'lora', on "
+                f"exactly the slots' tensors, with r at most {self.r}. No slot was changed. What the "
+                f"check found: {e}") from e
+
+    def _plan(self, names: list[str], keep: set[str]) -> list[tuple[str, str, str | None]]:
+        """``(adapter, slot, evicted adapter or None)`` for each of ``names`` in turn: a free slot,
+        else the least recently used one that neither this batch (``keep``, which grows) nor an
+        open serve() block uses. Nothing changes here: the caller loads by the plan.
+
+        Raises:
+            RuntimeError: if no slot can take one of ``names``.
+        """
+        free, plan = list(self._free), []
+        evictable = [(old, slot) for old, slot in self._resident.items() if slot not in keep and not self._uses[slot]]
+        for name in names:
+            if free:
+                plan.append((name, free.pop(0), None))
+            elif evictable:
+                old, slot = evictable.pop(0)
+                plan.append((name, slot, old))
+            else:
+                raise RuntimeError(f"AdapterStore: no slot can take {name!r}: all {len(self.slot_names)} are in use "
+                                   "by open serve() blocks or by this batch. Make a store with more slots.")
+        return plan
 
     def _read(self, path: str) -> list[Entry]:
         """The saved adapter's tensors, read from disk (pinned in CPU memory for an accelerator)."""

@@ -96,9 +96,15 @@ def test_an_adapter_that_does_not_fit_is_refused_with_every_slot_as_it_was(store
                                                  r"r at most 4. No slot was changed.*r=8"):
                 store.slots_for(["big"])
             assert store.resident == {"u0": "slot_0", "u1": "slot_1"}
+        with pytest.raises(ValueError, match=r"adapter 'big'.*No slot was changed"):
+            store.slots_for(["u2", "big"])  # u2 fits, but the batch is refused before it evicts anything
+        assert store.resident == {"u0": "slot_0", "u1": "slot_1"}
+        with store.serve(["u0"]), pytest.raises(RuntimeError, match=r"no slot can take 'u3'"):
+            store.slots_for(["u2", "u3"])  # one slot is the open block's: u2 would fit, u3 not
+        assert store.resident == {"u0": "slot_0", "u1": "slot_1"}
         with store.serve(["u2", "u0", None, "u2"]) as model:  # and every slot serves on
             torch.testing.assert_close(model(x), expected(want, ["u2", "u0", None, "u2"]), rtol=1e-5, atol=1e-5)
-    assert (store.hits, store.misses) == (3 * 2 - 2 + 1, 2 + 2)  # the refused batches count nothing
+    assert (store.hits, store.misses) == (3 * 2 - 2 + 2, 2 + 2)  # the refused batches count nothing
     store.close()
 
 

@@ -318,7 +318,31 @@ def _fill(lora: LoRA, name: str, e: Entry, assign: set[int] | None = None) -> No
     lora.set_scaling(name)
 
 
+def check_swap(fn: str, model: nn.Module, entries: Sequence[Entry], name: str) -> None:
+    """Raise unless :func:`apply` of ``entries`` into the model's existing adapter ``name`` (a
+    slot) would pass its checks; change nothing."""
+    check_entries(fn, model, entries)
+    existing = {site.where: site.lora for site in loras(model) if name in site.lora.adapters}
+    _ready(fn, entries, name, existing, {e.key for e in entries})
+
+
 def _update(fn: str, entries: Sequence[Entry], name: str, existing: dict[str, LoRA], keys: set[str]):
+    ready = _ready(fn, entries, name, existing, keys)
+    with torch.no_grad():
+        for lora, e in ready:
+            _fill(lora, name, e)
+            record = lora.adapter(name)
+            if e.kind != "lora":
+                record.targets = e.targets
+                lora.set_scaling(name, alpha=e.alpha)  # LoHa's and LoKr's alpha / r: the file's
+                continue
+            record.dropout, record.targets = e.dropout, e.targets
+            lora.set_scaling(name, alpha=e.alpha, rslora=e.rslora)
+
+
+def _ready(fn: str, entries: Sequence[Entry], name: str, existing: dict[str, LoRA], keys: set[str]) -> list:
+    """``(LoRA, the entry at the slot's rank)`` for each entry swapped into ``existing`` adapter
+    ``name``, once every entry is checked; or raise."""
     extra = next((k for k in existing if k not in keys), None)
     if extra is not None:
         raise ValueError(f"{fn}(): the model's adapter {name!r} also covers `{extra}`, which the saved "
@@ -369,16 +393,7 @@ def _update(fn: str, entries: Sequence[Entry], name: str, existing: dict[str, Lo
                                  f"adapter but {tuple(have.shape)} in the model's adapter {name!r} "
                                  f"(r={e.r} vs r={slot}). Load it under another name.")
         ready.append((lora, at_slot))
-    with torch.no_grad():
-        for lora, e in ready:
-            _fill(lora, name, e)
-            record = lora.adapter(name)
-            if e.kind != "lora":
-                record.targets = e.targets
-                lora.set_scaling(name, alpha=e.alpha)  # LoHa's and LoKr's alpha / r: the file's
-                continue
-            record.dropout, record.targets = e.dropout, e.targets
-            lora.set_scaling(name, alpha=e.alpha, rslora=e.rslora)
+    return ready
 
 
 def _padded(t: Tensor, r: int, dim: int) -> Tensor:
