@@ -254,6 +254,21 @@ class Convs(nn.Module):
         return self.reflect(torch.relu(self.grouped(x)))
 
 
+def test_ia3_scaling_the_input_of_a_grouped_conv_is_refused_both_ways(tmp_path):
+    """peft's vector has one value per input channel there, ours one per column of the weight."""
+    torch.manual_seed(0)
+    base = Convs().eval()
+    cfg = peft.IA3Config(target_modules=["grouped"], feedforward_modules=["grouped"])
+    theirs = peft_model(copy.deepcopy(base), cfg)
+    theirs.save_pretrained(tmp_path / "peft")
+    match = r"`grouped` is a conv with groups=2 whose input IA³ scales"
+    with pytest.raises(ValueError, match=match):
+        li.load_adapter(copy.deepcopy(base), tmp_path / "peft")
+    ours = li.inject(copy.deepcopy(base), "grouped", kind="ia3", feedforward=True)
+    with pytest.raises(ValueError, match=match):
+        li.save_adapter(ours, tmp_path / "ours", format="peft")
+
+
 @pytest.mark.parametrize("kind, targets, kw, cfg", [
     ("ia3", ["grouped", "reflect"], dict(feedforward="reflect"),
      lambda: peft.IA3Config(target_modules=["grouped", "reflect"], feedforward_modules=["reflect"])),
@@ -331,6 +346,13 @@ def test_load_refuses_and_leaves_the_model_unchanged(tmp_path):
         li.load_adapter(model, d)
     assert_unchanged(model, snap)
 
+    d = _peft_dir(tmp_path / "e", peft.LoHaConfig(r=2, target_modules=["lin", "out"]))
+    _edit_config(d, target_modules=["lin"])  # the file holds out's factors too
+    with pytest.raises(ValueError, match=r"holds `base_model\.model\.out\.hada_w1_a` \(12, 2\), which no module that "
+                                         r"`target_modules` in .* selects takes"):
+        li.load_adapter(model, d)
+    assert_unchanged(model, snap)
+
     d = _peft_dir(tmp_path / "d", peft.OFTConfig(oft_block_size=4, target_modules=["lin"]))
     _edit_config(d, target_modules=["lin", "out"])  # the file holds no oft_R for `out`
     with pytest.raises(ValueError, match=r"targets `out`, but .* lacks `base_model\.model\.out\.oft_R\.weight`"):
@@ -381,6 +403,28 @@ def test_a_kind_on_a_tied_head_is_refused_both_ways(tmp_path):
     assert_unchanged(model, snap)
     li.inject(model, "lm_head", kind="ia3")
     with pytest.raises(ValueError, match=r"`lm_head.weight` is one tensor tied to `transformer.wte.weight`"):
+        li.save_adapter(model, tmp_path / "b", format="peft")
+
+
+def test_a_kind_with_a_tied_embedding_in_modules_to_save_is_refused_both_ways(tmp_path):
+    """peft trains a copy of the input embeddings alone; the head tied to them would read it too."""
+    from _models import llama
+    tied = llama(head=True, seed=0, tie_word_embeddings=True).eval()
+    assert tied.lm_head.weight is tied.model.embed_tokens.weight
+    theirs = peft_model(copy.deepcopy(tied), peft.IA3Config(target_modules=["q_proj"], feedforward_modules=[],
+                                                            modules_to_save=["embed_tokens"]))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        theirs.save_pretrained(tmp_path / "a")
+    model = copy.deepcopy(tied)
+    snap = snapshot(model)
+    with pytest.raises(ValueError, match=r"gives `model.embed_tokens.weight` and `lm_head` different values, but "
+                                         r"they are one tied tensor"):
+        li.load_adapter(model, tmp_path / "a")
+    assert_unchanged(model, snap)
+    li.inject(model, "q_proj", kind="ia3", modules_to_save=["embed_tokens"])
+    with pytest.raises(ValueError, match=r"`model.embed_tokens.weight` is one tensor tied to `lm_head.weight`.*"
+                                         r"modules_to_save copy"):
         li.save_adapter(model, tmp_path / "b", format="peft")
 
 

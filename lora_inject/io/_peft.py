@@ -443,7 +443,7 @@ def from_peft(fn: str, model: nn.Module, saved: Saved) -> tuple[list[Entry], lis
     factor; an integer one that differs (a BatchNorm's ``num_batches_tracked``) is a copy.
     """
     if saved.config.get("peft_type") == "TRAINABLE_TOKENS":  # peft's tokens alone: `p.trainable_tokens_delta`
-        return _tied_once(fn, saved.file, model, _token_entries(fn, model, dict(named_modules(model)), saved),
+        return tied_once(fn, saved.file, model, _token_entries(fn, model, dict(named_modules(model)), saved),
                           saved.config), []
     file, weights, config, tensors = saved.file, saved.weights, saved.config, saved.tensors
     modules = dict(named_modules(model))
@@ -482,7 +482,7 @@ def from_peft(fn: str, model: nn.Module, saved: Saved) -> tuple[list[Entry], lis
     biases = _lora_biases(fn, file, weights, config, modules, claims, factors, lora_entries)
     entries += lora_entries
     more, copies = full_tensors(fn, saved, modules, others, {(e.module, e.tensor) for e in entries}, biases)
-    return _tied_once(fn, file, model, entries + more, config), copies
+    return tied_once(fn, file, model, entries + more, config), copies
 
 
 def _check_key(fn: str, weights: str, modules: dict[str, nn.Module], key: str, t: Tensor, module: str,
@@ -613,7 +613,7 @@ def _result(e: Entry, base: Tensor) -> Tensor:
     return base + view.stored(lora_scaling(e.r, e.alpha, e.rslora) * (e.B.float() @ e.A.float()))
 
 
-def _tied_once(fn: str, file: str, model: nn.Module, entries: list[Entry], config: dict) -> list[Entry]:
+def tied_once(fn: str, file: str, model: nn.Module, entries: list[Entry], config: dict) -> list[Entry]:
     """``entries`` with one entry per tied tensor (see :mod:`lora_inject._tied`): peft's adapter for a tied
     embedding and head gives them one update, saved at each (the first is kept), or at the embedding alone
     where peft ties the head itself. Raises where the users would read different tensors."""

@@ -29,7 +29,7 @@ from ..lora import LoRA
 from ..rule import find_rule, type_name
 from ._entries import Copy, Entry, tensor_shape
 from ._files import dtype_name
-from ._peft import copy_tensors, full_tensors, saved_whole
+from ._peft import copy_tensors, full_tensors, saved_whole, tied_once
 from ._peft_config import (
     KIND_FIELDS,
     KIND_TENSORS,
@@ -169,6 +169,8 @@ def kinds_to_peft(fn: str, model: nn.Module, entries: list[Entry]) -> tuple[dict
         raise ValueError(f"{fn}(): `{clash.module}` would be both a full copy (modules_to_save) and a "
                          f"{KIND_TYPES[kind]} layer in peft's format, which peft cannot hold. Save with "
                          "format='lora_inject'.")
+    for e in full:
+        _refuse_tied(fn, "modules_to_save copy", modules, e)
     views = _kind_views(fn, model, modules, kind, entries)
     _warn_oft_kernels(fn, kind, {e.module: views[e.key] for e in entries})
     if kind == "lokr":
@@ -214,13 +216,9 @@ def _kind_views(fn: str, model: nn.Module, modules: dict[str, nn.Module], kind: 
                              f"reads a {e.type} with transpose={views[e.key].transpose}. Save with "
                              "format='lora_inject'.")
         _lokr_conv1d(fn, kind, e.module, views[e.key], e.extra)
-        lora = find_lora(modules[e.module], e.tensor)
-        tied = ", ".join(f"`{u.qualname}.{u.tensor_name}`" for u in (users_of(lora) if lora is not None else ()))
-        if tied:
-            raise ValueError(f"{fn}(): `{e.key}` is one tensor tied to {tied}, which read its update too; peft's "
-                             f"{KIND_TYPES[kind]} would adapt `{e.module}` alone, so it would not give this model's "
-                             "outputs. Save with format='lora_inject', or untie the tensors (transformers: "
-                             "tie_word_embeddings=False) before injecting.")
+        _refuse_tied(fn, KIND_TYPES[kind], modules, e)
+        if kind == "ia3":
+            _ia3_grouped(fn, e.module, modules[e.module], e.options["feedforward"])
         where = at.get(id(modules[e.module]), [])
         if len(where) > 1:
             raise ValueError(f"{fn}(): {e.type} `{e.module}` sits at {len(where)} paths in the model ({where}); "
@@ -230,6 +228,29 @@ def _kind_views(fn: str, model: nn.Module, modules: dict[str, nn.Module], kind: 
             raise ValueError(f"{fn}(): `{e.key}` is OFT with rotate={e.options['rotate']!r}; peft's OFT on a "
                              f"{e.type} rotates the input. Save with format='lora_inject'.")
     return views
+
+
+def _ia3_grouped(fn: str, name: str, module: nn.Module, feedforward: bool) -> None:
+    """Raise for IA³ scaling the input of a grouped conv: peft's vector has one value per input
+    channel, lora_inject's one per column of the weight (``in_channels / groups``)."""
+    groups = getattr(module, "groups", 1)
+    if feedforward and groups != 1:
+        raise ValueError(f"{fn}(): `{name}` is a conv with groups={groups} whose input IA³ scales (feedforward): "
+                         f"peft's vector there has one value per input channel, lora_inject's one per column of the "
+                         "weight, so neither could read the other's. Save with format='lora_inject', or scale its "
+                         "output (leave it out of feedforward).")
+
+
+def _refuse_tied(fn: str, what: str, modules: dict[str, nn.Module], e: Entry) -> None:
+    """Raise where ``e``'s tensor is tied to other users, which read its update too: peft's ``what``
+    (a kind's tuner, or a ``modules_to_save`` copy) would change it at ``e.module`` alone."""
+    lora = find_lora(modules[e.module], e.tensor)
+    tied = ", ".join(f"`{u.qualname}.{u.tensor_name}`" for u in (users_of(lora) if lora is not None else ()))
+    if tied:
+        raise ValueError(f"{fn}(): `{e.key}` is one tensor tied to {tied}, which read its update too; peft's "
+                         f"{what} would change `{e.module}` alone, so it would not give this model's outputs. Save "
+                         "with format='lora_inject', or untie the tensors (transformers: tie_word_embeddings=False) "
+                         "before injecting.")
 
 
 def _one_setting(fn: str, kind: str, entries: list[Entry]) -> dict:
@@ -354,6 +375,7 @@ def kinds_from_peft(fn: str, model: nn.Module, saved: Saved) -> tuple[list[Entry
             r = config.get("r", 256)
         elif kind == "ia3":
             opts["feedforward"] = feedforward(config, name)
+            _ia3_grouped(fn, name, module, opts["feedforward"])
         got = {n: tensors.pop(f"{PREFIX}{name}.{K.peft_key(n)}") for n in KIND_TENSORS[kind]
                if f"{PREFIX}{name}.{K.peft_key(n)}" in tensors}
         if kind == "oft":  # the block size, from oft_R's shape (peft may have adjusted the config's)
@@ -382,9 +404,15 @@ def kinds_from_peft(fn: str, model: nn.Module, saved: Saved) -> tuple[list[Entry
         entries.append(Entry(module=name, tensor="weight", type=type_name(module), shape=tuple(view.shape), A=None,
                              B=None, r=r, alpha=alpha, transpose=view.transpose, factored=rule.is_factored(module),
                              extra=got, kind=kind, options=opts))
+    own = tuple(f".{K.peft_key(n)}" for n in KIND_TENSORS[kind])
+    stray = next((k for k in sorted(tensors) if k.endswith(own)), None)  # the kind's, on a module not selected
+    if stray is not None:
+        raise ValueError(f"{fn}(): {weights} holds `{stray}` {tuple(tensors[stray].shape)}, which no module that "
+                         f"`target_modules` in {file} selects takes; it was saved from another model, so nothing "
+                         "was loaded.")
     more, copies = full_tensors(fn, saved, modules, tensors, {(e.module, e.tensor) for e in entries})
     _warn_oft_kernels(fn, kind, sites)
-    return entries + more, copies
+    return tied_once(fn, file, model, entries + more, config), copies
 
 
 def _vera_shared(fn: str, saved: Saved, K, sites: dict[str, View], tensors: dict[str, Tensor]) -> dict[str, Tensor]:
