@@ -32,7 +32,7 @@ def activate(model: M, adapters: str | Sequence[str] | Mapping[str, float]) -> M
     update; for a multiplicative one (OFT, IA³, and IA³'s bias with it) it is a step towards its
     weight, which runs on the merged weight. An additive kind's strength lives in the adapter's
     scaling buffer, so changing it recompiles nothing under ``torch.compile``; a multiplicative
-    kind's is read as a number, and a compiled graph compiles again when it changes.
+    kind's is read as a number: a compiled graph compiles again the first time it changes.
     ``remove(merge=True)`` merges at the strengths set.
 
     Args:

@@ -542,3 +542,30 @@ def test_a_pickle_of_something_else_than_tensors_is_refused(peft_dir):
     _refused(copy.deepcopy(base), path, r"adapter_model\.bin must hold a dict of str to tensors .*, got list")
     (path / "adapter_model.bin").write_bytes(b"garbage")
     _refused(copy.deepcopy(base), path, r"adapter_model\.bin is truncated or corrupt")
+
+
+def test_a_tied_embedding_saved_whole_writes_back_both_ways(tmp_path):
+    """peft's modules_to_save copy of a tied embedding (ensure_weight_tying): the head reads it too,
+    and writing it back gives the file one tensor under each user's key (safetensors takes no tensor
+    twice)."""
+    import warnings
+
+    tied = llama(head=True, seed=0, tie_word_embeddings=True).eval()
+    cfg = peft.LoraConfig(r=2, target_modules=["q_proj"], modules_to_save=["embed_tokens"], ensure_weight_tying=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        theirs = peft.get_peft_model(copy.deepcopy(tied), cfg)
+        with torch.no_grad():  # the factors and the trained copy of the embeddings
+            for p in theirs.parameters():
+                if p.requires_grad:
+                    p.add_(torch.randn_like(p), alpha=0.3)
+        theirs.eval().save_pretrained(tmp_path / "peft")
+    ids = torch.randint(0, 40, (2, 5))
+    ours = load_adapter(copy.deepcopy(tied), tmp_path / "peft")
+    torch.testing.assert_close(ours(ids).logits, theirs(ids).logits, rtol=1e-4, atol=1e-4)
+    assert not torch.allclose(ours(ids).logits, tied(ids).logits, rtol=1e-3, atol=1e-3)
+    save_adapter(ours, tmp_path / "ours", format="peft")  # was: safetensors' "Some tensors share memory"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        back = peft.PeftModel.from_pretrained(copy.deepcopy(tied), tmp_path / "ours").eval()
+    torch.testing.assert_close(back(ids).logits, theirs(ids).logits, rtol=1e-4, atol=1e-4)

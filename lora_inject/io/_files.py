@@ -158,12 +158,15 @@ def write_safetensors(tensors: dict[str, Tensor], metadata: dict[str, str], *, i
         TypeError: if a tensor is not floating point (or integer, with ``integers``).
     """
     st = safetensors_torch("save_adapter")
-    plain = {}
+    plain, held = {}, set()
     for key in sorted(tensors):
         t = tensors[key].detach().to("cpu").contiguous()
         if t.dtype not in DTYPES.values() and not (integers and is_integer(t.dtype)):
             raise TypeError(f"save_adapter(): `{key}` has dtype {t.dtype}; only floating-point factors are saved.")
-        plain[key] = t.clone() if t.untyped_storage().nbytes() != t.numel() * t.element_size() else t
+        # a view of more storage, or one tensor under two keys (a tied pair's copies): its own bytes
+        whole = t.untyped_storage().nbytes() == t.numel() * t.element_size()
+        plain[key] = t if whole and t.untyped_storage().data_ptr() not in held else t.clone()
+        held.add(plain[key].untyped_storage().data_ptr())
     return st.save(plain, metadata=dict(metadata) or None)
 
 
