@@ -23,17 +23,13 @@ def _close_memo(module: nn.Module, args, output) -> None:
         if not lora.memo_depth:
             lora.memo = None
     # RNNs keep the weights their forward read in `_flat_weights`: with LoRA these are computed
-    # tensors, which would hold this step's graph and make deepcopy fail. Keep them detached; one
-    # made under a torch.func transform (a wrapper that outlives it) not at all: the next forward
-    # reads every weight again, as its own weight's reference to it is then dead.
+    # tensors, which would hold this step's graph and make deepcopy fail. Keep them detached (one
+    # made under a torch.func transform stays as it is: a later forward in the transform may reuse
+    # it; a copy leaves it out, see lora_inject._module_class.own_class).
     flat = module.__dict__.get("_flat_weights")
     if flat is not None:
         module.__dict__["_flat_weights"] = [
-            None if isinstance(w, Tensor) and _wrapped(w) else
             w.detach() if isinstance(w, Tensor) and w.grad_fn is not None else w for w in flat]
-
-
-_wrapped = torch._C._functorch.is_functorch_wrapped_tensor
 
 
 def _load_base_keys(module, state_dict, prefix, local_metadata, strict, missing, unexpected, errors):

@@ -38,6 +38,12 @@ def own_class(module: nn.Module) -> None:
     base = cls.__deepcopy__
 
     def __deepcopy__(self, memo):
+        if not torch._C._are_functorch_transforms_active():
+            # An RNN's `_flat_weights` may hold weights a torch.func transform made, wrappers that
+            # outlive it and cannot be copied: the copy reads its weights again at its first forward.
+            for w in self.__dict__.get("_flat_weights") or ():
+                if isinstance(w, Tensor) and torch._C._functorch.is_functorch_wrapped_tensor(w):
+                    memo.setdefault(id(w), None)
         replica = base(self, memo)
         if type(replica) is type(self):
             own = type(self)

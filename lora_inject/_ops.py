@@ -124,7 +124,8 @@ def stacked(op: str, x: Tensor, weight: FactoredWeight, bias: Tensor | None, cal
     if out is None:
         if not torch.compiler.is_compiling():  # compiled, an error would only send the frame back to eager
             refuse_lora_dropout(weight._terms, f"this {op} op takes the merged weight (a kind with no factored "
-                                "form for it, a form that does not fit, DoRA, or a kind's dropout of output units)")
+                                "form for it, a form that does not fit, DoRA, a kind's dropout of output units, "
+                                "or a multiplicative kind at a strength other than 1)")
         return NotImplemented
     return out if given is None else out + given.to(out.dtype)  # as autocast casts the merged op's bias
 
@@ -272,7 +273,7 @@ def merge_pays(weight: FactoredWeight, x: Tensor, positions: int) -> bool:
     merged, branch = size * r, THIN * positions * r * (out + size // max(out, 1))
     if merged >= branch:  # the common case, and never cheaper with a gradient either
         return False
-    if torch.is_autocast_enabled(device):  # autocast would build the merged weight in half precision
+    if device is not None and torch.is_autocast_enabled(device):  # it would build the merged weight in half
         return False
     if torch.is_grad_enabled():  # grad mode alone decides, so that the same call computes the same bits
         if size > x.numel() + positions * out:  # F.linear's and a conv's outputs: stored dim 0
@@ -281,7 +282,7 @@ def merge_pays(weight: FactoredWeight, x: Tensor, positions: int) -> bool:
     return merged < branch
 
 
-def _merge_facts(weight: FactoredWeight) -> tuple[int, int, int, str] | tuple[()]:
+def _merge_facts(weight: FactoredWeight) -> tuple[int, int, int, str | None] | tuple[()]:
     """What :func:`merge_pays` reads of the weight: ``(r, out, size, device type)``, its terms'
     total rank, ``W0``'s stored dim 0 and size; or ``()`` where the merged weight never pays (a
     ``W0`` in half precision, which would round small updates away, or a dropout at work)."""
@@ -293,7 +294,8 @@ def _merge_facts(weight: FactoredWeight) -> tuple[int, int, int, str] | tuple[()
         if t.dropout:
             return ()
         r += t.A.shape[-2]
-    return r, w0.shape[0], w0.numel(), w0.device.type
+    device = w0.device.type  # None where autocast has no such device (meta)
+    return r, w0.shape[0], w0.numel(), device if torch.amp.is_autocast_available(device) else None
 
 
 def plain_merged(weight: FactoredWeight) -> Tensor:

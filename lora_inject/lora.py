@@ -589,8 +589,17 @@ class Bias(nn.Module):
         a bias this handed out the very ``b`` it came from (see :meth:`LoRA.right_inverse`).
 
         Raises:
-            ValueError: if ``value`` is the adapted bias of another tensor.
+            ValueError: if ``value`` is not a tensor of the bias's shape, or is the adapted bias of
+                another tensor.
         """
+        view = self.weight.view
+        shape = (*view.lead, view.out_features)
+        if not isinstance(value, Tensor) or tuple(value.shape) != shape:
+            got = f"shape {tuple(value.shape)}" if isinstance(value, Tensor) else repr(value)
+            raise ValueError(
+                f"lora_inject: the bias goes with an adapted weight ({self.weight_name}) and has shape {shape}; "
+                f"assigning {got} to it is refused. Assign a tensor of shape {shape}, or take the adapter off "
+                "first with lora_inject.remove(model).")
         owner, b = value.__dict__.get(GIVEN, (None, value))
         if owner is not None and owner is not self:
             raise ValueError(

@@ -170,6 +170,16 @@ def test_functional_call_leaves_the_callers_dict_holding_its_own_tensors(kind, m
     copy.deepcopy(model).load_state_dict(sd)  # was: refused as another LoRA's adapted weight
 
 
+def test_assigning_a_bias_that_ia3_scales_checks_it_as_the_weight():
+    model = _model("ia3")
+    snap = _snapshot(model)
+    with pytest.raises(ValueError, match=r"has shape \(6,\); assigning shape \(1,\) to it is refused"):
+        model[0].bias = torch.zeros(1)  # was: taken, then broadcast in the forward
+    with pytest.raises(ValueError, match=r"has shape \(6,\); assigning None to it is refused"):
+        model[0].bias = None  # was: AttributeError
+    assert _unchanged(model, snap)
+
+
 def test_assigning_an_nn_parameter_to_the_adapted_tensor_sets_w0():
     model = _model("linear")
     x = torch.randn(5, 4)

@@ -215,6 +215,33 @@ def test_an_injected_rnn_deep_copies_after_torch_func_grad(make):
     torch.testing.assert_close(rnn(x)[0], want, rtol=0, atol=0)
 
 
+def test_an_injected_rnn_called_step_by_step_under_torch_func_grad_and_parametrize_cached():
+    """A decoder's loop in parametrize.cached(): the RNN reuses the weights its first step read."""
+    from torch.nn.utils import parametrize
+
+    rnn = nn.LSTM(3, 4)
+    li.inject(rnn, "", r=2)
+    with torch.no_grad():
+        for p in li.lora_parameters(rnn):
+            p.normal_()
+    x = torch.randn(5, 2, 3)
+
+    def loss(params, call):
+        with parametrize.cached():
+            h, out = None, 0
+            for t in range(3):
+                y, h = call(params, x[t:t + 1], h)
+                out = out + y.sum()
+        return out
+
+    params = {n: p.detach() for n, p in rnn.named_parameters() if p.requires_grad}
+    got = torch.func.grad(loss)(params, lambda p, *a: torch.func.functional_call(rnn, p, a))  # was: a None weight
+    loss(None, lambda p, *a: rnn(*a)).backward()
+    for name, p in rnn.named_parameters():
+        if p.requires_grad:
+            torch.testing.assert_close(got[name], p.grad)
+
+
 # -- pickling, copies, dtype and device ------------------------------------------------------------
 def test_torch_save_of_an_injected_model_says_how_to_save_it():
     model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2))

@@ -193,6 +193,17 @@ def test_a_lora_dropout_on_a_merged_stack_is_refused(kind, options):
     torch.testing.assert_close(model(x), F.linear(x, W, model.bias))
 
 
+def test_a_lora_dropout_beside_a_multiplicative_kind_at_a_strength_is_refused_naming_it():
+    torch.manual_seed(0)
+    model = li.inject(nn.Linear(8, 8), "", r=2, dropout=0.5, adapter="a")
+    li.inject(model, "", kind="ia3", adapter="b")
+    x = torch.randn(3, 8)
+    model(x)  # at full strength, IA³'s form runs: the dropout acts
+    li.activate(model, {"a": 1.0, "b": 0.5})
+    with pytest.raises(RuntimeError, match=r"dropout \(0.5\).*a multiplicative kind at a strength other than 1"):
+        model(x)
+
+
 def test_forms_are_the_kinds_own(monkeypatch):
     # The op table composes the kind's registered form: a spy in its place is called, once per forward.
     kind = find_kind("vera")

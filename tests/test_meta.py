@@ -225,3 +225,16 @@ def test_inject_on_meta_then_to_empty_and_load_gives_the_adapted_model():
     model.load_state_dict(real.state_dict())
     x = torch.randn(3, 4)
     torch.testing.assert_close(model(x), real(x), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("kind, kw", [("lora", dict(r=2)), ("loha", dict(r=2)), ("lokr", dict(r=2)),
+                                      ("oft", dict(oft_block_size=2)), ("ia3", {}), ("vera", dict(r=2))])
+@pytest.mark.parametrize("layer", ["linear", "embedding"])
+def test_every_kind_runs_a_forward_on_meta(kind, kw, layer):
+    """Shapes only, as a model is traced on meta before it is materialised."""
+    with torch.device("meta"):
+        module = nn.Linear(8, 8) if layer == "linear" else nn.Embedding(10, 8)
+        li.inject(module, "", kind=kind, **kw)
+        x = torch.randn(3, 8) if layer == "linear" else torch.zeros(3, dtype=torch.long)
+        out = module(x)
+    assert out.is_meta and out.shape == (3, 8)

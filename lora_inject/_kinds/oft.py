@@ -164,8 +164,11 @@ def _rotate(y: Tensor, R: Tensor, dim: int) -> Tensor:
     autocast too: an embedding's output stays in its table's dtype, as the merged table's does)."""
     R = _expand(R, dim)
     yb = y.reshape(*y.shape[:-1], R.shape[-3], R.shape[-1])
-    with torch.autocast(y.device.type, enabled=False):
-        return torch.einsum("...rk,rkc->...rc", yb, R.to(y.dtype)).reshape(y.shape)
+    device = y.device.type
+    if torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device):
+        with torch.autocast(device, enabled=False):
+            return torch.einsum("...rk,rkc->...rc", yb, R.to(y.dtype)).reshape(y.shape)
+    return torch.einsum("...rk,rkc->...rc", yb, R.to(y.dtype)).reshape(y.shape)
 
 
 def linear(x: Tensor, base, params, view: View, scaling: float, options) -> Tensor:
