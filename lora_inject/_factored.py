@@ -378,6 +378,12 @@ def merge(w0: Tensor, terms, view: View) -> Tensor:
     return total.to(w0.dtype)
 
 
+def toward(before: Tensor, after: Tensor, strength: float) -> Tensor:
+    """``before + strength * (after - before)``: how far a multiplicative kind at ``strength``
+    moves a tensor towards what it makes of it (``after`` itself at full strength)."""
+    return after if strength == 1 else torch.lerp(before, after, strength)
+
+
 def composed(w0: Tensor, terms, view: View) -> Tensor:
     """``W0`` with ``terms`` applied in order, LoRA terms and kinds' steps alike (a LoRA term as an
     additive step, DoRA on the weight so far, a kind through its ``delta`` or ``apply``), in the
@@ -397,8 +403,7 @@ def composed(w0: Tensor, terms, view: View) -> Tensor:
         if kind.additive:
             M = M + kind.delta(params, view, t.scaling, t.options)
         else:
-            N = kind.apply(M, params, view, t.scaling, t.options)
-            M = N if t.strength == 1 else torch.lerp(M, N, t.strength)
+            M = toward(M, kind.apply(M, params, view, t.scaling, t.options), t.strength)
     # In W0's own layout, so that the layer runs the kernels it runs on W0 (a transposed view's
     # product would come back strided otherwise).
     return view.stored(M).to(w0.dtype).contiguous()

@@ -248,7 +248,7 @@ def stacked(lora, transposed: bool, used=()) -> tuple[tuple[str, ...], Tensor, T
     counter, or its scaling (a hot swap, an optimizer step, ``load_state_dict``). An adapter the
     call does not use is not looked at: its slot is not read, and it is checked when a call uses
     it."""
-    names = tuple(n for n, a in lora.records.items() if a.kind == "lora" and not a.dora)
+    names = lora.stackable()
     held = _STACKS.get(lora)
     if held is not None and held[0] == (names, transposed):
         stamps = held[3]

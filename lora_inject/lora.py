@@ -12,7 +12,7 @@ from torch.nn.utils import parametrize
 
 from . import _call
 from . import _quant as quant
-from ._factored import RAW_BIAS, FactoredWeight, Step, Term, composed, merge, refuse_lora_dropout
+from ._factored import RAW_BIAS, FactoredWeight, Step, Term, composed, merge, refuse_lora_dropout, toward
 from ._inits import WEIGHT_INITS, init_factors
 from ._rows import Slots, enabled
 from ._view import View, compute_dtype
@@ -166,6 +166,11 @@ class LoRA(nn.Module):
                 return self._modules[a.tensor_names[0]][name].dtype
         return torch.float32
 
+    def stackable(self) -> tuple[str, ...]:
+        """The names of its plain LoRA adapters (kind ``"lora"``, no DoRA), in order: those whose
+        factors stack into one gathered matmul, where each sample chooses its own."""
+        return tuple(n for n, a in self.records.items() if a.kind == "lora" and not a.dora)
+
     def only_lora(self, names) -> bool:
         """Whether every adapter in ``names`` is of kind ``"lora"`` (the factored fast path's)."""
         records = self.records
@@ -317,8 +322,7 @@ class LoRA(nn.Module):
                 ct = compute_dtype(b.dtype)
                 params = {k: v.to(ct) for k, v in self.tensors(name).items()}
                 b0 = b.to(ct)
-                b1 = kind.apply_bias(b0, params, self.view, a.options)
-                b = (b1 if a.strength == 1 else torch.lerp(b0, b1, a.strength)).to(b.dtype)
+                b = toward(b0, kind.apply_bias(b0, params, self.view, a.options), a.strength).to(b.dtype)
         return b
 
     def factor_pair(self, name: str) -> tuple[Tensor, Tensor]:
@@ -487,7 +491,7 @@ class LoRA(nn.Module):
         a merged weight is the adapted one where the call leaves the active adapters on, else ``W``."""
         names, key = self.active, id(self)
         dora = ",".join(n for n, a in self.records.items() if a.dora)
-        slots = tuple(n for n, a in self.records.items() if a.kind == "lora" and not a.dora) if self.factored else ()
+        slots = self.stackable() if self.factored else ()
         if slots and self.only_lora(names) and not any(self.records[n].dora for n in names):
             terms = self.terms(names) + [t._replace(name=Slots.term(j)) for j, t in enumerate(self.terms(slots))]
             return FactoredWeight(W, terms, self.view, Slots(key, slots, len(names), dora), None)

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from contextlib import nullcontext
 
 import torch
 from torch import Tensor
@@ -165,10 +166,9 @@ def _rotate(y: Tensor, R: Tensor, dim: int) -> Tensor:
     R = _expand(R, dim)
     yb = y.reshape(*y.shape[:-1], R.shape[-3], R.shape[-1])
     device = y.device.type
-    if torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device):
-        with torch.autocast(device, enabled=False):
-            return torch.einsum("...rk,rkc->...rc", yb, R.to(y.dtype)).reshape(y.shape)
-    return torch.einsum("...rk,rkc->...rc", yb, R.to(y.dtype)).reshape(y.shape)
+    on = torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device)
+    with torch.autocast(device, enabled=False) if on else nullcontext():
+        return torch.einsum("...rk,rkc->...rc", yb, R.to(y.dtype)).reshape(y.shape)
 
 
 def linear(x: Tensor, base, params, view: View, scaling: float, options) -> Tensor:

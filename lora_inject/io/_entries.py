@@ -242,7 +242,7 @@ def apply(fn: str, model: nn.Module, entries: Sequence[Entry], name: str, copies
 
 def _apply(fn: str, model: nn.Module, modules: dict[str, nn.Module], entries: Sequence[Entry], name: str) -> None:
     keys = {e.key for e in entries}
-    existing = {site.where: site.lora for site in loras(model) if name in site.lora.adapters}
+    existing = _holding(model, name)
     if existing:
         _update(fn, entries, name, existing, keys)
         return
@@ -318,11 +318,16 @@ def _fill(lora: LoRA, name: str, e: Entry, assign: set[int] | None = None) -> No
     lora.set_scaling(name)
 
 
+def _holding(model: nn.Module, name: str) -> dict[str, LoRA]:
+    """The LoRA of each tensor that already carries adapter ``name``, by the tensor's path."""
+    return {site.where: site.lora for site in loras(model) if name in site.lora.adapters}
+
+
 def check_swap(fn: str, model: nn.Module, entries: Sequence[Entry], name: str) -> None:
     """Raise unless :func:`apply` of ``entries`` into the model's existing adapter ``name`` (a
     slot) would pass its checks; change nothing."""
     check_entries(fn, model, entries)
-    existing = {site.where: site.lora for site in loras(model) if name in site.lora.adapters}
+    existing = _holding(model, name)
     _ready(fn, entries, name, existing, {e.key for e in entries})
 
 
