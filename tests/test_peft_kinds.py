@@ -18,8 +18,8 @@ import peft
 import pytest
 import torch
 from _helpers import assert_unchanged, noise, randomize_kind, snapshot
-from _models import gpt2
-from safetensors.torch import save_file
+from _models import gpt2, llama
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 import lora_inject as li
@@ -376,13 +376,11 @@ HEAD_CASES = {
 def test_a_kind_on_a_head_loads_beside_the_head_peft_saves_whole(kind, tmp_path):
     """peft's save_pretrained also writes the base weight of a targeted head (save_embedding_layers
     "auto"): a copy equal to the base, which loads as nothing."""
-    from _models import llama
     base = llama(head=True, seed=0, tie_word_embeddings=False).eval()
     theirs = peft_model(copy.deepcopy(base), HEAD_CASES[kind]())
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # peft's note that it saves the head whole
         theirs.save_pretrained(tmp_path)
-    from safetensors.torch import load_file
     assert any(k.endswith("lm_head.base_layer.weight") for k in load_file(tmp_path / "adapter_model.safetensors"))
     ids = torch.randint(0, 40, (2, 5))
     ours = li.load_adapter(copy.deepcopy(base), tmp_path)
@@ -408,7 +406,6 @@ def test_a_kind_on_a_tied_head_is_refused_both_ways(tmp_path):
 
 def test_a_kind_with_a_tied_embedding_in_modules_to_save_is_refused_both_ways(tmp_path):
     """peft trains a copy of the input embeddings alone; the head tied to them would read it too."""
-    from _models import llama
     tied = llama(head=True, seed=0, tie_word_embeddings=True).eval()
     assert tied.lm_head.weight is tied.model.embed_tokens.weight
     theirs = peft_model(copy.deepcopy(tied), peft.IA3Config(target_modules=["q_proj"], feedforward_modules=[],
@@ -465,7 +462,6 @@ def test_vera_without_saved_projections_rebuilds_them_whatever_the_file_holds(tm
         warnings.simplefilter("ignore")
         theirs = peft.PeftModel.from_pretrained(net(), d).eval()
     weights = d / "adapter_model.safetensors"
-    from safetensors.torch import load_file
     held = load_file(weights)
     held["base_model.vera_A"], held["base_model.vera_B"] = torch.randn(3, 128), torch.randn(16, 3)
     save_file(held, weights)
