@@ -45,7 +45,7 @@ from torch.utils._pytree import tree_map_only
 
 from . import _dora as dora
 from . import _quant as quant
-from ._rows import mask
+from ._rows import Slots, enabled, mask, one_weight
 from ._view import View, compute_dtype
 from .kind import find_kind
 
@@ -189,11 +189,16 @@ class FactoredWeight(Tensor):
     # -- the value ---------------------------------------------------------------------------
     def _merged(self) -> Tensor:
         """The weight as a plain tensor (see :func:`merge`)."""
-        if self._rows is not None:
-            raise RuntimeError(
-                f"per_sample(): an adapted weight of shape {tuple(self.shape)} reached an op that has no "
-                "factored form, so it would be one weight for the whole batch and its samples could not "
-                "differ. Run one forward per adapter with li.activate() instead.")
+        rows = self._rows
+        if type(rows) is Slots:
+            # Compiled, the rows as data: the active adapters' weight where the call leaves them on,
+            # else W0; a call whose rows choose one of the tensor's adapters is refused at run time.
+            w0, first = quant.dense(self._w0), self._terms[:rows.first]
+            whole = ",".join(n for n in (*rows.names, *rows.dora.split(",")) if n)
+            on = enabled(w0, rows.key, rows.dora, whole)
+            return torch.where(on, merge(self._w0, first, self._view) if first else w0, w0)
+        if rows is not None:
+            raise one_weight(self.shape)
         return merge(self._w0, self._terms, self._view)
 
     def _detached(self) -> FactoredWeight:

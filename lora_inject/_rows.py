@@ -76,19 +76,22 @@ def _(x, key, names, dora, flat):
 
 
 @torch.library.custom_op("lora_inject::enabled", mutates_args=())
-def enabled(like: Tensor, key: int, dora: str) -> Tensor:
+def enabled(like: Tensor, key: int, dora: str, whole: str) -> Tensor:
     """Whether the active adapters of the LoRA ``key`` apply in the calling context (a 0-d bool
     on ``like``'s device): outside ``disabled`` and ``per_sample``. No sample may choose one of
-    ``dora`` (see :func:`refuse_dora`)."""
+    ``dora`` (see :func:`refuse_dora`), nor one of ``whole``: the adapters of a weight that an op
+    with no factored form takes whole, one weight for the batch (see :func:`one_weight`)."""
     call = CURRENT.get() or EMPTY
     rows = call.rows.get(key)
     if rows is not None:
         refuse_dora(rows, dora)
+        if whole and set(whole.split(",")).intersection(rows):
+            raise one_weight(like.shape)
     return torch.tensor(key not in call.off and rows is None, device=like.device)
 
 
 @enabled.register_fake
-def _(like, key, dora):
+def _(like, key, dora, whole):
     return like.new_empty((), dtype=torch.bool)
 
 
@@ -107,6 +110,15 @@ def refuse_dora(rows: tuple[str | None, ...], dora: str) -> None:
                 f"per_sample(): adapter {min(chosen)!r} is DoRA, which a compiled model cannot apply per sample "
                 "(its rescaling of the base output is per adapter). Run the model eagerly inside per_sample(), "
                 "where DoRA adapters can differ per sample, or merge it first with li.remove(model, merge=True).")
+
+
+def one_weight(shape) -> RuntimeError:
+    """The refusal of per-sample adapters on a weight that an op with no factored form takes
+    whole (one weight for the batch), eagerly and at a compiled graph's run time alike."""
+    return RuntimeError(
+        f"per_sample(): an adapted weight of shape {tuple(shape)} reached an op that has no factored form, "
+        "so it would be one weight for the whole batch and its samples could not differ. Run one forward "
+        "per adapter with li.activate() instead.")
 
 
 def select(rows: tuple[str | None, ...] | None, name: str, t: Tensor) -> Tensor | slice | None:

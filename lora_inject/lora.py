@@ -499,7 +499,7 @@ class LoRA(nn.Module):
         if names or dora and not slots:  # the active adapters, where the call leaves them on
             dense = quant.dense(W)
             merged = self.merged_once(W, names, None) if names else dense
-            base = torch.where(enabled(dense, key, dora), merged, dense)
+            base = torch.where(enabled(dense, key, dora, ""), merged, dense)
         if not slots:
             return base
         terms = [t._replace(name=Slots.term(j)) for j, t in enumerate(self.terms(slots))]
@@ -580,7 +580,7 @@ class Bias(nn.Module):
         lora = self.weight
         if torch.compiler.is_compiling():
             if lora.serving and lora.active:  # this call's state, read as data (see LoRA._served)
-                return torch.where(enabled(b, id(lora), ""), lora.bias_of(b), b)
+                return torch.where(enabled(b, id(lora), "", ""), lora.bias_of(b), b)
             return lora.bias_of(b)
         out = lora.bias_of(b, _call.names(lora)[1])
         out = out.view_as(out) if out is b else out  # not b itself, which keeps no mark

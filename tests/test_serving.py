@@ -439,3 +439,40 @@ def test_a_linear_input_flattened_across_samples_is_refused(compiled, fresh_dyna
     run = torch.compile(model, backend="aot_eager") if compiled else model
     with torch.no_grad(), li.per_sample(model, ["a", "b"]), pytest.raises(ValueError, match="one per sample"):
         run(torch.randn(2, 3, 8))
+
+
+class Whole(nn.Module):
+    """Reads adapted weights with ops that have no factored form: MultiheadAttention's own
+    attention forward (its ``out_proj`` weight) and an einsum on a Linear's weight."""
+
+    def __init__(self):
+        super().__init__()
+        self.attn = nn.MultiheadAttention(8, 2, batch_first=True)
+        self.fc = nn.Linear(8, 8)
+
+    def forward(self, x):
+        y = self.attn(x, x, x, need_weights=False)[0]
+        return torch.einsum("bti,oi->bto", y, self.fc.weight)
+
+
+@pytest.mark.parametrize("compiled", [False, True])
+def test_an_op_that_takes_the_weight_whole_serves_blocks_as_eagerly(compiled, fresh_dynamo):
+    """disabled() and a per_sample() row that chooses no adapter give the base model there, and
+    a row that chooses one is refused, eagerly and compiled alike (compiled, at run time)."""
+    torch.manual_seed(0)
+    model = Whole().eval()
+    plain = copy.deepcopy(model)
+    li.inject(model, r"attn\.out_proj|fc", r=2)
+    randomize(model)
+    run = torch.compile(model, backend="aot_eager", fullgraph=True) if compiled else model
+    x = torch.randn(3, 5, 8)
+    with torch.no_grad():
+        adapted, base = model(x), plain(x)
+        assert not torch.allclose(adapted, base, atol=1e-3)
+        with li.disabled(model):
+            torch.testing.assert_close(run(x), base, rtol=1e-5, atol=1e-5)
+        with li.per_sample(model, [None] * 3):
+            torch.testing.assert_close(run(x), base, rtol=1e-5, atol=1e-5)
+        with li.per_sample(model, ["default", None, None]), pytest.raises(RuntimeError, match="no factored form"):
+            run(x)
+        torch.testing.assert_close(run(x), adapted, rtol=1e-5, atol=1e-5)
