@@ -223,10 +223,10 @@ def _linear_second(h: Tensor, L: Tensor, s: float, out: Tensor | None, in_place:
     where it can."""
     if out is None:
         return F.linear(h, L)
-    if h.dim() == 2:
-        return out.addmm_(h, L.t(), alpha=s) if in_place else torch.addmm(out, h, L.t(), alpha=s)
-    if not in_place:
+    if not in_place:  # not addmm: its backward, with an alpha and L.t()'s node, costs more
         return torch.add(out, F.linear(h, L), alpha=s)
+    if h.dim() == 2:
+        return out.addmm_(h, L.t(), alpha=s)
     n = h.shape[:-1].numel()  # no -1 in the views: `out` may have 0 features
     out.view(n, out.shape[-1]).addmm_(h.view(n, h.shape[-1]), L.t(), alpha=s)
     return out
