@@ -228,7 +228,7 @@ class Odd(nn.Module):
     ("oft", "bil", {"oft_block_size": 4}, r"`bil` is of type Bilinear, and lora_inject carries peft's OFT on "
                                            r"Linear, Conv2d"),
     ("vera", "emb", {"r": 2}, r"`emb` is of type Embedding, and lora_inject carries peft's VERA on Linear, Conv1D"),
-    ("loha", "grouped", {}, r"groups=2"),
+    ("oft", "grouped", {"oft_block_size": 4}, r"groups=2 \(peft's OFT sizes its blocks for groups=1 only\)"),
     ("loha", "mha.out_proj", {}, r"out_proj targeted on its own"),
 ])
 def test_export_refuses_what_peft_cannot_hold(kind, target, kw, match, tmp_path):
@@ -243,7 +243,7 @@ def test_export_refuses_what_peft_cannot_hold(kind, target, kw, match, tmp_path)
 
 class Convs(nn.Module):
     """Convs whose groups or padding mode IA³ (a scale per channel) and OFT on a 1x1 kernel (a
-    rotation of channels) commute with, where LoHa's and LoKr's separate conv would not."""
+    rotation of channels) commute with; LoHa's and LoKr's separate conv takes the groups."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -273,6 +273,8 @@ def test_ia3_scaling_the_input_of_a_grouped_conv_is_refused_both_ways(tmp_path):
     ("ia3", ["grouped", "reflect"], dict(feedforward="reflect"),
      lambda: peft.IA3Config(target_modules=["grouped", "reflect"], feedforward_modules=["reflect"])),
     ("oft", ["reflect"], dict(oft_block_size=4), lambda: peft.OFTConfig(oft_block_size=4, target_modules=["reflect"])),
+    ("loha", ["grouped"], dict(r=2, alpha=3.0), lambda: peft.LoHaConfig(r=2, alpha=3, target_modules=["grouped"])),
+    ("lokr", ["grouped"], dict(r=2, alpha=3.0), lambda: peft.LoKrConfig(r=2, alpha=3, target_modules=["grouped"])),
 ])
 def test_kinds_on_convs_with_groups_or_a_padding_mode_both_ways(kind, targets, kw, cfg, tmp_path):
     x = torch.randn(2, 8, 5, 5)
@@ -486,6 +488,39 @@ def test_lokr_full_w2_on_conv1d_is_refused_both_ways(tmp_path):
     ours = li.inject(net(), ["c1d"], kind="lokr", r=1, use_effective_conv2d=True)  # peft's forward fails on it
     with pytest.raises(ValueError, match=r"`c1d` is a Conv1d with LoKr's Tucker core `lokr_t2`"):
         li.save_adapter(ours, tmp_path / "tucker", format="peft")
+
+
+class Tall(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.tall = nn.Conv2d(8, 8, (3, 1), padding=(1, 0))
+
+    def forward(self, x):
+        return self.tall(x)
+
+
+@pytest.mark.parametrize("kind, kw, cfg, match", [
+    ("oft", dict(oft_block_size=4), lambda: peft.OFTConfig(oft_block_size=4, target_modules=["tall"]),
+     r"`tall` is a Conv2d with kernel \(3, 1\) \(peft's OFT sizes its blocks by kernel_size\[0\]²"),
+    ("lokr", dict(r=1, use_effective_conv2d=True),
+     lambda: peft.LoKrConfig(r=1, target_modules=["tall"], use_effective_conv2d=True),
+     r"`tall` is a Conv2d with kernel \(3, 1\) with LoKr's Tucker core `lokr_t2`"),
+])
+def test_what_peft_fails_on_a_kernel_that_is_not_square_is_refused_both_ways(kind, kw, cfg, match, tmp_path):
+    """peft saves these adapters, but its own forward fails on them: neither way is carried."""
+    theirs = peft_model(Tall(), cfg())
+    with pytest.raises(RuntimeError):
+        theirs(torch.randn(1, 8, 5, 5))
+    theirs.save_pretrained(tmp_path / "peft")
+    model = Tall()
+    snap = snapshot(model)
+    with pytest.raises(ValueError, match=match):
+        li.load_adapter(model, tmp_path / "peft")
+    assert_unchanged(model, snap)
+    ours = li.inject(Tall(), ["tall"], kind=kind, **kw)
+    with pytest.raises(ValueError, match=match):
+        li.save_adapter(ours, tmp_path / "ours", format="peft")
+    assert not (tmp_path / "ours").exists()
 
 
 def test_lokr_explicit_factors_export_as_peft_where_its_factorization_gives_them(tmp_path):

@@ -68,8 +68,11 @@ def _kind_layer(kind: str, module: nn.Module, parent: nn.Module | None) -> str:
     if layer == "Linear" and isinstance(parent, nn.MultiheadAttention):
         return MHA_OUT.replace("LoRA", KIND_TYPES[kind])
     if layer.startswith("Conv") and layer != "Conv1D" and kind != "ia3":  # IA³ scales a whole channel: any conv
-        if module.groups != 1:
-            return f"a {cls.__name__} with groups={module.groups} (lora_inject writes {kind} on groups=1 only)"
+        if kind == "oft" and module.groups != 1:  # LoHa's and LoKr's conv takes the layer's groups: exact
+            return f"a {cls.__name__} with groups={module.groups} (peft's OFT sizes its blocks for groups=1 only)"
+        if kind == "oft" and len(set(module.kernel_size)) > 1:
+            return (f"a {cls.__name__} with kernel {tuple(module.kernel_size)} (peft's OFT sizes its blocks by "
+                    "kernel_size[0]², and fails on a kernel that is not square)")
         pointwise = all(k == 1 for k in module.kernel_size)  # OFT's rotation of channels alone
         if module.padding_mode != "zeros" and not (kind == "oft" and pointwise):
             return f"a {cls.__name__} with padding_mode={module.padding_mode!r} (peft's update ignores it)"
@@ -102,22 +105,25 @@ def _site(fn: str, kind: str, name: str, module: nn.Module, parent: nn.Module | 
     return View(tensor_shape(module, "weight"), rule.transpose, False)
 
 
-def _lokr_conv1d(fn: str, kind: str, name: str, view: View, names) -> None:
-    """Raise for LoKr with a full ``lokr_w2`` or a Tucker core ``lokr_t2`` on a Conv1d: peft's
-    ``make_kron`` then takes ``torch.kron`` of a 2-D and a 3-D (or 4-D) tensor and reshapes it,
-    which is not the Kronecker product of the update (LyCORIS's) that lora_inject computes, so
-    neither side would give the other's outputs (with ``lokr_t2``, peft's forward fails)."""
-    if kind != "lokr" or len(kernel(view)) != 1:
+def _lokr_kernel(fn: str, kind: str, name: str, view: View, names) -> None:
+    """Raise for LoKr where peft's ``make_kron`` does not give the Kronecker product of the
+    update (LyCORIS's) that lora_inject computes: a full ``lokr_w2`` or a Tucker core ``lokr_t2``
+    on a Conv1d (it takes ``torch.kron`` of a 2-D and a 3-D or 4-D tensor and reshapes it, or
+    fails), and a Tucker core on a Conv2d whose kernel is ``(k, 1)`` with ``k > 1`` (peft's
+    forward fails there)."""
+    if kind != "lokr":
         return
-    if "lokr_w2" in names:
+    k = kernel(view)
+    if len(k) == 1 and "lokr_w2" in names:
         raise ValueError(f"{fn}(): `{name}` is a Conv1d with LoKr's full `lokr_w2`, where peft's update is not "
                          "the Kronecker product of its factors (its make_kron misses the kernel dimension), so "
                          "the outputs would differ. Use r < max(out, in) factors / 2 (low-rank lokr_w2) or "
                          "format='lora_inject'.")
-    if "lokr_t2" in names:
-        raise ValueError(f"{fn}(): `{name}` is a Conv1d with LoKr's Tucker core `lokr_t2` (use_effective_conv2d), "
-                         "which peft's make_kron cannot combine with the kernel dimension (its forward fails). "
-                         "Use use_effective_conv2d=False or format='lora_inject'.")
+    if "lokr_t2" in names and (len(k) == 1 or len(k) == 2 and k[0] > 1 and k[1] == 1):
+        layer = "Conv1d" if len(k) == 1 else f"Conv2d with kernel {tuple(k)}"
+        raise ValueError(f"{fn}(): `{name}` is a {layer} with LoKr's Tucker core `lokr_t2` "
+                         "(use_effective_conv2d), which peft's make_kron cannot combine with that kernel (its "
+                         "forward fails). Use use_effective_conv2d=False or format='lora_inject'.")
 
 
 def _peft_split(fn: str, e: Entry, view: View) -> Entry:
@@ -215,7 +221,7 @@ def _kind_views(fn: str, model: nn.Module, modules: dict[str, nn.Module], kind: 
             raise ValueError(f"{fn}(): `{e.key}` was adapted with transpose={e.transpose} (a custom rule), but peft "
                              f"reads a {e.type} with transpose={views[e.key].transpose}. Save with "
                              "format='lora_inject'.")
-        _lokr_conv1d(fn, kind, e.module, views[e.key], e.extra)
+        _lokr_kernel(fn, kind, e.module, views[e.key], e.extra)
         _refuse_tied(fn, KIND_TYPES[kind], modules, e)
         if kind == "ia3":
             _ia3_grouped(fn, e.module, modules[e.module], e.options["feedforward"])
@@ -391,7 +397,7 @@ def kinds_from_peft(fn: str, model: nn.Module, saved: Saved) -> tuple[list[Entry
                              f"{KIND_TYPES[kind]}{'' if r is None else f' with r={r}'} and {file}'s options on its "
                              f"weight of shape "
                              f"{tuple(view.shape)} makes {need}. It was saved from another model or config.")
-        _lokr_conv1d(fn, kind, name, view, got)
+        _lokr_kernel(fn, kind, name, view, got)
         bad = next((n for n, t in got.items() if not t.dtype.is_floating_point), None)
         if bad is not None:
             raise TypeError(f"{fn}(): `{PREFIX}{name}.{K.peft_key(bad)}` in {weights} has dtype "
