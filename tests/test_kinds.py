@@ -414,7 +414,7 @@ def test_peft_defaults():
     ("loha", dict(rank_dropout=1.5), r"option `rank_dropout` must be a float in \[0, 1\), got 1.5"),
     ("lokr", dict(decompose_factor=0), r"option `decompose_factor` must be a positive int, or -1"),
     ("oft", dict(r=4), r"set exactly one of `r` \(the number of blocks\) and `oft_block_size`, got r=4 "
-                       r"and oft_block_size=32"),
+                       r"and oft_block_size=32.*\(oft_block_size defaults to 32"),
     ("oft", dict(oft_block_size=0), r"got r=0 and oft_block_size=0"),
     ("oft", dict(oft_block_size=4, rotate="side"), r"option `rotate` must be 'in' or 'out', got 'side'"),
     ("vera", dict(r=0), r"inject\(kind='vera'\): `r` must be an int >= 1, got 0"),

@@ -194,7 +194,7 @@ def validate(r: int, alpha, options) -> None:
         raise ValueError(
             f"inject(kind='oft'): set exactly one of `r` (the number of blocks) and `oft_block_size`, "
             f"got r={r!r} and oft_block_size={size!r}; their product is the rotated dimension. Pass "
-            "oft_block_size=0 with r, or leave r out."
+            "oft_block_size=0 with r, or leave r out (oft_block_size defaults to 32, as in peft's OFTConfig)."
         )
 
 
