@@ -240,6 +240,7 @@ def _sum(y: Tensor, s: float, out: Tensor | None, in_place: bool) -> Tensor:
 
 
 THIN = 2  # what a multiply-add of the factored form's thin products costs, in the op's own (see merge_pays)
+SMALL = 1 << 16  # multiply-adds that cost less than one op's fixed cost (see merge_pays)
 
 
 def merge_pays(weight: FactoredWeight, x: Tensor, positions: int) -> bool:
@@ -258,7 +259,11 @@ def merge_pays(weight: FactoredWeight, x: Tensor, positions: int) -> bool:
     would not dwarf. Grad mode decides, not which tensors require a gradient, so that
     ``functional_call`` with the model's own (detached) state dict computes the forward's very
     bits. A symbolic size (``torch.compile(dynamic=True)``) keeps the factored form: a choice by
-    size would guard the graph on the batch size and recompile it for each new one."""
+    size would guard the graph on the batch size and recompile it for each new one.
+
+    A merge of :data:`SMALL` multiply-adds or fewer always pays: it costs less than the fixed
+    cost of the one op it saves (the branch's two become the merge), with a gradient or without,
+    and its weight-sized tensors are small."""
     if not isinstance(positions, int):
         return False
     if torch.compiler.is_compiling():  # a graph's weight is made inside it: nothing to keep
@@ -271,10 +276,12 @@ def merge_pays(weight: FactoredWeight, x: Tensor, positions: int) -> bool:
         return False
     r, out, size, device = facts
     merged, branch = size * r, THIN * positions * r * (out + size // max(out, 1))
-    if merged >= branch:  # the common case, and never cheaper with a gradient either
+    if merged >= branch and merged > SMALL:  # the common case, and never cheaper with a gradient either
         return False
     if device is not None and torch.is_autocast_enabled(device):  # it would build the merged weight in half
         return False
+    if merged <= SMALL:
+        return True
     if torch.is_grad_enabled():  # grad mode alone decides, so that the same call computes the same bits
         if size > x.numel() + positions * out:  # F.linear's and a conv's outputs: stored dim 0
             return False
@@ -302,11 +309,11 @@ def plain_merged(weight: FactoredWeight) -> Tensor:
     """The merged weight ``W0 + sum s * L @ R`` of a ``_simple`` weight, in its stored layout, one
     ``addmm`` per term (see :func:`merge_pays`)."""
     w0, view = weight._w0, weight._view
-    M = w0.reshape(w0.shape[0], -1)  # the stored layout as a matrix: (out, in..) by rows, (in, out) transposed
+    M = w0 if w0.dim() == 2 else w0.flatten(1)  # the stored layout as a matrix: (out, in..) by rows, (in, out) transposed
     for A, B, s, *_ in weight._terms:
         L, R = (A.mT, B.mT) if view.transpose else (B, A)
         M = torch.addmm(M, L, R, alpha=s) if type(s) is float else M + (L @ R) * s
-    return M.view(w0.shape)
+    return M if w0.dim() == 2 else M.view_as(w0)  # not view(w0.shape): a torch.Size costs 2 us more
 
 
 @implements(F.linear, names=("input", "weight", "bias"), defaults=(None,))

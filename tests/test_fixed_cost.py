@@ -142,14 +142,16 @@ def _convolutions(layer, x, grad):
     return sum(n.startswith("convolution.") for n in ops.names), out
 
 
-@pytest.mark.parametrize("side, grad, count", [(8, False, 1), (8, True, 1), (1, False, 3)],
-                         ids=["8x8-no-grad", "8x8-grad", "one-pixel"])
-def test_a_conv_runs_in_its_cheaper_form(side, grad, count):
-    """On an 8x8 image a small conv costs fewer multiply-adds on ``W0 + s * B @ A`` than in three
+@pytest.mark.parametrize("channels, r, side, grad, count", [
+    (32, 8, 16, False, 1), (32, 8, 16, True, 1), (32, 8, 1, False, 3), (8, 4, 1, False, 1), (8, 4, 1, True, 1)],
+    ids=["16x16-no-grad", "16x16-grad", "one-pixel", "small-no-grad", "small-grad"])
+def test_a_conv_runs_in_its_cheaper_form(channels, r, side, grad, count):
+    """On a 16x16 image a conv costs fewer multiply-adds on ``W0 + s * B @ A`` than in three
     convs, in training too: it runs once. On one output pixel the factored form is cheaper: three
-    convs. Either way it equals the plain layer with the merged weight."""
-    layer = _layer(make=lambda: nn.Conv2d(8, 8, 3, padding=1), r=4)
-    x = torch.randn(1, 8, side, side)
+    convs; unless the merge costs less than the op it saves (8 channels, 2304 multiply-adds).
+    Either way it equals the plain layer with the merged weight."""
+    layer = _layer(make=lambda: nn.Conv2d(channels, channels, 3, padding=1), r=r)
+    x = torch.randn(1, channels, side, side)
     convolutions, out = _convolutions(layer, x, grad)
     assert convolutions == count
     torch.testing.assert_close(out, _merged_reference(layer, x))
@@ -173,12 +175,15 @@ def test_a_half_precision_conv_stays_factored():
     assert count == 3
 
 
-def test_a_linear_on_a_small_batch_stays_factored():
-    layer = _layer(make=lambda: nn.Linear(64, 64))
-    x = torch.randn(4, 64)
-    with torch.no_grad(), _Ops() as ops:
+@pytest.mark.parametrize("features, grad, count", [(256, False, 3), (256, True, 3), (64, False, 2), (64, True, 2)])
+def test_a_linear_on_a_small_batch_stays_factored_unless_its_merge_costs_less_than_an_op(features, grad, count):
+    """Four rows: W0, then A, then B (three products); a Linear(64, 64) merges in fewer
+    multiply-adds (8192) than an op's fixed cost, then runs: two, with a gradient or without."""
+    layer = _layer(make=lambda: nn.Linear(features, features))
+    x = torch.randn(4, features)
+    with torch.set_grad_enabled(grad), _Ops() as ops:
         out = layer(x)
-    assert sum(n.startswith(("addmm", "mm", "linear")) for n in ops.names) == 3  # W0, then A, then B
+    assert sum(n.startswith(("addmm", "mm", "linear")) for n in ops.names) == count
     torch.testing.assert_close(out, _merged_reference(layer, x))
 
 
