@@ -183,7 +183,7 @@ def branch(x: Tensor, weight: FactoredWeight, out: Tensor, transposed: bool) -> 
         if h.dtype == out.dtype and h.dim() >= 1 and not isinstance(s, Tensor):  # out += s * h @ second, one op
             rows = h.shape[:-1].numel()  # no -1 in the reshapes: `out` may have 0 features
             out = torch.addmm(out.reshape(rows, out.shape[-1]), h.reshape(rows, h.shape[-1]), second,
-                              alpha=s).view(out.shape)
+                              alpha=s).view_as(out)
         else:
             out = add(out, h @ second, s)  # (.., r) @ (r, out)
     return out

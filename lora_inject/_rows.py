@@ -217,7 +217,7 @@ def gathered_matmul(x: Tensor, out: Tensor, first: Tensor, second: Tensor, slot:
     if in_place(out, h) and out.dtype == h.dtype and out.is_contiguous():
         out.view(n, -1, out.shape[-1]).baddbmm_(h, second)
         return out
-    return out + torch.bmm(h, second).reshape(out.shape).to(out.dtype)
+    return out + torch.bmm(h, second).reshape_as(out).to(out.dtype)
 
 
 def gathered(x: Tensor, weight, out: Tensor, transposed: bool) -> Tensor | None:

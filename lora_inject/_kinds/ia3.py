@@ -48,7 +48,7 @@ def apply(W: Tensor, params, view: View, scaling: float, options) -> Tensor:
         return W * scale[..., :, None]
     c = scale.shape[-1]  # the input channels
     Wc = W.reshape(*W.shape[:-1], c, W.shape[-1] // c)  # (.., out, channels, K)
-    return (Wc * scale[..., None, :, None]).reshape(W.shape)
+    return (Wc * scale[..., None, :, None]).reshape_as(W)
 
 
 def apply_bias(b: Tensor, params, view: View, options) -> Tensor:

@@ -175,7 +175,7 @@ def linear(x: Tensor, base, params, view: View, scaling: float, options) -> Tens
     y = base(x)
     X = x.reshape(*x.shape[:-1], w1.shape[-1], w2.shape[-1]).to(w1.dtype)
     Y = w1 @ X @ w2.mT  # (a, c) @ (.., c, d) @ (d, b) -> (.., a, b)
-    return y + (Y.reshape(y.shape) * scaling).to(y.dtype)  # not -1: an empty batch has no size to infer
+    return y + (Y.reshape_as(y) * scaling).to(y.dtype)  # not -1: an empty batch has no size to infer
 
 
 def conv(x: Tensor, base, params, view: View, scaling: float, options) -> Tensor:

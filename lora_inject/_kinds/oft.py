@@ -154,10 +154,10 @@ def apply(W: Tensor, params, view: View, scaling: float, options) -> Tensor:
     if options["rotate"] == "in":  # W' = W @ R.T, block by block
         R = _expand(R, view.in_features)
         Wb = W.reshape(*W.shape[:-1], R.shape[-3], b)  # (.., out, n, b)
-        return torch.einsum("...onk,...nck->...onc", Wb, R.to(W.dtype)).reshape(W.shape)
+        return torch.einsum("...onk,...nck->...onc", Wb, R.to(W.dtype)).reshape_as(W)
     R = _expand(R, view.out_features)  # W' = R.T @ W
     Wb = W.reshape(*W.shape[:-2], R.shape[-3], b, W.shape[-1])  # (.., n, b, in)
-    return torch.einsum("...nkc,...nki->...nci", R.to(W.dtype), Wb).reshape(W.shape)
+    return torch.einsum("...nkc,...nki->...nci", R.to(W.dtype), Wb).reshape_as(W)
 
 
 def _rotate(y: Tensor, R: Tensor, dim: int) -> Tensor:
@@ -168,7 +168,7 @@ def _rotate(y: Tensor, R: Tensor, dim: int) -> Tensor:
     device = y.device.type
     on = torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device)
     with torch.autocast(device, enabled=False) if on else nullcontext():
-        return torch.einsum("...rk,rkc->...rc", yb, R.to(y.dtype)).reshape(y.shape)
+        return torch.einsum("...rk,rkc->...rc", yb, R.to(y.dtype)).reshape_as(y)
 
 
 def linear(x: Tensor, base, params, view: View, scaling: float, options) -> Tensor:
