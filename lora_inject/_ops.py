@@ -243,12 +243,13 @@ THIN = 2  # what a multiply-add of the factored form's thin products costs, in t
 SMALL = 1 << 16  # multiply-adds that cost less than one op's fixed cost (see merge_pays)
 
 
-def merge_pays(weight: FactoredWeight, x: Tensor, positions: int) -> bool:
+def merge_pays(weight: FactoredWeight, x: Tensor, positions: int | Callable[[], int]) -> bool:
     """Whether an op applied at ``positions`` output positions (rows of ``F.linear``, a conv's
-    output pixels) costs fewer multiply-adds on the merged weight ``W0 + s * L @ R`` than in the
-    factored form, for a ``_simple`` weight with no dropout at work and a ``W0`` of float32 or
-    wider, outside autocast (in half precision the merged weight would round small updates away:
-    the factored form keeps them).
+    output pixels; or a function that counts them, called only where the count decides) costs
+    fewer multiply-adds on the merged weight ``W0 + s * L @ R`` than in the factored form, for a
+    ``_simple`` weight with no dropout at work and a ``W0`` of float32 or wider, outside autocast
+    (in half precision the merged weight would round small updates away: the factored form
+    keeps them).
 
     The factored form adds ``positions * r * (in + out)`` to the forward, each counted
     :data:`THIN` times (its products have ``r`` outputs or inputs, and run at about half the rate
@@ -263,9 +264,7 @@ def merge_pays(weight: FactoredWeight, x: Tensor, positions: int) -> bool:
 
     A merge of :data:`SMALL` multiply-adds or fewer always pays: it costs less than the fixed
     cost of the one op it saves (the branch's two become the merge), with a gradient or without,
-    and its weight-sized tensors are small."""
-    if not isinstance(positions, int):
-        return False
+    its weight-sized tensors are small, and the choice reads no size of the input (no guard)."""
     if torch.compiler.is_compiling():  # a graph's weight is made inside it: nothing to keep
         facts = _merge_facts(weight)
     else:  # what the weight itself decides, read once: a kept weight serves many calls
@@ -275,13 +274,18 @@ def merge_pays(weight: FactoredWeight, x: Tensor, positions: int) -> bool:
     if not facts:
         return False
     r, out, size, device = facts
-    merged, branch = size * r, THIN * positions * r * (out + size // max(out, 1))
-    if merged >= branch and merged > SMALL:  # the common case, and never cheaper with a gradient either
-        return False
-    if device is not None and torch.is_autocast_enabled(device):  # it would build the merged weight in half
-        return False
+    merged = size * r
     if merged <= SMALL:
-        return True
+        return device is None or not torch.is_autocast_enabled(device)  # in autocast it would merge in half
+    if callable(positions):
+        positions = positions()
+    if not isinstance(positions, int):
+        return False
+    branch = THIN * positions * r * (out + size // max(out, 1))
+    if merged >= branch:  # the common case, and never cheaper with a gradient either
+        return False
+    if device is not None and torch.is_autocast_enabled(device):
+        return False
     if torch.is_grad_enabled():  # grad mode alone decides, so that the same call computes the same bits
         if size > x.numel() + positions * out:  # F.linear's and a conv's outputs: stored dim 0
             return False
@@ -309,7 +313,7 @@ def plain_merged(weight: FactoredWeight) -> Tensor:
     """The merged weight ``W0 + sum s * L @ R`` of a ``_simple`` weight, in its stored layout, one
     ``addmm`` per term (see :func:`merge_pays`)."""
     w0, view = weight._w0, weight._view
-    M = w0 if w0.dim() == 2 else w0.flatten(1)  # the stored layout as a matrix: (out, in..) by rows, (in, out) transposed
+    M = w0 if w0.dim() == 2 else w0.flatten(1)  # the stored layout as a matrix: (out, in..), or (in, out)
     for A, B, s, *_ in weight._terms:
         L, R = (A.mT, B.mT) if view.transpose else (B, A)
         M = torch.addmm(M, L, R, alpha=s) if type(s) is float else M + (L @ R) * s
@@ -457,7 +461,7 @@ def conv_form(op: Callable) -> Callable:
         shape = weight._w0.shape
         if weight._simple:  # A (r, in * k..) as a conv to r channels, B (out, r) as a 1x1 conv
             kernel, ones = shape[2:], (1,) * (len(shape) - 2)
-            if merge_pays(weight, input, _positions(input, kernel, stride, padding, dilation)):
+            if merge_pays(weight, input, lambda: _positions(input, kernel, stride, padding, dilation)):
                 return op(input, plain_merged(weight), bias, stride, padding, dilation)
             return plain_form(lambda z, w, b: op(z, w, b, stride, padding, dilation), input, weight, bias,
                               lambda z, A: op(z, A.view(-1, shape[1], *kernel), None, stride, padding, dilation),
