@@ -95,6 +95,12 @@ def _(like, key, dora, whole):
     return like.new_empty((), dtype=torch.bool)
 
 
+# It reads the calling context, not its inputs alone, and its tensor input may be a constant of
+# the graph (a frozen W0, inductor's freezing): an effect keeps it from being folded at compile time.
+if hasattr(enabled, "register_effect"):
+    enabled.register_effect(torch.library.EffectType.ORDERED)
+
+
 def refuse_dora(rows: tuple[str | None, ...], dora: str) -> None:
     """A compiled graph's refusal of a per-sample row that chooses a DoRA adapter (one of
     ``dora``, comma-separated), whose rescaling of ``W0``'s output it does not apply per row,

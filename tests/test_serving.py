@@ -476,3 +476,37 @@ def test_an_op_that_takes_the_weight_whole_serves_blocks_as_eagerly(compiled, fr
         with li.per_sample(model, ["default", None, None]), pytest.raises(RuntimeError, match="no factored form"):
             run(x)
         torch.testing.assert_close(run(x), adapted, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_a_frozen_inductor_graph_reads_the_calling_context_at_run_time(fresh_dynamo, monkeypatch):
+    """Inductor's freezing makes W0 a constant of the graph: the check of the calling context,
+    whose one tensor input it is, must still run per call, not once when compiling."""
+    monkeypatch.setattr(torch._inductor.config, "freezing", True)
+    torch.manual_seed(0)
+    model = Whole().eval()
+    li.inject(model, r"attn\.out_proj|fc", r=2)
+    randomize(model)
+    run = torch.compile(model, backend="inductor", fullgraph=True)
+    x = torch.randn(3, 5, 8)
+    opened, done = threading.Event(), threading.Event()
+
+    def hold():
+        with li.per_sample(model, [None] * 3):
+            opened.set()
+            done.wait(120)
+
+    with torch.no_grad():
+        adapted = model(x)
+        with li.per_sample(model, [None] * 3):
+            run(x)  # compiled inside the block: the context then chose no adapter
+        with li.per_sample(model, ["default", None, None]), pytest.raises(RuntimeError, match="no factored form"):
+            run(x)
+        holder = threading.Thread(target=hold)
+        holder.start()
+        try:
+            assert opened.wait(60)
+            torch.testing.assert_close(run(x), adapted, rtol=1e-5, atol=1e-5)  # no block in this thread
+        finally:
+            done.set()
+            holder.join()
