@@ -240,31 +240,35 @@ def _sum(y: Tensor, s: float, out: Tensor | None, in_place: bool) -> Tensor:
 
 
 THIN = 2  # what a multiply-add of the factored form's thin products costs, in the op's own (see merge_pays)
-SMALL = 1 << 16  # multiply-adds that cost less than one op's fixed cost (see merge_pays)
+OP = 1 << 16  # an op's fixed cost (a few microseconds), counted in multiply-adds (see merge_pays)
 
 
 def merge_pays(weight: FactoredWeight, x: Tensor, positions: int | Callable[[], int]) -> bool:
     """Whether an op applied at ``positions`` output positions (rows of ``F.linear``, a conv's
     output pixels; or a function that counts them, called only where the count decides) costs
-    fewer multiply-adds on the merged weight ``W0 + s * L @ R`` than in the factored form, for a
-    ``_simple`` weight with no dropout at work and a ``W0`` of float32 or wider, outside autocast
-    (in half precision the merged weight would round small updates away: the factored form
-    keeps them).
+    less on the merged weight ``W0 + s * L @ R`` than in the factored form, for a ``_simple``
+    weight with no dropout at work and a ``W0`` of float32 or wider, outside autocast (in half
+    precision the merged weight would round small updates away: the factored form keeps them).
+    Costs are counted in multiply-adds.
 
     The factored form adds ``positions * r * (in + out)`` to the forward, each counted
     :data:`THIN` times (its products have ``r`` outputs or inputs, and run at about half the rate
-    of the op's own on CPU BLAS and oneDNN); the merged one ``out * in * r``. In grad mode the
-    merged weight's gradient costs ``positions * out * in`` more, each factored product two more
-    of its own, and the merged weight is taken only where it is no larger than the input and
-    output it sits between: training never holds a weight-sized tensor that the activations
-    would not dwarf. Grad mode decides, not which tensors require a gradient, so that
-    ``functional_call`` with the model's own (detached) state dict computes the forward's very
-    bits. A symbolic size (``torch.compile(dynamic=True)``) keeps the factored form: a choice by
-    size would guard the graph on the batch size and recompile it for each new one.
+    of the op's own on CPU BLAS and oneDNN); the merged one ``out * in * r``. In grad mode each
+    side's backward costs twice its forward, and the merged weight's own gradient costs
+    ``positions * out * in`` more; the merged weight is taken only where it is no larger than
+    the input and output it sits between: training never holds a weight-sized tensor that the
+    activations would not dwarf. Grad mode decides, not which tensors require a gradient, so
+    that ``functional_call`` with the model's own (detached) state dict computes the forward's
+    very bits. A symbolic size (``torch.compile(dynamic=True)``), where it decides, keeps the
+    factored form: a choice by size would guard the graph on the batch size and recompile it for
+    each new one.
 
-    A merge of :data:`SMALL` multiply-adds or fewer always pays: it costs less than the fixed
-    cost of the one op it saves (the branch's two become the merge), with a gradient or without,
-    its weight-sized tensors are small, and the choice reads no size of the input (no guard)."""
+    A merge of :data:`OP` multiply-adds or fewer is small: it costs less than the fixed cost of
+    an op, and the factored form has one op more than the merged one (three more with a
+    gradient), so these count too. Without a gradient a small merge always pays, and the choice
+    reads no size of the input; with one, it pays unless the merged weight's gradient outweighs
+    them, and its weight-sized tensors are small. At larger sizes the merged weight's own memory
+    traffic, which the count leaves out, outweighs an op's fixed cost."""
     if torch.compiler.is_compiling():  # a graph's weight is made inside it: nothing to keep
         facts = _merge_facts(weight)
     else:  # what the weight itself decides, read once: a kept weight serves many calls
@@ -274,23 +278,24 @@ def merge_pays(weight: FactoredWeight, x: Tensor, positions: int | Callable[[], 
     if not facts:
         return False
     r, out, size, device = facts
-    merged = size * r
-    if merged <= SMALL:
+    merged, grad = size * r, torch.is_grad_enabled()
+    small = merged <= OP
+    if small and not grad:
         return device is None or not torch.is_autocast_enabled(device)  # in autocast it would merge in half
     if callable(positions):
         positions = positions()
     if not isinstance(positions, int):
         return False
     branch = THIN * positions * r * (out + size // max(out, 1))
-    if merged >= branch:  # the common case, and never cheaper with a gradient either
+    if merged >= branch and not small:  # the common case, and never cheaper with a gradient either
         return False
     if device is not None and torch.is_autocast_enabled(device):
         return False
-    if torch.is_grad_enabled():  # grad mode alone decides, so that the same call computes the same bits
-        if size > x.numel() + positions * out:  # F.linear's and a conv's outputs: stored dim 0
-            return False
-        merged, branch = merged * 3 + positions * size, branch * 3
-    return merged < branch
+    if not grad:
+        return True
+    if size > x.numel() + positions * out and not small:  # F.linear's and a conv's outputs: stored dim 0
+        return False
+    return 3 * merged + positions * size < 3 * branch + (3 * OP if small else 0)
 
 
 def _merge_facts(weight: FactoredWeight) -> tuple[int, int, int, str | None] | tuple[()]:
