@@ -241,6 +241,7 @@ def _sum(y: Tensor, s: float, out: Tensor | None, in_place: bool) -> Tensor:
 
 THIN = 2  # what a multiply-add of the factored form's thin products costs, in the op's own (see merge_pays)
 OP = 1 << 16  # an op's fixed cost (a few microseconds), counted in multiply-adds (see merge_pays)
+TRAFFIC = 4  # what the merged weight's memory traffic costs per element (written, then read), in multiply-adds
 
 
 def merge_pays(weight: FactoredWeight, x: Tensor, positions: int | Callable[[], int]) -> bool:
@@ -263,12 +264,12 @@ def merge_pays(weight: FactoredWeight, x: Tensor, positions: int | Callable[[], 
     factored form: a choice by size would guard the graph on the batch size and recompile it for
     each new one.
 
-    A merge of :data:`OP` multiply-adds or fewer is small: it costs less than the fixed cost of
-    an op, and the factored form has one op more than the merged one (three more with a
+    A merge is small where its multiply-adds and its memory traffic (:data:`TRAFFIC` per element
+    of the weight, which is written, then read) come to :data:`OP` or fewer: less than the fixed
+    cost of an op, and the factored form has one op more than the merged one (three more with a
     gradient), so these count too. Without a gradient a small merge always pays, and the choice
     reads no size of the input; with one, it pays unless the merged weight's gradient outweighs
-    them, and its weight-sized tensors are small. At larger sizes the merged weight's own memory
-    traffic, which the count leaves out, outweighs an op's fixed cost."""
+    them, and its weight-sized tensors are small. At larger sizes the count is as above."""
     if torch.compiler.is_compiling():  # a graph's weight is made inside it: nothing to keep
         facts = _merge_facts(weight)
     else:  # what the weight itself decides, read once: a kept weight serves many calls
@@ -279,7 +280,7 @@ def merge_pays(weight: FactoredWeight, x: Tensor, positions: int | Callable[[], 
         return False
     r, out, size, device = facts
     merged, grad = size * r, torch.is_grad_enabled()
-    small = merged <= OP
+    small = merged + TRAFFIC * size <= OP
     if small and not grad:
         return device is None or not torch.is_autocast_enabled(device)  # in autocast it would merge in half
     if callable(positions):

@@ -177,13 +177,14 @@ def test_a_half_precision_conv_stays_factored():
 
 @pytest.mark.parametrize("features, r, rows, grad, count", [
     (256, 2, 4, False, 3), (256, 2, 4, True, 3), (64, 2, 4, False, 2), (64, 2, 4, True, 2),
-    (256, 1, 2048, False, 2), (256, 1, 2048, True, 3)])
+    (256, 1, 2048, False, 2), (256, 1, 2048, True, 3), (256, 1, 1, False, 3)])
 def test_a_linear_on_a_small_batch_stays_factored_unless_its_merge_costs_less_than_an_op(features, r, rows, grad,
                                                                                          count):
     """Four rows: W0, then A, then B (three products); a Linear(64, 64) merges in fewer
     multiply-adds (8192) than an op's fixed cost, then runs: two, with a gradient or without.
-    A Linear(256, 256) at r=1 merges as cheaply, but on 2048 rows its merged weight's gradient
-    would cost 512 times the merge: in training it stays factored."""
+    A Linear(256, 256) at r=1 merges in as few, but writing and reading its merged weight costs
+    more than an op: on one row it stays factored, on 2048 it merges, except in training, where
+    its merged weight's gradient would cost 512 times the merge."""
     layer = _layer(make=lambda: nn.Linear(features, features), r=r)
     x = torch.randn(rows, features)
     with torch.set_grad_enabled(grad), _Ops() as ops:
