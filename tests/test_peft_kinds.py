@@ -583,3 +583,22 @@ def test_rank_and_module_dropout_match_peft_draw_for_draw(case, tmp_path):
     assert any(skipped)  # the dropouts were at work in training
     theirs.eval(), ours.eval()
     torch.testing.assert_close(run(ours, X), run(theirs, X), **TOL)
+
+
+def test_a_second_ia3_adapter_saved_on_the_side_peft_ran_it_is_read_as_it_ran(tmp_path):
+    """peft fixes a layer's IA³ side from its first adapter: a second whose config says the output
+    of down_proj is trained, and saved, scaling its input. It loads alone as it ran in peft."""
+    base = llama(seed=0).eval()
+    ids = torch.randint(0, 40, (2, 5), generator=torch.Generator().manual_seed(3))
+    first = peft.IA3Config(target_modules=["q_proj", "down_proj"], feedforward_modules=["down_proj"])
+    theirs = peft_model(copy.deepcopy(base), first)
+    theirs.add_adapter("other", peft.IA3Config(target_modules=["q_proj", "down_proj"], feedforward_modules=[]))
+    theirs.set_adapter("other")  # its tensors are now the trainable ones
+    randomize_peft(theirs, 4)
+    theirs.save_pretrained(tmp_path)
+    want = run(theirs, ids)
+    with pytest.warns(UserWarning, match=r"IA³'s vector on `layers\.0\.mlp\.down_proj` \(input\), "
+                                         r"`layers\.1\.mlp\.down_proj` \(input\) scales the side named"):
+        ours = li.load_adapter(copy.deepcopy(base), tmp_path / "other")
+    torch.testing.assert_close(run(ours, ids), want, **TOL)
+    assert not torch.allclose(want, run(base, ids), **TOL)

@@ -247,6 +247,23 @@ def _ia3_grouped(fn: str, name: str, module: nn.Module, feedforward: bool) -> No
                          "output (leave it out of feedforward).")
 
 
+def _ia3_side(K, view: View, configured: bool, got: dict[str, Tensor]) -> bool:
+    """Whether IA³'s vector on a layer of ``view`` scales the input (feedforward): as the config
+    says, unless, on a layer with no kernel, the saved vector has the other side's shape alone
+    (``(1, in)`` against ``(out, 1)``). peft
+    fixes a layer's side from the first adapter it puts there, so a later adapter of one model may
+    have been trained, and saved, on the side its own config does not name: it is read as it ran."""
+    vector = got.get("ia3_l")
+    if vector is None or kernel(view):  # a conv's sides are both (1, channels, 1..): told apart by count alone
+        return configured
+    with torch.device("meta"):
+        sides = {side: tuple(K.create(view, None, None, {"feedforward": side})["ia3_l"].shape)
+                 for side in (True, False)}
+    if tuple(vector.shape) == sides[configured] or tuple(vector.shape) != sides[not configured]:
+        return configured
+    return not configured
+
+
 def _refuse_tied(fn: str, what: str, modules: dict[str, nn.Module], e: Entry) -> None:
     """Raise where ``e``'s tensor is tied to other users, which read its update too: peft's ``what``
     (a kind's tuner, or a ``modules_to_save`` copy) would change it at ``e.module`` alone."""
@@ -369,7 +386,7 @@ def kinds_from_peft(fn: str, model: nn.Module, saved: Saved) -> tuple[list[Entry
         raise ValueError(f"{fn}(): `target_modules` in {file} selects no module of the model; it was saved from "
                          "another model.")
     shared = _vera_shared(fn, saved, K, sites, tensors) if kind == "vera" else {}
-    entries = []
+    entries, sided = [], []
     for name, view in sites.items():
         module = modules[name]
         opts = {f: config[f] for f in KIND_FIELDS[kind] if f in config}
@@ -379,11 +396,14 @@ def kinds_from_peft(fn: str, model: nn.Module, saved: Saved) -> tuple[list[Entry
             alpha = float(pattern(fn, config, "alpha_pattern", name, config.get("alpha", 8)))
         elif kind == "vera":
             r = config.get("r", 256)
-        elif kind == "ia3":
-            opts["feedforward"] = feedforward(config, name)
-            _ia3_grouped(fn, name, module, opts["feedforward"])
         got = {n: tensors.pop(f"{PREFIX}{name}.{K.peft_key(n)}") for n in KIND_TENSORS[kind]
                if f"{PREFIX}{name}.{K.peft_key(n)}" in tensors}
+        if kind == "ia3":
+            configured = feedforward(config, name)
+            opts["feedforward"] = _ia3_side(K, view, configured, got)
+            if opts["feedforward"] != configured:
+                sided.append(f"`{name}` ({'input' if opts['feedforward'] else 'output'})")
+            _ia3_grouped(fn, name, module, opts["feedforward"])
         if kind == "oft":  # the block size, from oft_R's shape (peft may have adjusted the config's)
             r, opts["oft_block_size"], opts["rotate"] = 0, _oft_block(fn, saved, name, view, got), "in"
         r, alpha, opts = K.resolve(r, alpha, **opts)
@@ -418,6 +438,10 @@ def kinds_from_peft(fn: str, model: nn.Module, saved: Saved) -> tuple[list[Entry
                          "was loaded.")
     more, copies = full_tensors(fn, saved, modules, tensors, {(e.module, e.tensor) for e in entries})
     _warn_oft_kernels(fn, kind, sites)
+    if sided:
+        warnings.warn(f"{fn}(): IA³'s vector on {', '.join(sided)} scales the side named, not the one the config's "
+                      "feedforward_modules give: peft fixes a layer's side from the first adapter it puts there, and "
+                      "trained and saved this one so. It is read as it ran.", UserWarning, stacklevel=3)
     return tied_once(fn, file, model, entries + more, config), copies
 
 
