@@ -279,18 +279,18 @@ def merge_pays(weight: FactoredWeight, x: Tensor, positions: int | Callable[[], 
     if not facts:
         return False
     r, out, size, device = facts
+    if device is not None and torch.is_autocast_enabled(device):  # it would build the merged weight in half
+        return False
     merged, grad = size * r, torch.is_grad_enabled()
     small = merged + TRAFFIC * size <= OP
     if small and not grad:
-        return device is None or not torch.is_autocast_enabled(device)  # in autocast it would merge in half
+        return True
     if callable(positions):
         positions = positions()
     if not isinstance(positions, int):
         return False
     branch = THIN * positions * r * (out + size // max(out, 1))
     if merged >= branch and not small:  # the common case, and never cheaper with a gradient either
-        return False
-    if device is not None and torch.is_autocast_enabled(device):
         return False
     if not grad:
         return True
